@@ -1,0 +1,32 @@
+"""cffi build script for the CPU kernels (run by setup.py at install time).
+
+Produces the extension module kernel.ops._kvos_cpu from csrc/cpu/*.c, compiled
+against csrc/common. OpenMP is linked as libgomp, the same runtime torch's CPU
+build uses, so torch and these kernels share one thread pool once torch is
+imported first (kernel/ops/cpu.py does so).
+"""
+import os
+import pathlib
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+CSRC = HERE.parent
+
+ffibuilder = FFI()
+ffibuilder.cdef((HERE / "kvos_cpu.h").read_text().split("/* cdef-begin */")[1].split("/* cdef-end */")[0])
+
+_march = os.environ.get("KVOS_MARCH", "native")
+_sources = sorted(str(p.relative_to(CSRC.parent)) for p in HERE.glob("*.c"))
+ffibuilder.set_source(
+    "kernel.ops._kvos_cpu",
+    '#include "kvos_cpu.h"',
+    sources=_sources,
+    include_dirs=[str(HERE.relative_to(CSRC.parent)), str((CSRC / "common").relative_to(CSRC.parent))],
+    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-std=c11"]
+    + ([f"-march={_march}"] if _march else []),
+    extra_link_args=["-fopenmp"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,76 @@
+"""Plain-torch twins of every compiled op: the oracle the tests compare against.
+
+They define the contract of kernel/ops (shapes, index conventions, semantics)
+and run anywhere torch runs. They favour clarity over speed.
+"""
+import torch
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping):
+    """Scatter new keys and values into their slots.
+
+    k_cache, v_cache: (num_frames, page_size, kv_heads, head_dim) views of the pool.
+    k, v: (num_tokens, kv_heads, head_dim). slot_mapping: int32 (num_tokens,),
+    slot = frame * page_size + offset.
+    """
+    page_size = k_cache.shape[1]
+    slots = slot_mapping.long()
+    frames, offsets = slots // page_size, slots % page_size
+    k_cache[frames, offsets] = k.to(k_cache.dtype)
+    v_cache[frames, offsets] = v.to(v_cache.dtype)
+
+
+def gather_context(cache, page_row, kv_len):
+    """The first kv_len token vectors of one sequence, read through its page table row."""
+    page_size = cache.shape[1]
+    num_pages = (kv_len + page_size - 1) // page_size
+    pages = cache[page_row[:num_pages].long()]            # (pages, page_size, kv_heads, head_dim)
+    return pages.reshape(-1, *cache.shape[2:])[:kv_len]    # (kv_len, kv_heads, head_dim)
+
+
+def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, scale, out=None):
+    """Causal attention of packed queries over paged context.
+
+    q: (num_tokens, num_heads, head_dim), the new tokens of every sequence packed
+    back to back. Sequence s owns rows query_start[s]:query_start[s+1] (q_len of
+    them) and has context_lens[s] tokens of K/V in the cache (its new tokens
+    included, written by write_kv first). Query i of s sits at position
+    context_lens[s] - q_len + i and attends to positions 0..that position.
+    num_heads is a multiple of kv_heads (grouped-query attention).
+    Returns out: (num_tokens, num_heads, head_dim) in q's dtype.
+    """
+    num_heads, kv_heads = q.shape[1], k_cache.shape[2]
+    group = num_heads // kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    starts = query_start.tolist()
+    for s, kv_len in enumerate(context_lens.tolist()):
+        q_lo, q_hi = starts[s], starts[s + 1]
+        q_len = q_hi - q_lo
+        if q_len == 0:
+            continue
+        k = gather_context(k_cache, page_table[s], kv_len).float().repeat_interleave(group, dim=1)
+        v = gather_context(v_cache, page_table[s], kv_len).float().repeat_interleave(group, dim=1)
+        qs = q[q_lo:q_hi].float()
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
+        k_pos = torch.arange(kv_len, device=q.device)[None, :]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+    return out
+
+
+def copy_frames(pool, src, dst):
+    """pool[dst[i]] = pool[src[i]] for every i. pool: uint8 (num_frames, frame_bytes)."""
+    pool[dst.long()] = pool[src.long()]
+
+
+def swap_out(pool, swap, frames, slots):
+    """swap[slots[i]] = pool[frames[i]]: device frames to the host swap area."""
+    swap[slots.long()] = pool[frames.long()].to(swap.device)
+
+
+def swap_in(swap, pool, slots, frames):
+    """pool[frames[i]] = swap[slots[i]]: host swap slots back into device frames."""
+    pool[frames.long()] = swap[slots.long()].to(pool.device)

@@ -1,0 +1,102 @@
+"""What the kernel knows of a model program, and how it finds one (binfmt).
+
+The kernel never imports userspace. A program is any object with the
+interface below; a model spec (a name like "smollm2-135m", a path) is turned
+into a program by the loaders registered in BINFMTS, like Linux's binfmt
+handlers. Loaders come from the "kvos.programs" entry-point group (userspace
+registers its loader there in setup.py) or from register_binfmt().
+Loaders cache what they load: two tenants running one model share one copy of
+its weights (program text is shared read-only).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from kernel.batch import ForwardBatch
+from kernel.errors import ENOENT, KvosError
+from kernel.kvcache import KVShape, KVView
+
+
+@dataclass(frozen=True)
+class ProgramCost:
+    """What the simulated device needs to price a forward pass."""
+    num_params: int              # parameters touched per token (embedding lookup excluded)
+    weight_bytes: int            # bytes of weights read per forward step
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+
+    @property
+    def linear_flops_per_token(self) -> int:
+        return 2 * self.num_params
+
+    def attention_flops(self, q_len: int, kv_len: int) -> int:
+        """QK^T and PV for q_len queries over kv_len keys, all layers and heads."""
+        return 4 * self.num_layers * self.num_heads * self.head_dim * q_len * kv_len
+
+
+class Program(ABC):
+    """A model the kernel can run: a KV shape, a forward pass and a tokenizer."""
+
+    name: str                    # the name it was loaded under
+    identity: bytes              # names page-cache pages: same weights -> same identity
+    kv_shape: KVShape
+    max_context: int
+    vocab_size: int
+    eos_token_ids: frozenset
+    cost: ProgramCost
+
+    @abstractmethod
+    def forward(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
+        """float32 logits (num_samples, vocab_size) for batch.sample_indices, in that order."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens added)."""
+
+    @abstractmethod
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of token ids, special tokens skipped."""
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat (list of {"role", "content"}) in the model's own template."""
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+
+
+BINFMTS: list = []          # callables (spec, device) -> Program or None
+_entry_points_loaded = False
+
+
+def register_binfmt(loader) -> None:
+    """Add a loader: loader(spec, device) returns a Program, or None when spec is not its kind."""
+    if loader not in BINFMTS:
+        BINFMTS.append(loader)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="kvos.programs"):
+        register_binfmt(ep.load())
+
+
+def exec_program(spec, device) -> Program:
+    """Resolve a model spec (a Program, a name, a path) into a loaded program for `device`."""
+    if isinstance(spec, Program):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise KvosError("EINVAL", f"model must be a name or a path, got {spec!r}")
+    _load_entry_points()
+    for loader in BINFMTS:
+        program = loader(spec, device)
+        if program is not None:
+            return program
+    raise KvosError(ENOENT, f"no program named {spec!r} (try 'smollm2-135m', 'tiny-llama' or a .gguf path)")

@@ -1,0 +1,35 @@
+"""kvos: an operating system for LLM inference.
+
+Installing builds the CPU kernels in csrc/cpu through cffi (cffi_modules).
+torch is a plain requirement: GPU users bring their CUDA build; the Makefile
+installs the CPU build first on machines without one.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="kvos",
+    version="0.1.0",
+    description="An operating system for LLM inference: paged KV memory, processes, a preemptive scheduler",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernel", "kernel.*", "userspace", "userspace.*"]),
+    package_data={"kernel.ops": ["../../csrc/cuda/*.cu", "../../csrc/common/*.h"]},
+    include_package_data=True,
+    setup_requires=["cffi>=1.15"],
+    cffi_modules=["csrc/cpu/build_ffi.py:ffibuilder"],
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.24",
+        "cffi>=1.15",
+        "gguf>=0.10",
+        "tokenizers>=0.19",
+        "transformers>=4.45",
+        "jinja2>=3.1",
+        "rich>=13",
+        "textual>=0.80",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "cuda": ["cupy-cuda12x"],
+    },
+    entry_points={"console_scripts": ["kvos=userspace.shell.main:main"]},
+)

@@ -1,0 +1,5 @@
+"""The kvos command."""
+
+
+def main(argv=None) -> int:
+    return 0
