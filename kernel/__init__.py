@@ -1,0 +1,28 @@
+"""kvos kernel: the public names.
+
+    k = kernel.boot(device="cpu", memory="256MiB")
+    sys = k.syscalls()                    # root; k.syscalls(as_tenant=tid) for one tenant
+    tid = sys.spawn_tenant("smollm2-135m")
+    pid = sys.spawn(tid, "Hello", max_tokens=32)
+    print(sys.wait(pid).text)
+"""
+from kernel.errors import KernelPanic, KvosError
+from kernel.kernel import Kernel
+from kernel.proc import ExitStatus, State
+from kernel.sched.policies import FCFS, FairShare, Policy, PriorityPolicy, StaticBatching
+from kernel.syscalls import SYSCALLS
+
+
+def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512, swap="1GiB",
+         **options) -> Kernel:
+    """Boot a kernel. memory: KV bytes ("256MiB"); None takes the device's default (256 MiB on the
+    CPU, 80% of free GPU memory on CUDA, what the GPU preset leaves after the weights on sim). Options: chunk (max tokens of one process per step, default token_budget),
+    max_running (batch size bound), frame_bytes (default: page_size tokens of the first tenant's
+    model), alloc ("paged" | "prealloc"), batch ("ragged" | "padded"), watermark (free frames kept
+    at admission), threads (CPU threads for torch and the C kernels), seed."""
+    return Kernel(device=device, memory=memory, page_size=page_size, policy=policy,
+                  token_budget=token_budget, swap=swap, **options)
+
+
+__all__ = ["boot", "Kernel", "KvosError", "KernelPanic", "ExitStatus", "State", "SYSCALLS",
+           "Policy", "FCFS", "PriorityPolicy", "FairShare", "StaticBatching"]

@@ -27,3 +27,59 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
+
+
+def build_batch(works, wanted, mm, device, null_frame=None):
+    """Pack one program's share of a plan into a ForwardBatch; returns (batch, padding tokens).
+
+    `works` are kernel.sched.plan.Work items of processes running one program;
+    `wanted` the subset whose last token's logits are sampled (in works order).
+    With `null_frame` (legacy batch="padded"), every sequence is padded to the
+    longest one: the padding rows are real rows of the batch (they cost real
+    compute), each a 1-token sequence whose K/V lands in the null frame.
+    """
+    import numpy as np
+
+    token_ids, positions, slots, query_start, context_lens, rows = [], [], [], [0], [], []
+    sample_indices = []
+    wanted_ids = {id(w) for w in wanted}
+    for w in works:
+        proc = w.proc
+        token_ids += proc.tokens[w.start:w.end]
+        positions += range(w.start, w.end)
+        slots += w.slots
+        query_start.append(query_start[-1] + w.count)
+        context_lens.append(w.end)
+        rows.append(mm.space(proc.asid).frames)
+        if id(w) in wanted_ids:
+            sample_indices.append(query_start[-1] - 1)
+    padding = 0
+    if null_frame is not None and works:
+        longest = max(w.count for w in works)
+        padding = longest * len(works) - query_start[-1]
+        page_size = works[0].proc.tenant.page_size
+        for _ in range(padding):
+            token_ids.append(0)
+            positions.append(0)
+            slots.append(null_frame * page_size)
+            query_start.append(query_start[-1] + 1)
+            context_lens.append(1)
+            rows.append((null_frame,))
+    max_pages = max(len(r) for r in rows)
+    table = np.zeros((len(rows), max_pages), dtype=np.int32)
+    for i, r in enumerate(rows):
+        table[i, :len(r)] = r
+    dev = getattr(device, "torch_device", None) or torch.device("cpu")
+    as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)  # noqa: E731
+    batch = ForwardBatch(
+        token_ids=as_tensor(token_ids, torch.int64),
+        positions=as_tensor(positions, torch.int64),
+        slot_mapping=as_tensor(slots, torch.int32),
+        page_table=torch.from_numpy(table).to(dev, non_blocking=True),
+        query_start=as_tensor(query_start, torch.int32),
+        context_lens=as_tensor(context_lens, torch.int32),
+        sample_indices=as_tensor(sample_indices, torch.int64),
+        max_query_len=max(w.count for w in works) if works else 0,
+        max_context_len=max(context_lens) if context_lens else 0,
+    )
+    return batch, padding

@@ -16,8 +16,9 @@ EBUSY = "EBUSY"     # the object is in use (an attached shm segment)
 ENOENT = "ENOENT"   # no such model or file
 EIO = "EIO"         # a model file is corrupt or a device failed
 ENODEV = "ENODEV"   # the device is not available here
+E2BIG = "E2BIG"     # a request beyond a configured limit (prompt or output length)
 
-ERRNOS = (EINVAL, ESRCH, ENOMEM, EPERM, EAGAIN, EBUSY, ENOENT, EIO, ENODEV)
+ERRNOS = (EINVAL, ESRCH, ENOMEM, EPERM, EAGAIN, EBUSY, ENOENT, EIO, ENODEV, E2BIG)
 
 
 class KvosError(Exception):

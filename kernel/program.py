@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
 from kernel.batch import ForwardBatch
-from kernel.errors import ENOENT, KvosError
+from kernel.errors import EINVAL, ENOENT, ENOMEM, KvosError
 from kernel.kvcache import KVShape, KVView
 
 
@@ -62,10 +63,40 @@ class Program(ABC):
     def decode(self, token_ids: list[int]) -> str:
         """Text of token ids, special tokens skipped."""
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a chat (list of {"role", "content"}) in the model's own template."""
+    def check_tokens(self, token_ids) -> None:
+        """Refuse a prompt this program cannot run, before it is admitted (the forward pass checks nothing).
+
+        EINVAL: empty, not integers, or an id outside the vocabulary. ENOMEM: longer than the context.
+        """
+        if isinstance(token_ids, torch.Tensor):
+            if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool or token_ids.dim() != 1:
+                raise KvosError(EINVAL, f"token ids must be a 1-D integer tensor, got {token_ids.dtype} "
+                                        f"of shape {tuple(token_ids.shape)}")
+            token_ids = token_ids.tolist()
+        if not isinstance(token_ids, (list, tuple)):
+            raise KvosError(EINVAL, f"token ids must be a list of integers, got {type(token_ids).__name__}")
+        if not token_ids:
+            raise KvosError(EINVAL, "empty prompt: a process needs at least one token")
+        if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in token_ids):
+            bad = next(t for t in token_ids if not isinstance(t, Integral) or isinstance(t, bool))
+            raise KvosError(EINVAL, f"token ids must be integers, got {bad!r}")
+        low, high = min(token_ids), max(token_ids)
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise KvosError(EINVAL, f"token id {bad} is outside the vocabulary of {self.name} "
+                                    f"(0..{self.vocab_size - 1})")
+        if len(token_ids) > self.max_context:
+            raise KvosError(ENOMEM, f"prompt of {len(token_ids)} tokens is longer than the context of "
+                                    f"{self.name} ({self.max_context} tokens)")
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Text of a chat (list of {"role", "content"}) in the model's own template."""
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+        return text + ("assistant: " if add_generation_prompt else "")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat in the model's own template."""
+        return self.encode(self.render_chat(messages, add_generation_prompt))
 
 
 BINFMTS: list = []          # callables (spec, device) -> Program or None

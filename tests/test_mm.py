@@ -263,3 +263,42 @@ def test_removing_a_cgroup_reparents_shared_frames():
     mm.remove_cgroup(a_cg)
     assert mm.meminfo().cgroups["root"].charged == 2
     mm.fsck()
+
+
+def test_prealloc_reservation_is_mapped_waste_until_filled():
+    mm = make_mm(num_frames=8, page_size=4)
+    cg = mm.create_cgroup("t")
+    a = mm.create(cg, 4, NS)
+    append(mm, a, [1, 2, 3])
+    assert mm.reserve(a, 20) == 4                # 5 pages in all for 20 tokens
+    info = mm.meminfo()
+    assert info.mapped == 5 and info.tokens_stored == 3
+    assert mm.frames_needed(a, 10) == 0          # the reservation covers growth
+    append(mm, a, list(range(4, 14)))
+    assert mm.meminfo().mapped == 5
+    child = mm.fork(a)                           # the child shares pages, not the reservation
+    assert len(mm.space(child).frames) == 4
+    mm.fsck()
+    mm.swap_out(a)                               # swapping releases the reservation
+    assert len(mm.space(a).swap_slots) == 4
+    mm.fsck()
+    mm.swap_in(a)
+    assert read_tokens(mm, a) == [1, 2, 3] + list(range(4, 14))
+    mm.fsck()
+
+
+def test_device_batches_are_cut_at_hazards():
+    from kernel.devices.base import Device, MemOp
+    seen = []
+
+    class Recorder(Device):
+        def _swap_out(self, frames, slots):
+            seen.append(("out", frames, slots))
+
+        def _copy_frames(self, src, dst):
+            seen.append(("copy", src, dst))
+
+    dev = Recorder("rec")
+    dev.run([MemOp("swap_out", 1, 0), MemOp("swap_out", 2, 1), MemOp("swap_out", 3, 0),   # slot 0 reused
+             MemOp("copy", 4, 5), MemOp("copy", 5, 6), MemOp("copy", 7, 8)])              # 5 read after written
+    assert seen == [("out", [1, 2], [0, 1]), ("out", [3], [0]), ("copy", [4], [5]), ("copy", [5, 7], [6, 8])]

@@ -27,10 +27,29 @@ class DeviceStats:
 
 
 class Device:
-    """Base class: bookkeeping of sizes and stats; subclasses move the bytes."""
+    """Base class: bookkeeping of sizes and stats; subclasses move the bytes.
+
+    A device without tensors (the simulator) runs no forward pass: the kernel
+    asks it to price each step (simulate_step) and reads time from its clock.
+    """
 
     kind = "none"
     has_tensors = False
+
+    def default_memory(self, program) -> int:
+        """KV memory in bytes when boot() was given memory=None."""
+        return 256 * 1024**2
+
+    def clock(self) -> float:
+        """Seconds on this device's clock: wall time here, virtual time on the simulator."""
+        import time
+        return time.monotonic()
+
+    def simulate_step(self, groups: list, plan) -> float:
+        """Devices without tensors: advance the clock by the cost of one step and return it.
+        `groups` is [(program, works)] per program in the step; `plan` the scheduler's plan."""
+        from kernel.errors import KernelPanic
+        raise KernelPanic(f"{type(self).__name__} runs real forward passes; simulate_step is for the simulator")
 
     def __init__(self, name: str):
         self.name = name
@@ -47,30 +66,43 @@ class Device:
         self.num_swap_slots = num_slots
 
     def run(self, ops: list) -> None:
-        """Run queued MemOps in order, batching runs of the same kind."""
+        """Run queued MemOps in order, batching runs of the same kind.
+
+        A run is cut where batching could reorder two operations: a destination
+        written twice (a swap slot freed and reused within the step), or a
+        location read after the run wrote it. Every batch is then free of
+        hazards and may copy its entries in parallel.
+        """
         i = 0
         while i < len(ops):
-            j = i
-            while j < len(ops) and ops[j].kind == ops[i].kind:
-                j += 1
-            run = ops[i:j]
-            src, dst = [op.src for op in run], [op.dst for op in run]
             kind = ops[i].kind
-            self.stats.batches[kind] = self.stats.batches.get(kind, 0) + 1
-            moved = len(run) * self.frame_bytes
-            if kind == "copy":
-                self.stats.copy_bytes += moved
-                self._copy_frames(src, dst)
-            elif kind == "swap_out":
-                self.stats.swap_out_bytes += moved
-                self._swap_out(src, dst)
-            elif kind == "swap_in":
-                self.stats.swap_in_bytes += moved
-                self._swap_in(src, dst)
-            else:
-                from kernel.errors import KernelPanic
-                raise KernelPanic(f"Device.run: unknown memory op {kind!r}")
+            same_memory = kind == "copy"      # swap ops read one memory and write the other
+            sources, targets = set(), set()
+            j = i
+            while j < len(ops) and ops[j].kind == kind and ops[j].dst not in targets and not (
+                    same_memory and (ops[j].src in targets or ops[j].dst in sources)):
+                sources.add(ops[j].src)
+                targets.add(ops[j].dst)
+                j += 1
+            self._run_batch(kind, ops[i:j])
             i = j
+
+    def _run_batch(self, kind: str, run: list) -> None:
+        src, dst = [op.src for op in run], [op.dst for op in run]
+        self.stats.batches[kind] = self.stats.batches.get(kind, 0) + 1
+        moved = len(run) * self.frame_bytes
+        if kind == "copy":
+            self.stats.copy_bytes += moved
+            self._copy_frames(src, dst)
+        elif kind == "swap_out":
+            self.stats.swap_out_bytes += moved
+            self._swap_out(src, dst)
+        elif kind == "swap_in":
+            self.stats.swap_in_bytes += moved
+            self._swap_in(src, dst)
+        else:
+            from kernel.errors import KernelPanic
+            raise KernelPanic(f"Device.run: unknown memory op {kind!r}")
 
     def _copy_frames(self, src, dst):
         pass

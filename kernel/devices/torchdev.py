@@ -34,6 +34,14 @@ class TorchDevice(Device):
         pin = self.kind == "cuda"
         self.swap = torch.empty((num_slots, self.frame_bytes), dtype=torch.uint8, pin_memory=pin)
 
+    def default_memory(self, program) -> int:
+        """CPU: 256 MiB. CUDA: 80% of what is free once the weights are loaded (as vLLM's
+        gpu_memory_utilization does, leaving room for activations)."""
+        if self.kind == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.torch_device)
+            return int(free * 0.8)
+        return super().default_memory(program)
+
     def kv_view(self, shape: KVShape) -> KVView:
         return KVView(self.pool, shape)
 

@@ -20,6 +20,7 @@ class FrameTable:
         # one entry per frame
         self.refcount = [0] * num_frames       # page-table entries + segment mappings
         self.pins = [0] * num_frames           # segment mappings (a subset of refcount)
+        self.num_pinned = 0                    # frames with pins > 0
         self.owner: list = [None] * num_frames  # MemCgroup charged while mapped
         # free frames, popped from the end: frame 0 is handed out first
         self.free_list = list(range(num_frames - 1, -1, -1))
@@ -81,6 +82,15 @@ class FrameTable:
                 self.lru[frame] = None
             else:
                 self.free_list.append(frame)
+
+    def pin(self, frame: int) -> None:
+        """A segment maps `frame` (its reference is already counted)."""
+        self.pins[frame] += 1
+        self.num_pinned += self.pins[frame] == 1
+
+    def unpin(self, frame: int) -> None:
+        self.pins[frame] -= 1
+        self.num_pinned -= self.pins[frame] == 0
 
     def is_shared(self, frame: int) -> bool:
         return self.refcount[frame] > 1

@@ -47,6 +47,9 @@ def fsck(mm) -> None:
         if mapped != (frames.owner[f] is not None):
             _panic(f"frame {f}: mapped={mapped} but charged to {frames.owner[f]}")
 
+    if frames.num_pinned != sum(1 for f in range(n) if frames.pins[f]):
+        _panic(f"{frames.num_pinned} frames counted pinned but {sum(1 for f in range(n) if frames.pins[f])} are")
+
     # charges
     charged = Counter(id(o) for o in frames.owner if o is not None)
     live = {id(cg) for cg in mm.cgroups.values()}
@@ -66,7 +69,8 @@ def fsck(mm) -> None:
         if swapped and holder.frames:
             _panic(f"{who} has both device frames and swap slots")
         mapped_pages = len(swapped) if swapped else len(holder.frames)
-        if mapped_pages != holder.num_pages:
+        reserved = mapped_pages - holder.num_pages     # pre-allocated pages hold no tokens yet
+        if reserved < 0 or (reserved and (swapped or not hasattr(holder, "asid"))):
             _panic(f"{who}: {holder.num_pages} pages of tokens but {mapped_pages} mapped")
         slots.update(swapped)
         if len(holder.names) > holder.num_full_pages:

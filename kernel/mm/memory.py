@@ -136,18 +136,22 @@ class MemoryManager:
     def frames_needed(self, asid: int, num_tokens: int) -> int:
         """New frames that appending `num_tokens` would take (copy-on-write fault included)."""
         space = self.space(asid)
-        total = -(-(space.num_tokens + num_tokens) // space.page_size)
-        new = total - len(space.frames)
-        if num_tokens and space.num_tokens % space.page_size and self.frames.is_shared(space.frames[-1]):
-            new += 1
-        return new
+        start = space.num_tokens
+        new = max(0, -(-(start + num_tokens) // space.page_size) - len(space.frames))
+        return new + (num_tokens > 0 and self._faults(space, start))
+
+    def _faults(self, space: AddressSpace, start: int) -> bool:
+        """Whether writing token `start` hits a shared, partly filled page (copy-on-write)."""
+        vpn, offset = divmod(start, space.page_size)
+        return offset != 0 and self.frames.is_shared(space.frames[vpn])
 
     def append(self, asid: int, tokens) -> list:
         """Map slots for `tokens` after the current ones; returns their slots (frame * page_size + offset).
 
-        Frames are allocated on demand. Appending into a shared, partly filled
-        last page is a copy-on-write fault: the page is copied to a private frame
-        first. Full pages are never written, so they are never copied.
+        Frames are allocated on demand (or taken from a reservation). Appending
+        into a shared, partly filled page is a copy-on-write fault: the page is
+        copied to a private frame first. Full pages are never written, so they
+        are never copied.
         """
         space = self.space(asid)
         if space.is_swapped:
@@ -157,25 +161,42 @@ class MemoryManager:
             return []
         ps = space.page_size
         start = space.num_tokens
-        new_pages = -(-(start + n) // ps) - len(space.frames)
-        cow = start % ps != 0 and self.frames.is_shared(space.frames[-1])
+        new_pages = max(0, -(-(start + n) // ps) - len(space.frames))
+        cow = self._faults(space, start)
         needed = new_pages + cow
         if needed:
             self._reserve(space.cgroup, needed, needed, f"append to address space {asid}")
         if cow:
-            self._cow_fault(space)
+            self._cow_fault(space, start // ps)
         for _ in range(new_pages):
             space.frames.append(self.frames.alloc(space.cgroup))
         space.tokens.extend(tokens)
         frames = space.frames
         return [frames[i // ps] * ps + i % ps for i in range(start, start + n)]
 
-    def _cow_fault(self, space: AddressSpace) -> None:
-        shared = space.frames[-1]
+    def reserve(self, asid: int, num_tokens: int) -> int:
+        """Pre-allocate frames for `num_tokens` tokens in all (legacy alloc="prealloc").
+
+        Reserved frames are mapped but hold no tokens until appends fill them;
+        they are charged and counted as mapped, which is the waste that paging
+        avoids. Returns frames newly reserved.
+        """
+        space = self.space(asid)
+        if space.is_swapped:
+            raise KernelPanic(f"MemoryManager.reserve: address space {asid} is swapped out")
+        new = max(0, -(-num_tokens // space.page_size) - len(space.frames))
+        if new:
+            self._reserve(space.cgroup, new, new, f"reserve for address space {asid}")
+        for _ in range(new):
+            space.frames.append(self.frames.alloc(space.cgroup))
+        return new
+
+    def _cow_fault(self, space: AddressSpace, vpn: int) -> None:
+        shared = space.frames[vpn]
         private = self.frames.alloc(space.cgroup)
         self.pending.append(MemOp("copy", shared, private))
         self.frames.decref(shared)
-        space.frames[-1] = private
+        space.frames[vpn] = private
         self.cow_faults += 1
 
     def publish(self, asid: int) -> int:
@@ -209,7 +230,8 @@ class MemoryManager:
         """
         space = self.space(asid)
         ps = space.page_size
-        if space.is_swapped or space.num_tokens % ps or len(space.names) != space.num_full_pages:
+        if space.is_swapped or space.num_tokens % ps or len(space.names) != space.num_full_pages \
+                or len(space.frames) != space.num_pages:
             return 0
         limit = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
         room = space.cgroup.room()
@@ -242,7 +264,7 @@ class MemoryManager:
             raise KvosError(EINVAL, f"address space {asid} is swapped out; swap it in before fork")
         child_id = self._new_id()
         child = AddressSpace(parent.cgroup, parent.page_size, parent.namespace, asid=child_id,
-                             frames=list(parent.frames), tokens=list(parent.tokens),
+                             frames=parent.frames[:parent.num_pages], tokens=list(parent.tokens),
                              names=list(parent.names), segment=parent.segment)
         for frame in child.frames:
             self.frames.incref(frame, child.cgroup)
@@ -267,9 +289,12 @@ class MemoryManager:
         space = self.space(asid)
         if space.is_swapped or not space.frames:
             return 0
-        if len(space.frames) > self.swap.num_free:
-            raise SwapFull(len(space.frames), self.swap.num_free)
-        for frame in space.frames:
+        pages = space.num_pages
+        if pages > self.swap.num_free:
+            raise SwapFull(pages, self.swap.num_free)
+        for frame in space.frames[pages:]:
+            self.frames.decref(frame)
+        for frame in space.frames[:pages]:
             slot = self.swap.alloc()
             self.pending.append(MemOp("swap_out", frame, slot))
             space.swap_slots.append(slot)
@@ -334,11 +359,14 @@ class MemoryManager:
         if not space.tokens:
             raise KvosError(EINVAL, "an empty address space cannot become a segment")
         self._publish(space)
+        for frame in space.frames[space.num_pages:]:     # a reservation does not become shared
+            self.frames.decref(frame)
+        del space.frames[space.num_pages:]
         shmid = self._new_id()
         seg = Segment(space.cgroup, space.page_size, space.namespace, frames=space.frames,
                       tokens=space.tokens, names=space.names, shmid=shmid)
         for frame in seg.frames:     # the references move from the page table to the segment
-            self.frames.pins[frame] += 1
+            self.frames.pin(frame)
         del self.spaces[asid]
         self.segments[shmid] = seg
         return shmid
@@ -362,7 +390,7 @@ class MemoryManager:
         """Unpin a segment; processes attached to it keep their own references."""
         seg = self.segment(shmid)
         for frame in seg.frames:
-            self.frames.pins[frame] -= 1
+            self.frames.unpin(frame)
             self.frames.decref(frame)
         del self.segments[shmid]
 

@@ -1,0 +1,468 @@
+"""The Kernel: process table, tenants, memory, and the step loop of DESIGN section 3.
+
+    plan   = sched.schedule()       who runs, how many tokens, who is preempted (memory bookkept)
+    mm.flush()                      copy-on-write and swap bytes move, batched, in order
+    batch  = build_batch(works)     per program: packed tokens, positions, slots, page tables
+    logits = program.forward(...)   on the device; attention reads K/V through page tables
+    tokens = sample(logits, ...)    per-process parameters and seeded generators
+    commit(plan, tokens)            append, stop checks, turn ends, exits free pages
+
+All state changes happen under `lock`; `changed` is notified after each step,
+so a daemon thread can run the loop while syscalls wait on it. Without such a
+thread, calls that wait (wait, read with a timeout) drive the loop themselves.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from kernel.batch import build_batch
+from kernel.detok import Detokenizer
+from kernel.devices import make_device
+from kernel.dmesg import Dmesg
+from kernel.errors import EINVAL, ENOMEM, KernelPanic, KvosError
+from kernel.mm import MemoryManager, namespace_name
+from kernel.proc import ExitStatus, Process, Residency, State
+from kernel.program import exec_program
+from kernel.sampling import SamplingParams, sample
+from kernel.sched.policies import make_policy
+from kernel.sched.scheduler import Scheduler
+from kernel.sched.stats import SchedStats, StepRecord
+from kernel.shm import ShmSegment
+from kernel.tenant import Tenant
+from kernel.units import parse_bytes
+
+
+class Kernel:
+    def __init__(self, device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512,
+                 swap="1GiB", chunk=None, max_running=256, frame_bytes=None, alloc="paged",
+                 batch="ragged", watermark=None, threads=None, seed=0):
+        _check_int("page_size", page_size, 1, 4096)
+        _check_int("token_budget", token_budget, 1, 1 << 20)
+        _check_int("max_running", max_running, 1, 1 << 20)
+        chunk = token_budget if chunk is None else chunk
+        _check_int("chunk", chunk, 1, 1 << 20)
+        if alloc not in ("paged", "prealloc"):
+            raise KvosError(EINVAL, f"alloc must be 'paged' or 'prealloc', got {alloc!r}")
+        if batch not in ("ragged", "padded"):
+            raise KvosError(EINVAL, f"batch must be 'ragged' or 'padded', got {batch!r}")
+        if frame_bytes is not None:
+            _check_int("frame_bytes", frame_bytes, 1, 1 << 34)
+        self.memory_bytes = None if memory is None else parse_bytes(memory, "memory")   # None: the device's default
+        self.swap_bytes = parse_bytes(swap, "swap")
+        self.page_size = page_size
+        self.frame_bytes = frame_bytes
+        self.padded = batch == "padded"
+        self.watermark = watermark
+        self.lock = threading.RLock()                              # guards everything below
+        self.changed = threading.Condition(self.lock)              # notified after every step
+        self.loop_thread = None                                    # set by a daemon running run_forever()
+        if threads is not None:
+            from kernel.ops import set_num_threads
+            set_num_threads(threads)
+        # boot, one subsystem a line
+        self.device = make_device(device)                          # where frames live and programs run
+        self.clock = self.device.clock                             # wall time, or the simulator's virtual time
+        self.dmesg = Dmesg(clock=self.clock)                       # the kernel log
+        self.stats = SchedStats()                                  # schedstat counters
+        self.mm = None                                             # sized by the first tenant (or frame_bytes)
+        self.policy = make_policy(policy)                          # who runs first, who is preempted
+        self.sched = Scheduler(self, self.policy, token_budget, chunk, max_running, alloc == "prealloc")
+        self.procs: dict = {}                                      # pid -> Process (until reaped)
+        self.tenants: dict = {}                                    # tid -> Tenant
+        self.shm_segments: dict = {}                               # shmid -> ShmSegment
+        self.kv_views: dict = {}                                   # id(program) -> KVView of the pool
+        self.rng = torch.Generator().manual_seed(seed)             # seeds for processes spawned without one
+        self._ids = {"pid": 0, "tid": 0, "shmid": 0, "arrival": 0}
+        self.null_frame = None                                     # padded batches write padding here
+        if frame_bytes is not None:
+            self._size_pool(frame_bytes)
+        self.log("boot", f"kvos booted on {self.device.name}: {self.memory_bytes or 'default'} bytes of KV memory, "
+                 f"policy {self.policy.name}, token budget {token_budget}, chunk {chunk}")
+
+    # -- small helpers -------------------------------------------------------------------
+    def _next(self, kind: str) -> int:
+        self._ids[kind] += 1
+        return self._ids[kind]
+
+    def log(self, event, message, *, proc=None, tenant=None, level="info"):
+        tid = proc.tenant.tid if proc is not None else (tenant.tid if tenant is not None else None)
+        self.dmesg.log(event, message, tid=tid, pid=proc.pid if proc is not None else None, level=level)
+
+    def sleeping_resident(self) -> list:
+        return [p for p in self.procs.values() if p.state == State.SLEEPING and p.residency == Residency.RESIDENT]
+
+    # -- memory ----------------------------------------------------------------------------
+    def _size_pool(self, frame_bytes: int, program=None) -> None:
+        if self.memory_bytes is None:
+            self.memory_bytes = self.device.default_memory(program)
+        num_frames = self.memory_bytes // frame_bytes
+        if num_frames < 1:
+            raise KvosError(ENOMEM, f"memory of {self.memory_bytes} bytes holds no frame of {frame_bytes} bytes")
+        self.frame_bytes = frame_bytes
+        self.mm = MemoryManager(self.device, num_frames, frame_bytes,
+                                swap_slots=self.swap_bytes // frame_bytes, watermark=self.watermark)
+        if self.padded:       # one frame outside every cgroup absorbs the K/V of padding tokens
+            asid = self.mm.create(0, 1, b"null")
+            self.mm.append(asid, [0])
+            self.null_frame = self.mm.space(asid).frames[0]
+        self.log("mm", f"frame pool: {num_frames} frames of {frame_bytes} bytes, "
+                 f"{self.swap_bytes // frame_bytes} swap slots")
+
+    def kv_view(self, program):
+        view = self.kv_views.get(id(program))
+        if view is None:
+            view = self.kv_views[id(program)] = (program, self.device.kv_view(program.kv_shape))
+        return view[1]
+
+    # -- tenants ---------------------------------------------------------------------------
+    def create_tenant(self, model, name, mem_limit, weight, prefix_sharing, max_procs, nice_min,
+                      max_queued, max_prompt_tokens=None, max_new_tokens=None) -> Tenant:
+        program = exec_program(model, self.device)
+        if self.mm is None:
+            self._size_pool(self.page_size * program.kv_shape.bytes_per_token, program)
+        page_size = program.kv_shape.tokens_per_frame(self.frame_bytes)
+        if page_size < 1:
+            raise KvosError(ENOMEM, f"{program.name} needs {program.kv_shape.bytes_per_token} bytes per token; "
+                                    f"frames hold {self.frame_bytes}")
+        limit = None
+        if mem_limit is not None:
+            limit = parse_bytes(mem_limit, "mem_limit") // self.frame_bytes
+            if limit < 1:
+                raise KvosError(EINVAL, f"mem_limit {mem_limit!r} is smaller than one frame ({self.frame_bytes} bytes)")
+        tid = self._next("tid")
+        name = name or f"{program.name}-{tid}"
+        salt = b"global" if prefix_sharing == "global" else os.urandom(16)
+        tenant = Tenant(tid=tid, name=name, program=program, cgid=self.mm.create_cgroup(name, limit),
+                        weight=float(weight), prefix_sharing=prefix_sharing,
+                        namespace=namespace_name(program.identity, salt), page_size=page_size,
+                        max_procs=max_procs, max_queued=max_queued, nice_min=nice_min, mem_limit=limit,
+                        max_prompt_tokens=min(max_prompt_tokens or program.max_context - 1, program.max_context - 1),
+                        max_new_tokens=min(max_new_tokens or program.max_context, program.max_context))
+        self.tenants[tid] = tenant
+        self.log("tenant", f"tenant {tid} {name!r} runs {program.name} ({page_size} tokens per page, "
+                 f"limit {limit if limit else 'none'} frames, weight {weight})", tenant=tenant)
+        return tenant
+
+    def remove_tenant(self, tenant: Tenant) -> None:
+        for proc in [p for p in self.procs.values() if p.tenant is tenant]:
+            if proc.alive:
+                self.exit_process(proc, "killed")
+            self.procs.pop(proc.pid, None)            # nobody is left to wait for them
+        for seg in [s for s in self.shm_segments.values() if s.tenant is tenant]:
+            self.remove_segment(seg)
+        self.mm.remove_cgroup(tenant.cgid)
+        tenant.alive = False
+        del self.tenants[tenant.tid]
+        self.log("tenant", f"tenant {tenant.tid} {tenant.name!r} killed", tenant=tenant)
+
+    # -- processes ---------------------------------------------------------------------------
+    def create_process(self, tenant, tokens, params: SamplingParams, priority=0, interactive=False,
+                       shm=None, seed=None) -> Process:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
+        proc = Process(pid=self._next("pid"), tenant=tenant, params=params,
+                       generator=torch.Generator().manual_seed(seed), priority=priority,
+                       interactive=interactive, tokens=list(tokens), prompt_len=len(tokens),
+                       turn_start=len(tokens), arrival=self._next("arrival"), shm=shm,
+                       spawned_at=self.clock())
+        proc.seed = seed
+        self.procs[proc.pid] = proc
+        tenant.pids.add(proc.pid)
+        tenant.num_live += 1
+        self.sched.enqueue(proc)
+        return proc
+
+    def fork_process(self, parent: Process, n: int) -> list:
+        children = []
+        for k in range(n):
+            seed = (parent.seed * 1_000_003 + parent.pid * 7919 + k + 1) % 2**62
+            child = Process(pid=self._next("pid"), tenant=parent.tenant, params=parent.params,
+                            generator=torch.Generator().manual_seed(seed), priority=parent.priority,
+                            interactive=parent.interactive, tokens=list(parent.tokens),
+                            prompt_len=parent.prompt_len, turn_start=parent.turn_start,
+                            turn_generated=parent.turn_generated, output=list(parent.output),
+                            arrival=self._next("arrival"), shm=parent.shm, turn_done=parent.turn_done,
+                            spawned_at=self.clock())
+            child.seed = seed
+            self.procs[child.pid] = child
+            parent.tenant.pids.add(child.pid)
+            parent.tenant.num_live += 1
+            if parent.residency == Residency.RESIDENT:
+                child.asid = self.mm.fork(parent.asid)
+                child.residency = Residency.RESIDENT
+                child.num_computed = parent.num_computed
+            elif parent.num_computed < parent.prompt_len or parent.residency == Residency.NONE:
+                child.after = parent.pid             # share its prompt through the page cache once computed
+            if parent.state == State.RUNNING and child.residency == Residency.RESIDENT:
+                self.sched.add_running(child)
+            elif parent.state == State.SLEEPING:
+                child.state = State.SLEEPING
+            else:
+                self.sched.enqueue(child)
+            children.append(child)
+            self.log("fork", f"pid {parent.pid} forked pid {child.pid} (seed {seed})", proc=child)
+        return children
+
+    def exit_process(self, proc: Process, reason: str, error: str | None = None) -> None:
+        """End a process: pages go back (full ones stay in the page cache), status kept for wait()."""
+        if not proc.alive:
+            return
+        self.sched.remove(proc)
+        if proc.asid is not None:
+            self.mm.free(proc.asid)
+            proc.asid, proc.residency = None, Residency.NONE
+        proc.state = State.ZOMBIE
+        proc.tenant.num_live -= 1
+        proc.error = error
+        generated = proc.generated_tokens
+        proc.exit = ExitStatus(
+            pid=proc.pid, reason=reason, tokens=generated, text=self.text_of(proc),
+            prompt_tokens=proc.prompt_len, error=error,
+            time_to_first_token=(proc.first_token_at - proc.spawned_at) if proc.first_token_at else None,
+            elapsed=self.clock() - proc.spawned_at)
+        self.stats.exits += 1
+        level = "error" if reason == "error" else "info"
+        self.log("exit", f"pid {proc.pid} exited ({reason}{': ' + error if error else ''}) after "
+                 f"{len(generated)} tokens", proc=proc, level=level)
+        if proc.builds_segment is not None:          # a failed builder takes its segment with it
+            self.shm_segments.pop(proc.builds_segment.shmid, None)
+            self.procs.pop(proc.pid, None)
+        self.changed.notify_all()
+
+    def end_turn(self, proc: Process, reason: str) -> None:
+        proc.turn_done = True
+        proc.last_reason = reason
+        if proc.interactive:
+            self.sched.remove(proc)
+            proc.state = State.SLEEPING
+            self.log("sleep", f"pid {proc.pid} turn ended ({reason}); sleeping", proc=proc)
+        else:
+            self.exit_process(proc, reason)
+
+    def wake(self, proc: Process, tokens: list) -> None:
+        """write(): new input for a sleeping process; its pages stay where they are."""
+        proc.tokens.extend(tokens)
+        proc.prompt_len += len(tokens)
+        proc.turn_start = len(proc.tokens)
+        proc.turn_generated = 0
+        proc.turn_done = False
+        self.sched.enqueue(proc)
+
+    def detokenizer(self, proc: Process) -> Detokenizer:
+        detok = getattr(proc, "detok", None)
+        if detok is None:
+            detok = proc.detok = Detokenizer(proc.tenant.program.decode, proc.params.stop or ())
+        return detok
+
+    def text_of(self, proc: Process) -> str:
+        detok = self.detokenizer(proc)
+        detok.add(proc.generated_tokens)
+        return detok.visible
+
+    # -- shm -------------------------------------------------------------------------------------
+    def create_segment(self, tenant, tokens) -> ShmSegment:
+        seg = ShmSegment(shmid=self._next("shmid"), tenant=tenant, tokens=list(tokens))
+        builder = self.create_process(tenant, tokens, SamplingParams(max_tokens=0))
+        builder.builds_segment = seg
+        seg.builder = builder.pid
+        self.shm_segments[seg.shmid] = seg
+        self.log("shm", f"shm {seg.shmid}: prefilling {len(tokens)} tokens (builder pid {builder.pid})",
+                 tenant=tenant)
+        return seg
+
+    def _finish_segment(self, proc: Process) -> None:
+        seg = proc.builds_segment
+        seg.mm_shmid = self.mm.make_segment(proc.asid)
+        proc.asid, proc.residency = None, Residency.NONE
+        self.sched.remove(proc)
+        proc.state = State.ZOMBIE
+        proc.tenant.num_live -= 1
+        self.procs.pop(proc.pid, None)
+        proc.tenant.pids.discard(proc.pid)
+        seg.builder = None
+        self.log("shm", f"shm {seg.shmid} ready: {len(seg.tokens)} tokens pinned", tenant=seg.tenant)
+
+    def remove_segment(self, seg: ShmSegment) -> None:
+        if seg.builder is not None and seg.builder in self.procs:
+            builder = self.procs[seg.builder]
+            builder.builds_segment = None
+            self.exit_process(builder, "killed")
+            self.procs.pop(builder.pid, None)
+        if seg.mm_shmid is not None:
+            self.mm.remove_segment(seg.mm_shmid)
+        self.shm_segments.pop(seg.shmid, None)
+        self.log("shm", f"shm {seg.shmid} removed", tenant=seg.tenant)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Run one time slice. Returns False when there was nothing to do."""
+        with self.lock:
+            if self.mm is None or self.sched.idle:
+                return False
+            started = self.clock()
+            self.dmesg.step = self.stats.steps + 1
+            plan = self.sched.schedule()
+            self.mm.flush()
+            if plan.empty:
+                progressed = bool(plan.preempted or plan.oom_killed)
+                if not progressed and not self.sched.running:
+                    progressed = self._break_deadlock()
+                self.changed.notify_all()
+                return progressed
+            samples = self._forward(plan) if self.device.has_tensors else self._simulate(plan)
+            self._commit(plan, samples)
+            self._record(plan, self.clock() - started)
+            self.changed.notify_all()
+            return True
+
+    def run(self, max_steps: int | None = None) -> int:
+        """Step until nothing is runnable (or max_steps). Returns steps taken."""
+        steps = 0
+        while (max_steps is None or steps < max_steps) and self.step():
+            steps += 1
+        return steps
+
+    def _break_deadlock(self) -> bool:
+        """Nothing runs and nothing can be admitted: no memory will ever come back for the
+        first waiting process, so it ends with ENOMEM (the OOM killer) instead of waiting forever."""
+        waiting = [p for p in self.sched.waiting.values() if self.sched._may_admit(p)]
+        if not waiting:
+            return False
+        victim = next(iter(self.policy.order(waiting)))
+        self.stats.oom_kills += 1
+        self.exit_process(victim, "error", error="ENOMEM: cannot be admitted: the pool (less pinned shm "
+                          "pages) or its tenant's limit is too small for it")
+        return True
+
+    def _forward(self, plan) -> dict:
+        """Forward every program's share of the plan; returns pid -> (token or None, logprobs)."""
+        groups: dict = {}
+        for work in plan.works:
+            groups.setdefault(id(work.proc.tenant.program), []).append(work)
+        samples = {}
+        for works in groups.values():
+            program = works[0].proc.tenant.program
+            wanted = [w for w in works if w.samples and w.proc.builds_segment is None]
+            try:
+                batch, padding = build_batch(works, wanted, self.mm, self.device, self.null_frame)
+                plan.padding_tokens += padding
+                logits = program.forward(batch, self.kv_view(program))
+                if wanted:
+                    samples.update(self._sample(wanted, logits))
+            except KvosError:
+                raise
+            except KernelPanic:
+                raise
+            except Exception as exc:                   # a failing program takes its batch, not the kernel
+                self.stats.forward_errors += 1
+                for work in works:
+                    self.exit_process(work.proc, "error", error=f"forward failed: {type(exc).__name__}: {exc}")
+                self.log("fault", f"{program.name}: forward failed ({type(exc).__name__}: {exc}); "
+                         f"{len(works)} process(es) ended", level="error")
+        return samples
+
+    def _simulate(self, plan) -> dict:
+        """The simulated device prices the step; every sampling process gets a filler token
+        (workloads prescribe lengths with max_tokens and ignore_eos)."""
+        groups: dict = {}
+        for work in plan.works:
+            groups.setdefault(id(work.proc.tenant.program), (work.proc.tenant.program, []))[1].append(work)
+        if self.padded:      # what build_batch pads a real batch with: every sequence to the longest
+            for _, works in groups.values():
+                plan.padding_tokens += max(w.count for w in works) * len(works) - sum(w.count for w in works)
+        self.device.simulate_step(list(groups.values()), plan)
+        return {w.proc.pid: (getattr(w.proc.tenant.program, "filler_token", 0), None)
+                for w in plan.works if w.samples and w.proc.builds_segment is None
+                and w.proc.params.max_tokens > w.proc.turn_generated}
+
+    def _sample(self, works, logits) -> dict:
+        procs = [w.proc for w in works]
+        sampling = [p for p in procs if p.params.max_tokens > p.turn_generated]
+        out = {p.pid: (None, None) for p in procs}
+        if sampling:
+            rows = [i for i, p in enumerate(procs) if p.params.max_tokens > p.turn_generated]
+            tokens = sample(logits[rows], [p.params for p in sampling], [p.generator for p in sampling])
+            for p, t in zip(sampling, tokens.tolist()):
+                out[p.pid] = (t, None)
+        wants_logprobs = [i for i, p in enumerate(procs) if getattr(p.params, "logprobs", 0)]
+        if wants_logprobs:
+            logp = torch.log_softmax(logits[wants_logprobs].float(), dim=-1)
+            for row, i in enumerate(wants_logprobs):
+                p = procs[i]
+                values, ids = torch.topk(logp[row], p.params.logprobs)
+                out[p.pid] = (out[p.pid][0], list(zip(ids.tolist(), values.tolist())))
+        return out
+
+    def _commit(self, plan, samples: dict) -> None:
+        now = self.clock()
+        for work in plan.works:
+            proc = work.proc
+            if not proc.alive:
+                continue
+            proc.num_computed = work.end
+            self.mm.publish(proc.asid)
+            if not work.samples:
+                continue
+            if proc.builds_segment is not None:
+                self._finish_segment(proc)
+                continue
+            token, logprobs = samples.get(proc.pid, (None, None))
+            if logprobs is not None:
+                proc.logprobs.append(logprobs)
+            if token is None:                          # a turn with nothing (more) to generate
+                self.end_turn(proc, "length")
+                continue
+            self._append_token(proc, token, now)
+
+    def _append_token(self, proc: Process, token: int, now: float) -> None:
+        proc.tokens.append(token)
+        proc.output.append(len(proc.tokens) - 1)
+        proc.turn_generated += 1
+        self.stats.generated_tokens += 1
+        if proc.first_token_at is None:
+            proc.first_token_at = now
+        proc.last_token_at = now
+        params, program = proc.params, proc.tenant.program
+        reason = None
+        if token in program.eos_token_ids and not params.ignore_eos:
+            reason = "stop"
+        elif params.stop_token_ids and token in params.stop_token_ids:
+            reason = "stop"
+        elif params.stop:
+            detok = self.detokenizer(proc)
+            detok.add(proc.generated_tokens)
+            if detok.stopped_at is not None:
+                reason = "stop"
+        if reason is None and (proc.turn_generated >= params.max_tokens or len(proc.tokens) >= program.max_context):
+            reason = "length"
+        if reason:
+            self.end_turn(proc, reason)
+
+    def _record(self, plan, seconds: float) -> None:
+        s = self.stats
+        s.steps += 1
+        s.busy_seconds += seconds
+        s.prefill_tokens += plan.prefill_tokens
+        s.decode_tokens += plan.decode_tokens
+        s.padding_tokens += plan.padding_tokens
+        s.history.append(StepRecord(s.steps, seconds, len(plan.works), plan.prefill_tokens, plan.decode_tokens,
+                                    plan.padding_tokens))
+
+    # -- checks and handles -----------------------------------------------------------------------------
+    def fsck(self) -> None:
+        """Memory invariants plus the process table's."""
+        from kernel.fsck import fsck
+        with self.lock:
+            fsck(self)
+
+    def syscalls(self, as_tenant=None):
+        from kernel.syscalls import SyscallHandle
+        return SyscallHandle(self, as_tenant)
+
+
+def _check_int(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise KvosError(EINVAL, f"{name} must be an integer in [{lo}, {hi}], got {value!r}")

@@ -1,0 +1,98 @@
+"""Processes: one request (a sequence and its turns) and the process table.
+
+A process owns a token "file" (prompt, generated tokens and later input),
+the count of those whose K/V is computed, an address space while it has
+pages, its sampling parameters and its own seeded generator. States and their
+transitions are in docs/processes.md:
+
+  NEW -> READY -> RUNNING -> ZOMBIE (exit, awaiting wait())
+  RUNNING -> PREEMPTED -> RUNNING        (swapped out, or reclaimed and recomputed)
+  RUNNING -> SLEEPING -> READY           (interactive: a turn ended; write() wakes it)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class State(str, Enum):
+    NEW = "new"              # spawned, not yet seen by the scheduler
+    READY = "ready"          # waiting for admission (memory, budget, its turn)
+    RUNNING = "running"      # admitted: has pages, gets tokens every step it fits
+    PREEMPTED = "preempted"  # pages swapped out or reclaimed; resumes where it was
+    SLEEPING = "sleeping"    # interactive, turn ended: pages kept, waits for write()
+    ZOMBIE = "zombie"        # exited, exit status kept until wait()
+
+
+class Residency(str, Enum):
+    NONE = "none"            # no address space: never admitted, or reclaimed
+    RESIDENT = "resident"    # pages in device frames
+    SWAPPED = "swapped"      # pages in the host swap area
+
+
+@dataclass
+class ExitStatus:
+    pid: int
+    reason: str              # "stop", "length", "killed", "error"
+    tokens: list             # generated token ids (all turns)
+    text: str
+    prompt_tokens: int
+    error: str | None = None
+    time_to_first_token: float | None = None
+    elapsed: float = 0.0
+
+
+@dataclass(eq=False)          # identity: one object per tenant/process
+class Process:
+    pid: int
+    tenant: object                   # kernel.tenant.Tenant
+    params: object                   # kernel.sampling.SamplingParams
+    generator: object                # torch.Generator, seeded per process
+    priority: int = 0                # nice value: lower runs first under the priority policy
+    interactive: bool = False        # sleeps after a turn instead of exiting
+    # the token file
+    tokens: list = field(default_factory=list)
+    prompt_len: int = 0              # tokens of input (prompt and writes) so far
+    num_computed: int = 0            # tokens whose K/V is in the address space
+    turn_start: int = 0              # index in tokens where this turn's output begins
+    turn_generated: int = 0          # tokens sampled in this turn
+    output: list = field(default_factory=list)   # (index in tokens) of every generated token
+    # memory
+    asid: int | None = None
+    residency: Residency = Residency.NONE
+    shm: int | None = None           # kernel shm id attached at spawn
+    # scheduler owns these
+    state: State = State.NEW
+    arrival: int = 0                 # spawn order, for FCFS and victim choice
+    after: int | None = None         # do not admit until this pid has its prompt computed (fork)
+    preemptions: int = 0
+    swaps: int = 0
+    cow_faults: int = 0
+    turn_done: bool = False
+    # results
+    read_offset: int = 0             # generated tokens already returned by read()
+    logprobs: list = field(default_factory=list)   # per sampled position: [(token, logprob)] top-k
+    exit: ExitStatus | None = None
+    error: str | None = None
+    spawned_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    builds_segment: object = None    # kernel.shm.ShmSegment this process prefills, if any
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to compute before the next sample."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.remaining == 1 and self.turn_generated > 0
+
+    @property
+    def generated_tokens(self) -> list:
+        return [self.tokens[i] for i in self.output]
+
+    @property
+    def alive(self) -> bool:
+        return self.state != State.ZOMBIE

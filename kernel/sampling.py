@@ -1,0 +1,207 @@
+"""Choosing each process's next token from its logits row, and stop strings.
+
+SamplingParams is what spawn() accepts, validated once (EINVAL, nothing
+changed). sample() turns a batch of logits rows into tokens: greedy rows by
+argmax, the rest through temperature, top-k and top-p, each drawing only from
+its own process's torch.Generator, so a process's output is reproducible
+whatever else runs beside it. StopChecker finds stop strings in streamed text.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
+
+import torch
+
+from kernel.errors import EINVAL, KvosError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0        # 0 = greedy
+    top_p: float = 1.0              # nucleus mass kept, in (0, 1]
+    top_k: int = 0                  # keep the k most likely tokens; 0 = all
+    seed: int | None = None         # None: the kernel draws one
+    max_tokens: int = 256           # new tokens per turn (0 only for processes that wait for input)
+    stop: tuple = ()                # strings that end the turn; the text is cut before them
+    stop_token_ids: tuple = ()      # tokens that end the turn (besides the program's EOS)
+    ignore_eos: bool = False
+    logprobs: int = 0               # report this many most likely tokens with their log-probabilities
+
+    def __post_init__(self):
+        # Normalise the two sequence fields so equal params compare (and hash) equal.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, (list, tuple)):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """EINVAL on any value that sampling cannot honour."""
+        _number("temperature", self.temperature, low=0.0)
+        _number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _integer("top_k", self.top_k, low=0)
+        if self.seed is not None:
+            _integer("seed", self.seed, low=0, high=2**63 - 1)
+        _integer("max_tokens", self.max_tokens, low=0)
+        _integer("logprobs", self.logprobs, low=0, high=20)
+        if not isinstance(self.ignore_eos, bool):
+            raise KvosError(EINVAL, f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise KvosError(EINVAL, f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, tuple):
+            raise KvosError(EINVAL, f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        for t in self.stop_token_ids:
+            _integer("stop_token_ids entry", t, low=0)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """EINVAL when a stop token or the logprobs count does not fit the program's vocabulary."""
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise KvosError(EINVAL, f"stop token id {t} is outside the vocabulary (0..{vocab_size - 1})")
+        if self.logprobs > vocab_size:
+            raise KvosError(EINVAL, f"logprobs {self.logprobs} exceeds the vocabulary of {vocab_size}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> SamplingParams:
+        unknown = sorted(set(kwargs) - KEYS)
+        if unknown:
+            raise KvosError(EINVAL, f"unknown sampling key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingParams:
+        if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+            raise KvosError(EINVAL, f"sampling parameters must be a dict with string keys, got {d!r}")
+        return cls.from_kwargs(**d)
+
+
+KEYS = frozenset(f.name for f in fields(SamplingParams))
+
+
+def _number(name, value, low=None, high=None, low_open=False):
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise KvosError(EINVAL, f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise KvosError(EINVAL, f"{name} must be finite, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise KvosError(EINVAL, f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise KvosError(EINVAL, f"{name} must be <= {high}, got {value!r}")
+
+
+def _integer(name, value, low=None, high=None):
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise KvosError(EINVAL, f"{name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise KvosError(EINVAL, f"{name} must be >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise KvosError(EINVAL, f"{name} must be <= {high}, got {value!r}")
+
+
+def make_generator(seed: int, device="cpu") -> torch.Generator:
+    """A process's own generator (on the logits' device: CUDA rows draw on the GPU)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sample(logits: torch.Tensor, params_list: list, generators: list) -> torch.Tensor:
+    """Next token of each row: int64 (rows,) on logits' device.
+
+    Row i follows params_list[i] and draws only from generators[i]; the
+    temperature/top-k/top-p arithmetic is row-wise, so a row's token does not
+    depend on the other rows of the batch.
+    """
+    num_rows, vocab = logits.shape
+    if len(params_list) != num_rows or len(generators) != num_rows:
+        raise KvosError(EINVAL, f"sample: {num_rows} rows, {len(params_list)} params, {len(generators)} generators")
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params_list) if p.temperature != 0]
+    if not rows:
+        return tokens
+    chosen = [params_list[i] for i in rows]
+    device = logits.device
+    index = torch.tensor(rows, device=device)
+    x = logits.index_select(0, index).float()
+    x.div_(torch.tensor([p.temperature for p in chosen], device=device).unsqueeze(1))
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in chosen]
+    if min(ks) < vocab:
+        # The k-th largest value of each row is its threshold; rows without top-k keep everything.
+        kth = x.topk(max(ks), dim=-1).values.gather(1, torch.tensor(ks, device=device).unsqueeze(1) - 1)
+        kth[torch.tensor([k == vocab for k in ks], device=device)] = -math.inf
+        x.masked_fill_(x < kth, -math.inf)
+    probs = torch.softmax(x, dim=-1)
+    top_ps = [p.top_p for p in chosen]
+    if min(top_ps) < 1.0:
+        probs = _top_p(probs, torch.tensor(top_ps, device=device, dtype=probs.dtype))
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i / sum(p);
+    # every row draws exactly `vocab` numbers from its own generator.
+    for j, i in enumerate(rows):
+        g = generators[i]
+        noise = torch.empty(vocab, device=g.device).exponential_(generator=g).to(device, non_blocking=True)
+        tokens[i] = (probs[j] / noise).argmax()
+    return tokens
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero all but the smallest set of most likely tokens whose mass reaches top_p (the top one always stays)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs     # mass of the tokens ranked above each one
+    sorted_probs.masked_fill_(before >= top_p.unsqueeze(1), 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+
+
+def top_k_top_p_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """bool (vocab,): the tokens one row may draw from under params (tests and introspection)."""
+    probs = torch.softmax(logits.float() / (params.temperature or 1.0), dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if 0 < params.top_k < probs.shape[-1]:
+        keep &= probs >= probs.topk(params.top_k).values[-1]
+    if params.top_p < 1.0:
+        masked = torch.where(keep, probs, 0.0)
+        keep &= _top_p(masked.unsqueeze(0) / masked.sum(), torch.tensor([params.top_p]))[0] > 0
+    return keep
+
+
+class StopChecker:
+    """Incremental stop-string search over streamed text.
+
+    feed(new_text) returns None, or the index in the whole text fed so far
+    where the output must be cut (the start of the earliest stop string that
+    completed). Only a tail of len(longest stop) - 1 characters is kept, so a
+    stop string split across two feeds is still found.
+    """
+
+    def __init__(self, stop_strings=()):
+        self.stop = tuple(s for s in stop_strings if s)
+        self._keep = max(map(len, self.stop), default=1) - 1
+        self._tail = ""
+        self._seen = 0          # characters fed so far
+
+    def feed(self, new_text: str) -> int | None:
+        if not self.stop or not new_text:
+            self._seen += len(new_text)
+            return None
+        window = self._tail + new_text
+        offset = self._seen - len(self._tail)
+        self._seen += len(new_text)
+        # Only a stop string that ends in the new text is news; one inside the old tail was reported.
+        fresh = len(window) - len(new_text)
+        hits = [i for i in (window.find(s, max(0, fresh - len(s) + 1)) for s in self.stop) if i >= 0]
+        self._tail = window[len(window) - self._keep:] if self._keep else ""
+        return offset + min(hits) if hits else None
+
+    @property
+    def held(self) -> int:
+        """Trailing characters that may be the start of a stop string: a streamer holds them back."""
+        for n in range(min(self._keep, len(self._tail)), 0, -1):
+            suffix = self._tail[-n:]
+            if any(s.startswith(suffix) for s in self.stop):
+                return n
+        return 0

@@ -1,0 +1,347 @@
+"""The preemptive scheduler: one time slice is one forward step.
+
+schedule() re-decides every step under a token budget: running decodes first,
+then prefill chunks of running processes, then admission of waiting ones
+(swapped processes come back by swap-in, new and reclaimed ones by prefill,
+mapping what the page cache already holds). At most `chunk` tokens of one
+process run per step, so a long prompt never stalls the decodes. Memory comes
+from the memory manager as the plan is built, since what fits depends on what
+was taken before; the bytes (copy-on-write, swap) move later, in one batch.
+
+When frames run out, a victim is preempted: a sleeping process first, else the
+policy's choice among processes not yet served this step and of lower
+priority than the one in need. A tenant over its own memory limit preempts its
+own processes only; under pool pressure a victim must belong to the tenant in
+need or to a tenant above its guaranteed share (min(limit, pool * weight /
+total weight of active tenants)). The victim is swapped out when the swap area
+has room, else its pages are dropped and recomputed later.
+"""
+from __future__ import annotations
+
+from kernel.errors import KernelPanic
+from kernel.mm import SwapFull
+from kernel.proc import Residency, State
+from kernel.sched.plan import Plan, Work
+from kernel.sched.policies import Policy
+
+_SKIP, _STOP = 0, -1     # admission results besides "this many tokens planned"
+
+
+class Scheduler:
+    def __init__(self, kernel, policy: Policy, token_budget: int, chunk: int, max_running: int,
+                 prealloc: bool = False):
+        self.kernel = kernel
+        self.policy = policy
+        self.token_budget = token_budget
+        self.chunk = chunk
+        self.max_running = max_running
+        self.prealloc = prealloc
+        self.running: dict = {}      # pid -> RUNNING process (insertion-ordered)
+        self.waiting: dict = {}      # pid -> NEW, READY or PREEMPTED process
+        self.queued: dict = {}       # tid -> processes of that tenant waiting
+        self._served: set = set()    # pids planned in the step being built
+
+    @property
+    def mm(self):
+        return self.kernel.mm
+
+    @property
+    def stats(self):
+        return self.kernel.stats
+
+    # -- queues -------------------------------------------------------------------
+    def enqueue(self, proc) -> None:
+        """Queue a process for admission (spawned, forked, or woken by write)."""
+        tenant = proc.tenant
+        if not self.queued.get(tenant.tid) and not any(p.tenant is tenant for p in self.running.values()):
+            active = {p.tenant for p in self.running.values()} | {p.tenant for p in self.waiting.values()}
+            self.policy.on_tenant_active(tenant, active)
+        if proc.state not in (State.NEW, State.PREEMPTED):
+            proc.state = State.READY
+        self._wait(proc)
+
+    def _wait(self, proc) -> None:
+        self.waiting[proc.pid] = proc
+        self.queued[proc.tenant.tid] = self.queued.get(proc.tenant.tid, 0) + 1
+
+    def _unwait(self, proc) -> None:
+        del self.waiting[proc.pid]
+        self.queued[proc.tenant.tid] -= 1
+
+    def add_running(self, proc) -> None:
+        proc.state = State.RUNNING
+        self.running[proc.pid] = proc
+
+    def remove(self, proc) -> None:
+        self.running.pop(proc.pid, None)
+        if proc.pid in self.waiting:
+            self._unwait(proc)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    # -- the plan --------------------------------------------------------------------
+    def schedule(self) -> Plan:
+        plan = Plan()
+        self._served = set()
+        budget = self.token_budget
+        decoders = [p for p in self.running.values() if p.remaining == 1]
+        prefillers = [p for p in self.running.values() if p.remaining > 1]
+        for group in (decoders, prefillers):
+            for proc in self.policy.order(group):
+                if budget <= 0 or len(plan.works) >= self.max_running:
+                    break
+                if proc.state != State.RUNNING:          # preempted as a victim earlier in this step
+                    continue
+                count = self._make_room(proc, min(proc.remaining, self.chunk, budget), plan)
+                if count:
+                    self._plan_work(proc, count, plan)
+                    budget -= count
+        for proc in self.policy.order(self._admissible()):
+            if budget <= 0 or len(self.running) >= self.max_running:
+                break
+            planned = self._admit(proc, budget, plan)
+            if planned == _STOP:
+                break
+            budget -= planned
+        for proc in self.waiting.values():
+            if proc.state == State.NEW:
+                proc.state = State.READY
+        return plan
+
+    def _admissible(self) -> list:
+        """Waiting processes that may be admitted now."""
+        procs = [p for p in self.waiting.values() if self._may_admit(p)]
+        if not self.policy.admits_while_running and (self.running or any(
+                p.state == State.PREEMPTED for p in self.waiting.values())):
+            procs = [p for p in procs if p.state == State.PREEMPTED]   # finish the batch first
+        return procs
+
+    def _may_admit(self, proc) -> bool:
+        if proc.after is not None:                       # a fork child waits for its parent's prompt
+            parent = self.kernel.procs.get(proc.after)
+            if parent is not None and parent.alive and parent.num_computed < parent.prompt_len:
+                return False
+        if proc.shm is not None:
+            seg = self.kernel.shm_segments.get(proc.shm)
+            if seg is not None and not seg.ready and proc.asid is None:
+                return False
+        return True
+
+    def _plan_work(self, proc, count: int, plan: Plan) -> None:
+        start = proc.num_computed
+        faults = self.mm.cow_faults
+        slots = self.mm.append(proc.asid, proc.tokens[start:start + count])
+        proc.cow_faults += self.mm.cow_faults - faults
+        plan.works.append(Work(proc, start, count, slots, start + count == len(proc.tokens)))
+        if proc.is_decoding:
+            plan.decode_tokens += count
+        else:
+            plan.prefill_tokens += count
+        self.policy.charge(proc, count)
+        proc.tenant.served_tokens += count
+        self._served.add(proc.pid)
+
+    # -- memory for a running process -----------------------------------------------------
+    def _fits(self, proc, count: int, admission: bool = False) -> bool:
+        need = self.mm.frames_needed(proc.asid, count)
+        return need == 0 or self.mm.can_allocate(proc.tenant.cgid, need, admission=admission)
+
+    def _largest_fit(self, proc, count: int, admission: bool = False) -> int:
+        """The most tokens, at most `count`, whose frames are available now (0 if none)."""
+        lo, hi = 0, count
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._fits(proc, mid, admission):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _make_room(self, proc, count: int, plan: Plan) -> int:
+        """Tokens `proc` may compute now (<= count), preempting victims if needed; 0 if it
+        was preempted or killed itself."""
+        while not self._fits(proc, count):
+            if count > 1:                                 # a prefill chunk shrinks before anyone is preempted
+                fit = self._largest_fit(proc, count)
+                if fit:
+                    return fit
+            cgroup = self.mm.cgroups[proc.tenant.cgid]
+            need = self.mm.frames_needed(proc.asid, count)
+            by_limit = cgroup.room() is not None and need > cgroup.room()
+            victim = self._pick_victim(proc, by_limit)
+            if victim is not None:
+                self._preempt(victim, plan)
+                continue
+            if self._can_never_fit(proc, count):
+                self._oom_kill(proc, plan, need)
+            else:
+                self._preempt(proc, plan)
+            return 0
+        return count
+
+    def _pick_victim(self, proc, by_limit: bool):
+        """A process whose pages may go so that `proc` can run, or None."""
+        mine = lambda q: q.tenant is proc.tenant                       # noqa: E731
+        allowed = mine if by_limit else (lambda q: mine(q) or self._over_share(q.tenant))
+        sleepers = [q for q in self.kernel.sleeping_resident() if q is not proc and allowed(q)]
+        if sleepers:                                    # idle pages go first, least recently active
+            return min(sleepers, key=lambda q: q.last_token_at or q.spawned_at)
+        mine_key = self.policy.victim_key(proc)
+        candidates = [q for q in self.running.values() if q is not proc and q.pid not in self._served
+                      and allowed(q) and self.policy.victim_key(q) > mine_key]
+        return max(candidates, key=self.policy.victim_key) if candidates else None
+
+    def _over_share(self, tenant, extra: int = 0) -> bool:
+        """Whether `tenant` holds (with `extra` more frames would hold) more than its guaranteed
+        share: min(its limit, pool x weight / total weight of the tenants that hold or want memory)."""
+        active = {p.tenant for p in self.running.values()} | {p.tenant for p in self.waiting.values()} \
+            | {p.tenant for p in self.kernel.sleeping_resident()} | {tenant}
+        total_weight = sum(t.weight for t in active)
+        share = self.mm.num_frames * tenant.weight / total_weight
+        if tenant.mem_limit is not None:
+            share = min(share, tenant.mem_limit)
+        return self.mm.cgroups[tenant.cgid].charged + extra > share
+
+    def _can_never_fit(self, proc, count: int) -> bool:
+        """Whether `proc` could not run even with every other process gone."""
+        pages = -(-(proc.num_computed + count) // proc.tenant.page_size)
+        pinned = self.mm.frames.num_pinned
+        limit = self.mm.cgroups[proc.tenant.cgid].limit
+        return pages > self.mm.num_frames - pinned or (limit is not None and pages > limit)
+
+    def _preempt(self, proc, plan: Plan) -> None:
+        """Swap `proc` out, or drop its pages for recompute when swap is full."""
+        try:
+            self.mm.swap_out(proc.asid)
+            proc.residency, how = Residency.SWAPPED, "swap"
+            proc.swaps += 1
+            self.stats.swap_outs += 1
+        except SwapFull:
+            self.mm.free(proc.asid)
+            proc.asid, proc.residency, how = None, Residency.NONE, "reclaim"
+            self.stats.reclaims += 1
+            self.stats.recomputed_tokens += proc.num_computed
+            proc.num_computed = 0
+        if proc.state == State.RUNNING:
+            del self.running[proc.pid]
+            proc.state = State.PREEMPTED
+            self._wait(proc)
+        proc.preemptions += 1
+        self.stats.preemptions += 1
+        plan.preempted.append((proc, how))
+        self.kernel.log("preempt", f"pid {proc.pid} preempted ({how}) at {proc.num_computed} tokens",
+                        proc=proc, level="warn")
+
+    def _oom_kill(self, proc, plan: Plan, need: int) -> None:
+        plan.oom_killed.append(proc)
+        self.stats.oom_kills += 1
+        self.kernel.exit_process(proc, "error", error=f"ENOMEM: out of memory: needs {need} more frame(s) and "
+                                 f"could not fit even alone (pool or tenant limit too small)")
+
+    # -- admission -----------------------------------------------------------------------
+    def _admit(self, proc, budget: int, plan: Plan) -> int:
+        """Bring a waiting process in; returns tokens planned, _SKIP or _STOP (pool full)."""
+        mm = self.mm
+        cgid = proc.tenant.cgid
+        if proc.residency == Residency.SWAPPED:
+            new, charges, cached_hits = mm.swap_in_plan(proc.asid)
+            room = mm.cgroups[cgid].room()
+            if room is not None and charges > room:
+                return _SKIP
+            if new + cached_hits + mm.watermark > mm.frames.available:   # hits leave the LRU: not evictable
+                return _STOP
+            mm.swap_in(proc.asid)
+            proc.residency = Residency.RESIDENT
+            self.stats.swap_ins += 1
+            plan.swapped_in.append(proc)
+            self.kernel.log("swap-in", f"pid {proc.pid} swapped in", proc=proc)
+            self._run(proc, plan)
+            count = self._make_room(proc, min(proc.remaining, self.chunk, budget), plan)
+            if count:
+                self._plan_work(proc, count, plan)
+            return count
+        fresh = proc.asid is None
+        if fresh:
+            self._map_address_space(proc)
+        count = min(proc.remaining, self.chunk, budget)
+        if self.prealloc and fresh:
+            want = len(proc.tokens) + proc.params.max_tokens - proc.turn_generated
+            if not self._reserve(proc, want):
+                return self._refuse(proc, fresh)
+        if not self._fits(proc, count, admission=True):
+            count = self._largest_fit(proc, count, admission=True)
+            if not count and self._claim_share(proc, plan):
+                count = self._largest_fit(proc, min(proc.remaining, self.chunk, budget), admission=True)
+            if not count:
+                return self._refuse(proc, fresh)
+        self._run(proc, plan)
+        self._plan_work(proc, count, plan)
+        return count
+
+    def _claim_share(self, proc, plan: Plan) -> bool:
+        """A tenant below its guaranteed share takes frames back from tenants above theirs
+        (idle sleepers first, then running processes not served this step). Returns whether
+        anything was preempted."""
+        tenant = proc.tenant
+        if self._over_share(tenant, extra=1):
+            return False
+        others = lambda q: q.tenant is not tenant and self._over_share(q.tenant)     # noqa: E731
+        freed = False
+        while not self._fits(proc, 1, admission=True):
+            sleepers = [q for q in self.kernel.sleeping_resident() if others(q)]
+            running = [q for q in self.running.values() if q.pid not in self._served and others(q)]
+            if sleepers:
+                victim = min(sleepers, key=lambda q: q.last_token_at or q.spawned_at)
+            elif running:
+                victim = max(running, key=self.policy.victim_key)
+            else:
+                break
+            self._preempt(victim, plan)
+            freed = True
+        return freed
+
+    def _map_address_space(self, proc) -> None:
+        """A new address space: the shm segment, then whatever the page cache holds."""
+        kernel, mm = self.kernel, self.mm
+        proc.asid = mm.create(proc.tenant.cgid, proc.tenant.page_size, proc.tenant.namespace)
+        proc.residency = Residency.RESIDENT
+        if proc.shm is not None and proc.shm in kernel.shm_segments:
+            seg = kernel.shm_segments[proc.shm]
+            proc.num_computed = mm.attach(proc.asid, seg.mm_shmid)
+            self.stats.cached_tokens += proc.num_computed
+        hit = mm.map_cached(proc.asid, proc.tokens[proc.num_computed:], max_tokens=proc.remaining - 1)
+        proc.num_computed += hit
+        self.stats.cached_tokens += hit
+
+    def _reserve(self, proc, tokens: int) -> bool:
+        from kernel.mm import MemoryPressure
+        space = self.mm.space(proc.asid)
+        need = max(0, -(-tokens // space.page_size) - len(space.frames))
+        if not self.mm.can_allocate(proc.tenant.cgid, need, admission=True):
+            return False
+        try:
+            self.mm.reserve(proc.asid, tokens)
+        except MemoryPressure as err:
+            raise KernelPanic(f"Scheduler._reserve: checked room but {err}") from err
+        return True
+
+    def _refuse(self, proc, fresh: bool) -> int:
+        """Not admitted now. An address space made by this admission is given back (its cached
+        pages return to the page cache). _SKIP when the tenant's limit is what is short, so
+        other tenants may still come in; _STOP when the pool is, so nobody jumps the queue."""
+        if fresh:
+            self.mm.free(proc.asid)
+            proc.asid, proc.residency, proc.num_computed = None, Residency.NONE, 0
+        room = self.mm.cgroups[proc.tenant.cgid].room()
+        return _SKIP if room is not None and room < self.mm.frames.available - self.mm.watermark else _STOP
+
+    def _run(self, proc, plan: Plan) -> None:
+        self._unwait(proc)
+        if proc.state != State.PREEMPTED:
+            plan.admitted.append(proc)
+            self.stats.admissions += 1
+            self.kernel.log("admit", f"pid {proc.pid} admitted ({proc.num_computed} tokens cached, "
+                            f"{proc.remaining} to compute)", proc=proc)
+        self.add_running(proc)

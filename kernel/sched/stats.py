@@ -1,0 +1,43 @@
+"""schedstat: what the scheduler did, as counters and per-step history."""
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepRecord:
+    step: int
+    seconds: float           # wall time (or simulated time) of the step
+    batch_size: int          # processes that computed tokens
+    prefill_tokens: int
+    decode_tokens: int
+    padding_tokens: int
+
+
+@dataclass
+class SchedStats:
+    steps: int = 0
+    busy_seconds: float = 0.0
+    prefill_tokens: int = 0          # prompt (and recomputed) tokens computed
+    decode_tokens: int = 0           # tokens computed to produce the next token
+    cached_tokens: int = 0           # prompt tokens mapped from the page cache or shm instead of computed
+    generated_tokens: int = 0        # tokens sampled
+    padding_tokens: int = 0          # token slots wasted by batch="padded"
+    admissions: int = 0
+    preemptions: int = 0
+    swap_outs: int = 0               # processes swapped out
+    swap_ins: int = 0
+    reclaims: int = 0                # processes whose pages were dropped, to be recomputed
+    recomputed_tokens: int = 0       # tokens computed again after a reclaim
+    exits: int = 0
+    oom_kills: int = 0
+    forward_errors: int = 0
+    history: deque = field(default_factory=lambda: deque(maxlen=512))
+
+    @property
+    def tokens_per_second(self) -> float:
+        computed = self.prefill_tokens + self.decode_tokens
+        return computed / self.busy_seconds if self.busy_seconds else 0.0
+
+    @property
+    def generated_per_second(self) -> float:
+        return self.generated_tokens / self.busy_seconds if self.busy_seconds else 0.0

@@ -1,0 +1,250 @@
+"""The kernel proper: nothing is lost under any schedule, memory pressure or policy."""
+import pytest
+
+import kernel
+from kernel.errors import KvosError
+from tests.kernel_helpers import TINY, assert_all_memory_back, frames, run_to_end, run_workload, workload
+
+JOBS = workload(32)
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """Each job's greedy output when it runs by itself: the reference."""
+    out = []
+    for job in JOBS:
+        tokens, _ = run_workload([job], check=False)
+        out.append(tokens[0])
+    return out
+
+
+def test_all_together_equals_alone(alone):
+    together, k = run_workload(JOBS)
+    assert together == alone
+    assert all(len(t) == n for t, (_, n) in zip(together, JOBS))
+    assert_all_memory_back(k)
+
+
+@pytest.mark.parametrize("budget", [1, 16, 512])
+def test_token_budget_does_not_change_outputs(alone, budget):
+    out, k = run_workload(JOBS, token_budget=budget)
+    assert out == alone
+    stat = k.syscalls().schedstat()
+    assert max(s.prefill_tokens + s.decode_tokens for s in stat.recent_steps) <= budget
+    assert_all_memory_back(k)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "fair", "static"])
+def test_policy_does_not_change_outputs(alone, policy):
+    out, k = run_workload(JOBS, policy=policy, token_budget=64)
+    assert out == alone
+    assert_all_memory_back(k)
+
+
+def test_swap_under_pressure_loses_nothing(alone):
+    out, k = run_workload(JOBS, memory=frames(12), swap=frames(64), token_budget=64)
+    assert out == alone
+    stat = k.syscalls().schedstat()
+    assert stat.swap_outs > 0 and stat.swap_ins > 0
+    assert_all_memory_back(k)
+
+
+def test_reclaim_and_recompute_lose_nothing(alone):
+    out, k = run_workload(JOBS, memory=frames(12), swap=0, token_budget=64)
+    assert out == alone
+    stat = k.syscalls().schedstat()
+    assert stat.reclaims > 0 and stat.recomputed_tokens > 0 and stat.swap_outs == 0
+    assert_all_memory_back(k)
+
+
+def test_swap_and_reclaim_together_lose_nothing(alone):
+    out, k = run_workload(JOBS, memory=frames(10), swap=frames(4), token_budget=32)
+    assert out == alone
+    stat = k.syscalls().schedstat()
+    assert stat.swap_outs > 0 and stat.reclaims > 0
+    assert_all_memory_back(k)
+
+
+def test_chunked_prefill_never_stalls_decodes():
+    k = kernel.boot(memory=frames(128), token_budget=32, chunk=8)
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    short = sys.spawn(tid, list(range(3, 10)), max_tokens=30, ignore_eos=True, temperature=0)
+    k.step()
+    k.step()
+    sys.spawn(tid, list(range(3, 300)), max_tokens=2, ignore_eos=True, temperature=0)    # a long prompt arrives
+    decoded_every_step = True
+    while k.procs[short].alive:
+        before = len(k.procs[short].output)
+        k.step()
+        decoded_every_step &= len(k.procs[short].output) == before + 1 or not k.procs[short].alive
+    assert decoded_every_step
+    assert max(s.prefill_tokens for s in sys.schedstat().recent_steps) <= 8 + 24
+    run_to_end(k)
+
+
+def test_fork_shares_pages_and_counts_cow_faults():
+    k = kernel.boot(memory=frames(64))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    pid = sys.spawn(tid, list(range(3, 43)), max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+    while k.procs[pid].num_computed < 40:
+        k.step()
+    children = sys.fork(pid, 3)
+    pages = sys.pagemap(pid).pages
+    assert [p.refcount for p in pages] == [4, 4, 4]             # every page shared by all four
+    assert sys.meminfo().mapped == 3                            # against 12 for four private copies
+    run_to_end(k)
+    outs = [sys.wait(p) for p in [pid] + children]
+    assert all(len(o.tokens) == 20 for o in outs)
+    assert len({tuple(o.tokens) for o in outs}) == 4             # each continues with its own seed
+    assert sys.meminfo().cow_faults >= 3                        # the shared partial page was copied
+    assert_all_memory_back(k)
+
+
+def test_shm_prefix_is_prefilled_once():
+    k = kernel.boot(memory=frames(128))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    system = list(range(3, 103))                                # 100 tokens
+    shmid = sys.shmget(tid, system)
+    pids = [sys.spawn(tid, [200 + i, 201, 202], max_tokens=4, ignore_eos=True, temperature=0, shm=shmid)
+            for i in range(6)]
+    run_to_end(k)
+    stat = sys.schedstat()
+    assert stat.prefill_tokens == 100 + 6 * 3                   # the prefix once, each suffix once
+    assert stat.cached_tokens == 6 * 100
+    for pid in pids:
+        assert len(sys.wait(pid).tokens) == 4
+    sys.shmrm(shmid)
+    assert_all_memory_back(k)
+
+
+def test_shm_output_equals_plain_prompt():
+    k = kernel.boot(memory=frames(128))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    system = list(range(3, 50))
+    shmid = sys.shmget(tid, system)
+    a = sys.spawn(tid, [300, 301], max_tokens=10, ignore_eos=True, temperature=0, shm=shmid)
+    b = sys.spawn(tid, system + [300, 301], max_tokens=10, ignore_eos=True, temperature=0)
+    run_to_end(k)
+    assert sys.wait(a).tokens == sys.wait(b).tokens
+
+
+def test_page_cache_hit_skips_prefill_within_a_tenant_only():
+    k = kernel.boot(memory=frames(128))
+    sys = k.syscalls()
+    a = sys.spawn_tenant(TINY, name="a")
+    b = sys.spawn_tenant(TINY, name="b")
+    prompt = list(range(3, 67))                                 # 64 tokens: 4 full pages
+    first = sys.spawn(a, prompt, max_tokens=2, ignore_eos=True, temperature=0)
+    run_to_end(k)
+    sys.wait(first)
+    again = sys.spawn(a, prompt, max_tokens=2, ignore_eos=True, temperature=0)
+    run_to_end(k)
+    assert k.stats.cached_tokens == 48                          # 3 pages (the last token is computed)
+    other = sys.spawn(b, prompt, max_tokens=2, ignore_eos=True, temperature=0)
+    run_to_end(k)
+    assert k.stats.cached_tokens == 48                          # salted: no hit for tenant b
+    assert sys.wait(again).tokens == sys.wait(other).tokens
+
+
+def test_global_prefix_sharing_is_opt_in_on_both_sides():
+    k = kernel.boot(memory=frames(128))
+    sys = k.syscalls()
+    a = sys.spawn_tenant(TINY, name="a", prefix_sharing="global")
+    b = sys.spawn_tenant(TINY, name="b", prefix_sharing="global")
+    c = sys.spawn_tenant(TINY, name="c")
+    prompt = list(range(3, 67))
+    sys.wait(sys.spawn(a, prompt, max_tokens=1, temperature=0))
+    sys.wait(sys.spawn(b, prompt, max_tokens=1, temperature=0))
+    assert k.stats.cached_tokens == 48
+    sys.wait(sys.spawn(c, prompt, max_tokens=1, temperature=0))
+    assert k.stats.cached_tokens == 48
+
+
+def test_fair_policy_serves_weights_one_to_three():
+    k = kernel.boot(memory=frames(256), policy="fair", token_budget=16, max_running=16)
+    sys = k.syscalls()
+    light = sys.spawn_tenant(TINY, name="light", weight=1)
+    heavy = sys.spawn_tenant(TINY, name="heavy", weight=3)
+    for tid in (light, heavy):
+        for i in range(40):
+            sys.spawn(tid, [5 + i, 6, 7, 8], max_tokens=200, ignore_eos=True, temperature=0)
+    for _ in range(150):
+        k.step()
+    served = {t.name: t.served_tokens for t in sys.schedstat().tenants}
+    ratio = served["heavy"] / served["light"]
+    assert 3 * 0.9 <= ratio <= 3 * 1.1, served
+
+
+def test_priority_policy_runs_nice_minus_ten_first():
+    k = kernel.boot(memory=frames(256), policy="priority", max_running=2)
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    normal = [sys.spawn(tid, [5, 6, 7], max_tokens=5, ignore_eos=True, temperature=0) for _ in range(4)]
+    urgent = sys.spawn(tid, [8, 9, 10], max_tokens=5, ignore_eos=True, temperature=0, priority=-10)
+    k.step()
+    assert k.procs[urgent].state.value == "running"
+    assert sum(k.procs[p].state.value == "running" for p in normal) == 1
+    run_to_end(k)
+
+
+def test_isolation_eperm_across_tenants():
+    k = kernel.boot(memory=frames(64))
+    root = k.syscalls()
+    a, b = root.spawn_tenant(TINY, name="a"), root.spawn_tenant(TINY, name="b")
+    sa, sb = k.syscalls(as_tenant=a), k.syscalls(as_tenant=b)
+    pid = sa.spawn(a, [5, 6, 7], max_tokens=3)
+    for call in (lambda: sb.kill(pid), lambda: sb.read(pid), lambda: sb.pagemap(pid), lambda: sb.fork(pid),
+                 lambda: sb.wait(pid), lambda: sb.nice(pid, 1), lambda: sb.spawn(a, [5], max_tokens=1),
+                 lambda: sb.spawn_tenant(TINY), lambda: sb.kill_tenant(a)):
+        with pytest.raises(KvosError) as err:
+            call()
+        assert err.value.errno == "EPERM"
+    assert [p.pid for p in sb.ps()] == []
+    assert [p.pid for p in sa.ps()] == [pid]
+    assert all(e.tid == b for e in sb.dmesg())
+    assert sa.wait(pid).reason == "length"
+
+
+def test_interactive_turns_keep_pages():
+    k = kernel.boot(memory=frames(64))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    pid = sys.spawn(tid, list(range(3, 40)), max_tokens=5, ignore_eos=True, temperature=0, interactive=True)
+    run_to_end(k)
+    r = sys.read(pid)
+    assert r.turn_done and len(r.tokens) == 5 and r.state == "sleeping"
+    frames_before = [p.frame for p in sys.pagemap(pid).pages]
+    computed = k.procs[pid].num_computed
+    sys.write(pid, [50, 51, 52])
+    run_to_end(k)
+    assert k.stats.prefill_tokens == 37 + 4                    # only the new input (and last token) computed
+    assert [p.frame for p in sys.pagemap(pid).pages][:len(frames_before) - 1] == frames_before[:-1]
+    assert k.procs[pid].num_computed > computed
+    status = sys.wait(pid)
+    assert len(status.tokens) == 10
+    assert_all_memory_back(k)
+
+
+def test_prealloc_reserves_and_padded_counts_padding(alone):
+    out, k = run_workload(JOBS, alloc="prealloc", batch="padded", token_budget=64)
+    assert out == alone
+    assert k.stats.padding_tokens > 0
+    assert_all_memory_back(k)
+
+
+def test_a_process_that_can_never_fit_gets_enomem():
+    k = kernel.boot(memory=frames(4), swap=0)
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    with pytest.raises(KvosError) as err:
+        sys.spawn(tid, list(range(3, 100)), max_tokens=5)     # 97 tokens need 7 frames of 4
+    assert err.value.errno == "ENOMEM"
+    pid = sys.spawn(tid, list(range(3, 40)), max_tokens=100, ignore_eos=True, temperature=0)   # grows past the pool
+    run_to_end(k)
+    status = sys.wait(pid)
+    assert status.reason == "error" and "ENOMEM" in status.error
+    assert_all_memory_back(k)
