@@ -77,6 +77,7 @@ class Kernel:
         self.rng = torch.Generator().manual_seed(seed)             # seeds for processes spawned without one
         self._ids = {"pid": 0, "tid": 0, "shmid": 0, "arrival": 0}
         self.null_frame = None                                     # padded batches write padding here
+        self.accepting = True                                      # False once shutdown() began
         if frame_bytes is not None:
             self._size_pool(frame_bytes)
         self.log("boot", f"kvos booted on {self.device.name}: {self.memory_bytes or 'default'} bytes of KV memory, "
@@ -324,6 +325,83 @@ class Kernel:
         while (max_steps is None or steps < max_steps) and self.step():
             steps += 1
         return steps
+
+    # -- the loop in its own thread (the daemon) ---------------------------------------------------
+    def start_loop(self, idle_wait: float = 0.05) -> threading.Thread:
+        """Run step() in a thread until stop_loop(). Calls that wait then sleep on `changed`
+        instead of stepping; calls that add work notify it."""
+        with self.lock:
+            if self.loop_thread is not None and self.loop_thread.is_alive():
+                return self.loop_thread
+            self._loop_stop = threading.Event()
+            self.loop_thread = threading.Thread(target=self._loop, args=(idle_wait,), name="kvos-loop", daemon=True)
+            self.loop_thread.start()
+            return self.loop_thread
+
+    def _loop(self, idle_wait: float) -> None:
+        while not self._loop_stop.is_set():
+            try:
+                worked = self.step()
+            except Exception as exc:               # a kernel bug: log it, keep the last state for fsck
+                self.log("panic", f"loop stopped: {type(exc).__name__}: {exc}", level="error")
+                self.loop_error = exc
+                raise
+            if not worked:
+                with self.lock:
+                    self.changed.wait(idle_wait)
+
+    def stop_loop(self) -> None:
+        thread = self.loop_thread
+        if thread is None:
+            return
+        self._loop_stop.set()
+        with self.lock:
+            self.changed.notify_all()
+        if thread is not threading.current_thread():
+            thread.join()
+        self.loop_thread = None
+
+    def shutdown(self, kill: bool = False, timeout: float | None = None) -> None:
+        """Stop admitting new work, finish (or kill) every process, free everything, fsck.
+        Raises KernelPanic if memory is not all back."""
+        with self.lock:
+            self.accepting = False
+            self.log("shutdown", f"shutting down ({'killing' if kill else 'finishing'} processes)")
+            if kill:
+                for proc in list(self.procs.values()):
+                    if proc.alive and proc.builds_segment is None:
+                        self.exit_process(proc, "killed")
+            for proc in list(self.procs.values()):
+                if proc.state == State.SLEEPING:
+                    self.exit_process(proc, getattr(proc, "last_reason", "stop"))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.lock:
+                busy = not self.sched.idle
+                if busy and self.loop_thread is None:
+                    busy = self.step()
+            if not busy:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                with self.lock:
+                    for proc in list(self.procs.values()):
+                        if proc.alive:
+                            self.exit_process(proc, "killed")
+                break
+            if self.loop_thread is not None:
+                with self.lock:
+                    self.changed.wait(0.05)
+        self.stop_loop()
+        with self.lock:
+            for tid in list(self.tenants):
+                self.remove_tenant(self.tenants[tid])
+            self.fsck()
+            if self.mm is not None:
+                info = self.mm.meminfo()
+                if info.free + info.cached + (1 if self.null_frame is not None else 0) != info.total \
+                        or info.swap_used:
+                    raise KernelPanic(f"shutdown: memory not all back: {info}")
+            self.log("shutdown", "all memory back; kernel stopped")
 
     def _break_deadlock(self) -> bool:
         """Nothing runs and nothing can be admitted: no memory will ever come back for the

@@ -534,7 +534,15 @@ class SyscallHandle:
         with kernel.lock:
             if kernel.mm is None and name not in ("spawn_tenant", "ps", "meminfo", "schedstat", "dmesg"):
                 raise KvosError(ESRCH, f"{name}: no tenant exists yet")
-            return sc.handler(kernel, self._tenant, *args, **kwargs)
+            if not kernel.accepting and name in _NEW_WORK:
+                raise KvosError(EAGAIN, f"{name}: the kernel is shutting down")
+            result = sc.handler(kernel, self._tenant, *args, **kwargs)
+            if name in _NEW_WORK or name in ("kill", "kill_tenant", "shmrm"):
+                kernel.changed.notify_all()          # a loop thread waiting for work wakes up
+            return result
+
+
+_NEW_WORK = frozenset({"spawn_tenant", "spawn", "fork", "write", "shmget"})
 
 
 def _method(sc: Syscall):

@@ -248,3 +248,72 @@ def test_a_process_that_can_never_fit_gets_enomem():
     status = sys.wait(pid)
     assert status.reason == "error" and "ENOMEM" in status.error
     assert_all_memory_back(k)
+
+
+def test_second_turn_through_write_equals_a_fresh_process():
+    k = kernel.boot(memory=frames(64))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    pid = sys.spawn(tid, [{"role": "user", "content": "Hello there"}], max_tokens=6, temperature=0,
+                    ignore_eos=True, interactive=True)
+    run_to_end(k)
+    sys.write(pid, [{"role": "user", "content": "Tell me more."}])
+    history = list(k.procs[pid].tokens)                        # everything the second turn starts from
+    run_to_end(k)
+    second = sys.read(pid).tokens[6:]
+    fresh = sys.spawn(tid, history, max_tokens=6, temperature=0, ignore_eos=True)
+    run_to_end(k)
+    assert sys.wait(fresh).tokens == second
+    template = k.tenants[tid].program.render_chat([{"role": "user", "content": "Tell me more."}])
+    assert "Tell me more." in template
+    sys.wait(pid)
+    assert_all_memory_back(k)
+
+
+def test_beam_search_and_parallel_sample_share_pages():
+    from userspace import libc
+    k = kernel.boot(memory=frames(128))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    shared_seen = []
+
+    def watch(pids):
+        maps = [sys.pagemap(p) for p in pids]
+        shared_seen.append(max((pg.refcount for m in maps for pg in m.pages), default=0))
+    beams = libc.beam_search(sys, tid, list(range(3, 40)), width=3, max_tokens=6, on_round=watch)
+    assert len(beams) == 3 and all(len(b.tokens) == 6 for b in beams)
+    assert beams[0].score >= beams[-1].score
+    assert max(shared_seen) >= 2                               # beams share prompt pages
+    prefill_before = k.stats.prefill_tokens
+    samples = libc.parallel_sample(sys, tid, list(range(50, 98)), n=4, max_tokens=5, seed=3)
+    assert len(samples) == 4 and all(len(s.tokens) == 5 for s in samples)
+    # the 48-token prompt is computed once; each fork recomputes only its last page's tokens
+    assert k.stats.prefill_tokens - prefill_before <= 48 + 3 * 16
+    assert_all_memory_back(k)
+
+
+def test_loop_thread_serves_waiters_and_shutdown_frees_everything():
+    import threading
+    k = kernel.boot(memory=frames(64))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    k.start_loop()
+    results = {}
+
+    def client(i):
+        pid = sys.spawn(tid, [5 + i, 6, 7, 8], max_tokens=8, temperature=0, ignore_eos=True)
+        results[i] = sys.wait(pid).tokens
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(results) == list(range(8)) and all(len(r) == 8 for r in results.values())
+    sleeper = sys.spawn(tid, [9, 9, 9], max_tokens=2, interactive=True)
+    runner = sys.spawn(tid, [7, 7, 7], max_tokens=400, ignore_eos=True)
+    k.shutdown(kill=True)
+    assert k.loop_thread is None
+    with pytest.raises(KvosError) as err:
+        sys.spawn(tid, [5], max_tokens=1)
+    assert err.value.errno in ("EAGAIN", "ESRCH")
+    assert sleeper not in k.procs and runner not in k.procs     # reaped with their tenant
