@@ -103,10 +103,12 @@ BINFMTS: list = []          # callables (spec, device) -> Program or None
 _entry_points_loaded = False
 
 
-def register_binfmt(loader) -> None:
-    """Add a loader: loader(spec, device) returns a Program, or None when spec is not its kind."""
-    if loader not in BINFMTS:
-        BINFMTS.append(loader)
+def register_binfmt(loader, first: bool = False) -> None:
+    """Add a loader: loader(spec, device) returns a Program, or None when spec is not its kind.
+    first=True puts it ahead of the others (a device's own loaders claim their names first)."""
+    if loader in BINFMTS:
+        BINFMTS.remove(loader)
+    BINFMTS.insert(0, loader) if first else BINFMTS.append(loader)
 
 
 def _load_entry_points() -> None:

@@ -27,6 +27,7 @@ class Syscall:
     root_only: bool
     blocking: bool
     doc: str
+    signature: inspect.Signature         # the handler's, checked before every call
 
 
 SYSCALLS: dict = {}
@@ -34,7 +35,8 @@ SYSCALLS: dict = {}
 
 def syscall(name: str, root_only: bool = False, blocking: bool = False):
     def register(handler):
-        SYSCALLS[name] = Syscall(name, handler, root_only, blocking, inspect.getdoc(handler) or "")
+        SYSCALLS[name] = Syscall(name, handler, root_only, blocking, inspect.getdoc(handler) or "",
+                                 inspect.signature(handler))
         return handler
     return register
 
@@ -526,7 +528,7 @@ class SyscallHandle:
         if self._tenant is not None and not self._tenant.alive:
             raise KvosError(ESRCH, f"tenant {self._tenant.tid} no longer exists")
         try:
-            inspect.signature(sc.handler).bind(kernel, self._tenant, *args, **kwargs)
+            sc.signature.bind(kernel, self._tenant, *args, **kwargs)
         except TypeError as err:
             raise KvosError(EINVAL, f"{name}: {err}") from None
         if sc.blocking:
