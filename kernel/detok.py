@@ -19,13 +19,17 @@ class Detokenizer:
         self.read = 0               # tokens already turned into text
         self.stopped_at = None      # index in text where a stop string begins
 
-    def add(self, tokens: list) -> str:
-        """Feed the whole token list (generated so far); returns the text of the new tokens."""
+    def add(self, tokens: list, final: bool = False) -> str:
+        """Feed the whole token list (generated so far); returns the text of the new tokens.
+
+        While the text ends in an incomplete character it is held back, to be completed by
+        the next tokens; final=True (the turn or the process ended) lets it out as it is.
+        """
         if len(tokens) <= self.read:
             return ""
         before = self.decode(tokens[self.prefix:self.read])
         after = self.decode(tokens[self.prefix:])
-        if after.endswith("\ufffd") or len(after) <= len(before):
+        if (after.endswith("\ufffd") and not final) or len(after) <= len(before):
             return ""
         delta = after[len(before):]
         self.read = len(tokens)

@@ -178,8 +178,11 @@ class Kernel:
 
     def fork_process(self, parent: Process, n: int) -> list:
         children = []
-        for k in range(n):
-            seed = (parent.seed * 1_000_003 + parent.pid * 7919 + k + 1) % 2**62
+        for _ in range(n):
+            # The k-th child of a parent gets a seed from the parent's seed and k alone, so a
+            # seeded request forked n ways reproduces all n outputs, whatever the pids are.
+            parent.forks += 1
+            seed = (parent.seed * 1_000_003 + parent.forks) % 2**62
             child = Process(pid=self._next("pid"), tenant=parent.tenant, params=parent.params,
                             generator=torch.Generator().manual_seed(seed), priority=parent.priority,
                             interactive=parent.interactive, tokens=list(parent.tokens),
@@ -218,6 +221,7 @@ class Kernel:
         proc.state = State.ZOMBIE
         proc.tenant.num_live -= 1
         proc.error = error
+        proc.turn_done = True
         generated = proc.generated_tokens
         proc.exit = ExitStatus(
             pid=proc.pid, reason=reason, tokens=generated, text=self.text_of(proc),
@@ -259,8 +263,9 @@ class Kernel:
         return detok
 
     def text_of(self, proc: Process) -> str:
+        """All text of the process so far; at a turn's end nothing is held back."""
         detok = self.detokenizer(proc)
-        detok.add(proc.generated_tokens)
+        detok.add(proc.generated_tokens, final=proc.turn_done or not proc.alive)
         return detok.visible
 
     # -- shm -------------------------------------------------------------------------------------

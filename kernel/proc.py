@@ -68,6 +68,7 @@ class Process:
     after: int | None = None         # do not admit until this pid has its prompt computed (fork)
     preemptions: int = 0
     swaps: int = 0
+    forks: int = 0                   # children forked so far (seeds the next child)
     cow_faults: int = 0
     turn_done: bool = False
     # results

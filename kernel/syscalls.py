@@ -339,7 +339,7 @@ def sys_read(kernel, caller, pid, timeout=0.0):
     with kernel.lock:
         detok = kernel.detokenizer(proc)
         generated = proc.generated_tokens
-        detok.add(generated)
+        detok.add(generated, final=proc.turn_done or not proc.alive)
         text_from = getattr(proc, "text_offset", 0)
         visible = detok.visible
         proc.text_offset = len(visible)
@@ -445,23 +445,35 @@ def sys_ps(kernel, caller):
 
 
 @syscall("pagemap")
-def sys_pagemap(kernel, caller, pid):
-    """A process's page table: per virtual page, its frame, refcount, flags and tokens. -> PageMap"""
+def sys_pagemap(kernel, caller, pid, text=False):
+    """A process's page table: per virtual page, its frame, refcount, flags and tokens
+    (and, with text=True, the tokens as text). -> PageMap"""
     from kernel.mm.introspect import PageMap
     proc = _proc(kernel, caller, pid)
+    if not isinstance(text, bool):
+        raise KvosError(EINVAL, f"text must be True or False, got {text!r}")
     if proc.asid is None:
         return PageMap(proc.tenant.page_size, 0, [])
-    return kernel.mm.pagemap(proc.asid)
+    pagemap = kernel.mm.pagemap(proc.asid)
+    if text:
+        for page in pagemap.pages:
+            page.text = proc.tenant.program.decode(page.tokens)
+    return pagemap
 
 
 @syscall("meminfo")
-def sys_meminfo(kernel, caller):
-    """Memory: the whole pool for root; the caller's own cgroup for a tenant. -> MemInfo"""
-    from kernel.mm.introspect import MemInfo
+def sys_meminfo(kernel, caller, frames=False):
+    """Memory: the whole pool for root; the caller's own cgroup for a tenant. With frames=True,
+    root also gets every frame's state and tenant (the memory map). -> MemInfo"""
+    from kernel.mm.introspect import MemInfo, frame_map
+    if not isinstance(frames, bool):
+        raise KvosError(EINVAL, f"frames must be True or False, got {frames!r}")
     if kernel.mm is None:
         return MemInfo(kernel.frame_bytes or 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {})
     info = kernel.mm.meminfo()
     if caller is None:
+        if frames:
+            info.frames = frame_map(kernel.mm)
         return info
     mine = {}
     for proc in kernel.procs.values():

@@ -317,3 +317,39 @@ def test_loop_thread_serves_waiters_and_shutdown_frees_everything():
         sys.spawn(tid, [5], max_tokens=1)
     assert err.value.errno in ("EAGAIN", "ESRCH")
     assert sleeper not in k.procs and runner not in k.procs     # reaped with their tenant
+
+
+def test_seeded_forks_reproduce_every_child_and_text_is_complete_at_exit():
+    def run():
+        k = kernel.boot(memory=frames(64))
+        sys = k.syscalls()
+        tid = sys.spawn_tenant(TINY)
+        sys.spawn_tenant(TINY, name="other")                   # pids differ between the two runs
+        pid = sys.spawn(tid, list(range(3, 20)), max_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
+        kids = sys.fork(pid, 3)
+        run_to_end(k)
+        statuses = [sys.wait(p) for p in [pid] + kids]
+        program = k.tenants[tid].program
+        for st in statuses:                                     # nothing held back once a process ended
+            assert st.text == program.decode(st.tokens)
+        return [s.tokens for s in statuses]
+    first = run()
+    k = kernel.boot(memory=frames(64))
+    sys = k.syscalls()
+    t = sys.spawn_tenant(TINY)
+    for _ in range(5):
+        sys.wait(sys.spawn(t, [5], max_tokens=1))              # shift the pid counter
+    assert run() == first and len({tuple(t) for t in first}) == 4
+
+
+def test_meminfo_frame_map_and_pagemap_text():
+    k = kernel.boot(memory=frames(16))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    pid = sys.spawn(tid, "kvos is an operating system for LLM inference.", max_tokens=3, interactive=True)
+    run_to_end(k)
+    fmap = sys.meminfo(frames=True).frames
+    assert len(fmap) == 16 and sum(f[0] == "mapped" for f in fmap) == len(sys.pagemap(pid).pages)
+    pages = sys.pagemap(pid, text=True).pages
+    assert pages[0].text and pages[0].text in k.tenants[tid].program.decode(k.procs[pid].tokens)
+    assert k.syscalls(as_tenant=tid).meminfo(frames=True).frames is None     # root only

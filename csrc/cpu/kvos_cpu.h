@@ -1,18 +1,64 @@
 /* kvos CPU kernels: the C entry points that kernel/ops/cpu.py calls through cffi.
  * Everything between the cdef markers is parsed by cffi, so it must stay plain
  * declarations. Index arrays are int32; memory is passed as raw pointers plus
- * element strides so one frame pool can serve models of different shapes. */
+ * element strides so one frame pool can serve models of different shapes.
+ * Functions that take `check` validate every index they will follow before any
+ * write and return a KVOS_E* code (0 = done) with the culprit in bad[0..1]. */
 #ifndef KVOS_CPU_H
 #define KVOS_CPU_H
 #include <stdint.h>
 #include <stddef.h>
 
 /* cdef-begin */
+/* Return codes of the checked entry points; kernel/ops/cpu.py turns them into KvosError. */
+enum {
+    KVOS_OK = 0,
+    KVOS_E_SLOT = 1,          /* bad[0] = token, bad[1] = its slot outside the pool */
+    KVOS_E_QSTART0 = 2,       /* query_start[0] != 0 */
+    KVOS_E_QSTART_ORDER = 3,  /* bad[0] = s: query_start[s+1] < query_start[s] */
+    KVOS_E_QSTART_END = 4,    /* query_start[num_seqs] != num_tokens */
+    KVOS_E_CONTEXT = 5,       /* bad[0] = s: context_lens[s] < q_len of s */
+    KVOS_E_PAGES = 6,         /* bad[0] = s: context needs more pages than a page-table row holds */
+    KVOS_E_PAGE_ENTRY = 7,    /* bad[0] = s, bad[1] = page: entry is not a frame of the pool */
+    KVOS_E_INDEX = 8,         /* bad[0] = i, bad[1] = which list (0 src, 1 dst): frame or slot out of range */
+    KVOS_E_DUPLICATE = 9,     /* bad[0] = i: dst[i] repeats an earlier destination */
+    KVOS_E_OVERLAP = 10,      /* bad[0] = i: dst[i] is also a source (same pool) */
+    KVOS_E_NOMEM = 11         /* scratch allocation failed */
+};
+
 /* Copy whole frames: dst_pool[dst[i]] = src_pool[src[i]], frame_bytes each.
- * Serves copy-on-write (same pool) and swap (pool <-> host swap area). */
+ * Serves copy-on-write (same pool) and swap (pool <-> host swap area). Unchecked. */
 void kvos_copy_frames(const uint8_t *src_pool, uint8_t *dst_pool, int64_t frame_bytes,
                       const int32_t *src, const int32_t *dst, int64_t n);
+/* The same copy, after checking that src < src_count, dst < dst_count, dst has no
+ * repeats and (when same_pool) no dst is also a src, so the parallel copy is order-free. */
+int kvos_copy_frames_checked(const uint8_t *src_pool, uint8_t *dst_pool, int64_t frame_bytes,
+                             const int32_t *src, int64_t src_count, const int32_t *dst, int64_t dst_count,
+                             int64_t n, int same_pool, int check, int64_t *bad);
+
+/* write_kv: cache[slot[t]] = new[t] for keys and values (float32). Caches are views
+ * (num_frames, page_size, kv_heads, head_dim) with element strides (frame, token, head, 1);
+ * k and v are (num_tokens, kv_heads, head_dim) with strides (tok, head, 1). */
+int kvos_write_kv(float *k_cache, float *v_cache, int64_t num_frames, int64_t page_size,
+                  int64_t frame_stride, int64_t token_stride, int64_t head_stride,
+                  const float *k, const float *v, int64_t k_tok_stride, int64_t k_head_stride,
+                  int64_t v_tok_stride, int64_t v_head_stride,
+                  const int32_t *slot_mapping, int64_t num_tokens, int64_t kv_heads, int64_t head_dim,
+                  int check, int64_t *bad);
+
+/* paged_attention (float32): causal attention of the packed queries q over the context
+ * reached through page_table; see kernel/ops/reference.py for the contract. */
+int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_stride,
+                         const float *q, int64_t q_tok_stride, int64_t q_head_stride,
+                         const float *k_cache, const float *v_cache, int64_t num_frames, int64_t page_size,
+                         int64_t frame_stride, int64_t token_stride, int64_t head_stride,
+                         const int32_t *page_table, int64_t page_table_stride, int64_t max_pages,
+                         const int32_t *query_start, const int32_t *context_lens,
+                         int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t kv_heads,
+                         int64_t head_dim, float scale, int check, int64_t *bad);
+
 int kvos_num_threads(void);
+void kvos_set_num_threads(int n);
 /* cdef-end */
 
 #endif

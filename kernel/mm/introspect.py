@@ -16,6 +16,7 @@ class PageEntry:
     cached: bool             # named in the page cache (a full page)
     swapped: bool
     pinned: bool             # mapped by a shm segment
+    text: str | None = None  # the tokens as text, when pagemap(text=True) asked for it
 
     @property
     def flags(self) -> str:
@@ -76,6 +77,8 @@ class MemInfo:
     tokens_stored: int       # tokens held in mapped frames (a shared page counts once)
     token_capacity: int      # tokens the mapped frames could hold
     cgroups: dict = field(default_factory=dict)
+    page_cache_lookups: int = 0
+    frames: list | None = None   # meminfo(frames=True): per frame [state, refcount, cgroup name or None]
 
     @property
     def utilization(self) -> float:
@@ -99,4 +102,23 @@ def meminfo(mm) -> MemInfo:
         swapped_out_pages=mm.swapped_out_pages, swapped_in_pages=mm.swapped_in_pages,
         tokens_stored=sum(t for t, _ in fill.values()), token_capacity=sum(p for _, p in fill.values()),
         cgroups={cg.name: CgroupInfo(cg.name, cg.charged, cg.limit) for cg in mm.cgroups.values()},
+        page_cache_lookups=stats.lookups,
     )
+
+
+def frame_map(mm) -> list:
+    """Every frame as [state, refcount, owning cgroup]: state is free, cached, mapped (one
+    reference), shared (several) or pinned (an shm segment maps it). The memory map of the TUI."""
+    frames = mm.frames
+    out = []
+    for f in range(frames.num_frames):
+        refs = frames.refcount[f]
+        if refs == 0:
+            state = "cached" if f in frames.lru else "free"
+        elif frames.pins[f]:
+            state = "pinned"
+        else:
+            state = "shared" if refs > 1 else "mapped"
+        owner = frames.owner[f]
+        out.append([state, refs, owner.name if owner is not None else None])
+    return out

@@ -1,0 +1,59 @@
+/* attention.h: what the CPU paged-attention files share (not part of the cffi interface).
+ * attention.c splits a call into tasks (sequence, block of queries, kv head) and runs
+ * them in parallel; a task runs on one of two paths, both walking the context in tiles
+ * of TILE tokens with an online softmax:
+ *   attention_rows.c   few rows (decode): per row-block dot products, 16 tokens summed at once;
+ *   attention_lanes.c  12 to 32 rows (prefill chunks): one vector lane per row, GEMM-like. */
+#ifndef KVOS_ATTENTION_H
+#define KVOS_ATTENTION_H
+#include <stdint.h>
+#include "kvos_math.h"
+
+#define TILE 32          /* context tokens per tile: its K and V rows (<= 32 KiB at d=128) sit in L1 */
+#define LANES 16         /* floats per vector register (AVX-512) */
+
+typedef struct {
+    int32_t seq, q_lo, q_hi;   /* queries q_lo..q_hi-1 of sequence seq (0-based within it) */
+    int64_t cost;              /* rows x context tokens, for largest-first scheduling */
+} task_t;
+
+/* Everything about the call that is the same for all its tasks. */
+typedef struct {
+    float *out; int64_t out_tok_stride, out_head_stride;
+    const float *q; int64_t q_tok_stride, q_head_stride;
+    const float *k_cache, *v_cache; int64_t page_size, frame_stride, token_stride, head_stride;
+    const int32_t *page_table; int64_t page_table_stride;
+    const int32_t *query_start, *context_lens;
+    int64_t group;             /* query heads per kv head */
+    int64_t head_dim;
+    float q_scale;             /* softmax scale * log2(e): scores come out in log2 units */
+} call_t;
+
+/* One thread's scratch, sized for the call's largest task (rows >= 2 * LANES always fit). */
+typedef struct {
+    float *qs, *acc, *s;       /* rows x head_dim, rows x head_dim, rows x TILE */
+    float *m, *l;              /* per row: running max (log2 units) and sum of weights */
+    int64_t *lim;              /* per row: context tokens it attends to (causal) */
+    const float *kp[2][TILE], *vp[2][TILE];   /* K/V rows of the current and the next tile */
+} scratch_t;
+
+/* Rows of a task: row r is query q_lo + r / group, head h * group + r % group. */
+static inline int64_t task_rows(const call_t *c, const task_t *t) { return (int64_t)(t->q_hi - t->q_lo) * c->group; }
+
+/* Set up the rows' causal limits; returns how many context tokens the last row reads. */
+int64_t attn_limits(const call_t *c, const task_t *task, scratch_t *w);
+/* Address translation of tokens t0..t0+tn-1 of head h through a page-table row. */
+void attn_translate(const call_t *c, const int32_t *page_row, int64_t h, int64_t t0, int tn,
+                    const float **kp, const float **vp);
+/* Translate tile t0 into buffer `slot` and prefetch its rows (pages are scattered, so
+ * the hardware prefetcher cannot guess them); no-op past the end of the context. */
+void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
+                          scratch_t *w, int slot);
+/* Address of row r's query (or output) vector. */
+const float *attn_q_row(const call_t *c, const task_t *task, int64_t h, int64_t r);
+float *attn_out_row(const call_t *c, const task_t *task, int64_t h, int64_t r);
+
+void attn_task_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w);
+void attn_task_lanes(const call_t *c, const task_t *task, int64_t h, scratch_t *w);
+
+#endif

@@ -1,0 +1,191 @@
+/* The rows path of CPU paged attention: for tasks of few rows (decode with fewer than 12
+ * query heads per kv head) and for groups wider than 32. Rows go in blocks of up to four;
+ * per context token the block's dot products are vector partial sums, and 16 tokens are
+ * summed across lanes at once (vsum16). q and the output accumulators of a block stay in
+ * registers for a tile. Head sizes not a multiple of 16 take a scalar-loop variant. */
+#include "kvos_cpu.h"
+#include "attention.h"
+#include "simd.h"
+
+/* Load the task's scaled query rows and clear their softmax state. */
+static void start_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
+{
+    const int64_t D = c->head_dim;
+    for (int64_t r = 0; r < task_rows(c, task); r++) {
+        const float *qr = attn_q_row(c, task, h, r);
+        for (int64_t d = 0; d < D; d++) {
+            w->qs[r * D + d] = qr[d] * c->q_scale;
+            w->acc[r * D + d] = 0.0f;
+        }
+        w->m[r] = KVOS_NEG_BIG;
+        w->l[r] = 0.0f;
+    }
+}
+
+static void finish_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
+{
+    const int64_t D = c->head_dim;
+    for (int64_t r = 0; r < task_rows(c, task); r++) {
+        float *o = attn_out_row(c, task, h, r);
+        const float inv = 1.0f / w->l[r];
+        for (int64_t d = 0; d < D; d++)
+            o[d] = w->acc[r * D + d] * inv;
+    }
+}
+
+/* Softmax step of one row over its n valid scores s[0..n) of a tile of width tn: the
+ * weights replace the scores (0 past n); returns the factor that rescales the accumulator. */
+static inline __attribute__((always_inline)) float softmax_tile(float *KVOS_RESTRICT s, int n, int tn,
+                                                                float *m, float *l)
+{
+    float block_max = KVOS_NEG_BIG;
+    KVOS_SIMD_MAX(block_max)
+    for (int t = 0; t < n; t++)
+        block_max = s[t] > block_max ? s[t] : block_max;
+    const float alpha = kvos_softmax_rescale(m, block_max);
+    const float mx = *m;
+    float sum = 0.0f;
+    KVOS_SIMD_SUM(sum)
+    for (int t = 0; t < tn; t++) {
+        float p = t < n ? kvos_exp2(s[t] - mx) : 0.0f;
+        s[t] = p;
+        sum += p;
+    }
+    *l = *l * alpha + sum;
+    return alpha;
+}
+
+/* RB rows (r0..r0+RB-1) against one tile, D and RB compile-time constants (D a multiple
+ * of 16, RB * D <= 256 so that q or the accumulators fit the 32 vector registers). */
+static inline __attribute__((always_inline)) void
+tile_block(scratch_t *w, const float *const *kp, const float *const *vp, int64_t r0, int64_t t0, int tn,
+           const int D, const int RB)
+{
+    const int NC = D / LANES;
+    int n[4], nmax = 0;
+    for (int r = 0; r < RB; r++) {
+        int64_t left = w->lim[r0 + r] - t0;
+        n[r] = left <= 0 ? 0 : (left < tn ? (int)left : tn);
+        nmax = n[r] > nmax ? n[r] : nmax;
+    }
+    if (nmax == 0)
+        return;   /* causal: these rows ended in an earlier tile */
+    vf q[4][16], acc[4][16];
+    for (int r = 0; r < RB; r++)
+        for (int ch = 0; ch < NC; ch++)
+            q[r][ch] = vload(w->qs + (r0 + r) * D + ch * LANES);
+    /* Scores: per token a vector of partial dot products; vsum16 finishes 16 tokens at once. */
+    for (int g0 = 0; g0 < nmax; g0 += LANES) {
+        vf part[4][LANES];
+        const int gn = nmax - g0 < LANES ? nmax - g0 : LANES;
+        for (int j = 0; j < gn; j++) {
+            vf kc[16];
+            for (int ch = 0; ch < NC; ch++)
+                kc[ch] = vload(kp[g0 + j] + ch * LANES);
+            for (int r = 0; r < RB; r++) {
+                vf d = q[r][0] * kc[0];
+                for (int ch = 1; ch < NC; ch++)
+                    d += q[r][ch] * kc[ch];
+                part[r][j] = d;
+            }
+        }
+        for (int j = gn; j < LANES; j++)
+            for (int r = 0; r < RB; r++)
+                part[r][j] = vsplat(0.0f);
+        for (int r = 0; r < RB; r++)
+            vstore(w->s + (r0 + r) * TILE + g0, vsum16(part[r]));
+    }
+    for (int r = 0; r < RB; r++) {
+        float *s = w->s + (r0 + r) * TILE;
+        float alpha = 1.0f;
+        if (n[r])
+            alpha = softmax_tile(s, n[r], nmax, &w->m[r0 + r], &w->l[r0 + r]);
+        else
+            for (int t = 0; t < nmax; t++)
+                s[t] = 0.0f;
+        for (int ch = 0; ch < NC; ch++)
+            acc[r][ch] = vload(w->acc + (r0 + r) * D + ch * LANES) * alpha;
+    }
+    /* Weighted values: acc[r] += p[r][t] * v[t] over the tile, in registers. */
+    for (int t = 0; t < nmax; t++) {
+        vf vc[16];
+        for (int ch = 0; ch < NC; ch++)
+            vc[ch] = vload(vp[t] + ch * LANES);
+        for (int r = 0; r < RB; r++) {
+            const vf p = vsplat(w->s[(r0 + r) * TILE + t]);
+            for (int ch = 0; ch < NC; ch++)
+                acc[r][ch] += p * vc[ch];
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int ch = 0; ch < NC; ch++)
+            vstore(w->acc + (r0 + r) * D + ch * LANES, acc[r][ch]);
+}
+
+/* One tile of all rows, scalar loops (any head size). */
+static void tile_scalar(scratch_t *w, const float *const *kp, const float *const *vp, int64_t rows,
+                        int64_t t0, int tn, const int64_t D)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t left = w->lim[r] - t0;
+        if (left <= 0)
+            continue;
+        const int n = (int)(left < tn ? left : tn);
+        const float *KVOS_RESTRICT qs = w->qs + r * D;
+        float *KVOS_RESTRICT s = w->s + r * TILE;
+        float *KVOS_RESTRICT acc = w->acc + r * D;
+        for (int t = 0; t < n; t++)
+            s[t] = kvos_dot(qs, kp[t], (int)D);
+        const float alpha = softmax_tile(s, n, n, &w->m[r], &w->l[r]);
+        for (int64_t d = 0; d < D; d++)
+            acc[d] *= alpha;
+        for (int t = 0; t < n; t++) {
+            const float p = s[t];
+            const float *KVOS_RESTRICT vr = vp[t];
+            for (int64_t d = 0; d < D; d++)
+                acc[d] += p * vr[d];
+        }
+    }
+}
+
+/* The task loop for one head size: D is a constant in the specialised copies, and 0
+ * selects the scalar loops (any head size). */
+static inline __attribute__((always_inline)) void
+run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D)
+{
+    const int RB_MAX = D == 0 ? 1 : (256 / D < 4 ? 256 / D : 4);
+    const int64_t rows = task_rows(c, task);
+    const int64_t n_ctx = attn_limits(c, task, w);
+    start_rows(c, task, h, w);
+    attn_translate_ahead(c, task, h, 0, n_ctx, w, 0);
+    int cur = 0;
+    for (int64_t t0 = 0; t0 < n_ctx; t0 += TILE, cur ^= 1) {
+        const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
+        attn_translate_ahead(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1);
+        const float *const *kp = w->kp[cur], *const *vp = w->vp[cur];
+        if (D == 0) {
+            tile_scalar(w, kp, vp, rows, t0, tn, c->head_dim);
+            continue;
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += RB_MAX) {
+            const int64_t rb = rows - r0 < RB_MAX ? rows - r0 : RB_MAX;
+            if (rb >= 4) tile_block(w, kp, vp, r0, t0, tn, D, 4);
+            else if (rb == 3) tile_block(w, kp, vp, r0, t0, tn, D, 3);
+            else if (rb == 2) tile_block(w, kp, vp, r0, t0, tn, D, 2);
+            else tile_block(w, kp, vp, r0, t0, tn, D, 1);
+        }
+    }
+    finish_rows(c, task, h, w);
+}
+
+void attn_task_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
+{
+    switch (c->head_dim) {
+    case 64: run(c, task, h, w, 64); break;
+    case 128: run(c, task, h, w, 128); break;
+    case 32: run(c, task, h, w, 32); break;
+    case 96: run(c, task, h, w, 96); break;
+    case 256: run(c, task, h, w, 256); break;
+    default: run(c, task, h, w, 0);   /* 0: the scalar loops, for any head size */
+    }
+}

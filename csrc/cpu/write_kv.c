@@ -1,0 +1,35 @@
+/* write_kv: scatter the K and V of a step's new tokens into their cache slots.
+ * Slots are checked first (all of them) so a bad slot leaves the pool untouched. */
+#include <string.h>
+#include "kvos_cpu.h"
+#include "kvos_math.h"
+
+int kvos_write_kv(float *k_cache, float *v_cache, int64_t num_frames, int64_t page_size,
+                  int64_t frame_stride, int64_t token_stride, int64_t head_stride,
+                  const float *k, const float *v, int64_t k_tok_stride, int64_t k_head_stride,
+                  int64_t v_tok_stride, int64_t v_head_stride,
+                  const int32_t *slot_mapping, int64_t num_tokens, int64_t kv_heads, int64_t head_dim,
+                  int check, int64_t *bad)
+{
+    if (check) {
+        int64_t num_slots = num_frames * page_size;
+        for (int64_t t = 0; t < num_tokens; t++)
+            if (slot_mapping[t] < 0 || slot_mapping[t] >= num_slots) {
+                bad[0] = t;
+                bad[1] = slot_mapping[t];
+                return KVOS_E_SLOT;
+            }
+    }
+    size_t row_bytes = (size_t)head_dim * sizeof(float);
+    /* Decode steps write a handful of tokens: threads only pay off for prefill chunks. */
+    #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) \
+        if (num_tokens * kv_heads * head_dim > (1 << 16))
+    for (int64_t t = 0; t < num_tokens; t++) {
+        int64_t base = kvos_slot_offset(slot_mapping[t], page_size, frame_stride, token_stride);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            memcpy(k_cache + base + h * head_stride, k + t * k_tok_stride + h * k_head_stride, row_bytes);
+            memcpy(v_cache + base + h * head_stride, v + t * v_tok_stride + h * v_head_stride, row_bytes);
+        }
+    }
+    return KVOS_OK;
+}

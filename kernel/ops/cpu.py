@@ -1,0 +1,103 @@
+"""The CPU path of kernel/ops: calls into the C kernels of csrc/cpu through cffi.
+
+The extension is loaded on first use, after torch, so that both link the one libgomp
+and share its threads; KVOS_THREADS (if set) then sizes both. Arguments arrive here
+already checked for shape, dtype and device (dispatch.py); index ranges are checked
+by the C pre-pass when check is true, before any write.
+"""
+import os
+
+import torch  # noqa: F401  (first: the extension must find torch's libgomp already loaded)
+
+from kernel.errors import ENODEV, ENOMEM, KvosError
+from kernel.ops import validate
+
+_ext = None
+
+
+def _load():
+    global _ext
+    if _ext is None:
+        try:
+            from kernel.ops import _kvos_cpu
+        except ImportError as e:
+            raise KvosError(ENODEV, f"the C kernels are not built ({e}): run `make install` "
+                                    "or `pip install -e .`") from None
+        _ext = _kvos_cpu
+        threads = os.environ.get("KVOS_THREADS")
+        if threads:
+            set_num_threads(int(threads))
+    return _ext
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for torch's CPU ops and for the C kernels alike (one OpenMP pool)."""
+    if n < 1:
+        validate.fail(f"thread count must be at least 1, not {n}")
+    torch.set_num_threads(n)
+    _load().lib.kvos_set_num_threads(n)
+
+
+def num_threads() -> int:
+    return _load().lib.kvos_num_threads()
+
+
+def _ptr(t):
+    return _ext.ffi.cast("void *", t.data_ptr())
+
+
+def _raise(rc, bad, describe):
+    """Turn a C return code into the KvosError its checked twin in validate.py raises."""
+    if rc == _ext.lib.KVOS_E_NOMEM:
+        raise KvosError(ENOMEM, "the C kernel could not allocate its scratch memory")
+    describe(rc, int(bad[0]), int(bad[1]))
+    raise AssertionError(f"kvos C kernel returned unknown code {rc}")  # pragma: no cover
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping, check):
+    lib = _load().lib
+    num_frames, page_size, kv_heads, head_dim = k_cache.shape
+    bad = _ext.ffi.new("int64_t[2]")
+    rc = lib.kvos_write_kv(
+        _ptr(k_cache), _ptr(v_cache), num_frames, page_size, *k_cache.stride()[:3],
+        _ptr(k), _ptr(v), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        _ptr(slot_mapping), k.shape[0], kv_heads, head_dim, int(check), bad)
+    if rc:
+        _raise(rc, bad, lambda rc, t, slot: validate.bad_slot(t, slot, num_frames * page_size))
+
+
+_BATCH_RULES = {"KVOS_E_QSTART0": "qstart0", "KVOS_E_QSTART_ORDER": "order", "KVOS_E_QSTART_END": "end",
+                "KVOS_E_CONTEXT": "context", "KVOS_E_PAGES": "pages", "KVOS_E_PAGE_ENTRY": "entry"}
+
+
+def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, scale, out, check):
+    lib = _load().lib
+    num_frames, page_size, kv_heads, head_dim = k_cache.shape
+    bad = _ext.ffi.new("int64_t[2]")
+    rc = lib.kvos_paged_attention(
+        _ptr(out), out.stride(0), out.stride(1), _ptr(q), q.stride(0), q.stride(1),
+        _ptr(k_cache), _ptr(v_cache), num_frames, page_size, *k_cache.stride()[:3],
+        _ptr(page_table), page_table.stride(0), page_table.shape[1],
+        _ptr(query_start), _ptr(context_lens), context_lens.shape[0], q.shape[0], q.shape[1], kv_heads,
+        head_dim, scale, int(check), bad)
+    if rc:
+        rules = {getattr(lib, name): rule for name, rule in _BATCH_RULES.items()}
+        _raise(rc, bad, lambda rc, s, p: validate.bad_batch(
+            rules[rc], s, p, page_table, query_start, context_lens, q.shape[0], num_frames, page_size))
+    return out
+
+
+def copy_frames(src_pool, dst_pool, src, dst, check, src_name="src", dst_name="dst"):
+    """dst_pool[dst[i]] = src_pool[src[i]]; the pools may be one (copy-on-write) or two (swap)."""
+    lib = _load().lib
+    same_pool = src_pool.data_ptr() == dst_pool.data_ptr()
+    bad = _ext.ffi.new("int64_t[2]")
+    rc = lib.kvos_copy_frames_checked(
+        _ptr(src_pool), _ptr(dst_pool), src_pool.stride(0), _ptr(src), src_pool.shape[0],
+        _ptr(dst), dst_pool.shape[0], src.shape[0], int(same_pool), int(check), bad)
+    if rc:
+        def describe(rc, i, which):
+            code = {lib.KVOS_E_INDEX: "src" if which == 0 else "dst", lib.KVOS_E_DUPLICATE: "duplicate",
+                    lib.KVOS_E_OVERLAP: "overlap"}[rc]
+            validate.bad_frame_list(code, i, src, dst, src_pool.shape[0], dst_pool.shape[0], src_name, dst_name)
+        _raise(rc, bad, describe)

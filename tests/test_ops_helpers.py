@@ -1,0 +1,88 @@
+"""Builders for the kernel/ops tests: batches laid out as kvos lays them out.
+
+A pool of frames is shared by two tenants whose models differ (KVView of two KV shapes);
+our sequences get a random, shuffled subset of the frames and the other tenant's
+frames sit between them, holding its own data, which the tests check is never touched.
+No tests here.
+"""
+import random
+from dataclasses import dataclass
+
+import torch
+
+from kernel.kvcache import KVShape, KVView
+
+OTHER_TENANT = KVShape(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float16)   # 16 bytes a token
+
+
+def fresh_seed() -> int:
+    """A new seed each run (the tests print it on failure, so a failure can be replayed)."""
+    return random.SystemRandom().randrange(2**31)
+
+
+@dataclass
+class Batch:
+    pool: torch.Tensor            # uint8 (num_frames, frame_bytes), shared by both tenants
+    view: KVView                  # ours
+    layer: int                    # the layer under test; the other layer must stay as it was
+    ours: torch.Tensor            # frames of our sequences
+    theirs: torch.Tensor          # frames of the other tenant
+    q: torch.Tensor
+    page_table: torch.Tensor
+    query_start: torch.Tensor
+    context_lens: torch.Tensor
+    seed: int
+
+    @property
+    def caches(self):
+        return self.view.layer(self.layer)
+
+    def snapshot(self):
+        return self.pool.clone()
+
+    def untouched_outside_layer(self, before) -> bool:
+        """Every byte but this layer's K/V in our frames is as it was: the other tenant's
+        frames, our other layer, the padding."""
+        now = self.pool.clone()
+        restored = KVView(now, self.view.shape).layer(self.layer)
+        originals = KVView(before, self.view.shape).layer(self.layer)
+        for cache, original in zip(restored, originals):
+            cache[self.ours] = original[self.ours]
+        return torch.equal(now, before)
+
+
+def make_batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page_size, *, dtype=torch.float32, device="cpu",
+               seed=None, pad_bytes=0, spare_frames=3) -> Batch:
+    """A packed batch: sequence s has q_lens[s] new tokens and ctx_lens[s] tokens of context."""
+    seed = fresh_seed() if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    shape = KVShape(2, kv_heads, head_dim, dtype)
+    pages = [-(-c // page_size) for c in ctx_lens]
+    ours_count = sum(pages)
+    num_frames = 2 * ours_count + spare_frames
+    frame_bytes = shape.bytes_per_token * page_size + pad_bytes
+    pool = torch.randint(0, 256, (num_frames, frame_bytes), dtype=torch.uint8, generator=gen)
+    view = KVView(pool, shape)
+    assert view.page_size == page_size, (view.page_size, page_size)
+    order = torch.randperm(num_frames, generator=gen)
+    ours, theirs = order[:ours_count], order[ours_count:]
+    for cache in view.layer(0) + view.layer(1):
+        cache[ours] = torch.randn((len(ours), *cache.shape[1:]), generator=gen).to(dtype)
+    other = KVView(pool, OTHER_TENANT)
+    for layer in range(OTHER_TENANT.num_layers):
+        for cache in other.layer(layer):
+            cache[theirs] = torch.randn((len(theirs), *cache.shape[1:]), generator=gen).to(OTHER_TENANT.dtype)
+    table = torch.zeros(len(ctx_lens), max(pages + [1]), dtype=torch.int32)
+    at = 0
+    for s, n in enumerate(pages):
+        table[s, :n] = ours[at:at + n].to(torch.int32)
+        at += n
+    query_start = torch.tensor([0, *torch.tensor(q_lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(query_start[-1]), heads, head_dim, generator=gen).to(dtype)
+    pool = pool.to(device)
+    return Batch(pool, KVView(pool, shape), 1, ours.to(device), theirs.to(device), q.to(device), table.to(device),
+                 query_start.to(device), torch.tensor(ctx_lens, dtype=torch.int32, device=device), seed)
+
+
+def relative_error(got, want) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
