@@ -12,7 +12,9 @@ setup(
     description="An operating system for LLM inference: paged KV memory, processes, a preemptive scheduler",
     python_requires=">=3.10",
     packages=find_packages(include=["kernel", "kernel.*", "userspace", "userspace.*"]),
-    package_data={"kernel.ops": ["../../csrc/cuda/*.cu", "../../csrc/common/*.h"]},
+    # CUDA sources are compiled at run time (CuPy); editable installs read them from csrc/,
+    # other installs find them through KVOS_CSRC (kernel/ops/cuda.py).
+    package_data={"kernel.ops": ["../../csrc/cuda/*.cu", "../../csrc/cuda/*.cuh", "../../csrc/common/*.h"]},
     include_package_data=True,
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/cpu/build_ffi.py:ffibuilder"],
@@ -25,11 +27,19 @@ setup(
         "transformers>=4.45",
         "jinja2>=3.1",
         "rich>=13",
+        "matplotlib>=3.7",
         "textual>=0.80",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "accelerate>=1.0",
+                 "openai>=1.40"],
         "cuda": ["cupy-cuda12x"],
     },
-    entry_points={"console_scripts": ["kvos=userspace.shell.main:main"]},
+    entry_points={
+        "console_scripts": ["kvos=userspace.shell.main:main"],
+        "kvos.programs": ["llama = userspace.programs.loader:load"],
+    },
 )

@@ -1,0 +1,43 @@
+"""kvosd with the real default model (slow): the official openai client's chat answer equals the
+in-process libc.chat answer, streamed or not."""
+import pytest
+import torch
+
+import kernel
+from kernel.ops import set_num_threads
+from userspace import libc
+from userspace.daemon.config import DaemonConfig, TenantSpec
+from userspace.daemon.server import ServerThread
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m"
+QUESTIONS = ["What is the capital of France?", "Name three primary colors."]
+
+
+def test_openai_chat_equals_in_process_chat(monkeypatch):
+    openai = pytest.importorskip("openai")
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("KVOS_THREADS", "1")      # the server's loop and this test share 2 cores
+    k = kernel.boot(memory="64MiB", threads=1)
+    root = k.syscalls()
+    tid = root.spawn_tenant(MODEL)
+    expected = [libc.chat(root, tid, [{"role": "user", "content": q}], temperature=0, max_tokens=32)
+                for q in QUESTIONS]
+    srv = ServerThread(DaemonConfig(boot=dict(memory="64MiB", threads=1), root_key="root-key-smollm2",
+                                    tenants=[TenantSpec(MODEL, MODEL, "tenant-key-smollm2")]))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="tenant-key-smollm2", max_retries=0)
+        for question, want in zip(QUESTIONS, expected):
+            messages = [{"role": "user", "content": question}]
+            reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=32)
+            assert reply.choices[0].message.content == want.text
+            assert reply.usage.completion_tokens == len(want.tokens)
+            assert reply.usage.prompt_tokens == want.prompt_tokens
+            streamed = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=32,
+                                                      stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in streamed) == want.text
+        assert "Paris" in expected[0].text
+    finally:
+        report = srv.stop()
+        set_num_threads(threads)
+    assert report["fsck"] == "clean" and report["frames_mapped"] == 0

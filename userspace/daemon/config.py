@@ -1,0 +1,131 @@
+"""kvosd's configuration: how to boot the kernel, which tenants to start, and their keys.
+
+A tenants file (JSON or TOML) names a root key and a list of tenants, each with a
+model, a bearer key and the limits spawn_tenant() takes (docs/daemon.md shows one).
+Without a file the daemon runs one tenant of --model. Keys missing from both the
+file and the environment are generated and shown once on stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kernel.errors import EINVAL, ENOENT, KvosError
+
+try:
+    import tomllib
+except ModuleNotFoundError:          # Python 3.10: JSON tenants files only
+    tomllib = None
+
+# spawn_tenant() keyword arguments a tenants file may set.
+TENANT_OPTIONS = ("mem_limit", "weight", "prefix_sharing", "max_procs", "max_queued", "nice_min",
+                  "max_prompt_tokens", "max_new_tokens")
+
+
+@dataclass
+class TenantSpec:
+    name: str
+    model: str
+    key: str
+    options: dict = field(default_factory=dict)       # spawn_tenant() keywords
+
+
+@dataclass
+class DaemonConfig:
+    boot: dict                                         # kernel.boot() keywords
+    tenants: list                                      # [TenantSpec]
+    root_key: str
+    kill_on_shutdown: bool = False
+    shutdown_timeout: float | None = None              # then processes still running are killed
+    generated_keys: dict = field(default_factory=dict)  # who -> key made up here (to show once)
+
+
+def new_key() -> str:
+    return "kvos-" + secrets.token_urlsafe(24)
+
+
+def _key(entry: dict, what: str, generated: dict, env_default: str | None = None) -> str:
+    """A key from `key`, from the variable named by `key_env`, from env_default, or made up."""
+    if "key" in entry and "key_env" in entry:
+        raise KvosError(EINVAL, f"{what}: give key or key_env, not both")
+    if "key" in entry:
+        key = entry["key"]
+    elif "key_env" in entry:
+        key = os.environ.get(str(entry["key_env"]))
+        if not key:
+            raise KvosError(EINVAL, f"{what}: the environment variable {entry['key_env']!r} is not set")
+    elif env_default and os.environ.get(env_default):
+        key = os.environ[env_default]
+    else:
+        key = generated[what] = new_key()
+    if not isinstance(key, str) or len(key) < 8 or any(c.isspace() for c in key):
+        raise KvosError(EINVAL, f"{what}: a key must be a string of at least 8 characters without spaces")
+    return key
+
+
+def read_tenants_file(path) -> dict:
+    """The parsed file: TOML when it ends in .toml, else JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise KvosError(ENOENT, f"tenants file {str(path)!r}: {err.strerror}") from None
+    if path.suffix == ".toml" and tomllib is None:
+        raise KvosError(EINVAL, f"tenants file {str(path)!r}: TOML needs Python 3.11; use JSON")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, json.JSONDecodeError) as err:
+        raise KvosError(EINVAL, f"tenants file {str(path)!r} does not parse: {err}") from None
+    if not isinstance(data, dict):
+        raise KvosError(EINVAL, f"tenants file {str(path)!r}: the top level must be a table/object")
+    return data
+
+
+def tenant_specs(data: dict, generated: dict) -> tuple[list, str]:
+    """(tenants, root key) from a parsed tenants file."""
+    unknown = set(data) - {"root_key", "root_key_env", "tenants"}
+    if unknown:
+        raise KvosError(EINVAL, f"tenants file: unknown key {sorted(unknown)[0]!r} "
+                                f"(known: root_key, root_key_env, tenants)")
+    root = {k[5:]: v for k, v in data.items() if k in ("root_key", "root_key_env")}
+    root_key = _key(root, "root", generated, "KVOS_ROOT_KEY")
+    entries = data.get("tenants")
+    if not isinstance(entries, list) or not entries:
+        raise KvosError(EINVAL, "tenants file: 'tenants' must be a non-empty list")
+    specs, keys = [], {root_key: "root"}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise KvosError(EINVAL, f"tenants[{i}] must be a table/object")
+        known = {"name", "model", "key", "key_env", *TENANT_OPTIONS}
+        extra = sorted(set(entry) - known)
+        if extra:
+            raise KvosError(EINVAL, f"tenants[{i}]: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
+        if not isinstance(entry.get("model"), str) or not entry["model"]:
+            raise KvosError(EINVAL, f"tenants[{i}]: 'model' (a model name or path) is required")
+        name = entry.get("name") or entry["model"]
+        if any(s.name == name for s in specs):
+            raise KvosError(EINVAL, f"tenants[{i}]: a tenant named {name!r} is already listed")
+        key = _key(entry, name, generated)
+        if key in keys:
+            raise KvosError(EINVAL, f"tenant {name!r} has the same key as {keys[key]!r}")
+        keys[key] = name
+        specs.append(TenantSpec(name, entry["model"], key, {k: entry[k] for k in TENANT_OPTIONS if k in entry}))
+    return specs, root_key
+
+
+def default_specs(model: str, generated: dict) -> tuple[list, str]:
+    """No tenants file: one tenant of `model`, named after it, keyed by $KVOS_API_KEY or a new key."""
+    root_key = _key({}, "root", generated, "KVOS_ROOT_KEY")
+    key = _key({}, model, generated, "KVOS_API_KEY")
+    if key == root_key:
+        raise KvosError(EINVAL, "KVOS_API_KEY and KVOS_ROOT_KEY must differ")
+    return [TenantSpec(model, model, key)], root_key
+
+
+def runtime_file(port: int) -> Path:
+    """Where a daemon on this port leaves its url and root key for local clients (mode 0600)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvos")
+    return Path(base) / f"kvosd-{port}.json"

@@ -1,0 +1,289 @@
+"""An OpenAI-compatible API on the syscalls: /v1/models, /v1/completions, /v1/chat/completions.
+
+A request becomes processes of the caller's tenant: one spawn per prompt, and
+fork(pid, n - 1) for n choices (they share the prompt's pages). Streaming reads
+each process as it produces (read with a timeout, in a worker thread) and sends
+server-sent events. Whoever stops listening -- a client that disconnects, a
+cancelled request -- gets its processes killed and reaped, so their frames go back.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kernel.errors import EINVAL, EIO, ERRNOS, ESRCH, KvosError
+from userspace.daemon.openai_requests import (
+    UNSUPPORTED,
+    ChatRequest,
+    CompletionRequest,
+    chat_messages,
+    completion_prompts,
+    parse,
+    sampling_params,
+)
+from userspace.daemon.sysapi import json_object
+
+POLL_SECONDS = 0.5           # longest a read waits; also how often a non-streaming request checks its client
+
+
+# -- processes of one request --------------------------------------------------------------------------
+@dataclass
+class Launch:
+    """The processes serving one request: choice i is pids[i]."""
+    handle: object
+    tenant: str
+    pids: list
+    prompt_of: list                   # choice -> index of its prompt
+    started: float
+    statuses: list = field(default_factory=list)    # ExitStatus per choice once reaped
+    finished: bool = False            # reaped: nothing left to release
+    outcome: str = "disconnected"     # for kvos_requests: ok, killed, error, disconnected
+
+
+def launch(handle, lock, tid, tenant, prompts, n, params) -> Launch:
+    """Spawn each prompt and fork n - 1 siblings; on a refusal, end what was started and re-raise.
+
+    Holding the kernel lock from spawn to fork keeps the loop thread from running the parent
+    to its end in between (a one-token request would be gone before fork() came)."""
+    started = time.monotonic()
+    priority = params.pop("priority", 0)
+    pids, prompt_of = [], []
+    try:
+        with lock:
+            for i, prompt in enumerate(prompts):
+                pid = handle.spawn(tid, prompt, priority=priority, **params)
+                pids.append(pid)
+                pids.extend(handle.fork(pid, n - 1) if n > 1 else [])
+                prompt_of.extend([i] * n)
+    except KvosError:
+        release(handle, pids)
+        raise
+    return Launch(handle, tenant, pids, prompt_of, started)
+
+
+def poll(handle, pids, timeout) -> list:
+    """New output of every pid: the first may wait up to `timeout` (they usually step together)."""
+    return [handle.read(pid, timeout=timeout if i == 0 else 0.0) for i, pid in enumerate(pids)]
+
+
+def release(handle, pids) -> None:
+    """Kill and reap: the frames go back (full pages may stay in the page cache)."""
+    for pid in pids:
+        for call in (handle.kill, handle.wait):
+            try:
+                call(pid)
+            except KvosError:          # already gone (reaped, or its tenant was killed)
+                break
+
+
+def exit_error(status) -> KvosError:
+    """The error a process that ended with reason "error" carries ("ENOMEM: ..." or a forward failure)."""
+    text = status.error or "the process failed"
+    errno, _, rest = text.partition(":")
+    return KvosError(errno, rest.strip()) if errno in ERRNOS else KvosError(EIO, text)
+
+
+class Disconnected(Exception):
+    """The client of a non-streaming request went away."""
+
+
+async def follow(daemon, run: Launch, request: Request | None = None):
+    """Yield (choice, ReadResult) as the processes produce, observing token timings; then reap them.
+    With a request, stop (raise Disconnected) once its client has gone."""
+    pending = list(range(len(run.pids)))
+    last_token_at: dict = {}
+    while pending:
+        results = await anyio.to_thread.run_sync(poll, run.handle, [run.pids[i] for i in pending], POLL_SECONDS)
+        now = time.monotonic()
+        for i, r in zip(pending, results):
+            if r.tokens:
+                daemon.observe_tokens(run, i, len(r.tokens), now, last_token_at)
+            yield i, r
+        pending = [i for i, r in zip(pending, results) if not r.turn_done]
+        if request is not None and pending and await request.is_disconnected():
+            raise Disconnected()
+    run.statuses = await anyio.to_thread.run_sync(lambda: [run.handle.wait(pid) for pid in run.pids])
+    run.finished = True
+
+
+class ProcessStream(StreamingResponse):
+    """A streamed response whose processes are released however it ends (even if never started)."""
+
+    def __init__(self, daemon, run: Launch, events, endpoint):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"X-Kvos-Pids": ",".join(map(str, run.pids)), "Cache-Control": "no-cache"})
+        self.daemon, self.run, self.endpoint = daemon, run, endpoint
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.run.finished:
+                self.daemon.release_later(self.run)
+            self.daemon.metrics.requests.labels(self.run.tenant, self.endpoint, self.run.outcome).inc()
+
+
+# -- responses -------------------------------------------------------------------------------------------
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _usage(run: Launch) -> dict:
+    prompt = sum(run.statuses[run.prompt_of.index(p)].prompt_tokens for p in sorted(set(run.prompt_of)))
+    completion = sum(len(s.tokens) for s in run.statuses)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _outcome(run: Launch) -> str:
+    reasons = {s.reason for s in run.statuses}
+    run.outcome = "error" if "error" in reasons else "killed" if "killed" in reasons else "ok"
+    return run.outcome
+
+
+def openai_error(err: KvosError, status: int) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+            429: "rate_limit_error"}.get(status, "server_error")
+    return {"error": {"message": err.reason, "type": kind, "param": None, "code": err.errno, "errno": err.errno}}
+
+
+class OpenAIAPI:
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def resolve(self, who, model: str):
+        """(handle, tid, tenant name) serving `model` for this key: a tenant key serves its own tenant
+        (by its name or its model); root may name any tenant. Takes the kernel lock for root."""
+        if who.tid is not None:
+            if model in (who.name, who.model):
+                return who.handle, who.tid, who.name
+            raise KvosError(ESRCH, f"model {model!r} is not served to this key (it serves {who.name!r})")
+        for t in self.daemon.root.schedstat().tenants:
+            if t.name == model:
+                return who.handle, t.tid, t.name
+        for spec_name, spec_model in self.daemon.models.items():
+            if spec_model == model:
+                return self.resolve(who, spec_name)
+        raise KvosError(ESRCH, f"no tenant serves model {model!r}")
+
+    async def models(self, request: Request):
+        who = self.daemon.authenticate(request)
+        if who.tid is not None:
+            names = [who.name]
+        else:                      # schedstat takes the kernel lock, held through a step: not on the loop
+            stat = await anyio.to_thread.run_sync(self.daemon.root.schedstat)
+            names = [t.name for t in stat.tenants]
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(self.daemon.booted_at), "owned_by": "kvos",
+             "root": self.daemon.models.get(name, name)} for name in names]})
+
+    async def chat(self, request: Request):
+        who = self.daemon.authenticate(request)
+        req = parse(ChatRequest, await json_object(request, "chat.completions"))
+        return await self._serve(request, who, req, [chat_messages(req)], "chat")
+
+    async def completions(self, request: Request):
+        who = self.daemon.authenticate(request)
+        req = parse(CompletionRequest, await json_object(request, "completions"))
+        prompts = completion_prompts(req)
+        if req.echo and not all(isinstance(p, str) for p in prompts):
+            raise KvosError(EINVAL, f"echo with token-id prompts {UNSUPPORTED}")
+        return await self._serve(request, who, req, prompts, "completions")
+
+    async def _serve(self, request, who, req, prompts, endpoint):
+        self.daemon.refuse_if_draining("spawn")
+        handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
+        params = sampling_params(req)
+        run = await anyio.to_thread.run_sync(launch, handle, self.daemon.kernel.lock, tid, tenant, prompts, req.n,
+                                             params)
+        meta = {"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{self.daemon.nonce}-{run.pids[0]}",
+                "created": int(time.time()), "model": req.model, "system_fingerprint": "kvos"}
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            events = self._events(run, endpoint, meta, usage, req.return_token_ids)
+            return ProcessStream(self.daemon, run, events, endpoint)
+        try:
+            async for _ in follow(self.daemon, run, request):
+                pass
+        except Disconnected:
+            self.daemon.metrics.requests.labels(tenant, endpoint, "disconnected").inc()
+            return JSONResponse({}, status_code=499)     # nobody reads it; the finally releases
+        finally:
+            if not run.finished:
+                self.daemon.release_later(run)
+        self.daemon.metrics.requests.labels(tenant, endpoint, _outcome(run)).inc()
+        failed = next((s for s in run.statuses if s.reason == "error"), None)
+        if failed is not None:
+            raise exit_error(failed)
+        choices = []
+        for i, s in enumerate(run.statuses):
+            if endpoint == "chat":
+                choice = {"index": i, "message": {"role": "assistant", "content": s.text}}
+            else:
+                choice = {"index": i, "text": (prompts[run.prompt_of[i]] if req.echo else "") + s.text}
+            choice.update(logprobs=None, finish_reason=s.reason)
+            if req.return_token_ids:
+                choice["token_ids"] = s.tokens
+            choices.append(choice)
+        kind = "chat.completion" if endpoint == "chat" else "text_completion"
+        return JSONResponse({**meta, "object": kind, "choices": choices, "usage": _usage(run)})
+
+    async def _events(self, run, endpoint, meta, include_usage, with_ids):
+        """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]."""
+        head = {**meta, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion"}
+
+        def choice(i, text, reason, tokens):
+            if endpoint == "chat":
+                out = {"index": i, "delta": {"content": text} if text else {}}
+            else:
+                out = {"index": i, "text": text}
+            out.update(logprobs=None, finish_reason=reason)
+            if with_ids:
+                out["token_ids"] = tokens
+            return out
+
+        if endpoint == "chat":               # OpenAI opens each choice with the role
+            for i in range(len(run.pids)):
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+        try:
+            async for i, r in follow(self.daemon, run):
+                reason = r.finish_reason if r.turn_done and r.finish_reason != "error" else None
+                if r.text or reason or (with_ids and r.tokens):
+                    yield _sse({**head, "choices": [choice(i, r.text, reason, r.tokens)]})
+        except KvosError as err:            # a process reaped or its tenant killed by someone else
+            run.outcome = "error"
+            yield _sse(openai_error(err, self.daemon.http_status(err)))
+            return
+        _outcome(run)
+        failed = next((s for s in run.statuses if s.reason == "error"), None)
+        if failed is not None:
+            err = exit_error(failed)
+            yield _sse(openai_error(err, self.daemon.http_status(err)))
+            return
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(run)})
+        yield "data: [DONE]\n\n"
+
+
+def add_routes(app: FastAPI, daemon) -> list:
+    """Mount /v1; returns the request models for the OpenAPI description."""
+    api = OpenAIAPI(daemon)
+
+    def doc(model):              # the schema itself goes into components (see server.openapi)
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    app.add_api_route("/v1/models", api.models, methods=["GET"], tags=["openai"],
+                      summary="The models (tenants) this key may use")
+    app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"], tags=["openai"],
+                      summary="Chat completion (streamed with stream=true; n choices by fork)",
+                      openapi_extra=doc(ChatRequest))
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"], tags=["openai"],
+                      summary="Text completion (streamed with stream=true; n choices by fork)",
+                      openapi_extra=doc(CompletionRequest))
+    return [ChatRequest, CompletionRequest]

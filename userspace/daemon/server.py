@@ -1,0 +1,338 @@
+"""kvosd: a booted kernel whose loop runs in its own thread, served over HTTP.
+
+Daemon boots the kernel, starts the configured tenants, maps bearer keys to
+syscall handles and assembles the FastAPI app (/sys, /v1, /metrics). Shutdown
+has two halves: begin_drain() at SIGTERM/SIGINT (refuse new work, kill running
+processes if asked) while uvicorn lets open responses finish, then close()
+(kernel.shutdown: everything freed, fsck) once the server has stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import anyio.to_thread
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+
+import kernel
+from kernel.errors import EAGAIN, EPERM, KernelPanic, KvosError
+from kernel.proc import State
+from userspace.daemon import metrics as metrics_mod
+from userspace.daemon import openai_api, sysapi, wire
+from userspace.daemon.config import DaemonConfig, runtime_file
+
+WORKER_THREADS = 512         # blocking reads and waits each hold a worker thread while they wait
+
+
+@dataclass
+class Principal:
+    """Who a bearer key is: root (tid None) or one tenant, and the syscall handle it acts through."""
+    name: str
+    tid: int | None
+    model: str | None
+    handle: object
+
+
+class Unauthorized(Exception):
+    """No bearer key, or one nobody was given: 401."""
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.kernel = kernel.boot(**config.boot)
+        self.root = self.kernel.syscalls()
+        self.models = {}                                  # tenant name -> model spec (configured tenants)
+        self._keys = [(config.root_key.encode(), Principal("root", None, None, self.root))]
+        for spec in config.tenants:
+            tid = self.root.spawn_tenant(spec.model, name=spec.name, **spec.options)
+            self.models[spec.name] = spec.model
+            self._keys.append((spec.key.encode(), Principal(spec.name, tid, spec.model,
+                                                            self.kernel.syscalls(as_tenant=tid))))
+        self.nonce = secrets.token_hex(4)                 # response ids stay unique across restarts
+        self.booted_at = time.time()
+        self.draining = False
+        self.kill_on_shutdown = config.kill_on_shutdown
+        self.metrics = metrics_mod.Metrics(self.root)
+        self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvosd-reaper")
+        self.app = build_app(self)
+        self.kernel.start_loop()
+
+    # -- requests --------------------------------------------------------------------------------
+    def authenticate(self, request: Request) -> Principal:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("no bearer key: send 'Authorization: Bearer KEY'")
+        found = None
+        for known, who in self._keys:            # compare with every key: the time says nothing of which
+            if hmac.compare_digest(known, key.strip().encode()):
+                found = who
+        if found is None:
+            raise Unauthorized("unknown bearer key")
+        return found
+
+    def refuse_if_draining(self, what: str) -> None:
+        if self.draining:
+            raise KvosError(EAGAIN, f"{what}: kvosd is shutting down")
+
+    def http_status(self, err: KvosError) -> int:
+        if err.errno == EAGAIN and (self.draining or not self.kernel.accepting):
+            return 503
+        return wire.HTTP_STATUS.get(err.errno, 500)
+
+    def observe_tokens(self, run, choice: int, count: int, now: float, last_token_at: dict) -> None:
+        """Histogram samples for `count` tokens of a choice that arrived by `now`."""
+        last = last_token_at.get(choice)
+        if last is None:
+            self.metrics.ttft.labels(run.tenant).observe(now - run.started)
+        else:
+            gap = (now - last) / count
+            for _ in range(count):
+                self.metrics.tbt.labels(run.tenant).observe(gap)
+        last_token_at[choice] = now
+
+    def release_later(self, run) -> None:
+        """Kill and reap a request's processes off the event loop (callers may be mid-cancellation)."""
+        run.finished = True
+        try:
+            self._reaper.submit(openai_api.release, run.handle, list(run.pids))
+        except RuntimeError:         # the reaper has stopped (close() began): release here
+            openai_api.release(run.handle, list(run.pids))
+
+    # -- shutdown ------------------------------------------------------------------------------------
+    def begin_drain(self, kill: bool | None = None) -> None:
+        """Refuse new work from now on; with kill, end every running process (their streams finish)."""
+        self.draining = True
+        if kill is not None:
+            self.kill_on_shutdown = kill
+        if self.kill_on_shutdown:
+            self._reaper.submit(self._kill_all)
+
+    def _kill_all(self) -> None:
+        for p in self.root.ps():
+            if p.state != State.ZOMBIE.value:
+                with contextlib.suppress(KvosError):     # shm builders refuse (EPERM); exited ones are gone
+                    self.root.kill(p.pid)
+
+    def close(self) -> dict:
+        """Stop the kernel: finish or kill what is left, free everything, fsck. -> a short report.
+        Raises KernelPanic if memory is not all back."""
+        self.draining = True
+        self._reaper.shutdown(wait=True)
+        self.kernel.shutdown(kill=self.kill_on_shutdown, timeout=self.config.shutdown_timeout)
+        info = self.root.meminfo()
+        return {"frames_total": info.total, "frames_free": info.free, "frames_cached": info.cached,
+                "frames_mapped": info.mapped, "swap_used": info.swap_used, "fsck": "clean"}
+
+
+# -- the app --------------------------------------------------------------------------------------------
+def build_app(daemon: Daemon) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+        yield
+
+    app = FastAPI(title="kvosd", version="0.1.0", lifespan=lifespan,
+                  description="kvos as a daemon: the syscall table (generated from kernel.syscalls.SYSCALLS) "
+                              "under /sys, an OpenAI-compatible API under /v1, Prometheus metrics at /metrics. "
+                              "Every route but /healthz needs 'Authorization: Bearer KEY'.")
+
+    @app.exception_handler(KvosError)
+    async def kvos_error(request: Request, err: KvosError):
+        status = daemon.http_status(err)
+        if request.url.path.startswith("/v1"):
+            return JSONResponse(openai_api.openai_error(err, status), status_code=status)
+        return JSONResponse(wire.error_body(err.errno, err.code, err.reason), status_code=status)
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(request: Request, err: Unauthorized):
+        refusal = KvosError(EPERM, str(err))
+        body = (openai_api.openai_error(refusal, 401) if request.url.path.startswith("/v1")
+                else wire.error_body(refusal.errno, refusal.code, refusal.reason))
+        return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(KernelPanic)
+    async def panic(request: Request, err: KernelPanic):
+        return JSONResponse({"errno": None, "code": None, "message": str(err), "panic": True}, status_code=500)
+
+    sysapi.add_routes(app, daemon)
+    request_models = openai_api.add_routes(app, daemon)
+
+    async def metrics(request: Request):
+        if daemon.authenticate(request).tid is not None:
+            raise KvosError(EPERM, "/metrics shows every tenant: only root may read it")
+        body = await anyio.to_thread.run_sync(daemon.metrics.render)
+        return Response(body, media_type=metrics_mod.CONTENT_TYPE)
+    app.add_api_route("/metrics", metrics, methods=["GET"], tags=["metrics"],
+                      summary="Prometheus metrics (root key)")
+
+    async def healthz():
+        loop = daemon.kernel.loop_thread
+        if loop is None or not loop.is_alive():      # the kernel loop died (a panic) or has stopped
+            error = getattr(daemon.kernel, "loop_error", None)
+            return JSONResponse({"status": "stopped", "error": None if error is None else str(error)},
+                                status_code=503)
+        return {"status": "draining" if daemon.draining else "ok", "pid": os.getpid()}
+    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["metrics"], summary="Liveness (no key)")
+
+    async def whoami(request: Request):
+        who = daemon.authenticate(request)
+        return {"name": who.name, "tid": who.tid, "root": who.tid is None, "model": who.model}
+    app.add_api_route("/whoami", whoami, methods=["GET"], tags=["syscalls"], summary="What this key is")
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in request_models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+    app.openapi = openapi
+    return app
+
+
+# -- running it -------------------------------------------------------------------------------------------
+class KvosdServer(uvicorn.Server):
+    """uvicorn, told about kvosd's shutdown: the first signal starts draining the kernel, and the
+    signal is not raised again once the server stops (kvosd exits 0 after a clean shutdown)."""
+
+    def __init__(self, config: uvicorn.Config, daemon: Daemon):
+        super().__init__(config)
+        self.daemon = daemon
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            self.daemon.begin_drain()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: a free one), bound before uvicorn starts so callers know the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(daemon: Daemon, sock: socket.socket, log_level="info", access_log=True) -> KvosdServer:
+    timeout = daemon.config.shutdown_timeout
+    return KvosdServer(uvicorn.Config(daemon.app, log_level=log_level, access_log=access_log, lifespan="on",
+                                      timeout_keep_alive=30,
+                                      timeout_graceful_shutdown=None if timeout is None else int(timeout) + 1),
+                       daemon)
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info") -> int:
+    """Run kvosd in the foreground until SIGTERM or SIGINT. -> exit status (0: clean shutdown)."""
+    sock = bind(host, port)            # first: a taken port fails before a model is loaded
+    try:
+        daemon = Daemon(config)
+    except BaseException:
+        sock.close()
+        raise
+    url = url_of(sock)
+    note = runtime_file(sock.getsockname()[1])
+    _write_runtime_file(note, url, config.root_key)
+    for who, key in config.generated_keys.items():
+        print(f"kvosd: {who} key: {key}", file=sys.stderr)
+    print(f"kvosd: serving {', '.join(daemon.models) or 'no tenant'} at {url} (OpenAI API at {url}/v1, "
+          f"docs at {url}/docs)", file=sys.stderr, flush=True)
+    try:
+        make_server(daemon, sock, log_level).run(sockets=[sock])
+    finally:
+        with contextlib.suppress(OSError):
+            note.unlink()
+    try:
+        report = daemon.close()
+    except KernelPanic as err:
+        print(f"kvosd: shutdown found a broken kernel: {err}", file=sys.stderr)
+        return 1
+    print(f"kvosd: stopped; fsck clean, {report['frames_free'] + report['frames_cached']} of "
+          f"{report['frames_total']} frames back", file=sys.stderr, flush=True)
+    return 0
+
+
+def _write_runtime_file(path, url: str, root_key: str) -> None:
+    """Local clients (kvos ps --url) find the root key here; only this user can read it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"url": url, "pid": os.getpid(), "root_key": root_key}, f)
+    except OSError as err:
+        print(f"kvosd: could not write {path}: {err.strerror}", file=sys.stderr)
+
+
+class ServerThread:
+    """kvosd in a thread of this process, on a free loopback port: for tests and embedding.
+
+        with ServerThread(config) as srv:  ... srv.url ... srv.daemon.kernel ...
+    stop() drains and closes like a SIGTERM would and returns close()'s report."""
+
+    def __init__(self, config: DaemonConfig, host="127.0.0.1", port=0):
+        self.sock = bind(host, port)
+        try:
+            self.daemon = Daemon(config)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.url = url_of(self.sock)
+        self.server = make_server(self.daemon, self.sock, log_level="warning", access_log=False)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="kvosd", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("kvosd did not start")
+            time.sleep(0.01)
+
+    def stop(self, kill: bool | None = None) -> dict:
+        self.daemon.begin_drain(kill)
+        self.server.should_exit = True
+        self.thread.join()
+        return self.daemon.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.thread.is_alive():
+            self.stop()

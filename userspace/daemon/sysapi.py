@@ -1,0 +1,130 @@
+"""The syscall table over HTTP, generated from kernel.syscalls.SYSCALLS.
+
+Each syscall is POST /sys/{name} with a JSON object of its named arguments and
+answers {"result": ...}; its OpenAPI entry (summary, description, argument
+schema) is built from the handler's signature and docstring. GET /sys lists the
+table (names, parameters in order) so a client can pass arguments by position.
+Every call runs in a worker thread: the kernel lock and the waiting calls never
+hold the event loop.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from kernel.errors import EAGAIN, EINVAL, KvosError
+from kernel.syscalls import SYSCALLS
+from userspace.daemon import wire
+
+# Calls that add work: refused while the daemon drains (the kernel refuses them after shutdown too).
+NEW_WORK = frozenset({"spawn_tenant", "spawn", "fork", "write", "shmget"})
+
+
+def parameters(sc) -> list:
+    """The handler's arguments after (kernel, caller), as JSON-ready descriptions, in order."""
+    out = []
+    for p in list(inspect.signature(sc.handler).parameters.values())[2:]:
+        entry = {"name": p.name, "kind": {p.POSITIONAL_OR_KEYWORD: "positional", p.KEYWORD_ONLY: "keyword",
+                                          p.VAR_KEYWORD: "extra", p.VAR_POSITIONAL: "varargs"}[p.kind]}
+        if p.default is not p.empty and _jsonable(p.default):
+            entry["default"] = p.default
+        entry["required"] = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        out.append(entry)
+    return out
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+def doc_parts(doc: str) -> tuple[str, str]:
+    """(summary, the rest): the docstring's first paragraph on one line, then what follows it."""
+    head, _, rest = doc.partition("\n\n")
+    return " ".join(head.split()), rest.strip()
+
+
+def table() -> dict:
+    return {sc.name: {"params": parameters(sc), "root_only": sc.root_only, "blocking": sc.blocking,
+                      "doc": sc.doc} for sc in SYSCALLS.values()}
+
+
+def _body_schema(sc) -> dict:
+    props, required, extra = {}, [], False
+    for p in parameters(sc):
+        if p["kind"] == "extra":
+            extra = True
+            continue
+        props[p["name"]] = {"description": ("required" if p["required"] else "optional") +
+                            (f" ({p['kind']} in Python)" if p["kind"] == "keyword" else "")}
+        if "default" in p:
+            props[p["name"]]["default"] = p["default"]
+        if p["required"]:
+            required.append(p["name"])
+    schema = {"type": "object", "properties": props, "additionalProperties": extra}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+async def json_object(request: Request, what: str) -> dict:
+    """The request body as a JSON object; EINVAL with a clear reason otherwise. Empty means {}."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KvosError(EINVAL, f"{what}: the body is not valid JSON ({err})") from None
+    if not isinstance(body, dict):
+        raise KvosError(EINVAL, f"{what}: the body must be a JSON object of named arguments, "
+                                f"got {type(body).__name__}")
+    return body
+
+
+def _endpoint(daemon, sc):
+    async def call(request: Request):
+        who = daemon.authenticate(request)
+        args = await json_object(request, sc.name)
+        if daemon.draining and sc.name in NEW_WORK:
+            raise KvosError(EAGAIN, f"{sc.name}: kvosd is shutting down")
+        method = getattr(who.handle, sc.name)
+        result = await anyio.to_thread.run_sync(lambda: method(**args))
+        return JSONResponse({"result": wire.to_jsonable(result)})
+    call.__name__ = f"sys_{sc.name}"
+    return call
+
+
+def add_routes(app: FastAPI, daemon) -> None:
+    errors = {str(status): {"description": f"{', '.join(e for e, s in wire.HTTP_STATUS.items() if s == status)}: "
+                                           "{errno, code, message}"}
+              for status in sorted(set(wire.HTTP_STATUS.values()))}
+    errors["401"] = {"description": "no bearer key, or an unknown one"}
+    for sc in SYSCALLS.values():
+        notes = []
+        if sc.root_only:
+            notes.append("Root only: a tenant key gets 403 EPERM.")
+        if sc.blocking:
+            notes.append("May wait (its timeout argument); runs in a worker thread.")
+        summary, rest = doc_parts(sc.doc)
+        app.add_api_route(
+            f"/sys/{sc.name}", _endpoint(daemon, sc), methods=["POST"], tags=["syscalls"],
+            summary=summary, operation_id=sc.name, responses=errors,
+            description="\n\n".join(x for x in (rest.strip(), " ".join(notes),
+                                                "Answers {\"result\": ...}: the value the Python handle returns, "
+                                                "dataclasses as objects.") if x),
+            openapi_extra={"requestBody": {"required": False, "content": {
+                "application/json": {"schema": _body_schema(sc)}}}})
+
+    async def listing(request: Request):
+        daemon.authenticate(request)
+        return JSONResponse(table())
+    app.add_api_route("/sys", listing, methods=["GET"], tags=["syscalls"],
+                      summary="The syscall table: names, parameters in order, root_only, blocking, docs")

@@ -1,0 +1,77 @@
+"""The daemon's wire format: syscall results to JSON and back, and errno to HTTP status.
+
+The server sends a syscall's result as {"result": ...} (dataclasses as objects);
+the client rebuilds the same dataclasses from RESULTS, so code written against a
+local handle works unchanged over HTTP. Errors travel as {errno, code, message}.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, fields, is_dataclass
+
+from kernel.dmesg import LogEntry
+from kernel.errors import E2BIG, EAGAIN, EBUSY, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, EPERM, ESRCH
+from kernel.mm.introspect import CgroupInfo, MemInfo, PageEntry, PageMap
+from kernel.proc import ExitStatus
+from kernel.sched.stats import StepRecord
+from kernel.syscalls import ProcInfo, ReadResult, SchedStat, TenantSched
+
+# EAGAIN is 429 (a tenant's limit: retry later) unless the daemon is draining, then 503.
+HTTP_STATUS = {EINVAL: 400, ESRCH: 404, ENOENT: 404, EPERM: 403, EAGAIN: 429, EBUSY: 409,
+               ENOMEM: 413, E2BIG: 413, EIO: 500, ENODEV: 503}
+
+# What each syscall returns: a dataclass, [dataclass], int, [int] or None. A test checks the
+# keys against kernel.syscalls.SYSCALLS, so a new syscall cannot be forgotten here.
+RESULTS = {
+    "spawn_tenant": int, "kill_tenant": None, "spawn": int, "fork": [int], "write": None,
+    "read": ReadResult, "wait": ExitStatus, "kill": None, "nice": int, "shmget": int, "shmrm": None,
+    "ps": [ProcInfo], "pagemap": PageMap, "meminfo": MemInfo, "schedstat": SchedStat, "dmesg": [LogEntry],
+}
+
+# Fields holding nested dataclasses (JSON cannot say which class an object was).
+_NESTED = {
+    PageMap: {"pages": [PageEntry]},
+    MemInfo: {"cgroups": {str: CgroupInfo}},
+    SchedStat: {"tenants": [TenantSched], "recent_steps": [StepRecord]},
+}
+
+
+def to_jsonable(value):
+    """A result as JSON-ready data. Non-finite floats become null: JSON has no inf or NaN."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def rebuild(name: str, data):
+    """The result of syscall `name` as the local handle returns it, from its JSON."""
+    return _build(RESULTS[name], data)
+
+
+def _build(kind, data):
+    if data is None or kind is None or kind is int:
+        return data
+    if isinstance(kind, list):
+        return [_build(kind[0], item) for item in data]
+    if isinstance(kind, dict):
+        (value_kind,) = kind.values()
+        return {k: _build(value_kind, v) for k, v in data.items()}
+    nested = _NESTED.get(kind, {})
+    kwargs = {}
+    for f in fields(kind):
+        if f.name in data:           # a field the server lacks keeps its default (an older server)
+            value = data[f.name]
+            kwargs[f.name] = _build(nested[f.name], value) if f.name in nested else value
+    if kind is ReadResult:           # in-process logprobs are (token, logprob) tuples
+        kwargs["logprobs"] = [[tuple(pair) for pair in position] for position in kwargs.get("logprobs", [])]
+    return kind(**kwargs)
+
+
+def error_body(errno: str, code: int, message: str) -> dict:
+    return {"errno": errno, "code": code, "message": message}
