@@ -164,9 +164,7 @@ def _tokens(program, prompt, what="prompt"):
         ids = program.apply_chat_template(list(prompt))
     elif isinstance(prompt, (list, tuple)):
         ids = list(prompt)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < program.vocab_size]
-        if bad:
-            raise KvosError(EINVAL, f"{what}: token id {bad[0]!r} is outside the vocabulary [0, {program.vocab_size})")
+        program.check_tokens(ids)
     else:
         raise KvosError(EINVAL, f"{what} must be text, a list of token ids or a chat, got {type(prompt).__name__}")
     if not ids:

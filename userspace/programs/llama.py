@@ -1,0 +1,175 @@
+"""The LLaMA-family program: a forward pass over a packed batch on paged KV memory.
+
+Weights are program text: loaded once, fused for speed (QKV in one matrix,
+gate/up in one), shared read-only by every tenant running the model. The
+forward pass has no padding and no Python loop over sequences: K/V go into the
+frame pool through kernel/ops.write_kv and attention reads them back through
+the page tables with kernel/ops.paged_attention (the MMU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernel import ops
+from kernel.batch import ForwardBatch
+from kernel.errors import EINVAL, KvosError
+from kernel.kvcache import KVShape, KVView
+from kernel.program import Program, ProgramCost
+from userspace.programs.config import LlamaConfig
+from userspace.programs.rope import RopeTables
+
+
+def fuse_hf_weights(config: LlamaConfig, hf: dict) -> dict:
+    """Canonical (fused) weights from tensors under Hugging Face names.
+
+    The canonical names are what LlamaProgram and the converted cache use:
+    embed, norm, lm_head (untied only), freq_factors (optional), and per layer
+    layers.{i}.{attn_norm, qkv, qkv_bias?, o, o_bias?, mlp_norm, gate_up, down}.
+    """
+    def take(name):
+        if name not in hf:
+            raise KvosError(EINVAL, f"model weights: tensor {name!r} is missing")
+        return hf[name]
+
+    out = {"embed": take("model.embed_tokens.weight"), "norm": take("model.norm.weight")}
+    if not config.tie_word_embeddings:
+        out["lm_head"] = take("lm_head.weight")
+    if "rope_freqs" in hf:
+        out["freq_factors"] = hf["rope_freqs"]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        out[f"layers.{i}.attn_norm"] = take(p + "input_layernorm.weight")
+        out[f"layers.{i}.qkv"] = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
+                                            take(a + "v_proj.weight")])
+        if config.attention_bias:
+            out[f"layers.{i}.qkv_bias"] = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
+                                                     take(a + "v_proj.bias")])
+        out[f"layers.{i}.o"] = take(a + "o_proj.weight")
+        if config.o_proj_bias:
+            out[f"layers.{i}.o_bias"] = take(a + "o_proj.bias")
+        out[f"layers.{i}.mlp_norm"] = take(p + "post_attention_layernorm.weight")
+        out[f"layers.{i}.gate_up"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        out[f"layers.{i}.down"] = take(p + "mlp.down_proj.weight")
+    return out
+
+
+def check_weight_shapes(config: LlamaConfig, w: dict) -> None:
+    """EINVAL when a canonical tensor's shape disagrees with the config (a mislabelled or foreign file)."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv = config.q_size + 2 * config.kv_size
+    want = {"embed": (v, h), "norm": (h,)}
+    if not config.tie_word_embeddings:
+        want["lm_head"] = (v, h)
+    if "freq_factors" in w:
+        want["freq_factors"] = (config.head_dim // 2,)
+    for n in range(config.num_hidden_layers):
+        want.update({
+            f"layers.{n}.attn_norm": (h,), f"layers.{n}.qkv": (qkv, h), f"layers.{n}.o": (h, config.q_size),
+            f"layers.{n}.mlp_norm": (h,), f"layers.{n}.gate_up": (2 * i, h), f"layers.{n}.down": (h, i),
+        })
+        if config.attention_bias:
+            want[f"layers.{n}.qkv_bias"] = (qkv,)
+        if config.o_proj_bias:
+            want[f"layers.{n}.o_bias"] = (h,)
+    for name, shape in want.items():
+        if name not in w:
+            raise KvosError(EINVAL, f"model weights: tensor {name!r} is missing")
+        if tuple(w[name].shape) != shape:
+            raise KvosError(EINVAL, f"model weights: {name} has shape {tuple(w[name].shape)}, "
+                                    f"the config says {shape}")
+
+
+class _Layer:
+    """One decoder layer's tensors, as attributes (a dict lookup per use would cost in the hot loop)."""
+    __slots__ = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "down")
+
+    def __init__(self, w: dict, i: int):
+        for name in self.__slots__:
+            setattr(self, name, w.get(f"layers.{i}.{name}"))
+
+
+class LlamaProgram(Program):
+    """A LLaMA-family model: RMSNorm, RoPE, GQA attention on paged KV, SwiGLU MLP, tied or untied head."""
+
+    def __init__(self, name: str, config: LlamaConfig, weights: dict, tokenizer, identity: bytes,
+                 device: torch.device, dtype: torch.dtype):
+        check_weight_shapes(config, weights)
+        self.name = name
+        self.config = config
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.device = device
+        self.dtype = dtype
+        self.kv_shape = KVShape(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype)
+        self.max_context = config.max_position_embeddings
+        self.vocab_size = config.vocab_size
+        self.eos_token_ids = frozenset(config.eos_token_ids)
+        self.bos_token_id = config.bos_token_id
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.cost = ProgramCost(num_params=config.num_params, weight_bytes=config.num_params * itemsize,
+                                num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                                num_heads=config.num_attention_heads, head_dim=config.head_dim)
+        # Norm weights and biases stay in the compute dtype too: one dtype end to end, no casts per step.
+        w = {k: t.to(device=device, dtype=dtype).contiguous() for k, t in weights.items() if k != "freq_factors"}
+        for t in w.values():
+            t.requires_grad_(False)
+        self.embed = w["embed"]
+        self.norm = w["norm"]
+        self.lm_head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
+        self.layers = [_Layer(w, i) for i in range(config.num_hidden_layers)]
+        self.rope = RopeTables(config, dtype, device, weights.get("freq_factors"))
+        self.scale = config.head_dim ** -0.5
+
+    # -- text ---------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.render_chat(messages, add_generation_prompt)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    # -- the forward pass ---------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
+        c = self.config
+        num_tokens = batch.token_ids.shape[0]
+        hidden, eps = c.hidden_size, c.rms_norm_eps
+        nq, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q_end, k_end = c.q_size, c.q_size + c.kv_size
+        inter = c.intermediate_size
+        rope = self.rope
+        cos, sin = rope.lookup(batch.positions)
+
+        x = F.embedding(batch.token_ids, self.embed)                    # the residual stream (tokens, hidden)
+        for index, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (hidden,), layer.attn_norm, eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)                 # (tokens, q | k | v)
+            # One rotation for the q and k heads together; q, k and v stay views (the ops take any
+            # row stride as long as each head vector is dense).
+            qk = rope.apply(qkv[:, :k_end].view(num_tokens, nq + nkv, d), cos, sin)
+            q, k = qk[:, :nq], qk[:, nq:]
+            v = qkv[:, k_end:].view(num_tokens, nkv, d)
+            k_cache, v_cache = kv.layer(index)
+            # Index ranges are the same for every layer: check them once per step (a host sync on CUDA).
+            check = index == 0
+            ops.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, check=check)
+            attn = ops.paged_attention(q, k_cache, v_cache, batch.page_table, batch.query_start,
+                                       batch.context_lens, self.scale, check=check)
+            x.addmm_(attn.view(num_tokens, q_end), layer.o.t())          # residual add fused into the GEMM
+            if layer.o_bias is not None:
+                x.add_(layer.o_bias)
+            h = F.rms_norm(x, (hidden,), layer.mlp_norm, eps)
+            gate_up = F.linear(h, layer.gate_up)
+            act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
+            x.addmm_(act, layer.down.t())
+
+        # Only the rows that will be sampled go through the final norm and the LM head.
+        x = F.rms_norm(x.index_select(0, batch.sample_indices), (hidden,), self.norm, eps)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,158 @@
+"""The binfmt handler for LLaMA-family programs ("kvos.programs" entry point `llama`).
+
+load(spec, device) answers for "tiny-llama", "smollm2-135m", a path to a
+.gguf file and a Hugging Face folder; it returns None for anything else, so
+other loaders get their turn. Loaded programs are cached by (weights digest,
+device, dtype) while anyone holds them: tenants running one model share one
+copy of its weights, as processes share a program's text pages.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+
+from kernel.errors import EINVAL, ENODEV, ENOENT, KvosError
+from userspace.programs import converted, fetch, gguf_file, hf_folder, tiny
+from userspace.programs.cachedir import file_digest
+from userspace.programs.llama import LlamaProgram, fuse_hf_weights
+
+TINY_NAME = "tiny-llama"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+_programs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_lock = threading.Lock()     # one load at a time: two tenants asking at once still get one copy
+
+
+def load(spec, device):
+    """binfmt entry: a Program for spec on device, or None when spec is not a LLaMA-family model."""
+    if not isinstance(spec, str) or not claims(spec):
+        return None
+    return load_program(spec, device)
+
+
+def claims(spec: str) -> bool:
+    if spec == TINY_NAME or spec in fetch.MODELS:
+        return True
+    path = Path(spec).expanduser()
+    return spec.endswith(".gguf") or hf_folder.is_hf_folder(path)
+
+
+def load_program(spec: str, device="cpu", dtype=None) -> LlamaProgram:
+    """Load (or share) the program named by spec. device: a TorchDevice, torch.device or name."""
+    torch_device = _torch_device(device)
+    dtype = _dtype(dtype, torch_device)
+    if torch_device.type == "cpu":
+        _apply_thread_count()
+    with _lock:
+        if spec == TINY_NAME:
+            return _cached(("tiny", 0), torch_device, dtype, lambda: _tiny(torch_device, dtype))
+        if spec in fetch.MODELS:
+            path, digest = fetch.model_file(spec)
+            return _gguf(spec, path, digest, torch_device, dtype)
+        path = Path(spec).expanduser()
+        if spec.endswith(".gguf"):
+            if not path.is_file():
+                raise KvosError(ENOENT, f"{spec}: no such model file")
+            return _gguf(spec, path, None, torch_device, dtype)
+        if hf_folder.is_hf_folder(path):
+            return _hf(spec, path, torch_device, dtype)
+    raise KvosError(ENOENT, f"no program named {spec!r} (try 'smollm2-135m', 'tiny-llama', "
+                            "a .gguf path or a Hugging Face folder)")
+
+
+def _cached(key, device: torch.device, dtype, build) -> LlamaProgram:
+    full_key = (key, str(device), dtype)
+    program = _programs.get(full_key)
+    if program is None:
+        program = build()
+        _programs[full_key] = program
+    return program
+
+
+def _identity(digest: str, dtype) -> bytes:
+    """Page-cache name of the weights: the same file in another dtype computes other K/V."""
+    return hashlib.sha256(f"kvos-llama\0{digest}\0{dtype}".encode()).digest()
+
+
+def _tiny(device, dtype) -> LlamaProgram:
+    config, tokenizer = tiny.TINY_CONFIG, tiny.tiny_tokenizer()
+    weights = fuse_hf_weights(config, tiny.tiny_weights(config, seed=0))
+    digest = tiny.tiny_identity(config, 0, tokenizer)
+    return LlamaProgram(TINY_NAME, config, weights, tokenizer, _identity(digest, dtype), device, dtype)
+
+
+def _gguf(name: str, path: Path, digest: str | None, device, dtype) -> LlamaProgram:
+    digest = digest or file_digest(path)
+
+    def build():
+        cached = converted.load_converted(digest)
+        if cached is None:
+            model = gguf_file.read_gguf(path)
+            weights = fuse_hf_weights(model.config, model.tensors)
+            del model.tensors
+            converted.save_converted(digest, model.config, weights, model.tokenizer)
+            cached = model.config, weights, model.tokenizer
+        config, weights, tokenizer = cached
+        return LlamaProgram(name, config, weights, tokenizer, _identity(digest, dtype), device, dtype)
+
+    return _cached(("file", digest), device, dtype, build)
+
+
+def _hf(name: str, folder: Path, device, dtype) -> LlamaProgram:
+    config = hf_folder.read_config(folder)      # refuse a foreign model before hashing its weights
+    digest = hf_folder.folder_digest(folder)
+
+    def build():
+        tokenizer = hf_folder.read_tokenizer(folder)
+        weights = fuse_hf_weights(config, hf_folder.read_weights(folder))
+        return LlamaProgram(name, config, weights, tokenizer, _identity(digest, dtype), device, dtype)
+
+    return _cached(("file", digest), device, dtype, build)
+
+
+def _torch_device(device) -> torch.device:
+    kind = getattr(device, "kind", None)
+    if kind is not None and kind not in ("cpu", "cuda"):
+        raise KvosError(ENODEV, f"LLaMA programs run on cpu or cuda devices, not {kind!r}")
+    if hasattr(device, "torch_device"):
+        return device.torch_device
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KvosError(ENODEV, f"no such device {device!r}") from None
+    if torch_device.type not in ("cpu", "cuda"):
+        raise KvosError(ENODEV, f"LLaMA programs run on cpu or cuda devices, not {torch_device.type!r}")
+    return torch_device
+
+
+def _dtype(dtype, device: torch.device) -> torch.dtype:
+    """float32 on the CPU, bfloat16 on CUDA, unless the caller or $KVOS_DTYPE says otherwise."""
+    dtype = dtype or os.environ.get("KVOS_DTYPE") or ("float32" if device.type == "cpu" else "bfloat16")
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    if not (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        raise KvosError(EINVAL, f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if device.type == "cpu" and dtype != torch.float32:
+        raise KvosError(EINVAL, f"programs on the cpu run in float32 (its kernels are float32), not {dtype}")
+    return dtype
+
+
+def _apply_thread_count() -> None:
+    """Honour $KVOS_THREADS: torch's pool and the C kernels share that many threads."""
+    value = os.environ.get("KVOS_THREADS")
+    if not value:
+        return
+    try:
+        threads = int(value)
+    except ValueError:
+        raise KvosError(EINVAL, f"KVOS_THREADS={value!r} is not a number of threads") from None
+    if threads < 1:
+        raise KvosError(EINVAL, f"KVOS_THREADS={value!r} must be at least 1")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

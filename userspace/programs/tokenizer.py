@@ -1,0 +1,133 @@
+"""Text <-> token ids and chat templates, from a model file's own vocabulary.
+
+The BPE itself is the `tokenizers` library's; a GGUF's byte-level vocabulary,
+merges and pre-tokenizer name are handed to it the way Hugging Face's GGUF
+conversion does, so ids match HF's tokenizer for the same file exactly. Chat
+templates are rendered with jinja2 in a sandbox set up like transformers'.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from kernel.errors import EINVAL, KvosError
+
+# llama.cpp token types (gguf TokenType) that become added tokens
+CONTROL, USER_DEFINED = 3, 4
+
+# Pre-tokenizer split rules by tokenizer.ggml.pre; any other name uses GPT-2's rule, as in transformers.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+
+# Used when a model file carries no chat template: ChatML, which SmolLM2 and Qwen2 speak.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int] | None,
+                   pre_type: str | None) -> Tokenizer:
+    """A byte-level BPE tokenizer from GGUF vocabulary data (tokenizer.ggml.model == "gpt2")."""
+    alphabet_set = set(pre_tokenizers.ByteLevel.alphabet())
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {}
+    for index, token in enumerate(tokens):
+        # Tokens outside the byte alphabet (rare mislabelled specials) are respelled byte by byte, as HF does.
+        key = token if set(token) <= alphabet_set else spell.pre_tokenize_str(token)[0][0]
+        vocab[key] = index
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    split = PRE_TOKENIZER_SPLITS.get(pre_type or "")
+    if split is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    backend.decoder = decoders.ByteLevel()
+    if token_types:
+        special = [AddedToken(t, normalized=False, special=True)
+                   for t, kind in zip(tokens, token_types) if kind == CONTROL and set(t) <= alphabet_set]
+        plain = [AddedToken(t, normalized=False, special=False)
+                 for t, kind in zip(tokens, token_types) if kind == USER_DEFINED and t in vocab]
+        backend.add_special_tokens(special)
+        backend.add_tokens(plain)
+    return backend
+
+
+class TextTokenizer:
+    """What a program needs of its tokenizer: encode, decode, render a chat."""
+
+    def __init__(self, backend: Tokenizer, chat_template: str | None = None, special_tokens: dict | None = None):
+        self.backend = backend
+        self.chat_template = chat_template or CHATML_TEMPLATE
+        # bos_token, eos_token, ... as strings: chat templates refer to them by these names
+        self.special_tokens = dict(special_tokens or {})
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise KvosError(EINVAL, f"text to encode must be a string, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.backend.decode(list(token_ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise KvosError(EINVAL, "a chat must be a list of {'role': ..., 'content': ...} dicts")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special_tokens)
+        except Exception as exc:    # a template error is the caller's chat not fitting the model's template
+            raise KvosError(EINVAL, f"chat template: {exc}") from None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+    @cached_property
+    def _template(self):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        # The environment transformers renders chat templates in, so both give the same text.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template)
+        except jinja2.TemplateError as exc:
+            raise KvosError(EINVAL, f"the model's chat template does not compile: {exc}") from None
+
+    # -- persistence (the converted cache and Hugging Face folders) ----------
+    def save(self, path) -> None:
+        self.backend.save(str(path))
+
+    @classmethod
+    def load(cls, path, chat_template=None, special_tokens=None) -> TextTokenizer:
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise KvosError(EINVAL, f"{path}: not a readable tokenizer.json ({exc})") from None
+        return cls(backend, chat_template, special_tokens)
