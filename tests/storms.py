@@ -268,8 +268,16 @@ def main(scale: float = 1.0):
         for swap in (0, 2, 8):
             total += memory_storm(pool, swap)
     total += random_workload(int(3000 * scale))
+    for key in ("frames leaked", "mismatched outputs"):      # zero counts are the point: print them
+        total.setdefault(key, 0)
     for key in sorted(total):
         print(f"{key:>40}: {total[key]}")
+    from tests import test_reliability_fuzz as fuzz
+    fuzz.TestSyscallFuzzer().runTest()
+    print(f"\nsyscall fuzzer: {fuzz.STATS['calls']} calls, {fuzz.STATS['refused']} refused with KvosError "
+          f"{dict(sorted(fuzz.STATS['by_errno'].items()))}")
+    for name, n in sorted(fuzz.STATS["per_syscall"].items()):
+        print(f"{name:>40}: {n} calls")
 
 
 if __name__ == "__main__":
