@@ -80,7 +80,8 @@ class Kernel:
         self.accepting = True                                      # False once shutdown() began
         if frame_bytes is not None:
             self._size_pool(frame_bytes)
-        self.log("boot", f"kvos booted on {self.device.name}: {self.memory_bytes or 'default'} bytes of KV memory, "
+        memory_text = f"{self.memory_bytes} bytes" if self.memory_bytes else "the device's default amount"
+        self.log("boot", f"kvos booted on {self.device.name}: {memory_text} of KV memory, "
                  f"policy {self.policy.name}, token budget {token_budget}, chunk {chunk}")
 
     # -- small helpers -------------------------------------------------------------------

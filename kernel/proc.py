@@ -69,6 +69,7 @@ class Process:
     preemptions: int = 0
     swaps: int = 0
     forks: int = 0                   # children forked so far (seeds the next child)
+    dropped: int = 0                 # computed tokens lost at the last reclaim
     cow_faults: int = 0
     turn_done: bool = False
     # results

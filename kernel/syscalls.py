@@ -82,6 +82,11 @@ class TenantSched:
     running: int
     waiting: int
     sleeping: int
+    model: str = ""                  # what the tenant runs, for clients that need its facts
+    eos_token_ids: list = field(default_factory=list)
+    vocab_size: int = 0
+    max_context: int = 0
+    page_size: int = 0               # tokens per frame for this model
 
 
 @dataclass
@@ -498,7 +503,9 @@ def sys_schedstat(kernel, caller):
         tenants.append(TenantSched(t.tid, t.name, t.weight, t.served_tokens,
                                    sum(p.state == State.RUNNING for p in procs),
                                    sum(p.state in (State.NEW, State.READY, State.PREEMPTED) for p in procs),
-                                   sum(p.state == State.SLEEPING for p in procs)))
+                                   sum(p.state == State.SLEEPING for p in procs),
+                                   t.program.name, sorted(t.program.eos_token_ids), t.program.vocab_size,
+                                   t.program.max_context, t.page_size))
     return SchedStat(kernel.policy.name, s.steps, s.busy_seconds, s.prefill_tokens, s.decode_tokens,
                      s.cached_tokens, s.generated_tokens, s.padding_tokens, s.admissions, s.preemptions,
                      s.swap_outs, s.swap_ins, s.reclaims, s.recomputed_tokens, s.exits, s.oom_kills,

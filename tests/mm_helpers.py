@@ -46,9 +46,11 @@ def read_tokens(mm, asid):
 
 
 def snapshot(mm):
-    """Everything a failed call must leave as it was."""
+    """Everything a failed call must leave as it was (statistics of look-ups made are not state)."""
+    info = asdict(mm.meminfo())
+    info.pop("page_cache_lookups")
     return (
-        asdict(mm.meminfo()),
+        info,
         {a: asdict(mm.pagemap(a)) for a in mm.spaces},
         {s: asdict(mm.segment_pagemap(s)) for s in mm.segments},
         list(mm.frames.free_list), list(mm.frames.lru), list(mm.swap.free_slots),

@@ -353,3 +353,23 @@ def test_meminfo_frame_map_and_pagemap_text():
     pages = sys.pagemap(pid, text=True).pages
     assert pages[0].text and pages[0].text in k.tenants[tid].program.decode(k.procs[pid].tokens)
     assert k.syscalls(as_tenant=tid).meminfo(frames=True).frames is None     # root only
+
+
+def test_fork_of_a_reclaimed_sleeping_parent_does_not_wait_for_it():
+    k = kernel.boot(memory=frames(8), swap=0)
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    parent = sys.spawn(tid, list(range(3, 40)), max_tokens=2, temperature=0, interactive=True)
+    run_to_end(k)
+    hog = sys.spawn(tid, list(range(100, 190)), max_tokens=30, temperature=0, ignore_eos=True)
+    run_to_end(k)                                                 # the hog reclaims the sleeper's pages
+    assert k.procs[parent].residency.value == "none" and k.procs[parent].state.value == "sleeping"
+    [child] = sys.fork(parent)
+    sys.write(child, [5, 6])
+    run_to_end(k)
+    assert len(sys.read(child).tokens) == 4                       # inherited 2 + its own turn of 2
+    reclaims = [e.message for e in sys.dmesg() if e.event == "preempt" and "reclaim" in e.message]
+    assert reclaims and f"pid {parent} preempted (reclaim) holding 38 computed tokens" in reclaims
+    for pid in (parent, child, hog):
+        sys.wait(pid)
+    assert_all_memory_back(k)

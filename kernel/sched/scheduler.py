@@ -25,6 +25,7 @@ from kernel.sched.plan import Plan, Work
 from kernel.sched.policies import Policy
 
 _SKIP, _STOP = 0, -1     # admission results besides "this many tokens planned"
+_ON_ITS_WAY = (State.NEW, State.READY, State.RUNNING, State.PREEMPTED)
 
 
 class Scheduler:
@@ -121,8 +122,11 @@ class Scheduler:
     def _may_admit(self, proc) -> bool:
         if proc.after is not None:                       # a fork child waits for its parent's prompt
             parent = self.kernel.procs.get(proc.after)
-            if parent is not None and parent.alive and parent.num_computed < parent.prompt_len:
+            # Only while the parent is on its way to computing it: a sleeping parent (reclaimed
+            # perhaps) computes nothing until written to, so waiting for it could be forever.
+            if parent is not None and parent.state in _ON_ITS_WAY and parent.num_computed < parent.prompt_len:
                 return False
+            proc.after = None
         if proc.shm is not None:
             seg = self.kernel.shm_segments.get(proc.shm)
             if seg is not None and not seg.ready and proc.asid is None:
@@ -133,7 +137,10 @@ class Scheduler:
         start = proc.num_computed
         faults = self.mm.cow_faults
         slots = self.mm.append(proc.asid, proc.tokens[start:start + count])
-        proc.cow_faults += self.mm.cow_faults - faults
+        if self.mm.cow_faults != faults:
+            proc.cow_faults += self.mm.cow_faults - faults
+            self.kernel.log("cow", f"pid {proc.pid} wrote into a shared page: copied to a private frame",
+                            proc=proc)
         plan.works.append(Work(proc, start, count, slots, start + count == len(proc.tokens)))
         if proc.is_decoding:
             plan.decode_tokens += count
@@ -222,7 +229,7 @@ class Scheduler:
             self.mm.free(proc.asid)
             proc.asid, proc.residency, how = None, Residency.NONE, "reclaim"
             self.stats.reclaims += 1
-            self.stats.recomputed_tokens += proc.num_computed
+            proc.dropped = proc.num_computed          # what readmission must compute or find cached again
             proc.num_computed = 0
         if proc.state == State.RUNNING:
             del self.running[proc.pid]
@@ -231,7 +238,8 @@ class Scheduler:
         proc.preemptions += 1
         self.stats.preemptions += 1
         plan.preempted.append((proc, how))
-        self.kernel.log("preempt", f"pid {proc.pid} preempted ({how}) at {proc.num_computed} tokens",
+        held = proc.dropped if how == "reclaim" else proc.num_computed
+        self.kernel.log("preempt", f"pid {proc.pid} preempted ({how}) holding {held} computed tokens",
                         proc=proc, level="warn")
 
     def _oom_kill(self, proc, plan: Plan, need: int) -> None:
@@ -314,6 +322,9 @@ class Scheduler:
         hit = mm.map_cached(proc.asid, proc.tokens[proc.num_computed:], max_tokens=proc.remaining - 1)
         proc.num_computed += hit
         self.stats.cached_tokens += hit
+        if proc.dropped:                                 # reclaimed: what the cache no longer holds is recomputed
+            self.stats.recomputed_tokens += max(0, proc.dropped - proc.num_computed)
+            proc.dropped = 0
 
     def _reserve(self, proc, tokens: int) -> bool:
         from kernel.mm import MemoryPressure

@@ -27,7 +27,7 @@ class SchedStats:
     swap_outs: int = 0               # processes swapped out
     swap_ins: int = 0
     reclaims: int = 0                # processes whose pages were dropped, to be recomputed
-    recomputed_tokens: int = 0       # tokens computed again after a reclaim
+    recomputed_tokens: int = 0       # tokens computed again after a reclaim (the page cache did not keep them)
     exits: int = 0
     oom_kills: int = 0
     forward_errors: int = 0

@@ -95,6 +95,6 @@ def schedstat_table(stat) -> Table:
 def dmesg_lines(entries) -> list:
     out = []
     for e in map(_d, entries):
-        who = f" pid {e['pid']}" if e["pid"] is not None else ""
+        who = f" pid {e['pid']}" if e["pid"] is not None and not e["message"].startswith(f"pid {e['pid']}") else ""
         out.append(f"[{e['time']:9.3f}] step {e['step']:>5} {e['level']:>5} {e['event']:<8}{who}: {e['message']}")
     return out

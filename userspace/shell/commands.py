@@ -1,0 +1,211 @@
+"""The one-shot commands: pull, run, chat, and the /proc views (ps, pagemap, meminfo, dmesg).
+
+Each takes parsed arguments and returns an exit status. The /proc views print
+what a syscall handle returns; connect() gives them one. There is no daemon yet,
+so connect() boots a kernel here and runs a short workload into it; a daemon
+client with the same methods (ps, pagemap, meminfo, schedstat, dmesg) can take
+its place without touching the views.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+from rich.console import Console
+from rich.markup import escape
+
+from kernel.errors import EINVAL, KvosError
+from userspace.shell import format as fmt
+from userspace.shell import prompts
+from userspace.shell.options import boot_kernel, spawn_tenant, status
+
+
+def _json(obj) -> str:
+    return json.dumps(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj, default=str)
+
+
+def _sampling(args) -> dict:
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature)
+    for key in ("top_p", "top_k", "seed"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    if args.stop:
+        params["stop"] = args.stop
+    return params
+
+
+def _prompt(text: str, args):
+    if args.raw:
+        return text
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return messages + [{"role": "user", "content": text}]
+
+
+# -- pull -----------------------------------------------------------------------------------
+def pull_main(args) -> int:
+    from userspace.programs import fetch
+    if args.model == "tiny-llama":
+        print("tiny-llama is built in (random weights); there is nothing to pull")
+        return 0
+    path = fetch.pull(args.model, progress=sys.stderr.isatty())
+    print(path)
+    return 0
+
+
+# -- run --------------------------------------------------------------------------------------
+def read_prompts(args) -> list:
+    """Prompts from the arguments, else from -f FILE ('-': stdin), else from stdin when it is not a
+    terminal: one prompt per non-empty line."""
+    found = list(args.prompts)
+    if args.file == "-":
+        found += sys.stdin.read().splitlines()
+    elif args.file:
+        with open(args.file, encoding="utf-8") as f:
+            found += f.read().splitlines()
+    elif not found and not sys.stdin.isatty():
+        found = sys.stdin.read().splitlines()
+    found = [line.strip() for line in found if line.strip()]
+    if not found:
+        raise KvosError(EINVAL, "no prompts: give them as arguments, with -f FILE, or on stdin")
+    return found
+
+
+def run_main(args) -> int:
+    texts = read_prompts(args)
+    k = boot_kernel(args)
+    root = k.syscalls()
+    tid = spawn_tenant(root, args.model)
+    params = _sampling(args)
+    pids = [root.spawn(tid, _prompt(text, args), **params) for text in texts]
+    _run_with_progress(k, len(pids) * args.max_tokens)
+    console = Console(highlight=False, soft_wrap=True)
+    failed = 0
+    for pid, text in zip(pids, texts):
+        st = root.wait(pid)
+        failed += st.reason == "error"
+        if args.json:
+            print(json.dumps({"pid": pid, "prompt": text, "text": st.text, "token_ids": list(st.tokens),
+                              "prompt_tokens": st.prompt_tokens, "finish_reason": st.reason, "error": st.error,
+                              "timings": {"ttft": st.time_to_first_token, "elapsed": st.elapsed}}), flush=True)
+        else:
+            ttft = f"first token after {st.time_to_first_token:.2f} s, " if st.time_to_first_token else ""
+            console.print(f"[bold]\\[pid {pid}][/bold] {escape(text)}", markup=True)
+            console.print(st.text, markup=False)
+            console.print(f"[dim]({st.reason}{': ' + st.error if st.error else ''}, {len(st.tokens)} tokens, "
+                          f"{ttft}{st.elapsed:.2f} s in all)[/dim]\n")
+    return 1 if failed else 0
+
+
+def _run_with_progress(k, total_tokens: int) -> None:
+    """Step the kernel to the end here (nobody else runs its loop), with a progress bar on a terminal."""
+    if not sys.stderr.isatty():
+        k.run()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    stats = k.stats
+    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  TimeElapsedColumn(), console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task("run", total=total_tokens)
+        while k.step():
+            bar.update(task, completed=min(stats.generated_tokens, total_tokens))
+
+
+# -- chat ------------------------------------------------------------------------------------------
+def chat_main(args) -> int:
+    from userspace.libc import Chat
+    k = boot_kernel(args)
+    root = k.syscalls()
+    tid = spawn_tenant(root, args.model)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"kvos chat with {args.model}: an empty line or Ctrl-D ends it.", file=sys.stderr)
+    params = _sampling(args)
+    with Chat(root, tid, system=args.system, **params) as chat:
+        while True:
+            if interactive:
+                print("you> ", end="", flush=True, file=sys.stderr)
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            for piece in chat.send(line.strip(), stream=True):
+                print(piece, end="", flush=True)
+            print(flush=True)
+    return 0
+
+
+# -- /proc views --------------------------------------------------------------------------------------
+@dataclass
+class Connection:
+    """A syscall handle to look at, and how to show a process's tokens as text."""
+    sys: object
+    decode: object                # decode(pid, token ids) -> str, or None
+
+
+def connect(args) -> Connection:
+    """A kernel to inspect. For now: boot one here, start a short workload (a shared system prompt
+    in shm, a few chat requests, one fork) and run --steps steps of it, so there is something to see."""
+    from userspace.shell.workload import split_system_prompt
+    k = boot_kernel(args)
+    root = k.syscalls()
+    tid = spawn_tenant(root, args.model)
+    program = k.tenants[tid].program          # in-process: the tokenizer, to split the system prompt
+    questions = args.prompts or prompts.SMALL_WORKLOAD
+    prefix, _ = split_system_prompt(program, prompts.SYSTEM_PROMPT, "?")
+    shmid = root.shmget(tid, prefix) if prefix else None
+    pids = []
+    for q in questions:
+        head, rest = split_system_prompt(program, prompts.SYSTEM_PROMPT, q)
+        pids.append(root.spawn(tid, rest if shmid else head + rest, shm=shmid, max_tokens=args.max_tokens,
+                               temperature=0))
+    root.fork(pids[0], 1)
+    with status(f"running {args.steps} steps of a short workload"):
+        k.run(max_steps=args.steps)
+
+    def decode(pid, tokens):
+        proc = k.procs.get(pid)
+        return proc.tenant.program.decode(tokens) if proc is not None else None
+    return Connection(root, decode)
+
+
+def _print(renderable) -> None:
+    """Tables at the terminal's width; 160 columns into a file or pipe rather than rich's 80."""
+    Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(renderable)
+
+
+def ps_main(args) -> int:
+    procs = connect(args).sys.ps()
+    if args.json:
+        print(json.dumps([asdict(p) for p in procs]))
+    else:
+        _print(fmt.ps_table(procs))
+    return 0
+
+
+def pagemap_main(args) -> int:
+    conn = connect(args)
+    pm = conn.sys.pagemap(args.pid)
+    if args.json:
+        print(_json(pm))
+    else:
+        _print(fmt.pagemap_table(pm, lambda tokens: conn.decode(args.pid, tokens), title=f"pagemap of pid {args.pid}"))
+    return 0
+
+
+def meminfo_main(args) -> int:
+    info = connect(args).sys.meminfo()
+    if args.json:
+        print(_json(info))
+    else:
+        _print(fmt.meminfo_table(info))
+    return 0
+
+
+def dmesg_main(args) -> int:
+    entries = connect(args).sys.dmesg()
+    if args.json:
+        print(json.dumps([asdict(e) for e in entries]))
+    else:
+        for line in fmt.dmesg_lines(entries):
+            print(line)
+    return 0

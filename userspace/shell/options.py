@@ -1,0 +1,139 @@
+"""Options shared by the commands that boot a kernel, and the boot itself.
+
+add_boot_options() puts --model, --device, --memory, --page-size, --policy,
+--token-budget, --chunk, --swap and --threads on a subcommand; boot_kernel()
+turns them into a booted kernel. Models are loaded (and pulled on first use)
+under a progress display on stderr, so stdout carries only the command's output.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+
+DEFAULT_MODEL = "smollm2-135m"
+POLICIES = ("fcfs", "priority", "fair", "static")
+DEMO_FRAMES, DEMO_SWAP_FRAMES = 40, 16       # a pool smaller than the workload; swap smaller than the excess
+QUICK_FRAMES, QUICK_SWAP_FRAMES = 20, 8
+
+
+def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", memory: str | None = None,
+                     memory_default: str = "the device's default", token_budget: int = 256,
+                     chunk: int | None = None, swap: str | None = "1GiB") -> None:
+    g = parser.add_argument_group("kernel options")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model program: smollm2-135m, tiny-llama, a .gguf path or a Hugging Face folder "
+                        f"(default {DEFAULT_MODEL})")
+    g.add_argument("--device", default="cpu", help="cpu, cuda[:N] or sim:<gpu> (default cpu)")
+    g.add_argument("--memory", default=memory,
+                   help="KV memory, e.g. 256MiB (default: " + (memory or memory_default) + ")")
+    g.add_argument("--page-size", type=int, default=16, metavar="TOKENS", help="tokens per page (default 16)")
+    g.add_argument("--policy", choices=POLICIES, default=policy, help=f"scheduling policy (default {policy})")
+    g.add_argument("--token-budget", type=int, default=token_budget, metavar="TOKENS",
+                   help=f"tokens computed per step at most (default {token_budget})")
+    g.add_argument("--chunk", type=int, default=chunk, metavar="TOKENS",
+                   help="tokens of one process per step at most: chunked prefill (default: the token budget)")
+    g.add_argument("--swap", default=swap, help="host swap area, e.g. 64MiB or 0 (default " +
+                   (swap or "--swap-frames frames") + ")")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch and the C kernels (default $KVOS_THREADS or torch's)")
+
+
+def boot_options(args, **overrides) -> dict:
+    """kernel.boot() keyword arguments from parsed options (overrides win)."""
+    options = dict(device=args.device, memory=args.memory, page_size=args.page_size, policy=args.policy,
+                   token_budget=args.token_budget, swap=args.swap)
+    if args.chunk is not None:
+        options["chunk"] = args.chunk
+    if args.threads is not None:
+        options["threads"] = args.threads
+    options.update(overrides)
+    return options
+
+
+def boot_kernel(args, **overrides):
+    """A booted kernel for these options (imports torch: only commands that run a model pay for it)."""
+    import kernel
+    with status("booting the kernel"):
+        return kernel.boot(**boot_options(args, **overrides))
+
+
+def load_program(model: str, device: str):
+    """The model's program, pulling its file first when it is a named model not yet cached.
+
+    Callers keep the returned object: the loader shares one copy of a program while
+    anyone holds it, so the tenant that spawn_tenant() creates next gets this one."""
+    from kernel.devices import make_device
+    from kernel.program import exec_program
+    try:
+        from userspace.programs import fetch
+        if model in fetch.MODELS and not fetch.cached_path(model).is_file():
+            fetch.pull(model, progress=sys.stderr.isatty())
+    except ImportError:        # a build without the fetcher: the loader reports what is missing
+        pass
+    with status(f"loading {model}"):
+        return exec_program(model, make_device(device))
+
+
+def spawn_tenant(sys_handle, model: str, **kwargs) -> int:
+    """spawn_tenant() under a progress display: the first tenant of a model loads it."""
+    name = kwargs.get("name")
+    with status(f"starting tenant {name} ({model})" if name else f"loading {model}"):
+        return sys_handle.spawn_tenant(model, **kwargs)
+
+
+@contextmanager
+def status(message: str):
+    """A spinner on a terminal's stderr, else one line saying what is happening."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        with Console(file=sys.stderr).status(message + " ..."):
+            yield
+    else:
+        print(f"kvos: {message} ...", file=sys.stderr, flush=True)
+        yield
+
+
+def add_sampling_options(parser, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help=f"tokens to generate at most (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    g.add_argument("--system", default=None, metavar="TEXT", help="a system prompt for the chat template")
+    g.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
+
+
+def add_inspect_options(parser) -> None:
+    parser.add_argument("prompts", nargs="*", help="prompts for the workload (default: a few built-in questions)")
+    parser.add_argument("--steps", type=int, default=6, help="kernel steps to run before looking (default 6)")
+    parser.add_argument("--max-tokens", type=int, default=32, metavar="N",
+                        help="max tokens of each request (default 32)")
+    parser.add_argument("--json", action="store_true", help="print the syscall's result as JSON")
+
+
+def add_demo_options(parser, *, top: bool = False) -> None:
+    add_boot_options(parser, policy="fair", token_budget=128, swap=None, memory_default="--frames frames")
+    g = parser.add_argument_group("workload options")
+    g.add_argument("--frames", type=int, default=None,
+                   help=f"KV memory in frames of the model's pages, when --memory is not given "
+                        f"(default {DEMO_FRAMES}; {QUICK_FRAMES} with --quick)")
+    g.add_argument("--swap-frames", type=int, default=None,
+                   help=f"swap area in frames, when --swap is not given (default {DEMO_SWAP_FRAMES}; "
+                        f"{QUICK_SWAP_FRAMES} with --quick)")
+    g.add_argument("--quick", action="store_true", help="a smaller, shorter workload (tests, tiny-llama)")
+    g.add_argument("--chat-tokens", type=int, default=None, metavar="N", help="max tokens of each chat reply")
+    g.add_argument("--batch-tokens", type=int, default=None, metavar="N", help="max tokens of each batch task")
+    if top:
+        parser.add_argument("prompts", nargs="*", help="prompts to run instead of the built-in workload")
+        parser.add_argument("--paused", action="store_true", help="start paused (space runs, s steps one slice)")
+    else:
+        out = parser.add_argument_group("output")
+        out.add_argument("--json", action="store_true",
+                         help="print the summary as one JSON object on stdout (no TUI; progress on stderr)")
+        out.add_argument("--no-tui", action="store_true", help="plain progress lines even on a terminal")
+        out.add_argument("--every", type=float, default=10.0, metavar="SECONDS",
+                         help="seconds between progress lines when not on a terminal (default 10)")

@@ -1,0 +1,125 @@
+"""Where the TUI's data comes from: a Snapshot of /proc, and the controls a student pokes.
+
+LocalSource serves an in-process kernel driven by a KernelLoop. Everything but
+the frame map goes through syscalls; the frame map (one state per frame) has no
+syscall yet, so frame_map() reads the memory manager directly, under the
+kernel lock. A daemon client can later serve the same methods over a socket.
+snapshot() blocks for at most one kernel step: call it off the UI thread.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+FRAME_STATES = ("free", "cached", "private", "shared", "pinned")
+
+
+@dataclass
+class FrameCell:
+    state: str                    # one of FRAME_STATES
+    tenant: str | None            # the cgroup charged for it (None: free or cached)
+    refcount: int
+    pids: tuple = ()              # processes whose page tables map it
+
+
+@dataclass
+class FrameMap:
+    frame_bytes: int
+    cells: list                   # FrameCell per frame, in frame order
+
+    def count(self, state: str) -> int:
+        return sum(1 for c in self.cells if c.state == state)
+
+
+@dataclass
+class Snapshot:
+    taken_at: float
+    procs: list                   # [ProcInfo]
+    meminfo: object               # MemInfo
+    schedstat: object             # SchedStat
+    frames: FrameMap
+    dmesg: list                   # [LogEntry] after the `since` asked for
+    pagemap_pid: int | None = None
+    pagemap: object = None        # PageMap of pagemap_pid, None when it has exited
+    page_texts: list = field(default_factory=list)   # the tokens of each page, as text
+    paused: bool = False
+
+
+def frame_map(kernel) -> FrameMap:
+    """Every frame's state, charged tenant and mapping processes (call under kernel.lock)."""
+    mm = kernel.mm
+    if mm is None:
+        return FrameMap(kernel.frame_bytes or 0, [])
+    frames = mm.frames
+    mappers: dict = {}
+    for proc in kernel.procs.values():
+        if proc.asid is not None and proc.asid in mm.spaces:
+            for frame in mm.spaces[proc.asid].frames:
+                mappers.setdefault(frame, []).append(proc.pid)
+    cells = []
+    for frame in range(frames.num_frames):
+        refs = frames.refcount[frame]
+        if refs == 0:
+            state = "cached" if frame in frames.lru else "free"
+        elif frames.pins[frame]:
+            state = "pinned"
+        else:
+            state = "shared" if refs > 1 else "private"
+        owner = frames.owner[frame]
+        cells.append(FrameCell(state, owner.name if owner is not None else None, refs,
+                               tuple(mappers.get(frame, ()))))
+    return FrameMap(mm.frame_bytes, cells)
+
+
+class LocalSource:
+    """An in-process kernel and its loop thread (userspace/shell/loop.py)."""
+
+    def __init__(self, kernel, loop=None):
+        self.kernel = kernel
+        self.loop = loop
+        self.sys = kernel.syscalls()
+
+    def snapshot(self, pagemap_pid: int | None = None, dmesg_since: int = 0) -> Snapshot:
+        k, sys = self.kernel, self.sys
+        with k.lock:
+            procs = sys.ps()
+            pagemap = texts = None
+            if pagemap_pid is not None and pagemap_pid in k.procs:
+                pagemap = sys.pagemap(pagemap_pid)
+                decode = k.procs[pagemap_pid].tenant.program.decode
+                texts = [decode(page.tokens) for page in pagemap.pages]
+            return Snapshot(time.monotonic(), procs, sys.meminfo(), sys.schedstat(), frame_map(k),
+                            sys.dmesg(since=dmesg_since), pagemap_pid, pagemap, texts or [],
+                            self.paused)
+
+    # -- controls --------------------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self.loop is not None and self.loop.paused
+
+    def pause(self) -> None:
+        if self.loop is not None:
+            self.loop.pause()
+
+    def resume(self) -> None:
+        if self.loop is not None:
+            self.loop.resume()
+
+    def step_once(self) -> None:
+        """One time slice: through the paused loop, or directly when there is no loop."""
+        if self.loop is not None and self.loop.running:
+            self.loop.step_once()
+        else:
+            self.kernel.step()
+
+    def kill(self, pid: int) -> None:
+        self.sys.kill(pid)
+
+    def nice(self, pid: int, inc: int) -> int:
+        return self.sys.nice(pid, inc)
+
+    def fork(self, pid: int) -> list:
+        return self.sys.fork(pid, 1)
+
+    def wait(self, pid: int):
+        return self.sys.wait(pid)
