@@ -9,6 +9,7 @@ its place without touching the views.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -142,9 +143,29 @@ class Connection:
     decode: object                # decode(pid, token ids) -> str, or None
 
 
+def attached(args) -> bool:
+    """Whether to ask a running kvosd: --url, $KVOS_URL, or a local daemon's runtime file."""
+    if getattr(args, "url", None) or os.environ.get("KVOS_URL"):
+        return True
+    from userspace.daemon.cli import DEFAULT_URL, local_key
+    return local_key(DEFAULT_URL) is not None
+
+
+def daemon(args):
+    from userspace.daemon.cli import connect as connect_daemon
+    return connect_daemon(getattr(args, "url", None), getattr(args, "key", None))
+
+
 def connect(args) -> Connection:
-    """A kernel to inspect. For now: boot one here, start a short workload (a shared system prompt
-    in shm, a few chat requests, one fork) and run --steps steps of it, so there is something to see."""
+    """A kernel to inspect: a running kvosd when there is one (see attached()); otherwise boot one
+    here, start a short workload (a shared system prompt in shm, a few chat requests, one fork)
+    and run --steps steps of it, so there is something to see."""
+    if attached(args):
+        client = daemon(args)
+
+        def remote_decode(pid, tokens):
+            return None
+        return Connection(client, remote_decode)
     from userspace.shell.workload import split_system_prompt
     k = boot_kernel(args)
     root = k.syscalls()
@@ -184,11 +205,21 @@ def ps_main(args) -> int:
 
 def pagemap_main(args) -> int:
     conn = connect(args)
-    pm = conn.sys.pagemap(args.pid)
+    pm = conn.sys.pagemap(args.pid, text=True)
     if args.json:
         print(_json(pm))
     else:
-        _print(fmt.pagemap_table(pm, lambda tokens: conn.decode(args.pid, tokens), title=f"pagemap of pid {args.pid}"))
+        _print(fmt.pagemap_table(pm, title=f"pagemap of pid {args.pid}"))
+    return 0
+
+
+def kill_main(args) -> int:
+    daemon(args).kill(args.pid)
+    return 0
+
+
+def nice_main(args) -> int:
+    print(daemon(args).nice(args.pid, args.inc))
     return 0
 
 

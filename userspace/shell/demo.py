@@ -159,6 +159,12 @@ def demo_main(args) -> int:
 
 
 def top_main(args) -> int:
+    from userspace.shell.commands import attached, daemon
+    if attached(args):                         # watch a running kvosd
+        from userspace.tui.app import KvosTop
+        from userspace.tui.source import RemoteSource
+        KvosTop(RemoteSource(daemon(args))).run()
+        return 0
     session = start_session(args, plan_from_args(args))
     try:
         run_tui(session, paused=args.paused)

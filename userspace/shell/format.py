@@ -37,7 +37,10 @@ def pagemap_table(pagemap, decode=None, title: str = "pagemap") -> Table:
     for col in ("vpn", "frame", "refs", "flags", "tokens"):
         table.add_column(col, justify="right" if col in ("vpn", "frame", "refs") else "left")
     for page in pm["pages"]:
-        tokens = decode(page["tokens"]) if decode else " ".join(map(str, page["tokens"]))
+        if page.get("text") is not None:           # pagemap(text=True) sent the text along
+            tokens = page["text"]
+        else:
+            tokens = decode(page["tokens"]) if decode else " ".join(map(str, page["tokens"]))
         frame = str(page["frame"]) if page["frame"] is not None else f"swap:{page['swap_slot']}"
         table.add_row(str(page["vpn"]), frame, str(page["refcount"]), _flags(page), repr(tokens)[:70])
     return table

@@ -21,9 +21,10 @@ from userspace.shell.options import (
     add_sampling_options,
 )
 
-INSPECT_NOTE = ("There is no kvos daemon yet: this boots a kernel here, runs a short workload (the prompts "
-                "given, or a few built-in questions sharing a system prompt in shm, and one fork) for --steps "
-                "steps, and shows the result. Later it will attach to a running daemon.")
+INSPECT_NOTE = ("With --url (or $KVOS_URL, or a kvosd running on this machine) it asks that daemon. "
+                "Otherwise it boots a kernel here, runs a short workload (the prompts given, or a few "
+                "built-in questions sharing a system prompt in shm, and one fork) for --steps steps, and "
+                "shows the result.")
 
 
 def _lazy(module: str, name: str):
@@ -49,12 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_options(p)
     p.set_defaults(func=_lazy("userspace.shell.demo", "demo_main"))
 
-    p = sub.add_parser("top", help="the live TUI over a running workload",
-                       description="Boot a kernel here, run the demo's workload (or the prompts given) and show "
-                                   "processes, the memory map, page tables, the scheduler and dmesg live. Keys: "
-                                   "space pause/run, s step one slice, k kill, f fork, +/- nice, m map colours, "
-                                   "q quit.")
+    p = sub.add_parser("top", help="the live TUI over a running kvosd, or over a workload run here",
+                       description="Show processes, the memory map, page tables, the scheduler and dmesg live: "
+                                   "of a running kvosd with --url (or $KVOS_URL, or a daemon on this machine), "
+                                   "else of a kernel booted here running the demo's workload (or the prompts "
+                                   "given). Keys: space pause/run and s step one slice (in-process only), k kill, "
+                                   "f fork, +/- nice, m map colours, q quit.")
     add_demo_options(p, top=True)
+    _attach(p)
     p.set_defaults(func=_lazy("userspace.shell.demo", "top_main"))
 
     p = sub.add_parser("pull", help="download a model into the cache",
@@ -83,12 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("ps", "the process table"), ("meminfo", "frames, swap, page cache, utilisation"),
                             ("dmesg", "the kernel log")):
-        p = sub.add_parser(name, help=help_text + " (of a short in-process workload)",
+        p = sub.add_parser(name, help=help_text + " (of a daemon, or of a short in-process workload)",
                            description=f"Show {help_text}. {INSPECT_NOTE}")
         add_inspect_options(p)
         add_boot_options(p)
+        _attach(p)
         p.set_defaults(func=_lazy("userspace.shell.commands", f"{name}_main"))
-    p = sub.add_parser("pagemap", help="a process's page table (of a short in-process workload)",
+    for name, help_text in (("kill", "end a process of a running kvosd"),
+                            ("nice", "change the priority of a process of a running kvosd")):
+        p = sub.add_parser(name, help=help_text, description=f"{help_text[0].upper()}{help_text[1:]}.")
+        p.add_argument("pid", type=int, help="process id")
+        if name == "nice":
+            p.add_argument("inc", type=int, help="increment (negative: runs sooner under the priority policy)")
+        _attach(p)
+        p.set_defaults(func=_lazy("userspace.shell.commands", f"{name}_main"))
+    p = sub.add_parser("pagemap", help="a process's page table (of a daemon, or of a short in-process workload)",
                        description=f"Show the page table of process PID: frame, refcount, flags and tokens of "
                                    f"each virtual page. {INSPECT_NOTE} Pid 1 builds the shm segment and is gone "
                                    f"once it is built; the requests are pids 2 and up, and the last pid is a fork "
@@ -96,10 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pid", type=int, help="process id")
     add_inspect_options(p)
     add_boot_options(p)
+    _attach(p)
     p.set_defaults(func=_lazy("userspace.shell.commands", "pagemap_main"))
 
     _add_sim(sub)
+    _add_module(sub, "userspace.daemon.cli", "add_parsers")      # kvos serve
+    _add_module(sub, "userspace.bench.cli", "add_parser")        # kvos bench
     return parser
+
+
+def _attach(parser) -> None:
+    """--url/--key: look at a running kvosd instead of a workload run here."""
+    from userspace.daemon.cli import add_attach_options
+    add_attach_options(parser)
+
+
+def _add_module(sub, module: str, hook: str) -> None:
+    """Subcommands a package adds itself (the daemon's `serve`, the benchmark's `bench`)."""
+    if importlib.util.find_spec(module) is not None:
+        getattr(importlib.import_module(module), hook)(sub)
 
 
 def _add_sim(sub) -> None:

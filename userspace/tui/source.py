@@ -123,3 +123,57 @@ class LocalSource:
 
     def wait(self, pid: int):
         return self.sys.wait(pid)
+
+
+class RemoteSource:
+    """The same methods over a running kvosd (a userspace.daemon.client.Client with the root key).
+
+    The frame map comes from meminfo(frames=True) and page text from pagemap(text=True). A
+    daemon's loop runs on its own: pausing and single-stepping it are refused here.
+    """
+
+    def __init__(self, client):
+        self.sys = client
+        self.paused = False
+
+    def snapshot(self, pagemap_pid: int | None = None, dmesg_since: int = 0) -> Snapshot:
+        from kernel.errors import KvosError
+        sys = self.sys
+        procs = sys.ps()
+        info = sys.meminfo(frames=True)
+        cells = [FrameCell("private" if state == "mapped" else state, owner, refs)
+                 for state, refs, owner in (info.frames or [])]
+        pagemap, texts = None, []
+        if pagemap_pid is not None and any(p.pid == pagemap_pid for p in procs):
+            try:
+                pagemap = sys.pagemap(pagemap_pid, text=True)
+                texts = [page.text or "" for page in pagemap.pages]
+            except KvosError:                        # it exited between ps and pagemap
+                pagemap = None
+        return Snapshot(time.monotonic(), procs, info, sys.schedstat(), FrameMap(info.frame_bytes, cells),
+                        sys.dmesg(since=dmesg_since), pagemap_pid, pagemap, texts, False)
+
+    def _refuse(self, what: str):
+        from kernel.errors import EPERM, KvosError
+        raise KvosError(EPERM, f"{what}: the daemon's loop runs on its own; pause it in-process (kvos top)")
+
+    def pause(self) -> None:
+        self._refuse("pause")
+
+    def resume(self) -> None:
+        self._refuse("resume")
+
+    def step_once(self) -> None:
+        self._refuse("step")
+
+    def kill(self, pid: int) -> None:
+        self.sys.kill(pid)
+
+    def nice(self, pid: int, inc: int) -> int:
+        return self.sys.nice(pid, inc)
+
+    def fork(self, pid: int) -> list:
+        return self.sys.fork(pid, 1)
+
+    def wait(self, pid: int):
+        return self.sys.wait(pid)

@@ -1,0 +1,65 @@
+"""The shell's /proc commands and the TUI attached to a running kvosd (--url)."""
+import asyncio
+import json
+
+import pytest
+
+from userspace.daemon.client import Client
+from userspace.daemon.config import DaemonConfig, TenantSpec
+from userspace.daemon.server import ServerThread
+from userspace.shell.main import main
+from userspace.tui.app import KvosTop
+from userspace.tui.source import RemoteSource
+
+ROOT, ALICE = "root-key-attach", "alice-key-attach"
+
+
+@pytest.fixture(scope="module")
+def server():
+    cfg = DaemonConfig(boot=dict(device="cpu", memory="8MiB", swap="4MiB", threads=1),
+                       tenants=[TenantSpec("alice", "tiny-llama", ALICE)], root_key=ROOT)
+    srv = ServerThread(cfg)
+    yield srv
+    report = srv.stop(kill=True)
+    assert report["fsck"] == "clean"
+
+
+def attach(srv, key=ROOT):
+    return ["--url", srv.url, "--key", key]
+
+
+def test_proc_commands_read_the_daemon(server, capsys):
+    alice = Client(server.url, ALICE)
+    tid = alice.schedstat().tenants[0].tid
+    pid = alice.spawn(tid, "kvos is an operating system", max_tokens=300, ignore_eos=True, temperature=0)
+    assert main(["ps", "--json", *attach(server)]) == 0
+    assert pid in [p["pid"] for p in json.loads(capsys.readouterr().out)]
+    assert main(["pagemap", str(pid), *attach(server)]) == 0
+    assert "kvos is an" in capsys.readouterr().out            # the page text came over the wire
+    assert main(["meminfo", "--json", *attach(server)]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] > 0
+    assert main(["nice", str(pid), "3", *attach(server)]) == 0
+    assert capsys.readouterr().out.strip() == "3"
+    assert main(["kill", str(pid), *attach(server)]) == 0
+    assert alice.wait(pid).reason == "killed"
+    assert main(["kill", str(pid), *attach(server, ALICE)]) != 0          # reaped: ESRCH, one line
+    assert "ESRCH" in capsys.readouterr().err
+
+
+def test_top_attached_shows_the_daemons_processes_and_frames(server):
+    alice = Client(server.url, ALICE)
+    tid = alice.schedstat().tenants[0].tid
+    pid = alice.spawn(tid, [5, 6, 7, 8, 9, 10], max_tokens=400, ignore_eos=True, temperature=0)
+    source = RemoteSource(Client(server.url, ROOT))
+    snap = source.snapshot(pid)
+    assert pid in [p.pid for p in snap.procs] and snap.frames.cells
+    assert snap.pagemap is not None and len(snap.page_texts) == len(snap.pagemap.pages)
+
+    async def drive():
+        app = KvosTop(source)
+        async with app.run_test() as pilot:
+            await pilot.pause(1.0)
+            assert any(str(pid) in line for line in app.export_screenshot().splitlines())
+    asyncio.run(drive())
+    alice.kill(pid)
+    alice.wait(pid)
