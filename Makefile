@@ -11,7 +11,7 @@ export KVOS_THREADS ?= 2
 
 CSRC := $(wildcard csrc/cpu/*.c csrc/cpu/*.h csrc/common/*.h csrc/cpu/*.py)
 
-.PHONY: demo test test-fast bench bench-ops bench-mm gpu-check lint clean install
+.PHONY: demo test test-fast bench bench-ops bench-mm bench-sched gpu-check lint clean install
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ bench: $(STAMP)
 
 bench-ops: $(STAMP)
 	$(BIN)/python benchmarks/bench_ops.py
+
+bench-sched: $(STAMP)
+	$(BIN)/python benchmarks/bench_sched.py
 
 bench-mm: $(STAMP)
 	$(BIN)/python benchmarks/bench_mm.py

@@ -15,11 +15,15 @@ from kernel.syscalls import SYSCALLS
 
 def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512, swap="1GiB",
          **options) -> Kernel:
-    """Boot a kernel. memory: KV bytes ("256MiB"); None takes the device's default (256 MiB on the
-    CPU, 80% of free GPU memory on CUDA, what the GPU preset leaves after the weights on sim). Options: chunk (max tokens of one process per step, default token_budget),
-    max_running (batch size bound), frame_bytes (default: page_size tokens of the first tenant's
-    model), alloc ("paged" | "prealloc"), batch ("ragged" | "padded"), watermark (free frames kept
-    at admission), threads (CPU threads for torch and the C kernels), seed."""
+    """Boot a kernel.
+
+    memory: KV bytes ("256MiB"); None takes the device's default (256 MiB on the CPU, 80% of
+    free GPU memory on CUDA, what the GPU preset leaves after the weights on sim).
+    Options: chunk (max tokens of one process per step, default token_budget), max_running
+    (batch size bound), frame_bytes (default: page_size tokens of the first tenant's model),
+    alloc ("paged" | "prealloc"), batch ("ragged" | "padded"), watermark (free frames kept at
+    admission), threads (CPU threads for torch and the C kernels), seed.
+    """
     return Kernel(device=device, memory=memory, page_size=page_size, policy=policy,
                   token_budget=token_budget, swap=swap, **options)
 

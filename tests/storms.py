@@ -19,7 +19,12 @@ from tests.kernel_helpers import TINY, frames
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-def clean_output(prompt, max_tokens, cache={}):
+_CLEAN: dict = {}
+
+
+def clean_output(prompt, max_tokens):
+    """The greedy output of a prompt run alone in a fresh kernel (memoised)."""
+    cache = _CLEAN
     key = (tuple(prompt), max_tokens)
     if key not in cache:
         k = kernel.boot(memory=frames(64))

@@ -373,3 +373,13 @@ def test_fork_of_a_reclaimed_sleeping_parent_does_not_wait_for_it():
     for pid in (parent, child, hog):
         sys.wait(pid)
     assert_all_memory_back(k)
+
+
+def test_shutdown_with_a_timeout_kills_what_is_left():
+    k = kernel.boot(memory=frames(64))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    pid = sys.spawn(tid, [5, 6, 7], max_tokens=2000, ignore_eos=True, temperature=0)
+    k.step()
+    k.shutdown(timeout=0.0)
+    assert pid not in k.procs and k.mm.meminfo().mapped == 0

@@ -54,7 +54,8 @@ class SyscallFuzzer(RuleBasedStateMachine):
             CLEAN = clean_outputs()
         self.k = kernel.boot(memory=frames(12), swap=frames(6), token_budget=24)
         self.root = self.k.syscalls()
-        self.tids = [self.root.spawn_tenant(TINY, name="a", mem_limit=frames(8)), self.root.spawn_tenant(TINY, name="b")]
+        self.tids = [self.root.spawn_tenant(TINY, name="a", mem_limit=frames(8)),
+                     self.root.spawn_tenant(TINY, name="b")]
         self.handles = [self.root] + [self.k.syscalls(as_tenant=t) for t in self.tids]
         self.valid = {}          # pid -> prompt of greedy processes whose output must match CLEAN
 
