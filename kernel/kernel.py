@@ -60,9 +60,17 @@ class Kernel:
         self.lock = threading.RLock()                              # guards everything below
         self.changed = threading.Condition(self.lock)              # notified after every step
         self.loop_thread = None                                    # set by a daemon running run_forever()
+        if threads is None and os.environ.get("KVOS_THREADS"):    # one pool for torch and the C kernels
+            try:
+                threads = int(os.environ["KVOS_THREADS"])
+            except ValueError:
+                raise KvosError(EINVAL, f"KVOS_THREADS={os.environ['KVOS_THREADS']!r} is not a number "
+                                        f"of threads") from None
         if threads is not None:
-            from kernel.ops import set_num_threads
-            set_num_threads(threads)
+            _check_int("threads (or KVOS_THREADS)", threads, 1, 1024)
+            if not (isinstance(device, str) and device.startswith("sim")):   # the simulator runs no op
+                from kernel.ops import set_num_threads
+                set_num_threads(threads)
         # boot, one subsystem a line
         self.device = make_device(device)                          # where frames live and programs run
         self.clock = self.device.clock                             # wall time, or the simulator's virtual time

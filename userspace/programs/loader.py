@@ -47,8 +47,6 @@ def load_program(spec: str, device="cpu", dtype=None) -> LlamaProgram:
     """Load (or share) the program named by spec. device: a TorchDevice, torch.device or name."""
     torch_device = _torch_device(device)
     dtype = _dtype(dtype, torch_device)
-    if torch_device.type == "cpu":
-        _apply_thread_count()
     with _lock:
         if spec == TINY_NAME:
             return _cached(("tiny", 0), torch_device, dtype, lambda: _tiny(torch_device, dtype))
@@ -141,18 +139,3 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype != torch.float32:
         raise KvosError(EINVAL, f"programs on the cpu run in float32 (its kernels are float32), not {dtype}")
     return dtype
-
-
-def _apply_thread_count() -> None:
-    """Honour $KVOS_THREADS: torch's pool and the C kernels share that many threads."""
-    value = os.environ.get("KVOS_THREADS")
-    if not value:
-        return
-    try:
-        threads = int(value)
-    except ValueError:
-        raise KvosError(EINVAL, f"KVOS_THREADS={value!r} is not a number of threads") from None
-    if threads < 1:
-        raise KvosError(EINVAL, f"KVOS_THREADS={value!r} must be at least 1")
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
