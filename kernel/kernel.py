@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import torch
 
-from kernel.batch import build_batch
+from kernel import loop, step
 from kernel.detok import Detokenizer
 from kernel.devices import make_device
 from kernel.dmesg import Dmesg
-from kernel.errors import EINVAL, ENOMEM, KernelPanic, KvosError
+from kernel.errors import EINVAL, ENOMEM, KvosError
 from kernel.mm import MemoryManager, namespace_name
 from kernel.proc import ExitStatus, Process, Residency, State
 from kernel.program import exec_program
-from kernel.sampling import SamplingParams, sample
+from kernel.sampling import SamplingParams
 from kernel.sched.policies import make_policy
 from kernel.sched.scheduler import Scheduler
-from kernel.sched.stats import SchedStats, StepRecord
+from kernel.sched.stats import SchedStats
 from kernel.shm import ShmSegment
 from kernel.tenant import Tenant
 from kernel.units import parse_bytes
@@ -59,7 +58,8 @@ class Kernel:
         self.watermark = watermark
         self.lock = threading.RLock()                              # guards everything below
         self.changed = threading.Condition(self.lock)              # notified after every step
-        self.loop_thread = None                                    # set by a daemon running run_forever()
+        self.loop_thread = None                                    # kernel/loop.py: the daemon's loop thread
+        self.loop_error = None                                     # what stopped that loop, if anything
         if threads is None and os.environ.get("KVOS_THREADS"):    # one pool for torch and the C kernels
             try:
                 threads = int(os.environ["KVOS_THREADS"])
@@ -289,7 +289,7 @@ class Kernel:
                  tenant=tenant)
         return seg
 
-    def _finish_segment(self, proc: Process) -> None:
+    def finish_segment(self, proc: Process) -> None:
         seg = proc.builds_segment
         seg.mm_shmid = self.mm.make_segment(proc.asid)
         proc.asid, proc.residency = None, Residency.NONE
@@ -328,9 +328,9 @@ class Kernel:
                     progressed = self._break_deadlock()
                 self.changed.notify_all()
                 return progressed
-            samples = self._forward(plan) if self.device.has_tensors else self._simulate(plan)
-            self._commit(plan, samples)
-            self._record(plan, self.clock() - started)
+            samples = step.forward(self, plan) if self.device.has_tensors else step.simulate(self, plan)
+            step.commit(self, plan, samples)
+            step.record(self, plan, self.clock() - started)
             self.changed.notify_all()
             return True
 
@@ -341,82 +341,15 @@ class Kernel:
             steps += 1
         return steps
 
-    # -- the loop in its own thread (the daemon) ---------------------------------------------------
+    # -- the loop in its own thread (the daemon): kernel/loop.py --------------------------------------
     def start_loop(self, idle_wait: float = 0.05) -> threading.Thread:
-        """Run step() in a thread until stop_loop(). Calls that wait then sleep on `changed`
-        instead of stepping; calls that add work notify it."""
-        with self.lock:
-            if self.loop_thread is not None and self.loop_thread.is_alive():
-                return self.loop_thread
-            self._loop_stop = threading.Event()
-            self.loop_thread = threading.Thread(target=self._loop, args=(idle_wait,), name="kvos-loop", daemon=True)
-            self.loop_thread.start()
-            return self.loop_thread
-
-    def _loop(self, idle_wait: float) -> None:
-        while not self._loop_stop.is_set():
-            try:
-                worked = self.step()
-            except Exception as exc:               # a kernel bug: log it, keep the last state for fsck
-                self.log("panic", f"loop stopped: {type(exc).__name__}: {exc}", level="error")
-                self.loop_error = exc
-                raise
-            if not worked:
-                with self.lock:
-                    self.changed.wait(idle_wait)
+        return loop.start_loop(self, idle_wait)
 
     def stop_loop(self) -> None:
-        thread = self.loop_thread
-        if thread is None:
-            return
-        self._loop_stop.set()
-        with self.lock:
-            self.changed.notify_all()
-        if thread is not threading.current_thread():
-            thread.join()
-        self.loop_thread = None
+        loop.stop_loop(self)
 
     def shutdown(self, kill: bool = False, timeout: float | None = None) -> None:
-        """Stop admitting new work, finish (or kill) every process, free everything, fsck.
-        Raises KernelPanic if memory is not all back."""
-        with self.lock:
-            self.accepting = False
-            self.log("shutdown", f"shutting down ({'killing' if kill else 'finishing'} processes)")
-            if kill:
-                for proc in list(self.procs.values()):
-                    if proc.alive and proc.builds_segment is None:
-                        self.exit_process(proc, "killed")
-            for proc in list(self.procs.values()):
-                if proc.state == State.SLEEPING:
-                    self.exit_process(proc, getattr(proc, "last_reason", "stop"))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self.lock:
-                busy = not self.sched.idle
-                if busy and self.loop_thread is None:
-                    busy = self.step()
-            if not busy:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                with self.lock:
-                    for proc in list(self.procs.values()):
-                        if proc.alive:
-                            self.exit_process(proc, "killed")
-                break
-            if self.loop_thread is not None:
-                with self.lock:
-                    self.changed.wait(0.05)
-        self.stop_loop()
-        with self.lock:
-            for tid in list(self.tenants):
-                self.remove_tenant(self.tenants[tid])
-            self.fsck()
-            if self.mm is not None:
-                info = self.mm.meminfo()
-                if info.free + info.cached + (1 if self.null_frame is not None else 0) != info.total \
-                        or info.swap_used:
-                    raise KernelPanic(f"shutdown: memory not all back: {info}")
-            self.log("shutdown", "all memory back; kernel stopped")
+        loop.shutdown(self, kill, timeout)
 
     def _break_deadlock(self) -> bool:
         """Nothing runs and nothing can be admitted: no memory will ever come back for the
@@ -429,120 +362,6 @@ class Kernel:
         self.exit_process(victim, "error", error="ENOMEM: cannot be admitted: the pool (less pinned shm "
                           "pages) or its tenant's limit is too small for it")
         return True
-
-    def _forward(self, plan) -> dict:
-        """Forward every program's share of the plan; returns pid -> (token or None, logprobs)."""
-        groups: dict = {}
-        for work in plan.works:
-            groups.setdefault(id(work.proc.tenant.program), []).append(work)
-        samples = {}
-        for works in groups.values():
-            program = works[0].proc.tenant.program
-            wanted = [w for w in works if w.samples and w.proc.builds_segment is None]
-            try:
-                batch, padding = build_batch(works, wanted, self.mm, self.device, self.null_frame)
-                plan.padding_tokens += padding
-                logits = program.forward(batch, self.kv_view(program))
-                if wanted:
-                    samples.update(self._sample(wanted, logits))
-            except KvosError:
-                raise
-            except KernelPanic:
-                raise
-            except Exception as exc:                   # a failing program takes its batch, not the kernel
-                self.stats.forward_errors += 1
-                for work in works:
-                    self.exit_process(work.proc, "error", error=f"forward failed: {type(exc).__name__}: {exc}")
-                self.log("fault", f"{program.name}: forward failed ({type(exc).__name__}: {exc}); "
-                         f"{len(works)} process(es) ended", level="error")
-        return samples
-
-    def _simulate(self, plan) -> dict:
-        """The simulated device prices the step; every sampling process gets a filler token
-        (workloads prescribe lengths with max_tokens and ignore_eos)."""
-        groups: dict = {}
-        for work in plan.works:
-            groups.setdefault(id(work.proc.tenant.program), (work.proc.tenant.program, []))[1].append(work)
-        if self.padded:      # what build_batch pads a real batch with: every sequence to the longest
-            for _, works in groups.values():
-                plan.padding_tokens += max(w.count for w in works) * len(works) - sum(w.count for w in works)
-        self.device.simulate_step(list(groups.values()), plan)
-        return {w.proc.pid: (getattr(w.proc.tenant.program, "filler_token", 0), None)
-                for w in plan.works if w.samples and w.proc.builds_segment is None
-                and w.proc.params.max_tokens > w.proc.turn_generated}
-
-    def _sample(self, works, logits) -> dict:
-        procs = [w.proc for w in works]
-        sampling = [p for p in procs if p.params.max_tokens > p.turn_generated]
-        out = {p.pid: (None, None) for p in procs}
-        if sampling:
-            rows = [i for i, p in enumerate(procs) if p.params.max_tokens > p.turn_generated]
-            tokens = sample(logits[rows], [p.params for p in sampling], [p.generator for p in sampling])
-            for p, t in zip(sampling, tokens.tolist()):
-                out[p.pid] = (t, None)
-        wants_logprobs = [i for i, p in enumerate(procs) if getattr(p.params, "logprobs", 0)]
-        if wants_logprobs:
-            logp = torch.log_softmax(logits[wants_logprobs].float(), dim=-1)
-            for row, i in enumerate(wants_logprobs):
-                p = procs[i]
-                values, ids = torch.topk(logp[row], p.params.logprobs)
-                out[p.pid] = (out[p.pid][0], list(zip(ids.tolist(), values.tolist())))
-        return out
-
-    def _commit(self, plan, samples: dict) -> None:
-        now = self.clock()
-        for work in plan.works:
-            proc = work.proc
-            if not proc.alive:
-                continue
-            proc.num_computed = work.end
-            self.mm.publish(proc.asid)
-            if not work.samples:
-                continue
-            if proc.builds_segment is not None:
-                self._finish_segment(proc)
-                continue
-            token, logprobs = samples.get(proc.pid, (None, None))
-            if logprobs is not None:
-                proc.logprobs.append(logprobs)
-            if token is None:                          # a turn with nothing (more) to generate
-                self.end_turn(proc, "length")
-                continue
-            self._append_token(proc, token, now)
-
-    def _append_token(self, proc: Process, token: int, now: float) -> None:
-        proc.tokens.append(token)
-        proc.output.append(len(proc.tokens) - 1)
-        proc.turn_generated += 1
-        self.stats.generated_tokens += 1
-        if proc.first_token_at is None:
-            proc.first_token_at = now
-        proc.last_token_at = now
-        params, program = proc.params, proc.tenant.program
-        reason = None
-        if token in program.eos_token_ids and not params.ignore_eos:
-            reason = "stop"
-        elif params.stop_token_ids and token in params.stop_token_ids:
-            reason = "stop"
-        elif params.stop:
-            detok = self.detokenizer(proc)
-            detok.add(proc.generated_tokens)
-            if detok.stopped_at is not None:
-                reason = "stop"
-        if reason is None and (proc.turn_generated >= params.max_tokens or len(proc.tokens) >= program.max_context):
-            reason = "length"
-        if reason:
-            self.end_turn(proc, reason)
-
-    def _record(self, plan, seconds: float) -> None:
-        s = self.stats
-        s.steps += 1
-        s.busy_seconds += seconds
-        s.prefill_tokens += plan.prefill_tokens
-        s.decode_tokens += plan.decode_tokens
-        s.padding_tokens += plan.padding_tokens
-        s.history.append(StepRecord(s.steps, seconds, len(plan.works), plan.prefill_tokens, plan.decode_tokens,
-                                    plan.padding_tokens))
 
     # -- checks and handles -----------------------------------------------------------------------------
     def fsck(self) -> None:

@@ -13,8 +13,8 @@ from kernel.dmesg import LogEntry
 from kernel.errors import E2BIG, EAGAIN, EBUSY, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, EPERM, ESRCH
 from kernel.mm.introspect import CgroupInfo, MemInfo, PageEntry, PageMap
 from kernel.proc import ExitStatus
+from kernel.results import ProcInfo, ReadResult, SchedStat, TenantSched
 from kernel.sched.stats import StepRecord
-from kernel.syscalls import ProcInfo, ReadResult, SchedStat, TenantSched
 
 # EAGAIN is 429 (a tenant's limit: retry later) unless the daemon is draining, then 503.
 HTTP_STATUS = {EINVAL: 400, ESRCH: 404, ENOENT: 404, EPERM: 403, EAGAIN: 429, EBUSY: 409,

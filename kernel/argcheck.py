@@ -1,0 +1,99 @@
+"""Argument checks shared by the syscall handlers: each raises KvosError before anything changes."""
+import math
+
+from kernel.errors import E2BIG, EAGAIN, EINVAL, ENOMEM, EPERM, ESRCH, KvosError
+from kernel.tenant import NICE_MAX, NICE_MIN
+
+
+def check_int(name, value, lo=None, hi=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KvosError(EINVAL, f"{name} must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise KvosError(EINVAL, f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_number(name, value, lo, hi=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or \
+            value < lo or (hi is not None and value > hi) or math.isinf(value):
+        raise KvosError(EINVAL, f"{name} must be a number in [{lo}, {hi if hi is not None else 'inf'}), got {value!r}")
+    return float(value)
+
+
+def tenant_of(kernel, caller, tid):
+    check_int("tid", tid)
+    tenant = kernel.tenants.get(tid)
+    if tenant is None:
+        raise KvosError(ESRCH, f"no tenant {tid}")
+    if caller is not None and caller is not tenant:
+        raise KvosError(EPERM, f"tenant {caller.tid} may not use tenant {tid}")
+    return tenant
+
+
+def proc_of(kernel, caller, pid):
+    check_int("pid", pid)
+    proc = kernel.procs.get(pid)
+    if proc is None:
+        raise KvosError(ESRCH, f"no process {pid}")
+    if caller is not None and proc.tenant is not caller:
+        raise KvosError(EPERM, f"process {pid} belongs to another tenant")
+    return proc
+
+
+def prompt_tokens(program, prompt, what="prompt"):
+    """Token ids of a prompt: text, a list of token ids, or a chat (list of {role, content})."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise KvosError(EINVAL, f"{what} is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise KvosError(EINVAL, f"{what} is not valid text: {err.reason}") from None
+        ids = program.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        for m in prompt:
+            if set(m) - {"role", "content", "name"} or not isinstance(m.get("role"), str) \
+                    or not isinstance(m.get("content"), str):
+                raise KvosError(EINVAL, f"{what}: a chat message needs string 'role' and 'content', got {m!r}")
+        ids = program.apply_chat_template(list(prompt))
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+        program.check_tokens(ids)
+    else:
+        raise KvosError(EINVAL, f"{what} must be text, a list of token ids or a chat, got {type(prompt).__name__}")
+    if not ids:
+        raise KvosError(EINVAL, f"{what} is empty")
+    return ids
+
+
+def check_fits(kernel, tenant, num_tokens, what):
+    if num_tokens > tenant.max_prompt_tokens and num_tokens < tenant.program.max_context:
+        raise KvosError(E2BIG, f"{what} of {num_tokens} tokens exceeds tenant {tenant.name!r}'s limit "
+                               f"of {tenant.max_prompt_tokens}")
+    if num_tokens >= tenant.program.max_context:
+        raise KvosError(ENOMEM, f"{what} of {num_tokens} tokens does not fit the model's context "
+                                f"of {tenant.program.max_context}")
+    pages = -(-(num_tokens + 1) // tenant.page_size)
+    frames = kernel.mm.num_frames - kernel.mm.frames.num_pinned
+    if pages > frames:
+        raise KvosError(ENOMEM, f"{what} of {num_tokens} tokens needs {pages} frames; the pool has {frames}")
+    if tenant.mem_limit is not None and pages > tenant.mem_limit:
+        raise KvosError(ENOMEM, f"{what} of {num_tokens} tokens needs {pages} frames; tenant "
+                                f"{tenant.name!r} may use {tenant.mem_limit}")
+
+
+def check_room_for(kernel, tenant, n):
+    live = tenant.num_live
+    if live + n > tenant.max_procs:
+        raise KvosError(EAGAIN, f"tenant {tenant.name!r} has {live} processes; its limit is {tenant.max_procs}")
+    queued = kernel.sched.queued.get(tenant.tid, 0)
+    if queued + n > tenant.max_queued:
+        raise KvosError(EAGAIN, f"tenant {tenant.name!r} has {queued} processes waiting; its queue limit is "
+                                f"{tenant.max_queued}")
+
+
+def check_priority(tenant, caller, priority):
+    check_int("priority", priority, NICE_MIN, NICE_MAX)
+    if caller is not None and priority < tenant.nice_min:
+        raise KvosError(EPERM, f"priority {priority} is below tenant {tenant.name!r}'s floor {tenant.nice_min}")
+    return priority
