@@ -37,6 +37,8 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "accelerate>=1.0",
                  "openai>=1.40"],
         "cuda": ["cupy-cuda12x"],
+        # `kvos bench`'s llama.cpp baseline (a source build: minutes); the bench skips it when absent.
+        "bench": ["llama-cpp-python>=0.3"],
     },
     entry_points={
         "console_scripts": ["kvos=userspace.shell.main:main"],

@@ -1,0 +1,183 @@
+"""kvos bench: workloads, metrics, and `bench --quick --json` end to end with kvos alone.
+
+The fast tests run the whole command on the tiny model (the baselines skip themselves:
+it has no GGUF file); the slow one runs the real model as CI does. Nothing is timed:
+the checks are the JSON's shape and that every sequence got exactly its length.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kernel.errors import KvosError
+from userspace.bench import metrics, workloads
+from userspace.bench.child import Progress, parse_line
+from userspace.programs.loader import load_program
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"system", "ok", "mode", "useful_tok_s", "total_tok_s", "ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99",
+            "kv_peak_bytes", "wall_seconds", "load_seconds", "exact_lengths", "useful_tokens", "generated_tokens"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_program("tiny-llama")
+
+
+def bench(*args, timeout=1200):
+    """Run `python -m userspace.bench ... --json`; returns the parsed object."""
+    out = subprocess.run([sys.executable, "-m", "userspace.bench", *args, "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+# -- workloads -----------------------------------------------------------------------------------
+def test_mixed_lengths_are_the_issues_draws():
+    prompts, outputs = workloads.mixed_lengths()
+    assert len(prompts) == len(outputs) == 64
+    assert sum(prompts) == 9023 and sum(outputs) == 9172
+    assert min(prompts) >= 16 and max(prompts) <= 256 and min(outputs) >= 8 and max(outputs) <= 512
+
+
+def test_workloads_have_exact_lengths_and_shared_prefix(tiny):
+    prompts, outputs = workloads.mixed_lengths()
+    mixed = workloads.build("mixed", tiny)
+    assert [r.prompt_len for r in mixed.requests] == prompts
+    assert [r.output_len for r in mixed.requests] == outputs
+    assert mixed.temperature == 0 and mixed.prefix_len == 0
+    assert len({tuple(r.prompt) for r in mixed.requests}) == 64          # no two requests alike
+    shared = workloads.build("shared", tiny)
+    prefix = shared.requests[0].prompt[:200]
+    assert shared.prefix_len == 200
+    for r, m in zip(shared.requests, mixed.requests):
+        assert r.prompt[:200] == prefix and r.prompt[200:] == m.prompt
+    sampling = workloads.build("sampling", tiny)
+    assert len(sampling.requests) == 16 and sampling.num_samples == 64 and sampling.temperature > 0
+    quick = workloads.build("mixed", tiny, quick=True)
+    assert quick.requests == mixed.requests[:16]
+
+
+def test_prompts_are_chat_turns_of_real_text(tiny):
+    chat = workloads.ChatText(tiny)
+    assert chat.chatml
+    mixed = workloads.build("mixed", tiny)
+    text = tiny.decode(mixed.requests[5].prompt)
+    topic, question = workloads.texts.TOPICS[5 * 3 % 10], workloads.texts.QUESTIONS[5]
+    assert text.startswith(f"user\n{topic}. {question[:20]}")    # markers are special tokens: not decoded
+    assert text.rstrip().endswith("assistant")
+
+
+@pytest.mark.slow
+def test_mixed_prompts_share_no_page_with_the_real_tokenizer():
+    """No accidental prefix sharing in `mixed`: every prompt differs within its first 16-token page."""
+    mixed = workloads.build("mixed", load_program("smollm2-135m"))
+    assert len({tuple(r.prompt[:16]) for r in mixed.requests}) == 64
+    assert (mixed.prompt_tokens, mixed.generated_tokens) == (9023, 9172)
+
+
+def test_trace_file(tiny, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"prompt_len": 30, "output_len": 4, "arrival": 1.5}\n\n'
+                     '{"prompt_tokens": [5, 6, 7], "output_len": 2}\n{"prompt_len": 3, "output_len": 1}\n')
+    w = workloads.build("mixed", tiny, trace=str(trace))
+    assert [(r.prompt_len, r.output_len, r.arrival) for r in w.requests] == [(3, 2, 0.0), (3, 1, 0.0),
+                                                                             (30, 4, 1.5)]
+    assert w.requests[0].prompt == [5, 6, 7] and w.has_arrivals
+    for bad in ('{"prompt_len": 3}', '{"prompt_len": 0, "output_len": 2}', '[1, 2]', 'not json',
+                '{"prompt_tokens": [99999], "output_len": 2}', '{"prompt_len": 4, "output_len": 2, "arrival": -1}'):
+        trace.write_text(bad + "\n")
+        with pytest.raises(KvosError):
+            workloads.build("mixed", tiny, trace=str(trace))
+    with pytest.raises(KvosError):
+        workloads.build("nope", tiny)
+
+
+# -- metrics and the child protocol ------------------------------------------------------------------
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 64):
+        xs = list(rng.random(n))
+        for q in (50, 99):
+            assert math.isclose(metrics.percentile(xs, q), float(np.percentile(xs, q)))
+    assert metrics.percentile([], 50) is None
+
+
+def test_summarize_counts_useful_tokens_and_gaps(tiny):
+    w = workloads.Workload("t", [workloads.BenchRequest(0, [1, 2, 3], 3), workloads.BenchRequest(1, [4], 2, 1.0)])
+    raw = {"ok": True, "system": "x", "mode": "m", "wall_seconds": 4.0, "load_seconds": 1.0,
+           "samples": [{"request": 0, "sample": 0, "prompt_len": 3, "output_len": 3, "arrival": 0.0,
+                        "token_times": [0.5, 0.7, 1.0]},
+                       {"request": 1, "sample": 0, "prompt_len": 1, "output_len": 2, "arrival": 1.0,
+                        "token_times": [2.0, 2.5, 3.0]}]}       # one token too many: not useful
+    row = metrics.summarize(w, raw)
+    assert row["useful_tokens"] == 5 and row["generated_tokens"] == 6 and not row["exact_lengths"]
+    assert row["length_mismatches"] == [(1, 0, 3, 2)]
+    assert math.isclose(row["useful_tok_s"], 5 / 4) and math.isclose(row["total_tok_s"], (4 + 5) / 4)
+    assert math.isclose(row["ttft_p50"], 0.75)                    # 0.5 and 2.0 - 1.0
+    assert math.isclose(row["tbt_p50"], 0.4)                       # gaps 0.2, 0.3 and 0.5, 0.5, pooled
+    assert metrics.ratios([{**row, "system": "kvos"}, {**row, "system": "b", "useful_tok_s": 0.625}]) == {"b": 2.0}
+    assert math.isclose(metrics.ceiling_fraction(w, row, 1e9, 100), (4 + 5) * 2 * 100 / (4.0 * 1e9))
+
+
+def test_progress_lines_round_trip(capsys):
+    p = Progress(every=0)
+    p.phase("run", 12)
+    p.update(5)
+    lines = capsys.readouterr().err.splitlines()
+    assert [parse_line(ln) for ln in lines] == [("phase", ("run", 12)), ("done", 5)]
+    assert parse_line("some library's warning") is None
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+def _check_report(report, workload_name, samples):
+    assert {"command", "workload", "machine", "table", "ratios", "ceiling_fraction", "settings"} <= set(report)
+    assert report["workload"]["name"] == workload_name and report["workload"]["samples"] == samples
+    assert report["machine"]["ceiling"]["ok"] and report["machine"]["ceiling"]["flops"] > 0
+    rows = {r["system"]: r for r in report["table"]}
+    kvos = rows["kvos"]
+    assert kvos["ok"] and ROW_KEYS <= set(kvos)
+    assert kvos["exact_lengths"] and kvos["generated_tokens"] == report["workload"]["generated_tokens"]
+    assert kvos["samples"] == samples
+    for key in ("useful_tok_s", "total_tok_s", "wall_seconds"):
+        assert kvos[key] > 0
+    assert 0 < kvos["ttft_p50"] <= kvos["ttft_p99"] and 0 < kvos["tbt_p50"] <= kvos["tbt_p99"]
+    assert 0 < kvos["kv_peak_bytes"] <= kvos["kv_capacity_bytes"]
+    assert report["ceiling_fraction"] > 0
+    return rows
+
+
+def test_quick_json_on_the_tiny_model():
+    report = bench("--quick", "--model", "tiny-llama", "--memory", "8MiB", "--tokens")
+    rows = _check_report(report, "mixed", 16)
+    kvos = rows["kvos"]
+    prompts, outputs = workloads.mixed_lengths()
+    assert [len(kvos["tokens"][f"{i}.0"]) for i in range(16)] == outputs[:16]
+    for name in ("hf-static", "hf-cb", "llama.cpp"):
+        assert not rows[name]["ok"] and rows[name]["skipped"]      # the tiny model has no GGUF file
+    assert report["ratios"] == {}
+
+
+def test_shared_and_sampling_share_pages_on_the_tiny_model():
+    shared = bench("--quick", "--workload", "shared", "--model", "tiny-llama", "--memory", "8MiB",
+                   "--systems", "kvos")
+    kvos = _check_report(shared, "shared", 16)["kvos"]
+    assert kvos["extra"]["cached_tokens"] == 16 * 200             # the system turn, attached from shm
+    assert kvos["extra"]["prefill_tokens"] == shared["workload"]["prompt_tokens"] - 15 * 200
+    sampling = bench("--quick", "--workload", "sampling", "--model", "tiny-llama", "--memory", "8MiB",
+                     "--systems", "kvos")
+    kvos = _check_report(sampling, "sampling", 16)["kvos"]
+    assert kvos["kv_peak_bytes"] < kvos["kv_private_peak_bytes"]  # forks map the prompt's pages once
+
+
+@pytest.mark.slow
+def test_quick_json_with_the_real_model():
+    report = bench("--quick", "--systems", "kvos", "--tokens")
+    rows = _check_report(report, "mixed", 16)
+    _, outputs = workloads.mixed_lengths()
+    assert [len(rows["kvos"]["tokens"][f"{i}.0"]) for i in range(16)] == outputs[:16]
+    assert report["settings"]["gguf"].endswith(".gguf")

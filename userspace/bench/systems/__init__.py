@@ -1,0 +1,14 @@
+"""The systems `kvos bench` compares, one module each, each run as its own process.
+
+Every module is `python -m userspace.bench.systems.NAME WORKLOAD.json OPTIONS.json` (the
+protocol is in userspace/bench/child.py) and returns the same result shape: per sample the
+times its tokens became available, plus load time, wall time and peak KV memory.
+"""
+
+SYSTEMS = {
+    "kvos": "userspace.bench.systems.kvos",
+    "hf-static": "userspace.bench.systems.hf_static",
+    "hf-cb": "userspace.bench.systems.hf_cb",
+    "llama.cpp": "userspace.bench.systems.llamacpp",
+}
+DEFAULT_SYSTEMS = ("kvos", "hf-static", "hf-cb", "llama.cpp")
