@@ -192,13 +192,22 @@ class Scheduler:
         """A process whose pages may go so that `proc` can run, or None."""
         mine = lambda q: q.tenant is proc.tenant                       # noqa: E731
         allowed = mine if by_limit else (lambda q: mine(q) or self._over_share(q.tenant))
-        sleepers = [q for q in self.kernel.sleeping_resident() if q is not proc and allowed(q)]
-        if sleepers:                                    # idle pages go first, least recently active
-            return min(sleepers, key=lambda q: q.last_token_at or q.spawned_at)
+        sleeper = self._idle_victim(proc, mine if by_limit else None)
+        if sleeper is not None:
+            return sleeper
         mine_key = self.policy.victim_key(proc)
         candidates = [q for q in self.running.values() if q is not proc and q.pid not in self._served
                       and allowed(q) and self.policy.victim_key(q) > mine_key]
         return max(candidates, key=self.policy.victim_key) if candidates else None
+
+    def _idle_victim(self, proc, allowed=None):
+        """A sleeping process with resident pages, least recently active first. Idle pages go
+        before anyone's running work, whatever their tenant (unless `allowed` narrows it, as a
+        tenant's own limit does): swapping them costs their owner latency on the next turn,
+        never output."""
+        sleepers = [q for q in self.kernel.sleeping_resident()
+                    if q is not proc and (allowed is None or allowed(q))]
+        return min(sleepers, key=lambda q: q.last_token_at or q.spawned_at) if sleepers else None
 
     def _over_share(self, tenant, extra: int = 0) -> bool:
         """Whether `tenant` holds (with `extra` more frames would hold) more than its guaranteed
@@ -255,11 +264,19 @@ class Scheduler:
         cgid = proc.tenant.cgid
         if proc.residency == Residency.SWAPPED:
             new, charges, cached_hits = mm.swap_in_plan(proc.asid)
+            # Room for its pages and for the page its next token may open: admitting it only to
+            # preempt it again at once would thrash.
+            space = mm.space(proc.asid)
+            growth = int(space.num_tokens % space.page_size == 0)
             room = mm.cgroups[cgid].room()
-            if room is not None and charges > room:
+            if room is not None and charges + growth > room:
                 return _SKIP
-            if new + cached_hits + mm.watermark > mm.frames.available:   # hits leave the LRU: not evictable
-                return _STOP
+            while new + cached_hits + growth + mm.watermark > mm.frames.available:   # hits leave the LRU
+                sleeper = self._idle_victim(proc)
+                if sleeper is None:
+                    return _STOP
+                self._preempt(sleeper, plan)
+                new, charges, cached_hits = mm.swap_in_plan(proc.asid)
             mm.swap_in(proc.asid)
             proc.residency = Residency.RESIDENT
             self.stats.swap_ins += 1
@@ -280,6 +297,8 @@ class Scheduler:
                 return self._refuse(proc, fresh)
         if not self._fits(proc, count, admission=True):
             count = self._largest_fit(proc, count, admission=True)
+            while not count and self._evict_idle_for(proc, plan):
+                count = self._largest_fit(proc, min(proc.remaining, self.chunk, budget), admission=True)
             if not count and self._claim_share(proc, plan):
                 count = self._largest_fit(proc, min(proc.remaining, self.chunk, budget), admission=True)
             if not count:
@@ -287,6 +306,18 @@ class Scheduler:
         self._run(proc, plan)
         self._plan_work(proc, count, plan)
         return count
+
+    def _evict_idle_for(self, proc, plan: Plan) -> bool:
+        """Swap out one idle sleeper so that `proc` may be admitted (only when the pool, not the
+        tenant's own limit, is what is short). Returns whether one went."""
+        room = self.mm.cgroups[proc.tenant.cgid].room()
+        if room is not None and room < 1:
+            return False
+        sleeper = self._idle_victim(proc)
+        if sleeper is None:
+            return False
+        self._preempt(sleeper, plan)
+        return True
 
     def _claim_share(self, proc, plan: Plan) -> bool:
         """A tenant below its guaranteed share takes frames back from tenants above theirs
