@@ -1,10 +1,10 @@
 """The one-shot commands: pull, run, chat, and the /proc views (ps, pagemap, meminfo, dmesg).
 
 Each takes parsed arguments and returns an exit status. The /proc views print
-what a syscall handle returns; connect() gives them one. There is no daemon yet,
-so connect() boots a kernel here and runs a short workload into it; a daemon
-client with the same methods (ps, pagemap, meminfo, schedstat, dmesg) can take
-its place without touching the views.
+what a syscall handle returns; connect() gives them one: the client of a running
+kvosd when one is named or found (--url, $KVOS_URL, a local daemon's runtime
+file), else a kernel booted here with a short workload run into it. Both have the
+same methods (ps, pagemap, meminfo, schedstat, dmesg), so the views never know.
 """
 from __future__ import annotations
 
