@@ -1,0 +1,43 @@
+#!/bin/bash
+# Everything kvos checks on a lent GPU, in one call (bash benchmarks/gpu_session.sh).
+#
+# The GPU machine has torch, CuPy, transformers and pytest but not cffi or gguf, and no
+# network: carry them as wheels in .whl/ (see docs/kernels.md). It builds the C kernels
+# there (-march=native must match that CPU), then runs, each under its own time limit:
+#   1. benchmarks/gpu_check.py   every CUDA op against its torch twin, refusals, attention timing
+#   2. pytest -m cuda            the CUDA tests of the suite (ops, programs against HF)
+#   3. benchmarks/gpu_kernel.py  the whole kernel on the GPU against the CPU, and decode speed
+# Logs land in $OUT (or out/ here). Exit status: the number of parts that failed.
+set -o pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+failed=0
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)"
+  nproc; } 2>&1 | tee "$OUT/env.txt"
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python3 csrc/cpu/build_ffi.py > "$OUT/build.log" 2>&1 || { echo "C kernels: build failed"; tail -20 "$OUT/build.log"; failed=$((failed + 1)); }
+python3 -c "from kernel.ops import _kvos_cpu" && echo "C kernels: built"
+
+part() {   # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo; echo "######## $name"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=$?
+  echo "######## $name: exit $rc"
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+
+part gpu_check 180 python3 benchmarks/gpu_check.py
+part pytest_cuda 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_ops_cuda.py tests/test_programs_tiny.py
+part gpu_kernel 200 python3 benchmarks/gpu_kernel.py
+
+echo; echo "parts failed: $failed"
+exit $failed
