@@ -115,7 +115,19 @@ def smollm2_shaped(device, dtype):
                         torch.device(device), dtype)
 
 
-def speed(device, batches, ctx):
+def profile_steps(k, device, steps=5):
+    """Where a decode step's time goes: torch.profiler over a few steps, top ops by host time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            k.step()
+        sync(device)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=44)
+
+
+def speed(device, batches, ctx, profile_batch=64):
+    profiles = []
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     program = smollm2_shaped(device, dtype)
     kv_token_bytes = program.kv_shape.bytes_per_token
@@ -142,6 +154,8 @@ def speed(device, batches, ctx):
         ms = (time.perf_counter() - t0) / n * 1e3
         kv_read = batch * (ctx + 30) * kv_token_bytes
         print(f"   {batch:>5} {ms:>9.2f} {batch / ms * 1e3:>10.0f} {kv_read / ms / 1e6:>8.1f}", flush=True)
+        if batch == profile_batch:
+            profiles.append(profile_steps(k, device))
         for p in pids:
             s.kill(p)
         k.step()
@@ -158,6 +172,8 @@ def speed(device, batches, ctx):
     ms = (time.perf_counter() - t0) * 1e3
     print(f"   prefill step of 4 x 512 tokens: {ms:.1f} ms ({2048 / ms * 1e3:.0f} tokens/s)")
     k.fsck()
+    for table in profiles:
+        print(f"\n   profile of 5 decode steps at batch {profile_batch}:\n{table}")
 
 
 def main():

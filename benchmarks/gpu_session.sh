@@ -6,7 +6,8 @@
 # there (-march=native must match that CPU), then runs, each under its own time limit:
 #   1. benchmarks/gpu_check.py   every CUDA op against its torch twin, refusals, attention timing
 #   2. pytest -m cuda            the CUDA tests of the suite (ops, programs against HF)
-#   3. benchmarks/gpu_kernel.py  the whole kernel on the GPU against the CPU, and decode speed
+#   3. benchmarks/gpu_attention_variants.py  (when .variants/ is carried) kernel variants timed
+#   4. benchmarks/gpu_kernel.py  the whole kernel on the GPU against the CPU, and decode speed
 # Logs land in $OUT (or out/ here). Exit status: the number of parts that failed.
 set -o pipefail
 OUT=${OUT:-out}
@@ -23,7 +24,10 @@ if [ -d .whl ]; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 csrc/cpu/build_ffi.py > "$OUT/build.log" 2>&1 || { echo "C kernels: build failed"; tail -20 "$OUT/build.log"; failed=$((failed + 1)); }
+# The install step of the Makefile, offline: builds the C kernels and registers the entry points.
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/build.log" 2>&1 \
+  || python3 csrc/cpu/build_ffi.py >> "$OUT/build.log" 2>&1 \
+  || { echo "C kernels: build failed"; tail -20 "$OUT/build.log"; failed=$((failed + 1)); }
 python3 -c "from kernel.ops import _kvos_cpu" && echo "C kernels: built"
 
 part() {   # part NAME SECONDS COMMAND...
@@ -37,6 +41,10 @@ part() {   # part NAME SECONDS COMMAND...
 
 part gpu_check 180 python3 benchmarks/gpu_check.py
 part pytest_cuda 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_ops_cuda.py tests/test_programs_tiny.py
+if [ -f .variants/attention_v1.cu ]; then     # tuning runs carry older kernels in .variants/
+  part variants 200 python3 benchmarks/gpu_attention_variants.py v1=.variants/attention_v1.cu \
+    unroll1=-DUNROLL=1 unroll2=-DUNROLL=2 shipped= unroll8=-DUNROLL=8 minblocks6=-DMIN_BLOCKS=6
+fi
 part gpu_kernel 200 python3 benchmarks/gpu_kernel.py
 
 echo; echo "parts failed: $failed"

@@ -9,6 +9,12 @@
 
 #define THREADS 128
 #define G_BATCH 4   /* query heads whose P V accumulators a thread holds at once */
+#ifndef UNROLL
+#define UNROLL 4    /* K or V rows a thread loads before it uses any: loads in flight */
+#endif
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 1   /* blocks per multiprocessor the register budget must allow */
+#endif
 
 struct attn_args {
     void *out; int64_t out_tok_stride, out_head_stride;
@@ -79,34 +85,52 @@ __device__ void paged_attention(const attn_args &a)
         q_s[i] = kvos_to_float(q[(int64_t)(h * G + i / D) * a.q_head_stride + i % D]) * a.q_scale;
     __syncthreads();
 
-    /* Scores: each group of lpt lanes takes one token; loops stay warp-uniform for shuffles. */
+    /* Scores: each group of lpt lanes takes UNROLL tokens at once, so every lane has UNROLL
+     * independent 16-byte loads in flight (one at a time left the loads latency-bound, about a
+     * third of HBM bandwidth on an H200). Loops and the query-head tests are warp-uniform. */
     const T *k_cache = static_cast<const T *>(a.k_cache), *v_cache = static_cast<const T *>(a.v_cache);
-    const int lpt = lanes_per_row(NCH), per_warp = 32 / lpt;
+    const int lpt = lanes_per_row(NCH), per_warp = 32 / lpt, per_pass = (THREADS / 32) * per_warp;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / lpt, li = lane % lpt;
-    for (int base = warp * per_warp; base < n; base += (THREADS / 32) * per_warp) {
-        const int t = base + gi;
-        const bool valid = t < n;
-        const T *krow = k_cache + (valid ? row_off[t] : 0);
-        for (int g0 = 0; g0 < G; g0 += 8) {
-            float part_dot[8];
+    for (int base = warp * per_warp; base < n; base += per_pass * UNROLL) {
+        const T *krow[UNROLL];
+        bool valid[UNROLL];
 #pragma unroll
-            for (int j = 0; j < 8; j++)
-                part_dot[j] = 0.0f;
-            for (int c = li; valid && c < NCH; c += lpt) {
-                float kf[VEC];
-                kvos_load<T, VEC>(krow + c * VEC, kf);
+        for (int u = 0; u < UNROLL; u++) {
+            const int t = base + u * per_pass + gi;
+            valid[u] = t < n;
+            krow[u] = k_cache + (valid[u] ? row_off[t] : row_off[0]);
+        }
+        for (int g0 = 0; g0 < G; g0 += 8) {
+            float part_dot[UNROLL][8];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    part_dot[u][j] = 0.0f;
+            for (int c = li; c < NCH; c += lpt) {
+                float kf[UNROLL][VEC];
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++)
+                    kvos_load<T, VEC>(krow[u] + c * VEC, kf[u]);   /* in range even when !valid */
 #pragma unroll
                 for (int j = 0; j < 8; j++)
                     if (g0 + j < G)
-                        part_dot[j] += kvos_dot(kf, q_s + (g0 + j) * D + c * VEC, VEC);
+#pragma unroll
+                        for (int u = 0; u < UNROLL; u++)
+                            part_dot[u][j] += kvos_dot(kf[u], q_s + (g0 + j) * D + c * VEC, VEC);
             }
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                float x = part_dot[j];
-                for (int o = lpt / 2; o > 0; o >>= 1)
-                    x += __shfl_xor_sync(0xffffffffu, x, o);
-                if (valid && li == 0 && g0 + j < G)
-                    p_s[(g0 + j) * PS + t] = x;
+                if (g0 + j >= G)
+                    break;
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) {
+                    float x = part_dot[u][j];
+                    for (int o = lpt / 2; o > 0; o >>= 1)
+                        x += __shfl_xor_sync(0xffffffffu, x, o);
+                    if (valid[u] && li == 0)
+                        p_s[(g0 + j) * PS + base + u * per_pass + gi] = x;
+                }
             }
         }
     }
@@ -143,15 +167,26 @@ __device__ void paged_attention(const attn_args &a)
 #pragma unroll
                     for (int e = 0; e < VEC; e++)
                         acc[j][e] = 0.0f;
-                for (int t = slice; t < n; t += slices) {
-                    float vf[VEC];
-                    kvos_load<T, VEC>(v_cache + row_off[t] + c * VEC, vf);
+                /* UNROLL rows of V in flight per thread, as for K above. */
+                for (int t0 = slice; t0 < n; t0 += slices * UNROLL) {
+                    float vf[UNROLL][VEC];
 #pragma unroll
-                    for (int j = 0; j < G_BATCH; j++) {
-                        const float p = g0 + j < G ? p_s[(g0 + j) * PS + t] : 0.0f;
+                    for (int u = 0; u < UNROLL; u++) {
+                        const int t = t0 + u * slices;
+                        kvos_load<T, VEC>(v_cache + row_off[t < n ? t : t0] + c * VEC, vf[u]);
+                    }
 #pragma unroll
-                        for (int e = 0; e < VEC; e++)
-                            acc[j][e] += p * vf[e];
+                    for (int u = 0; u < UNROLL; u++) {
+                        const int t = t0 + u * slices;
+                        if (t >= n)
+                            break;
+#pragma unroll
+                        for (int j = 0; j < G_BATCH; j++) {
+                            const float p = g0 + j < G ? p_s[(g0 + j) * PS + t] : 0.0f;
+#pragma unroll
+                            for (int e = 0; e < VEC; e++)
+                                acc[j][e] += p * vf[u][e];
+                        }
                     }
                 }
 #pragma unroll
@@ -209,7 +244,7 @@ __device__ void combine(const attn_args &a)
 
 /* Entry points: dtype x (16-byte vector loads, or element loads for unaligned layouts). */
 #define KVOS_ATTENTION(suffix, T, VEC) \
-    extern "C" __global__ void __launch_bounds__(THREADS) kvos_paged_attention_##suffix(attn_args a) \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) kvos_paged_attention_##suffix(attn_args a) \
     { paged_attention<T, VEC>(a); }
 KVOS_ATTENTION(f32, float, 4)
 KVOS_ATTENTION(f16, kvos_half, 8)
