@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kernel.devices.torchdev import TorchDevice
+from kernel.errors import KvosError
 from kernel.program import exec_program
 from tests.helpers.hf_reference import hf_model, rel_error
 from tests.helpers.paged_runner import PagedRunner
@@ -227,3 +228,21 @@ def test_cuda_matches_hf(reference, prompt, dtype, tol):
     ours = runner.prefill(runner.new_seq(), prompt, chunk=7)
     assert ours.dtype == torch.float32 and ours.device.type == "cuda"
     assert rel_error(ours.cpu(), hf_logits(reference, prompt)) < tol
+
+
+def test_bfloat16_matmuls_on_the_cpu(program, reference, prompt, monkeypatch):
+    """matmul=bfloat16: the linear layers in bf16, the rest float32; close to HF, and its own program."""
+    fast = load_program("tiny-llama", "cpu", matmul="bfloat16")
+    assert fast is not program and fast.matmul_dtype == torch.bfloat16
+    assert fast.kv_shape.dtype == torch.float32                  # the KV cache and the C kernels: float32
+    assert fast.identity != program.identity                     # other K/V: never shared through the page cache
+    assert fast.layers[0].qkv_t.dtype == torch.bfloat16
+    runner = PagedRunner(fast)
+    logits = runner.prefill(runner.new_seq(), prompt, chunk=7)
+    err = rel_error(logits, hf_logits(reference, prompt))
+    assert 1e-4 < err < 3e-2, err                              # bf16 rounding, not a different function
+    monkeypatch.setenv("KVOS_MATMUL", "bf16")
+    assert load_program("tiny-llama", "cpu") is fast             # the environment picks the same program
+    for bad, message in (("float16", "float32 or bfloat16"), ("int8", "is not one of")):
+        with pytest.raises(KvosError, match=message):
+            load_program("tiny-llama", "cpu", matmul=bad)

@@ -115,6 +115,10 @@ def run(args) -> int:
     result = report.build_report(workload, rows, metrics.ratios(rows), ceiling, fraction, num_params, settings,
                                  loads, command)
     result["machine"]["others_share_at_start"] = quiet
+    bf16_row = next((r for r in rows if r.get("system") == "kvos-bf16"), None)
+    result["ratios_kvos_bf16"] = metrics.ratios(rows, base="kvos-bf16")
+    result["ceiling_fraction_kvos_bf16"] = metrics.ceiling_fraction(workload, bf16_row, ceiling.get("flops"),
+                                                                    num_params)
     if args.output:
         Path(args.output).write_text(_dumps(result))
     if args.json:

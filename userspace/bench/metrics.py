@@ -49,13 +49,13 @@ def summarize(workload, raw: dict) -> dict:
     }
 
 
-def ratios(rows: list, base: str = "kvos") -> dict:
-    """Useful tok/s of `base` over each other system that ran."""
+def ratios(rows: list, base: str = "kvos", exclude=("kvos", "kvos-bf16")) -> dict:
+    """Useful tok/s of `base` over each baseline that ran (the kvos rows are not baselines)."""
     ok = {r["system"]: r for r in rows if r.get("ok")}
     if base not in ok:
         return {}
     return {name: ok[base]["useful_tok_s"] / r["useful_tok_s"]
-            for name, r in ok.items() if name != base and r["useful_tok_s"] > 0}
+            for name, r in ok.items() if name != base and name not in exclude and r["useful_tok_s"] > 0}
 
 
 def ceiling_fraction(workload, row: dict | None, flops: float | None, num_params: int) -> float | None:

@@ -88,8 +88,14 @@ def render(report: dict, console) -> None:
     if report["ratios"]:
         console.print("kvos / baseline (useful tok/s): " +
                       ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
+    if report.get("ratios_kvos_bf16"):
+        console.print("kvos-bf16 / baseline (useful tok/s): " +
+                      ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios_kvos_bf16"].items()))
     if report["ceiling_fraction"] is not None:
         console.print(f"kvos at {report['ceiling_fraction']:.1%} of the compute ceiling "
                       "((prompt + generated) x 2 x params / (wall x fp32 FLOP/s))")
+    if report.get("ceiling_fraction_kvos_bf16") is not None:
+        console.print(f"kvos-bf16 at {report['ceiling_fraction_kvos_bf16']:.1%} of the same fp32 ceiling "
+                      "(its GEMMs run on the bf16 units, whose ceiling is higher)")
     if m["noisy"]:
         console.print("[yellow]noisy: " + "; ".join(m["noisy_because"]) + "[/yellow]")

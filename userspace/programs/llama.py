@@ -81,20 +81,37 @@ def check_weight_shapes(config: LlamaConfig, w: dict) -> None:
                                     f"the config says {shape}")
 
 
-class _Layer:
-    """One decoder layer's tensors, as attributes (a dict lookup per use would cost in the hot loop)."""
-    __slots__ = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "down")
+def add_matmul(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+    """x += a @ w, fused into the GEMM when the dtypes agree (the residual stream stays in x's dtype)."""
+    if w.dtype == x.dtype:
+        x.addmm_(a, w)
+    else:
+        x.add_(torch.mm(a.to(w.dtype), w))
 
-    def __init__(self, w: dict, i: int):
+
+class _Layer:
+    """One decoder layer's tensors, as attributes (a dict lookup per use would cost in the hot loop).
+
+    The four projection matrices are kept transposed, (in, out) and contiguous, for torch.mm and
+    addmm: on the CPU that is 1.5 to 1.75x faster than F.linear on the (out, in) layout for the
+    8 to 32 rows of a decode step (measured at SmolLM2's shapes, 2 threads; 1.1x at 64 rows)."""
+    __slots__ = ("attn_norm", "qkv_t", "qkv_bias", "o_t", "o_bias", "mlp_norm", "gate_up_t", "down_t")
+
+    def __init__(self, w: dict, i: int, matmul_dtype: torch.dtype):
         for name in self.__slots__:
-            setattr(self, name, w.get(f"layers.{i}.{name}"))
+            if name.endswith("_t"):
+                setattr(self, name, w[f"layers.{i}.{name[:-2]}"].t().to(matmul_dtype).contiguous())
+            else:
+                setattr(self, name, w.get(f"layers.{i}.{name}"))
+        if self.qkv_bias is not None:     # added inside the GEMM, so in its dtype
+            self.qkv_bias = self.qkv_bias.to(matmul_dtype)
 
 
 class LlamaProgram(Program):
     """A LLaMA-family model: RMSNorm, RoPE, GQA attention on paged KV, SwiGLU MLP, tied or untied head."""
 
     def __init__(self, name: str, config: LlamaConfig, weights: dict, tokenizer, identity: bytes,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, matmul_dtype: torch.dtype | None = None):
         check_weight_shapes(config, weights)
         self.name = name
         self.config = config
@@ -117,8 +134,12 @@ class LlamaProgram(Program):
             t.requires_grad_(False)
         self.embed = w["embed"]
         self.norm = w["norm"]
-        self.lm_head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
-        self.layers = [_Layer(w, i) for i in range(config.num_hidden_layers)]
+        # The linear layers may run in another dtype than the rest (bfloat16 on a CPU with AMX:
+        # 2 to 4x faster GEMMs); activations, norms, RoPE and the KV cache stay in `dtype`.
+        self.matmul_dtype = matmul_dtype or dtype
+        head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
+        self.lm_head = head.to(self.matmul_dtype)
+        self.layers = [_Layer(w, i, self.matmul_dtype) for i in range(config.num_hidden_layers)]
         self.rope = RopeTables(config, dtype, device, weights.get("freq_factors"))
         self.scale = config.head_dim ** -0.5
 
@@ -144,13 +165,15 @@ class LlamaProgram(Program):
         nq, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q_end, k_end = c.q_size, c.q_size + c.kv_size
         inter = c.intermediate_size
-        rope = self.rope
+        rope, md = self.rope, self.matmul_dtype
         cos, sin = rope.lookup(batch.positions)
 
         x = F.embedding(batch.token_ids, self.embed)                    # the residual stream (tokens, hidden)
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (hidden,), layer.attn_norm, eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)                 # (tokens, q | k | v)
+            h = h.to(md)                                                 # a no-op unless mixed
+            qkv = (torch.mm(h, layer.qkv_t) if layer.qkv_bias is None       # (tokens, q | k | v)
+                   else torch.addmm(layer.qkv_bias, h, layer.qkv_t)).to(self.dtype)
             # One rotation for the q and k heads together; q, k and v stay views (the ops take any
             # row stride as long as each head vector is dense).
             qk = rope.apply(qkv[:, :k_end].view(num_tokens, nq + nkv, d), cos, sin)
@@ -162,14 +185,14 @@ class LlamaProgram(Program):
             ops.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, check=check)
             attn = ops.paged_attention(q, k_cache, v_cache, batch.page_table, batch.query_start,
                                        batch.context_lens, self.scale, check=check)
-            x.addmm_(attn.view(num_tokens, q_end), layer.o.t())          # residual add fused into the GEMM
+            add_matmul(x, attn.view(num_tokens, q_end), layer.o_t)       # x += attn @ o
             if layer.o_bias is not None:
                 x.add_(layer.o_bias)
             h = F.rms_norm(x, (hidden,), layer.mlp_norm, eps)
-            gate_up = F.linear(h, layer.gate_up)
+            gate_up = torch.mm(h.to(md), layer.gate_up_t)
             act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
-            x.addmm_(act, layer.down.t())
+            add_matmul(x, act, layer.down_t)
 
         # Only the rows that will be sampled go through the final norm and the LM head.
         x = F.rms_norm(x.index_select(0, batch.sample_indices), (hidden,), self.norm, eps)
-        return F.linear(x, self.lm_head).float()
+        return F.linear(x.to(md), self.lm_head).float()
