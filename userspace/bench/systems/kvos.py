@@ -91,11 +91,13 @@ def run(workload, options, progress) -> dict:
     delta["page_cache_hits"] = mem.page_cache_hits - cache_hits_before
     delta["observe_seconds"] = observe_seconds
     delta["token_budget"] = k.sched.token_budget
+    matmul = str(getattr(k.tenants[tid].program, "matmul_dtype", "torch.float32")).removeprefix("torch.")
     k.shutdown()
     return records.result(
-        "kvos", samples, load_seconds=load_seconds, wall_seconds=wall, cpu_seconds=cpu,
+        "kvos" if matmul == "float32" else "kvos-bf16", samples, load_seconds=load_seconds, wall_seconds=wall,
+        cpu_seconds=cpu,
         mode=f"continuous batching, paged KV ({mem.frame_bytes // 1024} KiB frames), token budget "
-             f"{delta['token_budget']}",
+             f"{delta['token_budget']}, {matmul} matmuls",
         kv_peak_bytes=peak_mapped * mem.frame_bytes, kv_private_peak_bytes=peak_private * mem.frame_bytes,
         kv_capacity_bytes=mem.total * mem.frame_bytes, return_tokens=options.get("return_tokens", False),
         extra=delta, notes=_notes(workload, delta))
