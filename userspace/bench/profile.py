@@ -15,7 +15,9 @@ import time
 # the patterns (torch builtins); "cum" sums the cumulative time of the Python functions named
 # (file suffix, function), old and new homes alike (a function that moved is still found).
 CATEGORIES = [
-    ("matmul (F.linear, addmm_)", "tot", ("built-in method torch._C._nn.linear", "method 'addmm_'")),
+    ("matmul (mm, addmm, F.linear)", "tot", ("built-in method torch._C._nn.linear", "method 'addmm_'",
+                                              "built-in method torch.mm>", "built-in method torch.addmm>")),
+    ("dtype casts and residual adds (bf16 matmuls)", "tot", ("method 'to' of", "method 'add_' of")),
     ("attention (C paged_attention)", "cum", (("kernel/ops/dispatch.py", "paged_attention"),)),
     ("K/V write (C write_kv)", "cum", (("kernel/ops/dispatch.py", "write_kv"),)),
     ("RMSNorm", "tot", ("method torch.rms_norm",)),
