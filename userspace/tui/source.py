@@ -1,9 +1,10 @@
 """Where the TUI's data comes from: a Snapshot of /proc, and the controls a student pokes.
 
-LocalSource serves an in-process kernel driven by a KernelLoop. Everything but
-the frame map goes through syscalls; the frame map (one state per frame) has no
-syscall yet, so frame_map() reads the memory manager directly, under the
-kernel lock. A daemon client can later serve the same methods over a socket.
+LocalSource serves an in-process kernel driven by a KernelLoop: everything goes
+through syscalls except the frame map, which also names the processes mapping
+each frame, so frame_map() reads the memory manager under the kernel lock.
+RemoteSource serves the same methods from a running kvosd (its frame map from
+meminfo(frames=True)). Both classify frames with kernel.mm.introspect.frame_map.
 snapshot() blocks for at most one kernel step: call it off the UI thread.
 """
 from __future__ import annotations
@@ -45,33 +46,45 @@ class Snapshot:
     paused: bool = False
 
 
+def frame_cells(rows, mappers=None) -> list:
+    """FrameCells from kernel.mm.introspect.frame_map rows ([state, refcount, owner]; the same
+    rows meminfo(frames=True) returns over the daemon). A singly mapped frame shows as private."""
+    mappers = mappers or {}
+    return [FrameCell("private" if state == "mapped" else state, owner, refs, tuple(mappers.get(f, ())))
+            for f, (state, refs, owner) in enumerate(rows)]
+
+
 def frame_map(kernel) -> FrameMap:
     """Every frame's state, charged tenant and mapping processes (call under kernel.lock)."""
+    from kernel.mm.introspect import frame_map as frame_rows
     mm = kernel.mm
     if mm is None:
         return FrameMap(kernel.frame_bytes or 0, [])
-    frames = mm.frames
     mappers: dict = {}
     for proc in kernel.procs.values():
         if proc.asid is not None and proc.asid in mm.spaces:
             for frame in mm.spaces[proc.asid].frames:
                 mappers.setdefault(frame, []).append(proc.pid)
-    cells = []
-    for frame in range(frames.num_frames):
-        refs = frames.refcount[frame]
-        if refs == 0:
-            state = "cached" if frame in frames.lru else "free"
-        elif frames.pins[frame]:
-            state = "pinned"
-        else:
-            state = "shared" if refs > 1 else "private"
-        owner = frames.owner[frame]
-        cells.append(FrameCell(state, owner.name if owner is not None else None, refs,
-                               tuple(mappers.get(frame, ()))))
-    return FrameMap(mm.frame_bytes, cells)
+    return FrameMap(mm.frame_bytes, frame_cells(frame_rows(mm), mappers))
 
 
-class LocalSource:
+class _SyscallControls:
+    """The controls that are plain syscalls, the same for both sources (self.sys is the handle)."""
+
+    def kill(self, pid: int) -> None:
+        self.sys.kill(pid)
+
+    def nice(self, pid: int, inc: int) -> int:
+        return self.sys.nice(pid, inc)
+
+    def fork(self, pid: int) -> list:
+        return self.sys.fork(pid, 1)
+
+    def wait(self, pid: int):
+        return self.sys.wait(pid)
+
+
+class LocalSource(_SyscallControls):
     """An in-process kernel and its loop thread (userspace/shell/loop.py)."""
 
     def __init__(self, kernel, loop=None):
@@ -112,20 +125,8 @@ class LocalSource:
         else:
             self.kernel.step()
 
-    def kill(self, pid: int) -> None:
-        self.sys.kill(pid)
 
-    def nice(self, pid: int, inc: int) -> int:
-        return self.sys.nice(pid, inc)
-
-    def fork(self, pid: int) -> list:
-        return self.sys.fork(pid, 1)
-
-    def wait(self, pid: int):
-        return self.sys.wait(pid)
-
-
-class RemoteSource:
+class RemoteSource(_SyscallControls):
     """The same methods over a running kvosd (a userspace.daemon.client.Client with the root key).
 
     The frame map comes from meminfo(frames=True) and page text from pagemap(text=True). A
@@ -141,8 +142,7 @@ class RemoteSource:
         sys = self.sys
         procs = sys.ps()
         info = sys.meminfo(frames=True)
-        cells = [FrameCell("private" if state == "mapped" else state, owner, refs)
-                 for state, refs, owner in (info.frames or [])]
+        cells = frame_cells(info.frames or [])
         pagemap, texts = None, []
         if pagemap_pid is not None and any(p.pid == pagemap_pid for p in procs):
             try:
@@ -165,15 +165,3 @@ class RemoteSource:
 
     def step_once(self) -> None:
         self._refuse("step")
-
-    def kill(self, pid: int) -> None:
-        self.sys.kill(pid)
-
-    def nice(self, pid: int, inc: int) -> int:
-        return self.sys.nice(pid, inc)
-
-    def fork(self, pid: int) -> list:
-        return self.sys.fork(pid, 1)
-
-    def wait(self, pid: int):
-        return self.sys.wait(pid)
