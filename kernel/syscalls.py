@@ -405,13 +405,18 @@ class SyscallHandle:
 _NEW_WORK = frozenset({"spawn_tenant", "spawn", "fork", "write", "shmget"})
 
 
-def _method(sc: Syscall):
-    def call(self, *args, **kwargs):
-        return self._call(sc.name, args, kwargs)
-    call.__name__ = sc.name
-    call.__doc__ = sc.doc
-    return call
+def install_syscall_methods(cls) -> None:
+    """Give cls one method per syscall, each calling cls._call(name, args, kwargs): the Python
+    handle here, the daemon's client over HTTP; both keep the table's names and docs."""
+    def method(sc: Syscall):
+        def call(self, *args, **kwargs):
+            return self._call(sc.name, args, kwargs)
+        call.__name__ = sc.name
+        call.__doc__ = sc.doc
+        return call
+
+    for sc in SYSCALLS.values():
+        setattr(cls, sc.name, method(sc))
 
 
-for _sc in SYSCALLS.values():
-    setattr(SyscallHandle, _sc.name, _method(_sc))
+install_syscall_methods(SyscallHandle)

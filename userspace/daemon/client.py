@@ -15,7 +15,7 @@ import time
 from urllib.parse import urlsplit
 
 from kernel.errors import EINVAL, EIO, ERRNOS, KernelPanic, KvosError
-from kernel.syscalls import SYSCALLS
+from kernel.syscalls import SYSCALLS, install_syscall_methods
 from userspace.daemon import wire
 
 IDLE_RECONNECT = 20.0        # seconds; the daemon keeps idle connections 30 s
@@ -161,13 +161,4 @@ def _decode(status: int, payload: bytes):
     raise KvosError(EIO, f"kvosd answered HTTP {status}: {text}")
 
 
-def _method(sc):
-    def call(self, *args, **kwargs):
-        return self._call(sc.name, args, kwargs)
-    call.__name__ = sc.name
-    call.__doc__ = sc.doc
-    return call
-
-
-for _sc in SYSCALLS.values():
-    setattr(Client, _sc.name, _method(_sc))
+install_syscall_methods(Client)
