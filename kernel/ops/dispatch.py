@@ -129,21 +129,20 @@ def _swap_args(pool, swap):
 
 def swap_out(pool, swap, frames, slots, *, check=True):
     """swap[slots[i]] = pool[frames[i]]: device frames to the host swap area."""
-    backend = _swap_args(pool, swap)
-    frames, slots = _frame_copy_args(pool, swap, frames, slots, "frames", "slots")
-    if frames.shape[0] == 0:
-        return
-    if check and pool.device.type != "cpu":
-        val.frame_lists(frames, pool.shape[0], slots, swap.shape[0], False, "frames", "slots")
-    backend.copy_frames(pool, swap, frames, slots, check, "frames", "slots")
+    _swap_copy(pool, swap, pool, swap, frames, slots, "frames", "slots", check)
 
 
 def swap_in(swap, pool, slots, frames, *, check=True):
     """pool[frames[i]] = swap[slots[i]]: host swap slots back into device frames."""
+    _swap_copy(pool, swap, swap, pool, slots, frames, "slots", "frames", check)
+
+
+def _swap_copy(pool, swap, src_pool, dst_pool, src, dst, src_name, dst_name, check):
+    """dst_pool[dst[i]] = src_pool[src[i]] between a frame pool and its swap area, either way."""
     backend = _swap_args(pool, swap)
-    slots, frames = _frame_copy_args(swap, pool, slots, frames, "slots", "frames")
-    if slots.shape[0] == 0:
+    src, dst = _frame_copy_args(src_pool, dst_pool, src, dst, src_name, dst_name)
+    if src.shape[0] == 0:
         return
     if check and pool.device.type != "cpu":
-        val.frame_lists(slots, swap.shape[0], frames, pool.shape[0], False, "slots", "frames")
-    backend.copy_frames(swap, pool, slots, frames, check, "slots", "frames")
+        val.frame_lists(src, src_pool.shape[0], dst, dst_pool.shape[0], False, src_name, dst_name)
+    backend.copy_frames(src_pool, dst_pool, src, dst, check, src_name, dst_name)
