@@ -14,6 +14,7 @@ import numpy as np
 
 from kernel.errors import EINVAL, ENOENT, KvosError
 from userspace.bench import texts
+from userspace.jsonl import json_objects
 
 MIXED_SEED = 1234
 MIXED_REQUESTS = 64
@@ -200,21 +201,9 @@ def _sampling(chat: ChatText) -> Workload:
 def load_trace(path: str, chat: ChatText) -> Workload:
     """A JSONL trace: one request a line, {"prompt_len": int} or {"prompt_tokens": [ids]},
     {"output_len": int}, optional {"arrival": seconds}. Lengths become text like `mixed`'s."""
-    p = Path(path)
-    if not p.is_file():
-        raise KvosError(ENOENT, f"{path}: no such trace file")
     vocab = chat.program.vocab_size
     requests = []
-    for lineno, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise KvosError(EINVAL, f"{where}: not JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise KvosError(EINVAL, f"{where}: a request must be a JSON object")
+    for where, row in json_objects(path):
         output = row.get("output_len")
         arrival = row.get("arrival", 0.0)
         if isinstance(output, bool) or not isinstance(output, int) or output < 1:
@@ -237,5 +226,5 @@ def load_trace(path: str, chat: ChatText) -> Workload:
     if not requests:
         raise KvosError(EINVAL, f"{path}: the trace has no requests")
     requests.sort(key=lambda r: r.arrival)
-    return Workload(f"trace:{p.name}", [BenchRequest(i, r.prompt, r.output_len, r.arrival)
+    return Workload(f"trace:{Path(path).name}", [BenchRequest(i, r.prompt, r.output_len, r.arrival)
                                         for i, r in enumerate(requests)])

@@ -10,11 +10,11 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
 from kernel.errors import EINVAL, ENOENT, KvosError
+from userspace.jsonl import json_objects
 
 
 @dataclass(frozen=True)
@@ -170,21 +170,8 @@ _FIELDS = {"arrival", "prompt_len", "output_len", "prefix_id", "prefix_len", "n"
 def load_trace(path) -> list:
     """Requests from a JSONL file, one object a line with the fields of Request (blank lines
     and lines starting with # are skipped). EINVAL names the line of the first bad entry."""
-    path = Path(path)
-    if not path.is_file():
-        raise KvosError(ENOENT, f"{path}: no such trace file")
     requests = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except ValueError as err:
-            raise KvosError(EINVAL, f"{where}: not JSON ({err})") from None
-        if not isinstance(obj, dict):
-            raise KvosError(EINVAL, f"{where}: each line holds one JSON object")
+    for where, obj in json_objects(path):
         unknown = sorted(set(obj) - _FIELDS)
         if unknown:
             raise KvosError(EINVAL, f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(_FIELDS))})")
