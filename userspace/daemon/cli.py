@@ -13,8 +13,9 @@ import os
 import sys
 from urllib.parse import urlsplit
 
+from userspace.shell.options import add_boot_options, boot_options, export_program_options
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-POLICIES = ("fcfs", "priority", "fair", "static")
 
 
 def add_parsers(subparsers) -> None:
@@ -35,18 +36,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
                    help="at shutdown, kill what still runs after this long (default: wait)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    g = p.add_argument_group("kernel options")
-    g.add_argument("--device", default="cpu", help="cpu, cuda[:N] or sim:<gpu> (default cpu)")
-    g.add_argument("--memory", default=None, help="KV memory, e.g. 256MiB (default: the device's)")
-    g.add_argument("--policy", choices=POLICIES, default="fcfs", help="scheduling policy (default fcfs)")
-    g.add_argument("--page-size", type=int, default=16, metavar="TOKENS", help="tokens per page (default 16)")
-    g.add_argument("--token-budget", type=int, default=512, metavar="TOKENS",
-                   help="tokens computed per step at most (default 512)")
-    g.add_argument("--chunk", type=int, default=None, metavar="TOKENS",
-                   help="tokens of one process per step at most (default: the token budget)")
-    g.add_argument("--swap", default="1GiB", help="host swap area (default 1GiB)")
-    g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch and the C kernels (default torch's)")
+    add_boot_options(p, model=False, token_budget=512, memory_default="the device's")
     p.set_defaults(func=serve_main)
 
 
@@ -63,14 +53,9 @@ def config_from_args(args):
         specs, root_key = tenant_specs(read_tenants_file(args.tenants), generated)
     else:
         specs, root_key = default_specs(args.model, generated)
-    boot = dict(device=args.device, memory=args.memory, policy=args.policy, page_size=args.page_size,
-                token_budget=args.token_budget, swap=args.swap)
-    if args.chunk is not None:
-        boot["chunk"] = args.chunk
-    if args.threads is not None:
-        boot["threads"] = args.threads
-    return DaemonConfig(boot=boot, tenants=specs, root_key=root_key, kill_on_shutdown=args.kill_on_shutdown,
-                        shutdown_timeout=args.shutdown_timeout, generated_keys=generated)
+    return DaemonConfig(boot=boot_options(args), tenants=specs, root_key=root_key,
+                        kill_on_shutdown=args.kill_on_shutdown, shutdown_timeout=args.shutdown_timeout,
+                        generated_keys=generated)
 
 
 def serve_main(args) -> int:
@@ -78,6 +63,7 @@ def serve_main(args) -> int:
     from userspace.daemon.server import serve
     if args.threads is not None:         # the model loader applies $KVOS_THREADS at each load: agree with it
         os.environ["KVOS_THREADS"] = str(args.threads)
+    export_program_options(args)
     try:
         config = config_from_args(args)
         return serve(config, host=args.host, port=args.port, log_level=args.log_level)

@@ -20,11 +20,13 @@ QUICK_FRAMES, QUICK_SWAP_FRAMES = 20, 8
 
 def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", memory: str | None = None,
                      memory_default: str = "the device's default", token_budget: int = 256,
-                     chunk: int | None = None, swap: str | None = "1GiB") -> None:
+                     chunk: int | None = None, swap: str | None = "1GiB", model: bool = True) -> None:
+    """model=False leaves --model to the command (kvos serve gives it its own meaning)."""
     g = parser.add_argument_group("kernel options")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model program: smollm2-135m, tiny-llama, a .gguf path or a Hugging Face folder "
-                        f"(default {DEFAULT_MODEL})")
+    if model:
+        g.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"model program: smollm2-135m, tiny-llama, a .gguf path or a Hugging Face folder "
+                            f"(default {DEFAULT_MODEL})")
     g.add_argument("--device", default="cpu", help="cpu, cuda[:N] or sim:<gpu> (default cpu)")
     g.add_argument("--memory", default=memory,
                    help="KV memory, e.g. 256MiB (default: " + (memory or memory_default) + ")")
@@ -56,11 +58,16 @@ def boot_options(args, **overrides) -> dict:
     return options
 
 
+def export_program_options(args) -> None:
+    """Options the program loader reads from the environment as each tenant loads (--matmul)."""
+    if getattr(args, "matmul", None):
+        os.environ["KVOS_MATMUL"] = args.matmul
+
+
 def boot_kernel(args, **overrides):
     """A booted kernel for these options (imports torch: only commands that run a model pay for it)."""
     import kernel
-    if getattr(args, "matmul", None):
-        os.environ["KVOS_MATMUL"] = args.matmul     # read by the program loader, as every tenant loads
+    export_program_options(args)
     with status("booting the kernel"):
         return kernel.boot(**boot_options(args, **overrides))
 
