@@ -29,7 +29,6 @@ from userspace.programs.llama import LlamaProgram, fuse_hf_weights  # noqa: E402
 from userspace.programs.loader import load_program  # noqa: E402
 from userspace.programs.tiny import tiny_tokenizer, tiny_weights  # noqa: E402
 
-TINY_FRAME = 16 * 2 * 3 * 2 * 32 * 4      # one 16-token page of tiny-llama in float32, bytes
 GREEDY = dict(temperature=0, ignore_eos=True)
 FAILED = []
 
@@ -81,7 +80,8 @@ def run(device, memory, dtype=torch.float32):
 
 def correctness(device):
     print(f"== correctness: tiny-llama float32, cpu against {device}", flush=True)
-    memory = 40 * TINY_FRAME           # too small for the workload at once
+    frame = 16 * load_program("tiny-llama", "cpu").kv_shape.bytes_per_token    # one 16-token page
+    memory = 40 * frame                # too small for the workload at once
     t0 = time.perf_counter()
     want, steps_cpu, _, _ = run("cpu", memory)
     t1 = time.perf_counter()
