@@ -1,6 +1,7 @@
 """The shell's /proc commands and the TUI attached to a running kvosd (--url)."""
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -34,6 +35,10 @@ def test_proc_commands_read_the_daemon(server, capsys):
     pid = alice.spawn(tid, "kvos is an operating system", max_tokens=300, ignore_eos=True, temperature=0)
     assert main(["ps", "--json", *attach(server)]) == 0
     assert pid in [p["pid"] for p in json.loads(capsys.readouterr().out)]
+    deadline = time.monotonic() + 30
+    while not alice.pagemap(pid).pages:                         # the loop thread admits it when it gets to it
+        assert time.monotonic() < deadline, "the daemon never prefilled the prompt"
+        time.sleep(0.01)
     assert main(["pagemap", str(pid), *attach(server)]) == 0
     assert "kvos is an" in capsys.readouterr().out            # the page text came over the wire
     assert main(["meminfo", "--json", *attach(server)]) == 0
