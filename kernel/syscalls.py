@@ -378,6 +378,12 @@ class SyscallHandle:
     def tid(self):
         return None if self._tenant is None else self._tenant.tid
 
+    def atomic(self):
+        """A context in which no kernel step runs between this handle's syscalls (a loop thread
+        waits for it): spawn then fork gives children that share only the prompt, whatever the
+        loop does. Blocking calls (wait, read with a timeout) inside it let the loop run."""
+        return self._kernel.lock
+
     def _call(self, name: str, args, kwargs):
         sc = SYSCALLS[name]
         kernel = self._kernel

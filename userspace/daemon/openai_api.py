@@ -45,16 +45,16 @@ class Launch:
     outcome: str = "disconnected"     # for kvos_requests: ok, killed, error, disconnected
 
 
-def launch(handle, lock, tid, tenant, prompts, n, params) -> Launch:
+def launch(handle, tid, tenant, prompts, n, params) -> Launch:
     """Spawn each prompt and fork n - 1 siblings; on a refusal, end what was started and re-raise.
 
-    Holding the kernel lock from spawn to fork keeps the loop thread from running the parent
-    to its end in between (a one-token request would be gone before fork() came)."""
+    handle.atomic() from spawn to fork keeps the loop thread from running the parent in between
+    (its first token would go to every fork, and a one-token request would be gone before fork())."""
     started = time.monotonic()
     priority = params.pop("priority", 0)
     pids, prompt_of = [], []
     try:
-        with lock:
+        with handle.atomic():
             for i, prompt in enumerate(prompts):
                 pid = handle.spawn(tid, prompt, priority=priority, **params)
                 pids.append(pid)
@@ -199,7 +199,7 @@ class OpenAIAPI:
         self.daemon.refuse_if_draining("spawn")
         handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
         params = sampling_params(req)
-        run = await anyio.to_thread.run_sync(launch, handle, self.daemon.kernel.lock, tid, tenant, prompts, req.n,
+        run = await anyio.to_thread.run_sync(launch, handle, tid, tenant, prompts, req.n,
                                              params)
         meta = {"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{self.daemon.nonce}-{run.pids[0]}",
                 "created": int(time.time()), "model": req.model, "system_fingerprint": "kvos"}
