@@ -23,6 +23,7 @@ from kernel.detok import Detokenizer
 from kernel.devices import make_device
 from kernel.dmesg import Dmesg
 from kernel.errors import EINVAL, ENOMEM, KvosError
+from kernel.klock import KernelLock
 from kernel.mm import MemoryManager, namespace_name
 from kernel.proc import ExitStatus, Process, Residency, State
 from kernel.program import exec_program
@@ -56,7 +57,7 @@ class Kernel:
         self.frame_bytes = frame_bytes
         self.padded = batch == "padded"
         self.watermark = watermark
-        self.lock = threading.RLock()                              # guards everything below
+        self.lock = KernelLock()                                   # guards everything below; FIFO (kernel/klock.py)
         self.changed = threading.Condition(self.lock)              # notified after every step
         self.loop_thread = None                                    # kernel/loop.py: the daemon's loop thread
         self.loop_error = None                                     # what stopped that loop, if anything

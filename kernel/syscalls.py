@@ -173,14 +173,13 @@ def _block(kernel, until, timeout) -> bool:
 @syscall("read", blocking=True)
 def sys_read(kernel, caller, pid, timeout=0.0):
     """What the process produced since the last read; waits up to `timeout` seconds for something new."""
-    with kernel.lock:
+    with kernel.lock:       # held throughout: a read woken by a step's end takes its tokens before the next step
         proc = proc_of(kernel, caller, pid)
         if timeout is not None:
             check_number("timeout", timeout, 0.0)
-    start = proc.read_offset
-    if timeout:
-        _block(kernel, lambda: len(proc.output) > start or proc.turn_done or not proc.alive, timeout)
-    with kernel.lock:
+        start = proc.read_offset
+        if timeout:
+            _block(kernel, lambda: len(proc.output) > start or proc.turn_done or not proc.alive, timeout)
         detok = kernel.detokenizer(proc)
         generated = proc.generated_tokens
         detok.add(generated, final=proc.turn_done or not proc.alive)
@@ -199,12 +198,11 @@ def sys_read(kernel, caller, pid, timeout=0.0):
 def sys_wait(kernel, caller, pid, timeout=None):
     """Until the process exits; returns its exit status and reaps it. A sleeping interactive
     process has its input closed: it exits with the reason of its last turn."""
-    with kernel.lock:
+    with kernel.lock:       # held throughout, as in read (the condition wait lets the loop in)
         proc = proc_of(kernel, caller, pid)
         if timeout is not None:
             check_number("timeout", timeout, 0.0)
-    done = _block(kernel, lambda: not proc.alive or proc.state == State.SLEEPING, timeout)
-    with kernel.lock:
+        done = _block(kernel, lambda: not proc.alive or proc.state == State.SLEEPING, timeout)
         if proc.state == State.SLEEPING:
             kernel.exit_process(proc, getattr(proc, "last_reason", "stop"))
         if proc.alive:
