@@ -6,15 +6,28 @@
     pid = sys.spawn(tid, "Hello", max_tokens=32)
     print(sys.wait(pid).text)
 """
+from typing import TYPE_CHECKING
+
 from kernel.errors import KernelPanic, KvosError
-from kernel.kernel import Kernel
 from kernel.proc import ExitStatus, State
 from kernel.sched.policies import FCFS, FairShare, Policy, PriorityPolicy, StaticBatching
 from kernel.syscalls import SYSCALLS
 
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+
+def __getattr__(name: str):
+    # The kernel proper imports torch: loaded on first use, so a daemon client (which needs the
+    # errors, the syscall table and the result types) starts without it, a second sooner here.
+    if name == "Kernel":
+        from kernel.kernel import Kernel
+        return Kernel
+    raise AttributeError(f"module 'kernel' has no attribute {name!r}")
+
 
 def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512, swap="1GiB",
-         **options) -> Kernel:
+         **options) -> "Kernel":
     """Boot a kernel.
 
     memory: KV bytes ("256MiB"); None takes the device's default (256 MiB on the CPU, 80% of
@@ -24,6 +37,7 @@ def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=51
     alloc ("paged" | "prealloc"), batch ("ragged" | "padded"), watermark (free frames kept at
     admission), threads (CPU threads for torch and the C kernels), seed.
     """
+    from kernel.kernel import Kernel
     return Kernel(device=device, memory=memory, page_size=page_size, policy=policy,
                   token_budget=token_budget, swap=swap, **options)
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
-
-import torch
+from typing import TYPE_CHECKING
 
 from kernel.errors import EINVAL, KvosError
+
+if TYPE_CHECKING:           # torch is imported where tokens are drawn: a daemon client needs SamplingParams only
+    import torch
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def _integer(name, value, low=None, high=None):
 
 def make_generator(seed: int, device="cpu") -> torch.Generator:
     """A process's own generator (on the logits' device: CUDA rows draw on the GPU)."""
+    import torch
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -118,6 +121,7 @@ def sample(logits: torch.Tensor, params_list: list, generators: list) -> torch.T
     temperature/top-k/top-p arithmetic is row-wise, so a row's token does not
     depend on the other rows of the batch.
     """
+    import torch
     num_rows, vocab = logits.shape
     if len(params_list) != num_rows or len(generators) != num_rows:
         raise KvosError(EINVAL, f"sample: {num_rows} rows, {len(params_list)} params, {len(generators)} generators")
@@ -151,6 +155,7 @@ def sample(logits: torch.Tensor, params_list: list, generators: list) -> torch.T
 
 def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Zero all but the smallest set of most likely tokens whose mass reaches top_p (the top one always stays)."""
+    import torch
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs     # mass of the tokens ranked above each one
     sorted_probs.masked_fill_(before >= top_p.unsqueeze(1), 0.0)
@@ -159,6 +164,7 @@ def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 def top_k_top_p_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """bool (vocab,): the tokens one row may draw from under params (tests and introspection)."""
+    import torch
     probs = torch.softmax(logits.float() / (params.temperature or 1.0), dim=-1)
     keep = torch.ones_like(probs, dtype=torch.bool)
     if 0 < params.top_k < probs.shape[-1]:

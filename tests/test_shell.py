@@ -228,3 +228,12 @@ def test_real_demo_end_to_end():
     assert len([r for r in check_real if r["kind"] in ("chat", "batch")]) == 12
     assert all(r["finish_reason"] in ("stop", "length") for r in check_real)
     assert any("Paris" in r["text"] for r in check_real)     # the real model answers the first question
+
+
+def test_the_command_line_and_a_daemon_client_start_without_torch():
+    # `kvos ps --url ...` answered in 1.3 s when building the parser (kvos sim's experiment list)
+    # and the client (kernel/__init__, kernel.sampling) imported torch; 0.14 s without it.
+    code = ("import sys; import userspace.daemon.client; from userspace.shell.main import build_parser; "
+            "build_parser(); print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

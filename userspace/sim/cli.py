@@ -30,8 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from userspace.sim.experiments import EXPERIMENTS
-    names = [*EXPERIMENTS, "all", "run"]
+    from userspace.sim.experiments import NAMES
+    names = [*NAMES, "all", "run"]
     parser.add_argument("experiment", choices=names, metavar="EXPERIMENT",
                         help=f"one of {', '.join(names)} ('run': one workload, see --preset/--trace)")
     parser.add_argument("--gpu", help="GPU preset, with overrides: 'a100', 'h100', 'h200', 'a100-40g', "
