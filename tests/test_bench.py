@@ -159,10 +159,15 @@ def test_quick_json_on_the_tiny_model():
     assert [len(kvos["tokens"][f"{i}.0"]) for i in range(16)] == outputs[:16]
     for name in ("hf-static", "hf-cb", "llama.cpp"):
         assert not rows[name]["ok"] and rows[name]["skipped"]      # the tiny model has no GGUF file
-    assert report["ratios"] == {} and report["ratios_kvos_bf16"] == {}
+    assert report["ratios"] == {} and report["ratios_kvos_bf16"] == {} and report["ratios_kvos_bf16kv"] == {}
     bf16 = rows["kvos-bf16"]                                       # the same kernel, bf16 linear layers
-    assert bf16["ok"] and "bfloat16 matmuls" in bf16["mode"] and "float32 matmuls" in kvos["mode"]
-    assert [len(bf16["tokens"][f"{i}.0"]) for i in range(16)] == outputs[:16]
+    assert bf16["ok"] and "bfloat16 matmuls, float32 KV" in bf16["mode"]
+    assert "float32 matmuls, float32 KV" in kvos["mode"]
+    bf16kv = rows["kvos-bf16kv"]                                   # the same kernel, a bf16 KV cache
+    assert bf16kv["ok"] and "float32 matmuls, bfloat16 KV" in bf16kv["mode"]
+    assert bf16kv["kv_capacity_bytes"] == kvos["kv_capacity_bytes"]      # the same bytes, twice the tokens
+    for row in (bf16, bf16kv):
+        assert [len(row["tokens"][f"{i}.0"]) for i in range(16)] == outputs[:16]
 
 
 def test_shared_and_sampling_share_pages_on_the_tiny_model():

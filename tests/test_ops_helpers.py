@@ -52,11 +52,12 @@ class Batch:
 
 
 def make_batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page_size, *, dtype=torch.float32, device="cpu",
-               seed=None, pad_bytes=0, spare_frames=3) -> Batch:
-    """A packed batch: sequence s has q_lens[s] new tokens and ctx_lens[s] tokens of context."""
+               seed=None, pad_bytes=0, spare_frames=3, cache_dtype=None) -> Batch:
+    """A packed batch: sequence s has q_lens[s] new tokens and ctx_lens[s] tokens of context.
+    q is in dtype, the caches in cache_dtype (default: dtype)."""
     seed = fresh_seed() if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
-    shape = KVShape(2, kv_heads, head_dim, dtype)
+    shape = KVShape(2, kv_heads, head_dim, cache_dtype or dtype)
     pages = [-(-c // page_size) for c in ctx_lens]
     ours_count = sum(pages)
     num_frames = 2 * ours_count + spare_frames
@@ -67,7 +68,7 @@ def make_batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page_size, *, dtype=
     order = torch.randperm(num_frames, generator=gen)
     ours, theirs = order[:ours_count], order[ours_count:]
     for cache in view.layer(0) + view.layer(1):
-        cache[ours] = torch.randn((len(ours), *cache.shape[1:]), generator=gen).to(dtype)
+        cache[ours] = torch.randn((len(ours), *cache.shape[1:]), generator=gen).to(cache.dtype)
     other = KVView(pool, OTHER_TENANT)
     for layer in range(OTHER_TENANT.num_layers):
         for cache in other.layer(layer):

@@ -246,3 +246,29 @@ def test_bfloat16_matmuls_on_the_cpu(program, reference, prompt, monkeypatch):
     for bad, message in (("float16", "float32 or bfloat16"), ("int8", "is not one of")):
         with pytest.raises(KvosError, match=message):
             load_program("tiny-llama", "cpu", matmul=bad)
+
+
+def test_bfloat16_kv_cache_on_the_cpu(program, reference, prompt, monkeypatch):
+    """kv=bfloat16: K and V stored as bf16 (half the bytes per token), everything else float32;
+    close to HF through chunked prefill and decode, and a program of its own."""
+    small = load_program("tiny-llama", "cpu", kv="bfloat16")
+    assert small is not program and small.kv_shape.dtype == torch.bfloat16
+    assert small.kv_shape.bytes_per_token * 2 == program.kv_shape.bytes_per_token
+    assert small.identity != program.identity                    # other K/V: never shared through the page cache
+    assert small.layers[0].qkv_t.dtype == torch.float32
+    runner = PagedRunner(small)
+    seq = runner.new_seq()
+    logits = runner.prefill(seq, prompt[:80], chunk=7)
+    err = rel_error(logits, hf_logits(reference, prompt[:80]))
+    assert 1e-5 < err < 3e-2, err                                # bf16 rounding, not a different function
+    decoded = [runner.step([(seq, [t])])[0] for t in prompt[80:90]]     # one token a step: decode
+    err = rel_error(torch.stack(decoded), hf_logits(reference, prompt[:90])[80:])
+    assert err < 3e-2, err
+    monkeypatch.setenv("KVOS_KV", "bf16")
+    assert load_program("tiny-llama", "cpu") is small            # the environment picks the same program
+    both = load_program("tiny-llama", "cpu", matmul="bfloat16")
+    assert both.kv_shape.dtype == torch.bfloat16 and both.matmul_dtype == torch.bfloat16
+    assert len({both.identity, small.identity, program.identity}) == 3
+    for bad, message in (("float16", "float32 or bfloat16"), ("int8", "is not one of")):
+        with pytest.raises(KvosError, match=message):
+            load_program("tiny-llama", "cpu", kv=bad)

@@ -8,6 +8,7 @@
 #include <omp.h>
 #include "kvos_cpu.h"
 #include "attention.h"
+#include "bf16.h"
 
 static int check_batch(const int32_t *page_table, int64_t page_table_stride, int64_t max_pages,
                        int64_t num_frames, int64_t page_size, const int32_t *query_start,
@@ -64,14 +65,13 @@ float *attn_out_row(const call_t *c, const task_t *task, int64_t h, int64_t r)
 }
 
 void attn_translate(const call_t *c, const int32_t *page_row, int64_t h, int64_t t0, int tn,
-                    const float **kp, const float **vp)
+                    int64_t *offsets)
 {
     const int64_t head_off = h * c->head_stride;
     int64_t page = t0 / c->page_size, off = t0 % c->page_size;
     int64_t base = kvos_context_offset(page_row, t0, c->page_size, c->frame_stride, c->token_stride) + head_off;
     for (int t = 0; t < tn; t++) {
-        kp[t] = c->k_cache + base;
-        vp[t] = c->v_cache + base;
+        offsets[t] = base;
         if (++off == c->page_size) {   /* one page-table lookup per page crossed */
             off = 0;
             if (t + 1 < tn)
@@ -89,12 +89,40 @@ void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_
     if (t0 >= n_ctx)
         return;
     const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
-    attn_translate(c, c->page_table + task->seq * c->page_table_stride, h, t0, tn, w->kp[slot], w->vp[slot]);
-    for (int t = 0; t < tn; t++)
+    int64_t offsets[TILE];
+    attn_translate(c, c->page_table + task->seq * c->page_table_stride, h, t0, tn, offsets);
+    if (c->k16) {
+        for (int t = 0; t < tn; t++) {
+            w->kp16[slot][t] = c->k16 + offsets[t];
+            w->vp16[slot][t] = c->v16 + offsets[t];
+            for (int64_t d = 0; d < c->head_dim; d += 64 / (int64_t)sizeof(uint16_t)) {
+                __builtin_prefetch(w->kp16[slot][t] + d);
+                __builtin_prefetch(w->vp16[slot][t] + d);
+            }
+        }
+        return;
+    }
+    for (int t = 0; t < tn; t++) {
+        w->kp[slot][t] = c->k_cache + offsets[t];
+        w->vp[slot][t] = c->v_cache + offsets[t];
         for (int64_t d = 0; d < c->head_dim; d += 64 / (int64_t)sizeof(float)) {
             __builtin_prefetch(w->kp[slot][t] + d);
             __builtin_prefetch(w->vp[slot][t] + d);
         }
+    }
+}
+
+void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn)
+{
+    if (!c->k16)
+        return;
+    const int64_t D = c->head_dim;
+    for (int t = 0; t < tn; t++) {
+        kvos_widen_bf16(w->tk + t * D, w->kp16[slot][t], D);
+        kvos_widen_bf16(w->tv + t * D, w->vp16[slot][t], D);
+        w->kp[slot][t] = w->tk + t * D;
+        w->vp[slot][t] = w->tv + t * D;
+    }
 }
 
 /* Rows from which a task takes the lanes path: with fewer, too many lanes sit empty and
@@ -113,7 +141,8 @@ static void run_task(const call_t *c, const task_t *task, int64_t h, scratch_t *
 
 int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_stride,
                          const float *q, int64_t q_tok_stride, int64_t q_head_stride,
-                         const float *k_cache, const float *v_cache, int64_t num_frames, int64_t page_size,
+                         const void *k_cache, const void *v_cache, int cache_bf16,
+                         int64_t num_frames, int64_t page_size,
                          int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                          const int32_t *page_table, int64_t page_table_stride, int64_t max_pages,
                          const int32_t *query_start, const int32_t *context_lens,
@@ -153,7 +182,9 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
         work += tasks[j].cost * num_heads;
 
     const call_t call = {out, out_tok_stride, out_head_stride, q, q_tok_stride, q_head_stride,
-                         k_cache, v_cache, page_size, frame_stride, token_stride, head_stride,
+                         cache_bf16 ? NULL : (const float *)k_cache, cache_bf16 ? NULL : (const float *)v_cache,
+                         cache_bf16 ? (const uint16_t *)k_cache : NULL, cache_bf16 ? (const uint16_t *)v_cache : NULL,
+                         page_size, frame_stride, token_stride, head_stride,
                          page_table, page_table_stride, query_start, context_lens,
                          G, head_dim, scale * KVOS_LOG2E};
     const int64_t rows = (q_block * G > 2 * LANES ? q_block * G : 2 * LANES), D = head_dim;
@@ -163,7 +194,8 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
     #pragma omp parallel num_threads(kvos_num_threads()) if (work > PARALLEL_MIN_WORK)
     {
         scratch_t w;
-        float *buf = malloc((size_t)(rows * (2 * D + TILE + 2)) * sizeof(float));
+        const int64_t tile_floats = cache_bf16 ? 2 * TILE * D : 0;   /* the widened tile */
+        float *buf = malloc((size_t)(rows * (2 * D + TILE + 2) + tile_floats) * sizeof(float));
         int64_t *lim = malloc((size_t)rows * sizeof(int64_t));
         if (buf && lim) {
             w.qs = buf;
@@ -171,6 +203,8 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
             w.s = w.acc + rows * D;
             w.m = w.s + rows * TILE;
             w.l = w.m + rows;
+            w.tk = w.l + rows;
+            w.tv = w.tk + TILE * D;
             w.lim = lim;
         } else {
             #pragma omp atomic write

@@ -21,7 +21,9 @@ typedef struct {
 typedef struct {
     float *out; int64_t out_tok_stride, out_head_stride;
     const float *q; int64_t q_tok_stride, q_head_stride;
-    const float *k_cache, *v_cache; int64_t page_size, frame_stride, token_stride, head_stride;
+    const float *k_cache, *v_cache;         /* float32 caches (NULL when bf16) */
+    const uint16_t *k16, *v16;              /* bfloat16 caches (NULL when float32) */
+    int64_t page_size, frame_stride, token_stride, head_stride;
     const int32_t *page_table; int64_t page_table_stride;
     const int32_t *query_start, *context_lens;
     int64_t group;             /* query heads per kv head */
@@ -35,6 +37,8 @@ typedef struct {
     float *m, *l;              /* per row: running max (log2 units) and sum of weights */
     int64_t *lim;              /* per row: context tokens it attends to (causal) */
     const float *kp[2][TILE], *vp[2][TILE];   /* K/V rows of the current and the next tile */
+    const uint16_t *kp16[2][TILE], *vp16[2][TILE];   /* bf16 caches: the tiles' rows where they lie */
+    float *tk, *tv;            /* bf16 caches: the current tile widened, TILE x head_dim each */
 } scratch_t;
 
 /* Rows of a task: row r is query q_lo + r / group, head h * group + r % group. */
@@ -42,13 +46,17 @@ static inline int64_t task_rows(const call_t *c, const task_t *t) { return (int6
 
 /* Set up the rows' causal limits; returns how many context tokens the last row reads. */
 int64_t attn_limits(const call_t *c, const task_t *task, scratch_t *w);
-/* Address translation of tokens t0..t0+tn-1 of head h through a page-table row. */
+/* Address translation of tokens t0..t0+tn-1 of head h through a page-table row: the element
+ * offset of each token's row in the cache. */
 void attn_translate(const call_t *c, const int32_t *page_row, int64_t h, int64_t t0, int tn,
-                    const float **kp, const float **vp);
+                    int64_t *offsets);
 /* Translate tile t0 into buffer `slot` and prefetch its rows (pages are scattered, so
  * the hardware prefetcher cannot guess them); no-op past the end of the context. */
 void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
                           scratch_t *w, int slot);
+/* Make tile `slot` (tn rows) readable as float32 through w->kp/vp[slot]: a no-op for float32
+ * caches; bf16 rows are widened into w->tk/tv, so the loads from memory are half as many bytes. */
+void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn);
 /* Address of row r's query (or output) vector. */
 const float *attn_q_row(const call_t *c, const task_t *task, int64_t h, int64_t r);
 float *attn_out_row(const call_t *c, const task_t *task, int64_t h, int64_t r);

@@ -124,6 +124,7 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int NV)
     for (int64_t t0 = 0; t0 < n_ctx; t0 += TILE, cur ^= 1) {
         const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
         attn_translate_ahead(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1);
+        attn_tile_ready(c, w, cur, tn);
         tile_scores(qT, w->kp[cur], tn, D, S, NV);
         tile_softmax(S, tn, t0, lim, w->m, w->l, alpha, NV);
         tile_values(oT, S, w->vp[cur], tn, D, alpha, NV);

@@ -56,10 +56,12 @@ static inline __attribute__((always_inline)) float softmax_tile(float *KVOS_REST
 }
 
 /* RB rows (r0..r0+RB-1) against one tile, D and RB compile-time constants (D a multiple
- * of 16, RB * D <= 256 so that q or the accumulators fit the 32 vector registers). */
+ * of 16, RB * D <= 256 so that q or the accumulators fit the 32 vector registers).
+ * BF: the cache is bfloat16 and rows are widened as they are loaded (kp16/vp16). */
 static inline __attribute__((always_inline)) void
-tile_block(scratch_t *w, const float *const *kp, const float *const *vp, int64_t r0, int64_t t0, int tn,
-           const int D, const int RB)
+tile_block(scratch_t *w, const float *const *kp, const float *const *vp,
+           const uint16_t *const *kp16, const uint16_t *const *vp16, int64_t r0, int64_t t0, int tn,
+           const int D, const int RB, const int BF)
 {
     const int NC = D / LANES;
     int n[4], nmax = 0;
@@ -81,7 +83,7 @@ tile_block(scratch_t *w, const float *const *kp, const float *const *vp, int64_t
         for (int j = 0; j < gn; j++) {
             vf kc[16];
             for (int ch = 0; ch < NC; ch++)
-                kc[ch] = vload(kp[g0 + j] + ch * LANES);
+                kc[ch] = BF ? vload_bf16(kp16[g0 + j] + ch * LANES) : vload(kp[g0 + j] + ch * LANES);
             for (int r = 0; r < RB; r++) {
                 vf d = q[r][0] * kc[0];
                 for (int ch = 1; ch < NC; ch++)
@@ -110,7 +112,7 @@ tile_block(scratch_t *w, const float *const *kp, const float *const *vp, int64_t
     for (int t = 0; t < nmax; t++) {
         vf vc[16];
         for (int ch = 0; ch < NC; ch++)
-            vc[ch] = vload(vp[t] + ch * LANES);
+            vc[ch] = BF ? vload_bf16(vp16[t] + ch * LANES) : vload(vp[t] + ch * LANES);
         for (int r = 0; r < RB; r++) {
             const vf p = vsplat(w->s[(r0 + r) * TILE + t]);
             for (int ch = 0; ch < NC; ch++)
@@ -149,9 +151,10 @@ static void tile_scalar(scratch_t *w, const float *const *kp, const float *const
 }
 
 /* The task loop for one head size: D is a constant in the specialised copies, and 0
- * selects the scalar loops (any head size). */
+ * selects the scalar loops (any head size, over tiles widened to float32 first). BF: the
+ * cache is bfloat16, widened in registers as the blocks load it. */
 static inline __attribute__((always_inline)) void
-run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D)
+run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D, const int BF)
 {
     const int RB_MAX = D == 0 ? 1 : (256 / D < 4 ? 256 / D : 4);
     const int64_t rows = task_rows(c, task);
@@ -162,30 +165,34 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D)
     for (int64_t t0 = 0; t0 < n_ctx; t0 += TILE, cur ^= 1) {
         const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
         attn_translate_ahead(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1);
-        const float *const *kp = w->kp[cur], *const *vp = w->vp[cur];
         if (D == 0) {
-            tile_scalar(w, kp, vp, rows, t0, tn, c->head_dim);
+            attn_tile_ready(c, w, cur, tn);
+            tile_scalar(w, w->kp[cur], w->vp[cur], rows, t0, tn, c->head_dim);
             continue;
         }
+        const float *const *kp = w->kp[cur], *const *vp = w->vp[cur];
+        const uint16_t *const *kp16 = w->kp16[cur], *const *vp16 = w->vp16[cur];
         for (int64_t r0 = 0; r0 < rows; r0 += RB_MAX) {
             const int64_t rb = rows - r0 < RB_MAX ? rows - r0 : RB_MAX;
-            if (rb >= 4) tile_block(w, kp, vp, r0, t0, tn, D, 4);
-            else if (rb == 3) tile_block(w, kp, vp, r0, t0, tn, D, 3);
-            else if (rb == 2) tile_block(w, kp, vp, r0, t0, tn, D, 2);
-            else tile_block(w, kp, vp, r0, t0, tn, D, 1);
+            if (rb >= 4) tile_block(w, kp, vp, kp16, vp16, r0, t0, tn, D, 4, BF);
+            else if (rb == 3) tile_block(w, kp, vp, kp16, vp16, r0, t0, tn, D, 3, BF);
+            else if (rb == 2) tile_block(w, kp, vp, kp16, vp16, r0, t0, tn, D, 2, BF);
+            else tile_block(w, kp, vp, kp16, vp16, r0, t0, tn, D, 1, BF);
         }
     }
     finish_rows(c, task, h, w);
 }
 
+#define RUN(D) (c->k16 ? run(c, task, h, w, D, 1) : run(c, task, h, w, D, 0))
+
 void attn_task_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
 {
     switch (c->head_dim) {
-    case 64: run(c, task, h, w, 64); break;
-    case 128: run(c, task, h, w, 128); break;
-    case 32: run(c, task, h, w, 32); break;
-    case 96: run(c, task, h, w, 96); break;
-    case 256: run(c, task, h, w, 256); break;
-    default: run(c, task, h, w, 0);   /* 0: the scalar loops, for any head size */
+    case 64: RUN(64); break;
+    case 128: RUN(128); break;
+    case 32: RUN(32); break;
+    case 96: RUN(96); break;
+    case 256: RUN(256); break;
+    default: run(c, task, h, w, 0, 0);   /* 0: the scalar loops, for any head size */
     }
 }

@@ -36,21 +36,24 @@ int kvos_copy_frames_checked(const uint8_t *src_pool, uint8_t *dst_pool, int64_t
                              const int32_t *src, int64_t src_count, const int32_t *dst, int64_t dst_count,
                              int64_t n, int same_pool, int check, int64_t *bad);
 
-/* write_kv: cache[slot[t]] = new[t] for keys and values (float32). Caches are views
- * (num_frames, page_size, kv_heads, head_dim) with element strides (frame, token, head, 1);
- * k and v are (num_tokens, kv_heads, head_dim) with strides (tok, head, 1). */
-int kvos_write_kv(float *k_cache, float *v_cache, int64_t num_frames, int64_t page_size,
+/* write_kv: cache[slot[t]] = new[t] for keys and values. k and v are float32
+ * (num_tokens, kv_heads, head_dim) with strides (tok, head, 1); the caches are views
+ * (num_frames, page_size, kv_heads, head_dim) with element strides (frame, token, head, 1),
+ * float32, or bfloat16 when cache_bf16 (rounded to nearest even, as torch rounds). */
+int kvos_write_kv(void *k_cache, void *v_cache, int cache_bf16, int64_t num_frames, int64_t page_size,
                   int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                   const float *k, const float *v, int64_t k_tok_stride, int64_t k_head_stride,
                   int64_t v_tok_stride, int64_t v_head_stride,
                   const int32_t *slot_mapping, int64_t num_tokens, int64_t kv_heads, int64_t head_dim,
                   int check, int64_t *bad);
 
-/* paged_attention (float32): causal attention of the packed queries q over the context
- * reached through page_table; see kernel/ops/reference.py for the contract. */
+/* paged_attention: causal attention of the packed float32 queries q over the context
+ * reached through page_table; see kernel/ops/reference.py for the contract. The caches
+ * are float32, or bfloat16 when cache_bf16 (each tile widened to float32 as it is used). */
 int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_stride,
                          const float *q, int64_t q_tok_stride, int64_t q_head_stride,
-                         const float *k_cache, const float *v_cache, int64_t num_frames, int64_t page_size,
+                         const void *k_cache, const void *v_cache, int cache_bf16,
+                         int64_t num_frames, int64_t page_size,
                          int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                          const int32_t *page_table, int64_t page_table_stride, int64_t max_pages,
                          const int32_t *query_start, const int32_t *context_lens,

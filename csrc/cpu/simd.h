@@ -17,6 +17,10 @@ static inline vf vload(const float *p) { return *(const vf_u *)p; }
 static inline void vstore(float *p, vf x) { *(vf_u *)p = x; }
 typedef int32_t vi_u __attribute__((vector_size(64), aligned(4), may_alias));
 static inline vi vload_i(const int32_t *p) { return *(const vi_u *)p; }
+/* 16 bfloat16 values widened to floats (exact: a bf16 is the top half of a float). */
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef uint16_t vh_u __attribute__((vector_size(32), aligned(2), may_alias));
+static inline vf vload_bf16(const uint16_t *p) { return (vf)(__builtin_convertvector(*(const vh_u *)p, vi) << 16); }
 static inline vf vsplat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline vi visplat(int32_t x) { return (vi){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 /* Lane-wise mask ? a : b, for a mask of all-ones / all-zeros lanes from a vector comparison. */

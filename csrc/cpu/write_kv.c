@@ -3,8 +3,9 @@
 #include <string.h>
 #include "kvos_cpu.h"
 #include "kvos_math.h"
+#include "bf16.h"
 
-int kvos_write_kv(float *k_cache, float *v_cache, int64_t num_frames, int64_t page_size,
+int kvos_write_kv(void *k_cache, void *v_cache, int cache_bf16, int64_t num_frames, int64_t page_size,
                   int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                   const float *k, const float *v, int64_t k_tok_stride, int64_t k_head_stride,
                   int64_t v_tok_stride, int64_t v_head_stride,
@@ -27,8 +28,15 @@ int kvos_write_kv(float *k_cache, float *v_cache, int64_t num_frames, int64_t pa
     for (int64_t t = 0; t < num_tokens; t++) {
         int64_t base = kvos_slot_offset(slot_mapping[t], page_size, frame_stride, token_stride);
         for (int64_t h = 0; h < kv_heads; h++) {
-            memcpy(k_cache + base + h * head_stride, k + t * k_tok_stride + h * k_head_stride, row_bytes);
-            memcpy(v_cache + base + h * head_stride, v + t * v_tok_stride + h * v_head_stride, row_bytes);
+            const int64_t at = base + h * head_stride;
+            const float *kr = k + t * k_tok_stride + h * k_head_stride, *vr = v + t * v_tok_stride + h * v_head_stride;
+            if (cache_bf16) {
+                kvos_narrow_bf16((uint16_t *)k_cache + at, kr, head_dim);
+                kvos_narrow_bf16((uint16_t *)v_cache + at, vr, head_dim);
+            } else {
+                memcpy((float *)k_cache + at, kr, row_bytes);
+                memcpy((float *)v_cache + at, vr, row_bytes);
+            }
         }
     }
     return KVOS_OK;

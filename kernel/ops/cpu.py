@@ -7,7 +7,7 @@ by the C pre-pass when check is true, before any write.
 """
 import os
 
-import torch  # noqa: F401  (first: the extension must find torch's libgomp already loaded)
+import torch  # first: the extension must find torch's libgomp already loaded
 
 from kernel.errors import ENODEV, ENOMEM, KvosError
 from kernel.ops import validate
@@ -59,7 +59,8 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, check):
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
     bad = _ext.ffi.new("int64_t[2]")
     rc = lib.kvos_write_kv(
-        _ptr(k_cache), _ptr(v_cache), num_frames, page_size, *k_cache.stride()[:3],
+        _ptr(k_cache), _ptr(v_cache), int(k_cache.dtype == torch.bfloat16), num_frames, page_size,
+        *k_cache.stride()[:3],
         _ptr(k), _ptr(v), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         _ptr(slot_mapping), k.shape[0], kv_heads, head_dim, int(check), bad)
     if rc:
@@ -76,8 +77,8 @@ def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, 
     bad = _ext.ffi.new("int64_t[2]")
     rc = lib.kvos_paged_attention(
         _ptr(out), out.stride(0), out.stride(1), _ptr(q), q.stride(0), q.stride(1),
-        _ptr(k_cache), _ptr(v_cache), num_frames, page_size, *k_cache.stride()[:3],
-        _ptr(page_table), page_table.stride(0), page_table.shape[1],
+        _ptr(k_cache), _ptr(v_cache), int(k_cache.dtype == torch.bfloat16), num_frames, page_size,
+        *k_cache.stride()[:3], _ptr(page_table), page_table.stride(0), page_table.shape[1],
         _ptr(query_start), _ptr(context_lens), context_lens.shape[0], q.shape[0], q.shape[1], kv_heads,
         head_dim, scale, int(check), bad)
     if rc:

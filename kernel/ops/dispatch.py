@@ -11,7 +11,7 @@ import torch
 
 from kernel.ops import validate as val
 
-CPU_DTYPES = (torch.float32,)
+CPU_DTYPES = (torch.float32, torch.bfloat16)     # caches; activations (q, k, v, out) are float32 on the CPU
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -29,6 +29,12 @@ def _float_dtypes(device):
     return CPU_DTYPES if device.type == "cpu" else CUDA_DTYPES
 
 
+def _activation_dtype(device, cache_dtype):
+    """q, k, v and out: float32 on the CPU whatever the cache holds (the C kernels convert a bf16
+    cache row by row); on CUDA the cache's own dtype."""
+    return torch.float32 if device.type == "cpu" else cache_dtype
+
+
 def write_kv(k_cache, v_cache, k, v, slot_mapping, *, check=True):
     """Scatter new keys and values into their slots (see reference.write_kv)."""
     val.cache_pair(k_cache, v_cache)
@@ -37,8 +43,9 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, *, check=True):
     if dtype not in _float_dtypes(device):
         val.fail(f"{device.type} caches hold {_float_dtypes(device)}, not {dtype}")
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
+    act = _activation_dtype(device, dtype)
     for name, t in (("k", k), ("v", v)):
-        val.tensor(name, t, ndim=3, dtypes=(dtype,), device=device)
+        val.tensor(name, t, ndim=3, dtypes=(act,), device=device)
         if tuple(t.shape[1:]) != (kv_heads, head_dim):
             val.fail(f"{name} has shape {tuple(t.shape)}, expected (num_tokens, {kv_heads}, {head_dim})")
         val.rows_contiguous(name, t)
@@ -60,7 +67,8 @@ def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, 
     if dtype not in _float_dtypes(device):
         val.fail(f"{device.type} caches hold {_float_dtypes(device)}, not {dtype}")
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
-    val.tensor("q", q, ndim=3, dtypes=(dtype,), device=device)
+    act = _activation_dtype(device, dtype)
+    val.tensor("q", q, ndim=3, dtypes=(act,), device=device)
     val.rows_contiguous("q", q)
     num_tokens, num_heads = q.shape[0], q.shape[1]
     if q.shape[2] != head_dim:
@@ -68,8 +76,8 @@ def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, 
     if num_heads < kv_heads or num_heads % kv_heads:
         val.fail(f"q's {num_heads} heads are not a multiple of the cache's {kv_heads} kv heads")
     if out is None:
-        out = torch.empty(q.shape, dtype=dtype, device=device)
-    val.tensor("out", out, ndim=3, dtypes=(dtype,), device=device)
+        out = torch.empty(q.shape, dtype=act, device=device)
+    val.tensor("out", out, ndim=3, dtypes=(act,), device=device)
     if out.shape != q.shape:
         val.fail(f"out has shape {tuple(out.shape)}, q {tuple(q.shape)}")
     val.rows_contiguous("out", out)

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from userspace.bench.systems import DEFAULT_SYSTEMS, SYSTEMS
+from userspace.bench.systems import DEFAULT_SYSTEMS, KVOS_SYSTEMS, SYSTEMS
 
 DESCRIPTION = (
     "Run one workload on kvos and on the baselines (transformers generate with static batches, transformers' "
@@ -115,10 +115,11 @@ def run(args) -> int:
     result = report.build_report(workload, rows, metrics.ratios(rows), ceiling, fraction, num_params, settings,
                                  loads, command)
     result["machine"]["others_share_at_start"] = quiet
-    bf16_row = next((r for r in rows if r.get("system") == "kvos-bf16"), None)
-    result["ratios_kvos_bf16"] = metrics.ratios(rows, base="kvos-bf16")
-    result["ceiling_fraction_kvos_bf16"] = metrics.ceiling_fraction(workload, bf16_row, ceiling.get("flops"),
-                                                                    num_params)
+    for name in KVOS_SYSTEMS[1:]:          # kvos-bf16, kvos-bf16kv: ratios and ceiling of their own
+        row = next((r for r in rows if r.get("system") == name), None)
+        key = name.replace("-", "_")
+        result[f"ratios_{key}"] = metrics.ratios(rows, base=name)
+        result[f"ceiling_fraction_{key}"] = metrics.ceiling_fraction(workload, row, ceiling.get("flops"), num_params)
     if args.output:
         Path(args.output).write_text(_dumps(result))
     if args.json:

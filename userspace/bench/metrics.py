@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from userspace.bench.systems import KVOS_SYSTEMS
+
 
 def percentile(values: list, q: float) -> float | None:
     """Linear-interpolated percentile (numpy's default), None for no values."""
@@ -49,7 +51,7 @@ def summarize(workload, raw: dict) -> dict:
     }
 
 
-def ratios(rows: list, base: str = "kvos", exclude=("kvos", "kvos-bf16")) -> dict:
+def ratios(rows: list, base: str = "kvos", exclude=KVOS_SYSTEMS) -> dict:
     """Useful tok/s of `base` over each baseline that ran (the kvos rows are not baselines)."""
     ok = {r["system"]: r for r in rows if r.get("ok")}
     if base not in ok:

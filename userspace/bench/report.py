@@ -7,6 +7,7 @@ baseline's) and `ceiling_fraction`. The table shows the same rows, then the rati
 from __future__ import annotations
 
 from kernel.units import format_bytes
+from userspace.bench.systems import KVOS_SYSTEMS
 
 NOISY_LOAD = 2.5        # 1-minute load average above which other work shares the cores
 NOISY_OTHERS = 0.05     # share of the machine's CPU other processes took while a system ran
@@ -88,14 +89,18 @@ def render(report: dict, console) -> None:
     if report["ratios"]:
         console.print("kvos / baseline (useful tok/s): " +
                       ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
-    if report.get("ratios_kvos_bf16"):
-        console.print("kvos-bf16 / baseline (useful tok/s): " +
-                      ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios_kvos_bf16"].items()))
+    for name in KVOS_SYSTEMS[1:]:
+        if report.get(f"ratios_{name.replace('-', '_')}"):
+            console.print(f"{name} / baseline (useful tok/s): " + ", ".join(
+                f"{k} {v:.2f}x" for k, v in report[f"ratios_{name.replace('-', '_')}"].items()))
     if report["ceiling_fraction"] is not None:
         console.print(f"kvos at {report['ceiling_fraction']:.1%} of the compute ceiling "
                       "((prompt + generated) x 2 x params / (wall x fp32 FLOP/s))")
     if report.get("ceiling_fraction_kvos_bf16") is not None:
         console.print(f"kvos-bf16 at {report['ceiling_fraction_kvos_bf16']:.1%} of the same fp32 ceiling "
                       "(its GEMMs run on the bf16 units, whose ceiling is higher)")
+    if report.get("ceiling_fraction_kvos_bf16kv") is not None:
+        console.print(f"kvos-bf16kv at {report['ceiling_fraction_kvos_bf16kv']:.1%} of the compute ceiling "
+                      "(float32 GEMMs, bf16 KV cache)")
     if m["noisy"]:
         console.print("[yellow]noisy: " + "; ".join(m["noisy_because"]) + "[/yellow]")

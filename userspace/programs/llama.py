@@ -111,7 +111,8 @@ class LlamaProgram(Program):
     """A LLaMA-family model: RMSNorm, RoPE, GQA attention on paged KV, SwiGLU MLP, tied or untied head."""
 
     def __init__(self, name: str, config: LlamaConfig, weights: dict, tokenizer, identity: bytes,
-                 device: torch.device, dtype: torch.dtype, matmul_dtype: torch.dtype | None = None):
+                 device: torch.device, dtype: torch.dtype, matmul_dtype: torch.dtype | None = None,
+                 kv_dtype: torch.dtype | None = None):
         check_weight_shapes(config, weights)
         self.name = name
         self.config = config
@@ -119,7 +120,10 @@ class LlamaProgram(Program):
         self.identity = identity
         self.device = device
         self.dtype = dtype
-        self.kv_shape = KVShape(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype)
+        # The cache may hold bfloat16 under float32 activations (CPU): write_kv rounds, attention widens.
+        self.kv_dtype = kv_dtype or dtype
+        self.kv_shape = KVShape(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                                self.kv_dtype)
         self.max_context = config.max_position_embeddings
         self.vocab_size = config.vocab_size
         self.eos_token_ids = frozenset(config.eos_token_ids)

@@ -43,15 +43,17 @@ def claims(spec: str) -> bool:
     return spec.endswith(".gguf") or hf_folder.is_hf_folder(path)
 
 
-def load_program(spec: str, device="cpu", dtype=None, matmul=None) -> LlamaProgram:
+def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None) -> LlamaProgram:
     """Load (or share) the program named by spec. device: a TorchDevice, torch.device or name.
 
-    dtype: of activations and the KV cache (float32 on the CPU). matmul: of the linear layers'
-    weights and GEMMs (default $KVOS_MATMUL, else dtype); bfloat16 on the CPU trades exact
-    agreement with a float32 reference for 2 to 4x faster GEMMs where the CPU has AMX."""
+    dtype: of activations (float32 on the CPU). matmul: of the linear layers' weights and GEMMs
+    (default $KVOS_MATMUL, else dtype); bfloat16 on the CPU trades exact agreement with a float32
+    reference for 2 to 4x faster GEMMs where the CPU has AMX. kv: of the KV cache (default
+    $KVOS_KV, else dtype); bfloat16 on the CPU halves the bytes attention reads and the frames a
+    token takes, at the cost of rounding every stored key and value to bf16."""
     torch_device = _torch_device(device)
     dtype = _dtype(dtype, torch_device)
-    kind = (dtype, _matmul_dtype(matmul, torch_device, dtype))
+    kind = (dtype, _matmul_dtype(matmul, torch_device, dtype), _kv_dtype(kv, torch_device, dtype))
     with _lock:
         if spec == TINY_NAME:
             return _cached(("tiny", 0), torch_device, kind, lambda: _tiny(torch_device, kind))
@@ -80,14 +82,16 @@ def _cached(key, device: torch.device, kind, build) -> LlamaProgram:
 
 def _identity(digest: str, kind) -> bytes:
     """Page-cache name of the weights: the same file in another dtype computes other K/V."""
-    dtype, matmul = kind
+    dtype, matmul, kv = kind
     tag = str(dtype) if matmul == dtype else f"{dtype}\0matmul {matmul}"
+    if kv != dtype:
+        tag += f"\0kv {kv}"
     return hashlib.sha256(f"kvos-llama\0{digest}\0{tag}".encode()).digest()
 
 
 def _program(name, config, weights, tokenizer, digest, device, kind) -> LlamaProgram:
-    dtype, matmul = kind
-    return LlamaProgram(name, config, weights, tokenizer, _identity(digest, kind), device, dtype, matmul)
+    dtype, matmul, kv = kind
+    return LlamaProgram(name, config, weights, tokenizer, _identity(digest, kind), device, dtype, matmul, kv)
 
 
 def _tiny(device, kind) -> LlamaProgram:
@@ -151,6 +155,20 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype != torch.float32:
         raise KvosError(EINVAL, f"programs on the cpu run in float32 (its kernels are float32), not {dtype}")
     return dtype
+
+
+def _kv_dtype(kv, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: the program's, or bfloat16 under float32 activations on the CPU."""
+    kv = kv or os.environ.get("KVOS_KV") or dtype
+    if isinstance(kv, str) and kv in DTYPES:
+        kv = DTYPES[kv]
+    if not (isinstance(kv, torch.dtype) and kv in DTYPES.values()):
+        raise KvosError(EINVAL, f"kv dtype {kv!r} is not one of {', '.join(DTYPES)}")
+    if device.type == "cpu" and kv not in (torch.float32, torch.bfloat16):
+        raise KvosError(EINVAL, f"the KV cache on the cpu holds float32 or bfloat16, not {kv}")
+    if device.type != "cpu" and kv != dtype:
+        raise KvosError(EINVAL, f"on {device.type} the KV cache holds the program's dtype ({dtype}), not {kv}")
+    return kv
 
 
 def _matmul_dtype(matmul, device: torch.device, dtype: torch.dtype) -> torch.dtype:

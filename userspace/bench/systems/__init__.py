@@ -8,9 +8,10 @@ times its tokens became available, plus load time, wall time and peak KV memory.
 SYSTEMS = {
     "kvos": "userspace.bench.systems.kvos",
     "kvos-bf16": "userspace.bench.systems.kvos_bf16",
+    "kvos-bf16kv": "userspace.bench.systems.kvos_bf16kv",
     "hf-static": "userspace.bench.systems.hf_static",
     "hf-cb": "userspace.bench.systems.hf_cb",
     "llama.cpp": "userspace.bench.systems.llamacpp",
 }
-DEFAULT_SYSTEMS = ("kvos", "kvos-bf16", "hf-static", "hf-cb", "llama.cpp")
-KVOS_SYSTEMS = ("kvos", "kvos-bf16")      # the rows ratios are taken of; the others are baselines
+DEFAULT_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv", "hf-static", "hf-cb", "llama.cpp")
+KVOS_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv")   # the rows ratios are taken of; the others are baselines

@@ -91,13 +91,16 @@ def run(workload, options, progress) -> dict:
     delta["page_cache_hits"] = mem.page_cache_hits - cache_hits_before
     delta["observe_seconds"] = observe_seconds
     delta["token_budget"] = k.sched.token_budget
-    matmul = str(getattr(k.tenants[tid].program, "matmul_dtype", "torch.float32")).removeprefix("torch.")
+    program = k.tenants[tid].program
+    matmul = str(getattr(program, "matmul_dtype", "torch.float32")).removeprefix("torch.")
+    kv = str(program.kv_shape.dtype).removeprefix("torch.")
     k.shutdown()
+    name = "kvos" + ("-bf16" if matmul == "bfloat16" else "") + ("-bf16kv" if kv == "bfloat16" else "")
     return records.result(
-        "kvos" if matmul == "float32" else "kvos-bf16", samples, load_seconds=load_seconds, wall_seconds=wall,
+        name.replace("-bf16-bf16kv", "-bf16-all"), samples, load_seconds=load_seconds, wall_seconds=wall,
         cpu_seconds=cpu,
         mode=f"continuous batching, paged KV ({mem.frame_bytes // 1024} KiB frames), token budget "
-             f"{delta['token_budget']}, {matmul} matmuls",
+             f"{delta['token_budget']}, {matmul} matmuls, {kv} KV",
         kv_peak_bytes=peak_mapped * mem.frame_bytes, kv_private_peak_bytes=peak_private * mem.frame_bytes,
         kv_capacity_bytes=mem.total * mem.frame_bytes, return_tokens=options.get("return_tokens", False),
         extra=delta, notes=_notes(workload, delta))
