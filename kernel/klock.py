@@ -70,7 +70,15 @@ class KernelLock:
                 return False
             waiter = _Waiter(me, depth)
             self._queue.append(waiter)
-        got = waiter.granted.acquire(timeout=-1 if timeout is None or timeout < 0 else timeout)
+        try:
+            got = waiter.granted.acquire(timeout=-1 if timeout is None or timeout < 0 else timeout)
+        except BaseException:                            # Ctrl-C while waiting: leave no place behind
+            with self._mutex:
+                if self._owner == me:                    # handed over meanwhile: hand it on
+                    self._hand_off()
+                else:
+                    self._queue.remove(waiter)
+            raise
         if not got:
             with self._mutex:
                 got = self._owner == me                  # handed over just as the wait timed out

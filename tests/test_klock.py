@@ -162,3 +162,39 @@ def test_readers_and_ps_get_a_turn_every_step_while_the_loop_steps():
     assert sum(per_read) == 8 * 80
     assert statistics.mean(per_read) < 1.5, per_read
     assert max(ps_gaps) <= 4, ps_gaps
+
+
+def test_an_interrupted_waiter_leaves_no_place_behind(monkeypatch):
+    # Ctrl-C in a thread waiting for the lock (the kvos shell's main thread) must not leave a
+    # queue entry that the lock would later be handed to and that nobody would release.
+    import kernel.klock as klock
+
+    class Interrupt(BaseException):
+        pass
+
+    class RaisingGrant:
+        def acquire(self, timeout=-1):
+            raise Interrupt
+
+    class InterruptedWaiter(klock._Waiter):
+        def __init__(self, thread, depth):
+            super().__init__(thread, depth)
+            self.granted = RaisingGrant()
+
+    lock, caught = KernelLock(), []
+    lock.acquire()
+    monkeypatch.setattr(klock, "_Waiter", InterruptedWaiter)
+
+    def waiter():
+        try:
+            lock.acquire()
+        except Interrupt:
+            caught.append(True)
+    t = threading.Thread(target=waiter)
+    t.start()
+    t.join()
+    monkeypatch.undo()
+    assert caught == [True] and not lock._queue
+    lock.release()
+    assert lock._owner is None and lock.acquire(blocking=False)
+    lock.release()
