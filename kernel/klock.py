@@ -108,4 +108,15 @@ class KernelLock:
         return depth
 
     def _acquire_restore(self, depth: int) -> None:
-        self._acquire(depth, True, -1)
+        # Condition.wait() must return holding the lock, or the caller's `with` releases a lock it
+        # does not hold: an interrupt while queueing again is kept until the lock is back (as
+        # RLock, whose re-acquire cannot be interrupted), then raised.
+        interrupted = None
+        while True:
+            try:
+                self._acquire(depth, True, -1)
+                break
+            except BaseException as exc:               # noqa: BLE001 -- raised below, lock held
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted

@@ -198,3 +198,50 @@ def test_an_interrupted_waiter_leaves_no_place_behind(monkeypatch):
     lock.release()
     assert lock._owner is None and lock.acquire(blocking=False)
     lock.release()
+
+
+def test_an_interrupt_during_a_condition_wait_is_raised_with_the_lock_held(monkeypatch):
+    import kernel.klock as klock
+
+    class Interrupt(BaseException):
+        pass
+
+    raised = []
+
+    class RaisingOnce:
+        def __init__(self, real):
+            self.real = real
+
+        def acquire(self, timeout=-1):
+            if not raised:
+                raised.append(True)
+                raise Interrupt
+            return self.real.acquire(timeout=timeout)
+
+        def release(self):
+            self.real.release()
+
+    class FlakyWaiter(klock._Waiter):
+        def __init__(self, thread, depth):
+            super().__init__(thread, depth)
+            self.granted = RaisingOnce(self.granted)
+
+    lock = KernelLock()
+    changed = threading.Condition(lock)
+    caught = []
+
+    def sleeper():
+        try:
+            with lock:
+                changed.wait(10)
+        except Interrupt:
+            caught.append(True)           # not RuntimeError: `with` released a lock it held
+    t = threading.Thread(target=sleeper)
+    t.start()
+    wait_until(lambda: len(changed._waiters) == 1)
+    with lock:
+        monkeypatch.setattr(klock, "_Waiter", FlakyWaiter)
+        changed.notify_all()
+        wait_until(lambda: raised and len(lock._queue) == 1)    # interrupted once, queued again
+    t.join()
+    assert caught == [True] and lock._owner is None and not lock._queue
