@@ -120,6 +120,26 @@ def sys_spawn(kernel, caller, tid, prompt, *, priority=0, shm=None, interactive=
     return proc.pid
 
 
+@syscall("spawn_n")
+def sys_spawn_n(kernel, caller, tid, prompt, n, *, priority=0, shm=None, interactive=False, **sampling):
+    """spawn, then fork the new process n - 1 times, in one call: no step runs in between, so the
+    n processes share the prompt's pages and nothing else (n samples of one prompt). The first pid
+    is the parent. A refused call leaves no process behind. -> [pid]"""
+    check_int("n", n, 1, 1024)
+    check_room_for(kernel, tenant_of(kernel, caller, tid), n)
+    pid = sys_spawn(kernel, caller, tid, prompt, priority=priority, shm=shm, interactive=interactive, **sampling)
+    if n == 1:
+        return [pid]
+    try:
+        return [pid] + sys_fork(kernel, caller, pid, n - 1)
+    except KvosError:
+        proc = kernel.procs[pid]
+        kernel.exit_process(proc, "killed")
+        kernel.procs.pop(pid, None)
+        proc.tenant.pids.discard(pid)
+        raise
+
+
 @syscall("fork")
 def sys_fork(kernel, caller, pid, n=1):
     """n children sharing every page of the process copy-on-write, each with its own seed. -> [pid]"""
@@ -406,7 +426,7 @@ class SyscallHandle:
             return result
 
 
-_NEW_WORK = frozenset({"spawn_tenant", "spawn", "fork", "write", "shmget"})
+_NEW_WORK = frozenset({"spawn_tenant", "spawn", "spawn_n", "fork", "write", "shmget"})
 
 
 def install_syscall_methods(cls) -> None:

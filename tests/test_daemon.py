@@ -226,6 +226,11 @@ def test_libc_runs_on_a_client(server, local, alice, root):
         pid = remote.pid
         assert [p.state for p in alice.ps() if p.pid == pid] == ["sleeping"]     # its pages stay
         assert remote.close().tokens == here.close().tokens
+    # parallel_sample is one spawn_n over HTTP: seeded samples equal the in-process ones
+    prompt = [{"role": "user", "content": "Name a colour."}]
+    remote = libc.parallel_sample(alice, alice.tid, prompt, 3, max_tokens=6, seed=11, ignore_eos=True)
+    here = libc.parallel_sample(lroot, ltid, prompt, 3, max_tokens=6, seed=11, ignore_eos=True)
+    assert [s.tokens for s in remote] == [s.tokens for s in here] and len(remote) == 3
     assert_idle(root)
 
 

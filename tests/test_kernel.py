@@ -400,3 +400,28 @@ def test_shutdown_with_a_timeout_kills_what_is_left():
     k.step()
     k.shutdown(timeout=0.0)
     assert pid not in k.procs and k.mm.meminfo().mapped == 0
+
+
+def test_spawn_n_is_spawn_and_fork_with_no_step_between():
+    """With a loop thread stepping, n samples of one prompt share the prompt and nothing else; a
+    refused spawn_n leaves nothing behind."""
+    k = kernel.boot(memory=frames(64))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY, max_procs=6)
+    k.start_loop()
+    prompt = list(range(3, 40))
+    for _ in range(5):
+        pids = sys.spawn_n(tid, prompt, 4, max_tokens=1, temperature=1.0, seed=3, ignore_eos=True)
+        assert len(pids) == 4
+        outs = [sys.wait(p) for p in pids]
+        assert all(len(o.tokens) == 1 and o.prompt_tokens == len(prompt) for o in outs)
+    (pid,) = sys.spawn_n(tid, prompt, 1, max_tokens=2)
+    assert len(sys.wait(pid).tokens) == 2                     # n=1 is a plain spawn
+    before = (len(k.procs), k.mm.meminfo().free)
+    for args, errno in (((tid, prompt, 7), "EAGAIN"), ((tid, prompt, 0), "EINVAL"), ((tid, prompt, "4"), "EINVAL"),
+                        ((tid, prompt, 2), "EINVAL")):
+        with pytest.raises(KvosError) as err:
+            sys.spawn_n(*args, max_tokens=-1 if args[2] == 2 else 4)
+        assert err.value.errno == errno
+    assert (len(k.procs), k.mm.meminfo().free) == before
+    k.shutdown(kill=True)

@@ -46,19 +46,16 @@ class Launch:
 
 
 def launch(handle, tid, tenant, prompts, n, params) -> Launch:
-    """Spawn each prompt and fork n - 1 siblings; on a refusal, end what was started and re-raise.
-
-    handle.atomic() from spawn to fork keeps the loop thread from running the parent in between
-    (its first token would go to every fork, and a one-token request would be gone before fork())."""
+    """Spawn each prompt with n - 1 forked siblings (spawn_n: no step between spawn and fork, so no
+    fork inherits the parent's first token); on a refusal, end what was started and re-raise.
+    handle.atomic() puts every prompt of the request in the run queue before the next step."""
     started = time.monotonic()
     priority = params.pop("priority", 0)
     pids, prompt_of = [], []
     try:
         with handle.atomic():
             for i, prompt in enumerate(prompts):
-                pid = handle.spawn(tid, prompt, priority=priority, **params)
-                pids.append(pid)
-                pids.extend(handle.fork(pid, n - 1) if n > 1 else [])
+                pids.extend(handle.spawn_n(tid, prompt, n, priority=priority, **params))
                 prompt_of.extend([i] * n)
     except KvosError:
         release(handle, pids)

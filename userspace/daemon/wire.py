@@ -23,7 +23,7 @@ HTTP_STATUS = {EINVAL: 400, ESRCH: 404, ENOENT: 404, EPERM: 403, EAGAIN: 429, EB
 # What each syscall returns: a dataclass, [dataclass], int, [int] or None. A test checks the
 # keys against kernel.syscalls.SYSCALLS, so a new syscall cannot be forgotten here.
 RESULTS = {
-    "spawn_tenant": int, "kill_tenant": None, "spawn": int, "fork": [int], "write": None,
+    "spawn_tenant": int, "kill_tenant": None, "spawn": int, "spawn_n": [int], "fork": [int], "write": None,
     "read": ReadResult, "wait": ExitStatus, "kill": None, "nice": int, "shmget": int, "shmrm": None,
     "ps": [ProcInfo], "pagemap": PageMap, "meminfo": MemInfo, "schedstat": SchedStat, "dmesg": [LogEntry],
 }

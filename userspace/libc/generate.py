@@ -1,7 +1,5 @@
 """One-shot generation: spawn and wait, many at once, streamed, or n samples of one prompt."""
 
-import contextlib
-
 
 def generate(sys, tid, prompt, **params):
     """Run one prompt to the end. -> ExitStatus (tokens, text, reason)"""
@@ -35,10 +33,7 @@ def parallel_sample(sys, tid, prompt, n: int, **params) -> list:
     """n independent samples of one prompt. The n - 1 forks wait until the first has computed
     the prompt, then map its pages from the page cache: the prompt is prefilled once. -> [ExitStatus]"""
     params.setdefault("temperature", 1.0)
-    # In process, no step may come between spawn and fork: a loop thread could otherwise sample the
-    # parent's first token, which the forks would inherit. A daemon's client cannot hold the kernel
-    # still (no atomic()): there, ask /v1 with n, which spawns and forks under the kernel lock.
-    with getattr(sys, "atomic", contextlib.nullcontext)():
-        pid = sys.spawn(tid, prompt, **params)
-        pids = [pid] + (sys.fork(pid, n - 1) if n > 1 else [])
+    # spawn_n spawns and forks in one syscall: no step comes between (a step could sample the
+    # parent's first token, which the forks would then inherit), in process or over HTTP alike.
+    pids = sys.spawn_n(tid, prompt, n, **params)
     return [sys.wait(p) for p in pids]
