@@ -30,6 +30,17 @@ def tenant_of(kernel, caller, tid):
     return tenant
 
 
+def segment_of(kernel, owner, shmid, name="shmid"):
+    """The shm segment `shmid`, which must belong to `owner` (None: root, any segment)."""
+    check_int(name, shmid)
+    seg = kernel.shm_segments.get(shmid)
+    if seg is None:
+        raise KvosError(ESRCH, f"no shm segment {shmid}")
+    if owner is not None and seg.tenant is not owner:
+        raise KvosError(EPERM, f"shm segment {shmid} belongs to another tenant")
+    return seg
+
+
 def proc_of(kernel, caller, pid):
     check_int("pid", pid)
     proc = kernel.procs.get(pid)

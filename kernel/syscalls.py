@@ -21,6 +21,7 @@ from kernel.argcheck import (
     check_room_for,
     proc_of,
     prompt_tokens,
+    segment_of,
     tenant_of,
 )
 from kernel.errors import E2BIG, EAGAIN, EBUSY, EINVAL, EPERM, ESRCH, KernelPanic, KvosError
@@ -101,14 +102,8 @@ def sys_spawn(kernel, caller, tid, prompt, *, priority=0, shm=None, interactive=
     if params.max_tokens == 0 and not interactive:
         raise KvosError(EINVAL, "max_tokens must be at least 1 (0 is for interactive processes)")
     prefix = []
-    if shm is not None:
-        check_int("shm", shm)
-        seg = kernel.shm_segments.get(shm)
-        if seg is None:
-            raise KvosError(ESRCH, f"no shm segment {shm}")
-        if seg.tenant is not tenant:
-            raise KvosError(EPERM, f"shm segment {shm} belongs to another tenant")
-        prefix = seg.tokens
+    if shm is not None:                  # the segment must be the target tenant's, even for root
+        prefix = segment_of(kernel, tenant, shm, "shm").tokens
     if params.max_tokens > tenant.max_new_tokens:
         raise KvosError(E2BIG, f"max_tokens {params.max_tokens} exceeds tenant {tenant.name!r}'s limit "
                                f"of {tenant.max_new_tokens}")
@@ -270,13 +265,7 @@ def sys_shmget(kernel, caller, tid, prompt):
 @syscall("shmrm")
 def sys_shmrm(kernel, caller, shmid):
     """Unpin a shared prefix; processes attached to it keep their pages."""
-    check_int("shmid", shmid)
-    seg = kernel.shm_segments.get(shmid)
-    if seg is None:
-        raise KvosError(ESRCH, f"no shm segment {shmid}")
-    if caller is not None and seg.tenant is not caller:
-        raise KvosError(EPERM, f"shm segment {shmid} belongs to another tenant")
-    kernel.remove_segment(seg)
+    kernel.remove_segment(segment_of(kernel, caller, shmid))
 
 
 # -- /proc ---------------------------------------------------------------------------------------------

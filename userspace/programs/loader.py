@@ -158,28 +158,25 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def _kv_dtype(kv, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's dtype: the program's, or bfloat16 under float32 activations on the CPU."""
-    kv = kv or os.environ.get("KVOS_KV") or dtype
-    if isinstance(kv, str) and kv in DTYPES:
-        kv = DTYPES[kv]
-    if not (isinstance(kv, torch.dtype) and kv in DTYPES.values()):
-        raise KvosError(EINVAL, f"kv dtype {kv!r} is not one of {', '.join(DTYPES)}")
-    if device.type == "cpu" and kv not in (torch.float32, torch.bfloat16):
-        raise KvosError(EINVAL, f"the KV cache on the cpu holds float32 or bfloat16, not {kv}")
-    if device.type != "cpu" and kv != dtype:
-        raise KvosError(EINVAL, f"on {device.type} the KV cache holds the program's dtype ({dtype}), not {kv}")
-    return kv
+    """The KV cache's dtype: the caller's, $KVOS_KV, or the program's dtype."""
+    return _part_dtype(kv, "KVOS_KV", "the KV cache", device, dtype)
 
 
 def _matmul_dtype(matmul, device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The linear layers' dtype: the caller's, $KVOS_MATMUL, or the program's dtype."""
-    matmul = matmul or os.environ.get("KVOS_MATMUL") or dtype
-    if isinstance(matmul, str) and matmul in DTYPES:
-        matmul = DTYPES[matmul]
-    if not (isinstance(matmul, torch.dtype) and matmul in DTYPES.values()):
-        raise KvosError(EINVAL, f"matmul dtype {matmul!r} is not one of {', '.join(DTYPES)}")
-    if device.type == "cpu" and matmul not in (torch.float32, torch.bfloat16):
-        raise KvosError(EINVAL, f"matmuls on the cpu run in float32 or bfloat16, not {matmul}")
-    if device.type != "cpu" and matmul != dtype:
-        raise KvosError(EINVAL, f"on {device.type} the matmuls run in the program's dtype ({dtype}), not {matmul}")
-    return matmul
+    return _part_dtype(matmul, "KVOS_MATMUL", "the matmuls", device, dtype)
+
+
+def _part_dtype(value, env: str, part: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """A part of the program that may be narrower than its activations: bfloat16 under float32
+    on the CPU (the C kernels and AMX convert); elsewhere the program's own dtype."""
+    value = value or os.environ.get(env) or dtype
+    if isinstance(value, str) and value in DTYPES:
+        value = DTYPES[value]
+    if not (isinstance(value, torch.dtype) and value in DTYPES.values()):
+        raise KvosError(EINVAL, f"{part}: dtype {value!r} is not one of {', '.join(DTYPES)}")
+    if device.type == "cpu" and value not in (torch.float32, torch.bfloat16):
+        raise KvosError(EINVAL, f"{part} on the cpu can be float32 or bfloat16, not {value}")
+    if device.type != "cpu" and value != dtype:
+        raise KvosError(EINVAL, f"on {device.type}, {part} must be in the program's dtype ({dtype}), not {value}")
+    return value
