@@ -91,23 +91,20 @@ void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_
     const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
     int64_t offsets[TILE];
     attn_translate(c, c->page_table + task->seq * c->page_table_stride, h, t0, tn, offsets);
-    if (c->k16) {
-        for (int t = 0; t < tn; t++) {
+    const int64_t esize = c->k16 ? (int64_t)sizeof(uint16_t) : (int64_t)sizeof(float);
+    const char *kbase = c->k16 ? (const char *)c->k16 : (const char *)c->k_cache;
+    const char *vbase = c->k16 ? (const char *)c->v16 : (const char *)c->v_cache;
+    for (int t = 0; t < tn; t++) {
+        if (c->k16) {
             w->kp16[slot][t] = c->k16 + offsets[t];
             w->vp16[slot][t] = c->v16 + offsets[t];
-            for (int64_t d = 0; d < c->head_dim; d += 64 / (int64_t)sizeof(uint16_t)) {
-                __builtin_prefetch(w->kp16[slot][t] + d);
-                __builtin_prefetch(w->vp16[slot][t] + d);
-            }
+        } else {
+            w->kp[slot][t] = c->k_cache + offsets[t];
+            w->vp[slot][t] = c->v_cache + offsets[t];
         }
-        return;
-    }
-    for (int t = 0; t < tn; t++) {
-        w->kp[slot][t] = c->k_cache + offsets[t];
-        w->vp[slot][t] = c->v_cache + offsets[t];
-        for (int64_t d = 0; d < c->head_dim; d += 64 / (int64_t)sizeof(float)) {
-            __builtin_prefetch(w->kp[slot][t] + d);
-            __builtin_prefetch(w->vp[slot][t] + d);
+        for (int64_t b = 0; b < c->head_dim * esize; b += 64) {   /* one prefetch per cache line */
+            __builtin_prefetch(kbase + offsets[t] * esize + b);
+            __builtin_prefetch(vbase + offsets[t] * esize + b);
         }
     }
 }
