@@ -162,7 +162,7 @@ class Kernel:
         for proc in [p for p in self.procs.values() if p.tenant is tenant]:
             if proc.alive:
                 self.exit_process(proc, "killed")
-            self.procs.pop(proc.pid, None)            # nobody is left to wait for them
+            self.reap(proc)                           # nobody is left to wait for them
         for seg in [s for s in self.shm_segments.values() if s.tenant is tenant]:
             self.remove_segment(seg)
         self.mm.remove_cgroup(tenant.cgid)
@@ -245,8 +245,13 @@ class Kernel:
                  f"{len(generated)} tokens", proc=proc, level=level)
         if proc.builds_segment is not None:          # a failed builder takes its segment with it
             self.shm_segments.pop(proc.builds_segment.shmid, None)
-            self.procs.pop(proc.pid, None)
+            self.reap(proc)
         self.changed.notify_all()
+
+    def reap(self, proc: Process) -> None:
+        """Take an exited process out of the process table (wait() does, after exit_process)."""
+        self.procs.pop(proc.pid, None)
+        proc.tenant.pids.discard(proc.pid)
 
     def end_turn(self, proc: Process, reason: str) -> None:
         proc.turn_done = True
@@ -297,8 +302,7 @@ class Kernel:
         self.sched.remove(proc)
         proc.state = State.ZOMBIE
         proc.tenant.num_live -= 1
-        self.procs.pop(proc.pid, None)
-        proc.tenant.pids.discard(proc.pid)
+        self.reap(proc)
         seg.builder = None
         self.log("shm", f"shm {seg.shmid} ready: {len(seg.tokens)} tokens pinned", tenant=seg.tenant)
 
@@ -307,7 +311,7 @@ class Kernel:
             builder = self.procs[seg.builder]
             builder.builds_segment = None
             self.exit_process(builder, "killed")
-            self.procs.pop(builder.pid, None)
+            self.reap(builder)
         if seg.mm_shmid is not None:
             self.mm.remove_segment(seg.mm_shmid)
         self.shm_segments.pop(seg.shmid, None)

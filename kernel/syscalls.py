@@ -130,8 +130,7 @@ def sys_spawn_n(kernel, caller, tid, prompt, n, *, priority=0, shm=None, interac
     except KvosError:
         proc = kernel.procs[pid]
         kernel.exit_process(proc, "killed")
-        kernel.procs.pop(pid, None)
-        proc.tenant.pids.discard(pid)
+        kernel.reap(proc)
         raise
 
 
@@ -224,8 +223,7 @@ def sys_wait(kernel, caller, pid, timeout=None):
             if not done and timeout is not None:
                 raise KvosError(EAGAIN, f"process {pid} still runs after {timeout} s")
             raise KernelPanic(f"wait: process {pid} ({proc.state.value}) cannot make progress")
-        if kernel.procs.pop(pid, None) is not None:
-            proc.tenant.pids.discard(pid)
+        kernel.reap(proc)
         return proc.exit
 
 
