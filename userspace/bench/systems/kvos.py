@@ -97,7 +97,7 @@ def run(workload, options, progress) -> dict:
     k.shutdown()
     name = "kvos" + ("-bf16" if matmul == "bfloat16" else "") + ("-bf16kv" if kv == "bfloat16" else "")
     return records.result(
-        name.replace("-bf16-bf16kv", "-bf16-all"), samples, load_seconds=load_seconds, wall_seconds=wall,
+        name, samples, load_seconds=load_seconds, wall_seconds=wall,
         cpu_seconds=cpu,
         mode=f"continuous batching, paged KV ({mem.frame_bytes // 1024} KiB frames), token budget "
              f"{delta['token_budget']}, {matmul} matmuls, {kv} KV",
