@@ -9,7 +9,23 @@
 from typing import TYPE_CHECKING
 
 from kernel.errors import KernelPanic, KvosError
-from kernel.proc import ExitStatus, State
+from kernel.proc import State
+from kernel.results import (
+    CgroupInfo,
+    ExitStatus,
+    LogEntry,
+    LoopStatus,
+    MemInfo,
+    PageEntry,
+    PageMap,
+    ProcInfo,
+    ReadResult,
+    SchedStat,
+    StepRecord,
+    TenantInfo,
+    TenantSched,
+    WorkRecord,
+)
 from kernel.sched.policies import FCFS, FairShare, Policy, PriorityPolicy, StaticBatching
 from kernel.syscalls import SYSCALLS
 
@@ -35,12 +51,19 @@ def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=51
     Options: chunk (max tokens of one process per step, default token_budget), max_running
     (batch size bound), frame_bytes (default: page_size tokens of the first tenant's model),
     alloc ("paged" | "prealloc"), batch ("ragged" | "padded"), watermark (free frames kept at
-    admission), threads (CPU threads for torch and the C kernels), seed.
+    admission), threads (CPU threads for torch and the C kernels), seed, pids ("sequential", or
+    "random": ids that tell a tenant nothing of the others' activity), loop (True: steps run in a
+    thread of their own from boot on; otherwise waiting syscalls drive them).
+
+    The booted Kernel is held by whoever booted it: userspace uses only its syscalls() handles
+    (and the daemon its shutdown()); everything else of it is the kernel's own.
     """
     from kernel.kernel import Kernel
     return Kernel(device=device, memory=memory, page_size=page_size, policy=policy,
                   token_budget=token_budget, swap=swap, **options)
 
 
-__all__ = ["boot", "Kernel", "KvosError", "KernelPanic", "ExitStatus", "State", "SYSCALLS",
-           "Policy", "FCFS", "PriorityPolicy", "FairShare", "StaticBatching"]
+__all__ = ["boot", "Kernel", "KvosError", "KernelPanic", "State", "SYSCALLS",
+           "Policy", "FCFS", "PriorityPolicy", "FairShare", "StaticBatching",
+           "ExitStatus", "ReadResult", "ProcInfo", "TenantInfo", "WorkRecord", "StepRecord", "TenantSched",
+           "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo", "MemInfo", "LogEntry"]

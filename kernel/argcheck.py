@@ -20,6 +20,19 @@ def check_number(name, value, lo, hi=None):
     return float(value)
 
 
+MAX_TIMEOUT = 86_400.0        # seconds a blocking call may be asked to wait (one day)
+
+
+def check_timeout(timeout, default):
+    """A blocking call's timeout: None (no limit) only where `default` is None, else seconds in
+    [0, MAX_TIMEOUT]."""
+    if timeout is None and default is None:
+        return None
+    if timeout is None:
+        timeout = default
+    return check_number("timeout", timeout, 0.0, MAX_TIMEOUT)
+
+
 def tenant_of(kernel, caller, tid):
     check_int("tid", tid)
     tenant = kernel.tenants.get(tid)
@@ -51,21 +64,22 @@ def proc_of(kernel, caller, pid):
     return proc
 
 
-def prompt_tokens(program, prompt, what="prompt"):
-    """Token ids of a prompt: text, a list of token ids, or a chat (list of {role, content})."""
+def prompt_tokens(program, prompt, what="prompt", tenant=None):
+    """Token ids of a prompt: text, a list of token ids, or a chat (list of {role, content}).
+
+    Runs in the caller's context (a syscall's prepare half): tokenizing costs the caller only.
+    With `tenant`, text that cannot fit its limit is refused before it is tokenized."""
     if isinstance(prompt, str):
         if not prompt:
             raise KvosError(EINVAL, f"{what} is empty")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise KvosError(EINVAL, f"{what} is not valid text: {err.reason}") from None
+        _refuse_long_text(program, tenant, _utf8_length(prompt, what), what)
         ids = program.encode(prompt)
-    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+    elif is_chat(prompt):
         for m in prompt:
             if set(m) - {"role", "content", "name"} or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
                 raise KvosError(EINVAL, f"{what}: a chat message needs string 'role' and 'content', got {m!r}")
+        _refuse_long_text(program, tenant, sum(_utf8_length(m["content"], what) for m in prompt), what)
         ids = program.apply_chat_template(list(prompt))
     elif isinstance(prompt, (list, tuple)):
         ids = list(prompt)
@@ -75,6 +89,31 @@ def prompt_tokens(program, prompt, what="prompt"):
     if not ids:
         raise KvosError(EINVAL, f"{what} is empty")
     return ids
+
+
+def is_chat(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def _utf8_length(text: str, what: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise KvosError(EINVAL, f"{what} is not valid text: {err.reason}") from None
+
+
+def _refuse_long_text(program, tenant, num_bytes: int, what: str) -> None:
+    """E2BIG (ENOMEM past the context) for text that holds more tokens than the tenant's limit
+    whatever the tokenizer does: a token spells at most program.max_token_bytes bytes, so text
+    has at least num_bytes / that many tokens. A 10 MB prompt is refused without being tokenized."""
+    longest = getattr(program, "max_token_bytes", None)
+    if tenant is None or not longest:
+        return
+    at_least = -(-num_bytes // longest)
+    if at_least > tenant.max_prompt_tokens:
+        errno = ENOMEM if at_least >= program.max_context else E2BIG
+        raise KvosError(errno, f"{what} of {num_bytes} bytes is at least {at_least} tokens; tenant "
+                               f"{tenant.name!r}'s limit is {tenant.max_prompt_tokens}")
 
 
 def check_fits(kernel, tenant, num_tokens, what):
@@ -94,9 +133,12 @@ def check_fits(kernel, tenant, num_tokens, what):
 
 
 def check_room_for(kernel, tenant, n):
-    live = tenant.num_live
-    if live + n > tenant.max_procs:
-        raise KvosError(EAGAIN, f"tenant {tenant.name!r} has {live} processes; its limit is {tenant.max_procs}")
+    """EAGAIN unless `n` more processes fit the tenant's limits. Zombies count until they are
+    reaped (as RLIMIT_NPROC counts them): a tenant that never waits cannot grow the table."""
+    held = len(tenant.pids)
+    if held + n > tenant.max_procs:
+        raise KvosError(EAGAIN, f"tenant {tenant.name!r} holds {held} processes (zombies included until "
+                                f"waited for); its limit is {tenant.max_procs}")
     queued = kernel.sched.queued.get(tenant.tid, 0)
     if queued + n > tenant.max_queued:
         raise KvosError(EAGAIN, f"tenant {tenant.name!r} has {queued} processes waiting; its queue limit is "

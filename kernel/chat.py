@@ -1,12 +1,13 @@
-"""The tokens that continue a conversation held by an interactive process.
+"""The tokens that continue a conversation held by an interactive process (write's prepare half).
 
-A process that ended its turn holds the chat so far. write(pid, messages)
-must add only what the model's template puts between the end of the reply and
-the start of the next one: the template's closing of the assistant message
-(minus the end-of-turn token the model already emitted), then the new messages
-and the generation prompt. Both pieces are read off the model's own template,
-rendered around anchor messages, so any template that renders a conversation
-as a prefix of its extension works.
+A process that ended its turn holds the chat so far. write(pid, messages) must add
+only what the model's template puts between the end of the reply and the start of
+the next one: the template's closing of the assistant message, then the new
+messages and the generation prompt. Both pieces are read off the model's own
+template, rendered around anchor messages, so any template that renders a
+conversation as a prefix of its extension works. This runs in the caller's
+context; the kernel drops the closing's first token if the reply already ended
+with it (the model emitted its end-of-turn token itself).
 """
 from kernel.errors import EINVAL, KvosError
 
@@ -14,7 +15,8 @@ _SYSTEM = "kvos-anchor-system"
 _REPLY = "kvos-anchor-reply"
 
 
-def chat_continuation(program, messages: list, last_token: int | None) -> list:
+def chat_continuation(program, messages: list) -> tuple[list, list]:
+    """(the template's closing of the reply, the new messages with the generation prompt) as token ids."""
     render = getattr(program, "render_chat", None)
     if render is None:
         raise KvosError(EINVAL, f"{program.name} has no chat template to continue a conversation with")
@@ -24,6 +26,4 @@ def chat_continuation(program, messages: list, last_token: int | None) -> list:
     if not full.startswith(head) or _REPLY not in head:
         raise KvosError(EINVAL, f"{program.name}'s chat template does not extend a conversation by appending")
     closing = program.encode(head[head.index(_REPLY) + len(_REPLY):])
-    if closing and last_token is not None and closing[0] == last_token:
-        closing = closing[1:]        # the model ended its reply with this token itself
-    return closing + program.encode(full[len(head):])
+    return closing, program.encode(full[len(head):])

@@ -1,19 +1,8 @@
 """The kernel log: a bounded ring of events (admissions, preemptions, swaps, faults, exits)."""
 import time
 from collections import deque
-from dataclasses import dataclass
 
-
-@dataclass
-class LogEntry:
-    seq: int
-    time: float              # seconds since boot
-    step: int
-    level: str               # "info", "warn", "error"
-    event: str               # short kind: "spawn", "admit", "preempt", "swap-in", "exit", "oom", ...
-    message: str
-    tid: int | None = None   # tenant the event belongs to (None: the kernel's own)
-    pid: int | None = None
+from kernel.results import LogEntry
 
 
 class Dmesg:

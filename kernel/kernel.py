@@ -1,25 +1,30 @@
-"""The Kernel: process table, tenants, memory, and the step loop of DESIGN section 3.
+"""The Kernel: process table, tenants, memory, and the step (docs/design.md has the whole picture).
 
-    plan   = sched.schedule()       who runs, how many tokens, who is preempted (memory bookkept)
+    plan   = sched.schedule()       who runs, how many tokens, who is preempted or ends (memory bookkept)
+    apply the plan's exits          processes that can never fit end with ENOMEM
     mm.flush()                      copy-on-write and swap bytes move, batched, in order
     batch  = build_batch(works)     per program: packed tokens, positions, slots, page tables
     logits = program.forward(...)   on the device; attention reads K/V through page tables
     tokens = sample(logits, ...)    per-process parameters and seeded generators
-    commit(plan, tokens)            append, stop checks, turn ends, exits free pages
+    commit(plan, tokens)            append token bytes, stop checks, turn ends, exits free pages
+    record(plan)                    schedstat counters and the step's trace record
 
-All state changes happen under `lock`; `changed` is notified after each step,
-so a daemon thread can run the loop while syscalls wait on it. Without such a
-thread, calls that wait (wait, read with a timeout) drive the loop themselves.
+All state changes happen under `lock`. After each step the callers waiting on a
+process that changed are woken (watch), and `changed` is notified for the loop
+thread and tracers. Without a loop thread, calls that wait (wait, read with a
+timeout, trace) drive the loop themselves. Userspace holds only what boot()
+returns and the handles of syscalls(); everything else here is the kernel's.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 
 import torch
 
-from kernel import loop, step
-from kernel.detok import Detokenizer
+from kernel import loop as kloop
+from kernel import step
 from kernel.devices import make_device
 from kernel.dmesg import Dmesg
 from kernel.errors import EINVAL, ENOMEM, KvosError
@@ -39,7 +44,7 @@ from kernel.units import parse_bytes
 class Kernel:
     def __init__(self, device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512,
                  swap="1GiB", chunk=None, max_running=256, frame_bytes=None, alloc="paged",
-                 batch="ragged", watermark=None, threads=None, seed=0):
+                 batch="ragged", watermark=None, threads=None, seed=0, pids="sequential", loop=False):
         _check_int("page_size", page_size, 1, 4096)
         _check_int("token_budget", token_budget, 1, 1 << 20)
         _check_int("max_running", max_running, 1, 1 << 20)
@@ -51,6 +56,8 @@ class Kernel:
             raise KvosError(EINVAL, f"batch must be 'ragged' or 'padded', got {batch!r}")
         if frame_bytes is not None:
             _check_int("frame_bytes", frame_bytes, 1, 1 << 34)
+        if pids not in ("sequential", "random"):
+            raise KvosError(EINVAL, f"pids must be 'sequential' or 'random', got {pids!r}")
         self.memory_bytes = None if memory is None else parse_bytes(memory, "memory")   # None: the device's default
         self.swap_bytes = parse_bytes(swap, "swap")
         self.page_size = page_size
@@ -59,8 +66,9 @@ class Kernel:
         self.watermark = watermark
         self.lock = KernelLock()                                   # guards everything below; FIFO (kernel/klock.py)
         self.changed = threading.Condition(self.lock)              # notified after every step
-        self.loop_thread = None                                    # kernel/loop.py: the daemon's loop thread
+        self.loop_thread = None                                    # kernel/loop.py: the loop thread, if one runs
         self.loop_error = None                                     # what stopped that loop, if anything
+        self.loop_state = kloop.LoopState()                         # paused, single steps asked, idle since
         if threads is None and os.environ.get("KVOS_THREADS"):    # one pool for torch and the C kernels
             try:
                 threads = int(os.environ["KVOS_THREADS"])
@@ -86,6 +94,8 @@ class Kernel:
         self.kv_views: dict = {}                                   # id(program) -> KVView of the pool
         self.rng = torch.Generator().manual_seed(seed)             # seeds for processes spawned without one
         self._ids = {"pid": 0, "tid": 0, "shmid": 0, "arrival": 0}
+        self.random_ids = pids == "random"                         # pids and shmids that say nothing of others
+        self._events = step.StepEvents()                           # exits since the last step record
         self.null_frame = None                                     # padded batches write padding here
         self.accepting = True                                      # False once shutdown() began
         if frame_bytes is not None:
@@ -93,9 +103,18 @@ class Kernel:
         memory_text = f"{self.memory_bytes} bytes" if self.memory_bytes else "the device's default amount"
         self.log("boot", f"kvos booted on {self.device.name}: {memory_text} of KV memory, "
                  f"policy {self.policy.name}, token budget {token_budget}, chunk {chunk}")
+        if loop:
+            self.start_loop()                                      # steps run in their own thread
 
     # -- small helpers -------------------------------------------------------------------
     def _next(self, kind: str) -> int:
+        if self.random_ids and kind in ("pid", "shmid"):
+            # Sequential ids tell a tenant how much others spawn; these tell nothing (pids="random").
+            taken = self.procs if kind == "pid" else self.shm_segments
+            while True:
+                value = 1 + secrets.randbelow((1 << 31) - 2)
+                if value not in taken:
+                    return value
         self._ids[kind] += 1
         return self._ids[kind]
 
@@ -105,6 +124,26 @@ class Kernel:
 
     def sleeping_resident(self) -> list:
         return [p for p in self.procs.values() if p.state == State.SLEEPING and p.residency == Residency.RESIDENT]
+
+    # -- waking callers ------------------------------------------------------------------
+    def watch(self, proc: Process, callback):
+        """Run callback() once (under the kernel lock) when `proc` next produces, sleeps or exits.
+        Returns cancel(). Waiters on other processes are not woken: a step wakes only its own."""
+        proc.watchers.append(callback)
+
+        def cancel():
+            try:
+                proc.watchers.remove(callback)
+            except ValueError:
+                pass                                   # already run
+        return cancel
+
+    def wake(self, proc: Process) -> None:
+        """Run and forget the callbacks waiting for `proc` (call under the lock)."""
+        if proc.watchers:
+            callbacks, proc.watchers = proc.watchers, []
+            for callback in callbacks:
+                callback()
 
     # -- memory ----------------------------------------------------------------------------
     def _size_pool(self, frame_bytes: int, program=None) -> None:
@@ -130,8 +169,11 @@ class Kernel:
         return view[1]
 
     # -- tenants ---------------------------------------------------------------------------
-    def create_tenant(self, model, name, mem_limit, weight, prefix_sharing, max_procs, nice_min,
-                      max_queued, max_prompt_tokens=None, max_new_tokens=None) -> Tenant:
+    def create_tenant(self, model, name=None, mem_limit=None, weight=1, prefix_sharing="tenant",
+                      max_procs=None, max_queued=None, max_blocked=None, nice_min=None, max_prompt_tokens=None,
+                      max_new_tokens=None) -> Tenant:
+        """A tenant running `model` (a loaded Program, or a spec loaded here: syscalls load in the
+        caller's context and pass the program). Limits left None take Tenant's defaults."""
         program = exec_program(model, self.device)
         if self.mm is None:
             self._size_pool(self.page_size * program.kv_shape.bytes_per_token, program)
@@ -147,10 +189,12 @@ class Kernel:
         tid = self._next("tid")
         name = name or f"{program.name}-{tid}"
         salt = b"global" if prefix_sharing == "global" else os.urandom(16)
+        given = {k: v for k, v in dict(max_procs=max_procs, max_queued=max_queued, max_blocked=max_blocked,
+                                       nice_min=nice_min).items() if v is not None}
         tenant = Tenant(tid=tid, name=name, program=program, cgid=self.mm.create_cgroup(name, limit),
                         weight=float(weight), prefix_sharing=prefix_sharing,
                         namespace=namespace_name(program.identity, salt), page_size=page_size,
-                        max_procs=max_procs, max_queued=max_queued, nice_min=nice_min, mem_limit=limit,
+                        mem_limit=limit, **given,
                         max_prompt_tokens=min(max_prompt_tokens or program.max_context - 1, program.max_context - 1),
                         max_new_tokens=min(max_new_tokens or program.max_context, program.max_context))
         self.tenants[tid] = tenant
@@ -170,17 +214,36 @@ class Kernel:
         del self.tenants[tenant.tid]
         self.log("tenant", f"tenant {tenant.tid} {tenant.name!r} killed", tenant=tenant)
 
+    # -- memory shares ----------------------------------------------------------------------------
+    def guaranteed_frames(self, tenant: Tenant) -> int:
+        """Frames `tenant` may always hold: its limit, or its weight's fraction of the pool among all
+        tenants. Pinned shm frames must stay within it (running work is evened out by preemption)."""
+        share = self.mm.num_frames * tenant.weight // sum(t.weight for t in self.tenants.values())
+        return int(share if tenant.mem_limit is None else min(share, tenant.mem_limit))
+
+    def pinned_frames(self, tenant: Tenant) -> int:
+        """Frames pinned (or being prefilled) for `tenant`'s shm segments."""
+        return sum(-(-len(s.tokens) // tenant.page_size) for s in self.shm_segments.values() if s.tenant is tenant)
+
+    def mappers(self) -> dict:
+        """{frame: [pid]}: the processes whose page tables map each frame (the memory map's labels)."""
+        out: dict = {}
+        for proc in self.procs.values():
+            if proc.asid is not None and proc.residency == Residency.RESIDENT:
+                for frame in self.mm.space(proc.asid).frames:
+                    out.setdefault(frame, []).append(proc.pid)
+        return out
+
     # -- processes ---------------------------------------------------------------------------
     def create_process(self, tenant, tokens, params: SamplingParams, priority=0, interactive=False,
-                       shm=None, seed=None) -> Process:
+                       shm=None, seed=None, stops=None) -> Process:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
-        proc = Process(pid=self._next("pid"), tenant=tenant, params=params,
+        proc = Process(pid=self._next("pid"), tenant=tenant, params=params, seed=seed,
                        generator=torch.Generator().manual_seed(seed), priority=priority,
                        interactive=interactive, tokens=list(tokens), prompt_len=len(tokens),
                        turn_start=len(tokens), arrival=self._next("arrival"), shm=shm,
-                       spawned_at=self.clock())
-        proc.seed = seed
+                       spawned_at=self.clock(), stops=stops)
         self.procs[proc.pid] = proc
         tenant.pids.add(proc.pid)
         tenant.num_live += 1
@@ -194,14 +257,15 @@ class Kernel:
             # seeded request forked n ways reproduces all n outputs, whatever the pids are.
             parent.forks += 1
             seed = (parent.seed * 1_000_003 + parent.forks) % 2**62
-            child = Process(pid=self._next("pid"), tenant=parent.tenant, params=parent.params,
+            child = Process(pid=self._next("pid"), tenant=parent.tenant, params=parent.params, seed=seed,
                             generator=torch.Generator().manual_seed(seed), priority=parent.priority,
                             interactive=parent.interactive, tokens=list(parent.tokens),
                             prompt_len=parent.prompt_len, turn_start=parent.turn_start,
                             turn_generated=parent.turn_generated, output=list(parent.output),
                             arrival=self._next("arrival"), shm=parent.shm, turn_done=parent.turn_done,
-                            spawned_at=self.clock())
-            child.seed = seed
+                            last_reason=parent.last_reason, stops=parent.stops,
+                            out_bytes=bytearray(parent.out_bytes), turn_byte_start=parent.turn_byte_start,
+                            stop_state=parent.stop_state, spawned_at=self.clock())
             self.procs[child.pid] = child
             parent.tenant.pids.add(child.pid)
             parent.tenant.num_live += 1
@@ -233,25 +297,29 @@ class Kernel:
         proc.tenant.num_live -= 1
         proc.error = error
         proc.turn_done = True
-        generated = proc.generated_tokens
-        proc.exit = ExitStatus(
-            pid=proc.pid, reason=reason, tokens=generated, text=self.text_of(proc),
+        proc.exit = ExitStatus(         # its text is the caller's to decode (wait's finish half)
+            pid=proc.pid, reason=reason, tokens=proc.generated_tokens, text="",
             prompt_tokens=proc.prompt_len, error=error,
             time_to_first_token=(proc.first_token_at - proc.spawned_at) if proc.first_token_at else None,
             elapsed=self.clock() - proc.spawned_at)
         self.stats.exits += 1
+        self._events.exits.append((proc.pid, reason))
         level = "error" if reason == "error" else "info"
         self.log("exit", f"pid {proc.pid} exited ({reason}{': ' + error if error else ''}) after "
-                 f"{len(generated)} tokens", proc=proc, level=level)
+                 f"{len(proc.output)} tokens", proc=proc, level=level)
         if proc.builds_segment is not None:          # a failed builder takes its segment with it
             self.shm_segments.pop(proc.builds_segment.shmid, None)
             self.reap(proc)
+        self.wake(proc)
         self.changed.notify_all()
 
     def reap(self, proc: Process) -> None:
         """Take an exited process out of the process table (wait() does, after exit_process)."""
-        self.procs.pop(proc.pid, None)
+        if self.procs.get(proc.pid) is proc:
+            del self.procs[proc.pid]
         proc.tenant.pids.discard(proc.pid)
+        proc.reaped = True
+        self.wake(proc)                              # other waits on it learn it is gone
 
     def end_turn(self, proc: Process, reason: str) -> None:
         proc.turn_done = True
@@ -260,29 +328,19 @@ class Kernel:
             self.sched.remove(proc)
             proc.state = State.SLEEPING
             self.log("sleep", f"pid {proc.pid} turn ended ({reason}); sleeping", proc=proc)
+            self.wake(proc)
         else:
             self.exit_process(proc, reason)
 
-    def wake(self, proc: Process, tokens: list) -> None:
-        """write(): new input for a sleeping process; its pages stay where they are."""
+    def resume(self, proc: Process, tokens: list) -> None:
+        """write(): new input for a sleeping process starts its next turn; its pages stay where they are."""
         proc.tokens.extend(tokens)
         proc.prompt_len += len(tokens)
         proc.turn_start = len(proc.tokens)
         proc.turn_generated = 0
         proc.turn_done = False
+        proc.turn_byte_start, proc.stop_state = len(proc.out_bytes), 0
         self.sched.enqueue(proc)
-
-    def detokenizer(self, proc: Process) -> Detokenizer:
-        detok = getattr(proc, "detok", None)
-        if detok is None:
-            detok = proc.detok = Detokenizer(proc.tenant.program.decode, proc.params.stop or ())
-        return detok
-
-    def text_of(self, proc: Process) -> str:
-        """All text of the process so far; at a turn's end nothing is held back."""
-        detok = self.detokenizer(proc)
-        detok.add(proc.generated_tokens, final=proc.turn_done or not proc.alive)
-        return detok.visible
 
     # -- shm -------------------------------------------------------------------------------------
     def create_segment(self, tenant, tokens) -> ShmSegment:
@@ -326,16 +384,15 @@ class Kernel:
             started = self.clock()
             self.dmesg.step = self.stats.steps + 1
             plan = self.sched.schedule()
+            for proc, error in plan.ended:
+                self.exit_process(proc, "error", error=error)
             self.mm.flush()
             if plan.empty:
-                progressed = bool(plan.preempted or plan.oom_killed)
-                if not progressed and not self.sched.running:
-                    progressed = self._break_deadlock()
                 self.changed.notify_all()
-                return progressed
+                return bool(plan.preempted or plan.ended)
             samples = step.forward(self, plan) if self.device.has_tensors else step.simulate(self, plan)
             step.commit(self, plan, samples)
-            step.record(self, plan, self.clock() - started)
+            step.record(self, plan, samples, self.clock() - started)
             self.changed.notify_all()
             return True
 
@@ -348,25 +405,13 @@ class Kernel:
 
     # -- the loop in its own thread (the daemon): kernel/loop.py --------------------------------------
     def start_loop(self, idle_wait: float = 0.05) -> threading.Thread:
-        return loop.start_loop(self, idle_wait)
+        return kloop.start_loop(self, idle_wait)
 
     def stop_loop(self) -> None:
-        loop.stop_loop(self)
+        kloop.stop_loop(self)
 
     def shutdown(self, kill: bool = False, timeout: float | None = None) -> None:
-        loop.shutdown(self, kill, timeout)
-
-    def _break_deadlock(self) -> bool:
-        """Nothing runs and nothing can be admitted: no memory will ever come back for the
-        first waiting process, so it ends with ENOMEM (the OOM killer) instead of waiting forever."""
-        waiting = [p for p in self.sched.waiting.values() if self.sched._may_admit(p)]
-        if not waiting:
-            return False
-        victim = next(iter(self.policy.order(waiting)))
-        self.stats.oom_kills += 1
-        self.exit_process(victim, "error", error="ENOMEM: cannot be admitted: the pool (less pinned shm "
-                          "pages) or its tenant's limit is too small for it")
-        return True
+        kloop.shutdown(self, kill, timeout)
 
     # -- checks and handles -----------------------------------------------------------------------------
     def fsck(self) -> None:

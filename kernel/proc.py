@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from kernel.results import ExitStatus  # noqa: F401  (a process's exit status; re-exported)
+
 
 class State(str, Enum):
     NEW = "new"              # spawned, not yet seen by the scheduler
@@ -31,24 +33,13 @@ class Residency(str, Enum):
     SWAPPED = "swapped"      # pages in the host swap area
 
 
-@dataclass
-class ExitStatus:
-    pid: int
-    reason: str              # "stop", "length", "killed", "error"
-    tokens: list             # generated token ids (all turns)
-    text: str
-    prompt_tokens: int
-    error: str | None = None
-    time_to_first_token: float | None = None
-    elapsed: float = 0.0
-
-
 @dataclass(eq=False)          # identity: one object per tenant/process
 class Process:
     pid: int
     tenant: object                   # kernel.tenant.Tenant
     params: object                   # kernel.sampling.SamplingParams
     generator: object                # torch.Generator, seeded per process
+    seed: int = 0                    # what seeded it (forks derive their children's from it)
     priority: int = 0                # nice value: lower runs first under the priority policy
     interactive: bool = False        # sleeps after a turn instead of exiting
     # the token file
@@ -72,10 +63,21 @@ class Process:
     dropped: int = 0                 # computed tokens lost at the last reclaim
     cow_faults: int = 0
     turn_done: bool = False
+    last_reason: str | None = None   # why the last turn ended ("stop", "length")
+    # the output stream (kernel/output.py): bytes of the generated tokens, each turn cut at its stop string
+    stops: object = None             # kernel.output.StopSet compiled from params.stop, or None
+    out_bytes: bytearray = field(default_factory=bytearray)
+    stop_state: int = 0              # the StopSet automaton's state over this turn's bytes
+    turn_byte_start: int = 0         # where this turn's bytes begin in out_bytes
     # results
     read_offset: int = 0             # generated tokens already returned by read()
+    text_offset: int = 0             # bytes of out_bytes already returned as text by read()
     logprobs: list = field(default_factory=list)   # per sampled position: [(token, logprob)] top-k
+    logprob_offset: int = 0          # logprobs entries already returned by read()
     exit: ExitStatus | None = None
+    reaped: bool = False             # wait() took it out of the process table
+    # who waits for it: callbacks run once, under the kernel lock, when it produces, sleeps or exits
+    watchers: list = field(default_factory=list)
     error: str | None = None
     spawned_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None

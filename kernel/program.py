@@ -63,6 +63,12 @@ class Program(ABC):
     def decode(self, token_ids: list[int]) -> str:
         """Text of token ids, special tokens skipped."""
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` adds to a process's output; the kernel joins them and never decodes
+        (kernel/output.py). This default decodes the token alone, which splits multi-byte characters
+        and may drop spaces: a program with a tokenizer returns an exact table, built at load."""
+        return self.decode([token_id]).encode()
+
     def check_tokens(self, token_ids) -> None:
         """Refuse a prompt this program cannot run, before it is admitted (the forward pass checks nothing).
 

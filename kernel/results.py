@@ -1,9 +1,27 @@
-"""What the /proc-like syscalls return: plain dataclasses, JSON-ready with dataclasses.asdict.
+"""What syscalls return: plain dataclasses, JSON-ready with dataclasses.asdict.
 
-Kept apart from the syscall table so that clients (the daemon's Client, the TUI)
-can rebuild them without importing the kernel's machinery.
+The one public module of result types: the kernel builds them, userspace (the
+daemon's wire format, the TUI, the shell, libc) reads them, and neither needs
+the kernel's machinery to do so. The daemon's client rebuilds the same classes
+from JSON (userspace/daemon/wire.py), so code written against an in-process
+handle works unchanged over HTTP.
 """
-from dataclasses import dataclass, field
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+# -- processes ------------------------------------------------------------------------------------------
+@dataclass
+class ExitStatus:
+    pid: int
+    reason: str              # "stop", "length", "killed", "error"
+    tokens: list             # generated token ids (all turns)
+    text: str                # their text, each turn cut before the stop string that ended it
+    prompt_tokens: int
+    error: str | None = None
+    time_to_first_token: float | None = None
+    elapsed: float = 0.0
 
 
 @dataclass
@@ -37,6 +55,73 @@ class ProcInfo:
     time_to_first_token: float | None
 
 
+# -- tenants and their programs ------------------------------------------------------------------------
+@dataclass
+class TenantInfo:
+    """A tenant's limits and the facts of the program it runs (what clients need to prepare input)."""
+    tid: int
+    name: str
+    model: str                   # the program's name
+    vocab_size: int
+    max_context: int             # tokens the model attends over
+    eos_token_ids: list
+    bos_token_id: int | None
+    page_size: int               # tokens per frame for this program
+    kv_bytes_per_token: int
+    has_chat_template: bool
+    weight: float
+    mem_limit: int | None        # frames
+    max_procs: int
+    max_queued: int
+    max_blocked: int             # blocking calls (wait, read with a timeout) in flight at once
+    max_prompt_tokens: int
+    max_new_tokens: int
+    nice_min: int
+    prefix_sharing: str
+
+
+# -- the scheduler ----------------------------------------------------------------------------------------
+@dataclass
+class WorkRecord:
+    """One process's share of a step."""
+    pid: int
+    tid: int
+    start: int                   # index in its token file of the first token computed
+    count: int                   # tokens computed
+    token: int | None            # the token sampled at the end of the step, if any
+    generated: int               # tokens generated so far (all turns), after this step
+
+
+@dataclass
+class StepRecord:
+    """One time slice: what ran, and what the kernel did to make room for it.
+
+    trace() returns these whole; schedstat().recent_steps without the per-process lists."""
+    step: int
+    seconds: float               # wall time (or simulated time) of the step
+    batch_size: int              # processes that computed tokens
+    prefill_tokens: int
+    decode_tokens: int
+    padding_tokens: int
+    ended_at: float = 0.0        # the kernel's clock at the end of the step (seconds since boot)
+    running: int = 0             # processes on the run queue after the step
+    waiting: int = 0             # processes waiting for admission after the step
+    frames_free: int = 0         # free frames after the step (cached ones not counted)
+    works: list = field(default_factory=list)         # [WorkRecord]
+    admitted: list = field(default_factory=list)      # pids
+    swapped_in: list = field(default_factory=list)    # pids
+    preempted: list = field(default_factory=list)     # [pid, "swap" | "reclaim"]
+    cow_faults: list = field(default_factory=list)    # pids that copied a shared page this step
+    exits: list = field(default_factory=list)         # [pid, reason] of processes that ended this step
+    waiting_by_tenant: dict = field(default_factory=dict)   # tid -> processes waiting after the step
+    cost: dict | None = None     # the simulated device's price of the step, term by term
+
+    def summary(self) -> StepRecord:
+        """The same record without its per-process lists."""
+        return replace(self, works=[], admitted=[], swapped_in=[], preempted=[], cow_faults=[], exits=[],
+                       waiting_by_tenant={}, cost=None)
+
+
 @dataclass
 class TenantSched:
     tid: int
@@ -46,7 +131,7 @@ class TenantSched:
     running: int
     waiting: int
     sleeping: int
-    model: str = ""                  # what the tenant runs, for clients that need its facts
+    model: str = ""                  # what the tenant runs (tenantinfo() has the program's facts)
     eos_token_ids: list = field(default_factory=list)
     vocab_size: int = 0
     max_context: int = 0
@@ -55,6 +140,7 @@ class TenantSched:
 
 @dataclass
 class SchedStat:
+    """Root sees the whole scheduler; a tenant sees its own counters only (the global fields are 0)."""
     policy: str
     steps: int
     busy_seconds: float
@@ -76,4 +162,95 @@ class SchedStat:
     running: int
     waiting: int
     tenants: list
-    recent_steps: list           # the last StepRecords (seconds, batch size, prefill, decode, padding)
+    recent_steps: list           # the last StepRecord summaries (root only)
+    clock: float = 0.0           # the kernel's clock now (seconds since boot; virtual on the simulator)
+
+
+@dataclass
+class LoopStatus:
+    """The kernel's loop thread (loopctl)."""
+    running: bool                # a loop thread steps the kernel
+    paused: bool                 # it waits for loopctl("resume") or ("step")
+    steps: int                   # steps taken since boot
+    idle_seconds: float | None   # how long it has found nothing to run, None while busy
+    error: str | None            # what stopped it, if a kernel bug did
+
+
+# -- /proc for memory --------------------------------------------------------------------------------
+@dataclass
+class PageEntry:
+    vpn: int                 # virtual page number
+    frame: int | None        # device frame, None when swapped
+    swap_slot: int | None    # host swap slot, None when resident
+    refcount: int            # references to the frame (page tables + segments)
+    tokens: list             # token ids the page holds
+    shared: bool             # more than one reference
+    cow: bool                # shared and partly filled: the next append here faults
+    cached: bool             # named in the page cache (a full page)
+    swapped: bool
+    pinned: bool             # mapped by a shm segment
+    text: str | None = None  # the tokens as text, when pagemap(text=True) asked for it
+
+    @property
+    def flags(self) -> str:
+        """Compact flags as in /proc: s shared, c copy-on-write, n named (cached), w swapped, p pinned."""
+        return "".join(c if on else "-" for c, on in (
+            ("s", self.shared), ("c", self.cow), ("n", self.cached), ("w", self.swapped), ("p", self.pinned)))
+
+
+@dataclass
+class PageMap:
+    page_size: int
+    num_tokens: int
+    pages: list = field(default_factory=list)
+
+
+@dataclass
+class CgroupInfo:
+    name: str
+    charged: int             # frames charged
+    limit: int | None
+    pinned: int = 0          # of them, frames its shm segments pin
+    share: int | None = None  # frames it is guaranteed (its weight's fraction of the pool, or its limit)
+
+
+@dataclass
+class MemInfo:
+    frame_bytes: int
+    total: int               # frames in the pool
+    free: int
+    cached: int              # unreferenced, named, reclaimable
+    mapped: int              # referenced by page tables or segments
+    shared: int              # mapped with more than one reference
+    pinned: int              # mapped by shm segments
+    watermark: int
+    swap_total: int          # swap slots
+    swap_used: int
+    cow_faults: int
+    page_cache_hits: int
+    page_cache_evictions: int
+    swapped_out_pages: int
+    swapped_in_pages: int
+    tokens_stored: int       # tokens held in mapped frames (a shared page counts once)
+    token_capacity: int      # tokens the mapped frames could hold
+    cgroups: dict = field(default_factory=dict)
+    page_cache_lookups: int = 0
+    frames: list | None = None   # meminfo(frames=True): per frame [state, refcount, cgroup name or None, [pids]]
+
+    @property
+    def utilization(self) -> float:
+        """KV memory utilisation: tokens stored over the token capacity of mapped frames."""
+        return self.tokens_stored / self.token_capacity if self.token_capacity else 0.0
+
+
+# -- the kernel log -------------------------------------------------------------------------------------
+@dataclass
+class LogEntry:
+    seq: int
+    time: float              # seconds since boot
+    step: int
+    level: str               # "info", "warn", "error"
+    event: str               # short kind: "spawn", "admit", "preempt", "swap-in", "exit", "oom", ...
+    message: str
+    tid: int | None = None   # tenant the event belongs to (None: the kernel's own)
+    pid: int | None = None

@@ -4,7 +4,7 @@ SamplingParams is what spawn() accepts, validated once (EINVAL, nothing
 changed). sample() turns a batch of logits rows into tokens: greedy rows by
 argmax, the rest through temperature, top-k and top-p, each drawing only from
 its own process's torch.Generator, so a process's output is reproducible
-whatever else runs beside it. StopChecker finds stop strings in streamed text.
+whatever else runs beside it. (Stop strings are matched on output bytes: kernel/output.py.)
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from numbers import Integral, Real
 from typing import TYPE_CHECKING
 
 from kernel.errors import EINVAL, KvosError
+from kernel.output import check_stop_strings
+
+MAX_STOP_TOKEN_IDS = 256
 
 if TYPE_CHECKING:           # torch is imported where tokens are drawn: a daemon client needs SamplingParams only
     import torch
@@ -56,10 +59,11 @@ class SamplingParams:
         _integer("logprobs", self.logprobs, low=0, high=20)
         if not isinstance(self.ignore_eos, bool):
             raise KvosError(EINVAL, f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise KvosError(EINVAL, f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        check_stop_strings(self.stop)
         if not isinstance(self.stop_token_ids, tuple):
             raise KvosError(EINVAL, f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise KvosError(EINVAL, f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             _integer("stop_token_ids entry", t, low=0)
 
@@ -173,41 +177,3 @@ def top_k_top_p_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
         masked = torch.where(keep, probs, 0.0)
         keep &= _top_p(masked.unsqueeze(0) / masked.sum(), torch.tensor([params.top_p]))[0] > 0
     return keep
-
-
-class StopChecker:
-    """Incremental stop-string search over streamed text.
-
-    feed(new_text) returns None, or the index in the whole text fed so far
-    where the output must be cut (the start of the earliest stop string that
-    completed). Only a tail of len(longest stop) - 1 characters is kept, so a
-    stop string split across two feeds is still found.
-    """
-
-    def __init__(self, stop_strings=()):
-        self.stop = tuple(s for s in stop_strings if s)
-        self._keep = max(map(len, self.stop), default=1) - 1
-        self._tail = ""
-        self._seen = 0          # characters fed so far
-
-    def feed(self, new_text: str) -> int | None:
-        if not self.stop or not new_text:
-            self._seen += len(new_text)
-            return None
-        window = self._tail + new_text
-        offset = self._seen - len(self._tail)
-        self._seen += len(new_text)
-        # Only a stop string that ends in the new text is news; one inside the old tail was reported.
-        fresh = len(window) - len(new_text)
-        hits = [i for i in (window.find(s, max(0, fresh - len(s) + 1)) for s in self.stop) if i >= 0]
-        self._tail = window[len(window) - self._keep:] if self._keep else ""
-        return offset + min(hits) if hits else None
-
-    @property
-    def held(self) -> int:
-        """Trailing characters that may be the start of a stop string: a streamer holds them back."""
-        for n in range(min(self._keep, len(self._tail)), 0, -1):
-            suffix = self._tail[-n:]
-            if any(s.startswith(suffix) for s in self.stop):
-                return n
-        return 0

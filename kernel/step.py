@@ -1,17 +1,28 @@
-"""The verbs of one step after the plan (DESIGN section 3): forward, sample, commit, record.
+"""The verbs of one step after the plan: forward, sample, commit, record.
 
 Kernel.step() calls them in this order under the kernel lock; data flows one way.
 forward() runs each program on its share of the plan (simulate() prices it on
 the simulated device instead), sample_rows() draws each process's next token,
-commit() appends tokens, checks stops and ends turns, record() keeps schedstat.
+commit() appends tokens and their bytes, checks stops and ends turns, record()
+keeps schedstat and the step's trace record. Whether a work draws a token was
+decided once, by the scheduler (Work.draws).
 """
+from dataclasses import asdict, dataclass, field
+
 import torch
 
 from kernel.batch import build_batch
 from kernel.errors import KernelPanic, KvosError
 from kernel.proc import Process
+from kernel.results import StepRecord
 from kernel.sampling import sample
-from kernel.sched.stats import StepRecord
+
+
+@dataclass
+class StepEvents:
+    """What happened to processes since the last step record, outside the plan (exits by kill,
+    wait or error): the next record carries it."""
+    exits: list = field(default_factory=list)        # (pid, reason)
 
 
 def forward(kernel, plan) -> dict:
@@ -22,7 +33,7 @@ def forward(kernel, plan) -> dict:
     samples = {}
     for works in groups.values():
         program = works[0].proc.tenant.program
-        wanted = [w for w in works if w.samples and w.proc.builds_segment is None]
+        wanted = [w for w in works if w.logits]
         try:
             batch, padding = build_batch(works, wanted, kernel.mm, kernel.device, kernel.null_frame)
             plan.padding_tokens += padding
@@ -52,21 +63,20 @@ def simulate(kernel, plan) -> dict:
         for _, works in groups.values():
             plan.padding_tokens += max(w.count for w in works) * len(works) - sum(w.count for w in works)
     kernel.device.simulate_step(list(groups.values()), plan)
-    return {w.proc.pid: (getattr(w.proc.tenant.program, "filler_token", 0), None)
-            for w in plan.works if w.samples and w.proc.builds_segment is None
-            and w.proc.params.max_tokens > w.proc.turn_generated}
+    return {w.proc.pid: (getattr(w.proc.tenant.program, "filler_token", 0), None) for w in plan.works if w.draws}
 
 
 def sample_rows(works, logits) -> dict:
+    """pid -> (token drawn or None, top logprobs or None) for works whose logits came back (in order)."""
     procs = [w.proc for w in works]
-    sampling = [p for p in procs if p.params.max_tokens > p.turn_generated]
     out = {p.pid: (None, None) for p in procs}
-    if sampling:
-        rows = [i for i, p in enumerate(procs) if p.params.max_tokens > p.turn_generated]
-        tokens = sample(logits[rows], [p.params for p in sampling], [p.generator for p in sampling])
-        for p, t in zip(sampling, tokens.tolist()):
+    rows = [i for i, w in enumerate(works) if w.draws]
+    if rows:
+        drawing = [procs[i] for i in rows]
+        tokens = sample(logits[rows], [p.params for p in drawing], [p.generator for p in drawing])
+        for p, t in zip(drawing, tokens.tolist()):
             out[p.pid] = (t, None)
-    wants_logprobs = [i for i, p in enumerate(procs) if getattr(p.params, "logprobs", 0)]
+    wants_logprobs = [i for i, p in enumerate(procs) if p.params.logprobs]
     if wants_logprobs:
         logp = torch.log_softmax(logits[wants_logprobs].float(), dim=-1)
         for row, i in enumerate(wants_logprobs):
@@ -80,11 +90,11 @@ def commit(kernel, plan, samples: dict) -> None:
     now = kernel.clock()
     for work in plan.works:
         proc = work.proc
-        if not proc.alive:
+        if not proc.alive:                         # its forward failed, or it ended in this plan
             continue
         proc.num_computed = work.end
         kernel.mm.publish(proc.asid)
-        if not work.samples:
+        if not work.last:
             continue
         if proc.builds_segment is not None:
             kernel.finish_segment(proc)
@@ -92,13 +102,15 @@ def commit(kernel, plan, samples: dict) -> None:
         token, logprobs = samples.get(proc.pid, (None, None))
         if logprobs is not None:
             proc.logprobs.append(logprobs)
-        if token is None:                          # a turn with nothing (more) to generate
+        if not work.draws:                         # a turn with nothing (more) to generate
             kernel.end_turn(proc, "length")
-            continue
-        append_token(kernel, proc, token, now)
+        else:
+            append_token(kernel, proc, token, now)
+        kernel.wake(proc)
 
 
 def append_token(kernel, proc: Process, token: int, now: float) -> None:
+    """The token joins the process's file and its bytes its output; stop conditions end the turn."""
     proc.tokens.append(token)
     proc.output.append(len(proc.tokens) - 1)
     proc.turn_generated += 1
@@ -107,15 +119,19 @@ def append_token(kernel, proc: Process, token: int, now: float) -> None:
         proc.first_token_at = now
     proc.last_token_at = now
     params, program = proc.params, proc.tenant.program
+    piece = program.token_bytes(token)
+    out = proc.out_bytes
+    start = len(out)
+    out += piece
     reason = None
     if token in program.eos_token_ids and not params.ignore_eos:
         reason = "stop"
     elif params.stop_token_ids and token in params.stop_token_ids:
         reason = "stop"
-    elif params.stop:
-        detok = kernel.detokenizer(proc)
-        detok.add(proc.generated_tokens)
-        if detok.stopped_at is not None:
+    elif proc.stops is not None and piece:
+        proc.stop_state, cut = proc.stops.feed(proc.stop_state, piece, start)
+        if cut is not None:
+            del out[max(cut, proc.turn_byte_start):]          # the stop string and what follows it
             reason = "stop"
     if reason is None and (proc.turn_generated >= params.max_tokens or len(proc.tokens) >= program.max_context):
         reason = "length"
@@ -123,12 +139,25 @@ def append_token(kernel, proc: Process, token: int, now: float) -> None:
         kernel.end_turn(proc, reason)
 
 
-def record(kernel, plan, seconds: float) -> None:
+def record(kernel, plan, samples: dict, seconds: float) -> None:
+    """schedstat's counters, and the step's trace record (per-process parts kept as tuples:
+    trace() turns them into WorkRecords only when asked)."""
     s = kernel.stats
     s.steps += 1
     s.busy_seconds += seconds
     s.prefill_tokens += plan.prefill_tokens
     s.decode_tokens += plan.decode_tokens
     s.padding_tokens += plan.padding_tokens
-    s.history.append(StepRecord(s.steps, seconds, len(plan.works), plan.prefill_tokens, plan.decode_tokens,
-                                plan.padding_tokens))
+    sched, events = kernel.sched, kernel._events
+    works = [(w.proc.pid, w.proc.tenant.tid, w.start, w.count, samples.get(w.proc.pid, (None,))[0] if w.draws
+              else None, len(w.proc.output)) for w in plan.works]
+    cost = getattr(kernel.device, "last_cost", None)
+    s.history.append(StepRecord(
+        s.steps, seconds, len(plan.works), plan.prefill_tokens, plan.decode_tokens, plan.padding_tokens,
+        ended_at=kernel.clock() - kernel.dmesg.boot_time, running=len(sched.running), waiting=len(sched.waiting),
+        frames_free=kernel.mm.frames.num_free, works=works, admitted=[p.pid for p in plan.admitted],
+        swapped_in=[p.pid for p in plan.swapped_in], preempted=[[p.pid, how] for p, how in plan.preempted],
+        cow_faults=[p.pid for p in plan.cow_faults], exits=[list(e) for e in events.exits],
+        waiting_by_tenant={tid: n for tid, n in sched.queued.items() if n},
+        cost=dict(asdict(cost), total=cost.total) if cost is not None and not kernel.device.has_tensors else None))
+    events.exits.clear()

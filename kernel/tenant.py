@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Defaults for the per-tenant limits (docs/reliability.md lists them).
-DEFAULT_MAX_PROCS = 1024         # live processes per tenant (RLIMIT_NPROC): fork bombs get EAGAIN
+DEFAULT_MAX_PROCS = 1024         # processes held per tenant, zombies included (RLIMIT_NPROC): EAGAIN beyond
 DEFAULT_MAX_QUEUED = 4096        # processes waiting for admission per tenant: load shedding, EAGAIN
+DEFAULT_MAX_BLOCKED = 256        # blocking calls (wait, read with a timeout) in flight per tenant: EAGAIN
 NICE_MIN, NICE_MAX = -20, 19
 
 
@@ -21,6 +22,7 @@ class Tenant:
     page_size: int = 16              # tokens per frame for this program
     max_procs: int = DEFAULT_MAX_PROCS
     max_queued: int = DEFAULT_MAX_QUEUED
+    max_blocked: int = DEFAULT_MAX_BLOCKED
     nice_min: int = NICE_MIN         # the lowest nice value its processes may ask for
     mem_limit: int | None = None     # frames
     max_prompt_tokens: int = 0       # longest input a process may hold (default: the model's context - 1)
@@ -28,6 +30,8 @@ class Tenant:
     # the scheduler owns these
     served_tokens: int = 0           # prefill + decode tokens computed for this tenant
     virtual_tokens: float = 0.0      # the fair policy's counter (served / weight, lifted on activation)
-    pids: set = field(default_factory=set)
-    num_live: int = 0                # processes not yet exited
+    pids: set = field(default_factory=set)     # its processes in the table, zombies included
+    num_live: int = 0                # of them, processes not yet exited
+    # the syscall layer owns these
+    blocked: int = 0                 # blocking calls in flight
     alive: bool = True

@@ -16,10 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import kernel
 from kernel.errors import E2BIG, EAGAIN, EINVAL, ENOMEM, EPERM, ESRCH, KvosError
-from kernel.mm.introspect import MemInfo, PageEntry, PageMap
 from kernel.ops import set_num_threads
-from kernel.proc import ExitStatus
-from kernel.syscalls import SYSCALLS, ProcInfo, ReadResult, SchedStat, TenantSched
+from kernel.results import ExitStatus, MemInfo, PageEntry, PageMap, ProcInfo, ReadResult, SchedStat, TenantSched
+from kernel.syscalls import SYSCALLS
 from userspace import libc
 from userspace.daemon import wire
 from userspace.daemon.client import Client, DaemonUnreachable

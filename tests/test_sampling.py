@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernel.errors import KvosError
-from kernel.sampling import SamplingParams, StopChecker, make_generator, sample, top_k_top_p_mask
+from kernel.sampling import SamplingParams, make_generator, sample, top_k_top_p_mask
 
 
 def logits_rows(n, vocab=1000, seed=0):
@@ -139,21 +139,3 @@ def test_temperature_sharpens_and_flattens():
 def test_sample_argument_mismatch():
     with pytest.raises(KvosError, match="^EINVAL: sample: 2 rows, 1 params"):
         sample(torch.zeros(2, 4), [SamplingParams()], [make_generator(0)])
-
-
-def test_stop_checker_across_feeds():
-    s = StopChecker(["</end>", "STOP"])
-    assert s.feed("hello </e") is None
-    assert s.held == 3                                                  # "</e" may begin a stop string
-    assert s.feed("nd> tail") == 6                                      # cut before "</end>"
-    t = StopChecker(["ab", "xyzab"])
-    assert t.feed("..xyza") is None
-    assert t.feed("b!") == 2                                            # the earliest completed stop wins
-    u = StopChecker([])
-    assert u.feed("anything") is None and u.held == 0
-    v = StopChecker(["\n\n"])
-    assert v.feed("a\n") is None and v.held == 1
-    assert v.feed("\nb") == 1
-    w = StopChecker(["x"])
-    assert w.feed("x") == 0
-    assert w.feed("yx") == 2                                            # a later occurrence, new text only

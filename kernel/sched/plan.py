@@ -1,4 +1,10 @@
-"""The plan of one step: which process computes which tokens, and what memory moved for it."""
+"""The plan of one step: which process computes which tokens, and every decision the kernel applies.
+
+The scheduler decides and books memory as it plans; the kernel applies the rest
+in order: processes to end (ENOMEM), the queued memory operations, the forward
+pass of the works, sampling and commit. Nothing flows back into the scheduler
+during a step.
+"""
 from dataclasses import dataclass, field
 
 
@@ -8,7 +14,9 @@ class Work:
     start: int               # index in proc.tokens of the first token computed
     count: int               # tokens computed this step
     slots: list              # pool slot of each of them
-    samples: bool            # the last one is the process's newest token: its logits are sampled
+    last: bool               # the last token is the process's newest: its turn can go on after this step
+    logits: bool             # its last row's logits are wanted (to draw a token, or to report logprobs)
+    draws: bool              # a token is drawn from them (the turn has tokens left to generate)
 
     @property
     def end(self) -> int:
@@ -21,7 +29,8 @@ class Plan:
     admitted: list = field(default_factory=list)
     swapped_in: list = field(default_factory=list)
     preempted: list = field(default_factory=list)    # (process, "swap" | "reclaim")
-    oom_killed: list = field(default_factory=list)
+    ended: list = field(default_factory=list)        # (process, error): to exit with reason "error"
+    cow_faults: list = field(default_factory=list)   # processes that copied a shared page
     prefill_tokens: int = 0
     decode_tokens: int = 0
     padding_tokens: int = 0          # batch="padded" only: slots wasted to keep batches rectangular

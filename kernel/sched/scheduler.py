@@ -14,9 +14,19 @@ priority than the one in need. A tenant over its own memory limit preempts its
 own processes only; under pool pressure a victim must belong to the tenant in
 need or to a tenant above its guaranteed share (min(limit, pool * weight /
 total weight of active tenants)). The victim is swapped out when the swap area
-has room, else its pages are dropped and recomputed later.
+has room, else its pages are dropped and recomputed later. Running slots
+(max_running) are shared the same way: when they are full, a tenant below its
+share of them takes one back from a tenant above its share.
+
+The scheduler decides; the kernel applies. A process that can never fit (even
+alone) goes into plan.ended with its ENOMEM reason, its memory already released
+for the rest of the plan, and the kernel ends it after schedule() returns: the
+one out-of-memory path, whether found while making room or because nothing can
+run at all.
 """
 from __future__ import annotations
+
+from itertools import chain
 
 from kernel.errors import KernelPanic
 from kernel.mm import SwapFull
@@ -40,6 +50,7 @@ class Scheduler:
         self.running: dict = {}      # pid -> RUNNING process (insertion-ordered)
         self.waiting: dict = {}      # pid -> NEW, READY or PREEMPTED process
         self.queued: dict = {}       # tid -> processes of that tenant waiting
+        self.running_by: dict = {}   # tid -> processes of that tenant running
         self._served: set = set()    # pids planned in the step being built
 
     @property
@@ -72,9 +83,15 @@ class Scheduler:
     def add_running(self, proc) -> None:
         proc.state = State.RUNNING
         self.running[proc.pid] = proc
+        self.running_by[proc.tenant.tid] = self.running_by.get(proc.tenant.tid, 0) + 1
+
+    def _unrun(self, proc) -> None:
+        del self.running[proc.pid]
+        self.running_by[proc.tenant.tid] -= 1
 
     def remove(self, proc) -> None:
-        self.running.pop(proc.pid, None)
+        if proc.pid in self.running:
+            self._unrun(proc)
         if proc.pid in self.waiting:
             self._unwait(proc)
 
@@ -86,6 +103,7 @@ class Scheduler:
     def schedule(self) -> Plan:
         plan = Plan()
         self._served = set()
+        claims = self._rebalance_slots(plan)
         budget = self.token_budget
         decoders = [p for p in self.running.values() if p.remaining == 1]
         prefillers = [p for p in self.running.values() if p.remaining > 1]
@@ -99,17 +117,54 @@ class Scheduler:
                 if count:
                     self._plan_work(proc, count, plan)
                     budget -= count
-        for proc in self.policy.order(self._admissible()):
+        admissible = self._admissible()
+        claimed = {p.pid for p in claims}
+        for proc in chain(claims, (p for p in self.policy.order(admissible) if p.pid not in claimed)):
             if budget <= 0 or len(self.running) >= self.max_running:
                 break
+            if proc.pid not in self.waiting:                 # admitted already, as a claim
+                continue
             planned = self._admit(proc, budget, plan)
             if planned == _STOP:
                 break
             budget -= planned
+        if plan.empty and not self.running and not plan.preempted and not plan.ended:
+            self._end_the_unrunnable(admissible, plan)
         for proc in self.waiting.values():
             if proc.state == State.NEW:
                 proc.state = State.READY
         return plan
+
+    # -- running slots, shared by weight ---------------------------------------------------
+    def slot_share(self, tenant, active) -> int:
+        """Running slots `tenant` is guaranteed: max_running x its weight's fraction of the tenants
+        that run or wait (at least one)."""
+        total = sum(t.weight for t in active)
+        return max(1, int(self.max_running * tenant.weight / total))
+
+    def _rebalance_slots(self, plan: Plan) -> list:
+        """With every slot taken, each tenant waiting below its share of slots takes one from the
+        tenant furthest above its share (the policy's victim among that tenant's processes).
+        Returns the waiting processes the freed slots are kept for, admitted first."""
+        if len(self.running) < self.max_running or not self.waiting:
+            return []
+        tenants = {p.tenant.tid: p.tenant for p in self.running.values()}
+        needy = [p.tenant for p in self.waiting.values() if self.queued.get(p.tenant.tid)]
+        active = set(tenants.values()) | set(needy)
+        claims = []
+        for tenant in dict.fromkeys(needy):
+            if self.running_by.get(tenant.tid, 0) >= self.slot_share(tenant, active):
+                continue
+            proc = next((p for p in self.policy.order(self.waiting.values())
+                         if p.tenant is tenant and self._may_admit(p)), None)
+            over = [t for t in tenants.values() if self.running_by.get(t.tid, 0) > self.slot_share(t, active)]
+            if proc is None or not over:
+                continue
+            rich = max(over, key=lambda t: self.running_by[t.tid] / self.slot_share(t, active))
+            victim = max((q for q in self.running.values() if q.tenant is rich), key=self.policy.victim_key)
+            self._preempt(victim, plan)
+            claims.append(proc)
+        return claims
 
     def _admissible(self) -> list:
         """Waiting processes that may be admitted now."""
@@ -139,9 +194,13 @@ class Scheduler:
         slots = self.mm.append(proc.asid, proc.tokens[start:start + count])
         if self.mm.cow_faults != faults:
             proc.cow_faults += self.mm.cow_faults - faults
+            plan.cow_faults.append(proc)
             self.kernel.log("cow", f"pid {proc.pid} wrote into a shared page: copied to a private frame",
                             proc=proc)
-        plan.works.append(Work(proc, start, count, slots, start + count == len(proc.tokens)))
+        last = start + count == len(proc.tokens)
+        logits = last and proc.builds_segment is None
+        plan.works.append(Work(proc, start, count, slots, last, logits,
+                               logits and proc.params.max_tokens > proc.turn_generated))
         if proc.is_decoding:
             plan.decode_tokens += count
         else:
@@ -182,7 +241,8 @@ class Scheduler:
                 self._preempt(victim, plan)
                 continue
             if self._can_never_fit(proc, count):
-                self._oom_kill(proc, plan, need)
+                self._end(proc, plan, f"ENOMEM: out of memory: needs {need} more frame(s) and could not fit "
+                                      f"even alone (pool or tenant limit too small)")
             else:
                 self._preempt(proc, plan)
             return 0
@@ -241,7 +301,7 @@ class Scheduler:
             proc.dropped = proc.num_computed          # what readmission must compute or find cached again
             proc.num_computed = 0
         if proc.state == State.RUNNING:
-            del self.running[proc.pid]
+            self._unrun(proc)
             proc.state = State.PREEMPTED
             self._wait(proc)
         proc.preemptions += 1
@@ -251,11 +311,24 @@ class Scheduler:
         self.kernel.log("preempt", f"pid {proc.pid} preempted ({how}) holding {held} computed tokens",
                         proc=proc, level="warn")
 
-    def _oom_kill(self, proc, plan: Plan, need: int) -> None:
-        plan.oom_killed.append(proc)
+    def _end(self, proc, plan: Plan, error: str) -> None:
+        """Decide that `proc` ends with `error` (the kernel applies it after schedule()): off the
+        queues, its memory released now for the rest of this plan."""
+        self.remove(proc)
+        if proc.asid is not None:
+            self.mm.free(proc.asid)
+            proc.asid, proc.residency = None, Residency.NONE
+        plan.ended.append((proc, error))
         self.stats.oom_kills += 1
-        self.kernel.exit_process(proc, "error", error=f"ENOMEM: out of memory: needs {need} more frame(s) and "
-                                 f"could not fit even alone (pool or tenant limit too small)")
+
+    def _end_the_unrunnable(self, admissible: list, plan: Plan) -> None:
+        """Nothing runs and nothing could be admitted: no memory will ever come back for the first
+        admissible waiting process, so it ends with ENOMEM (the OOM killer) instead of waiting forever."""
+        waiting = [p for p in admissible if p.pid in self.waiting]
+        if waiting:
+            victim = next(iter(self.policy.order(waiting)))
+            self._end(victim, plan, "ENOMEM: cannot be admitted: the pool (less pinned shm pages) or its "
+                                    "tenant's limit is too small for it")
 
     # -- admission -----------------------------------------------------------------------
     def _admit(self, proc, budget: int, plan: Plan) -> int:

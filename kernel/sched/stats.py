@@ -4,16 +4,6 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class StepRecord:
-    step: int
-    seconds: float           # wall time (or simulated time) of the step
-    batch_size: int          # processes that computed tokens
-    prefill_tokens: int
-    decode_tokens: int
-    padding_tokens: int
-
-
-@dataclass
 class SchedStats:
     steps: int = 0
     busy_seconds: float = 0.0

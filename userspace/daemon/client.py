@@ -54,7 +54,7 @@ class Client:
     # -- calls ----------------------------------------------------------------------------------------------
     def _call(self, name: str, args, kwargs):
         sc = SYSCALLS[name]
-        signature = inspect.signature(sc.handler)
+        signature = sc.signature
         try:
             bound = signature.bind(None, None, *args, **kwargs)
         except TypeError as err:

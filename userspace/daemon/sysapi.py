@@ -9,7 +9,6 @@ hold the event loop.
 """
 from __future__ import annotations
 
-import inspect
 import json
 
 import anyio.to_thread
@@ -20,14 +19,11 @@ from kernel.errors import EAGAIN, EINVAL, KvosError
 from kernel.syscalls import SYSCALLS
 from userspace.daemon import wire
 
-# Calls that add work: refused while the daemon drains (the kernel refuses them after shutdown too).
-NEW_WORK = frozenset({"spawn_tenant", "spawn", "fork", "write", "shmget"})
-
 
 def parameters(sc) -> list:
-    """The handler's arguments after (kernel, caller), as JSON-ready descriptions, in order."""
+    """The syscall's arguments after (kernel, caller), as JSON-ready descriptions, in order."""
     out = []
-    for p in list(inspect.signature(sc.handler).parameters.values())[2:]:
+    for p in list(sc.signature.parameters.values())[2:]:
         entry = {"name": p.name, "kind": {p.POSITIONAL_OR_KEYWORD: "positional", p.KEYWORD_ONLY: "keyword",
                                           p.VAR_KEYWORD: "extra", p.VAR_POSITIONAL: "varargs"}[p.kind]}
         if p.default is not p.empty and _jsonable(p.default):
@@ -93,7 +89,7 @@ def _endpoint(daemon, sc):
     async def call(request: Request):
         who = daemon.authenticate(request)
         args = await json_object(request, sc.name)
-        if daemon.draining and sc.name in NEW_WORK:
+        if daemon.draining and sc.new_work:      # the kernel refuses them after shutdown too
             raise KvosError(EAGAIN, f"{sc.name}: kvosd is shutting down")
         method = getattr(who.handle, sc.name)
         result = await anyio.to_thread.run_sync(lambda: method(**args))

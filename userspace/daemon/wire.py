@@ -9,12 +9,23 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, fields, is_dataclass
 
-from kernel.dmesg import LogEntry
 from kernel.errors import E2BIG, EAGAIN, EBUSY, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, EPERM, ESRCH
-from kernel.mm.introspect import CgroupInfo, MemInfo, PageEntry, PageMap
-from kernel.proc import ExitStatus
-from kernel.results import ProcInfo, ReadResult, SchedStat, TenantSched
-from kernel.sched.stats import StepRecord
+from kernel.results import (
+    CgroupInfo,
+    ExitStatus,
+    LogEntry,
+    LoopStatus,
+    MemInfo,
+    PageEntry,
+    PageMap,
+    ProcInfo,
+    ReadResult,
+    SchedStat,
+    StepRecord,
+    TenantInfo,
+    TenantSched,
+    WorkRecord,
+)
 
 # EAGAIN is 429 (a tenant's limit: retry later) unless the daemon is draining, then 503.
 HTTP_STATUS = {EINVAL: 400, ESRCH: 404, ENOENT: 404, EPERM: 403, EAGAIN: 429, EBUSY: 409,
@@ -26,6 +37,7 @@ RESULTS = {
     "spawn_tenant": int, "kill_tenant": None, "spawn": int, "spawn_n": [int], "fork": [int], "write": None,
     "read": ReadResult, "wait": ExitStatus, "kill": None, "nice": int, "shmget": int, "shmrm": None,
     "ps": [ProcInfo], "pagemap": PageMap, "meminfo": MemInfo, "schedstat": SchedStat, "dmesg": [LogEntry],
+    "tenantinfo": TenantInfo, "tokenize": [int], "detokenize": str, "trace": [StepRecord], "loopctl": LoopStatus,
 }
 
 # Fields holding nested dataclasses (JSON cannot say which class an object was).
@@ -33,6 +45,7 @@ _NESTED = {
     PageMap: {"pages": [PageEntry]},
     MemInfo: {"cgroups": {str: CgroupInfo}},
     SchedStat: {"tenants": [TenantSched], "recent_steps": [StepRecord]},
+    StepRecord: {"works": [WorkRecord]},
 }
 
 
@@ -55,7 +68,7 @@ def rebuild(name: str, data):
 
 
 def _build(kind, data):
-    if data is None or kind is None or kind is int:
+    if data is None or kind is None or kind in (int, str):
         return data
     if isinstance(kind, list):
         return [_build(kind[0], item) for item in data]

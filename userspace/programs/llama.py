@@ -128,6 +128,8 @@ class LlamaProgram(Program):
         self.vocab_size = config.vocab_size
         self.eos_token_ids = frozenset(config.eos_token_ids)
         self.bos_token_id = config.bos_token_id
+        self.vocab_bytes = tokenizer.vocab_bytes          # built here, at load: never under the kernel lock
+        self.max_token_bytes = tokenizer.max_token_bytes  # bounds how few tokens a text can be
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.cost = ProgramCost(num_params=config.num_params, weight_bytes=config.num_params * itemsize,
                                 num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
@@ -153,6 +155,10 @@ class LlamaProgram(Program):
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        table = self.vocab_bytes
+        return table[token_id] if token_id < len(table) else b""     # padded embedding rows: no text
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.render_chat(messages, add_generation_prompt)

@@ -69,6 +69,43 @@ def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int] 
     return backend
 
 
+def token_bytes_table(backend: Tokenizer) -> list[bytes]:
+    """Per token id, the bytes it contributes to decoded text. Byte-level BPE (GPT-2, LLaMA-3,
+    Qwen2, SmolLM2): the byte alphabet mapped back. SentencePiece-style (Metaspace, byte-fallback
+    <0xNN> tokens): the piece with its spaces, or the byte itself. Added tokens: their content, or
+    nothing when special. Any other decoder: the token decoded on its own."""
+    size = backend.get_vocab_size(with_added_tokens=True)
+    table = [b""] * size
+    kind = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = {d.get("type") for d in kind.get("decoders", [kind])}
+    byte_of = {c: b for b, c in enumerate(_bytes_to_unicode())}
+    for token, index in backend.get_vocab(with_added_tokens=False).items():
+        if "ByteLevel" in kinds:
+            table[index] = bytes(byte_of[c] for c in token) if all(c in byte_of for c in token) else token.encode()
+        elif "ByteFallback" in kinds and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            table[index] = bytes([int(token[3:5], 16)])
+        elif kinds & {"Metaspace", "Replace", "ByteFallback"}:
+            table[index] = token.replace("\u2581", " ").encode()
+        else:
+            table[index] = backend.decode([index], skip_special_tokens=False).encode()
+    for index, added in backend.get_added_tokens_decoder().items():
+        table[index] = b"" if added.special else added.content.encode()
+    return table
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte alphabet: the printable character that stands for each byte 0-255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
 class TextTokenizer:
     """What a program needs of its tokenizer: encode, decode, render a chat."""
 
@@ -85,6 +122,18 @@ class TextTokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.backend.decode(list(token_ids), skip_special_tokens=True)
+
+    @cached_property
+    def vocab_bytes(self) -> list[bytes]:
+        """Each token id's bytes, so that joining them gives what decode() gives (special tokens are
+        empty): the kernel builds a process's output from this table and never runs the tokenizer."""
+        return token_bytes_table(self.backend)
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of input one token can stand for (added tokens match their text)."""
+        added = [len(t.content.encode()) for t in self.backend.get_added_tokens_decoder().values()]
+        return max([*map(len, self.vocab_bytes), *added], default=0)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):

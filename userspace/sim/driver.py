@@ -258,7 +258,7 @@ class Driver:
         rel = now - self.t0
         beams = []
         for work in plan.works:
-            if not work.samples:
+            if not work.last:
                 continue
             proc = work.proc
             group = self.owner.get(proc.pid)

@@ -51,7 +51,7 @@ def frame_cells(rows, mappers=None) -> list:
     rows meminfo(frames=True) returns over the daemon). A singly mapped frame shows as private."""
     mappers = mappers or {}
     return [FrameCell("private" if state == "mapped" else state, owner, refs, tuple(mappers.get(f, ())))
-            for f, (state, refs, owner) in enumerate(rows)]
+            for f, (state, refs, owner, *_) in enumerate(rows)]
 
 
 def frame_map(kernel) -> FrameMap:

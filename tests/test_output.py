@@ -1,0 +1,93 @@
+"""The output stream (kernel/output.py): stop strings as an automaton over bytes, whole characters
+to readers, and the token bytes tables that let the kernel build text without a tokenizer."""
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernel.errors import KvosError
+from kernel.output import MAX_STOP_BYTES, MAX_STOP_STRINGS, StopSet, complete_utf8, decode
+from kernel.sampling import SamplingParams
+
+
+def feed_all(stops, chunks):
+    """Feed chunks as tokens would come; -> (chunk index, cut) of the first stop, or None."""
+    state, offset = 0, 0
+    for i, chunk in enumerate(chunks):
+        state, cut = stops.feed(state, chunk, offset)
+        offset += len(chunk)
+        if cut is not None:
+            return i, cut
+    return None
+
+
+def test_stop_strings_across_tokens():
+    s = StopSet(["</end>", "STOP"])
+    state, cut = s.feed(0, b"hello </e", 0)
+    assert cut is None and s.pending(state) == 3                      # "</e" may begin a stop string
+    state, cut = s.feed(state, b"nd> tail", 9)
+    assert cut == 6                                                   # cut before "</end>"
+    assert feed_all(StopSet(["ab", "xyzab"]), [b"..xyza", b"b!"]) == (1, 2)   # the earliest start wins
+    assert feed_all(StopSet(["\n\n"]), [b"a\n", b"\nb"]) == (1, 1)
+    assert feed_all(StopSet(["x"]), [b"yy", b"yx"]) == (1, 3)
+    assert feed_all(StopSet(["caf\u00e9"]), [b"a caf", "\u00e9!".encode()]) == (1, 2)   # bytes of a character
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text("ab\n\u00e9", min_size=1, max_size=5), min_size=1, max_size=5),
+       st.text("ab\n\u00e9", max_size=30), st.randoms(use_true_random=False))
+def test_stop_set_matches_a_brute_force_search(strings, text, rnd):
+    """Whatever the chunking, the first chunk that completes a stop string, and the earliest start
+    among the stop strings ending in it, are what a search of the whole text says."""
+    data = text.encode()
+    cuts, i = [], 0
+    while i < len(data):
+        k = rnd.randint(1, 4)
+        cuts.append(data[i:i + k])
+        i += k
+    got = feed_all(StopSet(strings), cuts)
+    patterns = [s.encode() for s in strings]
+    end_of = [sum(map(len, cuts[:j + 1])) for j in range(len(cuts))]
+    want = None
+    for j, end in enumerate(end_of):
+        begin = end - len(cuts[j])
+        starts = [e - len(p) for p in patterns for e in range(begin + 1, end + 1)
+                  if e >= len(p) and data[e - len(p):e] == p]
+        if starts:
+            want = (j, min(starts))
+            break
+    assert got == want
+
+
+def test_stop_limits_are_refused_with_einval():
+    SamplingParams(stop=["x"] * MAX_STOP_STRINGS)
+    with pytest.raises(KvosError, match="^EINVAL: at most 32 stop strings"):
+        SamplingParams(stop=["x"] * (MAX_STOP_STRINGS + 1))
+    with pytest.raises(KvosError, match="^EINVAL: a stop string may have at most 256 bytes"):
+        SamplingParams(stop=["\u00e9" * (MAX_STOP_BYTES // 2 + 1)])
+    with pytest.raises(KvosError, match="^EINVAL: at most 256 stop token ids"):
+        SamplingParams(stop_token_ids=list(range(257)))
+
+
+def test_complete_utf8_holds_half_characters_only():
+    smile = "\U0001f642".encode()
+    assert complete_utf8(b"abc") == 3
+    assert complete_utf8(b"a" + smile[:3]) == 1                    # three of four bytes: wait for the fourth
+    assert complete_utf8(b"a" + smile) == 5
+    assert complete_utf8("\u00e9".encode()[:1]) == 0
+    assert complete_utf8(b"\x80\x80") == 2                          # invalid bytes are not waited on
+    assert complete_utf8(b"ab" + smile[:2], 0, 2) == 2              # up to the end given, not the buffer's
+    assert decode(b"a\xff") == "a\ufffd"
+
+
+def test_token_bytes_join_to_what_the_tokenizer_decodes():
+    """The tiny model's byte-level vocabulary: joining token bytes is its decode, for any ids."""
+    from userspace.programs.tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+    table = tok.vocab_bytes
+    rnd = random.Random(0)
+    for _ in range(500):
+        ids = [rnd.randrange(len(table)) for _ in range(rnd.randint(1, 12))]
+        assert decode(b"".join(table[i] for i in ids)) == tok.decode(ids)
+    assert tok.max_token_bytes >= max(map(len, table))
