@@ -38,9 +38,11 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def folder_digest(folder: Path) -> str:
-    """sha256 over config.json, tokenizer.json and every weight file's digest: names the folder's contents."""
+    """sha256 over every file a program is built from (configs, tokenizer, chat template, weights):
+    names the folder's contents, so an edited stop id or template is another program."""
     h = hashlib.sha256(b"hf-folder\0")
-    for path in [folder / "config.json", folder / "tokenizer.json", *weight_files(folder)]:
+    meta = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    for path in [*(folder / name for name in meta), *weight_files(folder)]:
         if path.is_file():
             h.update(path.name.encode() + b"\0" + file_digest(path).encode())
     return h.hexdigest()
