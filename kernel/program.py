@@ -107,7 +107,7 @@ _entry_points_loaded = False
 
 def register_binfmt(loader, first: bool = False) -> None:
     """Add a loader: loader(spec, device) returns a Program, or None when spec is not its kind.
-    first=True puts it ahead of the others (a device's own loaders claim their names first)."""
+    first=True puts it ahead of the others, to claim names another loader also answers for."""
     if loader in BINFMTS:
         BINFMTS.remove(loader)
     BINFMTS.insert(0, loader) if first else BINFMTS.append(loader)
