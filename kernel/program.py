@@ -1,12 +1,9 @@
 """What the kernel knows of a model program, and how it finds one (binfmt).
 
-The kernel never imports userspace. A program is any object with the
-interface below; a model spec (a name like "smollm2-135m", a path) is turned
-into a program by the loaders registered in BINFMTS, like Linux's binfmt
-handlers. Loaders come from the "kvos.programs" entry-point group (userspace
-registers its loader there in setup.py) or from register_binfmt().
-Loaders cache what they load: two tenants running one model share one copy of
-its weights (program text is shared read-only).
+A program is any object with the Program interface below; the simulated device also reads the
+optional step_cost and resident_weight_bytes. Loaders turn a model spec into a program: BINFMTS,
+from the "kvos.programs" entry points (setup.py) and register_binfmt(). The kernel never imports
+userspace; loaders cache what they load, so tenants running one model share its weights.
 """
 from __future__ import annotations
 
@@ -23,7 +20,7 @@ from kernel.kvcache import KVShape, KVView
 
 @dataclass(frozen=True)
 class ProgramCost:
-    """What the simulated device needs to price a forward pass."""
+    """What a forward pass costs, in the model's own terms (a program's step_cost is built from it)."""
     num_params: int              # parameters touched per token (embedding lookup excluded)
     weight_bytes: int            # bytes of weights read per forward step
     num_layers: int
@@ -41,7 +38,12 @@ class ProgramCost:
 
 
 class Program(ABC):
-    """A model the kernel can run: a KV shape, a forward pass and a tokenizer."""
+    """A model the kernel can run: a KV shape, a forward pass and a tokenizer.
+
+    A program for the simulated device (kernel/devices/sim.py) offers two more attributes, which no
+    other device reads: step_cost, a costmodel.ModelCost the device prices every forward pass with
+    (without it simulate_step panics), and resident_weight_bytes, the bytes its weights hold in
+    device memory (default_memory subtracts them; without it, cost.weight_bytes)."""
 
     name: str                    # the name it was loaded under
     identity: bytes              # names page-cache pages: same weights -> same identity
@@ -111,7 +113,7 @@ _entry_points_loaded = False
 
 def register_binfmt(loader, first: bool = False) -> None:
     """Add a loader: loader(spec, device) returns a Program, or None when spec is not its kind.
-    first=True puts it ahead of the others (a device's own loaders claim their names first)."""
+    first=True puts it ahead of the others, to claim names another loader also answers for."""
     if loader in BINFMTS:
         BINFMTS.remove(loader)
     BINFMTS.insert(0, loader) if first else BINFMTS.append(loader)
@@ -138,4 +140,7 @@ def exec_program(spec, device) -> Program:
         program = loader(spec, device)
         if program is not None:
             return program
-    raise KvosError(ENOENT, f"no program named {spec!r} (try 'smollm2-135m', 'tiny-llama' or a .gguf path)")
+    # the hint names what userspace's loader answers for on this kind of device
+    hint = ("'smollm2-135m', 'tiny-llama' or a .gguf path" if getattr(device, "has_tensors", True)
+            else "a simulated model such as 'llama-2-7b', or a config.json path")
+    raise KvosError(ENOENT, f"no program named {spec!r} (try {hint})")

@@ -92,6 +92,17 @@ def test_model_facts(program):
     assert program.kv_shape.bytes_per_token == 2 * 30 * 3 * 64 * 4
 
 
+def test_the_simulators_preset_is_this_model(program):
+    """"smollm2-135m" on a sim device is the same shape and size as the GGUF on the cpu."""
+    from dataclasses import replace
+
+    from userspace.programs.sim import PRESETS
+    preset = PRESETS["smollm2-135m"].config
+    assert program.config.rms_norm_eps == pytest.approx(preset.rms_norm_eps)       # the GGUF's is float32
+    assert replace(program.config, rms_norm_eps=preset.rms_norm_eps, torch_dtype=preset.torch_dtype) == preset
+    assert program.cost.num_params == preset.active_params and preset.total_params == 134_515_008
+
+
 @pytest.mark.parametrize("chunk", [None, 1, 7, 64])
 def test_greedy_matches_hf(program, prompts, reference, chunk):
     """All prompts run side by side, prompts fed whole or in chunks, then decoded together."""

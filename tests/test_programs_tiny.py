@@ -56,7 +56,7 @@ def test_loaded_through_binfmt_and_shared(program):
     assert program.vocab_size == 512 == program.tokenizer.backend.get_vocab_size()
     assert program.eos_token_ids == frozenset({2}) and program.max_context == 2048
     assert len(program.identity) == 32
-    assert program.cost.num_params == tiny.TINY_CONFIG.num_params > 0
+    assert program.cost.num_params == tiny.TINY_CONFIG.active_params > 0
 
 
 def test_deterministic_across_loads(program):

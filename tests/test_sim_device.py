@@ -7,8 +7,9 @@ import kernel
 from kernel.devices import make_device
 from kernel.devices.costmodel import GPUSpec, ModelCost, decode_crossover_batch, forward_work, step_cost
 from kernel.devices.sim import SimDevice, gpu_spec
-from kernel.devices.simmodels import PRESETS, SimProgram, config_from_hf, load, model_config
 from kernel.errors import KernelPanic, KvosError
+from userspace.programs.loader import load
+from userspace.programs.sim import PRESETS, SimProgram, sim_model
 
 LLAMA7 = PRESETS["llama-2-7b"]
 W7 = 6_607_343_616 * 2          # bytes a LLaMA-2-7B step reads: every weight but the embedding table
@@ -16,11 +17,11 @@ W7 = 6_607_343_616 * 2          # bytes a LLaMA-2-7B step reads: every weight bu
 
 def test_llama_2_7b_shapes_match_the_published_model():
     assert LLAMA7.kv_bytes_per_token == 524_288                    # 2 x 32 x 32 x 128 x 2
-    assert LLAMA7.num_params == 6_738_415_616                      # Hugging Face's count for Llama-2-7b-hf
-    assert LLAMA7.active_params * 2 == W7
-    assert PRESETS["llama-2-13b"].num_params == 13_015_864_320
+    assert LLAMA7.config.total_params == 6_738_415_616             # Hugging Face's count for Llama-2-7b-hf
+    assert LLAMA7.config.active_params * 2 == W7
+    assert PRESETS["llama-2-13b"].config.total_params == 13_015_864_320
     assert PRESETS["llama-2-13b"].kv_bytes_per_token == 819_200
-    assert PRESETS["smollm2-135m"].num_params == 134_515_008        # tied embeddings counted once
+    assert PRESETS["smollm2-135m"].config.total_params == 134_515_008   # tied embeddings counted once
     assert PRESETS["smollm2-135m"].kv_bytes_per_token == 2 * 30 * 3 * 64 * 2
 
 
@@ -147,18 +148,19 @@ def test_hf_config_json(tmp_path):
     folder = tmp_path / "SmolLM2-135M"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
-    from_file = config_from_hf(folder / "config.json")
-    assert from_file.num_params == PRESETS["smollm2-135m"].num_params
+    from_file = sim_model(str(folder / "config.json"))
+    assert from_file.config.total_params == PRESETS["smollm2-135m"].config.total_params
     assert from_file.kv_bytes_per_token == PRESETS["smollm2-135m"].kv_bytes_per_token
     k = kernel.boot(device="sim:h100")
     tid = k.syscalls().spawn_tenant(str(folder))
     assert k.tenants[tid].program.name == "SmolLM2-135M"
     moe = dict(config, num_local_experts=8, num_experts_per_tok=2)
     (folder / "config.json").write_text(json.dumps(moe))
-    m = config_from_hf(folder)
-    assert m.num_params - from_file.num_params == 7 * 30 * 3 * 576 * 1536
-    assert m.active_params - from_file.active_params == 30 * 3 * 576 * 1536
+    m = sim_model(str(folder))
+    router = 30 * 576 * 8                                            # per layer, one row per expert
+    assert m.config.total_params - from_file.config.total_params == 7 * 30 * 3 * 576 * 1536 + router
+    assert m.config.active_params - from_file.config.active_params == 30 * 3 * 576 * 1536 + router
     (folder / "config.json").write_text(json.dumps({"n_embd": 768}))
     with pytest.raises(KvosError) as err:
-        model_config(str(folder / "config.json"))
+        sim_model(str(folder / "config.json"))
     assert err.value.errno == "EINVAL"

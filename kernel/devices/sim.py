@@ -1,8 +1,8 @@
 """The simulated device `sim:<gpu>`: frames are counted, steps are priced, time is virtual.
 
-The kernel runs unchanged against it; simulate_step() prices each step with costmodel.py and
-advances the clock the kernel reads for every timestamp; drivers jump idle time with advance_to().
-Constants come from a GPU preset, each overridable: SimDevice("sim:a100", hbm_bandwidth=1.6e12).
+simulate_step() prices each step with costmodel.py from the programs' step_cost (the optional ABI
+in kernel/program.py) and advances the clock the kernel reads for every timestamp. Constants come
+from a GPU preset, each overridable: SimDevice("sim:a100", hbm_bandwidth=1.6e12).
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import dataclasses
 from kernel.devices.base import Device
 from kernel.devices.costmodel import GPUSpec, StepCost, forward_work, step_cost
 from kernel.errors import EINVAL, KernelPanic, KvosError
-from kernel.program import register_binfmt
 
 GiB = 1 << 30
 
@@ -143,16 +142,3 @@ class SimDevice(Device):
     def kv_view(self, shape):
         raise KernelPanic("SimDevice.kv_view: the simulated device holds no tensors")
 
-
-def _sim_first(loader) -> None:
-    """Register the sim loader ahead of the others: name-based loaders (the LLaMA one claims
-    "smollm2-135m") would otherwise take a sim spec and refuse the device."""
-    register_binfmt(loader, first=True)
-
-
-def _register() -> None:
-    from kernel.devices import simmodels
-    _sim_first(simmodels.load)
-
-
-_register()

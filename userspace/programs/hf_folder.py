@@ -1,8 +1,7 @@
-"""Reading a Hugging Face model folder: config.json, *.safetensors, tokenizer.json.
-
-The weights are read with the `safetensors` library under their HF names; the
-chat template comes from tokenizer_config.json or chat_template.jinja, the stop
-ids from generation_config.json when it has them.
+"""Reading a Hugging Face model folder: config.json (for LLaMA programs and simulated ones alike),
+*.safetensors, tokenizer.json. The weights are read with the `safetensors` library under their HF
+names; the chat template comes from tokenizer_config.json or chat_template.jinja, the stop ids
+from generation_config.json when it has them.
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from kernel.errors import EINVAL, EIO, ENOENT, KvosError
 from userspace.programs.cachedir import file_digest
-from userspace.programs.config import LlamaConfig
+from userspace.programs.config import LlamaConfig, check_runnable_hf
 from userspace.programs.tokenizer import TextTokenizer
 
 
@@ -39,20 +38,36 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def folder_digest(folder: Path) -> str:
-    """sha256 over config.json, tokenizer.json and every weight file's digest: names the folder's contents."""
+    """sha256 over every file a program is built from (configs, tokenizer, chat template, weights):
+    names the folder's contents, so an edited stop id or template is another program."""
     h = hashlib.sha256(b"hf-folder\0")
-    for path in [folder / "config.json", folder / "tokenizer.json", *weight_files(folder)]:
+    meta = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    for path in [*(folder / name for name in meta), *weight_files(folder)]:
         if path.is_file():
             h.update(path.name.encode() + b"\0" + file_digest(path).encode())
     return h.hexdigest()
 
 
-def read_config(folder: Path) -> LlamaConfig:
-    hf = _read_json(folder / "config.json")
-    gen = _read_json(folder / "generation_config.json", required=False)
-    eos = gen.get("eos_token_id")
+def read_config(path: Path, runnable: bool = True) -> LlamaConfig:
+    """The model's LlamaConfig from a folder's config.json (or a config.json path), with the stop ids
+    of generation_config.json beside it when that file names some.
+
+    runnable: also refuse what the LLaMA forward pass does not compute (model types, sliding
+    windows, mixtures of experts...); the simulated device reads any LLaMA-shaped decoder.
+    """
+    path = Path(path).expanduser()
+    folder, config_json = (path, path / "config.json") if path.is_dir() else (path.parent, path)
+    hf = _read_json(config_json)
+    # A stray foo.json is a config of its own; only a config.json's neighbour belongs to it.
+    gen = _read_json(folder / "generation_config.json", required=False) if config_json.name == "config.json" else {}
+    eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
     eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
-    return LlamaConfig.from_hf(hf, eos_ids)
+    if runnable:
+        check_runnable_hf(hf)
+    config = LlamaConfig.from_hf(hf, eos_ids)
+    if runnable:
+        config.check_runnable()
+    return config
 
 
 def read_weights(folder: Path) -> dict:

@@ -15,7 +15,7 @@ from kernel import ops
 from kernel.batch import ForwardBatch
 from kernel.errors import EINVAL, KvosError
 from kernel.kvcache import KVShape, KVView
-from kernel.program import Program, ProgramCost
+from kernel.program import Program
 from userspace.programs.config import LlamaConfig
 from userspace.programs.rope import RopeTables
 
@@ -113,6 +113,7 @@ class LlamaProgram(Program):
     def __init__(self, name: str, config: LlamaConfig, weights: dict, tokenizer, identity: bytes,
                  device: torch.device, dtype: torch.dtype, matmul_dtype: torch.dtype | None = None,
                  kv_dtype: torch.dtype | None = None):
+        config.check_runnable()
         check_weight_shapes(config, weights)
         self.name = name
         self.config = config
@@ -130,10 +131,7 @@ class LlamaProgram(Program):
         self.bos_token_id = config.bos_token_id
         self.vocab_bytes = tokenizer.vocab_bytes          # built here, at load: never under the kernel lock
         self.max_token_bytes = tokenizer.max_token_bytes  # bounds how few tokens a text can be
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self.cost = ProgramCost(num_params=config.num_params, weight_bytes=config.num_params * itemsize,
-                                num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                                num_heads=config.num_attention_heads, head_dim=config.head_dim)
+        self.cost = config.program_cost(torch.empty((), dtype=dtype).element_size())
         # Norm weights and biases stay in the compute dtype too: one dtype end to end, no casts per step.
         w = {k: t.to(device=device, dtype=dtype).contiguous() for k, t in weights.items() if k != "freq_factors"}
         for t in w.values():

@@ -1,10 +1,9 @@
 """The binfmt handler for LLaMA-family programs ("kvos.programs" entry point `llama`).
 
-load(spec, device) answers for "tiny-llama", "smollm2-135m", a path to a
-.gguf file and a Hugging Face folder; it returns None for anything else, so
-other loaders get their turn. Loaded programs are cached by (weights digest,
-device, dtype) while anyone holds them: tenants running one model share one
-copy of its weights, as processes share a program's text pages.
+load(spec, device) answers for "tiny-llama", "smollm2-135m", a .gguf path and a Hugging Face
+folder on cpu and cuda, and for the simulator's models on sim devices (sim.py); None for anything
+else, so other loaders get their turn. Loaded programs are cached by (weights digest, device,
+dtype) while anyone holds them: tenants running one model share one copy of its weights.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kernel.errors import EINVAL, ENODEV, ENOENT, KvosError
-from userspace.programs import converted, fetch, gguf_file, hf_folder, tiny
+from userspace.programs import converted, fetch, gguf_file, hf_folder, sim, tiny
 from userspace.programs.cachedir import file_digest
 from userspace.programs.llama import LlamaProgram, fuse_hf_weights
 
@@ -30,7 +29,12 @@ _lock = threading.Lock()     # one load at a time: two tenants asking at once st
 
 
 def load(spec, device):
-    """binfmt entry: a Program for spec on device, or None when spec is not a LLaMA-family model."""
+    """binfmt entry: a Program for spec on device, or None when spec is not a LLaMA-family model.
+
+    On a simulated device a model is its description, so "smollm2-135m" there is the sim preset
+    and a config.json path is read without weights; names the simulator does not know are None."""
+    if getattr(device, "kind", None) == "sim":
+        return sim.load(spec, device)
     if not isinstance(spec, str) or not claims(spec):
         return None
     return load_program(spec, device)
