@@ -13,6 +13,7 @@ from kernel.proc import State
 from kernel.results import (
     CgroupInfo,
     ExitStatus,
+    FsckReport,
     LogEntry,
     LoopStatus,
     MemInfo,
@@ -22,6 +23,7 @@ from kernel.results import (
     ReadResult,
     SchedStat,
     StepRecord,
+    SystemInfo,
     TenantInfo,
     TenantSched,
     WorkRecord,
@@ -66,4 +68,5 @@ def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=51
 __all__ = ["boot", "Kernel", "KvosError", "KernelPanic", "State", "SYSCALLS",
            "Policy", "FCFS", "PriorityPolicy", "FairShare", "StaticBatching",
            "ExitStatus", "ReadResult", "ProcInfo", "TenantInfo", "WorkRecord", "StepRecord", "TenantSched",
-           "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo", "MemInfo", "LogEntry"]
+           "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo", "MemInfo", "LogEntry", "SystemInfo",
+           "FsckReport"]

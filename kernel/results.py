@@ -78,6 +78,35 @@ class TenantInfo:
     max_new_tokens: int
     nice_min: int
     prefix_sharing: str
+    kv_dtype: str = "float32"    # what the KV cache stores
+    matmul_dtype: str = "float32"  # what the linear layers compute in
+
+
+@dataclass
+class SystemInfo:
+    """uname: the kernel's version, its device and how it was booted."""
+    version: str
+    device: str                  # "cpu", "cuda:0", "sim:a100-80g"
+    device_kind: str             # "cpu", "cuda", "sim"
+    policy: str
+    page_size: int               # tokens per page for the first tenant's model
+    token_budget: int
+    chunk: int
+    max_running: int
+    frame_bytes: int             # 0 until the first tenant sizes the pool
+    memory_bytes: int            # KV memory (0 until sized)
+    swap_bytes: int
+    gpu: dict | None = None      # the simulated GPU's constants
+    memory_budget: dict | None = None   # the simulated device's KV arithmetic for the first program
+
+
+@dataclass
+class FsckReport:
+    """fsck: every invariant held (a broken one is a KernelPanic instead). Counts of what was checked."""
+    frames: int
+    processes: int
+    address_spaces: int
+    segments: int
 
 
 # -- the scheduler ----------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from kernel.errors import EAGAIN, EINVAL, EPERM, ESRCH, KvosError
 from kernel.systable import SYSCALLS, Syscall, syscall  # noqa: F401  (the table's public names)
 
 # Calls a kernel without a tenant yet can answer (the pool is sized by the first tenant).
-_BEFORE_FIRST_TENANT = frozenset({"spawn_tenant", "ps", "meminfo", "schedstat", "dmesg", "trace", "loopctl"})
+_BEFORE_FIRST_TENANT = frozenset({"spawn_tenant", "ps", "meminfo", "schedstat", "dmesg", "trace", "loopctl",
+                                  "uname", "fsck"})
 
 
 class SyscallHandle:

@@ -1,4 +1,4 @@
-"""/proc and its relatives: ps, pagemap, meminfo, schedstat, dmesg, trace, loopctl.
+"""/proc and its relatives: ps, pagemap, meminfo, schedstat, dmesg, uname, fsck, trace, loopctl.
 
 A tenant sees only itself: its processes, its cgroup, its log lines, its own
 service; the pool-wide counts, other tenants and the step history are root's.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from kernel.argcheck import check_int, check_number, check_timeout, proc_of
 from kernel.errors import EINVAL, KvosError
 from kernel.proc import Residency, State
-from kernel.results import MemInfo, PageMap, ProcInfo, SchedStat, TenantSched, WorkRecord
+from kernel.results import FsckReport, MemInfo, PageMap, ProcInfo, SchedStat, SystemInfo, TenantSched, WorkRecord
 from kernel.systable import syscall
 
 
@@ -130,6 +130,37 @@ def sys_dmesg(kernel, caller, since=0, limit=None):
     if limit is not None:
         check_int("limit", limit, 1, 1 << 20)
     return kernel.dmesg.read(None if caller is None else caller.tid, since, limit)
+
+
+@syscall("uname")
+def sys_uname(kernel, caller):
+    """The kernel's version, its device and how it was booted (policy, page size, budgets, memory);
+    on the simulated device also the GPU's constants and the KV memory arithmetic. -> SystemInfo"""
+    import dataclasses
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        release = version("kvos")
+    except PackageNotFoundError:
+        release = "unknown"
+    device, sched = kernel.device, kernel.sched
+    gpu = getattr(device, "gpu", None)
+    budget = None
+    if gpu is not None and kernel.tenants:
+        budget = device.memory_budget(next(iter(kernel.tenants.values())).program)
+    return SystemInfo(release, device.name, device.kind, kernel.policy.name, kernel.page_size, sched.token_budget,
+                      sched.chunk, sched.max_running, kernel.frame_bytes or 0, kernel.memory_bytes or 0,
+                      kernel.swap_bytes, dataclasses.asdict(gpu) if gpu is not None else None, budget)
+
+
+@syscall("fsck", root_only=True)
+def sys_fsck(kernel, caller):
+    """Check every invariant of memory and the process table now. A broken one is a kernel panic
+    (a bug in kvos), never the caller's error. -> FsckReport"""
+    from kernel.fsck import fsck
+    fsck(kernel)
+    mm = kernel.mm
+    return FsckReport(mm.num_frames if mm else 0, len(kernel.procs), len(mm.spaces) if mm else 0,
+                      len(mm.segments) if mm else 0)
 
 
 # -- watching and driving the kernel (root) ---------------------------------------------------------------------

@@ -85,7 +85,12 @@ def sys_tenantinfo(kernel, caller, tid):
                       getattr(p, "bos_token_id", None), t.page_size, p.kv_shape.bytes_per_token,
                       getattr(p, "render_chat", None) is not None and _has_template(p), t.weight,
                       t.mem_limit, t.max_procs, t.max_queued, t.max_blocked, t.max_prompt_tokens,
-                      t.max_new_tokens, t.nice_min, t.prefix_sharing)
+                      t.max_new_tokens, t.nice_min, t.prefix_sharing, _dtype(p.kv_shape.dtype),
+                      _dtype(getattr(p, "matmul_dtype", None) or p.kv_shape.dtype))
+
+
+def _dtype(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _has_template(program) -> bool:

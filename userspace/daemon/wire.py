@@ -13,6 +13,7 @@ from kernel.errors import E2BIG, EAGAIN, EBUSY, EINVAL, EIO, ENODEV, ENOENT, ENO
 from kernel.results import (
     CgroupInfo,
     ExitStatus,
+    FsckReport,
     LogEntry,
     LoopStatus,
     MemInfo,
@@ -22,6 +23,7 @@ from kernel.results import (
     ReadResult,
     SchedStat,
     StepRecord,
+    SystemInfo,
     TenantInfo,
     TenantSched,
     WorkRecord,
@@ -38,6 +40,7 @@ RESULTS = {
     "read": ReadResult, "wait": ExitStatus, "kill": None, "nice": int, "shmget": int, "shmrm": None,
     "ps": [ProcInfo], "pagemap": PageMap, "meminfo": MemInfo, "schedstat": SchedStat, "dmesg": [LogEntry],
     "tenantinfo": TenantInfo, "tokenize": [int], "detokenize": str, "trace": [StepRecord], "loopctl": LoopStatus,
+    "uname": SystemInfo, "fsck": FsckReport,
 }
 
 # Fields holding nested dataclasses (JSON cannot say which class an object was).
