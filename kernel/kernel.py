@@ -27,7 +27,7 @@ from kernel import loop as kloop
 from kernel import step
 from kernel.devices import make_device
 from kernel.dmesg import Dmesg
-from kernel.errors import EINVAL, ENOMEM, KvosError
+from kernel.errors import EAGAIN, EINVAL, ENOMEM, KvosError
 from kernel.klock import KernelLock
 from kernel.mm import MemoryManager, namespace_name
 from kernel.proc import ExitStatus, Process, Residency, State
@@ -96,6 +96,7 @@ class Kernel:
         self._ids = {"pid": 0, "tid": 0, "shmid": 0, "arrival": 0}
         self.random_ids = pids == "random"                         # pids and shmids that say nothing of others
         self._events = step.StepEvents()                           # exits since the last step record
+        self._blocking_mutex = threading.Lock()                    # guards Tenant.blocked (begin_blocking)
         self.null_frame = None                                     # padded batches write padding here
         self.accepting = True                                      # False once shutdown() began
         if frame_bytes is not None:
@@ -128,7 +129,7 @@ class Kernel:
     # -- waking callers ------------------------------------------------------------------
     def watch(self, proc: Process, callback):
         """Run callback() once (under the kernel lock) when `proc` next produces, sleeps or exits.
-        Returns cancel(). Waiters on other processes are not woken: a step wakes only its own."""
+        Returns cancel(), which needs no lock. A step wakes only the waiters of its own processes."""
         proc.watchers.append(callback)
 
         def cancel():
@@ -137,6 +138,26 @@ class Kernel:
             except ValueError:
                 pass                                   # already run
         return cancel
+
+    def begin_blocking(self, tenant: Tenant | None):
+        """Count one blocking call (or asynchronous watch) of `tenant` in flight: EAGAIN beyond its
+        max_blocked. Returns release(), to call exactly once; root is not counted. Its own small
+        lock: releases come from wherever a wait ends, the daemon's event loop included."""
+        if tenant is None:
+            return _nothing
+        with self._blocking_mutex:
+            if tenant.blocked >= tenant.max_blocked:
+                raise KvosError(EAGAIN, f"tenant {tenant.name!r} has {tenant.blocked} blocking calls in flight; "
+                                        f"its limit is {tenant.max_blocked}")
+            tenant.blocked += 1
+        released = []
+
+        def release():
+            with self._blocking_mutex:
+                if not released:
+                    released.append(True)
+                    tenant.blocked -= 1
+        return release
 
     def wake(self, proc: Process) -> None:
         """Run and forget the callbacks waiting for `proc` (call under the lock)."""
@@ -423,6 +444,10 @@ class Kernel:
     def syscalls(self, as_tenant=None):
         from kernel.syscalls import SyscallHandle
         return SyscallHandle(self, as_tenant)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _check_int(name, value, lo, hi):

@@ -49,9 +49,17 @@ class SyscallHandle:
         """Call callback() once, from the kernel's thread, when process `pid` next produces,
         sleeps or exits: the asynchronous form of read and wait (the daemon awaits an event it
         sets instead of holding a thread). The callback must only signal (set an event, schedule a
-        task). Returns cancel(), to call if it is no longer wanted."""
-        proc = proc_of(self._kernel, self._tenant, pid)
-        return self._kernel.watch(proc, callback)
+        task). A watch counts as a blocking call of the tenant (EAGAIN beyond max_blocked) until
+        cancel() -- which takes no lock and must be called once, whether or not it fired."""
+        kernel = self._kernel
+        proc = proc_of(kernel, self._tenant, pid)
+        release = kernel.begin_blocking(self._tenant)
+        unwatch = kernel.watch(proc, callback)
+
+        def cancel():
+            unwatch()
+            release()
+        return cancel
 
     def _call(self, name: str, args, kwargs):
         sc: Syscall = SYSCALLS[name]

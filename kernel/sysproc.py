@@ -167,20 +167,6 @@ def block(kernel, proc, until, timeout) -> bool:
         return True
 
 
-def _blocking(kernel, caller):
-    """Count a blocking call against the caller's limit (EAGAIN beyond it); returns the release."""
-    if caller is None:
-        return lambda: None
-    if caller.blocked >= caller.max_blocked:
-        raise KvosError(EAGAIN, f"tenant {caller.name!r} has {caller.blocked} blocking calls in flight; its "
-                                f"limit is {caller.max_blocked}")
-    caller.blocked += 1
-
-    def release():
-        caller.blocked -= 1
-    return release
-
-
 def read_finish(raw):
     result, data = raw
     return replace(result, text=decode(data))
@@ -194,7 +180,7 @@ def sys_read(kernel, caller, pid, timeout=0.0):
         proc = proc_of(kernel, caller, pid)
         start = proc.read_offset
         if timeout:
-            release = _blocking(kernel, caller)
+            release = kernel.begin_blocking(caller)
             try:
                 block(kernel, proc, lambda: len(proc.output) > start or proc.turn_done or not proc.alive, timeout)
             finally:
@@ -228,7 +214,7 @@ def sys_wait(kernel, caller, pid, timeout=None):
     timeout = check_timeout(timeout, default=None)
     with kernel.lock:       # held throughout, as in read (the condition wait lets the loop in)
         proc = proc_of(kernel, caller, pid)
-        release = _blocking(kernel, caller)
+        release = kernel.begin_blocking(caller)
         try:
             done = block(kernel, proc, lambda: not proc.alive or proc.state == State.SLEEPING or proc.reaped,
                          timeout)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 # Defaults for the per-tenant limits (docs/reliability.md lists them).
 DEFAULT_MAX_PROCS = 1024         # processes held per tenant, zombies included (RLIMIT_NPROC): EAGAIN beyond
 DEFAULT_MAX_QUEUED = 4096        # processes waiting for admission per tenant: load shedding, EAGAIN
-DEFAULT_MAX_BLOCKED = 256        # blocking calls (wait, read with a timeout) in flight per tenant: EAGAIN
+DEFAULT_MAX_BLOCKED = 1024       # blocking calls and watches (wait, read with a timeout) in flight: EAGAIN
 NICE_MIN, NICE_MAX = -20, 19
 
 

@@ -2,9 +2,10 @@
 
 A request becomes processes of the caller's tenant: one spawn per prompt, and
 fork(pid, n - 1) for n choices (they share the prompt's pages). Streaming reads
-each process as it produces (read with a timeout, in a worker thread) and sends
-server-sent events. Whoever stops listening -- a client that disconnects, a
-cancelled request -- gets its processes killed and reaped, so their frames go back.
+each process as it produces (an event per request, no thread held while it waits:
+userspace/daemon/waiting.py) and sends server-sent events. Whoever stops listening
+-- a client that disconnects, a cancelled request -- gets its processes killed and
+reaped, so their frames go back.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kernel.errors import EINVAL, EIO, ERRNOS, ESRCH, KvosError
+from userspace.daemon import waiting
 from userspace.daemon.openai_requests import (
     UNSUPPORTED,
     ChatRequest,
@@ -28,7 +30,7 @@ from userspace.daemon.openai_requests import (
 )
 from userspace.daemon.sysapi import json_object
 
-POLL_SECONDS = 0.5           # longest a read waits; also how often a non-streaming request checks its client
+POLL_SECONDS = 0.5           # longest a read waits; also how often a request checks its client
 
 
 # -- processes of one request --------------------------------------------------------------------------
@@ -63,11 +65,6 @@ def launch(handle, tid, tenant, prompts, n, params) -> Launch:
     return Launch(handle, tenant, pids, prompt_of, started)
 
 
-def poll(handle, pids, timeout) -> list:
-    """New output of every pid: the first may wait up to `timeout` (they usually step together)."""
-    return [handle.read(pid, timeout=timeout if i == 0 else 0.0) for i, pid in enumerate(pids)]
-
-
 def release(handle, pids) -> None:
     """Kill and reap: the frames go back (full pages may stay in the page cache)."""
     for pid in pids:
@@ -95,7 +92,7 @@ async def follow(daemon, run: Launch, request: Request | None = None):
     pending = list(range(len(run.pids)))
     last_token_at: dict = {}
     while pending:
-        results = await anyio.to_thread.run_sync(poll, run.handle, [run.pids[i] for i in pending], POLL_SECONDS)
+        results = await waiting.next_output(run.handle, [run.pids[i] for i in pending], POLL_SECONDS)
         now = time.monotonic()
         for i, r in zip(pending, results):
             if r.tokens:

@@ -4,8 +4,8 @@ Each syscall is POST /sys/{name} with a JSON object of its named arguments and
 answers {"result": ...}; its OpenAPI entry (summary, description, argument
 schema) is built from the handler's signature and docstring. GET /sys lists the
 table (names, parameters in order) so a client can pass arguments by position.
-Every call runs in a worker thread: the kernel lock and the waiting calls never
-hold the event loop.
+Every call runs in a worker thread, so the kernel lock never holds the event loop;
+read and wait wait without a thread (userspace/daemon/waiting.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from kernel.errors import EAGAIN, EINVAL, KvosError
 from kernel.syscalls import SYSCALLS
-from userspace.daemon import wire
+from userspace.daemon import waiting, wire
 
 
 def parameters(sc) -> list:
@@ -85,14 +85,31 @@ async def json_object(request: Request, what: str) -> dict:
     return body
 
 
+async def _waiting(handle, sc, args: dict, request):
+    """read or wait, arguments bound as the handle binds them, awaited without a thread."""
+    try:
+        bound = sc.signature.bind(None, None, **args)
+    except TypeError as err:
+        raise KvosError(EINVAL, f"{sc.name}: {err}") from None
+    bound.apply_defaults()
+    call = waiting.read if sc.name == "read" else waiting.wait
+    return await call(handle, bound.arguments["pid"], bound.arguments["timeout"], request)
+
+
 def _endpoint(daemon, sc):
     async def call(request: Request):
         who = daemon.authenticate(request)
         args = await json_object(request, sc.name)
         if daemon.draining and sc.new_work:      # the kernel refuses them after shutdown too
             raise KvosError(EAGAIN, f"{sc.name}: kvosd is shutting down")
-        method = getattr(who.handle, sc.name)
-        result = await anyio.to_thread.run_sync(lambda: method(**args))
+        if sc.name in ("read", "wait"):          # awaited, not a thread each (a wait left early reaps nothing)
+            try:
+                result = await _waiting(who.handle, sc, args, request)
+            except waiting.Disconnected:
+                return JSONResponse({}, status_code=499)
+        else:
+            method = getattr(who.handle, sc.name)
+            result = await anyio.to_thread.run_sync(lambda: method(**args))
         return JSONResponse({"result": wire.to_jsonable(result)})
     call.__name__ = f"sys_{sc.name}"
     return call
