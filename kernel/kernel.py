@@ -41,6 +41,9 @@ from kernel.tenant import Tenant
 from kernel.units import parse_bytes
 
 
+WAKE_EVENTS = frozenset({"output", "turn", "exit"})      # what a watcher of a process may wait for
+
+
 class Kernel:
     def __init__(self, device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512,
                  swap="1GiB", chunk=None, max_running=256, frame_bytes=None, alloc="paged",
@@ -127,17 +130,29 @@ class Kernel:
         return [p for p in self.procs.values() if p.state == State.SLEEPING and p.residency == Residency.RESIDENT]
 
     # -- waking callers ------------------------------------------------------------------
-    def watch(self, proc: Process, callback):
-        """Run callback() once (under the kernel lock) when `proc` next produces, sleeps or exits.
-        Returns cancel(), which needs no lock. A step wakes only the waiters of its own processes."""
-        proc.watchers.append(callback)
+    def watch(self, proc: Process, callback, events=WAKE_EVENTS):
+        """Run callback() once (under the kernel lock) at the next of `events` of `proc`: "output"
+        (a token), "turn" (its turn ended: it sleeps) or "exit" (it exited or was reaped). Returns
+        cancel(), which needs no lock. A step wakes only waiters of its own processes, and a wait
+        (events turn and exit) is not woken by every token."""
+        entry = (frozenset(events), callback)
+        proc.watchers.append(entry)
 
         def cancel():
             try:
-                proc.watchers.remove(callback)
+                proc.watchers.remove(entry)
             except ValueError:
                 pass                                   # already run
         return cancel
+
+    def wake(self, proc: Process, event: str) -> None:
+        """Run and forget the callbacks waiting for `event` of `proc` (call under the lock)."""
+        if proc.watchers:
+            fire = [w for w in proc.watchers if event in w[0]]
+            if fire:
+                proc.watchers = [w for w in proc.watchers if event not in w[0]]
+                for _, callback in fire:
+                    callback()
 
     def begin_blocking(self, tenant: Tenant | None):
         """Count one blocking call (or asynchronous watch) of `tenant` in flight: EAGAIN beyond its
@@ -159,12 +174,6 @@ class Kernel:
                     tenant.blocked -= 1
         return release
 
-    def wake(self, proc: Process) -> None:
-        """Run and forget the callbacks waiting for `proc` (call under the lock)."""
-        if proc.watchers:
-            callbacks, proc.watchers = proc.watchers, []
-            for callback in callbacks:
-                callback()
 
     # -- memory ----------------------------------------------------------------------------
     def _size_pool(self, frame_bytes: int, program=None) -> None:
@@ -331,7 +340,7 @@ class Kernel:
         if proc.builds_segment is not None:          # a failed builder takes its segment with it
             self.shm_segments.pop(proc.builds_segment.shmid, None)
             self.reap(proc)
-        self.wake(proc)
+        self.wake(proc, "exit")
         self.changed.notify_all()
 
     def reap(self, proc: Process) -> None:
@@ -340,7 +349,7 @@ class Kernel:
             del self.procs[proc.pid]
         proc.tenant.pids.discard(proc.pid)
         proc.reaped = True
-        self.wake(proc)                              # other waits on it learn it is gone
+        self.wake(proc, "exit")                      # other waits on it learn it is gone
 
     def end_turn(self, proc: Process, reason: str) -> None:
         proc.turn_done = True
@@ -349,7 +358,7 @@ class Kernel:
             self.sched.remove(proc)
             proc.state = State.SLEEPING
             self.log("sleep", f"pid {proc.pid} turn ended ({reason}); sleeping", proc=proc)
-            self.wake(proc)
+            self.wake(proc, "turn")
         else:
             self.exit_process(proc, reason)
 

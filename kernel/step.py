@@ -106,7 +106,7 @@ def commit(kernel, plan, samples: dict) -> None:
             kernel.end_turn(proc, "length")
         else:
             append_token(kernel, proc, token, now)
-        kernel.wake(proc)
+            kernel.wake(proc, "output")
 
 
 def append_token(kernel, proc: Process, token: int, now: float) -> None:

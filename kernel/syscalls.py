@@ -45,16 +45,19 @@ class SyscallHandle:
         loop does. Blocking calls (wait, read with a timeout) inside it let the loop run."""
         return self._kernel.lock
 
-    def watch(self, pid, callback):
-        """Call callback() once, from the kernel's thread, when process `pid` next produces,
-        sleeps or exits: the asynchronous form of read and wait (the daemon awaits an event it
-        sets instead of holding a thread). The callback must only signal (set an event, schedule a
-        task). A watch counts as a blocking call of the tenant (EAGAIN beyond max_blocked) until
-        cancel() -- which takes no lock and must be called once, whether or not it fired."""
+    def watch(self, pid, callback, events=("output", "turn", "exit")):
+        """Call callback() once, from the kernel's thread, at the next of `events` of process `pid`
+        ("output": a token; "turn": its turn ended; "exit"): the asynchronous form of read (all
+        three) and wait (turn and exit), for the daemon, which awaits an event the callback sets
+        instead of holding a thread. The callback must only signal. A watch counts as a blocking
+        call of the tenant (EAGAIN beyond max_blocked) until cancel() -- which takes no lock and
+        must be called once, whether or not it fired."""
         kernel = self._kernel
         proc = proc_of(kernel, self._tenant, pid)
+        if not set(events) <= {"output", "turn", "exit"} or not events:
+            raise KvosError(EINVAL, f"events must be some of output, turn, exit; got {events!r}")
         release = kernel.begin_blocking(self._tenant)
-        unwatch = kernel.watch(proc, callback)
+        unwatch = kernel.watch(proc, callback, events)
 
         def cancel():
             unwatch()

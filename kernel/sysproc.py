@@ -142,10 +142,10 @@ def sys_write(kernel, caller, proc, closing, ids):
 
 
 # -- read and wait ---------------------------------------------------------------------------------------------
-def block(kernel, proc, until, timeout) -> bool:
+def block(kernel, proc, until, timeout, events=("output", "turn", "exit")) -> bool:
     """Wait (holding the kernel lock whenever awake) until until() holds. With a loop thread the
-    caller sleeps until `proc` changes (any step when proc is None); without one it steps the
-    kernel itself. False on timeout, or when nothing can make progress."""
+    caller sleeps until one of `events` of `proc` (any step when proc is None); without one it
+    steps the kernel itself. False on timeout, or when nothing can make progress."""
     deadline = None if timeout is None else time.monotonic() + timeout
     with kernel.lock:
         while not until():
@@ -159,7 +159,7 @@ def block(kernel, proc, until, timeout) -> bool:
                     kernel.changed.wait(wait)
                 else:
                     woken = threading.Condition(kernel.lock)
-                    cancel = kernel.watch(proc, woken.notify)
+                    cancel = kernel.watch(proc, woken.notify, events)
                     woken.wait(wait)
                     cancel()
             elif not kernel.step() and not until():
@@ -217,7 +217,7 @@ def sys_wait(kernel, caller, pid, timeout=None):
         release = kernel.begin_blocking(caller)
         try:
             done = block(kernel, proc, lambda: not proc.alive or proc.state == State.SLEEPING or proc.reaped,
-                         timeout)
+                         timeout, events=("turn", "exit"))
         finally:
             release()
         if proc.reaped:

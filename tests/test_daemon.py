@@ -518,9 +518,16 @@ def test_a_non_streaming_client_that_disconnects_frees_its_frames(server, root):
 def test_metrics_parse_and_carry_the_families(server, root):
     list(oai(server).completions.create(model="alice", prompt="Metrics, please", max_tokens=12, stream=True))
     oai(server).completions.create(model="alice", prompt="Fork me", max_tokens=12, n=2)
-    status, _ = http_call(server, "GET", "/metrics", key=ALICE)
-    assert status == 403
     host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)      # a tenant scrapes its own series only
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {ALICE}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    own = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    conn.close()
+    labels = {s.labels.get("tenant") for f in own.values() for s in f.samples} - {None}
+    assert labels == {"alice"} and "kvos_frames" not in own and "kvos_preemptions" not in own
+    assert "kvos_processes" in own and "kvos_time_to_first_token_seconds" in own
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {ROOT}"})
     resp = conn.getresponse()

@@ -1,9 +1,11 @@
 """/metrics: the kernel's /proc as Prometheus families, plus what the daemon times itself.
 
-Kernel state (processes, frames, counters) is read through the root syscall handle
-at each scrape, so it is never stale and never double-kept. Time to first token
-and time between tokens are observed by the daemon while it serves OpenAI
-requests: what a client of the daemon experiences, queueing included.
+Kernel state (processes, frames, counters) is read through a syscall handle at
+each scrape, so it is never stale and never double-kept. Time to first token and
+time between tokens are observed by the daemon while it serves OpenAI requests:
+what a client of the daemon experiences, queueing included. Root's scrape shows
+everything; a tenant's key scrapes its own series only (its processes, frames and
+requests), as its syscalls see only itself.
 """
 from __future__ import annotations
 
@@ -43,14 +45,19 @@ _POOL_STATES = ("free", "cached", "mapped", "shared", "pinned")
 
 
 class KernelCollector:
-    """A prometheus_client collector that asks the kernel at each scrape."""
+    """A prometheus_client collector that asks the kernel at each scrape (root: the whole kernel;
+    a tenant's handle: that tenant's own families)."""
 
-    def __init__(self, root):
-        self.root = root
+    def __init__(self, handle, tenant: str | None = None):
+        self.root = handle
+        self.tenant = tenant
 
     def collect(self):
         procs, mem, sched = self.root.ps(), self.root.meminfo(), self.root.schedstat()
         tenants = [t.name for t in sched.tenants]
+        if self.tenant is not None:
+            yield from self._tenant_families(procs, mem, sched)
+            return
 
         by_state = GaugeMetricFamily("kvos_processes", "Processes by tenant and state", labels=["tenant", "state"])
         counts = {(t, s.value): 0 for t in tenants for s in State}
@@ -110,6 +117,47 @@ class KernelCollector:
                                 value=mem.utilization)
 
 
+    def _tenant_families(self, procs, mem, sched):
+        """A tenant's view: its processes by state, its frames, its queue lengths, its service."""
+        by_state = GaugeMetricFamily("kvos_processes", "Processes by tenant and state", labels=["tenant", "state"])
+        for state in State:
+            by_state.add_metric([self.tenant, state.value], sum(p.state == state.value for p in procs))
+        yield by_state
+        per_tenant = GaugeMetricFamily("kvos_tenant_frames", "Frames per tenant: charged to its cgroup; "
+                                       "private, shared and swapped pages of its processes",
+                                       labels=["tenant", "state"])
+        cgroup = mem.cgroups.get(self.tenant)
+        per_tenant.add_metric([self.tenant, "charged"], cgroup.charged if cgroup else 0)
+        per_tenant.add_metric([self.tenant, "shared"], sum(p.shared_pages for p in procs))
+        per_tenant.add_metric([self.tenant, "swapped"], sum(p.swapped_pages for p in procs))
+        per_tenant.add_metric([self.tenant, "private"],
+                              sum(p.pages - p.shared_pages - p.swapped_pages for p in procs))
+        yield per_tenant
+        if cgroup is not None and cgroup.limit is not None:
+            limits = GaugeMetricFamily("kvos_tenant_frame_limit", "A tenant's memory limit in frames",
+                                       labels=["tenant"])
+            limits.add_metric([self.tenant], cgroup.limit)
+            yield limits
+        own = sched.tenants[0] if sched.tenants else None
+        yield CounterMetricFamily("kvos_tenant_served_tokens", "Tokens computed for this tenant",
+                                  value=own.served_tokens if own else 0)
+        yield GaugeMetricFamily("kvos_running", "Processes in the running set", value=sched.running)
+        yield GaugeMetricFamily("kvos_waiting", "Processes waiting for admission", value=sched.waiting)
+
+
+class _OneTenant:
+    """The daemon's own histograms and counters, only the samples labelled with one tenant."""
+
+    def __init__(self, metrics, tenant: str):
+        self.metrics, self.tenant = metrics, tenant
+
+    def collect(self):
+        for metric in (self.metrics.ttft, self.metrics.tbt, self.metrics.requests):
+            for family in metric.collect():
+                family.samples = [s for s in family.samples if s.labels.get("tenant") == self.tenant]
+                yield family
+
+
 class Metrics:
     """One registry per daemon (tests run several daemons in one process)."""
 
@@ -123,8 +171,14 @@ class Metrics:
         self.requests = Counter("kvos_requests", "OpenAI API requests finished, by tenant, endpoint and outcome",
                                 ["tenant", "endpoint", "outcome"], registry=self.registry)
 
-    def render(self) -> bytes:
+    def render(self, handle=None, tenant: str | None = None) -> bytes:
+        """Root's exposition; with a tenant's handle and name, that tenant's series only."""
+        registry = self.registry
+        if tenant is not None:
+            registry = CollectorRegistry()
+            registry.register(KernelCollector(handle, tenant))
+            registry.register(_OneTenant(self, tenant))
         try:
-            return generate_latest(self.registry)
+            return generate_latest(registry)
         except KvosError:            # the kernel is gone (shutdown finished): nothing left to report
             return b""

@@ -81,7 +81,7 @@ async def wait(handle, pid, timeout=None, request=None):
     deadline = None if timeout is None else loop.time() + timeout
     while True:
         wake = _Wakeup()
-        cancel = handle.watch(pid, wake)
+        cancel = handle.watch(pid, wake, ("turn", "exit"))        # not woken by every token
         try:
             if request is not None and await request.is_disconnected():
                 raise Disconnected()
