@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="An operating system for LLM inference: paged KV memory, processes, a preemptive scheduler",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernel", "kernel.*", "userspace", "userspace.*"]),
+    packages=find_packages(include=["kvos", "kernel", "kernel.*", "userspace", "userspace.*"]),
     # CUDA sources are compiled at run time (CuPy); editable installs read them from csrc/,
     # other installs find them through KVOS_CSRC (kernel/ops/cuda.py).
     package_data={"kernel.ops": ["../../csrc/cuda/*.cu", "../../csrc/cuda/*.cuh", "../../csrc/common/*.h"]},

@@ -40,7 +40,6 @@ from kernel.shm import ShmSegment
 from kernel.tenant import Tenant
 from kernel.units import parse_bytes
 
-
 WAKE_EVENTS = frozenset({"output", "turn", "exit"})      # what a watcher of a process may wait for
 
 

@@ -1,7 +1,8 @@
-"""fsck for memory: every invariant of DESIGN section 9, checked from scratch.
+"""fsck for memory: every invariant of the frame pool, page tables, page cache, shm and swap, from scratch.
 
 Raises KernelPanic naming the first broken invariant. Costs O(frames + pages);
-tests call it after every operation, the kernel when idle.
+tests call it after every operation, the kernel at shutdown, root through the
+fsck syscall whenever it likes.
 """
 from collections import Counter
 

@@ -28,8 +28,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 import kernel
+from kernel import State
 from kernel.errors import EAGAIN, EPERM, KernelPanic, KvosError
-from kernel.proc import State
 from userspace.daemon import metrics as metrics_mod
 from userspace.daemon import openai_api, sysapi, wire
 from userspace.daemon.config import DaemonConfig, runtime_file
@@ -53,8 +53,9 @@ class Unauthorized(Exception):
 class Daemon:
     def __init__(self, config: DaemonConfig):
         self.config = config
-        # Random pids: a tenant must not learn from pid numbers how much the others spawn.
-        self.kernel = kernel.boot(**{"pids": "random", **config.boot})
+        # Random pids: a tenant must not learn from pid numbers how much the others spawn. The
+        # kernel's loop steps in a thread of its own from boot on.
+        self.kernel = kernel.boot(**{"pids": "random", **config.boot, "loop": True})
         self.root = self.kernel.syscalls()
         self.models = {}                                  # tenant name -> model spec (configured tenants)
         self._keys = [(config.root_key.encode(), Principal("root", None, None, self.root))]
@@ -70,7 +71,6 @@ class Daemon:
         self.metrics = metrics_mod.Metrics(self.root)
         self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvosd-reaper")
         self.app = build_app(self)
-        self.kernel.start_loop()
 
     # -- requests --------------------------------------------------------------------------------
     def authenticate(self, request: Request) -> Principal:
@@ -90,7 +90,7 @@ class Daemon:
             raise KvosError(EAGAIN, f"{what}: kvosd is shutting down")
 
     def http_status(self, err: KvosError) -> int:
-        if err.errno == EAGAIN and (self.draining or not self.kernel.accepting):
+        if err.errno == EAGAIN and self.draining:
             return 503
         return wire.HTTP_STATUS.get(err.errno, 500)
 
@@ -183,11 +183,9 @@ def build_app(daemon: Daemon) -> FastAPI:
                       summary="Prometheus metrics (root: everything; a tenant key: that tenant's series)")
 
     async def healthz():
-        loop = daemon.kernel.loop_thread
-        if loop is None or not loop.is_alive():      # the kernel loop died (a panic) or has stopped
-            error = getattr(daemon.kernel, "loop_error", None)
-            return JSONResponse({"status": "stopped", "error": None if error is None else str(error)},
-                                status_code=503)
+        loop = await anyio.to_thread.run_sync(daemon.root.loopctl)
+        if not loop.running:                           # the kernel loop died (a panic) or has stopped
+            return JSONResponse({"status": "stopped", "error": loop.error}, status_code=503)
         return {"status": "draining" if daemon.draining else "ok", "pid": os.getpid()}
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["metrics"], summary="Liveness (no key)")
 

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvos", description="kvos: an operating system for LLM inference. The KV cache is memory, "
                                  "a forward pass is a time slice, every request is a process.")
+    parser.add_argument("--version", action="version", version=f"kvos {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -115,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_module(sub, "userspace.daemon.cli", "add_parsers")      # kvos serve
     _add_module(sub, "userspace.bench.cli", "add_parser")        # kvos bench
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("kvos")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def _attach(parser) -> None:
