@@ -80,7 +80,9 @@ def prompt_tokens(program, prompt, what="prompt", tenant=None):
                     or not isinstance(m.get("content"), str):
                 raise KvosError(EINVAL, f"{what}: a chat message needs string 'role' and 'content', got {m!r}")
         _refuse_long_text(program, tenant, sum(_utf8_length(m["content"], what) for m in prompt), what)
-        ids = program.apply_chat_template(list(prompt))
+        text = program.render_chat(list(prompt))           # the template may add far more than the content
+        _refuse_long_text(program, tenant, _utf8_length(text, what), what)
+        ids = program.encode(text)
     elif isinstance(prompt, (list, tuple)):
         ids = list(prompt)
         program.check_tokens(ids)

@@ -8,12 +8,19 @@ templates are rendered with jinja2 in a sandbox set up like transformers'.
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from functools import cached_property
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from kernel.errors import EINVAL, KvosError
+
+# One thread pool in the process (the kernel's): the tokenizer runs in the caller's thread only.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Longer texts are tokenized without holding the GIL, so the kernel's loop thread keeps stepping
+# (a 1 MB prompt kept it from running for a second); shorter ones avoid the ~0.1 ms that costs.
+LONG_TEXT = 16_384
 
 # llama.cpp token types (gguf TokenType) that become added tokens
 CONTROL, USER_DEFINED = 3, 4
@@ -118,6 +125,8 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise KvosError(EINVAL, f"text to encode must be a string, got {type(text).__name__}")
+        if len(text) > LONG_TEXT:         # encode() keeps the GIL for all of it; encode_batch() lets go
+            return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, token_ids: list[int]) -> str:
