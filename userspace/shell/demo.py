@@ -48,7 +48,7 @@ def start_session(args, plan: WorkloadPlan) -> Session:
     memory = args.memory or frames * frame_bytes
     swap = args.swap if args.swap is not None else swap_frames * frame_bytes
     k = boot_kernel(args, memory=memory, swap=swap)
-    workload = Workload(k, plan, args.model)
+    workload = Workload(k.syscalls(), plan, args.model, handle=lambda tid: k.syscalls(as_tenant=tid))
     workload.create_tenants(spawn_tenant)
     sampler = Sampler(k)
     loop = KernelLoop(k)
