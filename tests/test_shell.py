@@ -183,7 +183,7 @@ def check_summary(summary, info, stat, replies):
 def test_quick_demo_summary_equals_meminfo_and_schedstat(capsys):
     from dataclasses import asdict
 
-    from userspace.shell.demo import run_demo
+    from userspace.shell.demo import close, run_demo
     summary, session = run_demo(quick_demo_args("--every", "0.05"))
     sys_root = session.kernel.syscalls()
     info, stat = asdict(sys_root.meminfo()), asdict(sys_root.schedstat())
@@ -194,6 +194,7 @@ def test_quick_demo_summary_equals_meminfo_and_schedstat(capsys):
     assert "frames" in capsys.readouterr().out          # the plain progress lines
     session.kernel.fsck()
     assert info["mapped"] == info["pinned"]              # only the shared system prompt stays mapped
+    close(session)                                       # the kernel shuts down: every frame comes back
 
 
 def test_quick_demo_console_script_not_on_a_terminal():

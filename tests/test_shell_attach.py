@@ -10,7 +10,7 @@ from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.server import ServerThread
 from userspace.shell.main import main
 from userspace.tui.app import KvosTop
-from userspace.tui.source import RemoteSource
+from userspace.tui.source import Source
 
 ROOT, ALICE = "root-key-attach", "alice-key-attach"
 
@@ -55,7 +55,7 @@ def test_top_attached_shows_the_daemons_processes_and_frames(server):
     alice = Client(server.url, ALICE)
     tid = alice.schedstat().tenants[0].tid
     pid = alice.spawn(tid, [5, 6, 7, 8, 9, 10], max_tokens=400, ignore_eos=True, temperature=0)
-    source = RemoteSource(Client(server.url, ROOT))
+    source = Source(Client(server.url, ROOT))
     snap = source.snapshot(pid)
     assert pid in [p.pid for p in snap.procs] and snap.frames.cells
     assert snap.pagemap is not None and len(snap.page_texts) == len(snap.pagemap.pages)
@@ -68,3 +68,13 @@ def test_top_attached_shows_the_daemons_processes_and_frames(server):
     asyncio.run(drive())
     alice.kill(pid)
     alice.wait(pid)
+
+
+def test_top_with_a_tenant_key_shows_that_tenant_and_refuses_the_loop_keys(server):
+    from kernel.errors import KvosError
+    source = Source(Client(server.url, ALICE))
+    snap = source.snapshot()
+    assert [t.name for t in snap.schedstat.tenants] == ["alice"] and not snap.paused
+    with pytest.raises(KvosError) as err:
+        source.pause()
+    assert err.value.errno == "EPERM"

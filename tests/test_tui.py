@@ -1,8 +1,9 @@
 """kvos top, driven headless by Textual's pilot on the tiny model: what a student sees when they poke the kernel.
 
-The kernel runs on a paused loop thread, so every change on screen comes from a
-key press: step one slice, select, fork, kill, nice. Assertions read the text
-the widgets draw (their rendered lines), and check it against the syscalls.
+The kernel's loop thread starts paused, so every change on screen comes from a
+key press: step one slice, select, fork, kill, nice. The same scenarios run on an
+in-process root handle and on a kvosd client with the root key. Assertions read
+the text the widgets draw (their rendered lines), and check it against the syscalls.
 """
 import asyncio
 import time
@@ -12,10 +13,9 @@ from textual.geometry import Region
 
 import kernel
 from tests.kernel_helpers import TINY, frames
-from userspace.shell.loop import KernelLoop
 from userspace.tui import views
 from userspace.tui.app import KvosTop
-from userspace.tui.source import LocalSource, frame_map
+from userspace.tui.source import Source, frame_map
 
 PROMPT = list(range(3, 43))            # 40 tokens: two full pages and a partly filled third
 
@@ -51,29 +51,52 @@ async def settle(pilot, until=lambda: True, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-def paused_kernel():
-    k = kernel.boot(memory=frames(24), swap=frames(8))
-    sys = k.syscalls()
-    tid = sys.spawn_tenant(TINY)
-    pid = sys.spawn(tid, PROMPT, max_tokens=40, ignore_eos=True, temperature=0)
-    loop = KernelLoop(k)
-    loop.pause()
-    loop.start()
-    yield k, pid, loop
-    loop.stop()
+def in_process():
+    """A kernel booted here with its loop thread paused: (root handle, tid, teardown)."""
+    k = kernel.boot(memory=frames(24), swap=frames(8), loop=True)
+    root = k.syscalls()
+    root.loopctl("pause")
+    return root, root.spawn_tenant(TINY), lambda: k.shutdown(kill=True)
+
+
+def over_http():
+    """kvosd in a thread, its loop paused, seen through a Client with the root key: (client, tid, teardown)."""
+    from userspace.daemon.client import Client
+    from userspace.daemon.config import DaemonConfig, TenantSpec
+    from userspace.daemon.server import ServerThread
+    key = "root-key-for-tui-tests"
+    srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory=frames(24), swap=frames(8), threads=1),
+                                    tenants=[TenantSpec("alice", TINY, "alice-key-for-tui-tests")], root_key=key))
+    root = Client(srv.url, key)
+    root.loopctl("pause")
+
+    def stop():
+        assert srv.stop(kill=True)["fsck"] == "clean"
+    return root, root.schedstat().tenants[0].tid, stop
+
+
+@pytest.fixture(params=["in-process", "kvosd"])
+def paused_kernel(request):
+    """(root handle, pid of a process whose prompt is not computed yet): the loop is paused."""
+    root, tid, teardown = (in_process if request.param == "in-process" else over_http)()
+    pid = root.spawn(tid, PROMPT, max_tokens=40, ignore_eos=True, temperature=0)
+    yield root, pid
+    teardown()
+
+
+def steps(root) -> int:
+    return root.schedstat().steps
 
 
 def test_select_fork_kill_shows_refcounts_and_frames_return(paused_kernel):
-    k, pid, loop = paused_kernel
-    sys = k.syscalls()
+    sys, pid = paused_kernel
 
     async def scenario():
-        app = KvosTop(LocalSource(k, loop), start_paused=True)
+        app = KvosTop(Source(sys), start_paused=True)
         async with app.run_test(size=(160, 48)) as pilot:
             assert "PAUSED" in app.sub_title
             await pilot.press("s")                             # one slice: the whole prompt is prefilled
-            await settle(pilot, lambda: k.stats.steps == 1)
+            await settle(pilot, lambda: steps(sys) == 1)
             assert proc_row(app, pid)["state"] == "running"
             assert proc_row(app, pid)["pages"] == "3"
 
@@ -97,10 +120,12 @@ def test_select_fork_kill_shows_refcounts_and_frames_return(paused_kernel):
 
             # one slice: both append to the shared, partly filled page: one copy-on-write fault
             await pilot.press("s")
-            await settle(pilot, lambda: k.stats.steps == 2)
+            await settle(pilot, lambda: steps(sys) == 2)
             assert sys.meminfo().cow_faults == 1
             assert int(proc_row(app, pid)["cow"]) + int(proc_row(app, child)["cow"]) == 1
             assert "copy-on-write fault" in "\n".join(str(line) for line in app.query_one("#dmesg").lines)
+            cow_lines = [line for line in app.query_one("#dmesg").lines if "cow" in str(line)]
+            assert len(cow_lines) == 1, cow_lines                  # the kernel's log line, shown once
 
             # kill the child (the TUI forked it, so it reaps it): the parent's pages are its own again
             await pilot.press("down")
@@ -124,23 +149,23 @@ def test_select_fork_kill_shows_refcounts_and_frames_return(paused_kernel):
             assert "exited" in drawn(app, "#pagetable")
 
     asyncio.run(scenario())
-    k.fsck()
+    sys.fsck()
 
 
 def test_pause_and_run_keys_drive_the_loop(paused_kernel):
-    k, pid, loop = paused_kernel
+    sys, pid = paused_kernel
 
     async def scenario():
-        app = KvosTop(LocalSource(k, loop), start_paused=True)
+        app = KvosTop(Source(sys), start_paused=True)
         async with app.run_test(size=(120, 40)) as pilot:
             await settle(pilot)
-            assert k.stats.steps == 0
+            assert steps(sys) == 0
             await pilot.press("space")                         # run: the process goes to the end
-            await settle(pilot, lambda: not k.procs[pid].alive)
+            await settle(pilot, lambda: next(p.state for p in sys.ps() if p.pid == pid) == "zombie")
             assert "running" in app.sub_title
             assert proc_row(app, pid)["gen"] == "40"
             await pilot.press("space")
-            await settle(pilot, lambda: loop.paused)
+            await settle(pilot, lambda: sys.loopctl().paused)
             assert "PAUSED" in app.sub_title
             assert "exit" in "\n".join(str(line) for line in app.query_one("#dmesg").lines)
 
@@ -154,16 +179,19 @@ def test_frame_map_agrees_with_meminfo():
     tid = sys.spawn_tenant(TINY)
     shmid = sys.shmget(tid, list(range(3, 40)))
     a = sys.spawn(tid, [50, 51, 52], shm=shmid, max_tokens=6, ignore_eos=True, temperature=0)
-    k.run(max_steps=3)
+    for _ in range(3):
+        sys.loopctl("step")                                   # no loop thread: the step runs here
     sys.fork(a, 1)
-    k.run(max_steps=2)
-    fm, info = frame_map(k), sys.meminfo()
+    for _ in range(2):
+        sys.loopctl("step")
+    fm, info = frame_map(sys.meminfo(frames=True)), sys.meminfo()
     assert len(fm.cells) == info.total
     assert fm.count("free") == info.free and fm.count("cached") == info.cached
     assert fm.count("private") + fm.count("shared") + fm.count("pinned") == info.mapped
     assert fm.count("pinned") == info.pinned
     owners = {c.tenant for c in fm.cells if c.state != "free" and c.state != "cached"}
-    assert owners == {k.tenants[tid].name}
+    assert owners == {sys.tenantinfo(tid).name}
+    assert {pid for c in fm.cells for pid in c.pids} == {a, a + 1}   # the pids mapping frames: the parent, its child
     text = views.memory_map(fm, 60)
     from userspace.shell.format import render
     assert f"{info.total} frames" in render(text)
@@ -173,7 +201,7 @@ def test_workload_tui_shows_two_tenants_and_finishes():
     """The demo's quick workload under the TUI, running: both tenants appear, the clients all finish."""
     import argparse
 
-    from userspace.shell.demo import plan_from_args, start_session, workload_status
+    from userspace.shell.demo import close, plan_from_args, start_session, workload_status
     from userspace.shell.options import add_demo_options
     parser = argparse.ArgumentParser()
     add_demo_options(parser)
@@ -181,7 +209,7 @@ def test_workload_tui_shows_two_tenants_and_finishes():
     session = start_session(args, plan_from_args(args))
 
     async def scenario():
-        app = KvosTop(LocalSource(session.kernel, session.loop), status=workload_status(session.workload))
+        app = KvosTop(Source(session.root), status=workload_status(session.workload))
         async with app.run_test(size=(160, 48)) as pilot:
             await settle(pilot, lambda: session.workload.done, timeout=60)
             await settle(pilot, lambda: "finished" in app.sub_title)
@@ -194,7 +222,7 @@ def test_workload_tui_shows_two_tenants_and_finishes():
     try:
         asyncio.run(scenario())
     finally:
-        session.loop.stop()
+        close(session)
     assert not session.workload.errors
     session.kernel.fsck()
 
@@ -210,10 +238,10 @@ def test_quitting_early_ends_every_client():
     add_demo_options(parser)
     args = parser.parse_args(["--model", TINY, "--quick"])
     session = start_session(args, plan_from_args(args))
-    session.loop.pause()
+    session.root.loopctl("pause")
 
     async def scenario():
-        app = KvosTop(LocalSource(session.kernel, session.loop))
+        app = KvosTop(Source(session.root))
         async with app.run_test(size=(120, 40)) as pilot:
             await settle(pilot)
             await pilot.press("q")
@@ -221,6 +249,6 @@ def test_quitting_early_ends_every_client():
     asyncio.run(scenario())
     close(session)
     assert session.workload.done and not session.workload.errors
-    assert not session.loop.running and session.kernel.loop_thread is None
+    assert not session.root.loopctl().running
     assert session.kernel.syscalls().ps() == []
     session.kernel.fsck()

@@ -1,5 +1,6 @@
 """The kvos command: main.py parses, commands.py and demo.py run; the TUI lives in userspace/tui.
 
-Everything here is a program on the syscall table (kernel.syscalls()); the few
-in-process reads of kernel objects are marked where they happen.
+Everything here is a program on the syscall table: it boots a kernel (kernel.boot)
+and uses its handles (kernel.syscalls()). The one place that still reads a kernel
+object, sizing the demo's pool in frames of the model, is marked SIDE ENTRANCE.
 """

@@ -79,7 +79,7 @@ def run_main(args) -> int:
     tid = spawn_tenant(root, args.model)
     params = _sampling(args)
     pids = [root.spawn(tid, _prompt(text, args), **params) for text in texts]
-    _run_with_progress(k, len(pids) * args.max_tokens)
+    _run_with_progress(root, len(pids) * args.max_tokens)
     console = Console(highlight=False, soft_wrap=True)
     failed = 0
     for pid, text in zip(pids, texts):
@@ -98,18 +98,26 @@ def run_main(args) -> int:
     return 1 if failed else 0
 
 
-def _run_with_progress(k, total_tokens: int) -> None:
-    """Step the kernel to the end here (nobody else runs its loop), with a progress bar on a terminal."""
+def _run_with_progress(root, total_tokens: int) -> None:
+    """Step the kernel to the end here, with a progress bar on a terminal. No loop thread runs, so
+    each trace() with a timeout runs the next step and returns its record; [] once nothing is left."""
+    def steps():
+        last = 0
+        while records := root.trace(since=last, timeout=60):
+            last = records[-1].step
+            yield records
     if not sys.stderr.isatty():
-        k.run()
+        for _ in steps():
+            pass
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    stats = k.stats
+    generated: dict = {}                      # pid -> tokens generated so far, from the step records
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                   TimeElapsedColumn(), console=Console(file=sys.stderr), transient=True) as bar:
         task = bar.add_task("run", total=total_tokens)
-        while k.step():
-            bar.update(task, completed=min(stats.generated_tokens, total_tokens))
+        for records in steps():
+            generated.update((w.pid, w.generated) for r in records for w in r.works)
+            bar.update(task, completed=min(sum(generated.values()), total_tokens))
 
 
 # -- chat ------------------------------------------------------------------------------------------
@@ -170,22 +178,23 @@ def connect(args) -> Connection:
     k = boot_kernel(args)
     root = k.syscalls()
     tid = spawn_tenant(root, args.model)
-    program = k.tenants[tid].program          # in-process: the tokenizer, to split the system prompt
     questions = args.prompts or prompts.SMALL_WORKLOAD
-    prefix, _ = split_system_prompt(program, prompts.SYSTEM_PROMPT, "?")
+    prefix, _ = split_system_prompt(root, tid, prompts.SYSTEM_PROMPT, "?")
     shmid = root.shmget(tid, prefix) if prefix else None
     pids = []
     for q in questions:
-        head, rest = split_system_prompt(program, prompts.SYSTEM_PROMPT, q)
+        head, rest = split_system_prompt(root, tid, prompts.SYSTEM_PROMPT, q)
         pids.append(root.spawn(tid, rest if shmid else head + rest, shm=shmid, max_tokens=args.max_tokens,
                                temperature=0))
     root.fork(pids[0], 1)
     with status(f"running {args.steps} steps of a short workload"):
-        k.run(max_steps=args.steps)
+        # No loop thread: each trace() with a timeout runs one step (shmget may have run some already).
+        first = last = root.schedstat().steps
+        while last - first < args.steps and (records := root.trace(since=last, timeout=60)):
+            last = records[-1].step
 
-    def decode(pid, tokens):
-        proc = k.procs.get(pid)
-        return proc.tenant.program.decode(tokens) if proc is not None else None
+    def decode(pid, tokens):                  # every process here is tid's
+        return root.detokenize(tid, tokens)
     return Connection(root, decode)
 
 

@@ -3,8 +3,10 @@
 Memory is sized in frames of the model's own pages (SmolLM2 in fp32 keeps
 46,080 bytes per token, 720 KiB per 16-token frame), so the workload cannot
 fit at once and preemption, swap and reclaim happen for real. The kernel runs
-on a loop thread; clients run in theirs; the screen is the TUI on a terminal,
-plain progress lines otherwise; the summary comes from meminfo and schedstat.
+on its own loop thread (boot(loop=True), driven through loopctl); clients run
+in theirs and a sampler reads the step records in another; the screen is the
+TUI on a terminal, plain progress lines otherwise; the summary comes from
+meminfo and schedstat.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from userspace.shell.loop import KernelLoop
+from kernel.errors import KernelPanic
 from userspace.shell.options import (
     DEMO_FRAMES,
     DEMO_SWAP_FRAMES,
@@ -31,15 +33,19 @@ from userspace.shell.workload import Workload, WorkloadPlan, default_plan
 
 @dataclass
 class Session:
-    kernel: object
-    loop: KernelLoop
+    kernel: object                # the booted Kernel: only for handles and shutdown()
+    root: object                  # its root handle
     workload: Workload
     sampler: Sampler
     program: object               # held so both tenants share the one loaded copy
 
 
 def start_session(args, plan: WorkloadPlan) -> Session:
-    """Load the model, size memory from its pages, boot, create the tenants, start loop and clients."""
+    """Load the model, size memory from its pages, boot with the loop running, create the tenants,
+    start the sampler and the clients."""
+    # SIDE ENTRANCE: the pool is sized in frames of the model's pages, which needs the model's KV
+    # bytes per token before boot: tenantinfo() says it only once a tenant exists, boot() takes bytes,
+    # so the program is loaded here (kernel.program) and its kv_shape read.
     program = load_program(args.model, args.device)
     frame_bytes = args.page_size * program.kv_shape.bytes_per_token
     frames = args.frames or (QUICK_FRAMES if args.quick else DEMO_FRAMES)
@@ -47,15 +53,17 @@ def start_session(args, plan: WorkloadPlan) -> Session:
         (QUICK_SWAP_FRAMES if args.quick else DEMO_SWAP_FRAMES)
     memory = args.memory or frames * frame_bytes
     swap = args.swap if args.swap is not None else swap_frames * frame_bytes
-    k = boot_kernel(args, memory=memory, swap=swap)
-    workload = Workload(k, plan, args.model)
-    workload.create_tenants(spawn_tenant)
-    sampler = Sampler(k)
-    loop = KernelLoop(k)
-    loop.on_step.append(sampler)
-    loop.start()
-    workload.start()
-    return Session(k, loop, workload, sampler, program)
+    k = boot_kernel(args, memory=memory, swap=swap, loop=True)
+    root = k.syscalls()
+    workload = Workload(root, plan, args.model, handle=lambda tid: k.syscalls(as_tenant=tid))
+    try:
+        workload.create_tenants(spawn_tenant)
+        sampler = Sampler(root).start()
+        workload.start()
+    except BaseException:
+        k.shutdown(kill=True)
+        raise
+    return Session(k, root, workload, sampler, program)
 
 
 def plan_from_args(args) -> WorkloadPlan:
@@ -75,9 +83,8 @@ def workload_status(workload: Workload):
 
 def run_tui(session: Session, paused: bool = False) -> None:
     from userspace.tui.app import KvosTop
-    from userspace.tui.source import LocalSource
-    KvosTop(LocalSource(session.kernel, session.loop), status=workload_status(session.workload),
-            start_paused=paused).run()
+    from userspace.tui.source import Source
+    KvosTop(Source(session.root), status=workload_status(session.workload), start_paused=paused).run()
 
 
 STALL_SECONDS = 30      # the kernel idle this long while clients still wait: a bug, reported, not a hang
@@ -87,19 +94,25 @@ class DemoStalled(RuntimeError):
     pass
 
 
+def check_loop(root):
+    """The loop's status; a loop a kernel bug stopped ends the demo as a kernel panic."""
+    status = root.loopctl()
+    if status.error is not None:
+        raise KernelPanic(f"the kernel's loop stopped: {status.error}")
+    return status
+
+
 def run_plain(session: Session, every: float, out) -> None:
     """Progress lines every `every` seconds until the clients are done; a ps table now and then."""
     from userspace.shell.format import ps_table, render
-    sys_root = session.kernel.syscalls()
+    sys_root = session.root
     last = 0.0
     lines = 0
     while not session.workload.done:
-        if session.loop.error is not None:
-            raise session.loop.error
+        idle = check_loop(sys_root).idle_seconds
         now = time.monotonic()
-        idle = session.loop.idle_since
-        if idle is not None and now - idle > STALL_SECONDS:
-            raise DemoStalled(f"the kernel has had nothing to run for {now - idle:.0f} s but "
+        if idle is not None and idle > STALL_SECONDS:
+            raise DemoStalled(f"the kernel has had nothing to run for {idle:.0f} s but "
                               f"{session.workload.clients_left} client(s) still wait: "
                               f"{progress_line(sys_root, session.workload)}")
         if now - last >= every:
@@ -113,27 +126,29 @@ def run_plain(session: Session, every: float, out) -> None:
 
 
 def finish(session: Session, model: str) -> dict:
-    """The summary (of what ran, if the TUI was quit early), then the session ends."""
-    if session.loop.error is not None:
-        raise session.loop.error
-    session.loop.pause()
-    root = session.kernel.syscalls()
-    summary = summarize(root, session.workload, session.sampler, model=model, finished=session.workload.done)
-    close(session)
-    return summary
+    """The summary (of what ran, if the TUI was quit early), read with the loop paused; it stays
+    paused, so the kernel can still be asked about what it did, until close()."""
+    root = session.root
+    check_loop(root)
+    root.loopctl("pause")                    # the numbers hold still while they are read
+    session.sampler.stop()                   # and it reads the last step records
+    return summarize(root, session.workload, session.sampler, model=model, finished=session.workload.done)
 
 
 def close(session: Session) -> None:
-    """Clients still waiting are cancelled while the loop runs (so none is left stepping the kernel
-    from its own thread), then the loop stops."""
+    """Clients still waiting are cancelled while the loop runs (a paused loop would leave their waits
+    hanging), then the sampler stops and the kernel shuts down: its loop ends, fsck runs, and every
+    frame must come back."""
     if not session.workload.done:
-        session.loop.resume()
+        session.root.loopctl("resume")
         session.workload.cancel()
-    session.loop.stop()
+    session.sampler.stop()
+    session.kernel.shutdown(kill=True)
 
 
 def run_demo(args, out=None, tui: bool = False) -> tuple[dict, Session]:
-    """Run the demo to its end (or until the TUI is quit): (summary, session). out takes the progress lines."""
+    """Run the demo to its end (or until the TUI is quit): (summary, session), its loop paused; the caller
+    ends it with close(session). out takes the progress lines."""
     session = start_session(args, plan_from_args(args))
     try:
         if tui:
@@ -143,12 +158,17 @@ def run_demo(args, out=None, tui: bool = False) -> tuple[dict, Session]:
     except BaseException:
         close(session)
         raise
-    return finish(session, args.model), session
+    try:
+        return finish(session, args.model), session
+    except BaseException:
+        close(session)
+        raise
 
 
 def demo_main(args) -> int:
     tui = sys.stdout.isatty() and not args.json and not args.no_tui
-    summary, _ = run_demo(args, out=sys.stderr if args.json else sys.stdout, tui=tui)
+    summary, session = run_demo(args, out=sys.stderr if args.json else sys.stdout, tui=tui)
+    close(session)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -162,8 +182,8 @@ def top_main(args) -> int:
     from userspace.shell.commands import attached, daemon
     if attached(args):                         # watch a running kvosd
         from userspace.tui.app import KvosTop
-        from userspace.tui.source import RemoteSource
-        KvosTop(RemoteSource(daemon(args))).run()
+        from userspace.tui.source import Source
+        KvosTop(Source(daemon(args))).run()
         return 0
     session = start_session(args, plan_from_args(args))
     try:

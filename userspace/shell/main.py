@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show processes, the memory map, page tables, the scheduler and dmesg live: "
                                    "of a running kvosd with --url (or $KVOS_URL, or a daemon on this machine), "
                                    "else of a kernel booted here running the demo's workload (or the prompts "
-                                   "given). Keys: space pause/run and s step one slice (in-process only), k kill, "
+                                   "given). Keys: space pause/run, s step one slice, k kill, "
                                    "f fork, +/- nice, m map colours, q quit.")
     add_demo_options(p, top=True)
     _attach(p)

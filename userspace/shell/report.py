@@ -1,12 +1,14 @@
 """What `kvos demo` tells a reader: progress while it runs, and the summary at the end.
 
-Sampler is a loop hook: after every step it reads meminfo (KV utilisation) and
-schedstat (per-tenant service while both tenants had work). summarize() makes
-the summary from syscalls alone, so its numbers are meminfo's and schedstat's;
-render_summary() and progress_line() turn it into text.
+Sampler reads the step records (trace) in a thread of the demo: per-tenant
+service while both tenants had work, preemptions per tenant, and meminfo's KV
+utilisation each time it finds new records. summarize() makes the summary from
+syscalls alone, so its numbers are meminfo's and schedstat's; render_summary()
+and progress_line() turn it into text.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict
 
 from rich.console import Group
@@ -17,35 +19,77 @@ from kernel.units import format_bytes
 
 
 class Sampler:
-    """Called by the kernel loop under the lock after each step."""
+    """Reads the kernel's step records (trace) from where it last stopped, in a thread of the demo.
 
-    def __init__(self, kernel):
-        self.sys = kernel.syscalls()
-        self.utilization: list = []           # meminfo.utilization after each step with mapped frames
-        self.contended: dict = {}             # tenant -> tokens served in steps that began with every
-        self.contended_steps = 0              # tenant having a process waiting (wanting more than it had)
-        self.preempted: dict = {}             # tenant id -> preemptions of its processes (from dmesg)
-        self._served: dict = {}
+    From the records: tokens served per tenant in steps that began with every tenant having a
+    process waiting (wanting more than it had), and preemptions per tenant. After each read that
+    brought new records it asks meminfo for the KV utilisation, so that is sampled as often as
+    this thread gets round, not after every step (over a daemon it would be the same)."""
+
+    def __init__(self, root):
+        self.sys = root
+        self.cursor = 0                       # the last step whose record was read
+        self.steps_read = 0
+        self.steps_lost = 0                   # records the kernel's ring (512) dropped before they were read
+        self.utilization: list = []           # meminfo.utilization at each sample with mapped frames
+        self.contended: dict = {}             # tenant name -> tokens served while every tenant was backlogged
+        self.contended_steps = 0
+        self.preempted: dict = {}             # tenant id -> preemptions of its processes
         self._backlogged = False              # every tenant had a waiting process after the last step
-        self._dmesg_seq = 0
+        self._tenant_of: dict = {}            # pid -> tid, from the records' works
+        self._names = {t.tid: t.name for t in root.schedstat().tenants}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def __call__(self, kernel) -> None:
-        info = self.sys.meminfo()
-        if info.token_capacity:
-            self.utilization.append(info.utilization)
-        stat = self.sys.schedstat()
+    def start(self) -> Sampler:
+        self._thread = threading.Thread(target=self._run, name="kvos-demo-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread, then read what is left (call it with the loop paused: then nothing is)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.poll()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll(timeout=0.2)            # returns as soon as a step after the cursor has run
+
+    def poll(self, timeout: float = 0.0) -> int:
+        records = self.sys.trace(since=self.cursor, timeout=timeout)
+        for record in records:
+            self._take(record)
+        if records:
+            info = self.sys.meminfo()
+            if info.token_capacity:
+                self.utilization.append(info.utilization)
+        return len(records)
+
+    def _take(self, r) -> None:
+        self.steps_lost += max(0, r.step - self.cursor - 1)
+        self.cursor = r.step
+        self.steps_read += 1
+        for w in r.works:
+            self._tenant_of[w.pid] = w.tid
         if self._backlogged:
             self.contended_steps += 1
-        for t in stat.tenants:
-            delta = t.served_tokens - self._served.get(t.name, 0)
-            self._served[t.name] = t.served_tokens
-            if self._backlogged:
-                self.contended[t.name] = self.contended.get(t.name, 0) + delta
-        self._backlogged = len(stat.tenants) > 1 and all(t.waiting > 0 for t in stat.tenants)
-        for entry in self.sys.dmesg(since=self._dmesg_seq):
-            self._dmesg_seq = entry.seq
-            if entry.event == "preempt" and entry.tid is not None:
-                self.preempted[entry.tid] = self.preempted.get(entry.tid, 0) + 1
+            for w in r.works:
+                name = self._name(w.tid)
+                self.contended[name] = self.contended.get(name, 0) + w.count
+        # Over HTTP the dict's keys come back as strings: accept both.
+        waiting = {int(tid): n for tid, n in r.waiting_by_tenant.items()}
+        self._backlogged = len(self._names) > 1 and all(waiting.get(tid, 0) > 0 for tid in self._names)
+        for pid, _how in r.preempted:
+            tid = self._tenant_of.get(pid)
+            if tid is not None:
+                self.preempted[tid] = self.preempted.get(tid, 0) + 1
+
+    def _name(self, tid: int) -> str:
+        if tid not in self._names:            # a tenant created after the sampler was
+            self._names.update({t.tid: t.name for t in self.sys.schedstat().tenants})
+        return self._names.get(tid, str(tid))
 
 
 def summarize(sys, workload, sampler: Sampler, *, model: str, finished: bool) -> dict:
@@ -80,6 +124,7 @@ def summarize(sys, workload, sampler: Sampler, *, model: str, finished: bool) ->
         "cached_tokens": stat.cached_tokens,
         "kv_utilization": {"mean": sum(util) / len(util) if util else 0.0, "peak": max(util, default=0.0),
                            "samples": len(util)},
+        "steps_traced": sampler.steps_read, "steps_lost": sampler.steps_lost,
         "page_cache_hits": info.page_cache_hits, "page_cache_evictions": info.page_cache_evictions,
         "cow_faults": info.cow_faults,
         "preemptions": stat.preemptions, "swap_outs": stat.swap_outs, "swap_ins": stat.swap_ins,
@@ -127,7 +172,8 @@ def render_summary(s: dict, width: int = 100) -> Group:
                        f"{s['tokens_per_second']:.1f} tokens/s ({s['computed_tokens_per_second']:.1f} tokens/s "
                        f"computed, prefill included, over {s['steps']} steps)"),
         ("KV utilisation", f"mean {u['mean']:.1%}, peak {u['peak']:.1%} of the token slots of used frames "
-                           f"(sampled after each of {u['samples']} steps)"),
+                           f"(meminfo sampled {u['samples']} times in {s['steps']} steps, whenever new step "
+                           f"records had come)"),
         ("page cache", f"{s['page_cache_hits']} hits: pages mapped instead of computed again "
                        f"({s['cached_tokens']} prompt tokens mapped from shm or the page cache, not prefilled); "
                        f"{s['page_cache_evictions']} evictions"),

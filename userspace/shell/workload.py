@@ -3,9 +3,9 @@
 Two tenants of one model: an interactive assistant (its questions arrive a few
 steps apart and share a system prompt through a shm segment) and a batch job;
 one parallel sample (fork) and one beam search (fork the best, kill the rest).
-Each client uses its tenant's own handle and waits on the kernel loop thread
-(userspace/shell/loop.py), the way callers of a server would. The tokenizer of
-the tenant's program is used in-process, to split the system prompt off the chat.
+Each client uses its tenant's own handle and waits while the kernel's loop thread
+steps, the way callers of a server would. The system prompt is split off the chat
+with the tokenize syscall, and beams are turned into text with detokenize.
 """
 from __future__ import annotations
 
@@ -83,12 +83,12 @@ def read_turn(sys, pid, poll: float = 0.1) -> tuple[str, list, str]:
             return "".join(text), tokens, r.finish_reason or "stop"
 
 
-def split_system_prompt(program, system: str, question: str) -> tuple[list, list]:
-    """(the system turn's tokens, the rest of the chat's tokens) in the model's chat template.
+def split_system_prompt(sys, tid: int, system: str, question: str) -> tuple[list, list]:
+    """(the system turn's tokens, the rest of the chat's tokens) in tenant tid's chat template.
     The first part goes in shm; if the template does not split cleanly there, it is empty."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    full = program.apply_chat_template(messages)
-    prefix = program.apply_chat_template(messages[:1], add_generation_prompt=False)
+    full = sys.tokenize(tid, messages)
+    prefix = sys.tokenize(tid, messages[:1], add_generation_prompt=False)
     if full[:len(prefix)] != prefix:
         return [], full
     return prefix, full[len(prefix):]
@@ -97,11 +97,12 @@ def split_system_prompt(program, system: str, question: str) -> tuple[list, list
 class Workload:
     """Tenants, a shm segment and client threads; replies collect in `replies` as clients finish."""
 
-    def __init__(self, kernel, plan: WorkloadPlan, model: str):
-        self.kernel = kernel                  # in-process: for the programs' tokenizers only
+    def __init__(self, root, plan: WorkloadPlan, model: str, handle):
+        """root: the root handle; handle(tid): a handle that acts as tenant tid."""
         self.plan = plan
         self.model = model
-        self.root = kernel.syscalls()
+        self.root = root
+        self._handle = handle
         self.replies: list = []
         self.errors: list = []                # client failures, as one-line strings
         self.cancelled = False
@@ -120,11 +121,8 @@ class Workload:
         if plan.batch or plan.beam_prompt:
             self.tids["batch"] = spawn_tenant(self.root, self.model, name="batch", weight=plan.batch_weight)
 
-    def program(self, tenant: str):
-        return self.kernel.tenants[self.tids[tenant]].program
-
     def handle(self, tenant: str):
-        return self.kernel.syscalls(as_tenant=self.tids[tenant])
+        return self._handle(self.tids[tenant])
 
     # -- clients ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,9 +130,8 @@ class Workload:
         plan = self.plan
         self.started_at = time.monotonic()
         assistant = self.handle("assistant")
-        program = self.program("assistant")
         shmid = None
-        prefix, _ = split_system_prompt(program, plan.system_prompt, "?")
+        prefix, _ = split_system_prompt(assistant, self.tids["assistant"], plan.system_prompt, "?")
         if prefix:
             shmid = assistant.shmget(self.tids["assistant"], prefix)
         clients = [(self._chat, q, i * plan.arrival_every, shmid) for i, q in enumerate(plan.chats)]
@@ -162,10 +159,11 @@ class Workload:
                 if not self._remaining:
                     self.finished_at = time.monotonic()
 
-    def _wait_for_step(self, sys, step: int) -> None:
-        """Arrive at kernel step `step`, or at once when the kernel has nothing else to run."""
+    def _wait_for_step(self, step: int) -> None:
+        """Arrive at kernel step `step`, or at once when the kernel has nothing else to run.
+        The root handle's schedstat: a tenant's reads 0 for the global counters."""
         while True:
-            stat = sys.schedstat()
+            stat = self.root.schedstat()
             if stat.steps >= step or (stat.running == 0 and stat.waiting == 0):
                 return
             time.sleep(0.02)
@@ -182,9 +180,9 @@ class Workload:
         """A question, and its follow-up if it has one, on one interactive process: the second turn is
         written into the same process, so the first turn's pages are not computed again."""
         sys, plan = self.handle("assistant"), self.plan
-        self._wait_for_step(sys, arrival)
-        prefix, rest = split_system_prompt(self.program("assistant"), plan.system_prompt, question)
+        self._wait_for_step(arrival)
         tid = self.tids["assistant"]
+        prefix, rest = split_system_prompt(sys, tid, plan.system_prompt, question)
         params = dict(max_tokens=plan.chat_tokens, temperature=0, interactive=True)
         if shmid is not None:
             pid = sys.spawn(tid, rest, shm=shmid, **params)
@@ -218,15 +216,14 @@ class Workload:
 
     def _beam(self, prompt: str) -> None:
         tenant = "batch" if "batch" in self.tids else "assistant"
-        sys, program = self.handle(tenant), self.program(tenant)
+        sys, tid = self.handle(tenant), self.tids[tenant]
         started = time.monotonic()
-        # The program's EOS ids are read in-process: no syscall reports them yet.
-        beams = beam_search(sys, self.tids[tenant], [{"role": "user", "content": prompt}],
+        beams = beam_search(sys, tid, [{"role": "user", "content": prompt}],
                             width=self.plan.beam_width, max_tokens=self.plan.beam_tokens,
-                            eos_token_ids=program.eos_token_ids)
+                            eos_token_ids=sys.tenantinfo(tid).eos_token_ids)
         elapsed = time.monotonic() - started
         for beam in beams:
-            self._add(Reply("beam", tenant, prompt, None, program.decode(beam.tokens), list(beam.tokens),
+            self._add(Reply("beam", tenant, prompt, None, sys.detokenize(tid, beam.tokens), list(beam.tokens),
                             "stop" if beam.finished else "length", None, elapsed, beam.score))
 
     # -- progress -------------------------------------------------------------------------------
@@ -246,7 +243,7 @@ class Workload:
 
     def cancel(self, timeout: float = 10.0) -> None:
         """End the workload early: kill its tenants (their processes go, clients see ESRCH and return).
-        Call it while the kernel loop still runs, so that no client is left driving the kernel."""
+        Call it while the kernel's loop runs unpaused, so that every client's wait gets its answer."""
         from kernel.errors import KvosError
         self.cancelled = True
         for tid in self.tids.values():

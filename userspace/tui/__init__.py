@@ -1,5 +1,5 @@
 """kvos top: live views of processes, memory, page tables, the scheduler and dmesg (Textual).
 
-app.KvosTop draws a source (source.LocalSource: an in-process kernel and its loop);
+app.KvosTop draws a source.Source: a root syscall handle, in-process or a kvosd client;
 views holds the renderings, free of Textual, so they can be tested and reused.
 """

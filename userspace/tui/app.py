@@ -1,15 +1,15 @@
 """kvos top: a Textual app that shows a running kernel live and lets a student poke it.
 
 Panes: processes, the memory map, the selected process's page table, the
-scheduler and dmesg. The data comes from a source (userspace/tui/source.py),
-fetched in a worker thread a few times a second so the screen never waits on a
-kernel step; key presses (pause, step, kill, nice, fork) run in workers too.
+scheduler and dmesg. The data comes from a Source on a root syscall handle
+(userspace/tui/source.py), fetched in a worker thread a few times a second so the
+screen never waits on a kernel step; key presses (pause, step, kill, nice, fork)
+run in workers too, so a daemon's round trips never block the screen either.
 """
 from __future__ import annotations
 
 import threading
 
-from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -57,8 +57,8 @@ class KvosTop(App):
         self.forked: set = set()              # children forked from here: this shell reaps them
         self._rows: list = []                 # pids in the process table, in order
         self._dmesg_seq = 0
-        self._cow_seen: dict = {}             # pid -> CoW faults already reported
         self._fetching = threading.Lock()
+        self._controlling = threading.Lock()  # one control at a time: pause then step, in key order
         self._finished_told = False
 
     def compose(self) -> ComposeResult:
@@ -198,14 +198,6 @@ class KvosTop(App):
             if entry.seq > self._dmesg_seq:
                 log.write(views.dmesg_text(entry))
                 self._dmesg_seq = entry.seq
-        # The kernel logs no CoW faults; ps counts them per process, so they are reported from there.
-        for p in snap.procs:
-            seen = self._cow_seen.get(p.pid, 0)
-            if p.cow_faults > seen:
-                log.write(Text(f"[   ps   ] {snap.schedstat.steps:>5} cow      pid {p.pid}: "
-                                     f"{p.cow_faults - seen} copy-on-write fault(s), {p.cow_faults} in all",
-                                     style=views.EVENT_STYLES["cow"]))
-            self._cow_seen[p.pid] = p.cow_faults
 
     def _reap(self, snap) -> None:
         exited = [p.pid for p in snap.procs if p.pid in self.forked and p.state == "zombie"]
@@ -218,7 +210,8 @@ class KvosTop(App):
         """Run a control in a worker (it may wait for the current step), then redraw."""
         def work():
             try:
-                result = fn()
+                with self._controlling:
+                    result = fn()
             except KvosError as err:
                 self.call_from_thread(self.notify, f"{err.errno}: {err.reason}", severity="error")
                 return
@@ -228,16 +221,10 @@ class KvosTop(App):
         self.run_worker(work, thread=True, group="control")
 
     def action_toggle_pause(self) -> None:
-        if self.source.paused:
-            self.source.resume()
-        else:
-            self.source.pause()
-        self._tick()
+        self._control(self.source.resume if self.source.paused else self.source.pause)
 
     def action_step(self) -> None:
-        if not self.source.paused:
-            self.source.pause()
-        self._control(self.source.step_once)
+        self._control(self.source.step_once)      # it pauses a running loop first
 
     def action_kill(self) -> None:
         pid = self.selected_pid

@@ -23,7 +23,7 @@ from userspace.shell.demo import close, plan_from_args, start_session, workload_
 from userspace.shell.options import add_demo_options
 from userspace.tui import views
 from userspace.tui.app import KvosTop
-from userspace.tui.source import LocalSource, frame_map
+from userspace.tui.source import Source, frame_map
 
 
 def main(argv=None) -> int:
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     session = start_session(args, plan_from_args(args))
     try:
-        while not session.workload.done and not _worth_a_picture(session.kernel, args.steps):
+        while not session.workload.done and not _worth_a_picture(session.root, args.steps):
             time.sleep(0.01)
-        session.loop.pause()
+        session.root.loopctl("pause")
         asyncio.run(_shoot(session, out, args.width, args.height))
     finally:
         close(session)
@@ -51,14 +51,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _worth_a_picture(kernel, min_steps: int) -> bool:
-    with kernel.lock:
-        steps = kernel.stats.steps
-        return steps >= 10 * min_steps or (steps >= min_steps and frame_map(kernel).count("shared") > 0)
+def _worth_a_picture(root, min_steps: int) -> bool:
+    steps = root.schedstat().steps
+    return steps >= 10 * min_steps or (steps >= min_steps and frame_map(root.meminfo(frames=True)).count("shared"))
 
 
 async def _shoot(session, out: Path, width: int, height: int) -> None:
-    app = KvosTop(LocalSource(session.kernel, session.loop), status=workload_status(session.workload))
+    app = KvosTop(Source(session.root), status=workload_status(session.workload))
     async with app.run_test(size=(width, height)) as pilot:
         await app.workers.wait_for_complete()
         procs = app.snapshot.procs
@@ -70,8 +69,7 @@ async def _shoot(session, out: Path, width: int, height: int) -> None:
         await pilot.pause()
         app.save_screenshot("tui.svg", path=str(out))
         snap = app.snapshot
-        with session.kernel.lock:
-            frames = frame_map(session.kernel)
+        frames = snap.frames
         console = Console(record=True, width=72, force_terminal=True, color_system="truecolor", file=io.StringIO())
         console.print(Panel(views.memory_map(frames, 68, selected_pid=app.selected_pid,
                                              tenants=[t.name for t in snap.schedstat.tenants]),

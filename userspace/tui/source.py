@@ -1,16 +1,18 @@
 """Where the TUI's data comes from: a Snapshot of /proc, and the controls a student pokes.
 
-LocalSource serves an in-process kernel driven by a KernelLoop: everything goes
-through syscalls except the frame map, which also names the processes mapping
-each frame, so frame_map() reads the memory manager under the kernel lock.
-RemoteSource serves the same methods from a running kvosd (its frame map from
-meminfo(frames=True)). Both classify frames with kernel.mm.introspect.frame_map.
-snapshot() blocks for at most one kernel step: call it off the UI thread.
+Source works on a root syscall handle, an in-process kernel's or a kvosd Client's
+alike: ps, meminfo(frames=True) for the memory map, schedstat, dmesg and
+pagemap(text=True); pause, resume and single steps go through loopctl (root's:
+with a tenant's key the views show that tenant, and the loop keys are refused).
+snapshot() makes several calls and may wait for a step: call it off the UI thread.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+
+from kernel.errors import EPERM, KvosError
 
 FRAME_STATES = ("free", "cached", "private", "shared", "pinned")
 
@@ -46,30 +48,61 @@ class Snapshot:
     paused: bool = False
 
 
-def frame_cells(rows, mappers=None) -> list:
-    """FrameCells from kernel.mm.introspect.frame_map rows ([state, refcount, owner]; the same
-    rows meminfo(frames=True) returns over the daemon). A singly mapped frame shows as private."""
-    mappers = mappers or {}
-    return [FrameCell("private" if state == "mapped" else state, owner, refs, tuple(mappers.get(f, ())))
-            for f, (state, refs, owner, *_) in enumerate(rows)]
+def frame_map(info) -> FrameMap:
+    """The memory map from meminfo(frames=True): rows of [state, refcount, cgroup, [pids mapping it]].
+    A singly mapped frame shows as private."""
+    cells = [FrameCell("private" if state == "mapped" else state, owner, refs, tuple(pids))
+             for state, refs, owner, pids in info.frames or []]
+    return FrameMap(info.frame_bytes, cells)
 
 
-def frame_map(kernel) -> FrameMap:
-    """Every frame's state, charged tenant and mapping processes (call under kernel.lock)."""
-    from kernel.mm.introspect import frame_map as frame_rows
-    mm = kernel.mm
-    if mm is None:
-        return FrameMap(kernel.frame_bytes or 0, [])
-    mappers: dict = {}
-    for proc in kernel.procs.values():
-        if proc.asid is not None and proc.asid in mm.spaces:
-            for frame in mm.spaces[proc.asid].frames:
-                mappers.setdefault(frame, []).append(proc.pid)
-    return FrameMap(mm.frame_bytes, frame_cells(frame_rows(mm), mappers))
+class Source:
+    """A running kernel seen through a root handle (kernel.syscalls() or a Client with the root key)."""
 
+    def __init__(self, sys):
+        self.sys = sys
+        self.paused = False                   # kept from each loopctl answer: the UI reads it without a call
+        self.root = True
+        try:
+            self.paused = sys.loopctl().paused
+        except KvosError as err:
+            if err.errno != EPERM:
+                raise
+            self.root = False                 # a tenant's handle: it may look at its own, not drive the loop
 
-class _SyscallControls:
-    """The controls that are plain syscalls, the same for both sources (self.sys is the handle)."""
+    def snapshot(self, pagemap_pid: int | None = None, dmesg_since: int = 0) -> Snapshot:
+        sys = self.sys
+        # In-process, atomic() keeps the loop from stepping between the calls, so the panes agree;
+        # over HTTP there is no such thing, and a picture a step apart is redrawn a moment later.
+        atomic = getattr(sys, "atomic", None)
+        with atomic() if atomic is not None else contextlib.nullcontext():
+            procs = sys.ps()
+            info = sys.meminfo(frames=True)
+            pagemap, texts = None, []
+            if pagemap_pid is not None and any(p.pid == pagemap_pid for p in procs):
+                try:
+                    pagemap = sys.pagemap(pagemap_pid, text=True)
+                    texts = [page.text or "" for page in pagemap.pages]
+                except KvosError:              # it was reaped between ps and pagemap
+                    pagemap = None
+            stat, log = sys.schedstat(), sys.dmesg(since=dmesg_since)
+            if self.root:
+                self.paused = sys.loopctl().paused
+        return Snapshot(time.monotonic(), procs, info, stat, frame_map(info), log, pagemap_pid, pagemap, texts,
+                        self.paused)
+
+    # -- controls --------------------------------------------------------------------------
+    def pause(self) -> None:
+        self.paused = self.sys.loopctl("pause").paused
+
+    def resume(self) -> None:
+        self.paused = self.sys.loopctl("resume").paused
+
+    def step_once(self) -> None:
+        """One time slice: the paused loop runs it (this waits), or it runs here when no loop thread runs."""
+        if not self.paused:
+            self.pause()                       # loopctl refuses to single-step a running loop
+        self.paused = self.sys.loopctl("step").paused
 
     def kill(self, pid: int) -> None:
         self.sys.kill(pid)
@@ -82,86 +115,3 @@ class _SyscallControls:
 
     def wait(self, pid: int):
         return self.sys.wait(pid)
-
-
-class LocalSource(_SyscallControls):
-    """An in-process kernel and its loop thread (userspace/shell/loop.py)."""
-
-    def __init__(self, kernel, loop=None):
-        self.kernel = kernel
-        self.loop = loop
-        self.sys = kernel.syscalls()
-
-    def snapshot(self, pagemap_pid: int | None = None, dmesg_since: int = 0) -> Snapshot:
-        k, sys = self.kernel, self.sys
-        with k.lock:
-            procs = sys.ps()
-            pagemap = texts = None
-            if pagemap_pid is not None and pagemap_pid in k.procs:
-                pagemap = sys.pagemap(pagemap_pid)
-                decode = k.procs[pagemap_pid].tenant.program.decode
-                texts = [decode(page.tokens) for page in pagemap.pages]
-            return Snapshot(time.monotonic(), procs, sys.meminfo(), sys.schedstat(), frame_map(k),
-                            sys.dmesg(since=dmesg_since), pagemap_pid, pagemap, texts or [],
-                            self.paused)
-
-    # -- controls --------------------------------------------------------------------------
-    @property
-    def paused(self) -> bool:
-        return self.loop is not None and self.loop.paused
-
-    def pause(self) -> None:
-        if self.loop is not None:
-            self.loop.pause()
-
-    def resume(self) -> None:
-        if self.loop is not None:
-            self.loop.resume()
-
-    def step_once(self) -> None:
-        """One time slice: through the paused loop, or directly when there is no loop."""
-        if self.loop is not None and self.loop.running:
-            self.loop.step_once()
-        else:
-            self.kernel.step()
-
-
-class RemoteSource(_SyscallControls):
-    """The same methods over a running kvosd (a userspace.daemon.client.Client with the root key).
-
-    The frame map comes from meminfo(frames=True) and page text from pagemap(text=True). A
-    daemon's loop runs on its own: pausing and single-stepping it are refused here.
-    """
-
-    def __init__(self, client):
-        self.sys = client
-        self.paused = False
-
-    def snapshot(self, pagemap_pid: int | None = None, dmesg_since: int = 0) -> Snapshot:
-        from kernel.errors import KvosError
-        sys = self.sys
-        procs = sys.ps()
-        info = sys.meminfo(frames=True)
-        cells = frame_cells(info.frames or [])
-        pagemap, texts = None, []
-        if pagemap_pid is not None and any(p.pid == pagemap_pid for p in procs):
-            try:
-                pagemap = sys.pagemap(pagemap_pid, text=True)
-                texts = [page.text or "" for page in pagemap.pages]
-            except KvosError:                        # it exited between ps and pagemap
-                pagemap = None
-        return Snapshot(time.monotonic(), procs, info, sys.schedstat(), FrameMap(info.frame_bytes, cells),
-                        sys.dmesg(since=dmesg_since), pagemap_pid, pagemap, texts, False)
-
-    def _refuse(self, what: str):
-        from kernel.errors import EPERM, KvosError
-        raise KvosError(EPERM, f"{what}: the daemon's loop runs on its own; pause it in-process (kvos top)")
-
-    def pause(self) -> None:
-        self._refuse("pause")
-
-    def resume(self) -> None:
-        self._refuse("resume")
-
-    def step_once(self) -> None:
-        self._refuse("step")

@@ -144,7 +144,12 @@ def scheduler(stat) -> Group:
     return Group(*lines)
 
 
+EVENT_NOTES = {"cow": "a copy-on-write fault"}      # what the event is called where the message does not say
+
+
 def dmesg_text(entry) -> Text:
     who = f" pid {entry.pid}" if entry.pid is not None and not entry.message.startswith(f"pid {entry.pid}") else ""
     style = "bold red" if entry.level == "error" else EVENT_STYLES.get(entry.event)
-    return Text(f"[{entry.time:8.2f}] {entry.step:>5} {entry.event:<8}{who}: {entry.message}", style=style or "")
+    note = f" ({EVENT_NOTES[entry.event]})" if entry.event in EVENT_NOTES else ""
+    return Text(f"[{entry.time:8.2f}] {entry.step:>5} {entry.event:<8}{who}: {entry.message}{note}",
+                style=style or "")
