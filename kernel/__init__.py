@@ -50,6 +50,8 @@ def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=51
 
     memory: KV bytes ("256MiB"); None takes the device's default (256 MiB on the CPU, 80% of
     free GPU memory on CUDA, what the GPU preset leaves after the weights on sim).
+    frames / swap_frames: the pool and the swap area in frames of the first tenant's pages, instead
+    of memory / swap in bytes (a pool sized to a model without loading it first).
     Options: chunk (max tokens of one process per step, default token_budget), max_running
     (batch size bound), frame_bytes (default: page_size tokens of the first tenant's model),
     alloc ("paged" | "prealloc"), batch ("ragged" | "padded"), watermark (free frames kept at

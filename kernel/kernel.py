@@ -46,7 +46,8 @@ WAKE_EVENTS = frozenset({"output", "turn", "exit"})      # what a watcher of a p
 class Kernel:
     def __init__(self, device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512,
                  swap="1GiB", chunk=None, max_running=256, frame_bytes=None, alloc="paged",
-                 batch="ragged", watermark=None, threads=None, seed=0, pids="sequential", loop=False):
+                 batch="ragged", watermark=None, threads=None, seed=0, pids="sequential", loop=False,
+                 frames=None, swap_frames=None):
         _check_int("page_size", page_size, 1, 4096)
         _check_int("token_budget", token_budget, 1, 1 << 20)
         _check_int("max_running", max_running, 1, 1 << 20)
@@ -58,10 +59,16 @@ class Kernel:
             raise KvosError(EINVAL, f"batch must be 'ragged' or 'padded', got {batch!r}")
         if frame_bytes is not None:
             _check_int("frame_bytes", frame_bytes, 1, 1 << 34)
+        for name, value in (("frames", frames), ("swap_frames", swap_frames)):
+            if value is not None:
+                _check_int(name, value, 0 if name == "swap_frames" else 1, 1 << 30)
+        if frames is not None and memory is not None:
+            raise KvosError(EINVAL, "give memory (bytes) or frames (of the first tenant's pages), not both")
         if pids not in ("sequential", "random"):
             raise KvosError(EINVAL, f"pids must be 'sequential' or 'random', got {pids!r}")
         self.memory_bytes = None if memory is None else parse_bytes(memory, "memory")   # None: the device's default
         self.swap_bytes = parse_bytes(swap, "swap")
+        self.pool_frames, self.swap_frames = frames, swap_frames   # sizes in frames, once a frame has a size
         self.page_size = page_size
         self.frame_bytes = frame_bytes
         self.padded = batch == "padded"
@@ -176,6 +183,10 @@ class Kernel:
 
     # -- memory ----------------------------------------------------------------------------
     def _size_pool(self, frame_bytes: int, program=None) -> None:
+        if self.pool_frames is not None:
+            self.memory_bytes = self.pool_frames * frame_bytes
+        if self.swap_frames is not None:
+            self.swap_bytes = self.swap_frames * frame_bytes
         if self.memory_bytes is None:
             self.memory_bytes = self.device.default_memory(program)
         num_frames = self.memory_bytes // frame_bytes

@@ -48,7 +48,7 @@ _NESTED = {
     PageMap: {"pages": [PageEntry]},
     MemInfo: {"cgroups": {str: CgroupInfo}},
     SchedStat: {"tenants": [TenantSched], "recent_steps": [StepRecord]},
-    StepRecord: {"works": [WorkRecord]},
+    StepRecord: {"works": [WorkRecord], "waiting_by_tenant": {int: int}},
 }
 
 
@@ -75,9 +75,9 @@ def _build(kind, data):
         return data
     if isinstance(kind, list):
         return [_build(kind[0], item) for item in data]
-    if isinstance(kind, dict):
-        (value_kind,) = kind.values()
-        return {k: _build(value_kind, v) for k, v in data.items()}
+    if isinstance(kind, dict):                 # JSON keys are strings: tids come back as ints
+        ((key_kind, value_kind),) = kind.items()
+        return {key_kind(k): _build(value_kind, v) for k, v in data.items()}
     nested = _NESTED.get(kind, {})
     kwargs = {}
     for f in fields(kind):

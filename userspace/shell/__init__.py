@@ -1,6 +1,5 @@
 """The kvos command: main.py parses, commands.py and demo.py run; the TUI lives in userspace/tui.
 
 Everything here is a program on the syscall table: it boots a kernel (kernel.boot)
-and uses its handles (kernel.syscalls()). The one place that still reads a kernel
-object, sizing the demo's pool in frames of the model, is marked SIDE ENTRANCE.
+and uses its handles (kernel.syscalls()), or a running kvosd's client.
 """

@@ -24,7 +24,7 @@ from userspace.shell.options import (
     QUICK_FRAMES,
     QUICK_SWAP_FRAMES,
     boot_kernel,
-    load_program,
+    pull_if_needed,
     spawn_tenant,
 )
 from userspace.shell.report import Sampler, progress_line, render_summary, summarize
@@ -37,23 +37,23 @@ class Session:
     root: object                  # its root handle
     workload: Workload
     sampler: Sampler
-    program: object               # held so both tenants share the one loaded copy
 
 
 def start_session(args, plan: WorkloadPlan) -> Session:
-    """Load the model, size memory from its pages, boot with the loop running, create the tenants,
-    start the sampler and the clients."""
-    # SIDE ENTRANCE: the pool is sized in frames of the model's pages, which needs the model's KV
-    # bytes per token before boot: tenantinfo() says it only once a tenant exists, boot() takes bytes,
-    # so the program is loaded here (kernel.program) and its kv_shape read.
-    program = load_program(args.model, args.device)
-    frame_bytes = args.page_size * program.kv_shape.bytes_per_token
-    frames = args.frames or (QUICK_FRAMES if args.quick else DEMO_FRAMES)
-    swap_frames = args.swap_frames if args.swap_frames is not None else \
-        (QUICK_SWAP_FRAMES if args.quick else DEMO_SWAP_FRAMES)
-    memory = args.memory or frames * frame_bytes
-    swap = args.swap if args.swap is not None else swap_frames * frame_bytes
-    k = boot_kernel(args, memory=memory, swap=swap, loop=True)
+    """Boot with the loop running and a pool in frames of the model's own pages (the first tenant
+    sizes them), create the tenants, start the sampler and the clients."""
+    pull_if_needed(args.model)
+    sizes = {}
+    if args.memory:
+        sizes["memory"] = args.memory
+    else:
+        sizes["frames"] = args.frames or (QUICK_FRAMES if args.quick else DEMO_FRAMES)
+    if args.swap is not None:
+        sizes["swap"] = args.swap
+    else:
+        sizes["swap_frames"] = args.swap_frames if args.swap_frames is not None else \
+            (QUICK_SWAP_FRAMES if args.quick else DEMO_SWAP_FRAMES)
+    k = boot_kernel(args, loop=True, **sizes)
     root = k.syscalls()
     workload = Workload(root, plan, args.model, handle=lambda tid: k.syscalls(as_tenant=tid))
     try:
@@ -63,7 +63,7 @@ def start_session(args, plan: WorkloadPlan) -> Session:
     except BaseException:
         k.shutdown(kill=True)
         raise
-    return Session(k, root, workload, sampler, program)
+    return Session(k, root, workload, sampler)
 
 
 def plan_from_args(args) -> WorkloadPlan:

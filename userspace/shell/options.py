@@ -51,15 +51,12 @@ def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", m
 
 
 def boot_options(args, **overrides) -> dict:
-    """kernel.boot() keyword arguments from parsed options (overrides win)."""
+    """kernel.boot() keyword arguments from parsed options (overrides win); options not given are
+    left to boot()'s defaults."""
     options = dict(device=args.device, memory=args.memory, page_size=args.page_size, policy=args.policy,
-                   token_budget=args.token_budget, swap=args.swap)
-    if args.chunk is not None:
-        options["chunk"] = args.chunk
-    if args.threads is not None:
-        options["threads"] = args.threads
+                   token_budget=args.token_budget, swap=args.swap, chunk=args.chunk, threads=args.threads)
     options.update(overrides)
-    return options
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def export_program_options(args) -> None:
@@ -78,21 +75,12 @@ def boot_kernel(args, **overrides):
         return kernel.boot(**boot_options(args, **overrides))
 
 
-def load_program(model: str, device: str):
-    """The model's program, pulling its file first when it is a named model not yet cached.
-
-    Callers keep the returned object: the loader shares one copy of a program while
-    anyone holds it, so the tenant that spawn_tenant() creates next gets this one."""
-    from kernel.devices import make_device
-    from kernel.program import exec_program
-    try:
-        from userspace.programs import fetch
-        if model in fetch.MODELS and not fetch.cached_path(model).is_file():
-            fetch.pull(model, progress=sys.stderr.isatty())
-    except ImportError:        # a build without the fetcher: the loader reports what is missing
-        pass
-    with status(f"loading {model}"):
-        return exec_program(model, make_device(device))
+def pull_if_needed(model: str) -> None:
+    """Download a named model not yet cached, with a progress bar on a terminal (the loader would
+    fetch it silently while the first tenant starts)."""
+    from userspace.programs import fetch
+    if model in fetch.MODELS and not fetch.cached_path(model).is_file():
+        fetch.pull(model, progress=sys.stderr.isatty())
 
 
 def spawn_tenant(sys_handle, model: str, **kwargs) -> int:
