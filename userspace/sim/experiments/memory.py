@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+# SIDE ENTRANCE: no syscall answers "at what batch does a decode step turn compute-bound"; the
+# cost model's pure formula is imported, fed by uname().gpu and the model's userspace description.
 from kernel.devices.costmodel import GPUSpec, decode_crossover_batch
+
+# SIDE ENTRANCE: no syscall lists the simulated GPU presets (uname describes only the booted one).
 from kernel.devices.sim import GPUS
 from userspace.programs.sim import SimProgram, sim_model
 from userspace.sim.experiments.common import boot, figure, save, step, table
