@@ -1,10 +1,8 @@
 """The virtual-time driver: runs a workload through a root syscall handle and measures it.
 
-It spawns each request as the virtual clock passes its arrival, lets idle time pass with
-loopctl("idle"), and runs the kernel one step at a time with trace(since, timeout): each step's
-record says who got a token, who was admitted, preempted or exited, and what the step cost. From
-it the driver forks samples and beams, ends requests at their length, reaps exits, and samples
-meminfo and ps. Syscalls only, so a daemon's Client would serve as well. Metrics: docs/simulator.md.
+Spawns requests as the virtual clock passes their arrival (loopctl "idle" jumps idle time), runs one
+step per trace(since, timeout) and from its record forks samples and beams, ends requests at their
+length, reaps exits, samples meminfo and ps. Syscalls only: a daemon's Client would do. docs/simulator.md.
 """
 from __future__ import annotations
 
@@ -54,7 +52,8 @@ class Driver:
         info = root.tenantinfo(tid)
         self.vocab, self.max_context = info.vocab_size, info.max_context
         self.owner: dict = {}            # pid -> _Group, while the process lives (until reaped)
-        self.running: set = set()        # of those, the ones on the run queue, as the step records tell
+        self.running: set = set()        # of those, the ones on the run queue (kept for beam rounds only)
+        self.has_beams = share and any(r.beam_width > 1 for r in requests)
         self.reaped_early: set = set()   # reaped before a step record reported their exit: skip it there
         self.last_token: dict = {}       # pid -> virtual time of its last token (record_gaps)
         self.gaps: list = []
@@ -164,7 +163,8 @@ class Driver:
                 self.reaped_early.discard(pid)
             elif pid in self.owner:
                 exited.append(pid)
-        self._track(record, exited)
+        if self.has_beams:
+            self._track(record, exited)
         killed = self._tokens(record, set(exited))
         self.reaped_early.update(killed)
         self._reap(exited + killed, record.ended_at - self.t0)

@@ -1,9 +1,8 @@
 """memory: the KV budget arithmetic for every GPU preset and model, and the decode roofline.
 
-Budgets come from booted kernels (memory=None: usable memory less weights and activations;
-uname shows the terms, tokens = frames x page size from meminfo). Decode steps are kernel steps
-of B processes, against the batch where the cost model turns compute-bound (the model's cost
-figures from its userspace description, the GPU's constants from uname).
+Budgets come from booted kernels (memory=None; uname shows the terms, meminfo the frames). Decode
+steps are kernel steps of B processes, against the batch where the cost model turns compute-bound
+(the model's cost figures from its userspace description, the GPU's constants from uname).
 """
 from __future__ import annotations
 
