@@ -64,8 +64,8 @@ def test_jsonl_trace_round_trip_and_errors(tmp_path):
 
 def test_driver_runs_in_virtual_time_and_measures():
     reqs = [Request(0.0, 50, 10), Request(5.0, 50, 10)]             # the second arrives long after the first ends
-    k, tid = boot("a100", "llama-2-7b")
-    result = Driver(k, tid, reqs, record_gaps=True).run()
+    root, tid = boot("a100", "llama-2-7b")                           # the driver holds a root handle only
+    result = Driver(root, tid, reqs, record_gaps=True).run()
     first, second = result.requests
     assert first.tokens == second.tokens == 10 and not result.errors
     assert second.first_token > 5.0 and second.ttft < 0.05          # the clock jumped to its arrival
@@ -80,16 +80,16 @@ def test_driver_runs_in_virtual_time_and_measures():
 def test_budget_larger_than_output_ends_at_the_output():
     """Prealloc reserves the budget; the request still ends at its own length (its EOS)."""
     reqs = [Request(0.0, 20, 7, max_tokens=100), Request(0.0, 20, 30, max_tokens=100)]
-    summary, result, k = run(reqs, "a100", "llama-2-7b", alloc="prealloc", sample_interval=0.001)
+    summary, result, _ = run(reqs, "a100", "llama-2-7b", alloc="prealloc", sample_interval=0.001)
     assert [r.tokens for r in result.requests] == [7, 30]
     assert summary["kv_utilization"] < 0.5                          # reserved for 120 tokens, holding < 50
 
 
 def test_parallel_samples_share_the_prompt_and_copies_do_not():
     reqs = [Request(0.0, 64, 16, n=4)]                              # 4 full prompt pages, one page of output
-    shared, result, k = run(reqs, "a100", "llama-2-7b", sample_interval=0.001)
+    shared, result, root = run(reqs, "a100", "llama-2-7b", sample_interval=0.001)
     assert result.requests[0].sequences == 4 and result.requests[0].tokens == 64
-    assert k.mm.cow_faults == 0                                      # the prompt filled whole pages
+    assert root.meminfo().cow_faults == 0                           # the prompt filled whole pages
     # each of the 4 maps 5 or 6 pages; the 4 prompt pages are mapped once: saved ~ 12 of 20-24
     assert 0.45 < shared["memory_saved"] < 0.62
     alone, result, _ = run(reqs, "a100", "llama-2-7b", share=False, sample_interval=0.001)
@@ -99,12 +99,12 @@ def test_parallel_samples_share_the_prompt_and_copies_do_not():
 
 def test_beam_search_forks_and_kills_and_ends_with_width_beams():
     reqs = [Request(0.0, 30, 40, beam_width=4), Request(0.0, 30, 1, beam_width=3)]
-    summary, result, k = run(reqs, "a100", "llama-2-7b", sample_interval=0.001)
+    summary, result, root = run(reqs, "a100", "llama-2-7b", sample_interval=0.001)
     beam, single = result.requests
     assert beam.sequences == 4 and beam.tokens == 4 * 40
     assert single.sequences == 3                                     # one token: forked at once
-    assert k.mm.cow_faults > 0 and summary["memory_saved"] > 0.3
-    assert k.stats.exits > 7                                         # beams were killed along the way
+    assert root.meminfo().cow_faults > 0 and summary["memory_saved"] > 0.3
+    assert root.schedstat().exits > 7                               # beams were killed along the way
 
 
 @pytest.mark.skipif(not (TRACES / "azure_conv_2023_lengths.csv").exists(), reason="shared traces not present")

@@ -1,31 +1,42 @@
-"""What every experiment shares: booting a sim kernel, running a workload, tables and plots."""
+"""What every experiment shares: booting a sim kernel, stepping it, running a workload, tables and plots.
+
+Experiments hold a root syscall handle, never the Kernel: boot() keeps only k.syscalls().
+"""
 from __future__ import annotations
 
 import kernel
-from kernel.devices.sim import SimDevice
-from userspace.sim.driver import Driver
+from userspace.sim.driver import STEP_TIMEOUT, Driver
 
 DEFAULTS = {"gpu": "a100-80g", "model": "llama-2-7b", "seed": 0}
 
 
 def boot(gpu: str, model: str, **options):
-    """A sim kernel and one tenant running `model`. -> (kernel, tid)"""
-    device = gpu if isinstance(gpu, SimDevice) else SimDevice(gpu)
-    k = kernel.boot(device=device, **options)
-    tid = k.syscalls().spawn_tenant(model, max_procs=1 << 20)
-    return k, tid
+    """A sim kernel in manual mode (no loop thread) and one tenant running `model`.
+    gpu: a preset with optional overrides, "a100" or "a100,step_overhead=0". -> (root handle, tid)"""
+    root = kernel.boot(device=f"sim:{gpu}", **options).syscalls()
+    tid = root.spawn_tenant(model, max_procs=1 << 20)
+    return root, tid
+
+
+def step(root, since: int):
+    """Run the next step and return its record (in manual mode trace with a timeout runs it)."""
+    records = root.trace(since=since, timeout=STEP_TIMEOUT)
+    if not records:
+        raise RuntimeError(f"no step after step {since}: nothing is runnable")
+    return records[-1]
 
 
 def run(requests, gpu: str, model: str, *, seed: int = 0, share: bool = True, record_gaps: bool = False,
         sample_interval: float = 0.5, **options) -> tuple:
-    """Boot, run `requests` to the end, check every process ran its length. -> (summary, RunResult, kernel)"""
-    k, tid = boot(gpu, model, **options)
-    result = Driver(k, tid, requests, share=share, record_gaps=record_gaps, seed=seed,
+    """Boot, run `requests` to the end, check every process ran its length and the kernel's invariants.
+    -> (summary, RunResult, root handle)"""
+    root, tid = boot(gpu, model, **options)
+    result = Driver(root, tid, requests, share=share, record_gaps=record_gaps, seed=seed,
                     sample_interval=sample_interval).run()
     if result.errors:
         raise RuntimeError(f"{len(result.errors)} request(s) went wrong, first: {result.errors[0]}")
-    k.fsck()
-    return result.summary(), result, k
+    root.fsck()
+    return result.summary(), result, root
 
 
 def pick(summary: dict, *keys) -> dict:

@@ -1,16 +1,21 @@
 """memory: the KV budget arithmetic for every GPU preset and model, and the decode roofline.
 
-Budgets come from booted kernels (memory=None: usable memory less weights and activations;
-tokens = frames x page size from meminfo). Decode steps are kernel steps of B processes,
-against the batch where the cost model turns compute-bound.
+Budgets come from booted kernels (memory=None; uname shows the terms, meminfo the frames). Decode
+steps are kernel steps of B processes, against the batch where the cost model turns compute-bound
+(the model's cost figures from its userspace description, the GPU's constants from uname).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
-from kernel.devices.costmodel import decode_crossover_batch
-from kernel.devices.sim import GPUS, SimDevice
-from userspace.sim.experiments.common import boot, figure, save, table
+# SIDE ENTRANCE: no syscall answers "at what batch does a decode step turn compute-bound"; the
+# cost model's pure formula is imported, fed by uname().gpu and the model's userspace description.
+from kernel.devices.costmodel import GPUSpec, decode_crossover_batch
+
+# SIDE ENTRANCE: no syscall lists the simulated GPU presets (uname describes only the booted one).
+from kernel.devices.sim import GPUS
+from userspace.programs.sim import SimProgram, sim_model
+from userspace.sim.experiments.common import boot, figure, save, step, table
 from userspace.sim.workloads import Request, prompt_tokens
 
 NAME = "memory"
@@ -21,30 +26,34 @@ CONTEXT = 256
 
 
 def budget(gpu: str, model: str) -> dict:
-    k, tid = boot(gpu, model)
-    info = k.syscalls().meminfo()
-    tenant = k.tenants[tid]
-    arithmetic = k.device.memory_budget(tenant.program)
+    root, tid = boot(gpu, model)
+    info = root.meminfo()
+    page_size = root.tenantinfo(tid).page_size
+    arithmetic = root.uname().memory_budget           # the sim device's arithmetic for the tenant's program
     return {"gpu": gpu, "model": model, **arithmetic, "frames": info.total, "frame_bytes": info.frame_bytes,
-            "page_size": tenant.page_size, "tokens": info.total * tenant.page_size}
+            "page_size": page_size, "tokens": info.total * page_size}
 
 
 def decode_step(gpu: str, model: str, batch: int, context: int = CONTEXT) -> dict:
     """One kernel step of `batch` processes decoding at `context` tokens."""
-    k, tid = boot(gpu, model, token_budget=1 << 20, max_running=batch)
-    sys = k.syscalls()
-    vocab = k.tenants[tid].program.vocab_size
+    root, tid = boot(gpu, model, token_budget=1 << 20, max_running=batch)
+    vocab = root.tenantinfo(tid).vocab_size
     for i in range(batch):
-        sys.spawn(tid, prompt_tokens(Request(0.0, context, 4), i, vocab), max_tokens=4, ignore_eos=True)
-    k.step()                                     # every prompt prefilled at once
-    k.step()                                     # a pure decode step
-    step = sys.schedstat().recent_steps[-1]
-    if step.decode_tokens != batch or step.prefill_tokens:
-        raise RuntimeError(f"expected a decode step of {batch}, got {step}")
-    cost = k.device.last_cost
-    return {"gpu": gpu, "model": model, "batch": batch, "context": context, "step_ms": 1e3 * step.seconds,
-            "compute_ms": 1e3 * cost.compute, "memory_ms": 1e3 * cost.memory,
-            "tokens_per_s": batch / step.seconds}
+        root.spawn(tid, prompt_tokens(Request(0.0, context, 4), i, vocab), max_tokens=4, ignore_eos=True)
+    prefill = step(root, 0)                           # every prompt prefilled at once
+    record = step(root, prefill.step)                 # a pure decode step
+    if record.decode_tokens != batch or record.prefill_tokens:
+        raise RuntimeError(f"expected a decode step of {batch}, got {record.summary()}")
+    cost = record.cost
+    return {"gpu": gpu, "model": model, "batch": batch, "context": context, "step_ms": 1e3 * record.seconds,
+            "compute_ms": 1e3 * cost["compute"], "memory_ms": 1e3 * cost["memory"],
+            "tokens_per_s": batch / record.seconds}
+
+
+def model_cost(model: str):
+    """The model's cost figures (FLOPs per token, weight and K/V bytes) as the simulated device prices
+    them, from the model's description in userspace: the ModelCost its SimProgram carries."""
+    return SimProgram(sim_model(model)).step_cost
 
 
 def run_experiment(gpu=None, model=None, seed=0) -> dict:
@@ -55,11 +64,12 @@ def run_experiment(gpu=None, model=None, seed=0) -> dict:
     capacity = {g: budget(g, step_model)["tokens"] for g in gpus}
     steps = [decode_step(g, step_model, b, CONTEXT) for g in gpus for b in BATCHES
              if b * (CONTEXT + 4) < 0.95 * capacity[g]]       # batches that fit the pool without preemption
-    crossover = []
+    crossover, constants = [], {}
     for g in gpus:
-        k, tid = boot(g, model or "llama-2-7b")
-        cost = k.tenants[tid].program.step_cost
-        spec = k.device.gpu
+        root, _ = boot(g, model or "llama-2-7b")
+        constants[g] = root.uname().gpu              # the booted device's constants, overrides included
+        spec = GPUSpec(**constants[g])
+        cost = model_cost(model or "llama-2-7b")
         crossover.append({"gpu": g, "model": model or "llama-2-7b",      # weights only: the article's reckoning
                           "weights_only": decode_crossover_batch(spec, replace(cost, kv_bytes_per_token=0,
                                                                                attention_flops_unit=0)),
@@ -72,7 +82,7 @@ def run_experiment(gpu=None, model=None, seed=0) -> dict:
             "kv_bytes_per_token": main["kv_bytes_per_token"], "kv_tokens": main["tokens"],
             "weight_bytes": main["weight_bytes"], "kv_bytes": main["kv_bytes"],
             "decode_step_ms_batch1": batch1["step_ms"],
-            "gpu_constants": asdict(SimDevice(main["gpu"]).gpu),
+            "gpu_constants": constants[main["gpu"]],
             "crossover_weights_only": next(c["weights_only"] for c in crossover if c["gpu"] == main["gpu"])}
 
 

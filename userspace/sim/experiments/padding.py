@@ -6,7 +6,7 @@ new one, so "joining 8 decodes" (B = 9) is run too. Then a whole workload, padde
 """
 from __future__ import annotations
 
-from userspace.sim.experiments.common import boot, figure, pick, run, save, table
+from userspace.sim.experiments.common import boot, figure, pick, run, save, step, table
 from userspace.sim.workloads import Request, generate, length_stats, prompt_tokens
 
 NAME = "padding"
@@ -17,25 +17,24 @@ KEYS = ("padding_tokens", "prefill_tokens", "decode_tokens", "output_tokens_per_
 
 def worked_example(gpu: str, model: str, decoders: int, prompt_len: int = 100, batch: str = "padded") -> dict:
     """`decoders` processes decoding, then one prompt of `prompt_len` joins: that step's padding and cost."""
-    k, tid = boot(gpu, model, batch=batch, token_budget=4096)
-    sys = k.syscalls()
-    vocab = k.tenants[tid].program.vocab_size
-    for i in range(decoders):                 # equal prompts: their own prefill needs no padding
-        sys.spawn(tid, prompt_tokens(Request(0.0, 8, 16), i, vocab), max_tokens=16, ignore_eos=True)
-    k.step()                                  # their prefill
-    k.step()                                  # a pure decode step
-    sys.spawn(tid, prompt_tokens(Request(0.0, prompt_len, 1), decoders, vocab), max_tokens=1, ignore_eos=True)
-    k.step()                                  # the prompt joins the decodes
-    step = sys.schedstat().recent_steps[-1]
-    if step.decode_tokens != decoders or step.prefill_tokens != prompt_len:
-        raise RuntimeError(f"the joining step ran {step.decode_tokens} decode and {step.prefill_tokens} "
+    root, tid = boot(gpu, model, batch=batch, token_budget=4096)
+    vocab = root.tenantinfo(tid).vocab_size
+    pids = [root.spawn(tid, prompt_tokens(Request(0.0, 8, 16), i, vocab), max_tokens=16, ignore_eos=True)
+            for i in range(decoders)]         # equal prompts: their own prefill needs no padding
+    prefill = step(root, 0)                   # their prefill
+    decode = step(root, prefill.step)         # a pure decode step
+    pids.append(root.spawn(tid, prompt_tokens(Request(0.0, prompt_len, 1), decoders, vocab), max_tokens=1,
+                           ignore_eos=True))
+    record = step(root, decode.step)          # the prompt joins the decodes
+    if record.decode_tokens != decoders or record.prefill_tokens != prompt_len:
+        raise RuntimeError(f"the joining step ran {record.decode_tokens} decode and {record.prefill_tokens} "
                            f"prefill tokens, expected {decoders} and {prompt_len}")
-    while k.step():
-        pass
-    k.fsck()
+    for pid in pids:                          # the rest runs to the end (wait steps the kernel)
+        root.wait(pid)
+    root.fsck()
     return {"batch": batch, "decoders": decoders, "prompt_len": prompt_len, "sequences": decoders + 1,
-            "padding_tokens": step.padding_tokens, "real_tokens": decoders + prompt_len,
-            "step_seconds": step.seconds,
+            "padding_tokens": record.padding_tokens, "real_tokens": decoders + prompt_len,
+            "step_seconds": record.seconds,
             "formula_article": (prompt_len - 1) * (decoders + 1 - 1), "formula_kernel": prompt_len * (decoders + 1)
             - (decoders + prompt_len)}
 

@@ -23,10 +23,11 @@ def run_experiment(gpu="a100-40g", model="llama-2-13b", seed=0, *, preset="alpac
         for width in sorted(set(widths) | {throughput_width}):
             fan = {"n": width} if mode == "parallel" else {"beam_width": width}
             reqs = generate(preset, requests, arrival="burst", seed=seed, **fan)
-            summary, _, k = run(reqs, gpu, model, seed=seed, token_budget=4096, sample_interval=0.05,
-                                memory=memory)
+            summary, _, root = run(reqs, gpu, model, seed=seed, token_budget=4096, sample_interval=0.05,
+                                   memory=memory)
             if width in widths:
-                savings.append({"mode": mode, "width": width, **pick(summary, *KEYS), "cow_faults": k.mm.cow_faults})
+                savings.append({"mode": mode, "width": width, **pick(summary, *KEYS),
+                                "cow_faults": root.meminfo().cow_faults})
             if width == throughput_width:
                 alone, _, _ = run(reqs, gpu, model, seed=seed, share=False, token_budget=4096,
                                   sample_interval=0.05, memory=memory)
