@@ -6,6 +6,7 @@ the checks are the JSON's shape and that every sequence got exactly its length.
 """
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,28 @@ def test_quick_json_with_the_real_model():
     _, outputs = workloads.mixed_lengths()
     assert [len(rows["kvos"]["tokens"][f"{i}.0"]) for i in range(16)] == outputs[:16]
     assert report["settings"]["gguf"].endswith(".gguf")
+
+
+# -- the profiler -----------------------------------------------------------------------------------------
+def test_profile_categories_name_functions_that_exist():
+    """A renamed or moved function would drop out of the profile without a word: every
+    (file, function) a category names is defined in that file."""
+    from userspace.bench.profile import CATEGORIES
+    for _, how, patterns in CATEGORIES:
+        if how != "tot":
+            for path, func in patterns:
+                assert re.search(rf"^\s*def {func}\(", (ROOT / path).read_text(), re.M), (path, func)
+
+
+def test_profile_on_the_tiny_model():
+    out = subprocess.run([sys.executable, "-m", "userspace.bench.profile", "--model", "tiny-llama", "--memory",
+                          "8MiB", "--quick", "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seconds = {line[:48].strip(): float(line[48:].split()[0]) for line in out.stdout.splitlines()
+               if line.startswith("  ") and line[48:].strip().endswith("%")}
+    for name in ("attention (C paged_attention)", "scheduler", "batch building", "sampling",
+                 "commit (append_token, stop checks, exits)", "matmul (mm, addmm, F.linear)"):
+        assert seconds[name] > 0, name                    # the step ran under cProfile, in trace()
+    assert re.search(r"16 sequences, [1-9]\d* steps, .* s in Kernel\.step", out.stdout)
+    assert "steps by shape" in out.stdout and "with prefill" in out.stdout

@@ -1,8 +1,9 @@
-"""kvos under the benchmark: one kernel on the CPU, every request a process, stepped here.
+"""kvos under the benchmark: one kernel on the CPU, every request a process, driven through syscalls.
 
-Requests are spawned when they arrive (shared: the system turn in a shm segment; sampling: spawn,
-then fork n-1); the harness steps the kernel itself and after each step asks ps() for every
-process's token count and meminfo() for mapped frames. Only step() bypasses the syscalls."""
+Requests are spawned when they arrive (shared: the system turn in a shm segment; sampling: spawn_n);
+the harness asks trace() for the next step record (in manual mode that call runs the step), takes
+each process's token count from the record's works, and reads ps() pages and meminfo() frames after
+it for the KV peaks. Beyond boot, syscalls() and shutdown() it touches nothing of the kernel."""
 from __future__ import annotations
 
 import time
@@ -11,6 +12,10 @@ from collections import deque
 from userspace.bench import records
 from userspace.bench.child import run_child
 
+# trace()'s wait when nothing more will arrive. In manual mode the wait runs the next step, so this
+# only bounds a single step; with a loop thread (kvosd) it bounds a stall before giving up.
+STEP_TIMEOUT = 600.0
+
 
 def run(workload, options, progress) -> dict:
     import kernel
@@ -18,82 +23,42 @@ def run(workload, options, progress) -> dict:
     started = time.perf_counter()
     boot = dict(options.get("kvos_boot", {}))
     k = kernel.boot(device="cpu", memory=options["memory"], threads=options["threads"], **boot)
-    sys = k.syscalls()
-    tid = sys.spawn_tenant(options["model"])
+    root = k.syscalls()
+    tid = root.spawn_tenant(options["model"])
     load_seconds = time.perf_counter() - started
-    _warm_up(sys, tid, workload)
+    _warm_up(root, tid, workload)
 
     samples = records.samples_of(workload)
-    by_request = {}
-    for s in samples:
-        by_request.setdefault(s.request, []).append(s)
-    params = dict(temperature=workload.temperature, ignore_eos=True)
-    before = sys.schedstat()
-    cache_hits_before = sys.meminfo().page_cache_hits
+    before = root.schedstat()
+    cache_hits_before = root.meminfo().page_cache_hits
     progress.phase("run", workload.generated_tokens)
-
-    pending = deque(sorted(workload.requests, key=lambda r: r.arrival))
-    owner = {}                              # pid -> SampleRecord
-    peak_mapped = peak_private = 0
-    observe_seconds = 0.0
-    shmid = None
     t0, cpu0 = time.perf_counter(), records.cpu_time()
+    shmid = None
     if workload.prefix_len:                 # the system turn is prefilled once and pinned; requests attach it
-        shmid = sys.shmget(tid, workload.requests[0].prompt[:workload.prefix_len])
-    while True:
-        now = time.perf_counter() - t0
-        while pending and pending[0].arrival <= now:
-            r = pending.popleft()
-            prompt = r.prompt[workload.prefix_len:] if shmid is not None else r.prompt
-            seed = {} if r.seed is None else {"seed": r.seed}
-            pid = sys.spawn(tid, prompt, max_tokens=r.output_len, shm=shmid, **params, **seed)
-            pids = [pid] + (sys.fork(pid, r.n - 1) if r.n > 1 else [])
-            for p, s in zip(pids, by_request[r.index]):
-                owner[p] = s
-        if not k.step():
-            if not pending:
-                break
-            time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - t0)))
-            continue
-        mark = time.perf_counter()
-        at = mark - t0
-        pages = 0
-        for info in sys.ps():
-            s = owner.get(info.pid)
-            if s is None:
-                continue
-            new = info.generated_tokens - len(s.token_times)
-            if new > 0:
-                s.token_times.extend([at] * new)
-            pages += info.pages - info.swapped_pages
-        mem = sys.meminfo()
-        peak_mapped = max(peak_mapped, mem.mapped)
-        peak_private = max(peak_private, pages)
-        observe_seconds += time.perf_counter() - mark
-        progress.update(sum(len(s.token_times) for s in samples))
+        shmid = root.shmget(tid, workload.requests[0].prompt[:workload.prefix_len])
+    seen = _drive(root, tid, workload, samples, shmid, since=before.steps, t0=t0, progress=progress)
     wall, cpu = time.perf_counter() - t0, records.cpu_time() - cpu0
     progress.update(sum(len(s.token_times) for s in samples), force=True)
 
-    for pid, s in owner.items():
-        status = sys.wait(pid)
+    for pid, s in seen["owner"].items():
+        status = root.wait(pid)
         s.finish_reason = status.reason
         s.tokens = list(status.tokens)
         if len(status.tokens) != len(s.token_times):
-            raise RuntimeError(f"pid {pid}: ps() saw {len(s.token_times)} tokens, wait() returned "
+            raise RuntimeError(f"pid {pid}: the trace saw {len(s.token_times)} tokens, wait() returned "
                                f"{len(status.tokens)}")
-    after = sys.schedstat()
-    mem = sys.meminfo()
+    after = root.schedstat()
+    mem = root.meminfo()
     if shmid is not None:
-        sys.shmrm(shmid)
+        root.shmrm(shmid)
     delta = {name: getattr(after, name) - getattr(before, name)
              for name in ("steps", "prefill_tokens", "decode_tokens", "cached_tokens", "generated_tokens",
                           "preemptions", "swap_outs", "reclaims", "recomputed_tokens", "busy_seconds")}
     delta["page_cache_hits"] = mem.page_cache_hits - cache_hits_before
-    delta["observe_seconds"] = observe_seconds
-    delta["token_budget"] = k.sched.token_budget
-    program = k.tenants[tid].program
-    matmul = str(getattr(program, "matmul_dtype", "torch.float32")).removeprefix("torch.")
-    kv = str(program.kv_shape.dtype).removeprefix("torch.")
+    delta["observe_seconds"] = seen["observe_seconds"]
+    delta["token_budget"] = root.uname().token_budget
+    info = root.tenantinfo(tid)
+    matmul, kv = info.matmul_dtype, info.kv_dtype
     k.shutdown()
     name = "kvos" + ("-bf16" if matmul == "bfloat16" else "") + ("-bf16kv" if kv == "bfloat16" else "")
     return records.result(
@@ -101,16 +66,66 @@ def run(workload, options, progress) -> dict:
         cpu_seconds=cpu,
         mode=f"continuous batching, paged KV ({mem.frame_bytes // 1024} KiB frames), token budget "
              f"{delta['token_budget']}, {matmul} matmuls, {kv} KV",
-        kv_peak_bytes=peak_mapped * mem.frame_bytes, kv_private_peak_bytes=peak_private * mem.frame_bytes,
+        kv_peak_bytes=seen["peak_mapped"] * mem.frame_bytes,
+        kv_private_peak_bytes=seen["peak_private"] * mem.frame_bytes,
         kv_capacity_bytes=mem.total * mem.frame_bytes, return_tokens=options.get("return_tokens", False),
         extra=delta, notes=_notes(workload, delta))
 
 
-def _warm_up(sys, tid, workload) -> None:
+def _drive(root, tid, workload, samples, shmid, *, since, t0, progress) -> dict:
+    """Spawn what has arrived, take the next step record, observe; until every process has exited.
+    A token counts as seen when trace() hands back the step that generated it."""
+    by_request = {}
+    for s in samples:
+        by_request.setdefault(s.request, []).append(s)
+    params = dict(temperature=workload.temperature, ignore_eos=True)
+    pending = deque(sorted(workload.requests, key=lambda r: r.arrival))
+    owner, live = {}, set()                 # pid -> SampleRecord; pids not yet in a record's exits
+    peak_mapped = peak_private = tokens = 0
+    observe_seconds = 0.0
+    while pending or live:
+        now = time.perf_counter() - t0
+        while pending and pending[0].arrival <= now:
+            r = pending.popleft()
+            prompt = r.prompt[workload.prefix_len:] if shmid is not None else r.prompt
+            seed = {} if r.seed is None else {"seed": r.seed}
+            # spawn and n - 1 forks in one call: no step runs between them, even over HTTP
+            pids = root.spawn_n(tid, prompt, r.n, max_tokens=r.output_len, shm=shmid, **params, **seed)
+            owner.update(zip(pids, by_request[r.index]))
+            live.update(pids)
+        # wait no longer than the next arrival, which must be spawned on time
+        timeout = max(1e-3, pending[0].arrival - now) if pending else STEP_TIMEOUT
+        steps = root.trace(since=since, timeout=timeout)
+        if not steps:                       # nothing runnable (manual mode), or no step in `timeout`
+            if not pending:
+                break
+            time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - t0)))
+            continue
+        mark = time.perf_counter()
+        at = mark - t0
+        for step in steps:
+            for w in step.works:
+                s = owner.get(w.pid)
+                if s is not None and w.generated > len(s.token_times):
+                    tokens += w.generated - len(s.token_times)
+                    s.token_times.extend([at] * (w.generated - len(s.token_times)))
+            live.difference_update(pid for pid, _ in step.exits)
+        since = steps[-1].step
+        # the peaks are of resident pages: private counts a shared page once per sample mapping it
+        pages = sum(p.pages - p.swapped_pages for p in root.ps() if p.pid in owner)
+        peak_mapped = max(peak_mapped, root.meminfo().mapped)
+        peak_private = max(peak_private, pages)
+        observe_seconds += time.perf_counter() - mark
+        progress.update(tokens)
+    return {"owner": owner, "peak_mapped": peak_mapped, "peak_private": peak_private,
+            "observe_seconds": observe_seconds}
+
+
+def _warm_up(root, tid, workload) -> None:
     """One short request before the clock starts (first-call costs of torch and the C kernels).
     Eight tokens fill no page, so nothing of it stays in the page cache."""
     prompt = workload.requests[0].prompt[:8]
-    sys.wait(sys.spawn(tid, prompt, max_tokens=2, temperature=0, ignore_eos=True))
+    root.wait(root.spawn(tid, prompt, max_tokens=2, temperature=0, ignore_eos=True))
 
 
 def _notes(workload, delta) -> list:
@@ -118,7 +133,8 @@ def _notes(workload, delta) -> list:
     if workload.prefix_len:
         notes.append(f"the {workload.prefix_len}-token system turn is one shm segment every request attaches")
     if any(r.n > 1 for r in workload.requests):
-        notes.append("n samples: spawn, then fork(n-1); the forks map the prompt's pages once it is computed")
+        notes.append("n samples: spawn_n (spawn, then fork n-1 in one call); the forks map the prompt's pages "
+                     "once it is computed")
     if delta["preemptions"]:
         notes.append(f"{delta['preemptions']} preemptions ({delta['swap_outs']} swap-outs, "
                      f"{delta['reclaims']} reclaims)")
