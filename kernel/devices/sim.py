@@ -6,67 +6,9 @@ from a GPU preset, each overridable: SimDevice("sim:a100", hbm_bandwidth=1.6e12)
 """
 from __future__ import annotations
 
-import dataclasses
-
 from kernel.devices.base import Device
-from kernel.devices.costmodel import GPUSpec, StepCost, forward_work, step_cost
+from kernel.devices.costmodel import GPUS, StepCost, forward_work, gpu_spec, step_cost  # noqa: F401 (GPUS: re-exported)
 from kernel.errors import EINVAL, KernelPanic, KvosError
-
-GiB = 1 << 30
-
-# Datasheet figures (dense fp16/bf16 tensor throughput, HBM bandwidth, memory as nvidia-smi
-# shows it); PCIe as pinned host copies achieve: ~25 GB/s on Gen4 x16, ~50 GB/s on Gen5 x16.
-GPUS = {
-    "a100-80g": GPUSpec("a100-80g", "NVIDIA A100-SXM4-80GB", peak_flops=312e12, hbm_bandwidth=2.0e12,
-                        memory_bytes=80 * GiB, pcie_bandwidth=25e9),
-    "a100-40g": GPUSpec("a100-40g", "NVIDIA A100-SXM4-40GB", peak_flops=312e12, hbm_bandwidth=1.555e12,
-                        memory_bytes=40 * GiB, pcie_bandwidth=25e9),
-    "h100-80g": GPUSpec("h100-80g", "NVIDIA H100-SXM5-80GB", peak_flops=989e12, hbm_bandwidth=3.35e12,
-                        memory_bytes=80 * GiB, pcie_bandwidth=50e9),
-    "h200": GPUSpec("h200", "NVIDIA H200-SXM-141GB", peak_flops=989e12, hbm_bandwidth=4.8e12,
-                    memory_bytes=141 * GiB, pcie_bandwidth=50e9),
-}
-GPU_ALIASES = {"a100": "a100-80g", "a100-80gb": "a100-80g", "a100-sxm4-80gb": "a100-80g", "a100-40gb": "a100-40g",
-               "h100": "h100-80g", "h100-80gb": "h100-80g", "h100-sxm": "h100-80g",
-               "h200-141g": "h200", "h200-141gb": "h200", "": "a100-80g"}
-
-
-def gpu_spec(name: str, **overrides) -> GPUSpec:
-    """The preset named by `name` ("sim:a100", "H100", "sim:h200,step_overhead=0"), with overrides."""
-    if not isinstance(name, str):
-        raise KvosError(EINVAL, f"sim device name must be a string, got {name!r}")
-    key, *assignments = name.strip().lower().removeprefix("sim").removeprefix(":").split(",")
-    key = GPU_ALIASES.get(key, key)
-    if key not in GPUS:
-        raise KvosError(EINVAL, f"unknown simulated GPU {name!r}: choose one of {', '.join(GPUS)} "
-                                f"(aliases: {', '.join(a for a in GPU_ALIASES if a)})")
-    for item in assignments:
-        field, sep, value = item.partition("=")
-        if not sep:
-            raise KvosError(EINVAL, f"sim device {name!r}: override {item!r} is not field=value")
-        try:
-            overrides.setdefault(field.strip(), float(value))
-        except ValueError:
-            raise KvosError(EINVAL, f"sim device {name!r}: {field.strip()}={value!r} is not a number") from None
-    return _override(GPUS[key], overrides)
-
-
-def _override(spec: GPUSpec, overrides: dict) -> GPUSpec:
-    fields = {f.name for f in dataclasses.fields(GPUSpec)} - {"key", "label"}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise KvosError(EINVAL, f"unknown GPU constant {unknown[0]!r}: overridable are {', '.join(sorted(fields))}")
-    for field, value in overrides.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise KvosError(EINVAL, f"GPU constant {field} must be a finite number >= 0, got {value!r}")
-        if value == 0 and field not in ("step_overhead", "activation_reserve"):
-            raise KvosError(EINVAL, f"GPU constant {field} must be positive")
-        if field.endswith(("_efficiency", "_utilization")) and value > 1:
-            raise KvosError(EINVAL, f"GPU constant {field} is a fraction in (0, 1], got {value}")
-    if "memory_bytes" in overrides or "activation_reserve" in overrides:
-        overrides = {**overrides, **{f: int(overrides[f]) for f in ("memory_bytes", "activation_reserve")
-                                     if f in overrides}}
-    return dataclasses.replace(spec, **overrides)
 
 
 class SimDevice(Device):

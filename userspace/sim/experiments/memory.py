@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-# SIDE ENTRANCE: no syscall answers "at what batch does a decode step turn compute-bound"; the
-# cost model's pure formula is imported, fed by uname().gpu and the model's userspace description.
-from kernel.devices.costmodel import GPUSpec, decode_crossover_batch
-
-# SIDE ENTRANCE: no syscall lists the simulated GPU presets (uname describes only the booted one).
-from kernel.devices.sim import GPUS
+# The simulated GPU's presets and roofline formulas are public data (no kernel state): the crossover
+# is computed from uname().gpu and the model's userspace description with the device's own formula.
+from kernel.devices.costmodel import GPUS, GPUSpec, decode_crossover_batch
 from userspace.programs.sim import SimProgram, sim_model
 from userspace.sim.experiments.common import boot, figure, save, step, table
 from userspace.sim.workloads import Request, prompt_tokens
