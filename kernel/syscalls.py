@@ -383,6 +383,11 @@ class SyscallHandle:
     def tid(self):
         return None if self._tenant is None else self._tenant.tid
 
+    @property
+    def alive(self) -> bool:
+        """True for root; for a tenant handle, whether its tenant still exists (not killed)."""
+        return self._tenant is None or self._tenant.alive
+
     def atomic(self):
         """A context in which no kernel step runs between this handle's syscalls (a loop thread
         waits for it): spawn then fork gives children that share only the prompt, whatever the
