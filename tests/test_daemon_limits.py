@@ -289,3 +289,22 @@ def test_the_exposure_warning_is_for_addresses_beyond_loopback():
     for host in ("0.0.0.0", "::", "192.168.1.5", "kvos.example"):
         banner = exposure_warning(host, 8000)
         assert "WITHOUT TLS" in banner and len(banner.splitlines()) >= 4 and "--ssl-certfile" in banner
+
+
+def test_openapi_documents_what_every_route_answers(server):
+    status, _, spec = call(server, "GET", "/openapi.json", key=None)
+    assert status == 200 and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            answers = op["responses"]
+            assert {"200", "400", "413", "431", "500", "503"} <= set(answers), (path, method)
+            error = "OpenAIError" if path.startswith("/v1") else "Errno"
+            assert error in json.dumps(answers["400"]), (path, method)
+            assert ("401" in answers) == (path != "/healthz") == ("security" in op), (path, method)
+    spawn = spec["paths"]["/sys/spawn"]["post"]
+    assert spawn["responses"]["200"]["content"]["application/json"]["schema"]["properties"]["result"] == \
+        {"type": ["integer"]}
+    wait = spec["paths"]["/sys/wait"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert {"pid", "reason", "tokens", "text"} <= set(wait["properties"]["result"]["required"])
+    assert spawn["requestBody"]["content"]["application/json"]["example"] == {"tid": 1, "prompt": "Hello"}
+    assert "text/event-stream" in spec["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 import kernel
 from kernel.errors import EAGAIN, EINVAL, ENOENT, EPERM, KernelPanic, KvosError
 from kernel.proc import State
-from userspace.daemon import errors, openai_api, protocol, runtime, sysapi, wire
+from userspace.daemon import errors, openai_api, openapi_doc, protocol, runtime, sysapi, wire
 from userspace.daemon import metrics as metrics_mod
 from userspace.daemon.config import DaemonConfig
 from userspace.daemon.errors import Unauthorized
@@ -86,6 +86,10 @@ class Daemon:
         if not found.handle.alive:            # keys die with their tenant (kill_tenant)
             raise Unauthorized(f"the tenant of this key ({found.name!r}) no longer exists")
         return found
+
+    def principals(self) -> list:
+        """(key, Principal) of every key given at start, root first."""
+        return list(self._keys)
 
     def refuse_if_draining(self, what: str) -> None:
         if self.draining:
@@ -190,7 +194,8 @@ def build_app(daemon: Daemon) -> FastAPI:
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body
-            app.openapi_schema = schema
+            first = next((who for _, who in daemon.principals() if who.tid is not None), None)
+            app.openapi_schema = openapi_doc.describe(schema, None if first is None else (first.name, first.tid))
         return app.openapi_schema
     app.openapi = openapi
     return app
