@@ -308,3 +308,12 @@ def test_openapi_documents_what_every_route_answers(server):
     assert {"pid", "reason", "tokens", "text"} <= set(wait["properties"]["result"]["required"])
     assert spawn["requestBody"]["content"]["application/json"]["example"] == {"tid": 1, "prompt": "Hello"}
     assert "text/event-stream" in spec["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+
+
+def test_a_bug_in_kvosd_is_a_500_in_the_routes_shape(server, monkeypatch):
+    def broken():
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(server.daemon.metrics, "render", broken)
+    status, _, answer = call(server, "GET", "/metrics", key=ROOT)
+    assert status == 500 and answer["errno"] == "EIO" and "RuntimeError" in answer["message"]
+    assert call(server, "GET", "/healthz", key=None)[0] == 200
