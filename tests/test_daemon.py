@@ -599,8 +599,13 @@ def test_shutdown_with_kill_ends_streams_at_once(one_thread):
 def test_a_draining_daemon_refuses_new_work_with_503(one_thread):
     srv = ServerThread(config())
     srv.daemon.begin_drain(kill=False)
-    status, body = http_call(srv, "POST", "/sys/spawn", {"tid": 1, "prompt": "hi"}, key=ALICE)
-    assert status == 503 and body["errno"] == EAGAIN and "shutting down" in body["message"]
+    for path, body in (("/sys/spawn", {"tid": 1, "prompt": "hi"}),
+                       ("/sys/spawn_n", {"tid": 1, "prompt": "hi", "n": 2})):
+        status, answer = http_call(srv, "POST", path, body, key=ALICE)
+        assert status == 503 and answer["errno"] == EAGAIN and "shutting down" in answer["message"], path
+    # the daemon refuses exactly what the table marks as new work (sysapi reads Syscall.new_work)
+    assert {n for n, sc in SYSCALLS.items() if sc.new_work} == {"spawn_tenant", "spawn", "spawn_n", "fork",
+                                                                  "write", "shmget"}
     with pytest.raises(openai.APIStatusError) as refused:
         oai(srv).completions.create(model="alice", prompt="hi", max_tokens=2)
     assert refused.value.status_code == 503

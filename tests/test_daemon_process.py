@@ -15,7 +15,8 @@ import pytest
 
 from kernel.errors import EINVAL, ENOENT, KvosError
 from userspace.daemon import cli
-from userspace.daemon.config import default_specs, read_tenants_file, runtime_file, tenant_specs
+from userspace.daemon.config import default_specs, read_tenants_file, tenant_specs
+from userspace.daemon.runtime import runtime_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,6 +149,12 @@ def test_tenants_files_are_checked(tmp_path, monkeypatch):
     refused({"tenants": [{**good, "key": "short"}]}, "at least 8 characters")
     refused({"tenants": [{"model": "tiny-llama", "key_env": "KVOS_NOT_SET_ANYWHERE"}]}, "is not set")
     refused({"root_key": "root-key-0", "tenants": [{**good, "key": "root-key-0"}]}, "same key as 'root'")
+    for name in ("root", "Root", "", " ", "al ice", "a/b", "é", "x" * 65, 7, None):
+        refused({"tenants": [{**good, "name": name}]}, "tenant name")
+    named = tenant_specs({"tenants": [{**good, "name": "a.b_c-9"}, {"model": "/models/My Model.gguf",
+                                                                    "key": "other-key-0"}]}, {})[0]
+    assert [s.name for s in named] == ["a.b_c-9", "My-Model"]             # a path's name is made valid
+    assert default_specs("/weights/root", {})[0][0].name == "root-model"
     generated = {}
     specs, root_key = tenant_specs({"tenants": [{**good, "weight": 3, "mem_limit": "1MiB"}]}, generated)
     assert specs[0].name == "tiny-llama" and specs[0].options == {"weight": 3, "mem_limit": "1MiB"}
@@ -169,3 +176,34 @@ def test_tenants_files_are_checked(tmp_path, monkeypatch):
     with pytest.raises(KvosError) as err:
         read_tenants_file(tmp_path / "missing.toml")
     assert err.value.errno == ENOENT
+
+
+def test_a_stale_runtime_file_is_skipped_and_replaced_and_a_wide_address_warns(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv("KVOS_URL", raising=False)
+    keys = {"KVOS_ROOT_KEY": "root-key-stale-test", "KVOS_API_KEY": "tenant-key-stale-test"}
+    first = Kvosd(tmp_path, "--model", "tiny-llama", "--host", "0.0.0.0", env=keys)
+    try:
+        log = "".join(first.log)
+        assert "WITHOUT TLS" in log and log.count("kvosd: WARNING") >= 5, log      # loud, before serving
+        port = int(first.url.rsplit(":", 1)[1])
+        assert cli.find_daemon() == (f"http://127.0.0.1:{port}", "root-key-stale-test")
+        first.proc.kill()                                   # SIGKILL: no chance to remove its file
+        first.proc.wait()
+    finally:
+        first.kill()
+    assert runtime_file(port).exists()
+    assert cli.local_key(f"http://127.0.0.1:{port}") is None                   # clients skip it
+    with pytest.raises(cli.NoDaemon):
+        cli.find_daemon()
+    second = Kvosd(tmp_path, "--model", "tiny-llama", "--port", str(port), env=keys)
+    try:
+        assert "removed a stale" in "".join(second.log)
+        assert json.loads(runtime_file(port).read_text())["pid"] == second.proc.pid
+        assert "WITHOUT TLS" not in "".join(second.log)                         # loopback: no warning
+        with cli.connect() as root:
+            assert root.whoami()["root"]
+        assert second.stop(signal.SIGTERM) == 0
+    finally:
+        second.kill()
+    assert not runtime_file(port).exists()

@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 KVOS = [sys.executable, "-m", "userspace.shell.main"]
 
 
-def kvos(*args, input=None, timeout=120):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("KVOS_DEBUG", None)
+def kvos(*args, input=None, timeout=120, env=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    for name in ("KVOS_DEBUG", "KVOS_URL", "KVOS_KEY"):
+        env.pop(name, None)
     return subprocess.run(KVOS + list(args), input=input, capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=env)
 
@@ -48,7 +49,10 @@ def test_inspect_commands_say_where_they_look(capsys):
         with pytest.raises(SystemExit):
             main([name, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        assert "it asks that daemon" in text and "boots a kernel here" in text, name
+        assert "It asks a running kvosd" in text and "Only with --local does it boot a fresh kernel" in text, name
+    with pytest.raises(SystemExit):
+        main(["top", "--help"])
+    assert "With --local" in " ".join(capsys.readouterr().out.split())
 
 
 def test_run_json_one_object_per_process(capsys):
@@ -85,7 +89,7 @@ def test_run_text_output(capsys):
     (["run", "--model", "no-such-model", "hi"], "ENOENT", 2),
     (["run", "--model", TINY, "--max-tokens", "-1", "hi"], "EINVAL", 22),
     (["run", "--model", TINY, "--memory", "lots", "hi"], "EINVAL", 22),
-    (["pagemap", "999", "--model", TINY, "--steps", "1"], "ESRCH", 3),
+    (["pagemap", "999", "--local", "--model", TINY, "--steps", "1"], "ESRCH", 3),
 ])
 def test_an_error_is_one_line_and_its_errno(capsys, argv, errno, code):
     assert main(argv) == code
@@ -118,28 +122,50 @@ def test_chat_streams_each_turn_from_stdin():
     assert len(result.stdout.splitlines()) == 2          # one reply line per turn
 
 
-def test_ps_pagemap_meminfo_dmesg_as_json(capsys):
-    args = ["--model", TINY, "--steps", "4", "--json"]
+def local_json(out: str):
+    """A --local --json result: marked as the in-process kernel's, the syscall's value under "result"."""
+    marked = json.loads(out)
+    assert marked["local"] is True and "not a running kvosd" in marked["note"]
+    return marked["result"]
+
+
+def test_ps_pagemap_meminfo_dmesg_local_as_json(capsys):
+    args = ["--local", "--model", TINY, "--steps", "4", "--json"]
     assert main(["ps"] + args) == 0
-    procs = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "kvos: --local: not a running kvosd: a fresh kernel booted by this command" in captured.err
+    procs = local_json(captured.out)
     pids = [p["pid"] for p in procs]
     assert len(procs) == 4 and all(p["pages"] > 0 for p in procs)
     assert main(["pagemap", str(pids[0])] + args) == 0
-    pm = json.loads(capsys.readouterr().out)
+    pm = local_json(capsys.readouterr().out)
     # the shm segment's pages and the fork's make the first pages shared
     assert pm["pages"][0]["refcount"] > 1 and pm["pages"][0]["pinned"]
     assert main(["meminfo"] + args) == 0
-    info = json.loads(capsys.readouterr().out)
+    info = local_json(capsys.readouterr().out)
     assert info["pinned"] > 0 and info["tokens_stored"] > 0
     assert main(["dmesg"] + args) == 0
-    events = {e["event"] for e in json.loads(capsys.readouterr().out)}
+    events = {e["event"] for e in local_json(capsys.readouterr().out)}
     assert {"boot", "shm", "spawn", "fork", "admit"} <= events
 
 
 def test_pagemap_table_shows_tokens_as_text(capsys):
-    assert main(["pagemap", "2", "--model", TINY, "--steps", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "pagemap of pid 2" in out and "s-n-p" in out
+    assert main(["pagemap", "2", "--local", "--model", TINY, "--steps", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "pagemap of pid 2" in captured.out and "s-n-p" in captured.out
+    assert "--local: not a running kvosd" in captured.err
+
+
+def test_proc_views_without_a_daemon_say_so_in_one_line_and_boot_nothing(tmp_path):
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    for argv in (["ps"], ["meminfo", "--json"], ["dmesg"], ["pagemap", "2"], ["kill", "3"], ["nice", "3", "1"],
+                 ["top"]):
+        result = kvos(*argv, env=env)
+        assert result.returncode != 0 and result.stdout == "", (argv, result)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "kvos serve" in lines[0] and "--url" in lines[0], (argv, result.stderr)
+    result = kvos("ps", "--local", "--url", "http://127.0.0.1:9", env=env)
+    assert result.returncode == 22 and "takes no --url" in result.stderr
 
 
 def test_sim_is_wired_when_its_module_exists():

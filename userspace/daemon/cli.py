@@ -8,14 +8,12 @@ $KVOS_KEY, or the root key a local daemon leaves in its runtime file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from urllib.parse import urlsplit
 
+from userspace.daemon.config import DaemonConfig
 from userspace.shell.options import add_boot_options, boot_options, export_program_options
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def add_parsers(subparsers) -> None:
@@ -36,18 +34,45 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
                    help="at shutdown, kill what still runs after this long (default: wait)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    limits = p.add_argument_group("HTTP limits and TLS (docs/daemon.md, \"Limits\")")
+    d = DaemonConfig
+    limits.add_argument("--max-body-bytes", type=_positive(int), default=d.max_body_bytes, metavar="N",
+                        help=f"largest request body; a larger one is 413 E2BIG, unread (default {d.max_body_bytes})")
+    limits.add_argument("--max-header-bytes", type=_positive(int), default=d.max_header_bytes, metavar="N",
+                        help=f"largest request line and headers (default {d.max_header_bytes})")
+    limits.add_argument("--header-timeout", type=_positive(float), default=d.header_timeout, metavar="SECONDS",
+                        help=f"close a connection that has not sent a whole request head by then "
+                             f"(default {d.header_timeout:g})")
+    limits.add_argument("--keep-alive-timeout", type=_positive(float), default=d.keep_alive_timeout,
+                        metavar="SECONDS", help=f"close a connection idle between requests this long "
+                                                f"(default {d.keep_alive_timeout:g})")
+    limits.add_argument("--max-connections", type=_positive(int), default=d.max_connections, metavar="N",
+                        help=f"connections open at once; more are answered 503 (default {d.max_connections})")
+    limits.add_argument("--ssl-keyfile", metavar="FILE", help="TLS private key (PEM); needs --ssl-certfile")
+    limits.add_argument("--ssl-certfile", metavar="FILE", help="TLS certificate chain (PEM): serve https")
     add_boot_options(p, model=False, token_budget=512, memory_default="the device's")
     p.set_defaults(func=serve_main)
 
 
 def add_attach_options(parser) -> None:
-    """--url and --key, for commands that look at a running daemon."""
-    parser.add_argument("--url", default=None, help=f"a running kvosd (default $KVOS_URL or {DEFAULT_URL})")
+    """--url and --key, for commands that look at a running kvosd."""
+    parser.add_argument("--url", default=None, help="a running kvosd (default $KVOS_URL, else the one kvosd "
+                                                    "running on this machine, found through its runtime file)")
     parser.add_argument("--key", default=None, help="bearer key (default $KVOS_KEY, or a local daemon's root key)")
 
 
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def config_from_args(args):
-    from userspace.daemon.config import DaemonConfig, default_specs, read_tenants_file, tenant_specs
+    from userspace.daemon.config import default_specs, read_tenants_file, tenant_specs
     generated: dict = {}
     if args.tenants:
         specs, root_key = tenant_specs(read_tenants_file(args.tenants), generated)
@@ -55,7 +80,10 @@ def config_from_args(args):
         specs, root_key = default_specs(args.model, generated)
     return DaemonConfig(boot=boot_options(args), tenants=specs, root_key=root_key,
                         kill_on_shutdown=args.kill_on_shutdown, shutdown_timeout=args.shutdown_timeout,
-                        generated_keys=generated)
+                        generated_keys=generated, max_body_bytes=args.max_body_bytes,
+                        max_header_bytes=args.max_header_bytes, header_timeout=args.header_timeout,
+                        keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
+                        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
 
 
 def serve_main(args) -> int:
@@ -75,27 +103,46 @@ def serve_main(args) -> int:
         return 1
 
 
+class NoDaemon(ConnectionError):
+    """No kvosd was named and none is running on this machine."""
+
+
 def local_key(url: str) -> str | None:
-    """The root key a daemon on this machine left for `url`, if there is one we may read."""
-    from userspace.daemon.config import runtime_file
+    """The root key a live daemon on this machine left for `url`, if there is one we may read."""
+    from userspace.daemon import runtime
     parts = urlsplit(url)
     if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         return None
-    try:
-        with open(runtime_file(parts.port or 80)) as f:
-            return json.load(f).get("root_key")
-    except (OSError, ValueError):
-        return None
+    info = runtime.live(runtime.runtime_file(parts.port or (443 if parts.scheme == "https" else 80)))
+    return None if info is None else info.get("root_key")
+
+
+def find_daemon(url: str | None = None) -> tuple[str, str | None]:
+    """(url, root key or None) of the kvosd to talk to: `url`, else $KVOS_URL, else the one live
+    kvosd whose runtime file is on this machine (stale files, whose daemon is dead, are skipped).
+    NoDaemon when there is none; EINVAL when there are several and none was named."""
+    from kernel.errors import EINVAL, KvosError
+    from userspace.daemon import runtime
+    url = url or os.environ.get("KVOS_URL")
+    if url:
+        url = url if "://" in url else f"http://{url}"
+        return url, local_key(url)
+    found = runtime.running()
+    if len(found) == 1:
+        return found[0]["url"], found[0].get("root_key")
+    if not found:
+        raise NoDaemon(f"no kvosd is running on this machine (no live runtime file in {runtime.runtime_dir()}): "
+                       "start one with `kvos serve`, or name one with --url URL (or $KVOS_URL)")
+    raise KvosError(EINVAL, f"{len(found)} kvosd are running on this machine "
+                            f"({', '.join(info['url'] for info in found)}): choose one with --url")
 
 
 def connect(url: str | None = None, key: str | None = None):
-    """A Client for a running kvosd: url from the argument, $KVOS_URL or the default; key from the
-    argument, $KVOS_KEY, or the local daemon's runtime file (then it acts as root)."""
+    """A Client for a running kvosd (find_daemon: url, $KVOS_URL, or the one local daemon); key from
+    the argument, $KVOS_KEY, or the local daemon's runtime file (then it acts as root)."""
     from userspace.daemon.client import Client
-    url = url or os.environ.get("KVOS_URL") or DEFAULT_URL
-    url = url if "://" in url else f"http://{url}"
-    key = key or os.environ.get("KVOS_KEY") or local_key(url)
-    return Client(url, key)
+    url, root_key = find_daemon(url)
+    return Client(url, key or os.environ.get("KVOS_KEY") or root_key)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,10 @@ try:
     import tomllib
 except ModuleNotFoundError:          # Python 3.10: JSON tenants files only
     tomllib = None
+
+# Tenant names: they appear in URLs, metrics labels and logs, and "root" names the root key's principal.
+TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+RESERVED_NAMES = frozenset({"root"})
 
 # spawn_tenant() keyword arguments a tenants file may set.
 TENANT_OPTIONS = ("mem_limit", "weight", "prefix_sharing", "max_procs", "max_queued", "nice_min",
@@ -41,6 +46,14 @@ class DaemonConfig:
     kill_on_shutdown: bool = False
     shutdown_timeout: float | None = None              # then processes still running are killed
     generated_keys: dict = field(default_factory=dict)  # who -> key made up here (to show once)
+    # The HTTP server's limits (docs/daemon.md, "Limits"): what one client can make the daemon hold.
+    max_body_bytes: int = 4 * 1024 * 1024              # a request body; more is 413 E2BIG, unread
+    max_header_bytes: int = 16 * 1024                  # the request line and headers; more is 400
+    header_timeout: float = 10.0                       # seconds to send a whole request head
+    keep_alive_timeout: float = 30.0                   # an idle connection between requests
+    max_connections: int = 512                         # open at once; more are answered 503 EAGAIN
+    ssl_keyfile: str | None = None                     # TLS: both, or neither
+    ssl_certfile: str | None = None
 
 
 def new_key() -> str:
@@ -64,6 +77,27 @@ def _key(entry: dict, what: str, generated: dict, env_default: str | None = None
     if not isinstance(key, str) or len(key) < 8 or any(c.isspace() for c in key):
         raise KvosError(EINVAL, f"{what}: a key must be a string of at least 8 characters without spaces")
     return key
+
+
+def check_name(name, what: str) -> str:
+    """A tenant name: 1 to 64 of [A-Za-z0-9._-], and not a reserved name."""
+    if not isinstance(name, str) or not TENANT_NAME.fullmatch(name):
+        raise KvosError(EINVAL, f"{what}: a tenant name is 1 to 64 characters of A-Z a-z 0-9 . _ -, "
+                                f"got {name!r}")
+    if name.lower() in RESERVED_NAMES:
+        raise KvosError(EINVAL, f"{what}: the tenant name {name!r} is reserved (the root key's)")
+    return name
+
+
+def name_from_model(model: str) -> str:
+    """A tenant name for a tenant named after its model: the model's name, or its file's stem
+    with other characters made '-' when the model is a path."""
+    if TENANT_NAME.fullmatch(model) and model.lower() not in RESERVED_NAMES:
+        return model
+    stem = Path(model.rstrip("/\\")).name
+    stem = stem.removesuffix(".gguf") or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", stem)[:64]
+    return name if name.lower() not in RESERVED_NAMES else f"{name}-model"
 
 
 def read_tenants_file(path) -> dict:
@@ -105,7 +139,7 @@ def tenant_specs(data: dict, generated: dict) -> tuple[list, str]:
             raise KvosError(EINVAL, f"tenants[{i}]: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
         if not isinstance(entry.get("model"), str) or not entry["model"]:
             raise KvosError(EINVAL, f"tenants[{i}]: 'model' (a model name or path) is required")
-        name = entry.get("name") or entry["model"]
+        name = check_name(entry["name"], f"tenants[{i}]") if "name" in entry else name_from_model(entry["model"])
         if any(s.name == name for s in specs):
             raise KvosError(EINVAL, f"tenants[{i}]: a tenant named {name!r} is already listed")
         key = _key(entry, name, generated)
@@ -119,13 +153,8 @@ def tenant_specs(data: dict, generated: dict) -> tuple[list, str]:
 def default_specs(model: str, generated: dict) -> tuple[list, str]:
     """No tenants file: one tenant of `model`, named after it, keyed by $KVOS_API_KEY or a new key."""
     root_key = _key({}, "root", generated, "KVOS_ROOT_KEY")
-    key = _key({}, model, generated, "KVOS_API_KEY")
+    name = name_from_model(model)
+    key = _key({}, name, generated, "KVOS_API_KEY")
     if key == root_key:
         raise KvosError(EINVAL, "KVOS_API_KEY and KVOS_ROOT_KEY must differ")
-    return [TenantSpec(model, model, key)], root_key
-
-
-def runtime_file(port: int) -> Path:
-    """Where a daemon on this port leaves its url and root key for local clients (mode 0600)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvos")
-    return Path(base) / f"kvosd-{port}.json"
+    return [TenantSpec(name, model, key)], root_key

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from kernel.errors import EINVAL, EIO, ERRNOS, ESRCH, KvosError
 from userspace.daemon import waiting
+from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
     UNSUPPORTED,
     ChatRequest,
@@ -137,13 +138,6 @@ def _outcome(run: Launch) -> str:
     reasons = {s.reason for s in run.statuses}
     run.outcome = "error" if "error" in reasons else "killed" if "killed" in reasons else "ok"
     return run.outcome
-
-
-def openai_error(err: KvosError, status: int) -> dict:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-            429: "rate_limit_error"}.get(status, "server_error")
-    return {"error": {"message": err.reason, "type": kind, "param": None, "code": err.errno, "errno": err.errno}}
 
 
 class OpenAIAPI:

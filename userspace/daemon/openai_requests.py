@@ -1,8 +1,9 @@
 """OpenAI request bodies: their models (also the OpenAPI schema), validation, and the syscall
 arguments they become.
 
-parse() refuses, with EINVAL naming the field, a bad value, an unknown field, and a known field
-kvosd does not implement unless it is set to its "off" value; it ignores pure hints (user, store).
+parse() refuses, with EINVAL naming the field, a bad value (types are strict: no bool for a
+number, no string for a bool), an unknown field, and a known field kvosd does not implement
+unless it is set to its "off" value; it ignores pure hints (user, store).
 """
 from __future__ import annotations
 
@@ -21,14 +22,20 @@ OFF_VALUES = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logi
               "modalities": (["text"],), "suffix": ("",)}
 
 
+# Strict types: a bool is not a number ("max_tokens": true) and a string is not a bool ("stream": "yes");
+# an int is still a float (temperature: 1), as in JSON. Pydantic's default would coerce both.
+STRICT = ConfigDict(strict=True, extra="allow")
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class Sampling(BaseModel):
     """What both endpoints take. top_k, ignore_eos, stop_token_ids, priority and return_token_ids
     are extensions (as in vLLM)."""
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     model: str
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = None
@@ -46,7 +53,7 @@ class Sampling(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     role: str
     content: str | list[dict] | None = None
     name: str | None = None
@@ -73,12 +80,17 @@ def parse(model_cls, body: dict):
         where = ".".join(str(x) for x in first["loc"] if not _is_type_tag(x)) or "body"
         raise KvosError(EINVAL, f"{where}: {first['msg']}") from None
     for key, value in (req.model_extra or {}).items():
-        if key in IGNORED or value is None or value in OFF_VALUES.get(key, ()):
+        if key in IGNORED or value is None or _is_off(value, OFF_VALUES.get(key, ())):
             continue
         raise KvosError(EINVAL, f"{key} {UNSUPPORTED}" if key in OFF_VALUES else f"unknown field {key!r}")
     if model_cls is CompletionRequest and req.best_of not in (None, req.n):
         raise KvosError(EINVAL, f"best_of other than n {UNSUPPORTED}")
     return req
+
+
+def _is_off(value, offs) -> bool:
+    """Whether value is one of the "off" values, type included (strict: false is not 0)."""
+    return any(type(value) is type(off) and value == off for off in offs)
 
 
 def _is_type_tag(part) -> bool:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import json
+import ipaddress
+import logging
 import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -29,11 +31,14 @@ from fastapi.responses import JSONResponse, Response
 
 import kernel
 from kernel import State
-from kernel.errors import EAGAIN, EPERM, KernelPanic, KvosError
+from kernel.errors import EAGAIN, EINVAL, ENOENT, EPERM, KernelPanic, KvosError
+from userspace.daemon import errors, openai_api, openapi_doc, protocol, runtime, sysapi, wire
 from userspace.daemon import metrics as metrics_mod
-from userspace.daemon import openai_api, sysapi, wire
-from userspace.daemon.config import DaemonConfig, runtime_file
+from userspace.daemon.config import DaemonConfig
+from userspace.daemon.errors import Unauthorized
+from userspace.daemon.request_limits import RequestLimits
 
+log = logging.getLogger("uvicorn.error")      # kvosd's log is uvicorn's (configured by uvicorn.Config)
 WORKER_THREADS = 512         # blocking reads and waits each hold a worker thread while they wait
 
 
@@ -44,10 +49,6 @@ class Principal:
     tid: int | None
     model: str | None
     handle: object
-
-
-class Unauthorized(Exception):
-    """No bearer key, or one nobody was given: 401."""
 
 
 class Daemon:
@@ -83,7 +84,13 @@ class Daemon:
                 found = who
         if found is None:
             raise Unauthorized("unknown bearer key")
+        if not found.handle.alive:            # keys die with their tenant (kill_tenant)
+            raise Unauthorized(f"the tenant of this key ({found.name!r}) no longer exists")
         return found
+
+    def principals(self) -> list:
+        """(key, Principal) of every key given at start, root first."""
+        return list(self._keys)
 
     def refuse_if_draining(self, what: str) -> None:
         if self.draining:
@@ -151,24 +158,9 @@ def build_app(daemon: Daemon) -> FastAPI:
                               "under /sys, an OpenAI-compatible API under /v1, Prometheus metrics at /metrics. "
                               "Every route but /healthz needs 'Authorization: Bearer KEY'.")
 
-    @app.exception_handler(KvosError)
-    async def kvos_error(request: Request, err: KvosError):
-        status = daemon.http_status(err)
-        if request.url.path.startswith("/v1"):
-            return JSONResponse(openai_api.openai_error(err, status), status_code=status)
-        return JSONResponse(wire.error_body(err.errno, err.code, err.reason), status_code=status)
-
-    @app.exception_handler(Unauthorized)
-    async def unauthorized(request: Request, err: Unauthorized):
-        refusal = KvosError(EPERM, str(err))
-        body = (openai_api.openai_error(refusal, 401) if request.url.path.startswith("/v1")
-                else wire.error_body(refusal.errno, refusal.code, refusal.reason))
-        return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-
-    @app.exception_handler(KernelPanic)
-    async def panic(request: Request, err: KernelPanic):
-        return JSONResponse({"errno": None, "code": None, "message": str(err), "panic": True}, status_code=500)
-
+    errors.install(app, daemon)
+    app.add_middleware(RequestLimits, max_body_bytes=daemon.config.max_body_bytes,
+                       max_header_bytes=daemon.config.max_header_bytes)
     sysapi.add_routes(app, daemon)
     request_models = openai_api.add_routes(app, daemon)
 
@@ -203,7 +195,8 @@ def build_app(daemon: Daemon) -> FastAPI:
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body
-            app.openapi_schema = schema
+            first = next((who for _, who in daemon.principals() if who.tid is not None), None)
+            app.openapi_schema = openapi_doc.describe(schema, None if first is None else (first.name, first.tid))
         return app.openapi_schema
     app.openapi = openapi
     return app
@@ -248,38 +241,84 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_server(daemon: Daemon, sock: socket.socket, log_level="info", access_log=True) -> KvosdServer:
-    timeout = daemon.config.shutdown_timeout
-    return KvosdServer(uvicorn.Config(daemon.app, log_level=log_level, access_log=access_log, lifespan="on",
-                                      timeout_keep_alive=30,
-                                      timeout_graceful_shutdown=None if timeout is None else int(timeout) + 1),
-                       daemon)
+    config = daemon.config
+    timeout = config.shutdown_timeout
+    return KvosdServer(uvicorn.Config(
+        daemon.app, log_level=log_level, access_log=access_log, lifespan="on", ws="none",
+        http=protocol.protocol_class(config.header_timeout, config.max_connections),
+        timeout_keep_alive=config.keep_alive_timeout, h11_max_incomplete_event_size=config.max_header_bytes,
+        ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
+        timeout_graceful_shutdown=None if timeout is None else int(timeout) + 1), daemon)
 
 
-def url_of(sock: socket.socket) -> str:
+def url_of(sock: socket.socket, tls: bool = False) -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def local_url(url: str) -> str:
+    """The URL a client on this machine uses: a wildcard address (0.0.0.0, ::) is not one to connect to."""
+    return url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+
+
+def check_tls(config: DaemonConfig) -> bool:
+    """Whether TLS is on; a key without a certificate, or files that do not load, are refused here,
+    before a model is loaded (uvicorn would fail later, with a traceback)."""
+    if config.ssl_keyfile and not config.ssl_certfile:
+        raise KvosError(EINVAL, "--ssl-keyfile needs --ssl-certfile")
+    if not config.ssl_certfile:
+        return False
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile,
+                                                                            config.ssl_keyfile)
+    except FileNotFoundError as err:
+        raise KvosError(ENOENT, f"TLS: {err.filename}: no such file") from None
+    except (ssl.SSLError, OSError) as err:
+        raise KvosError(EINVAL, f"TLS: the certificate or key does not load: {err}") from None
+    return True
+
+
+def exposure_warning(host: str, port: int) -> str | None:
+    """The banner for a daemon reachable from other machines without TLS, or None."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:                  # a host name: assume it is reachable
+        loopback = False
+    if loopback:
+        return None
+    lines = [f"kvosd is listening on {host}:{port}, beyond this machine, WITHOUT TLS.",
+             "Bearer keys (the root key too), prompts and replies cross the network in clear text,",
+             "readable and replayable by anyone on the path. Serve on 127.0.0.1, or give",
+             "--ssl-keyfile and --ssl-certfile, or put a TLS-terminating proxy in front."]
+    bar = "kvosd: WARNING " + "=" * 78
+    return "\n".join([bar, *(f"kvosd: WARNING   {line}" for line in lines), bar])
 
 
 def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info") -> int:
     """Run kvosd in the foreground until SIGTERM or SIGINT. -> exit status (0: clean shutdown)."""
+    tls = check_tls(config)
     sock = bind(host, port)            # first: a taken port fails before a model is loaded
     try:
         daemon = Daemon(config)
     except BaseException:
         sock.close()
         raise
-    url = url_of(sock)
-    note = runtime_file(sock.getsockname()[1])
-    _write_runtime_file(note, url, config.root_key)
+    url = url_of(sock, tls)
+    note = runtime.claim(sock.getsockname()[1], local_url(url), config.root_key)
     for who, key in config.generated_keys.items():
         print(f"kvosd: {who} key: {key}", file=sys.stderr)
+    server = make_server(daemon, sock, log_level)       # configures uvicorn's loggers
+    warning = None if tls else exposure_warning(host, sock.getsockname()[1])
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+        log.warning("kvosd: serving %s without TLS on a non-loopback address", url)
     print(f"kvosd: serving {', '.join(daemon.models) or 'no tenant'} at {url} (OpenAI API at {url}/v1, "
           f"docs at {url}/docs)", file=sys.stderr, flush=True)
     try:
-        make_server(daemon, sock, log_level).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
-        with contextlib.suppress(OSError):
-            note.unlink()
+        runtime.release(note)
     try:
         report = daemon.close()
     except KernelPanic as err:
@@ -290,31 +329,24 @@ def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info") -
     return 0
 
 
-def _write_runtime_file(path, url: str, root_key: str) -> None:
-    """Local clients (kvos ps --url) find the root key here; only this user can read it."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"url": url, "pid": os.getpid(), "root_key": root_key}, f)
-    except OSError as err:
-        print(f"kvosd: could not write {path}: {err.strerror}", file=sys.stderr)
-
-
 class ServerThread:
     """kvosd in a thread of this process, on a free loopback port: for tests and embedding.
 
         with ServerThread(config) as srv:  ... srv.url ... srv.daemon.kernel ...
-    stop() drains and closes like a SIGTERM would and returns close()'s report."""
+    stop() drains and closes like a SIGTERM would and returns close()'s report. With
+    runtime_file=True it writes (and at stop() removes) the runtime file, as `kvos serve` does."""
 
-    def __init__(self, config: DaemonConfig, host="127.0.0.1", port=0):
+    def __init__(self, config: DaemonConfig, host="127.0.0.1", port=0, runtime_file=False):
+        tls = check_tls(config)
         self.sock = bind(host, port)
         try:
             self.daemon = Daemon(config)
         except BaseException:
             self.sock.close()
             raise
-        self.url = url_of(self.sock)
+        self.url = url_of(self.sock, tls)
+        # runtime_file: leave the file `kvos serve` leaves, so local clients find this daemon
+        self.note = runtime.claim(self.sock.getsockname()[1], self.url, config.root_key) if runtime_file else None
         self.server = make_server(self.daemon, self.sock, log_level="warning", access_log=False)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="kvosd", daemon=True)
@@ -329,6 +361,7 @@ class ServerThread:
         self.daemon.begin_drain(kill)
         self.server.should_exit = True
         self.thread.join()
+        runtime.release(self.note)
         return self.daemon.close()
 
     def __enter__(self):

@@ -44,7 +44,7 @@ RESULTS = {
 }
 
 # Fields holding nested dataclasses (JSON cannot say which class an object was).
-_NESTED = {
+NESTED = {
     PageMap: {"pages": [PageEntry]},
     MemInfo: {"cgroups": {str: CgroupInfo}},
     SchedStat: {"tenants": [TenantSched], "recent_steps": [StepRecord]},
@@ -78,7 +78,7 @@ def _build(kind, data):
     if isinstance(kind, dict):                 # JSON keys are strings: tids come back as ints
         ((key_kind, value_kind),) = kind.items()
         return {key_kind(k): _build(value_kind, v) for k, v in data.items()}
-    nested = _NESTED.get(kind, {})
+    nested = NESTED.get(kind, {})
     kwargs = {}
     for f in fields(kind):
         if f.name in data:           # a field the server lacks keeps its default (an older server)

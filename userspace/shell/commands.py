@@ -2,14 +2,14 @@
 
 Each takes parsed arguments and returns an exit status. The /proc views print
 what a syscall handle returns; connect() gives them one: the client of a running
-kvosd when one is named or found (--url, $KVOS_URL, a local daemon's runtime
-file), else a kernel booted here with a short workload run into it. Both have the
-same methods (ps, pagemap, meminfo, schedstat, dmesg), so the views never know.
+kvosd (--url, $KVOS_URL, or the one daemon running on this machine, found through
+its runtime file), or, only when asked with --local, a kernel booted here with a
+short workload run into it, labelled as such. Both have the same methods (ps,
+pagemap, meminfo, schedstat, dmesg), so the views never know.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -151,29 +151,37 @@ class Connection:
     decode: object                # decode(pid, token ids) -> str, or None
 
 
-def attached(args) -> bool:
-    """Whether to ask a running kvosd: --url, $KVOS_URL, or a local daemon's runtime file."""
-    if getattr(args, "url", None) or os.environ.get("KVOS_URL"):
-        return True
-    from userspace.daemon.cli import DEFAULT_URL, local_key
-    return local_key(DEFAULT_URL) is not None
-
-
 def daemon(args):
+    """The client of the kvosd to ask: --url, $KVOS_URL, or the one running on this machine
+    (userspace.daemon.cli.find_daemon); with none, one line saying how to start or name one."""
     from userspace.daemon.cli import connect as connect_daemon
     return connect_daemon(getattr(args, "url", None), getattr(args, "key", None))
 
 
+LOCAL_NOTE = ("not a running kvosd: a fresh kernel booted by this command, running a short built-in workload "
+              "for {steps} steps")
+
+
+def local_marked(args, result):
+    """A --json result, marked as the in-process kernel's when --local made one."""
+    if not getattr(args, "local", False):
+        return result
+    return {"local": True, "note": LOCAL_NOTE.format(steps=args.steps), "result": result}
+
+
 def connect(args) -> Connection:
-    """A kernel to inspect: a running kvosd when there is one (see attached()); otherwise boot one
-    here, start a short workload (a shared system prompt in shm, a few chat requests, one fork)
-    and run --steps steps of it, so there is something to see."""
-    if attached(args):
+    """A kernel to inspect: the running kvosd (see daemon()); only with --local, one booted here
+    running a short workload (a shared system prompt in shm, a few chat requests, one fork) for
+    --steps steps, so there is something to see, and said so on stderr."""
+    if not getattr(args, "local", False):
         client = daemon(args)
 
         def remote_decode(pid, tokens):
             return None
         return Connection(client, remote_decode)
+    if getattr(args, "url", None):
+        raise KvosError(EINVAL, "--local inspects a kernel booted here: it takes no --url")
+    print(f"kvos: --local: {LOCAL_NOTE.format(steps=args.steps)}", file=sys.stderr, flush=True)
     from userspace.shell.workload import split_system_prompt
     k = boot_kernel(args)
     root = k.syscalls()
@@ -206,7 +214,7 @@ def _print(renderable) -> None:
 def ps_main(args) -> int:
     procs = connect(args).sys.ps()
     if args.json:
-        print(json.dumps([asdict(p) for p in procs]))
+        print(json.dumps(local_marked(args, [asdict(p) for p in procs])))
     else:
         _print(fmt.ps_table(procs))
     return 0
@@ -216,7 +224,7 @@ def pagemap_main(args) -> int:
     conn = connect(args)
     pm = conn.sys.pagemap(args.pid, text=True)
     if args.json:
-        print(_json(pm))
+        print(_json(local_marked(args, asdict(pm))))
     else:
         _print(fmt.pagemap_table(pm, title=f"pagemap of pid {args.pid}"))
     return 0
@@ -235,7 +243,7 @@ def nice_main(args) -> int:
 def meminfo_main(args) -> int:
     info = connect(args).sys.meminfo()
     if args.json:
-        print(_json(info))
+        print(_json(local_marked(args, asdict(info))))
     else:
         _print(fmt.meminfo_table(info))
     return 0
@@ -244,7 +252,7 @@ def meminfo_main(args) -> int:
 def dmesg_main(args) -> int:
     entries = connect(args).sys.dmesg()
     if args.json:
-        print(json.dumps([asdict(e) for e in entries]))
+        print(json.dumps(local_marked(args, [asdict(e) for e in entries])))
     else:
         for line in fmt.dmesg_lines(entries):
             print(line)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from kernel.errors import KernelPanic
+from kernel.errors import EINVAL, KernelPanic, KvosError
 from userspace.shell.options import (
     DEMO_FRAMES,
     DEMO_SWAP_FRAMES,
@@ -179,12 +179,16 @@ def demo_main(args) -> int:
 
 
 def top_main(args) -> int:
-    from userspace.shell.commands import attached, daemon
-    if attached(args):                         # watch a running kvosd
+    from userspace.shell.commands import daemon
+    if not args.local:                         # watch a running kvosd (one line and exit 1 if none)
         from userspace.tui.app import KvosTop
         from userspace.tui.source import Source
         KvosTop(Source(daemon(args))).run()
         return 0
+    if args.url:
+        raise KvosError(EINVAL, "--local runs a kernel here: it takes no --url")
+    print("kvos: --local: not a running kvosd: a fresh kernel booted by this command, running the demo's "
+          "workload" + (" on the prompts given" if args.prompts else ""), file=sys.stderr, flush=True)
     session = start_session(args, plan_from_args(args))
     try:
         run_tui(session, paused=args.paused)

@@ -21,10 +21,12 @@ from userspace.shell.options import (
     add_sampling_options,
 )
 
-INSPECT_NOTE = ("With --url (or $KVOS_URL, or a kvosd running on this machine) it asks that daemon. "
-                "Otherwise it boots a kernel here, runs a short workload (the prompts given, or a few "
-                "built-in questions sharing a system prompt in shm, and one fork) for --steps steps, and "
-                "shows the result.")
+INSPECT_NOTE = ("It asks a running kvosd: the one named by --url (or $KVOS_URL), else the one kvosd running "
+                "on this machine, found through the runtime file it writes; with none (or several) it says so "
+                "in one line and exits non-zero. Only with --local does it boot a fresh kernel here instead, run "
+                "a short built-in workload (the prompts given, or a few built-in questions sharing a system "
+                "prompt in shm, and one fork) for --steps steps, and show that, saying so on stderr and marking "
+                "--json output with \"local\": true.")
 
 
 def _lazy(module: str, name: str):
@@ -51,12 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_options(p)
     p.set_defaults(func=_lazy("userspace.shell.demo", "demo_main"))
 
-    p = sub.add_parser("top", help="the live TUI over a running kvosd, or over a workload run here",
-                       description="Show processes, the memory map, page tables, the scheduler and dmesg live: "
-                                   "of a running kvosd with --url (or $KVOS_URL, or a daemon on this machine), "
-                                   "else of a kernel booted here running the demo's workload (or the prompts "
-                                   "given). Keys: space pause/run, s step one slice, k kill, "
-                                   "f fork, +/- nice, m map colours, q quit.")
+    p = sub.add_parser("top", help="the live TUI over a running kvosd (or, with --local, a workload run here)",
+                       description="Show processes, the memory map, page tables, the scheduler and dmesg live, "
+                                   "of a running kvosd: --url (or $KVOS_URL), else the one running on this "
+                                   "machine; with none it says so and exits non-zero. With --local, of a fresh "
+                                   "kernel booted here running the demo's workload (or the prompts given; the "
+                                   "kernel and workload options apply to it). Keys: space pause/run, s step one "
+                                   "slice (both need the root key), k kill, f fork, +/- nice, m map colours, q quit.")
     add_demo_options(p, top=True)
     _attach(p)
     p.set_defaults(func=_lazy("userspace.shell.demo", "top_main"))
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("ps", "the process table"), ("meminfo", "frames, swap, page cache, utilisation"),
                             ("dmesg", "the kernel log")):
-        p = sub.add_parser(name, help=help_text + " (of a daemon, or of a short in-process workload)",
+        p = sub.add_parser(name, help=help_text + " (of a running kvosd; --local: of a fresh in-process kernel)",
                            description=f"Show {help_text}. {INSPECT_NOTE}")
         add_inspect_options(p)
         add_boot_options(p)
@@ -95,17 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_lazy("userspace.shell.commands", f"{name}_main"))
     for name, help_text in (("kill", "end a process of a running kvosd"),
                             ("nice", "change the priority of a process of a running kvosd")):
-        p = sub.add_parser(name, help=help_text, description=f"{help_text[0].upper()}{help_text[1:]}.")
+        p = sub.add_parser(name, help=help_text, description=f"{help_text[0].upper()}{help_text[1:]}: the one "
+                                                             "named by --url (or $KVOS_URL), else the one running "
+                                                             "on this machine.")
         p.add_argument("pid", type=int, help="process id")
         if name == "nice":
             p.add_argument("inc", type=int, help="increment (negative: runs sooner under the priority policy)")
         _attach(p)
         p.set_defaults(func=_lazy("userspace.shell.commands", f"{name}_main"))
-    p = sub.add_parser("pagemap", help="a process's page table (of a daemon, or of a short in-process workload)",
+    p = sub.add_parser("pagemap", help="a process's page table (of a running kvosd; --local: of a fresh "
+                                       "in-process kernel)",
                        description=f"Show the page table of process PID: frame, refcount, flags and tokens of "
-                                   f"each virtual page. {INSPECT_NOTE} Pid 1 builds the shm segment and is gone "
-                                   f"once it is built; the requests are pids 2 and up, and the last pid is a fork "
-                                   f"of pid 2.")
+                                   f"each virtual page. {INSPECT_NOTE} In the --local workload pid 1 builds the shm "
+                                   f"segment and is gone once it is built; the requests are pids 2 and up, and the "
+                                   f"last pid is a fork of pid 2.")
     p.add_argument("pid", type=int, help="process id")
     add_inspect_options(p)
     add_boot_options(p)
@@ -127,7 +133,7 @@ def _version() -> str:
 
 
 def _attach(parser) -> None:
-    """--url/--key: look at a running kvosd instead of a workload run here."""
+    """--url/--key: which running kvosd to look at."""
     from userspace.daemon.cli import add_attach_options
     add_attach_options(parser)
 

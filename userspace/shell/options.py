@@ -116,11 +116,17 @@ def add_sampling_options(parser, max_tokens: int) -> None:
 
 
 def add_inspect_options(parser) -> None:
-    parser.add_argument("prompts", nargs="*", help="prompts for the workload (default: a few built-in questions)")
-    parser.add_argument("--steps", type=int, default=6, help="kernel steps to run before looking (default 6)")
-    parser.add_argument("--max-tokens", type=int, default=32, metavar="N",
-                        help="max tokens of each request (default 32)")
     parser.add_argument("--json", action="store_true", help="print the syscall's result as JSON")
+    g = parser.add_argument_group("--local: a fresh kernel booted here instead of a running kvosd")
+    g.add_argument("--local", action="store_true",
+                   help="boot a kernel in this process, run a short built-in workload into it, and show that "
+                        "(said so on stderr, and marked in --json output)")
+    g.add_argument("prompts", nargs="*", help="with --local: prompts for the workload (default: a few built-in "
+                                              "questions)")
+    g.add_argument("--steps", type=int, default=6, help="with --local: kernel steps to run before looking "
+                                                        "(default 6)")
+    g.add_argument("--max-tokens", type=int, default=32, metavar="N",
+                   help="with --local: max tokens of each request (default 32)")
 
 
 def add_demo_options(parser, *, top: bool = False) -> None:
@@ -136,8 +142,13 @@ def add_demo_options(parser, *, top: bool = False) -> None:
     g.add_argument("--chat-tokens", type=int, default=None, metavar="N", help="max tokens of each chat reply")
     g.add_argument("--batch-tokens", type=int, default=None, metavar="N", help="max tokens of each batch task")
     if top:
-        parser.add_argument("prompts", nargs="*", help="prompts to run instead of the built-in workload")
-        parser.add_argument("--paused", action="store_true", help="start paused (space runs, s steps one slice)")
+        parser.add_argument("--local", action="store_true",
+                            help="watch a fresh kernel booted here, running the demo's workload (or the prompts "
+                                 "given), instead of a running kvosd")
+        parser.add_argument("prompts", nargs="*", help="with --local: prompts to run instead of the built-in "
+                                                       "workload")
+        parser.add_argument("--paused", action="store_true", help="with --local: start paused (space runs, "
+                                                                  "s steps one slice)")
     else:
         out = parser.add_argument_group("output")
         out.add_argument("--json", action="store_true",
