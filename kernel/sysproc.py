@@ -35,6 +35,8 @@ from kernel.systable import syscall
 # -- spawn -------------------------------------------------------------------------------------------------
 def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interactive=False, **sampling):
     tenant = tenant_of(kernel, caller, tid)
+    if "max_tokens" not in sampling:         # the default never exceeds what the tenant may ask for
+        sampling["max_tokens"] = min(SamplingParams.max_tokens, tenant.max_new_tokens)
     params = SamplingParams.from_kwargs(**sampling)
     params.check_vocab(tenant.program.vocab_size)
     check_priority(tenant, caller, priority)

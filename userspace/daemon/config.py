@@ -51,7 +51,7 @@ class DaemonConfig:
     max_header_bytes: int = 16 * 1024                  # the request line and headers; more is 400
     header_timeout: float = 10.0                       # seconds to send a whole request head
     keep_alive_timeout: float = 30.0                   # an idle connection between requests
-    max_connections: int = 512                         # open at once; more are answered 503 EAGAIN
+    max_connections: int = 4096                        # open at once; more are answered 503 EAGAIN
     ssl_keyfile: str | None = None                     # TLS: both, or neither
     ssl_certfile: str | None = None
 

@@ -32,7 +32,7 @@ def protocol_class(header_timeout: float, max_connections: int) -> type:
 
 class KvosdProtocol(H11Protocol):
     header_timeout: float = 10.0
-    max_connections: int = 512
+    max_connections: int = 4096
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

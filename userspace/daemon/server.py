@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 
 import kernel
 from kernel import State
-from kernel.errors import EAGAIN, EINVAL, ENOENT, EPERM, KernelPanic, KvosError
+from kernel.errors import EAGAIN, EINVAL, ENOENT, KernelPanic, KvosError
 from userspace.daemon import errors, openai_api, openapi_doc, protocol, runtime, sysapi, wire
 from userspace.daemon import metrics as metrics_mod
 from userspace.daemon.config import DaemonConfig
@@ -39,7 +39,7 @@ from userspace.daemon.errors import Unauthorized
 from userspace.daemon.request_limits import RequestLimits
 
 log = logging.getLogger("uvicorn.error")      # kvosd's log is uvicorn's (configured by uvicorn.Config)
-WORKER_THREADS = 512         # blocking reads and waits each hold a worker thread while they wait
+WORKER_THREADS = 128         # calls into the kernel run here; each holds one for at most a step (waits hold none)
 
 
 @dataclass
@@ -295,9 +295,24 @@ def exposure_warning(host: str, port: int) -> str | None:
     return "\n".join([bar, *(f"kvosd: WARNING   {line}" for line in lines), bar])
 
 
+def _room_for_connections(connections: int) -> None:
+    """Raise the soft open-file limit (up to the hard one) so max_connections sockets fit beside
+    the files kvosd itself holds; say so when the hard limit is lower."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            print(f"kvosd: the open-file limit ({hard}) allows about {new - 256} connections, not "
+                  f"--max-connections {connections}", file=sys.stderr)
+
+
 def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info") -> int:
     """Run kvosd in the foreground until SIGTERM or SIGINT. -> exit status (0: clean shutdown)."""
     tls = check_tls(config)
+    _room_for_connections(config.max_connections)
     sock = bind(host, port)            # first: a taken port fails before a model is loaded
     try:
         daemon = Daemon(config)
