@@ -178,7 +178,7 @@ def sys_trace(kernel, caller, since=0, limit=None, timeout=0.0):
     Waits up to `timeout` seconds for a step after `since`; with no loop thread running, a wait
     runs the next step itself, and returns at once when nothing is runnable. The kernel keeps
     the last 512 records: a gap in the step numbers says records were lost. -> [StepRecord]"""
-    from dataclasses import replace
+    from copy import copy
 
     from kernel.sysproc import block
     check_int("since", since, 0)
@@ -189,7 +189,12 @@ def sys_trace(kernel, caller, since=0, limit=None, timeout=0.0):
         history = kernel.stats.history
         if timeout and (not history or history[-1].step <= since):
             block(kernel, None, lambda: bool(history) and history[-1].step > since, timeout)   # any step
-        out = [replace(r, works=list(r.works)) for r in history if r.step > since]
+        out = []
+        for record in reversed(history):           # newest first: a caller keeping up reads one or two
+            if record.step <= since:
+                break
+            out.append(copy(record))               # finish replaces its works list, not the ring's
+        out.reverse()
         return out[:limit] if limit else out
 
 
