@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/kvos demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -48,6 +49,7 @@ gpu-check: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info kernel/ops/_kvos_cpu*.so

@@ -28,7 +28,7 @@ KEY, ROOT_KEY = "bench-tenant-key", "bench-root-key"
 
 def start_daemon(args) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "KVOS_API_KEY": KEY, "KVOS_ROOT_KEY": ROOT_KEY, "KVOS_THREADS": str(args.server_threads)}
-    cmd = [sys.executable, "-m", "userspace.daemon", "serve", "--port", "0", "--model", args.model,
+    cmd = [sys.executable, "-m", "kvos", "serve", "--port", "0", "--model", args.model,
            "--memory", args.memory, "--threads", str(args.server_threads), "--log-level", "warning",
            "--token-budget", str(args.token_budget)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)

@@ -36,7 +36,7 @@ def start_daemon(args) -> tuple[subprocess.Popen, str]:
     spec = Path(tempfile.mkdtemp()) / "tenants.json"
     spec.write_text(json.dumps(tenants))
     env = {**os.environ, "KVOS_THREADS": "1"}
-    cmd = [sys.executable, "-m", "userspace.daemon", "serve", "--port", "0", "--tenants", str(spec),
+    cmd = [sys.executable, "-m", "kvos", "serve", "--port", "0", "--tenants", str(spec),
            "--memory", args.memory, "--threads", "1", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     while True:

@@ -1,4 +1,4 @@
-"""kvosd as its own process (`python -m userspace.daemon serve`): tenants files, keys, the
+"""kvosd as its own process (`python -m kvos serve`): tenants files, keys, the
 runtime file local clients read, and SIGTERM/SIGINT ending in a clean fsck and exit 0."""
 import json
 import os
@@ -14,9 +14,10 @@ import openai
 import pytest
 
 from kernel.errors import EINVAL, ENOENT, KvosError
-from userspace.daemon import cli
+from userspace.daemon import discovery
 from userspace.daemon.config import default_specs, read_tenants_file, tenant_specs
 from userspace.daemon.runtime import runtime_file
+from userspace.shell.main import main as shell_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ class Kvosd:
     def __init__(self, tmp_path, *args, env=None):
         self.env = {**os.environ, "KVOS_THREADS": "1", "XDG_RUNTIME_DIR": str(tmp_path), **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "userspace.daemon", "serve", "--port", "0", "--memory", "8MiB", "--threads", "1",
+            [sys.executable, "-m", "kvos", "serve", "--port", "0", "--memory", "8MiB", "--threads", "1",
              "--log-level", "warning", *args],
             cwd=REPO, env=self.env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         self.log = []
@@ -87,7 +88,7 @@ def test_sigterm_finishes_running_requests_and_exits_0(tmp_path, monkeypatch):
     try:
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
         monkeypatch.delenv("KVOS_KEY", raising=False)
-        root = cli.connect(daemon.url)                 # the key comes from the daemon's runtime file
+        root = discovery.connect(daemon.url)                 # the key comes from the daemon's runtime file
         assert root.whoami()["root"] and root.key == "root-key-process-test"
         assert oct(runtime_file(int(daemon.url.rsplit(":", 1)[1])).stat().st_mode & 0o777) == "0o600"
         out = {}
@@ -113,10 +114,10 @@ def test_a_tenants_file_and_sigint_with_kill_on_shutdown(tmp_path):
     daemon = Kvosd(tmp_path, "--tenants", str(tenants), "--kill-on-shutdown", env={"BOB_KEY": "bob-key-process"})
     try:
         root_key = re.search(r"root key: (\S+)", "".join(daemon.log)).group(1)    # made up and shown once
-        root = cli.connect(daemon.url, root_key)
+        root = discovery.connect(daemon.url, root_key)
         assert sorted(t.name for t in root.schedstat().tenants) == ["alice", "bob"]
         assert [t.weight for t in root.schedstat().tenants if t.name == "alice"] == [2.0]
-        with cli.connect(daemon.url, "bob-key-process") as bob:
+        with discovery.connect(daemon.url, "bob-key-process") as bob:
             assert bob.whoami()["name"] == "bob"
         out = {}
         t = _stream(daemon.url, "alice-key-process", "alice", 2000, out)
@@ -170,9 +171,9 @@ def test_tenants_files_are_checked(tmp_path, monkeypatch):
     assert err.value.errno == EINVAL and "does not parse" in err.value.reason
     (tmp_path / "t.json").write_text(json.dumps({"tenants": [good]}))
     assert tenant_specs(read_tenants_file(tmp_path / "t.json"), {})[0][0].key == "alice-key-0"
-    assert cli.main(["serve", "--tenants", str(tmp_path / "missing.toml")]) == 2          # ENOENT
-    assert cli.main(["serve", "--tenants", str(broken)]) == 22                             # EINVAL
-    assert cli.main(["serve", "--model", "no-such-model", "--port", "0"]) == 2
+    assert shell_main(["serve", "--tenants", str(tmp_path / "missing.toml")]) == 2          # ENOENT
+    assert shell_main(["serve", "--tenants", str(broken)]) == 22                             # EINVAL
+    assert shell_main(["serve", "--model", "no-such-model", "--port", "0"]) == 2
     with pytest.raises(KvosError) as err:
         read_tenants_file(tmp_path / "missing.toml")
     assert err.value.errno == ENOENT
@@ -187,21 +188,21 @@ def test_a_stale_runtime_file_is_skipped_and_replaced_and_a_wide_address_warns(t
         log = "".join(first.log)
         assert "WITHOUT TLS" in log and log.count("kvosd: WARNING") >= 5, log      # loud, before serving
         port = int(first.url.rsplit(":", 1)[1])
-        assert cli.find_daemon() == (f"http://127.0.0.1:{port}", "root-key-stale-test")
+        assert discovery.find_daemon() == (f"http://127.0.0.1:{port}", "root-key-stale-test")
         first.proc.kill()                                   # SIGKILL: no chance to remove its file
         first.proc.wait()
     finally:
         first.kill()
     assert runtime_file(port).exists()
-    assert cli.local_key(f"http://127.0.0.1:{port}") is None                   # clients skip it
-    with pytest.raises(cli.NoDaemon):
-        cli.find_daemon()
+    assert discovery.local_key(f"http://127.0.0.1:{port}") is None                   # clients skip it
+    with pytest.raises(discovery.NoDaemon):
+        discovery.find_daemon()
     second = Kvosd(tmp_path, "--model", "tiny-llama", "--port", str(port), env=keys)
     try:
         assert "removed a stale" in "".join(second.log)
         assert json.loads(runtime_file(port).read_text())["pid"] == second.proc.pid
         assert "WITHOUT TLS" not in "".join(second.log)                         # loopback: no warning
-        with cli.connect() as root:
+        with discovery.connect() as root:
             assert root.whoami()["root"]
         assert second.stop(signal.SIGTERM) == 0
     finally:

@@ -153,8 +153,8 @@ class Connection:
 
 def daemon(args):
     """The client of the kvosd to ask: --url, $KVOS_URL, or the one running on this machine
-    (userspace.daemon.cli.find_daemon); with none, one line saying how to start or name one."""
-    from userspace.daemon.cli import connect as connect_daemon
+    (userspace.daemon.discovery.find_daemon); with none, one line saying how to start or name one."""
+    from userspace.daemon.discovery import connect as connect_daemon
     return connect_daemon(getattr(args, "url", None), getattr(args, "key", None))
 
 

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("userspace.shell.commands", "pagemap_main"))
 
     _add_sim(sub)
-    _add_module(sub, "userspace.daemon.cli", "add_parsers")      # kvos serve
+    _add_module(sub, "userspace.shell.serve", "add_parsers")     # kvos serve
     _add_module(sub, "userspace.bench.cli", "add_parser")        # kvos bench
     return parser
 
@@ -134,7 +134,7 @@ def _version() -> str:
 
 def _attach(parser) -> None:
     """--url/--key: which running kvosd to look at."""
-    from userspace.daemon.cli import add_attach_options
+    from userspace.shell.serve import add_attach_options
     add_attach_options(parser)
 
 

@@ -1,4 +1,4 @@
-"""Screenshots of kvos top for the docs: python -m userspace.tui.screenshot [--out docs/img].
+"""Screenshots of kvos top for the docs: python -m userspace.shell.screenshot [--out docs/img].
 
 Runs the demo's workload headless for a while, pauses the kernel mid-run, selects
 the process with the most shared pages, and saves the whole TUI and its memory
@@ -27,7 +27,7 @@ from userspace.tui.source import Source, frame_map
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m userspace.tui.screenshot", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m userspace.shell.screenshot", description=__doc__)
     parser.add_argument("--out", default="docs/img", help="folder for tui.svg/png and tui-memory.svg/png")
     parser.add_argument("--steps", type=int, default=20,
                         help="kernel steps to run at least; then it waits (up to 10x as many) for a moment with "
