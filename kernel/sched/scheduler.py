@@ -15,8 +15,10 @@ own processes only; under pool pressure a victim must belong to the tenant in
 need or to a tenant above its guaranteed share (min(limit, pool * weight /
 total weight of active tenants)). The victim is swapped out when the swap area
 has room, else its pages are dropped and recomputed later. Running slots
-(max_running) are shared the same way: when they are full, a tenant below its
-share of them takes one back from a tenant above its share.
+(max_running) are shared the same way. A tenant below its share of memory or of
+slots takes what its next process needs back from tenants above theirs before
+anyone is served (kernel/sched/shares.py), and its running processes are planned
+before theirs, so that processes already served can never be what it waits for.
 
 The scheduler decides; the kernel applies. A process that can never fit (even
 alone) goes into plan.ended with its ENOMEM reason, its memory already released
@@ -33,6 +35,7 @@ from kernel.mm import SwapFull
 from kernel.proc import Residency, State
 from kernel.sched.plan import Plan, Work
 from kernel.sched.policies import Policy
+from kernel.sched.shares import Shares, claim, memory_victim
 
 _SKIP, _STOP = 0, -1     # admission results besides "this many tokens planned"
 _ON_ITS_WAY = (State.NEW, State.READY, State.RUNNING, State.PREEMPTED)
@@ -51,7 +54,8 @@ class Scheduler:
         self.waiting: dict = {}      # pid -> NEW, READY or PREEMPTED process
         self.queued: dict = {}       # tid -> processes of that tenant waiting
         self.running_by: dict = {}   # tid -> processes of that tenant running
-        self._served: set = set()    # pids planned in the step being built
+        self.served: set = set()     # pids planned in the step being built
+        self._shares = None          # the step's guaranteed shares (kernel/sched/shares.py)
 
     @property
     def mm(self):
@@ -102,13 +106,19 @@ class Scheduler:
     # -- the plan --------------------------------------------------------------------
     def schedule(self) -> Plan:
         plan = Plan()
-        self._served = set()
-        claims = self._rebalance_slots(plan)
+        self.served = set()
+        shares = self._shares = Shares(self)
+        admissible = self._admissible()
+        claims = claim(self, shares, admissible, plan) if self.waiting else []
         budget = self.token_budget
         decoders = [p for p in self.running.values() if p.remaining == 1]
         prefillers = [p for p in self.running.values() if p.remaining > 1]
         for group in (decoders, prefillers):
-            for proc in self.policy.order(group):
+            # Tenants within their memory share first: one above it is then never served before
+            # them, so it can always be what they preempt when they need a frame.
+            within = [p for p in group if not shares.over_memory(p.tenant)]
+            beyond = [p for p in group if shares.over_memory(p.tenant)] if len(within) < len(group) else []
+            for proc in chain(self.policy.order(within), self.policy.order(beyond)):
                 if budget <= 0 or len(plan.works) >= self.max_running:
                     break
                 if proc.state != State.RUNNING:          # preempted as a victim earlier in this step
@@ -117,7 +127,7 @@ class Scheduler:
                 if count:
                     self._plan_work(proc, count, plan)
                     budget -= count
-        admissible = self._admissible()
+        admissible = [p for p in admissible if p.pid in self.waiting]
         claimed = {p.pid for p in claims}
         for proc in chain(claims, (p for p in self.policy.order(admissible) if p.pid not in claimed)):
             if budget <= 0 or len(self.running) >= self.max_running:
@@ -134,37 +144,6 @@ class Scheduler:
             if proc.state == State.NEW:
                 proc.state = State.READY
         return plan
-
-    # -- running slots, shared by weight ---------------------------------------------------
-    def slot_share(self, tenant, active) -> int:
-        """Running slots `tenant` is guaranteed: max_running x its weight's fraction of the tenants
-        that run or wait (at least one)."""
-        total = sum(t.weight for t in active)
-        return max(1, int(self.max_running * tenant.weight / total))
-
-    def _rebalance_slots(self, plan: Plan) -> list:
-        """With every slot taken, each tenant waiting below its share of slots takes one from the
-        tenant furthest above its share (the policy's victim among that tenant's processes).
-        Returns the waiting processes the freed slots are kept for, admitted first."""
-        if len(self.running) < self.max_running or not self.waiting:
-            return []
-        tenants = {p.tenant.tid: p.tenant for p in self.running.values()}
-        needy = [p.tenant for p in self.waiting.values() if self.queued.get(p.tenant.tid)]
-        active = set(tenants.values()) | set(needy)
-        claims = []
-        for tenant in dict.fromkeys(needy):
-            if self.running_by.get(tenant.tid, 0) >= self.slot_share(tenant, active):
-                continue
-            proc = next((p for p in self.policy.order(self.waiting.values())
-                         if p.tenant is tenant and self._may_admit(p)), None)
-            over = [t for t in tenants.values() if self.running_by.get(t.tid, 0) > self.slot_share(t, active)]
-            if proc is None or not over:
-                continue
-            rich = max(over, key=lambda t: self.running_by[t.tid] / self.slot_share(t, active))
-            victim = max((q for q in self.running.values() if q.tenant is rich), key=self.policy.victim_key)
-            self._preempt(victim, plan)
-            claims.append(proc)
-        return claims
 
     def _admissible(self) -> list:
         """Waiting processes that may be admitted now."""
@@ -207,7 +186,7 @@ class Scheduler:
             plan.prefill_tokens += count
         self.policy.charge(proc, count)
         proc.tenant.served_tokens += count
-        self._served.add(proc.pid)
+        self.served.add(proc.pid)
 
     # -- memory for a running process -----------------------------------------------------
     def _fits(self, proc, count: int, admission: bool = False) -> bool:
@@ -236,29 +215,37 @@ class Scheduler:
             cgroup = self.mm.cgroups[proc.tenant.cgid]
             need = self.mm.frames_needed(proc.asid, count)
             by_limit = cgroup.room() is not None and need > cgroup.room()
-            victim = self._pick_victim(proc, by_limit)
+            victim = self._pick_victim(proc, by_limit, need)
             if victim is not None:
-                self._preempt(victim, plan)
+                self.preempt(victim, plan)
                 continue
             if self._can_never_fit(proc, count):
                 self._end(proc, plan, f"ENOMEM: out of memory: needs {need} more frame(s) and could not fit "
                                       f"even alone (pool or tenant limit too small)")
             else:
-                self._preempt(proc, plan)
+                self.preempt(proc, plan)
             return 0
         return count
 
-    def _pick_victim(self, proc, by_limit: bool):
-        """A process whose pages may go so that `proc` can run, or None."""
-        mine = lambda q: q.tenant is proc.tenant                       # noqa: E731
-        allowed = mine if by_limit else (lambda q: mine(q) or self._over_share(q.tenant))
-        sleeper = self._idle_victim(proc, mine if by_limit else None)
+    def _pick_victim(self, proc, by_limit: bool, need: int):
+        """A process whose pages may go so that `proc` can run, or None: of its own tenant and of
+        lower priority; or, under pool pressure, of a tenant above its share -- of lower priority,
+        or of any priority when `proc`'s tenant is within its own share even with `need` more."""
+        sleeper = self._idle_victim(proc, (lambda q: q.tenant is proc.tenant) if by_limit else None)
         if sleeper is not None:
             return sleeper
-        mine_key = self.policy.victim_key(proc)
-        candidates = [q for q in self.running.values() if q is not proc and q.pid not in self._served
-                      and allowed(q) and self.policy.victim_key(q) > mine_key]
-        return max(candidates, key=self.policy.victim_key) if candidates else None
+        shares, key = self._shares, self.policy.victim_key
+        mine_key = key(proc)
+        owed = not by_limit and not shares.over_memory(proc.tenant, extra=need)
+
+        def may_go(q) -> bool:
+            if q is proc or q.pid in self.served:
+                return False
+            if q.tenant is proc.tenant:
+                return key(q) > mine_key
+            return not by_limit and shares.over_memory(q.tenant) and (owed or key(q) > mine_key)
+        candidates = [q for q in self.running.values() if may_go(q)]
+        return max(candidates, key=key) if candidates else None
 
     def _idle_victim(self, proc, allowed=None):
         """A sleeping process with resident pages, least recently active first. Idle pages go
@@ -269,17 +256,6 @@ class Scheduler:
                     if q is not proc and (allowed is None or allowed(q))]
         return min(sleepers, key=lambda q: q.last_token_at or q.spawned_at) if sleepers else None
 
-    def _over_share(self, tenant, extra: int = 0) -> bool:
-        """Whether `tenant` holds (with `extra` more frames would hold) more than its guaranteed
-        share: min(its limit, pool x weight / total weight of the tenants that hold or want memory)."""
-        active = {p.tenant for p in self.running.values()} | {p.tenant for p in self.waiting.values()} \
-            | {p.tenant for p in self.kernel.sleeping_resident()} | {tenant}
-        total_weight = sum(t.weight for t in active)
-        share = self.mm.num_frames * tenant.weight / total_weight
-        if tenant.mem_limit is not None:
-            share = min(share, tenant.mem_limit)
-        return self.mm.cgroups[tenant.cgid].charged + extra > share
-
     def _can_never_fit(self, proc, count: int) -> bool:
         """Whether `proc` could not run even with every other process gone."""
         pages = -(-(proc.num_computed + count) // proc.tenant.page_size)
@@ -287,7 +263,7 @@ class Scheduler:
         limit = self.mm.cgroups[proc.tenant.cgid].limit
         return pages > self.mm.num_frames - pinned or (limit is not None and pages > limit)
 
-    def _preempt(self, proc, plan: Plan) -> None:
+    def preempt(self, proc, plan: Plan) -> None:
         """Swap `proc` out, or drop its pages for recompute when swap is full."""
         try:
             self.mm.swap_out(proc.asid)
@@ -348,7 +324,7 @@ class Scheduler:
                 sleeper = self._idle_victim(proc)
                 if sleeper is None:
                     return _STOP
-                self._preempt(sleeper, plan)
+                self.preempt(sleeper, plan)
                 new, charges, cached_hits = mm.swap_in_plan(proc.asid)
             mm.swap_in(proc.asid)
             proc.residency = Residency.RESIDENT
@@ -389,28 +365,21 @@ class Scheduler:
         sleeper = self._idle_victim(proc)
         if sleeper is None:
             return False
-        self._preempt(sleeper, plan)
+        self.preempt(sleeper, plan)
         return True
 
     def _claim_share(self, proc, plan: Plan) -> bool:
         """A tenant below its guaranteed share takes frames back from tenants above theirs
         (idle sleepers first, then running processes not served this step). Returns whether
         anything was preempted."""
-        tenant = proc.tenant
-        if self._over_share(tenant, extra=1):
+        if self._shares.over_memory(proc.tenant, extra=1):
             return False
-        others = lambda q: q.tenant is not tenant and self._over_share(q.tenant)     # noqa: E731
         freed = False
         while not self._fits(proc, 1, admission=True):
-            sleepers = [q for q in self.kernel.sleeping_resident() if others(q)]
-            running = [q for q in self.running.values() if q.pid not in self._served and others(q)]
-            if sleepers:
-                victim = min(sleepers, key=lambda q: q.last_token_at or q.spawned_at)
-            elif running:
-                victim = max(running, key=self.policy.victim_key)
-            else:
+            victim = memory_victim(self, self._shares, proc.tenant)
+            if victim is None:
                 break
-            self._preempt(victim, plan)
+            self.preempt(victim, plan)
             freed = True
         return freed
 
