@@ -69,7 +69,14 @@ class Program(ABC):
         """The bytes `token_id` adds to a process's output; the kernel joins them and never decodes
         (kernel/output.py). This default decodes the token alone, which splits multi-byte characters
         and may drop spaces: a program with a tokenizer returns an exact table, built at load."""
-        return self.decode([token_id]).encode()
+        try:
+            return self._decoded_bytes[token_id]                      # decoded once per token id
+        except AttributeError:
+            self._decoded_bytes = {}
+        except KeyError:
+            pass
+        piece = self._decoded_bytes[token_id] = self.decode([token_id]).encode()
+        return piece
 
     def check_tokens(self, token_ids) -> None:
         """Refuse a prompt this program cannot run, before it is admitted (the forward pass checks nothing).

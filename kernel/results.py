@@ -8,7 +8,7 @@ handle works unchanged over HTTP.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 # -- processes ------------------------------------------------------------------------------------------
@@ -145,10 +145,6 @@ class StepRecord:
     waiting_by_tenant: dict = field(default_factory=dict)   # tid -> processes waiting after the step
     cost: dict | None = None     # the simulated device's price of the step, term by term
 
-    def summary(self) -> StepRecord:
-        """The same record without its per-process lists."""
-        return replace(self, works=[], admitted=[], swapped_in=[], preempted=[], cow_faults=[], exits=[],
-                       waiting_by_tenant={}, cost=None)
 
 
 @dataclass

@@ -7,15 +7,19 @@ commit() appends tokens and their bytes, checks stops and ends turns, record()
 keeps schedstat and the step's trace record. Whether a work draws a token was
 decided once, by the scheduler (Work.draws).
 """
+from array import array
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from kernel.batch import build_batch
 from kernel.errors import KernelPanic, KvosError
-from kernel.proc import Process
-from kernel.results import StepRecord
+from kernel.proc import Process, State
+from kernel.results import StepRecord, WorkRecord
 from kernel.sampling import sample
+
+_NO_SAMPLE = (None, None)
+WORK_FIELDS = 6              # a work in a step record's array: pid, tid, start, count, token (-1: none), generated
 
 
 @dataclass
@@ -88,60 +92,65 @@ def sample_rows(works, logits) -> dict:
 
 def commit(kernel, plan, samples: dict) -> None:
     now = kernel.clock()
+    publish, drawn = kernel.mm.publish, 0
     for work in plan.works:
         proc = work.proc
-        if not proc.alive:                         # its forward failed, or it ended in this plan
+        if proc.state is State.ZOMBIE:             # its forward failed, or it ended in this plan
             continue
-        proc.num_computed = work.end
-        kernel.mm.publish(proc.asid)
+        proc.num_computed = work.start + work.count
+        publish(proc.asid)
         if not work.last:
             continue
         if proc.builds_segment is not None:
             kernel.finish_segment(proc)
             continue
-        token, logprobs = samples.get(proc.pid, (None, None))
+        token, logprobs = samples.get(proc.pid, _NO_SAMPLE)
         if logprobs is not None:
             proc.logprobs.append(logprobs)
         if not work.draws:                         # a turn with nothing (more) to generate
             kernel.end_turn(proc, "length")
-        else:
-            append_token(kernel, proc, token, now)
+            continue
+        drawn += 1
+        reason = append_token(proc, token, now)
+        if reason is not None:
+            kernel.end_turn(proc, reason)
+        if proc.watchers:
             kernel.wake(proc, "output")
+    kernel.stats.generated_tokens += drawn
 
 
-def append_token(kernel, proc: Process, token: int, now: float) -> None:
-    """The token joins the process's file and its bytes its output; stop conditions end the turn."""
-    proc.tokens.append(token)
-    proc.output.append(len(proc.tokens) - 1)
+def append_token(proc: Process, token: int, now: float) -> str | None:
+    """The token joins the process's file and its bytes its output. -> why its turn ends, or None."""
+    tokens = proc.tokens
+    tokens.append(token)
+    proc.output.append(len(tokens) - 1)
     proc.turn_generated += 1
-    kernel.stats.generated_tokens += 1
     if proc.first_token_at is None:
         proc.first_token_at = now
     proc.last_token_at = now
     params, program = proc.params, proc.tenant.program
     piece = program.token_bytes(token)
     out = proc.out_bytes
-    start = len(out)
     out += piece
-    reason = None
     if token in program.eos_token_ids and not params.ignore_eos:
-        reason = "stop"
-    elif params.stop_token_ids and token in params.stop_token_ids:
-        reason = "stop"
-    elif proc.stops is not None and piece:
-        proc.stop_state, cut = proc.stops.feed(proc.stop_state, piece, start)
+        return "stop"
+    if params.stop_token_ids and token in params.stop_token_ids:
+        return "stop"
+    if proc.stops is not None and piece:
+        proc.stop_state, cut = proc.stops.feed(proc.stop_state, piece, len(out) - len(piece))
         if cut is not None:
             del out[max(cut, proc.turn_byte_start):]          # the stop string and what follows it
-            reason = "stop"
-    if reason is None and (proc.turn_generated >= params.max_tokens or len(proc.tokens) >= program.max_context):
-        reason = "length"
-    if reason:
-        kernel.end_turn(proc, reason)
+            return "stop"
+    if proc.turn_generated >= params.max_tokens or len(tokens) >= program.max_context:
+        return "length"
+    return None
 
 
 def record(kernel, plan, samples: dict, seconds: float) -> None:
-    """schedstat's counters, and the step's trace record (per-process parts kept as tuples:
-    trace() turns them into WorkRecords only when asked)."""
+    """schedstat's counters, and the step's trace record. The ring keeps each record as one tuple of
+    numbers, tuples and an array (nothing Python's garbage collector has to walk: per-step objects
+    kept 512 steps made a step cost up to 1.7x more at 256 processes); readers get StepRecords
+    (step_record)."""
     s = kernel.stats
     s.steps += 1
     s.busy_seconds += seconds
@@ -149,15 +158,42 @@ def record(kernel, plan, samples: dict, seconds: float) -> None:
     s.decode_tokens += plan.decode_tokens
     s.padding_tokens += plan.padding_tokens
     sched, events = kernel.sched, kernel._events
-    works = [(w.proc.pid, w.proc.tenant.tid, w.start, w.count, samples.get(w.proc.pid, (None,))[0] if w.draws
-              else None, len(w.proc.output)) for w in plan.works]
+    works = array("q")
+    if s.steps <= s.traced_until:             # only while someone traces: a work costs ~0.5 us here
+        for w in plan.works:
+            proc = w.proc
+            token = samples.get(proc.pid, _NO_SAMPLE)[0] if w.draws else None
+            works.extend((proc.pid, proc.tenant.tid, w.start, w.count, -1 if token is None else token,
+                          len(proc.output)))
     cost = getattr(kernel.device, "last_cost", None)
-    s.history.append(StepRecord(
+    s.history.append((
         s.steps, seconds, len(plan.works), plan.prefill_tokens, plan.decode_tokens, plan.padding_tokens,
-        ended_at=kernel.clock() - kernel.dmesg.boot_time, running=len(sched.running), waiting=len(sched.waiting),
-        frames_free=kernel.mm.frames.num_free, works=works, admitted=[p.pid for p in plan.admitted],
-        swapped_in=[p.pid for p in plan.swapped_in], preempted=[[p.pid, how] for p, how in plan.preempted],
-        cow_faults=[p.pid for p in plan.cow_faults], exits=[list(e) for e in events.exits],
-        waiting_by_tenant={tid: n for tid, n in sched.queued.items() if n},
-        cost=dict(asdict(cost), total=cost.total) if cost is not None and not kernel.device.has_tensors else None))
+        kernel.clock() - kernel.dmesg.boot_time, len(sched.running), len(sched.waiting), kernel.mm.frames.num_free,
+        works, tuple(p.pid for p in plan.admitted), tuple(p.pid for p in plan.swapped_in),
+        tuple((p.pid, how) for p, how in plan.preempted), tuple(p.pid for p in plan.cow_faults),
+        tuple(events.exits), tuple((tid, n) for tid, n in sched.queued.items() if n),
+        tuple(asdict(cost).items()) + (("total", cost.total),)
+        if cost is not None and not kernel.device.has_tensors else None))
     events.exits.clear()
+
+
+def record_step(raw) -> int:
+    """The step number of a raw ring entry."""
+    return raw[0]
+
+
+def step_record(raw, detail: bool = True) -> StepRecord:
+    """A ring entry as the StepRecord syscalls return (without its per-process lists: detail=False)."""
+    (step, seconds, batch, prefill, decode, padding, ended_at, running, waiting, free, works, admitted,
+     swapped_in, preempted, cow, exits, waiting_by, cost) = raw
+    record = StepRecord(step, seconds, batch, prefill, decode, padding, ended_at, running, waiting, free)
+    if detail:
+        record.works = [WorkRecord(works[i], works[i + 1], works[i + 2], works[i + 3],
+                                   None if works[i + 4] < 0 else works[i + 4], works[i + 5])
+                        for i in range(0, len(works), WORK_FIELDS)]
+        record.admitted, record.swapped_in, record.cow_faults = list(admitted), list(swapped_in), list(cow)
+        record.preempted = [list(p) for p in preempted]
+        record.exits = [list(e) for e in exits]
+        record.waiting_by_tenant = dict(waiting_by)
+        record.cost = None if cost is None else dict(cost)
+    return record

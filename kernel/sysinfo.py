@@ -12,7 +12,8 @@ from __future__ import annotations
 from kernel.argcheck import check_int, check_number, check_timeout, proc_of
 from kernel.errors import EINVAL, KvosError
 from kernel.proc import Residency, State
-from kernel.results import FsckReport, MemInfo, PageMap, ProcInfo, SchedStat, SystemInfo, TenantSched, WorkRecord
+from kernel.results import FsckReport, MemInfo, PageMap, ProcInfo, SchedStat, SystemInfo, TenantSched
+from kernel.sched.stats import TRACE_STEPS
 from kernel.systable import syscall
 
 
@@ -110,6 +111,7 @@ def _tenant_sched(kernel, t) -> TenantSched:
 def sys_schedstat(kernel, caller):
     """Scheduler counters, per-tenant service and recent steps. A tenant sees its own service and
     queue lengths only: the global counters read 0 and the step history is empty. -> SchedStat"""
+    from kernel.step import step_record
     if caller is not None:
         own = _tenant_sched(kernel, caller)
         return SchedStat(kernel.policy.name, 0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0,
@@ -120,7 +122,8 @@ def sys_schedstat(kernel, caller):
                      s.swap_outs, s.swap_ins, s.reclaims, s.recomputed_tokens, s.exits, s.oom_kills,
                      s.forward_errors, s.tokens_per_second, len(kernel.sched.running), len(kernel.sched.waiting),
                      [_tenant_sched(kernel, t) for t in kernel.tenants.values()],
-                     [r.summary() for r in list(s.history)[-64:]], kernel.clock() - kernel.dmesg.boot_time)
+                     [step_record(raw, detail=False) for raw in list(s.history)[-64:]],
+                     kernel.clock() - kernel.dmesg.boot_time)
 
 
 @syscall("dmesg")
@@ -164,36 +167,38 @@ def sys_fsck(kernel, caller):
 
 
 # -- watching and driving the kernel (root) ---------------------------------------------------------------------
-def trace_finish(records):
-    """Per-process entries become WorkRecords (kept as tuples in the ring: tracing costs a step little)."""
-    for r in records:
-        r.works = [WorkRecord(*w) for w in r.works]
-    return records
+def _step_records(raws) -> list:
+    """trace's finish half: ring entries become StepRecords outside the kernel lock."""
+    from kernel.step import step_record
+    return [step_record(raw) for raw in raws]
 
 
-@syscall("trace", root_only=True, blocking=True, finish=trace_finish)
+@syscall("trace", root_only=True, blocking=True, finish=_step_records)
 def sys_trace(kernel, caller, since=0, limit=None, timeout=0.0):
     """The step records after step `since`, oldest first: what ran (pid, tokens, the sampled token),
     admissions, swap-ins, preemptions, copy-on-write faults, exits, queue lengths, free frames.
     Waits up to `timeout` seconds for a step after `since`; with no loop thread running, a wait
     runs the next step itself, and returns at once when nothing is runnable. The kernel keeps
-    the last 512 records: a gap in the step numbers says records were lost. -> [StepRecord]"""
-    from copy import copy
-
+    the last 512 records: a gap in the step numbers says records were lost. Records list what
+    ran (works) only while someone traces: from a first call on, as long as calls come at least
+    every 512 steps (a tracepoint costs nothing when nobody reads it). -> [StepRecord]"""
+    from kernel.step import record_step
     from kernel.sysproc import block
     check_int("since", since, 0)
     if limit is not None:
         check_int("limit", limit, 1, 1 << 20)
     timeout = check_timeout(timeout, default=0.0)
     with kernel.lock:
-        history = kernel.stats.history
-        if timeout and (not history or history[-1].step <= since):
-            block(kernel, None, lambda: bool(history) and history[-1].step > since, timeout)   # any step
+        stats = kernel.stats
+        stats.traced_until = stats.steps + TRACE_STEPS + 1      # records carry their works while we read
+        history = stats.history
+        if timeout and (not history or record_step(history[-1]) <= since):
+            block(kernel, None, lambda: bool(history) and record_step(history[-1]) > since, timeout)   # any step
         out = []
-        for record in reversed(history):           # newest first: a caller keeping up reads one or two
-            if record.step <= since:
+        for raw in reversed(history):              # newest first: a caller keeping up reads one or two
+            if record_step(raw) <= since:
                 break
-            out.append(copy(record))               # finish replaces its works list, not the ring's
+            out.append(raw)                        # immutable: safe to hand to the finish half as it is
         out.reverse()
         return out[:limit] if limit else out
 

@@ -116,9 +116,13 @@ class Scheduler:
         for group in (decoders, prefillers):
             # Tenants within their memory share first: one above it is then never served before
             # them, so it can always be what they preempt when they need a frame.
-            within = [p for p in group if not shares.over_memory(p.tenant)]
-            beyond = [p for p in group if shares.over_memory(p.tenant)] if len(within) < len(group) else []
-            for proc in chain(self.policy.order(within), self.policy.order(beyond)):
+            if shares.single:
+                ordered = self.policy.order(group)
+            else:
+                over = {t: shares.over_memory(t) for t in shares.active}
+                ordered = chain(self.policy.order([p for p in group if not over[p.tenant]]),
+                                self.policy.order([p for p in group if over[p.tenant]]))
+            for proc in ordered:
                 if budget <= 0 or len(plan.works) >= self.max_running:
                     break
                 if proc.state != State.RUNNING:          # preempted as a victim earlier in this step
@@ -168,11 +172,12 @@ class Scheduler:
         return True
 
     def _plan_work(self, proc, count: int, plan: Plan) -> None:
+        mm = self.kernel.mm
         start = proc.num_computed
-        faults = self.mm.cow_faults
-        slots = self.mm.append(proc.asid, proc.tokens[start:start + count])
-        if self.mm.cow_faults != faults:
-            proc.cow_faults += self.mm.cow_faults - faults
+        faults = mm.cow_faults
+        slots = mm.append(proc.asid, proc.tokens[start:start + count])
+        if mm.cow_faults != faults:
+            proc.cow_faults += mm.cow_faults - faults
             plan.cow_faults.append(proc)
             self.kernel.log("cow", f"pid {proc.pid} wrote into a shared page: copied to a private frame",
                             proc=proc)

@@ -18,14 +18,19 @@ class Shares:
 
     def __init__(self, sched):
         self.sched = sched
-        self.active = {p.tenant for p in sched.running.values()} | {p.tenant for p in sched.waiting.values()} \
-            | {p.tenant for p in sched.kernel.sleeping_resident()}
-        self.slot_weight = sum(t.weight for t in {p.tenant for p in sched.running.values()}
-                               | {p.tenant for p in sched.waiting.values()})
+        tenants = sched.kernel.tenants
+        queued = {tenants[tid] for tid, n in sched.queued.items() if n}
+        running = {tenants[tid] for tid, n in sched.running_by.items() if n}
+        # One tenant (the usual case): no share to defend, and no need to look at every process.
+        self.single = len(tenants) <= 1
+        sleeping = set() if self.single else {p.tenant for p in sched.kernel.sleeping_resident()}
+        self.active = queued | running | sleeping
+        self.weight = sum(t.weight for t in self.active)
+        self.slot_weight = sum(t.weight for t in queued | running)
 
     def memory(self, tenant) -> float:
         """Frames `tenant` is guaranteed this step."""
-        total = sum(t.weight for t in self.active | {tenant})
+        total = self.weight if tenant in self.active else self.weight + tenant.weight
         share = self.sched.mm.num_frames * tenant.weight / total
         return share if tenant.mem_limit is None else min(share, tenant.mem_limit)
 

@@ -2,6 +2,8 @@
 from collections import deque
 from dataclasses import dataclass, field
 
+TRACE_STEPS = 512                    # step records kept; a tracer reading less often than this loses some
+
 
 @dataclass
 class SchedStats:
@@ -21,7 +23,8 @@ class SchedStats:
     exits: int = 0
     oom_kills: int = 0
     forward_errors: int = 0
-    history: deque = field(default_factory=lambda: deque(maxlen=512))
+    history: deque = field(default_factory=lambda: deque(maxlen=TRACE_STEPS))   # the trace ring (kernel/step.py)
+    traced_until: int = 0            # records carry their per-process works up to this step (trace() extends it)
 
     @property
     def tokens_per_second(self) -> float:
