@@ -28,9 +28,13 @@ KEY, ROOT_KEY = "bench-tenant-key", "bench-root-key"
 
 def start_daemon(args) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "KVOS_API_KEY": KEY, "KVOS_ROOT_KEY": ROOT_KEY, "KVOS_THREADS": str(args.server_threads)}
-    cmd = [sys.executable, "-m", "kvos", "serve", "--port", "0", "--model", args.model,
-           "--memory", args.memory, "--threads", str(args.server_threads), "--log-level", "warning",
-           "--token-budget", str(args.token_budget)]
+    return launch(["--model", args.model, "--memory", args.memory, "--threads", str(args.server_threads),
+                   "--token-budget", str(args.token_budget)], env)
+
+
+def launch(options: list, env: dict) -> tuple[subprocess.Popen, str]:
+    """`kvos serve` with these options in a process of its own, on a free port: (process, its URL)."""
+    cmd = [sys.executable, "-m", "kvos", "serve", "--port", "0", "--log-level", "warning", *options]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300            # the first run of smollm2-135m downloads it
     while True:

@@ -15,38 +15,27 @@ import asyncio
 import http.client
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench_daemon import launch  # benchmarks/ is the script's folder, first on sys.path
+
 ROOT, ALICE, BOB = "iso-root-key", "iso-alice-key", "iso-bob-key"
 
 
 # -- the daemon -----------------------------------------------------------------------------------------
-def start_daemon(args) -> tuple[subprocess.Popen, str]:
+def start_daemon(args) -> tuple:
     tenants = {"root_key": ROOT, "tenants": [
         {"name": "alice", "model": args.model, "key": ALICE},
         {"name": "bob", "model": args.model, "key": BOB, "max_procs": 16}]}
     spec = Path(tempfile.mkdtemp()) / "tenants.json"
     spec.write_text(json.dumps(tenants))
-    env = {**os.environ, "KVOS_THREADS": "1"}
-    cmd = [sys.executable, "-m", "kvos", "serve", "--port", "0", "--tenants", str(spec),
-           "--memory", args.memory, "--threads", "1", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    while True:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            sys.exit(f"kvosd exited with {proc.returncode}")
-        found = re.search(r" at (http://\S+) ", line)
-        if found:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()     # keep its pipe drained
-            return proc, found.group(1)
+    return launch(["--tenants", str(spec), "--memory", args.memory, "--threads", "1"],
+                  {**os.environ, "KVOS_THREADS": "1"})
 
 
 def call(url, method, path, body=None, key=ALICE, timeout=300) -> tuple[int, object]:

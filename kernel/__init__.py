@@ -8,26 +8,10 @@
 """
 from typing import TYPE_CHECKING
 
+from kernel import results
 from kernel.errors import KernelPanic, KvosError
 from kernel.proc import State
-from kernel.results import (
-    CgroupInfo,
-    ExitStatus,
-    FsckReport,
-    LogEntry,
-    LoopStatus,
-    MemInfo,
-    PageEntry,
-    PageMap,
-    ProcInfo,
-    ReadResult,
-    SchedStat,
-    StepRecord,
-    SystemInfo,
-    TenantInfo,
-    TenantSched,
-    WorkRecord,
-)
+from kernel.results import *  # noqa: F403  (every result type is a public name)
 from kernel.sched.policies import FCFS, FairShare, Policy, PriorityPolicy, StaticBatching
 from kernel.syscalls import SYSCALLS
 
@@ -68,7 +52,4 @@ def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=51
 
 
 __all__ = ["boot", "Kernel", "KvosError", "KernelPanic", "State", "SYSCALLS",
-           "Policy", "FCFS", "PriorityPolicy", "FairShare", "StaticBatching",
-           "ExitStatus", "ReadResult", "ProcInfo", "TenantInfo", "WorkRecord", "StepRecord", "TenantSched",
-           "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo", "MemInfo", "LogEntry", "SystemInfo",
-           "FsckReport"]
+           "Policy", "FCFS", "PriorityPolicy", "FairShare", "StaticBatching", *results.__all__]

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+__all__ = ["ExitStatus", "ReadResult", "ProcInfo", "TenantInfo", "SystemInfo", "FsckReport", "WorkRecord",
+           "StepRecord", "TenantSched", "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo",
+           "MemInfo", "LogEntry"]
+
 
 # -- processes ------------------------------------------------------------------------------------------
 @dataclass

@@ -12,26 +12,9 @@ userspace packages stay where they are; this module only names their public part
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from kernel import boot
+from kernel import boot, results
 from kernel.errors import ERRNOS, KernelPanic, KvosError
-from kernel.results import (
-    CgroupInfo,
-    ExitStatus,
-    FsckReport,
-    LogEntry,
-    LoopStatus,
-    MemInfo,
-    PageEntry,
-    PageMap,
-    ProcInfo,
-    ReadResult,
-    SchedStat,
-    StepRecord,
-    SystemInfo,
-    TenantInfo,
-    TenantSched,
-    WorkRecord,
-)
+from kernel.results import *  # noqa: F403  (the result types the syscalls return)
 from userspace import libc
 from userspace.daemon.client import Client
 
@@ -40,7 +23,4 @@ try:
 except PackageNotFoundError:        # a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["boot", "KvosError", "KernelPanic", "ERRNOS", "libc", "Client", "__version__",
-           "ExitStatus", "ReadResult", "ProcInfo", "TenantInfo", "WorkRecord", "StepRecord", "TenantSched",
-           "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo", "MemInfo", "LogEntry", "SystemInfo",
-           "FsckReport"]
+__all__ = ["boot", "KvosError", "KernelPanic", "ERRNOS", "libc", "Client", "__version__", *results.__all__]

@@ -5,18 +5,15 @@ Outputs over HTTP are compared with an in-process kernel running the same model 
 """
 import http.client
 import json
-import os
 import threading
 import time
 
 import openai
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import kernel
 from kernel.errors import E2BIG, EAGAIN, EINVAL, ENOMEM, EPERM, ESRCH, KvosError
-from kernel.ops import set_num_threads
 from kernel.results import ExitStatus, MemInfo, PageEntry, PageMap, ProcInfo, ReadResult, SchedStat, TenantSched
 from kernel.syscalls import SYSCALLS
 from userspace import libc
@@ -40,17 +37,7 @@ def config(**overrides):
     return DaemonConfig(boot=boot_options(), tenants=tenants, root_key=ROOT, **overrides)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the tests share 2 cores with the server's loop and its clients."""
-    before, threads = os.environ.get("KVOS_THREADS"), torch.get_num_threads()
-    os.environ["KVOS_THREADS"] = "1"
-    yield
-    if before is None:
-        os.environ.pop("KVOS_THREADS")
-    else:
-        os.environ["KVOS_THREADS"] = before
-    set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import os
 
 import pytest
 import schemathesis
-import torch
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -23,7 +22,6 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from kernel.ops import set_num_threads
 from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.server import ServerThread
 
@@ -36,9 +34,7 @@ WAIT_AT_MOST = 0.2           # seconds a generated read or wait may block
 
 
 @pytest.fixture(scope="module")
-def server():
-    before, threads = os.environ.get("KVOS_THREADS"), torch.get_num_threads()
-    os.environ["KVOS_THREADS"] = "1"
+def server(one_thread):
     tenants = [TenantSpec("alice", "tiny-llama", ALICE, LIMITS), TenantSpec("bob", "tiny-llama", BOB, LIMITS)]
     srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory="4MiB", swap="1MiB", threads=1),
                                     tenants=tenants, root_key=ROOT, max_connections=64))
@@ -46,11 +42,6 @@ def server():
     report = srv.stop(kill=True)
     assert report["fsck"] == "clean" and report["frames_mapped"] == 0 and report["swap_used"] == 0
     assert report["frames_free"] + report["frames_cached"] == report["frames_total"]
-    if before is None:
-        os.environ.pop("KVOS_THREADS")
-    else:
-        os.environ["KVOS_THREADS"] = before
-    set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

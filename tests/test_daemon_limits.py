@@ -4,7 +4,6 @@ a killed tenant, and TLS. Each daemon runs in this process (ServerThread) on tin
 """
 import http.client
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -13,10 +12,8 @@ import threading
 import time
 
 import pytest
-import torch
 
 from kernel.errors import E2BIG, EAGAIN, EINVAL, ENOENT, EPERM, KvosError
-from kernel.ops import set_num_threads
 from userspace.daemon.client import Client
 from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.server import ServerThread, check_tls, exposure_warning
@@ -32,16 +29,7 @@ def config(**overrides):
                         root_key=ROOT, **overrides)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before, threads = os.environ.get("KVOS_THREADS"), torch.get_num_threads()
-    os.environ["KVOS_THREADS"] = "1"
-    yield
-    if before is None:
-        os.environ.pop("KVOS_THREADS")
-    else:
-        os.environ["KVOS_THREADS"] = before
-    set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,12 @@ under a second (an ordinary step of the tiny model is a few milliseconds), and n
 import asyncio
 import http.client
 import json
-import os
 import threading
 import time
 
 import pytest
-import torch
 
 from kernel.errors import KvosError
-from kernel.ops import set_num_threads
 from userspace.daemon.client import Client
 from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.server import ServerThread
@@ -25,16 +22,7 @@ ROOT, ALICE, BOB = "root-key-for-isolation", "alice-key-for-isolation", "bob-key
 PAUSE_LIMIT = 1.0            # seconds: far above a step, far below what the attacks used to cause
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before, threads = os.environ.get("KVOS_THREADS"), torch.get_num_threads()
-    os.environ["KVOS_THREADS"] = "1"
-    yield
-    if before is None:
-        os.environ.pop("KVOS_THREADS")
-    else:
-        os.environ["KVOS_THREADS"] = before
-    set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 def start(**boot):

@@ -4,14 +4,11 @@ The kernel runs its loop thread in both (boot(loop=True); kvosd always does), ti
 tenants (alice, bob). Handles are wrapped to record which syscalls the tests call; the last test
 checks that every syscall of the table was called, through both doors.
 """
-import os
 
 import pytest
-import torch
 
 import kernel
 from kernel.errors import KvosError
-from kernel.ops import set_num_threads
 from kernel.results import (
     ExitStatus,
     FsckReport,
@@ -48,16 +45,7 @@ class Recorder:
         return getattr(self._handle, name)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before, threads = os.environ.get("KVOS_THREADS"), torch.get_num_threads()
-    os.environ["KVOS_THREADS"] = "1"
-    yield
-    if before is None:
-        os.environ.pop("KVOS_THREADS")
-    else:
-        os.environ["KVOS_THREADS"] = before
-    set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=["local", "kvosd"])

@@ -9,25 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, fields, is_dataclass
 
+from kernel import results as r
 from kernel.errors import E2BIG, EAGAIN, EBUSY, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, EPERM, ESRCH
-from kernel.results import (
-    CgroupInfo,
-    ExitStatus,
-    FsckReport,
-    LogEntry,
-    LoopStatus,
-    MemInfo,
-    PageEntry,
-    PageMap,
-    ProcInfo,
-    ReadResult,
-    SchedStat,
-    StepRecord,
-    SystemInfo,
-    TenantInfo,
-    TenantSched,
-    WorkRecord,
-)
 
 # EAGAIN is 429 (a tenant's limit: retry later) unless the daemon is draining, then 503.
 HTTP_STATUS = {EINVAL: 400, ESRCH: 404, ENOENT: 404, EPERM: 403, EAGAIN: 429, EBUSY: 409,
@@ -37,18 +20,18 @@ HTTP_STATUS = {EINVAL: 400, ESRCH: 404, ENOENT: 404, EPERM: 403, EAGAIN: 429, EB
 # keys against kernel.syscalls.SYSCALLS, so a new syscall cannot be forgotten here.
 RESULTS = {
     "spawn_tenant": int, "kill_tenant": None, "spawn": int, "spawn_n": [int], "fork": [int], "write": None,
-    "read": ReadResult, "wait": ExitStatus, "kill": None, "nice": int, "shmget": int, "shmrm": None,
-    "ps": [ProcInfo], "pagemap": PageMap, "meminfo": MemInfo, "schedstat": SchedStat, "dmesg": [LogEntry],
-    "tenantinfo": TenantInfo, "tokenize": [int], "detokenize": str, "trace": [StepRecord], "loopctl": LoopStatus,
-    "uname": SystemInfo, "fsck": FsckReport,
+    "read": r.ReadResult, "wait": r.ExitStatus, "kill": None, "nice": int, "shmget": int, "shmrm": None,
+    "ps": [r.ProcInfo], "pagemap": r.PageMap, "meminfo": r.MemInfo, "schedstat": r.SchedStat, "dmesg": [r.LogEntry],
+    "tenantinfo": r.TenantInfo, "tokenize": [int], "detokenize": str, "trace": [r.StepRecord], "loopctl": r.LoopStatus,
+    "uname": r.SystemInfo, "fsck": r.FsckReport,
 }
 
 # Fields holding nested dataclasses (JSON cannot say which class an object was).
 NESTED = {
-    PageMap: {"pages": [PageEntry]},
-    MemInfo: {"cgroups": {str: CgroupInfo}},
-    SchedStat: {"tenants": [TenantSched], "recent_steps": [StepRecord]},
-    StepRecord: {"works": [WorkRecord], "waiting_by_tenant": {int: int}},
+    r.PageMap: {"pages": [r.PageEntry]},
+    r.MemInfo: {"cgroups": {str: r.CgroupInfo}},
+    r.SchedStat: {"tenants": [r.TenantSched], "recent_steps": [r.StepRecord]},
+    r.StepRecord: {"works": [r.WorkRecord], "waiting_by_tenant": {int: int}},
 }
 
 
@@ -84,7 +67,7 @@ def _build(kind, data):
         if f.name in data:           # a field the server lacks keeps its default (an older server)
             value = data[f.name]
             kwargs[f.name] = _build(nested[f.name], value) if f.name in nested else value
-    if kind is ReadResult:           # in-process logprobs are (token, logprob) tuples
+    if kind is r.ReadResult:           # in-process logprobs are (token, logprob) tuples
         kwargs["logprobs"] = [[tuple(pair) for pair in position] for position in kwargs.get("logprobs", [])]
     return kind(**kwargs)
 
