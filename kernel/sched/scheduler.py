@@ -108,8 +108,8 @@ class Scheduler:
         plan = Plan()
         self.served = set()
         shares = self._shares = Shares(self)
-        admissible = self._admissible()
-        claims = claim(self, shares, admissible, plan) if self.waiting else []
+        # Claims are between tenants: with one, there is nobody to take from.
+        claims = claim(self, shares, self._admissible(), plan) if self.waiting and not shares.single else []
         budget = self.token_budget
         decoders = [p for p in self.running.values() if p.remaining == 1]
         prefillers = [p for p in self.running.values() if p.remaining > 1]
@@ -131,7 +131,7 @@ class Scheduler:
                 if count:
                     self._plan_work(proc, count, plan)
                     budget -= count
-        admissible = [p for p in admissible if p.pid in self.waiting]
+        admissible = self._admissible()        # now: a victim of the step so far may come straight back
         claimed = {p.pid for p in claims}
         for proc in chain(claims, (p for p in self.policy.order(admissible) if p.pid not in claimed)):
             if budget <= 0 or len(self.running) >= self.max_running:
