@@ -114,7 +114,7 @@ class FsckReport:
 
 
 # -- the scheduler ----------------------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)       # a step record holds hundreds of these
 class WorkRecord:
     """One process's share of a step."""
     pid: int
@@ -125,7 +125,7 @@ class WorkRecord:
     generated: int               # tokens generated so far (all turns), after this step
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     """One time slice: what ran, and what the kernel did to make room for it.
 

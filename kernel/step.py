@@ -8,7 +8,7 @@ keeps schedstat and the step's trace record. Whether a work draws a token was
 decided once, by the scheduler (Work.draws).
 """
 from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -172,7 +172,7 @@ def record(kernel, plan, samples: dict, seconds: float) -> None:
         works, tuple(p.pid for p in plan.admitted), tuple(p.pid for p in plan.swapped_in),
         tuple((p.pid, how) for p, how in plan.preempted), tuple(p.pid for p in plan.cow_faults),
         tuple(events.exits), tuple((tid, n) for tid, n in sched.queued.items() if n),
-        tuple(asdict(cost).items()) + (("total", cost.total),)
+        tuple(vars(cost).items()) + (("total", cost.total),)      # numbers only: asdict's deep copies cost
         if cost is not None and not kernel.device.has_tensors else None))
     events.exits.clear()
 

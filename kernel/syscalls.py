@@ -72,18 +72,18 @@ class SyscallHandle:
         if self._tenant is not None and not self._tenant.alive:
             raise KvosError(ESRCH, f"tenant {self._tenant.tid} no longer exists")
         try:
-            bound = sc.signature.bind(kernel, self._tenant, *args, **kwargs)
+            sc.binder(*args, **kwargs)
         except TypeError as err:
-            raise KvosError(EINVAL, f"{name}: {err}") from None
+            raise KvosError(EINVAL, f"{name}: {str(err).removeprefix(name + '() ')}") from None
         if kernel.mm is None and name not in _BEFORE_FIRST_TENANT:
             raise KvosError(ESRCH, f"{name}: no tenant exists yet")
         if sc.new_work and not kernel.accepting:
             raise KvosError(EAGAIN, f"{name}: the kernel is shutting down")
         if sc.prepare is not None:               # the caller's half, before any lock is taken
-            prepared = sc.prepare(*bound.args, **bound.kwargs)
+            prepared = sc.prepare(kernel, self._tenant, *args, **kwargs)
             args, kwargs = (kernel, self._tenant), prepared
         else:
-            args, kwargs = bound.args, bound.kwargs
+            args = (kernel, self._tenant, *args)
         if sc.blocking or not sc.locked:
             result = sc.handler(*args, **kwargs)
         else:

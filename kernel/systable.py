@@ -33,7 +33,8 @@ class Syscall:
     locked: bool                 # the handler runs under the kernel lock (False: reads immutable state only)
     new_work: bool               # it may give the loop something to run (the loop is woken after it)
     doc: str
-    signature: inspect.Signature   # (kernel, caller, ...): checked before every call
+    signature: inspect.Signature   # (kernel, caller, ...): what callers bind against
+    binder: object                 # a function of its parameters after (kernel, caller) that does nothing
     prepare: object = None
     finish: object = None
 
@@ -45,8 +46,29 @@ def syscall(name: str, *, root_only: bool = False, blocking: bool = False, locke
             new_work: bool = False, prepare=None, finish=None):
     """Register the decorated handler as syscall `name` (see the module docstring for the halves)."""
     def register(handler):
-        public = prepare if prepare is not None else handler
+        signature = inspect.signature(prepare if prepare is not None else handler)
         SYSCALLS[name] = Syscall(name, handler, root_only, blocking, locked, new_work,
-                                 inspect.getdoc(handler) or "", inspect.signature(public), prepare, finish)
+                                 inspect.getdoc(handler) or "", signature, _binder(name, signature), prepare,
+                                 finish)
         return handler
     return register
+
+
+def _binder(name: str, signature: inspect.Signature):
+    """A function with the syscall's parameters and an empty body: calling it checks that arguments
+    fit (TypeError otherwise) in C, 10x faster than Signature.bind on every syscall."""
+    parts, star = [], False
+    for p in list(signature.parameters.values())[2:]:          # what the caller passes: not (kernel, caller)
+        if p.kind is p.VAR_POSITIONAL:
+            parts.append(f"*{p.name}")
+            star = True
+        elif p.kind is p.VAR_KEYWORD:
+            parts.append(f"**{p.name}")
+        else:
+            if p.kind is p.KEYWORD_ONLY and not star:
+                parts.append("*")
+                star = True
+            parts.append(p.name if p.default is p.empty else f"{p.name}=None")
+    namespace: dict = {}
+    exec(f"def {name}({', '.join(parts)}):\n    pass", namespace)      # noqa: S102 -- names from our own table
+    return namespace[name]

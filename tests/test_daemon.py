@@ -406,7 +406,7 @@ def test_malformed_requests_get_400_and_the_daemon_keeps_serving(server, alice, 
     cases = [
         ("/sys/spawn", b"{not json", "not valid JSON"),
         ("/sys/spawn", b"[1, 2]", "must be a JSON object"),
-        ("/sys/spawn", json.dumps({"tid": 1}).encode(), "missing a required argument: 'prompt'"),
+        ("/sys/spawn", json.dumps({"tid": 1}).encode(), "missing 1 required positional argument: 'prompt'"),
         ("/sys/spawn", json.dumps({"tid": 1, "prompt": "hi", "temprature": 1}).encode(), "unknown sampling key"),
         ("/sys/spawn", json.dumps({"tid": 1, "prompt": ""}).encode(), "prompt is empty"),
         ("/sys/kill", json.dumps({"pid": "seven"}).encode(), "pid must be an integer"),
