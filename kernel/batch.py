@@ -40,31 +40,10 @@ def build_batch(works, wanted, mm, device, null_frame=None):
     """
     import numpy as np
 
-    token_ids, positions, slots, query_start, context_lens, rows = [], [], [], [0], [], []
-    sample_indices = []
-    wanted_ids = {id(w) for w in wanted}
-    for w in works:
-        proc = w.proc
-        token_ids += proc.tokens[w.start:w.end]
-        positions += range(w.start, w.end)
-        slots += w.slots
-        query_start.append(query_start[-1] + w.count)
-        context_lens.append(w.end)
-        rows.append(mm.space(proc.asid).frames)
-        if id(w) in wanted_ids:
-            sample_indices.append(query_start[-1] - 1)
+    token_ids, positions, slots, query_start, context_lens, rows, sample_indices = pack(works, wanted, mm)
     padding = 0
     if null_frame is not None and works:
-        longest = max(w.count for w in works)
-        padding = longest * len(works) - query_start[-1]
-        page_size = works[0].proc.tenant.page_size
-        for _ in range(padding):
-            token_ids.append(0)
-            positions.append(0)
-            slots.append(null_frame * page_size)
-            query_start.append(query_start[-1] + 1)
-            context_lens.append(1)
-            rows.append((null_frame,))
+        padding = pad(works, null_frame, token_ids, positions, slots, query_start, context_lens, rows)
     max_pages = max(len(r) for r in rows)
     table = np.zeros((len(rows), max_pages), dtype=np.int32)
     for i, r in enumerate(rows):
@@ -83,3 +62,43 @@ def build_batch(works, wanted, mm, device, null_frame=None):
         max_context_len=max(context_lens) if context_lens else 0,
     )
     return batch, padding
+
+
+def pack(works, wanted, mm) -> tuple:
+    """The ragged batch as lists: (token_ids, positions, slots, query_start, context_lens, page-table
+    rows, sample_indices), every work's tokens back to back in works order (ForwardBatch says what
+    each holds); a sample index is the row of the last token of a work in `wanted`."""
+    # LAB(batch): BEGIN
+    token_ids, positions, slots, query_start, context_lens, rows = [], [], [], [0], [], []
+    sample_indices = []
+    wanted_ids = {id(w) for w in wanted}
+    for w in works:
+        proc = w.proc
+        token_ids += proc.tokens[w.start:w.end]
+        positions += range(w.start, w.end)
+        slots += w.slots
+        query_start.append(query_start[-1] + w.count)
+        context_lens.append(w.end)
+        rows.append(mm.space(proc.asid).frames)
+        if id(w) in wanted_ids:
+            sample_indices.append(query_start[-1] - 1)
+    return token_ids, positions, slots, query_start, context_lens, rows, sample_indices
+    # LAB(batch): END
+
+
+def pad(works, null_frame, token_ids, positions, slots, query_start, context_lens, rows) -> int:
+    """Legacy batch="padded": append padding rows to the packed lists until every sequence is as long
+    as the longest, each a 1-token sequence writing into `null_frame`. Returns the padding tokens."""
+    # LAB(batch): BEGIN -> return 0
+    longest = max(w.count for w in works)
+    padding = longest * len(works) - query_start[-1]
+    page_size = works[0].proc.tenant.page_size
+    for _ in range(padding):
+        token_ids.append(0)
+        positions.append(0)
+        slots.append(null_frame * page_size)
+        query_start.append(query_start[-1] + 1)
+        context_lens.append(1)
+        rows.append((null_frame,))
+    return padding
+    # LAB(batch): END

@@ -81,19 +81,23 @@ class KernelLock:
             raise
         if not got:
             with self._mutex:
+                # LAB(klock): BEGIN -> self._queue.remove(waiter)
                 got = self._owner == me                  # handed over just as the wait timed out
                 if not got:
                     self._queue.remove(waiter)
+                # LAB(klock): END
         return got
 
     def _hand_off(self) -> None:
         """Give the free lock to the oldest waiter, or leave it free (caller holds _mutex)."""
+        # LAB(klock): BEGIN -> self._owner, self._depth = None, 0
         if self._queue:
             waiter = self._queue.popleft()
             self._owner, self._depth = waiter.thread, waiter.depth
             waiter.granted.release()
         else:
             self._owner, self._depth = None, 0
+        # LAB(klock): END
 
     # -- what threading.Condition calls: wait() releases every level and gets them all back ---------
     def _is_owned(self) -> bool:

@@ -49,9 +49,11 @@ class FrameTable:
         if self.free_list:
             frame = self.free_list.pop()
         elif self.lru:
-            frame, _ = self.lru.popitem(last=False)
+            # LAB(pagecache): BEGIN
+            frame, _ = self.lru.popitem(last=False)      # the least recently used cached page goes
             self.page_cache.drop(frame)
             self.page_cache.stats.evictions += 1
+            # LAB(pagecache): END
         else:
             raise KernelPanic("FrameTable.alloc: no frame available (caller did not reserve)")
         self.refcount[frame] = 1
@@ -78,10 +80,12 @@ class FrameTable:
         if count == 0:
             self.owner[frame].charged -= 1
             self.owner[frame] = None
+            # LAB(pagecache): BEGIN -> self.free_list.append(frame)
             if frame in self.page_cache:
-                self.lru[frame] = None
+                self.lru[frame] = None                   # newest at the end: evicted last
             else:
                 self.free_list.append(frame)
+            # LAB(pagecache): END
 
     def pin(self, frame: int) -> None:
         """A segment maps `frame` (its reference is already counted)."""

@@ -136,14 +136,20 @@ class MemoryManager:
     def frames_needed(self, asid: int, num_tokens: int) -> int:
         """New frames that appending `num_tokens` would take (copy-on-write fault included)."""
         space = self.space(asid)
-        start = space.num_tokens
-        new = max(0, -(-(start + num_tokens) // space.page_size) - len(space.frames))
-        return new + (num_tokens > 0 and self._faults(space, start))
+        return self._new_pages(space, num_tokens) + (num_tokens > 0 and self._faults(space, space.num_tokens))
+
+    def _new_pages(self, space: AddressSpace, num_tokens: int) -> int:
+        """Frames to map for `num_tokens` more tokens: a partly filled last page still has room."""
+        # LAB(pagetable): BEGIN
+        return max(0, -(-(space.num_tokens + num_tokens) // space.page_size) - len(space.frames))
+        # LAB(pagetable): END
 
     def _faults(self, space: AddressSpace, start: int) -> bool:
         """Whether writing token `start` hits a shared, partly filled page (copy-on-write)."""
+        # LAB(cow): BEGIN -> return False
         vpn, offset = divmod(start, space.page_size)
         return offset != 0 and self.frames.is_shared(space.frames[vpn])
+        # LAB(cow): END
 
     def append(self, asid: int, tokens) -> list:
         """Map slots for `tokens` after the current ones; returns their slots (frame * page_size + offset).
@@ -161,18 +167,20 @@ class MemoryManager:
             return []
         ps = space.page_size
         start = space.num_tokens
-        new_pages = max(0, -(-(start + n) // ps) - len(space.frames))
+        new_pages = self._new_pages(space, n)
         cow = self._faults(space, start)
         needed = new_pages + cow
-        if needed:
+        if needed:      # checked before anything changes: an append maps all its tokens or none
             self._reserve(space.cgroup, needed, needed, f"append to address space {asid}")
         if cow:
             self._cow_fault(space, start // ps)
+        # LAB(pagetable): BEGIN
         for _ in range(new_pages):
             space.frames.append(self.frames.alloc(space.cgroup))
         space.tokens.extend(tokens)
         frames = space.frames
         return [frames[i // ps] * ps + i % ps for i in range(start, start + n)]
+        # LAB(pagetable): END
 
     def reserve(self, asid: int, num_tokens: int) -> int:
         """Pre-allocate frames for `num_tokens` tokens in all (legacy alloc="prealloc").
@@ -192,12 +200,15 @@ class MemoryManager:
         return new
 
     def _cow_fault(self, space: AddressSpace, vpn: int) -> None:
+        """Give `space` a private copy of its shared page `vpn` (the caller reserved the frame)."""
+        # LAB(cow): BEGIN
         shared = space.frames[vpn]
         private = self.frames.alloc(space.cgroup)
-        self.pending.append(MemOp("copy", shared, private))
+        self.pending.append(MemOp("copy", shared, private))     # the bytes move at flush(), before the forward
         self.frames.decref(shared)
         space.frames[vpn] = private
         self.cow_faults += 1
+        # LAB(cow): END
 
     def publish(self, asid: int) -> int:
         """Name the full pages that have no name yet; call once their K/V is computed.
@@ -233,6 +244,7 @@ class MemoryManager:
         if space.is_swapped or space.num_tokens % ps or len(space.names) != space.num_full_pages \
                 or len(space.frames) != space.num_pages:
             return 0
+        # LAB(pagecache): BEGIN -> return 0
         limit = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
         room = space.cgroup.room()
         hits = []
@@ -256,12 +268,14 @@ class MemoryManager:
         self.page_cache.stats.hits += len(hits)
         space.tokens.extend(tokens[:len(hits) * ps])
         return len(hits) * ps
+        # LAB(pagecache): END
 
     def fork(self, asid: int) -> int:
         """A child address space sharing every page of the parent (copy-on-write)."""
         parent = self.space(asid)
         if parent.is_swapped:
             raise KvosError(EINVAL, f"address space {asid} is swapped out; swap it in before fork")
+        # LAB(cow): BEGIN
         child_id = self._new_id()
         child = AddressSpace(parent.cgroup, parent.page_size, parent.namespace, asid=child_id,
                              frames=parent.frames[:parent.num_pages], tokens=list(parent.tokens),
@@ -270,14 +284,17 @@ class MemoryManager:
             self.frames.incref(frame, child.cgroup)
         self.spaces[child_id] = child
         return child_id
+        # LAB(cow): END
 
     def free(self, asid: int) -> None:
         """Destroy an address space: frames lose a reference (named ones stay cached), slots free."""
+        # LAB(pagetable): BEGIN -> pass
         space = self.space(asid)
         for frame in space.frames:
             self.frames.decref(frame)
         for slot in space.swap_slots:
             self.swap.release(slot)
+        # LAB(pagetable): END
         del self.spaces[asid]
 
     # -- swap ---------------------------------------------------------------------
@@ -289,6 +306,7 @@ class MemoryManager:
         space = self.space(asid)
         if space.is_swapped or not space.frames:
             return 0
+        # LAB(swap): BEGIN
         pages = space.num_pages
         if pages > self.swap.num_free:
             raise SwapFull(pages, self.swap.num_free)
@@ -302,6 +320,7 @@ class MemoryManager:
         space.frames = []
         self.swapped_out_pages += len(space.swap_slots)
         return len(space.swap_slots)
+        # LAB(swap): END
 
     def swap_in_plan(self, asid: int):
         """(frames to allocate, charges, cached frames reused) for swapping `asid` in."""
@@ -327,6 +346,7 @@ class MemoryManager:
         space = self.space(asid)
         if not space.is_swapped:
             return 0
+        # LAB(swap): BEGIN
         hits = self._swap_in_hits(space)
         cached_hits = sum(1 for f in hits if f is not None and self.frames.refcount[f] == 0)
         new = sum(1 for f in hits if f is None)
@@ -349,6 +369,7 @@ class MemoryManager:
         space.swap_slots = []
         self.swapped_in_pages += copied
         return copied
+        # LAB(swap): END
 
     # -- shm segments -----------------------------------------------------------
     def make_segment(self, asid: int) -> int:
@@ -378,13 +399,15 @@ class MemoryManager:
             raise KvosError(EINVAL, f"address space {asid} is not empty; attach the segment first")
         if seg.page_size != space.page_size or seg.namespace != space.namespace:
             raise KvosError(EINVAL, f"segment {shmid} belongs to another program or namespace")
+        # LAB(pagecache): BEGIN
         for frame in seg.frames:
             self.frames.incref(frame, space.cgroup)
-        space.frames = list(seg.frames)
+        space.frames = list(seg.frames)      # a partly filled last page is shared: the first write faults
         space.tokens = list(seg.tokens)
         space.names = list(seg.names)
         space.segment = shmid
         return len(space.tokens)
+        # LAB(pagecache): END
 
     def remove_segment(self, shmid: int) -> None:
         """Unpin a segment; processes attached to it keep their own references."""

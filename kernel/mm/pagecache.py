@@ -52,6 +52,7 @@ class PageCache:
     def lookup(self, name: bytes, parent: bytes, tokens) -> int | None:
         """The frame holding this exact page, or None. Verifies tokens and parent, not only the hash."""
         self.stats.lookups += 1
+        # LAB(pagecache): BEGIN -> return None
         frame = self.frame_of.get(name)
         if frame is None:
             return None
@@ -59,15 +60,18 @@ class PageCache:
         if page.parent != parent or page.tokens != tuple(tokens):
             return None
         return frame
+        # LAB(pagecache): END
 
     def insert(self, frame: int, name: bytes, parent: bytes, tokens) -> bool:
         """Name `frame`; False (nothing changes) if the name or the frame is already taken."""
+        # LAB(pagecache): BEGIN -> return False
         if name in self.frame_of or frame in self.page_of:
             return False
         self.frame_of[name] = frame
         self.page_of[frame] = CachedPage(name, parent, tuple(tokens))
         self.stats.inserts += 1
         return True
+        # LAB(pagecache): END
 
     def drop(self, frame: int) -> None:
         page = self.page_of.pop(frame)

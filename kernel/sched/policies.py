@@ -7,9 +7,6 @@ through `charge`. Users pass their own subclass to boot(policy=...).
 """
 from __future__ import annotations
 
-import heapq
-from itertools import count
-
 
 class Policy:
     name = "base"
@@ -66,6 +63,9 @@ class FairShare(Policy):
         return (proc.tenant.virtual_tokens, proc.arrival)
 
     def order(self, procs):
+        # LAB(fair): BEGIN -> yield from sorted(procs, key=self.key)
+        import heapq
+        from itertools import count
         queues: dict = {}
         for proc in sorted(procs, key=lambda p: p.arrival):
             queues.setdefault(proc.tenant.tid, []).append(proc)
@@ -79,17 +79,22 @@ class FairShare(Policy):
             proc = queue[position[tid]]
             yield proc
             position[tid] += 1
-            if position[tid] < len(queue):
+            if position[tid] < len(queue):       # its counter moved when it was charged: back in by it
                 heapq.heappush(heap, (proc.tenant.virtual_tokens, next(tie), tid))
+        # LAB(fair): END
 
     def charge(self, proc, tokens: int) -> None:
+        # LAB(fair): BEGIN -> pass
         weight = self.decode_weight if proc.is_decoding else self.prefill_weight
         proc.tenant.virtual_tokens += weight * tokens / proc.tenant.weight
+        # LAB(fair): END
 
     def on_tenant_active(self, tenant, active_tenants) -> None:
+        # LAB(fair): BEGIN -> pass
         others = [t.virtual_tokens for t in active_tenants if t is not tenant]
-        if others:
+        if others:      # never below the others: service not asked for while idle is not owed
             tenant.virtual_tokens = max(tenant.virtual_tokens, min(others))
+        # LAB(fair): END
 
 
 class StaticBatching(FCFS):

@@ -111,9 +111,12 @@ class Scheduler:
         # Claims are between tenants: with one, there is nobody to take from.
         claims = claim(self, shares, self._admissible(), plan) if self.waiting and not shares.single else []
         budget = self.token_budget
+        # LAB(sched): BEGIN -> groups = (list(self.running.values()),)
         decoders = [p for p in self.running.values() if p.remaining == 1]
         prefillers = [p for p in self.running.values() if p.remaining > 1]
-        for group in (decoders, prefillers):
+        groups = (decoders, prefillers)      # decodes first: a long prompt never stalls a running stream
+        # LAB(sched): END
+        for group in groups:
             # Tenants within their memory share first: one above it is then never served before
             # them, so it can always be what they preempt when they need a frame.
             if shares.single:
@@ -127,7 +130,7 @@ class Scheduler:
                     break
                 if proc.state != State.RUNNING:          # preempted as a victim earlier in this step
                     continue
-                count = self._make_room(proc, min(proc.remaining, self.chunk, budget), plan)
+                count = self._make_room(proc, self.quantum(proc, budget), plan)
                 if count:
                     self._plan_work(proc, count, plan)
                     budget -= count
@@ -148,6 +151,13 @@ class Scheduler:
             if proc.state == State.NEW:
                 proc.state = State.READY
         return plan
+
+    def quantum(self, proc, budget: int) -> int:
+        """Tokens `proc` may compute in this step, memory permitting, with `budget` tokens of the
+        step left: what it still has to compute, at most one chunk (chunked prefill), at most the budget."""
+        # LAB(sched): BEGIN -> return proc.remaining
+        return min(proc.remaining, self.chunk, budget)
+        # LAB(sched): END
 
     def _admissible(self) -> list:
         """Waiting processes that may be admitted now."""
@@ -276,11 +286,13 @@ class Scheduler:
             proc.swaps += 1
             self.stats.swap_outs += 1
         except SwapFull:
+            # LAB(swap): BEGIN -> raise NotImplementedError("lab swap: the reclaim in Scheduler.preempt") from None
             self.mm.free(proc.asid)
             proc.asid, proc.residency, how = None, Residency.NONE, "reclaim"
             self.stats.reclaims += 1
             proc.dropped = proc.num_computed          # what readmission must compute or find cached again
             proc.num_computed = 0
+            # LAB(swap): END
         if proc.state == State.RUNNING:
             self._unrun(proc)
             proc.state = State.PREEMPTED
@@ -337,14 +349,14 @@ class Scheduler:
             plan.swapped_in.append(proc)
             self.kernel.log("swap-in", f"pid {proc.pid} swapped in", proc=proc)
             self._run(proc, plan)
-            count = self._make_room(proc, min(proc.remaining, self.chunk, budget), plan)
+            count = self._make_room(proc, self.quantum(proc, budget), plan)
             if count:
                 self._plan_work(proc, count, plan)
             return count
         fresh = proc.asid is None
         if fresh:
             self._map_address_space(proc)
-        count = min(proc.remaining, self.chunk, budget)
+        count = self.quantum(proc, budget)
         if self.prealloc and fresh:
             want = len(proc.tokens) + proc.params.max_tokens - proc.turn_generated
             if not self._reserve(proc, want):
@@ -352,9 +364,9 @@ class Scheduler:
         if not self._fits(proc, count, admission=True):
             count = self._largest_fit(proc, count, admission=True)
             while not count and self._evict_idle_for(proc, plan):
-                count = self._largest_fit(proc, min(proc.remaining, self.chunk, budget), admission=True)
+                count = self._largest_fit(proc, self.quantum(proc, budget), admission=True)
             if not count and self._claim_share(proc, plan):
-                count = self._largest_fit(proc, min(proc.remaining, self.chunk, budget), admission=True)
+                count = self._largest_fit(proc, self.quantum(proc, budget), admission=True)
             if not count:
                 return self._refuse(proc, fresh)
         self._run(proc, plan)

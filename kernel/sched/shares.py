@@ -55,7 +55,7 @@ def frames_to_admit(sched, proc) -> int:
         new, _, cached = mm.swap_in_plan(proc.asid)
         space = mm.space(proc.asid)
         return new + cached + int(space.num_tokens % space.page_size == 0)
-    tokens = min(proc.remaining, sched.chunk, sched.token_budget)
+    tokens = sched.quantum(proc, sched.token_budget)
     return -(-tokens // proc.tenant.page_size)
 
 
