@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim(sub)
     _add_module(sub, "userspace.shell.serve", "add_parsers")     # kvos serve
     _add_module(sub, "userspace.bench.cli", "add_parser")        # kvos bench
+    _add_module(sub, "userspace.lab.cli", "add_parser")          # kvos lab
     return parser
 
 
@@ -139,7 +140,7 @@ def _attach(parser) -> None:
 
 
 def _add_module(sub, module: str, hook: str) -> None:
-    """Subcommands a package adds itself (the daemon's `serve`, the benchmark's `bench`)."""
+    """Subcommands a package adds itself (the daemon's `serve`, the benchmark's `bench`, the labs' `lab`)."""
     if importlib.util.find_spec(module) is not None:
         getattr(importlib.import_module(module), hook)(sub)
 
