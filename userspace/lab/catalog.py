@@ -8,6 +8,7 @@ that do not need the lab's mechanism: they must still pass on its skeleton (the 
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +96,11 @@ def questions(lab: Lab, root: Path = ROOT) -> list:
     """The numbered questions of the handout's Questions section."""
     lines, inside, out = lab.handout(root).read_text().splitlines(), False, []
     for line in lines:
+        numbered = re.match(r"\d+\. (.*)", line)
         if line.startswith("## "):
             inside = line.strip().lower() == "## questions"
-        elif inside and line[:3].rstrip(".").isdigit() and ". " in line[:4]:
-            out.append(line.split(". ", 1)[1].strip())
+        elif inside and numbered:
+            out.append(numbered[1].strip())
         elif inside and out and line.startswith("   ") and line.strip():
             out[-1] += " " + line.strip()
     return out

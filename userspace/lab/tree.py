@@ -7,6 +7,7 @@ pointing at it.
 from __future__ import annotations
 
 import fnmatch
+import re
 import shutil
 from pathlib import Path
 
@@ -59,9 +60,8 @@ def answered(path: Path) -> tuple:
     blocks = path.read_text().split("ANSWER:")[1:]
     done = 0
     for block in blocks:
-        text = block.split("\n\n\n")[0].strip()
-        head = text.split("\n")[0].strip() if text else ""
-        done += bool(text) and not (head[:3].rstrip(".").isdigit() and ". " in head[:4])
+        answer = re.split(r"\n\d+\. ", "\n" + block.strip(), maxsplit=1)[0].strip()   # up to the next question
+        done += bool(answer)
     return done, len(blocks)
 
 

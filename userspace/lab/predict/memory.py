@@ -12,7 +12,7 @@ SHAPES = {"llama-2-7b": (32, 32, 128, 2), "llama-2-13b": (40, 40, 128, 2), "llam
 def kv_budget(r, seed) -> Question:
     model = r.choice(sorted(SHAPES))
     layers, heads, dim, size = SHAPES[model]
-    gib = r.choice([1, 2, 4, 6, 10])
+    gib = r.randint(1, 16)
     per_token = 2 * layers * heads * dim * size
     frames = gib * 2**30 // (16 * per_token)
     text = (f"{model} has {layers} layers, {heads} K/V heads of {dim} dimensions, stored in {size}-byte floats. "
