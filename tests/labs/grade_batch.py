@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from kernel.batch import pack, pad
 from kernel.sched.plan import Work
-from tests.labs.grading import all_memory_back, boot, jobs, points, reference, rng, run_jobs
+from tests.labs.grading import all_memory_back, boot, fsck, jobs, points, reference, rng, run_jobs
 from tests.mm_helpers import make_mm
 
 NS = b"lab-batch"
@@ -93,7 +93,7 @@ def test_padded_batches_compute_the_same_and_count_their_padding():
         assert since < 500, "no end"
         counts = [w.count for w in record.works]
         expected += max(counts) * len(counts) - sum(counts)
-        k.fsck()
+        fsck(k)
     for (prompt, n), pid in zip(work, pids):
         assert sys.wait(pid).tokens == reference(prompt, n), "padding changed an output"
     assert sys.schedstat().padding_tokens == expected > 0

@@ -7,7 +7,7 @@ prefix is not computed again while every output stays the reference's.
 """
 from kernel.mm import page_name
 from kernel.mm.pagecache import PageCache
-from tests.labs.grading import all_memory_back, boot, points, reference, rng, run_checked
+from tests.labs.grading import all_memory_back, boot, fsck, points, reference, rng, run_checked
 from tests.mm_helpers import append, make_mm, read_tokens
 
 NS = b"lab-pagecache"
@@ -60,9 +60,9 @@ def test_a_new_prompt_maps_the_cached_pages_of_its_prefix():
     elsewhere = mm.create(cg, PAGE, b"another-namespace")
     assert mm.map_cached(elsewhere, prompt) == 0, "a namespace sees only its own pages"
     for asid in (same, other, short, elsewhere):
-        mm.fsck()
+        fsck(mm)
         mm.free(asid)
-    mm.fsck()
+    fsck(mm)
 
 
 @points(3)
@@ -83,7 +83,7 @@ def test_the_least_recently_used_cached_page_is_evicted_first():
         hits.append(mm.map_cached(probe, prompt) == PAGE)
         mm.free(probe)
     assert hits == [True, False, True], f"still cached after the eviction: {hits} (the second was least recent)"
-    mm.fsck()
+    fsck(mm)
 
 
 @points(2)
@@ -99,7 +99,7 @@ def test_allocation_takes_free_frames_before_cached_ones():
     assert mm.meminfo().page_cache_evictions == 0, "a cached page went while free frames were left"
     mm.append(hog, [1])
     assert mm.meminfo().page_cache_evictions == 1 and mm.meminfo().cached == 2
-    mm.fsck()
+    fsck(mm)
 
 
 @points(3)
@@ -120,11 +120,11 @@ def test_shm_segments_map_their_pages():
     seg_frames = [p.frame for p in mm.segment_pagemap(shmid).pages]
     assert all(mm.space(a).frames[:2] == seg_frames[:2] for a in users), "full pages are mapped, not copied"
     assert all(p.pinned and p.refcount == 4 for p in mm.segment_pagemap(shmid).pages[:2])
-    mm.fsck()
+    fsck(mm)
     for asid in users:
         mm.free(asid)
     mm.remove_segment(shmid)
-    mm.fsck()
+    fsck(mm)
 
 
 @points(4)

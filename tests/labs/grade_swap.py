@@ -7,7 +7,7 @@ victims are swapped, reclaimed and recomputed, or both.
 """
 from kernel.mm import MemoryPressure, SwapFull
 from tests.kernel_helpers import frames
-from tests.labs.grading import all_memory_back, boot, jobs, points, reference, rng, run_jobs
+from tests.labs.grading import all_memory_back, boot, fsck, jobs, points, reference, rng, run_jobs
 from tests.mm_helpers import append, make_mm, read_tokens, snapshot
 
 NS = b"lab-swap"
@@ -29,7 +29,7 @@ def test_swapped_pages_come_back_with_their_tokens():
     a, tokens = _space(r, mm, cg, 3)
     assert mm.swap_out(a) == 3
     assert mm.meminfo().mapped == 0 and mm.meminfo().swap_used == 3, "swapped pages still hold frames"
-    mm.fsck()
+    fsck(mm)
     other, _ = _space(r, mm, cg, 6)                       # someone else writes the frames meanwhile
     mm.free(other)
     assert mm.swap_in(a) == 3
@@ -37,7 +37,7 @@ def test_swapped_pages_come_back_with_their_tokens():
     assert mm.meminfo().swap_used == 0
     append(mm, a, [77])
     assert read_tokens(mm, a) == tokens + [77]
-    mm.fsck()
+    fsck(mm)
 
 
 @points(2)
@@ -52,7 +52,7 @@ def test_swap_in_maps_pages_the_page_cache_still_holds():
     assert mm.meminfo().cached == full, "named pages stay in the page cache when swapped out"
     assert mm.swap_in(a) == 3 - full, "only pages the cache lost are copied back"
     assert read_tokens(mm, a) == tokens
-    mm.fsck()
+    fsck(mm)
 
 
 @points(2)
@@ -80,7 +80,7 @@ def test_refused_swaps_change_nothing():
     else:
         raise AssertionError("a swap-in took frames the pool does not have")
     assert snapshot(mm) == before, "a refused swap-in changed the memory manager"
-    mm.fsck()
+    fsck(mm)
 
 
 def _under_pressure(name, pool, swap):

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 import kernel
+from tests.labs.grading import fsck
 
 
 @dataclass
@@ -64,7 +65,7 @@ def run(policy, seed: int, max_steps: int = 20_000) -> Run:
             continue
         record = root.trace(since=since, timeout=5.0)[-1]
         since, steps = record.step, steps + 1
-        k.fsck()
+        fsck(k)
         now = record.ended_at - t0
         for w in record.works:
             if w.token is not None and w.pid not in first:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,8 +95,3 @@ def render(result: dict, out=sys.stdout) -> None:
 def _num(x) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
-
-def cleanup_stale(prefix: str = "kvos-lab-") -> None:
-    """Remove grading trees a killed grader left behind in the temp folder."""
-    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-        shutil.rmtree(path, ignore_errors=True)
