@@ -32,6 +32,7 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "prometheus-client>=0.20",
+        "llguidance>=1.0",           # structured output (json_schema): the grammar engine, no dependencies
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "accelerate>=1.0",

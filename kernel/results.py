@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ExitStatus", "ReadResult", "ProcInfo", "TenantInfo", "SystemInfo", "FsckReport", "WorkRecord",
-           "StepRecord", "TenantSched", "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo",
+__all__ = ["ExitStatus", "ReadResult", "TokenLogprob", "ProcInfo", "TenantInfo", "SystemInfo", "FsckReport",
+           "WorkRecord", "StepRecord", "TenantSched", "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo",
            "MemInfo", "LogEntry"]
 
 
@@ -36,7 +36,18 @@ class ReadResult:
     state: str
     turn_done: bool              # the current turn ended (the process sleeps or exited)
     finish_reason: str | None
-    logprobs: list = field(default_factory=list)   # new entries: [(token, logprob)] per position
+    logprobs: list = field(default_factory=list)   # [TokenLogprob] per new token (spawned with logprobs=k)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw logits: before penalties, a
+    grammar's mask and temperature), and at its position the `logprobs` most likely tokens."""
+    token: int
+    logprob: float
+    bytes: list                  # what the token adds to the output, as byte values
+    text: str                    # those bytes decoded alone (half a character shows as U+FFFD)
+    top: list = field(default_factory=list)        # [TokenLogprob], most likely first (their own top empty)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 
 from kernel.batch import build_batch
 from kernel.errors import KernelPanic, KvosError
+from kernel.penalties import history_of
 from kernel.proc import Process, State
 from kernel.results import StepRecord, WorkRecord
 from kernel.sampling import sample
@@ -71,23 +72,50 @@ def simulate(kernel, plan) -> dict:
 
 
 def sample_rows(works, logits) -> dict:
-    """pid -> (token drawn or None, top logprobs or None) for works whose logits came back (in order)."""
-    procs = [w.proc for w in works]
-    out = {p.pid: (None, None) for p in procs}
-    rows = [i for i, w in enumerate(works) if w.draws]
-    if rows:
-        drawing = [procs[i] for i in rows]
-        tokens = sample(logits[rows], [p.params for p in drawing], [p.generator for p in drawing])
-        for p, t in zip(drawing, tokens.tolist()):
+    """pid -> (token drawn, logprob entry or None) for the drawing works among those whose logits
+    came back (in order); the others get (None, None). Processes with penalties, a grammar or
+    logprobs (Process.shaped) take the longer path; a batch without any costs one flag per work."""
+    out, rows, drawing, shaped = {}, [], [], False
+    for i, w in enumerate(works):
+        if w.draws:
+            rows.append(i)
+            drawing.append(w.proc)
+            shaped = shaped or w.proc.shaped
+        else:
+            out[w.proc.pid] = _NO_SAMPLE
+    if not rows:
+        return out
+    x = logits if len(rows) == len(works) else logits[rows]
+    params, generators = [p.params for p in drawing], [p.generator for p in drawing]
+    if not shaped:
+        for p, t in zip(drawing, sample(x, params, generators).tolist()):
             out[p.pid] = (t, None)
-    wants_logprobs = [i for i, p in enumerate(procs) if p.params.logprobs]
-    if wants_logprobs:
-        logp = torch.log_softmax(logits[wants_logprobs].float(), dim=-1)
-        for row, i in enumerate(wants_logprobs):
-            p = procs[i]
-            values, ids = torch.topk(logp[row], p.params.logprobs)
-            out[p.pid] = (out[p.pid][0], list(zip(ids.tolist(), values.tolist())))
+        return out
+    histories = [history_of(p) if p.params.penalized else None for p in drawing]
+    allowed = [None if p.constraint is None else p.constraint.allowed() for p in drawing]
+    tokens = sample(x, params, generators, histories, allowed).tolist()
+    entries = _logprobs(x, drawing, tokens)
+    for j, (p, t) in enumerate(zip(drawing, tokens)):
+        out[p.pid] = (t, entries.get(j))
     return out
+
+
+def _logprobs(x, procs, tokens) -> dict:
+    """row -> (token, its logprob, [(token, logprob)] the k most likely) for the processes that ask,
+    from the model's own distribution (the raw logits: before penalties, grammar and temperature)."""
+    want = [j for j, p in enumerate(procs) if p.params.logprobs is not None]
+    if not want:
+        return {}
+    logp = torch.log_softmax(x[want].float(), dim=-1)
+    entries = {}
+    for row, j in enumerate(want):
+        k, token = procs[j].params.logprobs, tokens[j]
+        top = []
+        if k:
+            values, ids = torch.topk(logp[row], k)
+            top = list(zip(ids.tolist(), values.tolist()))
+        entries[j] = (token, float(logp[row, token]), top)
+    return entries
 
 
 def commit(kernel, plan, samples: dict) -> None:
@@ -104,14 +132,24 @@ def commit(kernel, plan, samples: dict) -> None:
         if proc.builds_segment is not None:
             kernel.finish_segment(proc)
             continue
-        token, logprobs = samples.get(proc.pid, _NO_SAMPLE)
-        if logprobs is not None:
-            proc.logprobs.append(logprobs)
         if not work.draws:                         # a turn with nothing (more) to generate
             kernel.end_turn(proc, "length")
             continue
+        token, logprobs = samples.get(proc.pid, _NO_SAMPLE)
         drawn += 1
         reason = append_token(proc, token, now)
+        if proc.shaped:
+            if logprobs is not None:
+                proc.logprobs.append(logprobs)
+            if proc.history is not None:
+                proc.history.add(token)
+            if proc.constraint is not None:
+                ended = proc.constraint.advance(token)
+                if ended == "error":
+                    kernel.exit_process(proc, "error", error=f"EINVAL: json_schema: {proc.constraint.error}")
+                    continue
+                if ended == "stop":                # the value is complete: nothing more may follow
+                    reason = "stop"
         if reason is not None:
             kernel.end_turn(proc, reason)
         if proc.watchers:
