@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ExitStatus", "ReadResult", "TokenLogprob", "ProcInfo", "TenantInfo", "SystemInfo", "FsckReport",
-           "WorkRecord", "StepRecord", "TenantSched", "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo",
-           "MemInfo", "LogEntry"]
+__all__ = ["ExitStatus", "ReadResult", "TokenLogprob", "TopLogprob", "ProcInfo", "TenantInfo", "SystemInfo",
+           "FsckReport", "WorkRecord", "StepRecord", "TenantSched", "SchedStat", "LoopStatus", "PageEntry", "PageMap",
+           "CgroupInfo", "MemInfo", "LogEntry"]
 
 
 # -- processes ------------------------------------------------------------------------------------------
@@ -47,7 +47,16 @@ class TokenLogprob:
     logprob: float
     bytes: list                  # what the token adds to the output, as byte values
     text: str                    # those bytes decoded alone (half a character shows as U+FFFD)
-    top: list = field(default_factory=list)        # [TokenLogprob], most likely first (their own top empty)
+    top: list = field(default_factory=list)        # [TopLogprob], most likely first
+
+
+@dataclass
+class TopLogprob:
+    """One of the most likely tokens at a generated token's position."""
+    token: int
+    logprob: float
+    bytes: list
+    text: str
 
 
 @dataclass

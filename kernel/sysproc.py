@@ -27,7 +27,7 @@ from kernel.argcheck import (
 from kernel.errors import E2BIG, EAGAIN, EBUSY, EINVAL, EPERM, ESRCH, KernelPanic, KvosError
 from kernel.output import StopSet, complete_utf8, decode
 from kernel.proc import State
-from kernel.results import ReadResult, TokenLogprob
+from kernel.results import ReadResult, TokenLogprob, TopLogprob
 from kernel.sampling import SamplingParams
 from kernel.systable import syscall
 
@@ -187,7 +187,7 @@ def block(kernel, proc, until, timeout, events=("output", "turn", "exit")) -> bo
 
 def read_finish(raw):
     result, data = raw
-    logprobs = [TokenLogprob(t, lp, list(b), decode(b), [TokenLogprob(u, ulp, list(ub), decode(ub))
+    logprobs = [TokenLogprob(t, lp, list(b), decode(b), [TopLogprob(u, ulp, list(ub), decode(ub))
                                                          for u, ub, ulp in top])
                 for t, b, lp, top in result.logprobs]
     return replace(result, text=decode(data), logprobs=logprobs)

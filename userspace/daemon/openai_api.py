@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kernel.errors import EINVAL, EIO, ERRNOS, ESRCH, KvosError
-from userspace.daemon import waiting
+from userspace.daemon import logprobs_shapes, waiting
 from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
     UNSUPPORTED,
@@ -193,11 +193,12 @@ class OpenAIAPI:
                 "created": int(time.time()), "model": req.model, "system_fingerprint": "kvos"}
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            events = self._events(run, endpoint, meta, usage, req.return_token_ids)
+            events = self._events(run, endpoint, meta, usage, req.return_token_ids, params.get("logprobs") is not None)
             return ProcessStream(self.daemon, run, events, endpoint)
+        entries = [[] for _ in run.pids]             # each choice's TokenLogprobs, when asked for
         try:
-            async for _ in follow(self.daemon, run, request):
-                pass
+            async for i, r in follow(self.daemon, run, request):
+                entries[i] += r.logprobs
         except Disconnected:
             self.daemon.metrics.requests.labels(tenant, endpoint, "disconnected").inc()
             return JSONResponse({}, status_code=499)     # nobody reads it; the finally releases
@@ -209,28 +210,42 @@ class OpenAIAPI:
         if failed is not None:
             raise exit_error(failed)
         choices = []
+        wants_logprobs = params.get("logprobs") is not None
         for i, s in enumerate(run.statuses):
+            logprobs = None
             if endpoint == "chat":
                 choice = {"index": i, "message": {"role": "assistant", "content": s.text}}
+                if wants_logprobs:
+                    logprobs = logprobs_shapes.chat(entries[i])
             else:
-                choice = {"index": i, "text": (prompts[run.prompt_of[i]] if req.echo else "") + s.text}
-            choice.update(logprobs=None, finish_reason=s.reason)
+                echo = prompts[run.prompt_of[i]] if req.echo else ""
+                choice = {"index": i, "text": echo + s.text}
+                if wants_logprobs:
+                    logprobs = logprobs_shapes.completion(entries[i], len(echo))
+            choice.update(logprobs=logprobs, finish_reason=s.reason)
             if req.return_token_ids:
                 choice["token_ids"] = s.tokens
             choices.append(choice)
         kind = "chat.completion" if endpoint == "chat" else "text_completion"
         return JSONResponse({**meta, "object": kind, "choices": choices, "usage": _usage(run)})
 
-    async def _events(self, run, endpoint, meta, include_usage, with_ids):
+    async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs):
         """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]."""
         head = {**meta, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion"}
+        offsets = [0] * len(run.pids)            # completions' text_offset, carried from chunk to chunk
 
-        def choice(i, text, reason, tokens):
+        def choice(i, text, reason, tokens, entries):
+            logprobs = None
             if endpoint == "chat":
                 out = {"index": i, "delta": {"content": text} if text else {}}
+                if with_logprobs:
+                    logprobs = logprobs_shapes.chat(entries)
             else:
                 out = {"index": i, "text": text}
-            out.update(logprobs=None, finish_reason=reason)
+                if with_logprobs:
+                    logprobs = logprobs_shapes.completion(entries, offsets[i])
+                    offsets[i] += sum(len(e.text) for e in entries)
+            out.update(logprobs=logprobs, finish_reason=reason)
             if with_ids:
                 out["token_ids"] = tokens
             return out
@@ -242,8 +257,8 @@ class OpenAIAPI:
         try:
             async for i, r in follow(self.daemon, run):
                 reason = r.finish_reason if r.turn_done and r.finish_reason != "error" else None
-                if r.text or reason or (with_ids and r.tokens):
-                    yield _sse({**head, "choices": [choice(i, r.text, reason, r.tokens)]})
+                if r.text or reason or ((with_ids or with_logprobs) and r.tokens):
+                    yield _sse({**head, "choices": [choice(i, r.text, reason, r.tokens, r.logprobs)]})
         except KvosError as err:            # a process reaped or its tenant killed by someone else
             run.outcome = "error"
             yield _sse(openai_error(err, self.daemon.http_status(err)))

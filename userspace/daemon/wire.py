@@ -33,7 +33,7 @@ NESTED = {
     r.SchedStat: {"tenants": [r.TenantSched], "recent_steps": [r.StepRecord]},
     r.StepRecord: {"works": [r.WorkRecord], "waiting_by_tenant": {int: int}},
     r.ReadResult: {"logprobs": [r.TokenLogprob]},
-    r.TokenLogprob: {"top": [r.TokenLogprob]},
+    r.TokenLogprob: {"top": [r.TopLogprob]},
 }
 
 
