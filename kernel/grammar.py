@@ -1,12 +1,12 @@
-"""Structured output: a JSON Schema compiled to a grammar in the caller's context, and a matcher
-per process that the kernel asks, each step, which tokens it allows, and then advances.
+"""Structured output: a JSON Schema (or a Lark grammar) compiled in the caller's context, and a
+matcher per process that the kernel asks, each step, which tokens it allows, and then advances.
 
 The grammar engine is llguidance (imported only when a process asks for a schema: a daemon
 client imports the kernel without it). Its vocabulary is built from the Program ABI alone,
 each token's bytes (Program.token_bytes: exactly what the token adds to a process's output,
 so the grammar checks the bytes the caller will read), the EOS ids and encode(); tokens
 without bytes (special and padding ids) can only match as EOS. spawn's prepare half
-compiles a schema once per (program, schema) (cached) and gives the new process a copy of
+compiles a grammar once per (program, grammar) (cached) and gives the new process a copy of
 the compiled matcher; under the kernel lock a step costs a constrained process one mask
 (~0.1 ms for a 49k vocabulary) and one advance (~15 us), each bounded by LIMITS.
 """
@@ -29,14 +29,15 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 
 _lock = threading.Lock()
 _vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # program -> LLTokenizer
-_grammars: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()        # program -> {schema: Grammar}
+_grammars: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()        # program -> {(kind, text): Grammar}
 
 
 def _llguidance():
     try:
         import llguidance
     except ImportError:
-        raise KvosError(EINVAL, "json_schema needs the llguidance package (pip install llguidance)") from None
+        raise KvosError(EINVAL, "json_schema and grammar need the llguidance package (pip install llguidance)") \
+            from None
     return llguidance
 
 
@@ -77,19 +78,26 @@ def vocabulary(program):
     return found
 
 
-class Grammar:
-    """A compiled schema for one program: a fresh matcher that each new process copies."""
+KINDS = ("json_schema", "grammar")     # the SamplingParams fields a process's constraint comes from
 
-    def __init__(self, program, schema_text: str):
+
+class Grammar:
+    """A compiled json_schema or Lark grammar for one program: a fresh matcher each new process copies."""
+
+    def __init__(self, program, kind: str, text: str):
         llg = _llguidance()
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(schema_text, defaults=JSON_OPTIONS)
+            if kind == "json_schema":
+                grammar = llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+            else:
+                grammar = llg.LLMatcher.grammar_from_lark(text)
         except ValueError as err:
-            raise KvosError(EINVAL, f"json_schema: {err}") from None
+            raise KvosError(EINVAL, f"{kind}: {err}") from None
         limits = llg.LLParserLimits(step_lexer_fuel=STEP_LEXER_FUEL, step_max_items=STEP_MAX_ITEMS)
         matcher = llg.LLMatcher(vocabulary(program), grammar, log_level=0, limits=limits)
         if matcher.is_error():
-            raise KvosError(EINVAL, f"json_schema cannot be compiled: {_first_line(matcher.get_error())}")
+            raise KvosError(EINVAL, f"{kind} cannot be compiled: {_first_line(matcher.get_error())}")
+        self.kind = kind
         self.matcher = matcher
         self.vocab_size = program.vocab_size
         self.eos = tuple(sorted(program.eos_token_ids))
@@ -98,18 +106,20 @@ class Grammar:
         return Constraint(self, self.matcher.deep_copy())
 
 
-def compile_schema(program, schema_text: str) -> Grammar:
-    """The schema's grammar for `program` (the caller's context: no kernel lock), from the cache
-    when this program has compiled it before. EINVAL for a schema llguidance cannot compile."""
+def compile_grammar(program, kind: str, text: str) -> Grammar:
+    """The compiled json_schema or grammar (kind) for `program`, in the caller's context (no kernel
+    lock), from the cache when this program has compiled it before. EINVAL for what llguidance
+    cannot compile."""
+    key = (kind, text)
     with _lock:
         cache = _grammars.setdefault(program, OrderedDict())
-        grammar = cache.get(schema_text)
+        grammar = cache.get(key)
         if grammar is not None:
-            cache.move_to_end(schema_text)
+            cache.move_to_end(key)
             return grammar
-    grammar = Grammar(program, schema_text)
+    grammar = Grammar(program, kind, text)
     with _lock:
-        cache[schema_text] = grammar
+        cache[key] = grammar
         while len(cache) > GRAMMARS_PER_PROGRAM:
             cache.popitem(last=False)
     return grammar

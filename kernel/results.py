@@ -104,6 +104,7 @@ class TenantInfo:
     prefix_sharing: str
     kv_dtype: str = "float32"    # what the KV cache stores
     matmul_dtype: str = "float32"  # what the linear layers compute in
+    chat_tools: str | None = None  # the chat template's tools: None (takes none), "hermes" (<tool_call>), "other"
 
 
 @dataclass

@@ -20,7 +20,7 @@ from kernel.output import check_stop_strings
 
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGPROBS = 20                # as OpenAI's top_logprobs
-MAX_SCHEMA_BYTES = 64 * 1024     # a json_schema's JSON text (compiled in the caller's context, bounded anyway)
+MAX_SCHEMA_BYTES = 64 * 1024     # a json_schema's JSON text, or a grammar's (compiled in the caller's context)
 
 if TYPE_CHECKING:           # torch is imported where tokens are drawn: a daemon client needs SamplingParams only
     import torch
@@ -42,6 +42,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]: minus this x how often the process generated the token
     presence_penalty: float = 0.0   # in [-2, 2]: minus this if the process generated the token at all
     json_schema: str | None = None  # the output is one JSON value valid under this JSON Schema (a dict, kept as text)
+    grammar: str | None = None      # or: the output is a sentence of this grammar (Lark, as llguidance reads it)
 
     def __post_init__(self):
         # Normalise the sequence fields and the schema (to its JSON text) so params compare and hash.
@@ -79,6 +80,14 @@ class SamplingParams:
         _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         if self.json_schema is not None:
             _schema_object(self.json_schema)
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str) or not self.grammar.strip():
+                raise KvosError(EINVAL, f"grammar must be the text of a Lark grammar, got {self.grammar!r}")
+            if len(self.grammar.encode("utf-8", errors="replace")) > MAX_SCHEMA_BYTES:
+                raise KvosError(EINVAL, f"grammar may have at most {MAX_SCHEMA_BYTES} bytes")
+            if self.json_schema is not None:
+                raise KvosError(EINVAL, "json_schema and grammar are exclusive: a grammar can embed a schema "
+                                        "(%json {...})")
         if not isinstance(self.ignore_eos, bool):
             raise KvosError(EINVAL, f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         check_stop_strings(self.stop)

@@ -33,7 +33,7 @@ from kernel.systable import syscall
 
 
 # -- spawn -------------------------------------------------------------------------------------------------
-def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interactive=False, **sampling):
+def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interactive=False, tools=None, **sampling):
     tenant = tenant_of(kernel, caller, tid)
     if "max_tokens" not in sampling:         # the default never exceeds what the tenant may ask for
         sampling["max_tokens"] = min(SamplingParams.max_tokens, tenant.max_new_tokens)
@@ -49,21 +49,22 @@ def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interact
                                f"of {tenant.max_new_tokens}")
     if shm is not None:
         check_int("shm", shm)
-    ids = prompt_tokens(tenant.program, prompt, tenant=tenant)
+    ids = prompt_tokens(tenant.program, prompt, tenant=tenant, tools=tools)
     return dict(tenant=tenant, ids=ids, params=params, stops=StopSet(params.stop) if params.stop else None,
                 constraint=_constraint(kernel, tenant, params), priority=priority, shm=shm, interactive=interactive)
 
 
 def _constraint(kernel, tenant, params):
-    """The process's matcher for params.json_schema, compiled here, in the caller's context (cached
-    per program and schema); None without a schema."""
-    if params.json_schema is None:
+    """The process's matcher for params.json_schema or params.grammar, compiled here, in the caller's
+    context (cached per program and grammar); None without either."""
+    kind = "json_schema" if params.json_schema is not None else "grammar" if params.grammar is not None else None
+    if kind is None:
         return None
     if not getattr(kernel.device, "has_tensors", True):
-        raise KvosError(EINVAL, "json_schema needs a device that computes logits (the simulated one draws "
+        raise KvosError(EINVAL, f"{kind} needs a device that computes logits (the simulated one draws "
                                 "filler tokens)")
-    from kernel.grammar import compile_schema
-    return compile_schema(tenant.program, params.json_schema).start()
+    from kernel.grammar import compile_grammar
+    return compile_grammar(tenant.program, kind, getattr(params, kind)).start()
 
 
 @syscall("spawn", new_work=True, prepare=spawn_prepare)
@@ -75,8 +76,11 @@ def sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, 
     frequency_penalty and presence_penalty (in [-2, 2]), logprobs (None; or k in [0, 20]: each
     token's log-probability and the k most likely at its position, in read()), json_schema (a JSON
     Schema as a dict, at most 64 KiB: each turn's output is one JSON value valid under it, the
-    kernel masking every draw with its grammar; {"type": "object"} for any JSON object).
-    interactive=True: the process sleeps after each turn and write() starts the next.
+    kernel masking every draw with its grammar; {"type": "object"} for any JSON object), grammar
+    (instead: a Lark grammar as llguidance reads it, which may embed schemas as %json {...}).
+    tools=[...] (with a chat prompt): function tools the model's chat template is given, as
+    OpenAI's request spells them (EINVAL if the template takes none). interactive=True: the
+    process sleeps after each turn and write() starts the next.
     """
     if not tenant.alive:
         raise KvosError(ESRCH, f"tenant {tenant.tid} no longer exists")
@@ -91,10 +95,11 @@ def sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, 
     return proc.pid
 
 
-def spawn_n_prepare(kernel, caller, tid, prompt, n, *, priority=0, shm=None, interactive=False, **sampling):
+def spawn_n_prepare(kernel, caller, tid, prompt, n, *, priority=0, shm=None, interactive=False, tools=None,
+                    **sampling):
     check_int("n", n, 1, 1024)
     args = spawn_prepare(kernel, caller, tid, prompt, priority=priority, shm=shm, interactive=interactive,
-                         **sampling)
+                         tools=tools, **sampling)
     return dict(args, n=n)
 
 

@@ -1,17 +1,19 @@
 """The OpenAI fields beyond plain sampling, through the unmodified openai client against kvosd on
 tiny-llama: logprobs in both shapes (streamed too), response_format (json_schema output valid on
-every sampled choice, json_object), penalties, and clear 400s for what stays unsupported."""
+every sampled choice, json_object), penalties, tool calls (on tiny-tools, whose template takes
+tools), and clear 400s for what stays unsupported."""
 import json
 
 import openai
 import pytest
 
 import kernel
+from tests.helpers import tiny_tools
 from tests.helpers.schemas import PERSON, assert_valid
 from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.server import ServerThread
 
-KEY, ROOT = "fields-key-for-tests", "fields-root-for-tests"
+KEY, ROOT, TOOLS_KEY = "fields-key-for-tests", "fields-root-for-tests", "tools-key-for-tests"
 MODEL = "tiny-llama"
 pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 pytest.importorskip("llguidance")
@@ -19,8 +21,10 @@ pytest.importorskip("llguidance")
 
 @pytest.fixture(scope="module")
 def server(one_thread):
+    tiny_tools.register()
     srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory="8MiB", threads=1), root_key=ROOT,
-                                    tenants=[TenantSpec(MODEL, MODEL, KEY)]))
+                                    tenants=[TenantSpec(MODEL, MODEL, KEY),
+                                             TenantSpec("tools", tiny_tools.NAME, TOOLS_KEY)]))
     yield srv
     report = srv.stop()
     assert report["fsck"] == "clean" and report["frames_mapped"] == 0
@@ -129,9 +133,13 @@ def test_penalties_are_accepted_and_equal_the_kernel(client):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema must be"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
      "json_schema cannot be compiled"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools with tool_choice 'auto'"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tool calls"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "the chat template of tiny-llama takes no tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "takes no tools"),
     ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                 "function": {"name": "g"}}},
+     "not among the tools"),
+    ({"tools": [{"type": "retrieval"}]}, "only {'type': 'function'"),
     ({"logit_bias": {"5": 10}}, "logit_bias is not supported"),
     ({"audio": {"voice": "x"}}, "audio is not supported"),
 ])
@@ -145,6 +153,75 @@ def test_tools_with_tool_choice_none_are_accepted(client):
     reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, tool_choice="none",
                                            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     assert reply.choices[0].message.tool_calls is None
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+             "additionalProperties": False}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tools_client(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=TOOLS_KEY, max_retries=0)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_required_tool_call_is_parsed_and_its_arguments_are_valid(tools_client, seed):
+    reply = tools_client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, tool_choice="required",
+                                                 temperature=1.0, seed=seed, n=2, max_tokens=80)
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+        assert_valid(schema, json.loads(call.function.arguments))
+
+
+def test_a_named_tool_call_streamed_or_not(tools_client):
+    kw = dict(model="tools", messages=ASK, tools=TOOLS, temperature=0.8, seed=4, max_tokens=80,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = tools_client.chat.completions.create(**kw).choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert_valid(WEATHER, json.loads(call.function.arguments))
+    chunks = [c for c in tools_client.chat.completions.create(**kw, stream=True) if c.choices]
+    calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.index, t.function.name, t.function.arguments) for t in calls] == \
+        [(0, "get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_lets_the_model_choose_and_a_tool_result_continues_the_chat(tools_client):
+    reply = tools_client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, max_tokens=8, seed=1)
+    assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris", "days": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    reply = tools_client.chat.completions.create(model="tools", messages=history, tools=TOOLS, max_tokens=4)
+    assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    with pytest.raises(openai.BadRequestError, match="tool_calls.0.function.arguments is not JSON"):
+        tools_client.chat.completions.create(model="tools", max_tokens=2, tools=TOOLS, messages=[
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}])
+
+
+def test_tool_calls_are_parsed_from_the_hermes_format():
+    from userspace.daemon.openai_tools import parse_calls
+    text = ('Let me look. <tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call> and '
+            '<tool_call>{"name": "nope", "arguments": {}}</tool_call><tool_call>not json</tool_call>')
+    content, calls = parse_calls(text, TOOLS)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("get_time",
+                                                                                                {"zone": "UTC"})]
+    assert content.startswith("Let me look.") and "get_time" not in content and "nope" in content
+    assert parse_calls("no calls here", TOOLS) == ("no calls here", [])
 
 
 def test_echo_with_logprobs_is_refused(client):
@@ -173,8 +250,8 @@ def test_the_docs_field_table_matches_the_request_models():
     table = fields_table()
     for endpoint, model in (("chat", ChatRequest), ("completions", CompletionRequest)):
         served = {name for name, (ends, status) in table.items()
-                  if endpoint in ends and status in ("supported", "partly", "extension")}
+                  if endpoint in ends and status in ("supported", "extension")}
         assert served == set(model.model_fields), endpoint
     assert {name for name, (_, status) in table.items() if status == "ignored"} == IGNORED
     assert {name for name, (_, status) in table.items() if status == "refused"} == set(OFF_VALUES)
-    assert {status for _, status in table.values()} == {"supported", "partly", "extension", "ignored", "refused"}
+    assert {status for _, status in table.values()} == {"supported", "extension", "ignored", "refused"}

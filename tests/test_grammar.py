@@ -1,6 +1,7 @@
-"""Structured output in the kernel: json_schema's grammar masks every draw, so even tiny-llama's
-random weights produce schema-valid JSON at any temperature, in forks and in every turn; refusals
-change nothing; compiled grammars are cached; a kernel without schemas never loads llguidance."""
+"""Structured output in the kernel: json_schema's (or a Lark grammar's) matcher masks every draw,
+so even tiny-llama's random weights produce schema-valid JSON at any temperature, in forks and in
+every turn; refusals change nothing; compiled grammars are cached; a kernel without schemas never
+loads llguidance; tools reach a chat template that takes them, and are refused by one that does not."""
 import json
 import subprocess
 import sys as _sys
@@ -9,7 +10,7 @@ import pytest
 
 import kernel
 from kernel.errors import EINVAL, KvosError
-from kernel.grammar import compile_schema
+from kernel.grammar import compile_grammar
 from kernel.sampling import MAX_SCHEMA_BYTES, SamplingParams
 from tests.helpers.schemas import PERSON, assert_valid
 from tests.kernel_helpers import TINY, frames
@@ -110,9 +111,9 @@ def test_compiled_grammars_are_cached_per_program_and_schema(tiny):
     k, sys, tid = tiny
     program = k.tenants[tid].program
     text = SamplingParams(json_schema=PERSON).json_schema
-    assert compile_schema(program, text) is compile_schema(program, text)
+    assert compile_grammar(program, "json_schema", text) is compile_grammar(program, "json_schema", text)
     other = SamplingParams(json_schema={"type": "integer"}).json_schema
-    assert compile_schema(program, other) is not compile_schema(program, text)
+    assert compile_grammar(program, "json_schema", other) is not compile_grammar(program, "json_schema", text)
 
 
 def test_a_matcher_error_ends_its_process_with_the_reason(tiny):
@@ -122,6 +123,46 @@ def test_a_matcher_error_ends_its_process_with_the_reason(tiny):
     status = sys.wait(pid)
     assert status.reason == "error" and "json_schema" in status.error
     k.fsck()
+
+
+def test_a_lark_grammar_with_an_embedded_schema(tiny):
+    _, sys, tid = tiny
+    grammar = 'start: "answer: " value "!"\nvalue: %json {"type": "integer", "minimum": 1, "maximum": 99}'
+    for seed in range(3):
+        status = sys.wait(sys.spawn(tid, "Hi", max_tokens=16, temperature=1.5, seed=seed, grammar=grammar))
+        assert status.reason == "stop" and status.text.startswith("answer: ") and status.text.endswith("!")
+        assert 1 <= int(status.text[len("answer: "):-1]) <= 99
+    with pytest.raises(KvosError, match="json_schema and grammar are exclusive"):
+        sys.spawn(tid, "Hi", grammar=grammar, json_schema=PERSON)
+    with pytest.raises(KvosError, match="grammar cannot be compiled"):
+        sys.spawn(tid, "Hi", grammar="start: undefined_rule")
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"]}}}]
+
+
+def test_tools_reach_a_template_that_takes_them_and_no_other(tiny):
+    from tests.helpers import tiny_tools
+    k, sys, tid = tiny
+    chat = [{"role": "user", "content": "Weather in Paris?"}]
+    with pytest.raises(KvosError, match="takes no tools"):
+        sys.spawn(tid, chat, tools=TOOLS)
+    with pytest.raises(KvosError, match="tools go with a chat prompt"):
+        sys.spawn(tid, "Weather?", tools=TOOLS)
+    ttid = sys.spawn_tenant(tiny_tools.program())
+    assert sys.tenantinfo(ttid).chat_tools == "hermes" and sys.tenantinfo(tid).chat_tools is None
+    plain, with_tools = (k.procs[sys.spawn(ttid, chat, max_tokens=1, **kw)].tokens for kw in ({}, {"tools": TOOLS}))
+    program = k.tenants[ttid].program
+    assert '"get_weather"' in program.decode(with_tools) and "get_weather" not in program.decode(plain)
+    history = chat + [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+    assert sys.wait(sys.spawn(ttid, history, tools=TOOLS, max_tokens=2)).reason in ("stop", "length")
+    for pid in [p.pid for p in sys.ps()]:
+        sys.kill(pid)
+        sys.wait(pid)
+    sys.kill_tenant(ttid)
 
 
 def test_a_kernel_without_schemas_never_imports_llguidance():

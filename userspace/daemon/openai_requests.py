@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kernel.errors import EINVAL, KvosError
+from userspace.daemon import openai_tools
 
 UNSUPPORTED = "is not supported by kvosd (docs/daemon.md lists what is)"
 # Fields a client may send that change nothing here (identifiers, storage and routing hints).
@@ -98,24 +99,12 @@ def parse(model_cls, body: dict):
     if model_cls is CompletionRequest and req.best_of not in (None, req.n):
         raise KvosError(EINVAL, f"best_of other than n {UNSUPPORTED}")
     if model_cls is ChatRequest:
-        _check_tools(req)
+        openai_tools.check(req.tools, req.tool_choice)
         if req.top_logprobs is not None and not req.logprobs:
             raise KvosError(EINVAL, "top_logprobs needs logprobs: true")
     elif req.echo and req.logprobs is not None:
         raise KvosError(EINVAL, f"echo with logprobs (the prompt's log-probabilities) {UNSUPPORTED}")
     return req
-
-
-def _check_tools(req) -> None:
-    """Tools are accepted when the model is told not to call them; tool calls are refused."""
-    if not req.tools:
-        if req.tool_choice not in (None, "none", "auto"):
-            raise KvosError(EINVAL, "tool_choice needs tools")
-        return
-    if req.tool_choice != "none":
-        raise KvosError(EINVAL, f"tools with tool_choice {req.tool_choice or 'auto'!r} (tool calls) {UNSUPPORTED}: "
-                                "kvosd has no parser for a model's tool-call format, and the chat templates of "
-                                "its built-in models take no tools; tool_choice 'none' is accepted")
 
 
 def _is_off(value, offs) -> bool:
@@ -199,8 +188,9 @@ def json_schema(response_format: dict | None) -> dict | None:
 def chat_messages(req: ChatRequest) -> list:
     out = []
     for i, m in enumerate(req.messages):
-        for key in ("tool_calls", "function_call", "audio"):
-            if (m.model_extra or {}).get(key):
+        extra = m.model_extra or {}
+        for key in ("function_call", "audio"):
+            if extra.get(key):
                 raise KvosError(EINVAL, f"messages.{i}.{key} {UNSUPPORTED}")
         content = m.content
         if isinstance(content, list):
@@ -210,6 +200,7 @@ def chat_messages(req: ChatRequest) -> list:
         message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.name is not None:
             message["name"] = m.name
+        message.update(openai_tools.history(extra, i))
         out.append(message)
     return out
 
