@@ -42,9 +42,10 @@ class ReadResult:
 @dataclass
 class TokenLogprob:
     """A generated token's log-probability under the model (its raw logits: before penalties, a
-    grammar's mask and temperature), and at its position the `logprobs` most likely tokens."""
-    token: int
-    logprob: float
+    grammar's mask and temperature), and at its position the `logprobs` most likely tokens. A turn
+    that generates nothing (max_tokens 0) reports its next position: token and logprob None."""
+    token: int | None
+    logprob: float | None
     bytes: list                  # what the token adds to the output, as byte values
     text: str                    # those bytes decoded alone (half a character shows as U+FFFD)
     top: list = field(default_factory=list)        # [TopLogprob], most likely first

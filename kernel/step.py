@@ -72,10 +72,11 @@ def simulate(kernel, plan) -> dict:
 
 
 def sample_rows(works, logits) -> dict:
-    """pid -> (token drawn, logprob entry or None) for the drawing works among those whose logits
-    came back (in order); the others get (None, None). Processes with penalties, a grammar or
-    logprobs (Process.shaped) take the longer path; a batch without any costs one flag per work."""
-    out, rows, drawing, shaped = {}, [], [], False
+    """pid -> (token drawn or None, logprob entry or None) for works whose logits came back (in
+    order). Processes with penalties, a grammar or logprobs (Process.shaped) take the longer path; a
+    batch without any costs one flag per work. A work that draws nothing (a turn of max_tokens 0,
+    as beam search's) still reports its next position's top logprobs if asked."""
+    out, rows, drawing, shaped, peeking = {}, [], [], False, []
     for i, w in enumerate(works):
         if w.draws:
             rows.append(i)
@@ -83,6 +84,12 @@ def sample_rows(works, logits) -> dict:
             shaped = shaped or w.proc.shaped
         else:
             out[w.proc.pid] = _NO_SAMPLE
+            if w.proc.shaped:
+                peeking.append(i)
+    if peeking:
+        procs = [works[i].proc for i in peeking]
+        for j, entry in _logprobs(logits[peeking], procs, [None] * len(procs)).items():
+            out[procs[j].pid] = (None, entry)
     if not rows:
         return out
     x = logits if len(rows) == len(works) else logits[rows]
@@ -102,7 +109,8 @@ def sample_rows(works, logits) -> dict:
 
 def _logprobs(x, procs, tokens) -> dict:
     """row -> (token, its logprob, [(token, logprob)] the k most likely) for the processes that ask,
-    from the model's own distribution (the raw logits: before penalties, grammar and temperature)."""
+    from the model's own distribution (the raw logits: before penalties, grammar and temperature).
+    A row that drew nothing (token None) reports the k most likely alone."""
     want = [j for j, p in enumerate(procs) if p.params.logprobs is not None]
     if not want:
         return {}
@@ -114,7 +122,7 @@ def _logprobs(x, procs, tokens) -> dict:
         if k:
             values, ids = torch.topk(logp[row], k)
             top = list(zip(ids.tolist(), values.tolist()))
-        entries[j] = (token, float(logp[row, token]), top)
+        entries[j] = (token, None if token is None else float(logp[row, token]), top)
     return entries
 
 
@@ -132,10 +140,12 @@ def commit(kernel, plan, samples: dict) -> None:
         if proc.builds_segment is not None:
             kernel.finish_segment(proc)
             continue
+        token, logprobs = samples.get(proc.pid, _NO_SAMPLE)
         if not work.draws:                         # a turn with nothing (more) to generate
+            if logprobs is not None:               # what it would draw from (beam search reads it)
+                proc.logprobs.append(logprobs)
             kernel.end_turn(proc, "length")
             continue
-        token, logprobs = samples.get(proc.pid, _NO_SAMPLE)
         drawn += 1
         reason = append_token(proc, token, now)
         if proc.shaped:

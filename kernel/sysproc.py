@@ -222,7 +222,7 @@ def sys_read(kernel, caller, pid, timeout=0.0):
         new = generated[start:]
         proc.read_offset = len(generated)
         spell = proc.tenant.program.token_bytes       # raw here, text in the finish half
-        logprobs = [(t, spell(t), lp, [(u, spell(u), ulp) for u, ulp in top])
+        logprobs = [(t, b"" if t is None else spell(t), lp, [(u, spell(u), ulp) for u, ulp in top])
                     for t, lp, top in proc.logprobs[proc.logprob_offset:]]
         proc.logprob_offset = len(proc.logprobs)
         reason = proc.exit.reason if proc.exit else proc.last_reason

@@ -36,7 +36,7 @@ def test_one_entry_per_token_with_the_chosen_and_the_top_k(tiny, k_top):
         assert bytes(e.bytes) == program.token_bytes(e.token) and e.text == bytes(e.bytes).decode(errors="replace")
         assert len(e.top) == k_top
         assert [t.logprob for t in e.top] == sorted((t.logprob for t in e.top), reverse=True)
-        assert all(bytes(t.bytes) == program.token_bytes(t.token) and not t.top for t in e.top)
+        assert all(bytes(t.bytes) == program.token_bytes(t.token) for t in e.top)
         for t in e.top:                        # the chosen token among the top has the same value
             if t.token == e.token:
                 assert t.logprob == pytest.approx(e.logprob, abs=1e-6)
@@ -79,3 +79,14 @@ def test_penalties_change_greedy_output_and_stay_reproducible_in_a_crowd():
     crowd = run([(jobs[0][0], shaped)] + jobs[1:])
     assert crowd[0] == alone and crowd[1:] == plain[1:]
     assert alone != plain[0] and distinct(alone) > distinct(plain[0])
+
+
+def test_a_turn_that_draws_nothing_reports_its_next_position(tiny):
+    """max_tokens=0 (beam search's turns): one entry without a token, the k most likely beside it."""
+    _, sys, tid = tiny
+    pid = sys.spawn(tid, "Hello", max_tokens=0, logprobs=3, interactive=True)
+    while not (r := sys.read(pid, timeout=10)).turn_done:
+        pass
+    (entry,) = r.logprobs
+    assert entry.token is None and entry.logprob is None and entry.bytes == [] and len(entry.top) == 3
+    assert sys.wait(pid).tokens == []
