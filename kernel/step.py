@@ -115,14 +115,18 @@ def _logprobs(x, procs, tokens) -> dict:
     if not want:
         return {}
     logp = torch.log_softmax(x[want].float(), dim=-1)
+    ks = [procs[j].params.logprobs for j in want]
+    chosen = [tokens[j] for j in want]
+    own = logp.gather(1, torch.tensor([t or 0 for t in chosen], device=logp.device).unsqueeze(1))[:, 0].tolist()
+    top_values = top_ids = None
+    if max(ks):                                   # one topk for all rows, each cut to its own k
+        top = logp.topk(max(ks), dim=-1)
+        top_values, top_ids = top.values.tolist(), top.indices.tolist()
     entries = {}
     for row, j in enumerate(want):
-        k, token = procs[j].params.logprobs, tokens[j]
-        top = []
-        if k:
-            values, ids = torch.topk(logp[row], k)
-            top = list(zip(ids.tolist(), values.tolist()))
-        entries[j] = (token, None if token is None else float(logp[row, token]), top)
+        k, token = ks[row], chosen[row]
+        pairs = list(zip(top_ids[row][:k], top_values[row][:k])) if k else []
+        entries[j] = (token, None if token is None else own[row], pairs)
     return entries
 
 
