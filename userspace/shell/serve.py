@@ -47,7 +47,7 @@ def add_parsers(subparsers) -> None:
                         help=f"connections open at once; more are answered 503 (default {d.max_connections})")
     limits.add_argument("--ssl-keyfile", metavar="FILE", help="TLS private key (PEM); needs --ssl-certfile")
     limits.add_argument("--ssl-certfile", metavar="FILE", help="TLS certificate chain (PEM): serve https")
-    add_boot_options(p, model=False, token_budget=512, memory_default="the device's")
+    add_boot_options(p, model=False, token_budget=512, memory_default="the device's", sim=True)
     p.set_defaults(func=serve_main)
 
 
