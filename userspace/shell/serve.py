@@ -10,7 +10,7 @@ import os
 import sys
 
 from userspace.daemon.config import DaemonConfig
-from userspace.shell.options import add_boot_options, boot_options, export_program_options
+from userspace.shell.options import add_boot_options, add_model_options, boot_options, export_program_options
 
 
 def add_parsers(subparsers) -> None:
@@ -24,13 +24,22 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--tenants", metavar="FILE", help="tenants file (JSON or .toml): root key, tenants with "
                                                      "model, name, key, weight, mem_limit, ... (docs/daemon.md)")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="the one tenant's model when there is no --tenants file (default smollm2-135m)")
+    add_model_options(p, help_prefix="the one tenant's model when there is no --tenants file")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="the bearer key of the one tenant (default $KVOS_API_KEY); with neither, and no "
+                        "--tenants file, the API is open: no key is needed (refused beyond loopback without "
+                        "--allow-open)")
+    p.add_argument("--allow-open", action="store_true",
+                   help="serve an open API (no key) on an address other machines reach")
     p.add_argument("--kill-on-shutdown", action="store_true",
                    help="at SIGTERM/SIGINT kill running processes instead of letting them finish")
     p.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
                    help="at shutdown, kill what still runs after this long (default: wait)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="the log's threshold on stderr (default info: startup, loading, one line per request, "
+                        "the kernel's warnings; debug adds every kernel log line)")
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="log lines as text, or one JSON object each (default text)")
     limits = p.add_argument_group("HTTP limits and TLS (docs/daemon.md, \"Limits\")")
     d = DaemonConfig
     limits.add_argument("--max-body-bytes", type=_positive(int), default=d.max_body_bytes, metavar="N",
@@ -69,28 +78,36 @@ def _positive(kind):
 
 
 def config_from_args(args):
+    from kernel.errors import EINVAL, KvosError
     from userspace.daemon.config import default_specs, read_tenants_file, tenant_specs
     generated: dict = {}
     if args.tenants:
+        if args.api_key:
+            raise KvosError(EINVAL, "--api-key keys the one tenant of --model; a --tenants file gives each "
+                                    "tenant its key")
         specs, root_key = tenant_specs(read_tenants_file(args.tenants), generated)
     else:
-        specs, root_key = default_specs(args.model, generated)
+        specs, root_key = default_specs(args.model, generated, api_key=args.api_key)
     return DaemonConfig(boot=boot_options(args), tenants=specs, root_key=root_key,
                         kill_on_shutdown=args.kill_on_shutdown, shutdown_timeout=args.shutdown_timeout,
                         generated_keys=generated, max_body_bytes=args.max_body_bytes,
                         max_header_bytes=args.max_header_bytes, header_timeout=args.header_timeout,
                         keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
-                        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+                        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, allow_open=args.allow_open)
 
 
 def serve_main(args) -> int:
     from kernel.errors import KvosError
+    from userspace.daemon import logs
     from userspace.daemon.server import serve
     if args.threads is not None:         # the model loader applies $KVOS_THREADS at each load: agree with it
         os.environ["KVOS_THREADS"] = str(args.threads)
     export_program_options(args)
+    logs.configure(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
+        for who, key in config.generated_keys.items():      # shown once, here, never in the log
+            print(f"kvosd: {who} key: {key}", file=sys.stderr, flush=True)
         return serve(config, host=args.host, port=args.port, log_level=args.log_level)
     except KvosError as err:
         print(f"kvosd: {err}", file=sys.stderr)
