@@ -113,8 +113,8 @@ def test_health_is_503_while_loading_then_200(one_thread):
         status, _, body = call(srv.url, "GET", "/health")
         assert status == 503 and body == {"status": "loading"}
         assert call(srv.url, "GET", "/healthz")[2]["status"] == "loading"
-        status, _, body = call(srv.url, "GET", "/v1/models", key=ALICE)
-        assert status == 503 and "loading" in body["error"]["message"]
+        status, headers, body = call(srv.url, "GET", "/v1/models", key=ALICE)
+        assert status == 503 and "loading" in body["error"]["message"] and headers["Retry-After"] == "1"
         srv.daemon.load()
         status, headers, body = call(srv.url, "GET", "/health")
         assert status == 200 and body == ""                                   # as vLLM's: an empty 200

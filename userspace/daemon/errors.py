@@ -68,7 +68,9 @@ def from_status(status: int, message: str) -> KvosError:
 def install(app: FastAPI, daemon) -> None:
     @app.exception_handler(KvosError)
     async def kvos_error(request: Request, err: KvosError):
-        return response(request.url.path, err, daemon.http_status(err))
+        status = daemon.http_status(err)
+        loading = status == 503 and not daemon.ready.is_set()       # worth retrying soon (curl --retry does)
+        return response(request.url.path, err, status, {"Retry-After": "1"} if loading else None)
 
     @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, err: Unauthorized):
