@@ -83,8 +83,8 @@ def test_a_gguf_in_a_hub_repository(tmp_path, offline_cache, capsys):
     assert len(by_colon) == 2 and all(len(t) == 12 for t in by_colon)
     # The repository without a file named: one line naming the GGUF files to choose from
     assert main(["run", "--model", "kvos-test/tiny-GGUF", "hi"]) == 2
-    err = capsys.readouterr().err
-    assert "kvos-test/tiny-GGUF:tiny.Q8_0.gguf or --gguf-file tiny.Q8_0.gguf" in err and err.count("\n") == 1, err
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kvos: ")]
+    assert "kvos-test/tiny-GGUF:tiny.Q8_0.gguf or --gguf-file tiny.Q8_0.gguf" in err, err
     assert main(["run", "--model", "kvos-test/tiny-GGUF:missing.gguf", "hi"]) == 2
     assert "not in the hub cache" in capsys.readouterr().err
     with pytest.raises(SystemExit):                       # --gguf-file needs a hub id
@@ -102,6 +102,56 @@ def test_offline_and_not_cached_is_one_line_naming_the_three_ways(offline_cache,
     assert "a name (smollm2-135m" in line and "a path" in line and "a hub id" in line
     assert main(["run", "--model", "no-such-model", "hi"]) == 2
     assert "a hub id (ORG/NAME[@REVISION]" in capsys.readouterr().err
+
+
+def test_online_it_asks_huggingface_hub_for_what_a_model_needs(tmp_path, monkeypatch):
+    """With the hub reachable (not offline) resolve() hands the download to huggingface_hub: only a model's
+    files, top-level, of the named revision, into $HF_HUB_CACHE; the hub's refusals become one-line errors.
+    (This machine cannot reach the hub: the two download functions are stood in for.)"""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from kernel.errors import KvosError
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_resolved", {})
+    folder = hub_cache.write_tiny_folder(tmp_path / "snapshot")
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append((repo_id, kwargs))
+        return str(folder)
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, {"filename": filename, **kwargs}))
+        return str(folder / "config.json")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    assert hub.resolve("org/model@v1") == folder
+    assert hub.resolve("org/model@v1") == folder and len(asked) == 1            # once per process
+    repo, kwargs = asked[0]
+    assert repo == "org/model" and kwargs["revision"] == "v1" and kwargs["local_files_only"] is False
+    assert kwargs["cache_dir"] == tmp_path / "hub" and kwargs["ignore_patterns"] == ["*/*"]
+    assert {"config.json", "tokenizer.json", "*.safetensors"} <= set(kwargs["allow_patterns"])
+    hub.resolve("org/model:m.Q4_0.gguf")
+    assert asked[1] == ("org/model", {"filename": "m.Q4_0.gguf", "revision": None, "cache_dir": tmp_path / "hub",
+                                      "local_files_only": False})
+
+    def refuses(kind):
+        def download(repo_id, **kwargs):
+            err = kind.__new__(kind)                 # its constructor wants an HTTP response: not needed here
+            Exception.__init__(err, "refused")
+            raise err
+        return download
+    for kind, errno, said in ((errors.RepositoryNotFoundError, "ENOENT", "no such repository"),
+                              (errors.GatedRepoError, "EPERM", "gated"),
+                              (errors.RevisionNotFoundError, "ENOENT", "no revision"),
+                              (errors.LocalEntryNotFoundError, "ENOENT", "the hub cannot be reached")):
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", refuses(kind))
+        with pytest.raises(KvosError) as err:
+            hub.resolve(f"org/{kind.__name__}@r")
+        assert err.value.errno == errno and said in err.value.reason, err.value.reason
 
 
 @pytest.mark.slow
