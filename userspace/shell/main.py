@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="an interactive chat, streamed",
                        description="Chat with the model: one interactive process whose pages stay between "
-                                   "turns. Reads lines from stdin; an empty line or end of input ends it.")
+                                   "turns. Reads lines from stdin; an empty line or end of input ends it. A line "
+                                   "that is exactly /reset starts the conversation over, /exit (or /quit) ends "
+                                   "it, /help lists these.")
     add_sampling_options(p, max_tokens=256)
     add_boot_options(p)
     p.set_defaults(func=_lazy("userspace.shell.commands", "chat_main"))

@@ -16,10 +16,12 @@ from userspace.shell.options import add_boot_options, add_model_options, boot_op
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="run kvosd: the syscalls over HTTP, an OpenAI-compatible API, /metrics",
-        description="Boot a kernel, start the tenants (one of --model, or those of --tenants FILE) and serve "
-                    "the syscall table under /sys, an OpenAI-compatible API under /v1 and Prometheus metrics at "
-                    "/metrics. SIGTERM or Ctrl-C stops admitting, finishes (or with --kill-on-shutdown kills) "
-                    "running processes, frees everything, runs fsck and exits 0.")
+        description="Boot a kernel, bind the port (GET /health is 503 until ready), start the tenants (one of "
+                    "--model, or those of --tenants FILE) and serve the syscall table under /sys, an "
+                    "OpenAI-compatible API under /v1, /tokenize, /detokenize and Prometheus metrics at /metrics. "
+                    "One tenant without --api-key or $KVOS_API_KEY is an open API (no key needed), on loopback "
+                    "only unless --allow-open. SIGTERM or Ctrl-C stops admitting, finishes (or with "
+                    "--kill-on-shutdown kills) running processes, frees everything, runs fsck and exits 0.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--tenants", metavar="FILE", help="tenants file (JSON or .toml): root key, tenants with "
