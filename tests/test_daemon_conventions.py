@@ -4,7 +4,10 @@ startup, loading, one line per request, the kernel's warnings, as text or JSON l
 import http.client
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import openai
@@ -12,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kernel.errors import EINVAL, KvosError
-from tests.test_daemon_process import Kvosd
+from tests.test_daemon_process import REPO, Kvosd
 from userspace.daemon import logs
 from userspace.daemon.auth import check_exposure
 from userspace.daemon.config import DaemonConfig, TenantSpec, default_specs
@@ -218,3 +221,16 @@ def test_kvos_serve_logs_json_lines_and_takes_the_key_from_the_environment(tmp_p
     kernel = [x for x in found if x["logger"] == "kvosd.kernel"]
     assert kernel and all(x["level"] in ("warning", "error") for x in kernel)              # info: debug only
     assert any(x["event"] == "preempt" and x["pid"] in request["pids"] for x in kernel), kernel
+
+
+def test_a_model_that_does_not_load_is_logged_and_is_the_exit_status(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "KVOS_ROOT_KEY": ROOT,
+           "XDG_RUNTIME_DIR": str(tmp_path), "KVOS_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "kvos", "serve", "--model", "kvos-test/not-cached", "--port", "0",
+                          "--memory", "1MiB", "--log-format", "json"], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stderr                                        # ENOENT
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    (error,) = [x for x in lines if x["level"] == "error"]
+    assert error["message"].startswith("the models did not load: ENOENT: kvos-test/not-cached is not in the hub")
+    assert any(x["message"].startswith("listening on") for x in lines)         # the port was bound first

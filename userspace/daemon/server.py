@@ -361,7 +361,7 @@ def _announce(daemon: Daemon, url: str, host: str) -> None:
 def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info") -> int:
     """Run kvosd in the foreground until SIGTERM or SIGINT. -> exit status (0: clean shutdown).
     The port is bound (and /health served) before the models load; a model that fails to load
-    stops the server and is raised (KvosError) after the kernel has shut down cleanly."""
+    stops the server: its error is logged and its errno is the exit status."""
     tls = check_tls(config)
     check_exposure(host, config)
     _room_for_connections(config.max_connections)
@@ -397,7 +397,10 @@ def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info") -
         log.error("shutdown found a broken kernel: %s", err)
         return 1
     if daemon.load_error is not None and not loaded:
-        raise daemon.load_error
+        if not isinstance(daemon.load_error, KvosError):
+            raise daemon.load_error
+        log.error("the models did not load: %s", daemon.load_error)         # e.g. ENOENT: no such model
+        return daemon.load_error.code or 1
     log.info("stopped; fsck clean, %d of %d frames back", report["frames_free"] + report["frames_cached"],
              report["frames_total"])
     return 0
