@@ -25,6 +25,7 @@ setup(
         "gguf>=0.10",
         "tokenizers>=0.19",
         "transformers>=4.45",
+        "huggingface_hub>=0.34",        # models by hub id (userspace/programs/hub.py); transformers needs it too
         "jinja2>=3.1",
         "rich>=13",
         "matplotlib>=3.7",

@@ -156,6 +156,7 @@ def exec_program(spec, device) -> Program:
         if program is not None:
             return program
     # the hint names what userspace's loader answers for on this kind of device
-    hint = ("'smollm2-135m', 'tiny-llama' or a .gguf path" if getattr(device, "has_tensors", True)
-            else "a simulated model such as 'llama-2-7b', or a config.json path")
-    raise KvosError(ENOENT, f"no program named {spec!r} (try {hint})")
+    hint = ("give a model as a name (smollm2-135m, tiny-llama), a path (a .gguf file or a Hugging Face folder) "
+            "or a hub id (ORG/NAME[@REVISION], ORG/NAME:FILE.gguf)" if getattr(device, "has_tensors", True)
+            else "try a simulated model such as 'llama-2-7b', or a config.json path")
+    raise KvosError(ENOENT, f"no program named {spec!r}; {hint}")

@@ -46,6 +46,7 @@ class Launch:
     statuses: list = field(default_factory=list)    # ExitStatus per choice once reaped
     finished: bool = False            # reaped: nothing left to release
     outcome: str = "disconnected"     # for kvos_requests: ok, killed, error, disconnected
+    first_token: float | None = None  # when the first token of any choice came (the request's TTFT)
 
 
 def launch(handle, tid, tenant, prompts, n, params) -> Launch:
@@ -120,7 +121,7 @@ class ProcessStream(StreamingResponse):
         finally:
             if not self.run.finished:
                 self.daemon.release_later(self.run)
-            self.daemon.metrics.requests.labels(self.run.tenant, self.endpoint, self.run.outcome).inc()
+            self.daemon.request_done(self.run, self.endpoint)
 
 
 # -- responses -------------------------------------------------------------------------------------------
@@ -161,14 +162,21 @@ class OpenAIAPI:
 
     async def models(self, request: Request):
         who = self.daemon.authenticate(request)
-        if who.tid is not None:
-            names = [who.name]
-        else:                      # schedstat takes the kernel lock, held through a step: not on the loop
-            stat = await anyio.to_thread.run_sync(self.daemon.root.schedstat)
-            names = [t.name for t in stat.tenants]
+
+        def tenants():             # schedstat takes the kernel lock, held through a step: not on the loop
+            tids = [who.tid] if who.tid is not None else [t.tid for t in self.daemon.root.schedstat().tenants]
+            infos = []
+            for tid in tids:
+                try:
+                    infos.append(who.handle.tenantinfo(tid))
+                except KvosError as err:     # killed since schedstat
+                    if err.errno != ESRCH:
+                        raise
+            return infos
         return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": int(self.daemon.booted_at), "owned_by": "kvos",
-             "root": self.daemon.models.get(name, name)} for name in names]})
+            {"id": t.name, "object": "model", "created": int(self.daemon.booted_at), "owned_by": "kvos",
+             "root": self.daemon.models.get(t.name, t.model), "parent": None, "max_model_len": t.max_context}
+            for t in await anyio.to_thread.run_sync(tenants)]})
 
     async def chat(self, request: Request):
         who = self.daemon.authenticate(request)
@@ -206,12 +214,14 @@ class OpenAIAPI:
             async for i, r in follow(self.daemon, run, request):
                 entries[i] += r.logprobs
         except Disconnected:
-            self.daemon.metrics.requests.labels(tenant, endpoint, "disconnected").inc()
+            run.outcome = "disconnected"
+            self.daemon.request_done(run, endpoint)
             return JSONResponse({}, status_code=499)     # nobody reads it; the finally releases
         finally:
             if not run.finished:
                 self.daemon.release_later(run)
-        self.daemon.metrics.requests.labels(tenant, endpoint, _outcome(run)).inc()
+        _outcome(run)
+        self.daemon.request_done(run, endpoint)
         failed = next((s for s in run.statuses if s.reason == "error"), None)
         if failed is not None:
             raise exit_error(failed)
