@@ -25,6 +25,7 @@ setup(
         "gguf>=0.10",
         "tokenizers>=0.19",
         "transformers>=4.45",
+        "huggingface_hub>=0.34",        # models by hub id (userspace/programs/hub.py); transformers needs it too
         "jinja2>=3.1",
         "rich>=13",
         "matplotlib>=3.7",
@@ -32,6 +33,7 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "prometheus-client>=0.20",
+        "llguidance>=1.0",           # structured output (json_schema): the grammar engine, no dependencies
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "accelerate>=1.0",

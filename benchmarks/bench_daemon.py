@@ -34,7 +34,8 @@ def start_daemon(args) -> tuple[subprocess.Popen, str]:
 
 def launch(options: list, env: dict) -> tuple[subprocess.Popen, str]:
     """`kvos serve` with these options in a process of its own, on a free port: (process, its URL)."""
-    cmd = [sys.executable, "-m", "kvos", "serve", "--port", "0", "--log-level", "warning", *options]
+    # --log-level info: the "serving ... at URL" line is an info line
+    cmd = [sys.executable, "-m", "kvos", "serve", "--port", "0", "--log-level", "info", *options]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300            # the first run of smollm2-135m downloads it
     while True:

@@ -64,11 +64,18 @@ def proc_of(kernel, caller, pid):
     return proc
 
 
-def prompt_tokens(program, prompt, what="prompt", tenant=None):
-    """Token ids of a prompt: text, a list of token ids, or a chat (list of {role, content}).
+MAX_TOOLS_BYTES = 64 * 1024   # the tools of one chat, as JSON
+MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
+
+
+def prompt_tokens(program, prompt, what="prompt", tenant=None, tools=None):
+    """Token ids of a prompt: text, a list of token ids, or a chat (list of {role, content}, and for
+    tool conversations tool_calls / tool_call_id), with `tools` given to the chat's template.
 
     Runs in the caller's context (a syscall's prepare half): tokenizing costs the caller only.
     With `tenant`, text that cannot fit its limit is refused before it is tokenized."""
+    if tools is not None and not is_chat(prompt):
+        raise KvosError(EINVAL, "tools go with a chat prompt (a list of messages)")
     if isinstance(prompt, str):
         if not prompt:
             raise KvosError(EINVAL, f"{what} is empty")
@@ -76,12 +83,15 @@ def prompt_tokens(program, prompt, what="prompt", tenant=None):
         ids = program.encode(prompt)
     elif is_chat(prompt):
         for m in prompt:
-            if set(m) - {"role", "content", "name"} or not isinstance(m.get("role"), str) \
+            if set(m) - MESSAGE_KEYS or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
                 raise KvosError(EINVAL, f"{what}: a chat message needs string 'role' and 'content', got {m!r}")
-        _refuse_long_text(program, tenant, sum(_utf8_length(m["content"], what) for m in prompt), what)
-        text = program.render_chat(list(prompt))           # the template may add far more than the content
-        _refuse_long_text(program, tenant, _utf8_length(text, what), what)
+            if not isinstance(m.get("tool_calls", []), list) or not isinstance(m.get("tool_call_id", ""), str):
+                raise KvosError(EINVAL, f"{what}: a message's tool_calls is a list, its tool_call_id a string")
+        size = sum(_utf8_length(m["content"], what) for m in prompt) + _tools_length(prompt, tools)
+        _refuse_long_text(program, tenant, size, what)
+        text = program.render_chat(list(prompt), tools=tools) if tools else program.render_chat(list(prompt))
+        _refuse_long_text(program, tenant, _utf8_length(text, what), what)     # the template may add far more
         ids = program.encode(text)
     elif isinstance(prompt, (list, tuple)):
         ids = list(prompt)
@@ -91,6 +101,23 @@ def prompt_tokens(program, prompt, what="prompt", tenant=None):
     if not ids:
         raise KvosError(EINVAL, f"{what} is empty")
     return ids
+
+
+def _tools_length(messages, tools) -> int:
+    """Bytes of a chat's tools and tool calls as JSON (EINVAL if they are not JSON, or too many)."""
+    import json
+    calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+    if tools is None and not calls:
+        return 0
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise KvosError(EINVAL, f"tools must be a list of tool objects, got {type(tools).__name__}")
+    try:
+        size = len(json.dumps([tools, calls], allow_nan=False).encode())
+    except (TypeError, ValueError) as err:
+        raise KvosError(EINVAL, f"tools and tool calls must be JSON: {err}") from None
+    if size > MAX_TOOLS_BYTES:
+        raise KvosError(EINVAL, f"tools and tool calls may have at most {MAX_TOOLS_BYTES} bytes of JSON, got {size}")
+    return size
 
 
 def is_chat(prompt) -> bool:

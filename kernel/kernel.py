@@ -32,7 +32,7 @@ from kernel.klock import KernelLock
 from kernel.mm import MemoryManager, namespace_name
 from kernel.proc import ExitStatus, Process, Residency, State
 from kernel.program import exec_program
-from kernel.sampling import SamplingParams
+from kernel.sampling import SamplingParams, shapes
 from kernel.sched.policies import make_policy
 from kernel.sched.scheduler import Scheduler
 from kernel.sched.stats import SchedStats
@@ -276,14 +276,15 @@ class Kernel:
 
     # -- processes ---------------------------------------------------------------------------
     def create_process(self, tenant, tokens, params: SamplingParams, priority=0, interactive=False,
-                       shm=None, seed=None, stops=None) -> Process:
+                       shm=None, seed=None, stops=None, constraint=None) -> Process:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
         proc = Process(pid=self._next("pid"), tenant=tenant, params=params, seed=seed,
                        generator=torch.Generator().manual_seed(seed), priority=priority,
                        interactive=interactive, tokens=list(tokens), prompt_len=len(tokens),
                        turn_start=len(tokens), arrival=self._next("arrival"), shm=shm,
-                       spawned_at=self.clock(), stops=stops)
+                       spawned_at=self.clock(), stops=stops, constraint=constraint,
+                       shaped=shapes(params, constraint))
         self.procs[proc.pid] = proc
         tenant.pids.add(proc.pid)
         tenant.num_live += 1
@@ -305,7 +306,8 @@ class Kernel:
                             arrival=self._next("arrival"), shm=parent.shm, turn_done=parent.turn_done,
                             last_reason=parent.last_reason, stops=parent.stops,
                             out_bytes=bytearray(parent.out_bytes), turn_byte_start=parent.turn_byte_start,
-                            stop_state=parent.stop_state, spawned_at=self.clock())
+                            stop_state=parent.stop_state, spawned_at=self.clock(), shaped=parent.shaped,
+                            constraint=None if parent.constraint is None else parent.constraint.fork())
             self.procs[child.pid] = child
             parent.tenant.pids.add(child.pid)
             parent.tenant.num_live += 1
@@ -380,6 +382,9 @@ class Kernel:
         proc.turn_generated = 0
         proc.turn_done = False
         proc.turn_byte_start, proc.stop_state = len(proc.out_bytes), 0
+        proc.history = None                          # the penalties see the new input from the next draw
+        if proc.constraint is not None:
+            proc.constraint.reset()                  # each turn's output is one value of the schema
         self.sched.enqueue(proc)
 
     # -- shm -------------------------------------------------------------------------------------

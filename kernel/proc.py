@@ -69,10 +69,14 @@ class Process:
     out_bytes: bytearray = field(default_factory=bytearray)
     stop_state: int = 0              # the StopSet automaton's state over this turn's bytes
     turn_byte_start: int = 0         # where this turn's bytes begin in out_bytes
+    # what shapes its draws beyond SamplingParams' arithmetic (sample_rows looks at them only when shaped)
+    shaped: bool = False             # it has penalties, a grammar or logprobs
+    constraint: object = None        # kernel.grammar.Constraint: its place in its json_schema's grammar
+    history: object = None           # kernel.penalties.TokenHistory, built when its penalties first need it
     # results
     read_offset: int = 0             # generated tokens already returned by read()
     text_offset: int = 0             # bytes of out_bytes already returned as text by read()
-    logprobs: list = field(default_factory=list)   # per sampled position: [(token, logprob)] top-k
+    logprobs: list = field(default_factory=list)   # per drawn token: (token, logprob, [(token, logprob)] top-k)
     logprob_offset: int = 0          # logprobs entries already returned by read()
     exit: ExitStatus | None = None
     reaped: bool = False             # wait() took it out of the process table

@@ -104,14 +104,22 @@ class Program(ABC):
             raise KvosError(ENOMEM, f"prompt of {len(token_ids)} tokens is longer than the context of "
                                     f"{self.name} ({self.max_context} tokens)")
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Text of a chat (list of {"role", "content"}) in the model's own template."""
+    # The template's way with tools: None (it takes none), "hermes" (it lists them and the model calls
+    # one as <tool_call>{"name": ..., "arguments": ...}</tool_call>), or "other" (a format of its own).
+    chat_tools: str | None = None
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
+        """Text of a chat (list of {"role", "content"}) in the model's own template, which is given
+        `tools` (EINVAL for a template that takes none)."""
+        if tools:
+            raise KvosError(EINVAL, f"the chat template of {self.name} takes no tools")
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list | None = None) -> list[int]:
         """Token ids of a chat in the model's own template."""
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools))
 
 
 BINFMTS: list = []          # callables (spec, device) -> Program or None
@@ -148,6 +156,7 @@ def exec_program(spec, device) -> Program:
         if program is not None:
             return program
     # the hint names what userspace's loader answers for on this kind of device
-    hint = ("'smollm2-135m', 'tiny-llama' or a .gguf path" if getattr(device, "has_tensors", True)
-            else "a simulated model such as 'llama-2-7b', or a config.json path")
-    raise KvosError(ENOENT, f"no program named {spec!r} (try {hint})")
+    hint = ("give a model as a name (smollm2-135m, tiny-llama), a path (a .gguf file or a Hugging Face folder) "
+            "or a hub id (ORG/NAME[@REVISION], ORG/NAME:FILE.gguf)" if getattr(device, "has_tensors", True)
+            else "try a simulated model such as 'llama-2-7b', or a config.json path")
+    raise KvosError(ENOENT, f"no program named {spec!r}; {hint}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ExitStatus", "ReadResult", "ProcInfo", "TenantInfo", "SystemInfo", "FsckReport", "WorkRecord",
-           "StepRecord", "TenantSched", "SchedStat", "LoopStatus", "PageEntry", "PageMap", "CgroupInfo",
-           "MemInfo", "LogEntry"]
+__all__ = ["ExitStatus", "ReadResult", "TokenLogprob", "TopLogprob", "ProcInfo", "TenantInfo", "SystemInfo",
+           "FsckReport", "WorkRecord", "StepRecord", "TenantSched", "SchedStat", "LoopStatus", "PageEntry", "PageMap",
+           "CgroupInfo", "MemInfo", "LogEntry"]
 
 
 # -- processes ------------------------------------------------------------------------------------------
@@ -36,7 +36,28 @@ class ReadResult:
     state: str
     turn_done: bool              # the current turn ended (the process sleeps or exited)
     finish_reason: str | None
-    logprobs: list = field(default_factory=list)   # new entries: [(token, logprob)] per position
+    logprobs: list = field(default_factory=list)   # [TokenLogprob] per new token (spawned with logprobs=k)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw logits: before penalties, a
+    grammar's mask and temperature), and at its position the `logprobs` most likely tokens. A turn
+    that generates nothing (max_tokens 0) reports its next position: token and logprob None."""
+    token: int | None
+    logprob: float | None
+    bytes: list                  # what the token adds to the output, as byte values
+    text: str                    # those bytes decoded alone (half a character shows as U+FFFD)
+    top: list = field(default_factory=list)        # [TopLogprob], most likely first
+
+
+@dataclass
+class TopLogprob:
+    """One of the most likely tokens at a generated token's position."""
+    token: int
+    logprob: float
+    bytes: list
+    text: str
 
 
 @dataclass
@@ -84,6 +105,7 @@ class TenantInfo:
     prefix_sharing: str
     kv_dtype: str = "float32"    # what the KV cache stores
     matmul_dtype: str = "float32"  # what the linear layers compute in
+    chat_tools: str | None = None  # the chat template's tools: None (takes none), "hermes" (<tool_call>), "other"
 
 
 @dataclass

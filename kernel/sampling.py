@@ -1,13 +1,15 @@
 """Choosing each process's next token from its logits row, and stop strings.
 
 SamplingParams is what spawn() accepts, validated once (EINVAL, nothing
-changed). sample() turns a batch of logits rows into tokens: greedy rows by
-argmax, the rest through temperature, top-k and top-p, each drawing only from
-its own process's torch.Generator, so a process's output is reproducible
+changed). sample() turns a batch of logits rows into tokens: a row's grammar mask
+and penalties first (kernel/grammar.py, kernel/penalties.py), then greedy rows by
+argmax, the rest through temperature, min-p, top-k and top-p, each drawing only
+from its own process's torch.Generator, so a process's output is reproducible
 whatever else runs beside it. (Stop strings are matched on output bytes: kernel/output.py.)
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
@@ -17,6 +19,8 @@ from kernel.errors import EINVAL, KvosError
 from kernel.output import check_stop_strings
 
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGPROBS = 20                # as OpenAI's top_logprobs
+MAX_SCHEMA_BYTES = 64 * 1024     # a json_schema's JSON text, or a grammar's (compiled in the caller's context)
 
 if TYPE_CHECKING:           # torch is imported where tokens are drawn: a daemon client needs SamplingParams only
     import torch
@@ -32,10 +36,18 @@ class SamplingParams:
     stop: tuple = ()                # strings that end the turn; the text is cut before them
     stop_token_ids: tuple = ()      # tokens that end the turn (besides the program's EOS)
     ignore_eos: bool = False
-    logprobs: int = 0               # report this many most likely tokens with their log-probabilities
+    logprobs: int | None = None     # None: none; k: each drawn token's log-probability and the k most likely
+    min_p: float = 0.0              # drop tokens less likely than min_p x the most likely one, in [0, 1]
+    repetition_penalty: float = 1.0  # > 0: logits of tokens in the prompt or output / by it (x it if negative)
+    frequency_penalty: float = 0.0  # in [-2, 2]: minus this x how often the process generated the token
+    presence_penalty: float = 0.0   # in [-2, 2]: minus this if the process generated the token at all
+    json_schema: str | None = None  # the output is one JSON value valid under this JSON Schema (a dict, kept as text)
+    grammar: str | None = None      # or: the output is a sentence of this grammar (Lark, as llguidance reads it)
 
     def __post_init__(self):
-        # Normalise the two sequence fields so equal params compare (and hash) equal.
+        # Normalise the sequence fields and the schema (to its JSON text) so params compare and hash.
+        if isinstance(self.json_schema, dict):
+            object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, (list, tuple)):
@@ -48,6 +60,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def validate(self) -> None:
         """EINVAL on any value that sampling cannot honour."""
         _number("temperature", self.temperature, low=0.0)
@@ -56,7 +72,22 @@ class SamplingParams:
         if self.seed is not None:
             _integer("seed", self.seed, low=0, high=2**63 - 1)
         _integer("max_tokens", self.max_tokens, low=0)
-        _integer("logprobs", self.logprobs, low=0, high=20)
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        _number("min_p", self.min_p, low=0.0, high=1.0)
+        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        if self.json_schema is not None:
+            _schema_object(self.json_schema)
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str) or not self.grammar.strip():
+                raise KvosError(EINVAL, f"grammar must be the text of a Lark grammar, got {self.grammar!r}")
+            if len(self.grammar.encode("utf-8", errors="replace")) > MAX_SCHEMA_BYTES:
+                raise KvosError(EINVAL, f"grammar may have at most {MAX_SCHEMA_BYTES} bytes")
+            if self.json_schema is not None:
+                raise KvosError(EINVAL, "json_schema and grammar are exclusive: a grammar can embed a schema "
+                                        "(%json {...})")
         if not isinstance(self.ignore_eos, bool):
             raise KvosError(EINVAL, f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         check_stop_strings(self.stop)
@@ -72,7 +103,7 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if t >= vocab_size:
                 raise KvosError(EINVAL, f"stop token id {t} is outside the vocabulary (0..{vocab_size - 1})")
-        if self.logprobs > vocab_size:
+        if self.logprobs is not None and self.logprobs > vocab_size:
             raise KvosError(EINVAL, f"logprobs {self.logprobs} exceeds the vocabulary of {vocab_size}")
 
     @classmethod
@@ -90,6 +121,30 @@ class SamplingParams:
 
 
 KEYS = frozenset(f.name for f in fields(SamplingParams))
+
+
+def _schema_text(schema: dict) -> str:
+    """A schema given as a dict, as compact JSON text (EINVAL if it is not JSON). Keys keep their
+    order: a schema's properties come out in it."""
+    try:
+        return json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise KvosError(EINVAL, f"json_schema must be JSON (a dict of JSON values): {err}") from None
+
+
+def _schema_object(text) -> dict:
+    """The schema text as a dict, within MAX_SCHEMA_BYTES (EINVAL otherwise)."""
+    if not isinstance(text, str):
+        raise KvosError(EINVAL, f"json_schema must be a JSON Schema (a dict), got {type(text).__name__}")
+    if len(text.encode("utf-8", errors="replace")) > MAX_SCHEMA_BYTES:
+        raise KvosError(EINVAL, f"json_schema may have at most {MAX_SCHEMA_BYTES} bytes of JSON")
+    try:
+        schema = json.loads(text)
+    except ValueError as err:
+        raise KvosError(EINVAL, f"json_schema is not JSON: {err}") from None
+    if not isinstance(schema, dict):
+        raise KvosError(EINVAL, f"json_schema must be a JSON Schema object, got {type(schema).__name__}")
+    return schema
 
 
 def _number(name, value, low=None, high=None, low_open=False):
@@ -112,23 +167,41 @@ def _integer(name, value, low=None, high=None):
         raise KvosError(EINVAL, f"{name} must be <= {high}, got {value!r}")
 
 
+def shapes(params: SamplingParams, constraint) -> bool:
+    """Whether a process's draws need more than temperature, top-k and top-p (penalties, a grammar,
+    logprobs): Process.shaped, so that the step looks further only at the processes that do."""
+    return params.penalized or params.logprobs is not None or constraint is not None
+
+
 def make_generator(seed: int, device="cpu") -> torch.Generator:
     """A process's own generator (on the logits' device: CUDA rows draw on the GPU)."""
     import torch
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def sample(logits: torch.Tensor, params_list: list, generators: list) -> torch.Tensor:
+def sample(logits: torch.Tensor, params_list: list, generators: list, histories: list | None = None,
+           allowed: list | None = None) -> torch.Tensor:
     """Next token of each row: int64 (rows,) on logits' device.
 
-    Row i follows params_list[i] and draws only from generators[i]; the
-    temperature/top-k/top-p arithmetic is row-wise, so a row's token does not
-    depend on the other rows of the batch.
+    Row i follows params_list[i] and draws only from generators[i]; histories[i] (a TokenHistory,
+    for penalized rows) and allowed[i] (a bool (vocab,) mask of the tokens a grammar allows) shape
+    it first. The arithmetic is row-wise, so a row's token does not depend on the other rows.
     """
     import torch
     num_rows, vocab = logits.shape
     if len(params_list) != num_rows or len(generators) != num_rows:
         raise KvosError(EINVAL, f"sample: {num_rows} rows, {len(params_list)} params, {len(generators)} generators")
+    masked = allowed is not None and any(a is not None for a in allowed)
+    penalized = histories is not None and any(h is not None for h in histories)
+    if masked or penalized:
+        logits = logits.float().clone()          # the caller's rows stay as the model gave them (logprobs)
+        if masked:
+            for i, a in enumerate(allowed):
+                if a is not None:
+                    logits[i].masked_fill_(~a.to(logits.device), -math.inf)
+        if penalized:
+            from kernel.penalties import apply_penalties
+            apply_penalties(logits, params_list, histories)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params_list) if p.temperature != 0]
     if not rows:
@@ -138,6 +211,9 @@ def sample(logits: torch.Tensor, params_list: list, generators: list) -> torch.T
     index = torch.tensor(rows, device=device)
     x = logits.index_select(0, index).float()
     x.div_(torch.tensor([p.temperature for p in chosen], device=device).unsqueeze(1))
+    min_ps = [p.min_p for p in chosen]
+    if max(min_ps) > 0:
+        x = _min_p(x, torch.tensor(min_ps, device=device))
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in chosen]
     if min(ks) < vocab:
         # The k-th largest value of each row is its threshold; rows without top-k keep everything.
@@ -155,6 +231,15 @@ def sample(logits: torch.Tensor, params_list: list, generators: list) -> torch.T
         noise = torch.empty(vocab, device=g.device).exponential_(generator=g).to(device, non_blocking=True)
         tokens[i] = (probs[j] / noise).argmax()
     return tokens
+
+
+def _min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop (-inf) each row's tokens less likely than its min_p times its most likely token's
+    probability (after temperature, as vLLM; min_p 0 keeps every token)."""
+    import torch
+    probs = torch.softmax(x, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return x.masked_fill(probs < threshold, -math.inf)
 
 
 def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

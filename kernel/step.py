@@ -14,6 +14,7 @@ import torch
 
 from kernel.batch import build_batch
 from kernel.errors import KernelPanic, KvosError
+from kernel.penalties import history_of
 from kernel.proc import Process, State
 from kernel.results import StepRecord, WorkRecord
 from kernel.sampling import sample
@@ -71,23 +72,62 @@ def simulate(kernel, plan) -> dict:
 
 
 def sample_rows(works, logits) -> dict:
-    """pid -> (token drawn or None, top logprobs or None) for works whose logits came back (in order)."""
-    procs = [w.proc for w in works]
-    out = {p.pid: (None, None) for p in procs}
-    rows = [i for i, w in enumerate(works) if w.draws]
-    if rows:
-        drawing = [procs[i] for i in rows]
-        tokens = sample(logits[rows], [p.params for p in drawing], [p.generator for p in drawing])
-        for p, t in zip(drawing, tokens.tolist()):
+    """pid -> (token drawn or None, logprob entry or None) for works whose logits came back (in
+    order). Processes with penalties, a grammar or logprobs (Process.shaped) take the longer path; a
+    batch without any costs one flag per work. A work that draws nothing (a turn of max_tokens 0,
+    as beam search's) still reports its next position's top logprobs if asked."""
+    out, rows, drawing, shaped, peeking = {}, [], [], False, []
+    for i, w in enumerate(works):
+        if w.draws:
+            rows.append(i)
+            drawing.append(w.proc)
+            shaped = shaped or w.proc.shaped
+        else:
+            out[w.proc.pid] = _NO_SAMPLE
+            if w.proc.shaped:
+                peeking.append(i)
+    if peeking:
+        procs = [works[i].proc for i in peeking]
+        for j, entry in _logprobs(logits[peeking], procs, [None] * len(procs)).items():
+            out[procs[j].pid] = (None, entry)
+    if not rows:
+        return out
+    x = logits if len(rows) == len(works) else logits[rows]
+    params, generators = [p.params for p in drawing], [p.generator for p in drawing]
+    if not shaped:
+        for p, t in zip(drawing, sample(x, params, generators).tolist()):
             out[p.pid] = (t, None)
-    wants_logprobs = [i for i, p in enumerate(procs) if p.params.logprobs]
-    if wants_logprobs:
-        logp = torch.log_softmax(logits[wants_logprobs].float(), dim=-1)
-        for row, i in enumerate(wants_logprobs):
-            p = procs[i]
-            values, ids = torch.topk(logp[row], p.params.logprobs)
-            out[p.pid] = (out[p.pid][0], list(zip(ids.tolist(), values.tolist())))
+        return out
+    histories = [history_of(p) if p.params.penalized else None for p in drawing]
+    allowed = [None if p.constraint is None else p.constraint.allowed() for p in drawing]
+    tokens = sample(x, params, generators, histories, allowed).tolist()
+    entries = _logprobs(x, drawing, tokens)
+    for j, (p, t) in enumerate(zip(drawing, tokens)):
+        out[p.pid] = (t, entries.get(j))
     return out
+
+
+def _logprobs(x, procs, tokens) -> dict:
+    """row -> (token, its logprob, [(token, logprob)] the k most likely) for the processes that ask,
+    from the model's own distribution (the raw logits: before penalties, grammar and temperature).
+    A row that drew nothing (token None) reports the k most likely alone."""
+    want = [j for j, p in enumerate(procs) if p.params.logprobs is not None]
+    if not want:
+        return {}
+    logp = torch.log_softmax(x[want].float(), dim=-1)
+    ks = [procs[j].params.logprobs for j in want]
+    chosen = [tokens[j] for j in want]
+    own = logp.gather(1, torch.tensor([t or 0 for t in chosen], device=logp.device).unsqueeze(1))[:, 0].tolist()
+    top_values = top_ids = None
+    if max(ks):                                   # one topk for all rows, each cut to its own k
+        top = logp.topk(max(ks), dim=-1)
+        top_values, top_ids = top.values.tolist(), top.indices.tolist()
+    entries = {}
+    for row, j in enumerate(want):
+        k, token = ks[row], chosen[row]
+        pairs = list(zip(top_ids[row][:k], top_values[row][:k])) if k else []
+        entries[j] = (token, None if token is None else own[row], pairs)
+    return entries
 
 
 def commit(kernel, plan, samples: dict) -> None:
@@ -105,13 +145,25 @@ def commit(kernel, plan, samples: dict) -> None:
             kernel.finish_segment(proc)
             continue
         token, logprobs = samples.get(proc.pid, _NO_SAMPLE)
-        if logprobs is not None:
-            proc.logprobs.append(logprobs)
         if not work.draws:                         # a turn with nothing (more) to generate
+            if logprobs is not None:               # what it would draw from (beam search reads it)
+                proc.logprobs.append(logprobs)
             kernel.end_turn(proc, "length")
             continue
         drawn += 1
         reason = append_token(proc, token, now)
+        if proc.shaped:
+            if logprobs is not None:
+                proc.logprobs.append(logprobs)
+            if proc.history is not None:
+                proc.history.add(token)
+            if proc.constraint is not None:
+                ended = proc.constraint.advance(token)
+                if ended == "error":
+                    kernel.exit_process(proc, "error", error=f"EINVAL: json_schema: {proc.constraint.error}")
+                    continue
+                if ended == "stop":                # the value is complete: nothing more may follow
+                    reason = "stop"
         if reason is not None:
             kernel.end_turn(proc, reason)
         if proc.watchers:

@@ -27,13 +27,13 @@ from kernel.argcheck import (
 from kernel.errors import E2BIG, EAGAIN, EBUSY, EINVAL, EPERM, ESRCH, KernelPanic, KvosError
 from kernel.output import StopSet, complete_utf8, decode
 from kernel.proc import State
-from kernel.results import ReadResult
+from kernel.results import ReadResult, TokenLogprob, TopLogprob
 from kernel.sampling import SamplingParams
 from kernel.systable import syscall
 
 
 # -- spawn -------------------------------------------------------------------------------------------------
-def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interactive=False, **sampling):
+def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interactive=False, tools=None, **sampling):
     tenant = tenant_of(kernel, caller, tid)
     if "max_tokens" not in sampling:         # the default never exceeds what the tenant may ask for
         sampling["max_tokens"] = min(SamplingParams.max_tokens, tenant.max_new_tokens)
@@ -49,18 +49,38 @@ def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interact
                                f"of {tenant.max_new_tokens}")
     if shm is not None:
         check_int("shm", shm)
-    return dict(tenant=tenant, ids=prompt_tokens(tenant.program, prompt, tenant=tenant), params=params,
-                stops=StopSet(params.stop) if params.stop else None, priority=priority, shm=shm,
-                interactive=interactive)
+    ids = prompt_tokens(tenant.program, prompt, tenant=tenant, tools=tools)
+    return dict(tenant=tenant, ids=ids, params=params, stops=StopSet(params.stop) if params.stop else None,
+                constraint=_constraint(kernel, tenant, params), priority=priority, shm=shm, interactive=interactive)
+
+
+def _constraint(kernel, tenant, params):
+    """The process's matcher for params.json_schema or params.grammar, compiled here, in the caller's
+    context (cached per program and grammar); None without either."""
+    kind = "json_schema" if params.json_schema is not None else "grammar" if params.grammar is not None else None
+    if kind is None:
+        return None
+    if not getattr(kernel.device, "has_tensors", True):
+        raise KvosError(EINVAL, f"{kind} needs a device that computes logits (the simulated one draws "
+                                "filler tokens)")
+    from kernel.grammar import compile_grammar
+    return compile_grammar(tenant.program, kind, getattr(params, kind)).start()
 
 
 @syscall("spawn", new_work=True, prepare=spawn_prepare)
-def sys_spawn(kernel, caller, tenant, ids, params, stops, priority, shm, interactive):
+def sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, shm, interactive):
     """A new process running `prompt` (text, token ids or a chat). It waits in the run queue until admitted. -> pid
 
-    Sampling keys: max_tokens, temperature, top_p, top_k, seed, stop (at most 32 strings of at
-    most 256 bytes), stop_token_ids, ignore_eos, logprobs. interactive=True: the process sleeps
-    after each turn and write() starts the next.
+    Sampling keys: max_tokens, temperature, top_p, top_k, min_p (in [0, 1]), seed, stop (at most 32
+    strings of at most 256 bytes), stop_token_ids, ignore_eos, repetition_penalty (> 0; 1 is none),
+    frequency_penalty and presence_penalty (in [-2, 2]), logprobs (None; or k in [0, 20]: each
+    token's log-probability and the k most likely at its position, in read()), json_schema (a JSON
+    Schema as a dict, at most 64 KiB: each turn's output is one JSON value valid under it, the
+    kernel masking every draw with its grammar; {"type": "object"} for any JSON object), grammar
+    (instead: a Lark grammar as llguidance reads it, which may embed schemas as %json {...}).
+    tools=[...] (with a chat prompt): function tools the model's chat template is given, as
+    OpenAI's request spells them (EINVAL if the template takes none). interactive=True: the
+    process sleeps after each turn and write() starts the next.
     """
     if not tenant.alive:
         raise KvosError(ESRCH, f"tenant {tenant.tid} no longer exists")
@@ -70,25 +90,26 @@ def sys_spawn(kernel, caller, tenant, ids, params, stops, priority, shm, interac
     ids = prefix + ids
     check_fits(kernel, tenant, len(ids), "prompt")
     check_room_for(kernel, tenant, 1)
-    proc = kernel.create_process(tenant, ids, params, priority, interactive, shm, params.seed, stops)
+    proc = kernel.create_process(tenant, ids, params, priority, interactive, shm, params.seed, stops, constraint)
     kernel.log("spawn", f"pid {proc.pid}: {len(ids)} prompt tokens, max_tokens {params.max_tokens}", proc=proc)
     return proc.pid
 
 
-def spawn_n_prepare(kernel, caller, tid, prompt, n, *, priority=0, shm=None, interactive=False, **sampling):
+def spawn_n_prepare(kernel, caller, tid, prompt, n, *, priority=0, shm=None, interactive=False, tools=None,
+                    **sampling):
     check_int("n", n, 1, 1024)
     args = spawn_prepare(kernel, caller, tid, prompt, priority=priority, shm=shm, interactive=interactive,
-                         **sampling)
+                         tools=tools, **sampling)
     return dict(args, n=n)
 
 
 @syscall("spawn_n", new_work=True, prepare=spawn_n_prepare)
-def sys_spawn_n(kernel, caller, tenant, ids, params, stops, priority, shm, interactive, n):
+def sys_spawn_n(kernel, caller, tenant, ids, params, stops, constraint, priority, shm, interactive, n):
     """spawn, then fork the new process n - 1 times, in one call: no step runs in between, so the
     n processes share the prompt's pages and nothing else (n samples of one prompt). The first pid
     is the parent. A refused call leaves no process behind. -> [pid]"""
     check_room_for(kernel, tenant, n)
-    pid = sys_spawn(kernel, caller, tenant, ids, params, stops, priority, shm, interactive)
+    pid = sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, shm, interactive)
     if n == 1:
         return [pid]
     try:
@@ -171,7 +192,10 @@ def block(kernel, proc, until, timeout, events=("output", "turn", "exit")) -> bo
 
 def read_finish(raw):
     result, data = raw
-    return replace(result, text=decode(data))
+    logprobs = [TokenLogprob(t, lp, list(b), decode(b), [TopLogprob(u, ulp, list(ub), decode(ub))
+                                                         for u, ub, ulp in top])
+                for t, b, lp, top in result.logprobs]
+    return replace(result, text=decode(data), logprobs=logprobs)
 
 
 @syscall("read", blocking=True, finish=read_finish)
@@ -197,7 +221,9 @@ def sys_read(kernel, caller, pid, timeout=0.0):
         generated = proc.generated_tokens
         new = generated[start:]
         proc.read_offset = len(generated)
-        logprobs = proc.logprobs[proc.logprob_offset:]
+        spell = proc.tenant.program.token_bytes       # raw here, text in the finish half
+        logprobs = [(t, b"" if t is None else spell(t), lp, [(u, spell(u), ulp) for u, ulp in top])
+                    for t, lp, top in proc.logprobs[proc.logprob_offset:]]
         proc.logprob_offset = len(proc.logprobs)
         reason = proc.exit.reason if proc.exit else proc.last_reason
         return ReadResult(pid, new, "", proc.state.value, done, reason, logprobs), data

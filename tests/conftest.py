@@ -18,3 +18,18 @@ def one_thread():
     else:
         os.environ["KVOS_THREADS"] = before
     set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def kvos_loggers_as_they_were():
+    """`kvos serve` run in-process configures kvos's loggers (userspace/daemon/logs.py); put them back,
+    so a later test's output is not another command's log."""
+    import logging
+    names = ("kvosd", "kvos", "uvicorn", "uvicorn.error", "uvicorn.access")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate)
+             for n in names}
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = handlers, propagate
+        logger.setLevel(level)                   # (not .level =: setLevel clears the loggers' caches)

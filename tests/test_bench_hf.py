@@ -56,7 +56,7 @@ def _assert_near_tie(trace, index, ours, theirs):
         if r.turn_done:
             break
     sys_.wait(pid)
-    (best, lp_best), (second, lp_second) = logprobs[0]
+    (best, lp_best), (second, lp_second) = ((t.token, t.logprob) for t in logprobs[0].top)
     assert best == ours[at], f"request {index}: kvos picked {ours[at]} in the run, {best} alone"
     assert second == theirs[at] and lp_best - lp_second < NEAR_TIE, (
         f"request {index}: token {at} differs ({ours[at]} vs {theirs[at]}) without a near tie "

@@ -14,7 +14,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import kernel
 from kernel.errors import E2BIG, EAGAIN, EINVAL, ENOMEM, EPERM, ESRCH, KvosError
-from kernel.results import ExitStatus, MemInfo, PageEntry, PageMap, ProcInfo, ReadResult, SchedStat, TenantSched
+from kernel.results import (
+    ExitStatus,
+    MemInfo,
+    PageEntry,
+    PageMap,
+    ProcInfo,
+    ReadResult,
+    SchedStat,
+    TenantSched,
+    TokenLogprob,
+    TopLogprob,
+)
 from kernel.syscalls import SYSCALLS
 from userspace import libc
 from userspace.daemon import wire
@@ -174,7 +185,7 @@ def test_client_returns_what_the_local_handle_returns(server, local, alice, root
     assert all(isinstance(r, ReadResult) for r in reads)
     assert sum((r.tokens for r in reads), []) == sum((r.tokens for r in lreads), [])
     assert sum((r.logprobs for r in reads), []) == sum((r.logprobs for r in lreads), [])
-    assert isinstance(reads[-1].logprobs[0][0], tuple)
+    assert isinstance(reads[-1].logprobs[0], TokenLogprob) and isinstance(reads[-1].logprobs[0].top[1], TopLogprob)
     pm, lpm = alice.pagemap(pid), lroot.pagemap(lpid)
     assert isinstance(pm, PageMap) and all(isinstance(e, PageEntry) for e in pm.pages)
     assert [e.tokens for e in pm.pages] == [e.tokens for e in lpm.pages] and pm.pages[0].flags == lpm.pages[0].flags
@@ -418,8 +429,8 @@ def test_malformed_requests_get_400_and_the_daemon_keeps_serving(server, alice, 
     for body, reason in (({"model": "alice"}, "messages"),
                          ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
                           "temperature"),
-                         ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
-                          "logprobs is not supported"),
+                         ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1}},
+                          "logit_bias is not supported"),
                          ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1},
                           "unknown field 'frobnicate'"),
                          ({"model": "alice", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1},

@@ -65,3 +65,19 @@ def test_userspace_reads_no_kernel_object():
         if bad:
             found[str(path.relative_to(REPO))] = bad
     assert not found, found
+
+
+# Library code logs (the logging module) and returns; only the commands print their output.
+LIBRARY = ("kernel", "userspace/daemon", "userspace/libc", "userspace/programs")
+
+
+def test_library_code_logs_rather_than_prints():
+    found = {}
+    for folder in LIBRARY:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            calls = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                     and n.func.id == "print"]
+            if calls:
+                found[str(path.relative_to(REPO))] = calls
+    assert not found, found

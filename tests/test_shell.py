@@ -122,6 +122,15 @@ def test_chat_streams_each_turn_from_stdin():
     assert len(result.stdout.splitlines()) == 2          # one reply line per turn
 
 
+def test_chat_reset_and_exit():
+    """/reset starts the conversation over (so the same first message gets the same greedy reply),
+    /exit ends it: what follows is never sent."""
+    result = kvos("chat", "--model", TINY, "--max-tokens", "5", input="hello\n/reset\nhello\n/exit\nnot sent\n")
+    assert result.returncode == 0, result.stderr
+    first, again = result.stdout.splitlines()
+    assert first == again and "starts over" in result.stderr
+
+
 def local_json(out: str):
     """A --local --json result: marked as the in-process kernel's, the syscall's value under "result"."""
     marked = json.loads(out)
@@ -264,3 +273,16 @@ def test_the_command_line_and_a_daemon_client_start_without_torch():
             "build_parser(); print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_underscored_options_typos_and_the_simulated_device(capsys):
+    assert main(["run", "--json", "--model", TINY, "--max_tokens", "3", "--top_k=5", "hi"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 3
+    for argv, said in ((["run", "--model", TINY, "--max-tokns", "3", "hi"], "did you mean --max-tokens?"),
+                       (["run", "--device", "sim:a100-80g", "hi"], "argument --device: sim:a100-80g: the simulated"),
+                       (["chat", "--device", "sim:h100"], "kvos sim"),
+                       (["ps", "--local", "--device", "sim:h100"], "no tokenizer")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"usage: kvos {argv[0]}" in err and said in err, err

@@ -81,14 +81,18 @@ def test_headlines_cover_every_experiment(results):
         assert module.tables(quick(results, name))
 
 
-def test_cli_json_and_plot(tmp_path, capsys):
-    assert main(["padding", "--quick", "--json", "--plot-dir", str(tmp_path)]) == 0
+def test_cli_json_and_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["padding", "--quick", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["padded_waste_tokens"] == 693
+    assert not list(tmp_path.iterdir())                       # no plot unless asked for with --plot-dir
+    assert main(["padding", "--quick", "--json", "--plot-dir", str(tmp_path / "plots")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["padded_waste_tokens"] == 693
-    assert (tmp_path / "sim-padding.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "sim-padding.png").stat().st_size > 1000
     assert main(["run", "--preset", "alpaca", "--requests", "20", "--rate", "5", "--json", "--alloc", "prealloc",
                  "--max-tokens", "256"]) == 0
     run = json.loads(capsys.readouterr().out)
     assert run["completed"] == 20 and run["boot"] == {"alloc": "prealloc"} and run["kv_utilization"] < 0.9
-    assert main(["run", "--model", "gpt-5", "--requests", "2", "--no-plot"]) == 1
+    assert main(["run", "--model", "gpt-5", "--requests", "2"]) == 2           # ENOENT's status
     assert "ENOENT" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 A tenants file (JSON or TOML) names a root key and a list of tenants, each with a
 model, a bearer key and the limits spawn_tenant() takes (docs/daemon.md shows one).
-Without a file the daemon runs one tenant of --model. Keys missing from both the
-file and the environment are generated and shown once on stderr.
+Without a file the daemon runs one tenant of --model, keyed by --api-key or
+$KVOS_API_KEY, or open (no key: as `vllm serve` without --api-key). Keys a tenants
+file leaves out are generated and shown once on stderr.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ TENANT_OPTIONS = ("mem_limit", "weight", "prefix_sharing", "max_procs", "max_que
 class TenantSpec:
     name: str
     model: str
-    key: str
+    key: str | None                                    # None: the open API's tenant (no key needed)
     options: dict = field(default_factory=dict)       # spawn_tenant() keywords
 
 
@@ -54,6 +55,12 @@ class DaemonConfig:
     max_connections: int = 4096                        # open at once; more are answered 503 EAGAIN
     ssl_keyfile: str | None = None                     # TLS: both, or neither
     ssl_certfile: str | None = None
+    allow_open: bool = False                           # an open API (no key) beyond loopback: said explicitly
+
+    @property
+    def open_api(self) -> bool:
+        """Whether requests without a key are served (as the one tenant that has none)."""
+        return any(t.key is None for t in self.tenants)
 
 
 def new_key() -> str:
@@ -150,11 +157,14 @@ def tenant_specs(data: dict, generated: dict) -> tuple[list, str]:
     return specs, root_key
 
 
-def default_specs(model: str, generated: dict) -> tuple[list, str]:
-    """No tenants file: one tenant of `model`, named after it, keyed by $KVOS_API_KEY or a new key."""
+def default_specs(model: str, generated: dict, api_key: str | None = None) -> tuple[list, str]:
+    """No tenants file: one tenant of `model`, named after it, keyed by api_key (--api-key), else
+    $KVOS_API_KEY, else none: the API is open (the daemon refuses that beyond loopback unless told)."""
     root_key = _key({}, "root", generated, "KVOS_ROOT_KEY")
     name = name_from_model(model)
-    key = _key({}, name, generated, "KVOS_API_KEY")
-    if key == root_key:
-        raise KvosError(EINVAL, "KVOS_API_KEY and KVOS_ROOT_KEY must differ")
+    key = api_key or os.environ.get("KVOS_API_KEY") or None
+    if key is not None:
+        key = _key({"key": key}, name, generated)
+        if key == root_key:
+            raise KvosError(EINVAL, "the API key and the root key (KVOS_ROOT_KEY) must differ")
     return [TenantSpec(name, model, key)], root_key

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from kernel.errors import E2BIG, EAGAIN, EBUSY, EINVAL, EIO, ENOENT, EPERM, KernelPanic, KvosError
 from userspace.daemon import wire
 
-log = logging.getLogger("uvicorn.error")      # kvosd's log is uvicorn's
+log = logging.getLogger("kvosd")
 
 # The errno an HTTP status stands for when the error did not come from the kernel (Starlette's 404/405).
 STATUS_ERRNO = {400: EINVAL, 401: EPERM, 403: EPERM, 404: ENOENT, 405: EINVAL, 409: EBUSY, 413: E2BIG,
@@ -30,8 +30,11 @@ class Unauthorized(Exception):
     """No bearer key, one nobody was given, or the key of a tenant that no longer exists: 401."""
 
 
+OPENAI_SHAPED = ("/tokenize", "/detokenize")     # vLLM's routes outside /v1, answered in its shape
+
+
 def is_openai(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
+    return path == "/v1" or path.startswith("/v1/") or path in OPENAI_SHAPED
 
 
 def openai_error(err: KvosError, status: int) -> dict:
@@ -65,7 +68,9 @@ def from_status(status: int, message: str) -> KvosError:
 def install(app: FastAPI, daemon) -> None:
     @app.exception_handler(KvosError)
     async def kvos_error(request: Request, err: KvosError):
-        return response(request.url.path, err, daemon.http_status(err))
+        status = daemon.http_status(err)
+        loading = status == 503 and not daemon.ready.is_set()       # worth retrying soon (curl --retry does)
+        return response(request.url.path, err, status, {"Retry-After": "1"} if loading else None)
 
     @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, err: Unauthorized):
@@ -100,6 +105,6 @@ def install(app: FastAPI, daemon) -> None:
     @app.exception_handler(Exception)
     async def internal(request: Request, err: Exception):
         # A bug in kvosd: the traceback goes to the log (Starlette re-raises it to uvicorn after this).
-        log.error("kvosd: %s %s failed: %s: %s", request.method, request.url.path, type(err).__name__, err)
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(err).__name__, err)
         return response(request.url.path, KvosError(EIO, f"internal error in kvosd ({type(err).__name__}); "
                                                          "the daemon's log has the traceback"), 500)

@@ -18,6 +18,7 @@ from kernel.errors import KvosError
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 # schedstat / meminfo counters exported as Prometheus counters: (family, source, field, help)
 _COUNTERS = (
@@ -152,7 +153,7 @@ class _OneTenant:
         self.metrics, self.tenant = metrics, tenant
 
     def collect(self):
-        for metric in (self.metrics.ttft, self.metrics.tbt, self.metrics.requests):
+        for metric in self.metrics.daemon_metrics():
             for family in metric.collect():
                 family.samples = [s for s in family.samples if s.labels.get("tenant") == self.tenant]
                 yield family
@@ -170,6 +171,16 @@ class Metrics:
                              "(OpenAI API)", ["tenant"], buckets=TBT_BUCKETS, registry=self.registry)
         self.requests = Counter("kvos_requests", "OpenAI API requests finished, by tenant, endpoint and outcome",
                                 ["tenant", "endpoint", "outcome"], registry=self.registry)
+        self.latency = Histogram("kvos_request_duration_seconds", "From request arrival to its last token, end to "
+                                 "end (OpenAI API; not requests whose client left)", ["tenant", "endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.finish_reasons = Counter("kvos_finish_reasons", "Choices of finished OpenAI requests by finish reason: "
+                                      "stop, length, killed, error, or disconnected (the client left)",
+                                      ["tenant", "endpoint", "finish_reason"], registry=self.registry)
+
+    def daemon_metrics(self) -> tuple:
+        """What the daemon measures itself (labelled by tenant), as opposed to the kernel's state."""
+        return self.ttft, self.tbt, self.requests, self.latency, self.finish_reasons
 
     def render(self, handle=None, tenant: str | None = None) -> bytes:
         """Root's exposition; with a tenant's handle and name, that tenant's series only."""

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kernel.errors import EINVAL, EIO, ERRNOS, ESRCH, KvosError
-from userspace.daemon import waiting
+from userspace.daemon import logprobs_shapes, openai_tools, waiting
 from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
     UNSUPPORTED,
@@ -46,6 +46,7 @@ class Launch:
     statuses: list = field(default_factory=list)    # ExitStatus per choice once reaped
     finished: bool = False            # reaped: nothing left to release
     outcome: str = "disconnected"     # for kvos_requests: ok, killed, error, disconnected
+    first_token: float | None = None  # when the first token of any choice came (the request's TTFT)
 
 
 def launch(handle, tid, tenant, prompts, n, params) -> Launch:
@@ -120,7 +121,7 @@ class ProcessStream(StreamingResponse):
         finally:
             if not self.run.finished:
                 self.daemon.release_later(self.run)
-            self.daemon.metrics.requests.labels(self.run.tenant, self.endpoint, self.run.outcome).inc()
+            self.daemon.request_done(self.run, self.endpoint)
 
 
 # -- responses -------------------------------------------------------------------------------------------
@@ -161,14 +162,21 @@ class OpenAIAPI:
 
     async def models(self, request: Request):
         who = self.daemon.authenticate(request)
-        if who.tid is not None:
-            names = [who.name]
-        else:                      # schedstat takes the kernel lock, held through a step: not on the loop
-            stat = await anyio.to_thread.run_sync(self.daemon.root.schedstat)
-            names = [t.name for t in stat.tenants]
+
+        def tenants():             # schedstat takes the kernel lock, held through a step: not on the loop
+            tids = [who.tid] if who.tid is not None else [t.tid for t in self.daemon.root.schedstat().tenants]
+            infos = []
+            for tid in tids:
+                try:
+                    infos.append(who.handle.tenantinfo(tid))
+                except KvosError as err:     # killed since schedstat
+                    if err.errno != ESRCH:
+                        raise
+            return infos
         return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": int(self.daemon.booted_at), "owned_by": "kvos",
-             "root": self.daemon.models.get(name, name)} for name in names]})
+            {"id": t.name, "object": "model", "created": int(self.daemon.booted_at), "owned_by": "kvos",
+             "root": self.daemon.models.get(t.name, t.model), "parent": None, "max_model_len": t.max_context}
+            for t in await anyio.to_thread.run_sync(tenants)]})
 
     async def chat(self, request: Request):
         who = self.daemon.authenticate(request)
@@ -187,50 +195,80 @@ class OpenAIAPI:
         self.daemon.refuse_if_draining("spawn")
         handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
         params = sampling_params(req)
+        tools = None              # the tools whose calls this request's replies may hold
+        if endpoint == "chat" and openai_tools.check(req.tools, req.tool_choice) is not None:
+            tools = req.tools
+            info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
+            params.update(_tool_params(info, req, params))
         run = await anyio.to_thread.run_sync(launch, handle, tid, tenant, prompts, req.n,
                                              params)
         meta = {"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{self.daemon.nonce}-{run.pids[0]}",
                 "created": int(time.time()), "model": req.model, "system_fingerprint": "kvos"}
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            events = self._events(run, endpoint, meta, usage, req.return_token_ids)
+            events = self._events(run, endpoint, meta, usage, req.return_token_ids, params.get("logprobs") is not None,
+                                  tools)
             return ProcessStream(self.daemon, run, events, endpoint)
+        entries = [[] for _ in run.pids]             # each choice's TokenLogprobs, when asked for
         try:
-            async for _ in follow(self.daemon, run, request):
-                pass
+            async for i, r in follow(self.daemon, run, request):
+                entries[i] += r.logprobs
         except Disconnected:
-            self.daemon.metrics.requests.labels(tenant, endpoint, "disconnected").inc()
+            run.outcome = "disconnected"
+            self.daemon.request_done(run, endpoint)
             return JSONResponse({}, status_code=499)     # nobody reads it; the finally releases
         finally:
             if not run.finished:
                 self.daemon.release_later(run)
-        self.daemon.metrics.requests.labels(tenant, endpoint, _outcome(run)).inc()
+        _outcome(run)
+        self.daemon.request_done(run, endpoint)
         failed = next((s for s in run.statuses if s.reason == "error"), None)
         if failed is not None:
             raise exit_error(failed)
         choices = []
+        wants_logprobs = params.get("logprobs") is not None
         for i, s in enumerate(run.statuses):
+            logprobs = None
+            reason = s.reason
             if endpoint == "chat":
                 choice = {"index": i, "message": {"role": "assistant", "content": s.text}}
+                if tools is not None:
+                    content, calls = openai_tools.parse_calls(s.text, tools)
+                    if calls:
+                        choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                        reason = "tool_calls" if reason == "stop" else reason
+                if wants_logprobs:
+                    logprobs = logprobs_shapes.chat(entries[i])
             else:
-                choice = {"index": i, "text": (prompts[run.prompt_of[i]] if req.echo else "") + s.text}
-            choice.update(logprobs=None, finish_reason=s.reason)
+                echo = prompts[run.prompt_of[i]] if req.echo else ""
+                choice = {"index": i, "text": echo + s.text}
+                if wants_logprobs:
+                    logprobs = logprobs_shapes.completion(entries[i], len(echo))
+            choice.update(logprobs=logprobs, finish_reason=reason)
             if req.return_token_ids:
                 choice["token_ids"] = s.tokens
             choices.append(choice)
         kind = "chat.completion" if endpoint == "chat" else "text_completion"
         return JSONResponse({**meta, "object": kind, "choices": choices, "usage": _usage(run)})
 
-    async def _events(self, run, endpoint, meta, include_usage, with_ids):
-        """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]."""
+    async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs, tools=None):
+        """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]. A
+        reply that may hold tool calls is sent whole at its end, its calls parsed out."""
         head = {**meta, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion"}
+        offsets = [0] * len(run.pids)            # completions' text_offset, carried from chunk to chunk
 
-        def choice(i, text, reason, tokens):
+        def choice(i, text, reason, tokens, entries):
+            logprobs = None
             if endpoint == "chat":
                 out = {"index": i, "delta": {"content": text} if text else {}}
+                if with_logprobs:
+                    logprobs = logprobs_shapes.chat(entries)
             else:
                 out = {"index": i, "text": text}
-            out.update(logprobs=None, finish_reason=reason)
+                if with_logprobs:
+                    logprobs = logprobs_shapes.completion(entries, offsets[i])
+                    offsets[i] += sum(len(e.text) for e in entries)
+            out.update(logprobs=logprobs, finish_reason=reason)
             if with_ids:
                 out["token_ids"] = tokens
             return out
@@ -239,11 +277,20 @@ class OpenAIAPI:
             for i in range(len(run.pids)):
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
+        held = [[] for _ in run.pids]            # with tools: each choice's reads, sent at its end
         try:
             async for i, r in follow(self.daemon, run):
                 reason = r.finish_reason if r.turn_done and r.finish_reason != "error" else None
-                if r.text or reason or (with_ids and r.tokens):
-                    yield _sse({**head, "choices": [choice(i, r.text, reason, r.tokens)]})
+                if tools is not None:
+                    held[i].append(r)
+                    if not r.turn_done:
+                        continue
+                    r, reason, calls = _whole(held[i], tools, reason)
+                    if calls:
+                        yield _sse({**head, "choices": [{"index": i, "delta": {"tool_calls": calls},
+                                                         "logprobs": None, "finish_reason": None}]})
+                if r.text or reason or ((with_ids or with_logprobs) and r.tokens):
+                    yield _sse({**head, "choices": [choice(i, r.text, reason, r.tokens, r.logprobs)]})
         except KvosError as err:            # a process reaped or its tenant killed by someone else
             run.outcome = "error"
             yield _sse(openai_error(err, self.daemon.http_status(err)))
@@ -257,6 +304,37 @@ class OpenAIAPI:
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(run)})
         yield "data: [DONE]\n\n"
+
+
+def _tool_params(info, req, params) -> dict:
+    """The spawn keys of a chat whose reply may call tools: the tools for the template and, when a call
+    is forced, its grammar. EINVAL when the model's template cannot take part."""
+    if info.chat_tools != "hermes":
+        why = ("takes no tools (it never reads 'tools')" if info.chat_tools is None else
+               "calls tools in a format of its own, which kvosd does not parse (it parses <tool_call> JSON)")
+        raise KvosError(EINVAL, f"tool_choice {req.tool_choice or 'auto'!r}: the chat template of {info.model} {why}; "
+                                "tool_choice 'none' is accepted")
+    mode = openai_tools.check(req.tools, req.tool_choice)
+    out = {"tools": req.tools}
+    if mode != "auto":
+        if "json_schema" in params:
+            raise KvosError(EINVAL, "response_format and a forced tool call (tool_choice 'required' or a function) "
+                                    "are exclusive")
+        out["grammar"] = openai_tools.forced_call_grammar(req.tools, None if mode == "required" else mode)
+    return out
+
+
+def _whole(reads, tools, reason):
+    """One ReadResult of a choice's reads (text, tokens and logprobs joined), its finish reason and
+    the tool calls parsed out of its text (the text then keeps only what is not a call)."""
+    last = reads[-1]
+    text = "".join(r.text for r in reads)
+    content, calls = openai_tools.parse_calls(text, tools)
+    whole = type(last)(last.pid, [t for r in reads for t in r.tokens], content or "", last.state, last.turn_done,
+                       last.finish_reason, [e for r in reads for e in r.logprobs])
+    for k, call in enumerate(calls):
+        call["index"] = k
+    return whole, ("tool_calls" if calls and reason == "stop" else reason), calls
 
 
 def add_routes(app: FastAPI, daemon) -> list:

@@ -3,23 +3,25 @@ arguments they become.
 
 parse() refuses, with EINVAL naming the field, a bad value (types are strict: no bool for a
 number, no string for a bool), an unknown field, and a known field kvosd does not implement
-unless it is set to its "off" value; it ignores pure hints (user, store).
+unless it is set to its "off" value; it ignores pure hints (user, store). Ranges (penalties,
+min_p, logprobs) are the kernel's to check: its reasons name the field.
 """
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kernel.errors import EINVAL, KvosError
+from userspace.daemon import openai_tools
 
 UNSUPPORTED = "is not supported by kvosd (docs/daemon.md lists what is)"
 # Fields a client may send that change nothing here (identifiers, storage and routing hints).
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
                      "parallel_tool_calls", "prompt_cache_retention", "prompt_cache_options"})
 # Fields accepted only at a value meaning "off".
-OFF_VALUES = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
-              "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none", "auto"),
-              "response_format": ({"type": "text"},), "functions": ([],), "function_call": ("none", "auto"),
-              "modalities": (["text"],), "suffix": ("",)}
+OFF_VALUES = {"logit_bias": ({},), "functions": ([],), "function_call": ("none", "auto"), "modalities": (["text"],),
+              "suffix": ("",), "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (),
+              "verbosity": ()}
+MAX_LOGPROBS = 20             # top_logprobs (chat) and logprobs (completions): as the kernel (OpenAI: 20 and 5)
 
 
 # Strict types: a bool is not a number ("max_tokens": true) and a string is not a bool ("stream": "yes");
@@ -33,8 +35,9 @@ class StreamOptions(BaseModel):
 
 
 class Sampling(BaseModel):
-    """What both endpoints take. top_k, ignore_eos, stop_token_ids, priority and return_token_ids
-    are extensions (as in vLLM)."""
+    """What both endpoints take. top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
+    priority and return_token_ids are extensions (as in vLLM), and so is response_format in
+    completions."""
     model_config = STRICT
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -45,7 +48,12 @@ class Sampling(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    response_format: dict | None = None     # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     priority: int | None = None
@@ -62,12 +70,17 @@ class ChatMessage(BaseModel):
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[int] | list[str | list[int]]
     echo: bool = False
     best_of: int | None = None
+    logprobs: int | None = None             # the chosen token's and this many most likely
 
 
 def parse(model_cls, body: dict):
@@ -85,6 +98,12 @@ def parse(model_cls, body: dict):
         raise KvosError(EINVAL, f"{key} {UNSUPPORTED}" if key in OFF_VALUES else f"unknown field {key!r}")
     if model_cls is CompletionRequest and req.best_of not in (None, req.n):
         raise KvosError(EINVAL, f"best_of other than n {UNSUPPORTED}")
+    if model_cls is ChatRequest:
+        openai_tools.check(req.tools, req.tool_choice)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise KvosError(EINVAL, "top_logprobs needs logprobs: true")
+    elif req.echo and req.logprobs is not None:
+        raise KvosError(EINVAL, f"echo with logprobs (the prompt's log-probabilities) {UNSUPPORTED}")
     return req
 
 
@@ -99,9 +118,16 @@ def _is_type_tag(part) -> bool:
 
 def sampling_params(req) -> dict:
     params = {}
-    for key in ("temperature", "top_p", "seed", "top_k", "ignore_eos", "stop_token_ids"):
+    for key in ("temperature", "top_p", "seed", "top_k", "min_p", "ignore_eos", "stop_token_ids", "frequency_penalty",
+                "presence_penalty", "repetition_penalty"):
         if getattr(req, key) is not None:
             params[key] = getattr(req, key)
+    logprobs = _logprobs(req)
+    if logprobs is not None:
+        params["logprobs"] = logprobs
+    schema = json_schema(req.response_format)
+    if schema is not None:
+        params["json_schema"] = schema
     if req.stop is not None:
         params["stop"] = req.stop
     limit = getattr(req, "max_completion_tokens", None)
@@ -113,11 +139,58 @@ def sampling_params(req) -> dict:
     return params
 
 
+def _logprobs(req) -> int | None:
+    """The kernel's logprobs: None (none), or how many most likely tokens beside the chosen one."""
+    if isinstance(req, ChatRequest):
+        if not req.logprobs:
+            return None
+        count = 0 if req.top_logprobs is None else req.top_logprobs
+        name = "top_logprobs"
+    else:
+        count, name = req.logprobs, "logprobs"
+        if count is None:
+            return None
+    if not 0 <= count <= MAX_LOGPROBS:
+        raise KvosError(EINVAL, f"{name} must be in [0, {MAX_LOGPROBS}], got {count}")
+    return count
+
+
+def json_schema(response_format: dict | None) -> dict | None:
+    """The kernel's json_schema for a response_format: none for text, any object for json_object."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    extra = sorted(set(response_format) - {"type", "json_schema"})
+    if extra:
+        raise KvosError(EINVAL, f"response_format: unknown field {extra[0]!r}")
+    if kind == "text" or kind == "json_object":
+        if "json_schema" in response_format:
+            raise KvosError(EINVAL, f"response_format: json_schema goes with type 'json_schema', not {kind!r}")
+        return None if kind == "text" else {"type": "object"}
+    if kind != "json_schema":
+        raise KvosError(EINVAL, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise KvosError(EINVAL, "response_format.json_schema must be an object with a name and a schema")
+    extra = sorted(set(spec) - {"name", "schema", "strict", "description"})
+    if extra:
+        raise KvosError(EINVAL, f"response_format.json_schema: unknown field {extra[0]!r}")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise KvosError(EINVAL, "response_format.json_schema.name must be a non-empty string")
+    if spec.get("strict") not in (None, True, False):
+        raise KvosError(EINVAL, "response_format.json_schema.strict must be true or false")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise KvosError(EINVAL, "response_format.json_schema.schema must be a JSON Schema object")
+    return schema            # strict or not, the grammar enforces it: every output is valid
+
+
 def chat_messages(req: ChatRequest) -> list:
     out = []
     for i, m in enumerate(req.messages):
-        for key in ("tool_calls", "function_call", "audio"):
-            if (m.model_extra or {}).get(key):
+        extra = m.model_extra or {}
+        for key in ("function_call", "audio"):
+            if extra.get(key):
                 raise KvosError(EINVAL, f"messages.{i}.{key} {UNSUPPORTED}")
         content = m.content
         if isinstance(content, list):
@@ -127,6 +200,7 @@ def chat_messages(req: ChatRequest) -> list:
         message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.name is not None:
             message["name"] = m.name
+        message.update(openai_tools.history(extra, i))
         out.append(message)
     return out
 

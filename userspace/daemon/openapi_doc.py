@@ -13,6 +13,7 @@ import typing
 
 from kernel.errors import ERRNOS
 from userspace.daemon import wire
+from userspace.daemon.errors import is_openai
 
 ERRNO = {
     "type": "object", "required": ["errno", "code", "message"],
@@ -26,7 +27,8 @@ OPENAI_ERROR = {
         "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
         "code": {"enum": [*ERRNOS, None]}, "errno": {"enum": [*ERRNOS, None]}, "panic": {"type": "boolean"}}}}}
 HEALTH_STOPPED = {"type": "object", "required": ["status"], "properties": {
-    "status": {"const": "stopped"}, "error": {"type": ["string", "null"]}}}
+    "status": {"enum": ["stopped", "loading", "failed", "draining"]}, "error": {"type": ["string", "null"]}}}
+UNKEYED = ("/health", "/healthz")
 
 # Why each error status can come back.
 WHY = {400: "EINVAL: a bad argument, or a body that is not a JSON object (malformed HTTP too)",
@@ -39,7 +41,8 @@ WHY = {400: "EINVAL: a bad argument, or a body that is not a JSON object (malfor
        429: "EAGAIN: a tenant's process or queue limit",
        431: "E2BIG: a request head over --max-header-bytes",
        500: "EIO: a model or device failure, a kernel panic (\"panic\": true), or a bug in kvosd",
-       503: "EAGAIN: kvosd is shutting down, or has --max-connections open; ENODEV: no device"}
+       503: "EAGAIN: kvosd is loading its models, shutting down, or has --max-connections open; ENODEV: "
+            "no device"}
 EVERY_ROUTE = (400, 413, 431, 500, 503)         # the HTTP layer's own refusals, whatever the route
 KERNEL = (400, 403, 404, 409, 413, 429, 500, 503)   # what a syscall (and so an OpenAI request) can raise
 
@@ -77,20 +80,24 @@ def _examples(schema: dict, model: str, tid: int) -> None:
             media["example"] = {"model": model, "prompt": "Hello", "max_tokens": 8}
         elif path == "/v1/chat/completions":
             media["example"] = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
+        elif path == "/tokenize":
+            media["example"] = {"model": model, "prompt": "Hello"}
+        elif path == "/detokenize":
+            media["example"] = {"model": model, "tokens": [1, 2, 3]}
 
 
 def _describe(path: str, method: str, op: dict) -> None:
-    keyed = path != "/healthz"
+    keyed = path not in UNKEYED
     statuses = set(EVERY_ROUTE) | ({401} if keyed else set())
     if method == "post":
         statuses |= set(KERNEL)
     if path == "/metrics":
         statuses.add(403)
-    error = "OpenAIError" if path.startswith("/v1") else "Errno"
+    error = "OpenAIError" if is_openai(path) else "Errno"
     responses = {"200": {"description": "Success", "content": _success(path)}}
     for status in sorted(statuses):
         body = {"$ref": f"#/components/schemas/{error}"}
-        if path == "/healthz" and status == 503:
+        if path in UNKEYED and status == 503:
             body = {"anyOf": [{"$ref": "#/components/schemas/HealthStopped"}, body]}
         responses[str(status)] = {"description": WHY[status], "content": {"application/json": {"schema": body}}}
         if status == 401:
@@ -113,11 +120,17 @@ def _success(path: str) -> dict:
                 "name": {"type": "string"}, "tid": {"type": ["integer", "null"]}, "root": {"type": "boolean"},
                 "model": {"type": ["string", "null"]}}}),
             "/healthz": _json({"type": "object", "required": ["status", "pid"], "properties": {
-                "status": {"enum": ["ok", "draining"]}, "pid": {"type": "integer"}}}),
+                "status": {"enum": ["ok", "loading", "draining"]}, "pid": {"type": "integer"}}}),
+            "/health": {"text/plain": {"schema": {"type": "string", "maxLength": 0}}},
+            "/tokenize": _json({"type": "object", "required": ["count", "max_model_len", "tokens"], "properties": {
+                "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+                "tokens": {"type": "array", "items": {"type": "integer"}}, "token_strs": {"type": "null"}}}),
+            "/detokenize": _json({"type": "object", "required": ["prompt"], "properties": {
+                "prompt": {"type": "string"}}}),
             "/metrics": {"text/plain": {"schema": {"type": "string"}}},
             "/v1/models": _json({"type": "object", "required": ["object", "data"], "properties": {
                 "object": {"const": "list"}, "data": {"type": "array", "items": {
-                    "type": "object", "required": ["id", "object", "created", "owned_by"]}}}}),
+                    "type": "object", "required": ["id", "object", "created", "owned_by", "max_model_len"]}}}}),
             }.get(path, _json({}))
 
 

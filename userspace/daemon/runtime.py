@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import sys
 from pathlib import Path
+
+log = logging.getLogger("kvosd")
 
 PREFIX, SUFFIX = "kvosd-", ".json"
 
@@ -80,10 +82,10 @@ def claim(port: int, url: str, root_key: str) -> Path | None:
     old = read(path)
     if old is not None and old.get("pid") != os.getpid():
         if pid_alive(old.get("pid")):
-            print(f"kvosd: {path} belongs to a running kvosd (pid {old.get('pid')}, {old.get('url')}); "
-                  f"local clients will find that one, not this one", file=sys.stderr)
+            log.warning("%s belongs to a running kvosd (pid %s, %s); local clients will find that one, "
+                        "not this one", path, old.get("pid"), old.get("url"))
             return None
-        print(f"kvosd: removed a stale {path} (its kvosd, pid {old.get('pid')}, is gone)", file=sys.stderr)
+        log.info("removed a stale %s (its kvosd, pid %s, is gone)", path, old.get("pid"))
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -94,7 +96,7 @@ def claim(port: int, url: str, root_key: str) -> Path | None:
             json.dump({"url": url, "pid": os.getpid(), "root_key": root_key}, f)
         os.replace(temp, path)            # readers see the whole file or none of it
     except OSError as err:
-        print(f"kvosd: could not write {path}: {err.strerror}", file=sys.stderr)
+        log.warning("could not write %s: %s", path, err.strerror)
         return None
     return path
 

@@ -1,28 +1,26 @@
 """kvosd: a booted kernel whose loop runs in its own thread, served over HTTP.
 
-Daemon boots the kernel, starts the configured tenants, maps bearer keys to
-syscall handles and assembles the FastAPI app (/sys, /v1, /metrics). Shutdown
-has two halves: begin_drain() at SIGTERM/SIGINT (refuse new work, kill running
-processes if asked) while uvicorn lets open responses finish, then close()
-(kernel.shutdown: everything freed, fsck) once the server has stopped.
+Daemon boots the kernel, maps bearer keys to syscall handles (auth.py) and assembles the
+FastAPI app (/sys, /v1, /metrics, /health, /tokenize). The port is bound and served first;
+load() then starts the configured tenants (their models load: seconds, or a download), while
+/health answers 503; everything else waits for it. Shutdown has two halves: begin_drain() at
+SIGTERM/SIGINT (refuse new work, kill running processes if asked) while uvicorn lets open
+responses finish, then close() (kernel.shutdown: everything freed, fsck) once the server has stopped.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
-import hmac
-import ipaddress
 import logging
 import os
 import secrets
 import signal
 import socket
 import ssl
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import anyio.to_thread
 import uvicorn
@@ -33,23 +31,25 @@ from fastapi.responses import JSONResponse, Response
 import kernel
 from kernel import State
 from kernel.errors import EAGAIN, EINVAL, ENOENT, KernelPanic, KvosError
-from userspace.daemon import errors, openai_api, openapi_doc, protocol, runtime, sysapi, wire
+from userspace.daemon import (
+    dmesg_log,
+    errors,
+    openai_api,
+    openapi_doc,
+    protocol,
+    request_log,
+    runtime,
+    sysapi,
+    tokenize_api,
+    wire,
+)
 from userspace.daemon import metrics as metrics_mod
+from userspace.daemon.auth import Keys, Principal, check_exposure, is_loopback
 from userspace.daemon.config import DaemonConfig
-from userspace.daemon.errors import Unauthorized
 from userspace.daemon.request_limits import RequestLimits
 
-log = logging.getLogger("uvicorn.error")      # kvosd's log is uvicorn's (configured by uvicorn.Config)
+log = logging.getLogger("kvosd")
 WORKER_THREADS = 128         # calls into the kernel run here; each holds one for at most a step (waits hold none)
-
-
-@dataclass
-class Principal:
-    """Who a bearer key is: root (tid None) or one tenant, and the syscall handle it acts through."""
-    name: str
-    tid: int | None
-    model: str | None
-    handle: object
 
 
 class Daemon:
@@ -60,16 +60,9 @@ class Daemon:
         self.kernel = kernel.boot(**{"pids": "random", **config.boot, "loop": True})
         self.root = self.kernel.syscalls()
         self.models = {}                                  # tenant name -> model spec (configured tenants)
-        self._keys = [(config.root_key.encode(), Principal("root", None, None, self.root))]
-        for spec in config.tenants:
-            tid = self.root.spawn_tenant(spec.model, name=spec.name, **spec.options)
-            self.models[spec.name] = spec.model
-            self._keys.append((spec.key.encode(), Principal(spec.name, tid, spec.model,
-                                                            self.kernel.syscalls(as_tenant=tid))))
-        # The models are loaded: what exists now lives as long as kvosd. Frozen, the collector's full
-        # passes no longer walk it (~170k objects of torch and the programs: ~80 ms a pass).
-        gc.collect()
-        gc.freeze()
+        self.keys = Keys(config.root_key, self.root)
+        self.ready = threading.Event()                    # set once load() has started every tenant
+        self.load_error: BaseException | None = None
         self.nonce = secrets.token_hex(4)                 # response ids stay unique across restarts
         self.booted_at = time.time()
         self.draining = False
@@ -78,31 +71,44 @@ class Daemon:
         self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvosd-reaper")
         self.app = build_app(self)
 
+    def load(self) -> None:
+        """Start the configured tenants, loading (or downloading) their models, then be ready.
+        A failure is kept in load_error (serve() ends with it)."""
+        try:
+            count = len(self.config.tenants)
+            for i, spec in enumerate(self.config.tenants, 1):
+                log.info("loading %s for tenant %s (%d of %d)", spec.model, spec.name, i, count)
+                started = time.monotonic()
+                tid = self.root.spawn_tenant(spec.model, name=spec.name, **spec.options)
+                info = self.root.tenantinfo(tid)
+                log.info("tenant %s ready in %.1f s: %s, %d tokens of context, %s K/V", spec.name,
+                         time.monotonic() - started, info.model, info.max_context, info.kv_dtype)
+                self.models[spec.name] = spec.model
+                self.keys.add(spec.key, Principal(spec.name, tid, spec.model, self.kernel.syscalls(as_tenant=tid)))
+            # The models are loaded: what exists now lives as long as kvosd. Frozen, the collector's full
+            # passes no longer walk it (~170k objects of torch and the programs: ~80 ms a pass).
+            gc.collect()
+            gc.freeze()
+            self.ready.set()
+        except BaseException as err:        # noqa: BLE001 -- serve() and ServerThread raise it
+            self.load_error = err
+
     # -- requests --------------------------------------------------------------------------------
     def authenticate(self, request: Request) -> Principal:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthorized("no bearer key: send 'Authorization: Bearer KEY'")
-        found = None
-        for known, who in self._keys:            # compare with every key: the time says nothing of which
-            if hmac.compare_digest(known, key.strip().encode()):
-                found = who
-        if found is None:
-            raise Unauthorized("unknown bearer key")
-        if not found.handle.alive:            # keys die with their tenant (kill_tenant)
-            raise Unauthorized(f"the tenant of this key ({found.name!r}) no longer exists")
-        return found
+        if not self.ready.is_set():
+            raise KvosError(EAGAIN, "kvosd is still loading its models (GET /health answers 200 once it is ready)")
+        return self.keys.authenticate(request)
 
     def principals(self) -> list:
-        """(key, Principal) of every key given at start, root first."""
-        return list(self._keys)
+        """(key, Principal) of every key given at start, root first (the open API's tenant: key None)."""
+        return self.keys.principals()
 
     def refuse_if_draining(self, what: str) -> None:
         if self.draining:
             raise KvosError(EAGAIN, f"{what}: kvosd is shutting down")
 
     def http_status(self, err: KvosError) -> int:
-        if err.errno == EAGAIN and self.draining:
+        if err.errno == EAGAIN and (self.draining or not self.ready.is_set()):
             return 503
         return wire.HTTP_STATUS.get(err.errno, 500)
 
@@ -111,11 +117,17 @@ class Daemon:
         last = last_token_at.get(choice)
         if last is None:
             self.metrics.ttft.labels(run.tenant).observe(now - run.started)
+            if run.first_token is None:
+                run.first_token = now
         else:
             gap = (now - last) / count
             for _ in range(count):
                 self.metrics.tbt.labels(run.tenant).observe(gap)
         last_token_at[choice] = now
+
+    def request_done(self, run, endpoint: str) -> None:
+        """An OpenAI request has ended (run.outcome says how): its counters, latency and log line."""
+        request_log.finished(self.metrics, run, endpoint)
 
     def release_later(self, run) -> None:
         """Kill and reap a request's processes off the event loop (callers may be mid-cancellation)."""
@@ -156,35 +168,61 @@ def build_app(daemon: Daemon) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
-        yield
+        relay = asyncio.create_task(dmesg_log.relay(daemon.root))     # the kernel's warnings into the log
+        try:
+            yield
+        finally:
+            relay.cancel()
 
     app = FastAPI(title="kvosd", version="0.1.0", lifespan=lifespan,
                   description="kvos as a daemon: the syscall table (generated from kernel.syscalls.SYSCALLS) "
                               "under /sys, an OpenAI-compatible API under /v1, Prometheus metrics at /metrics. "
-                              "Every route but /healthz needs 'Authorization: Bearer KEY'.")
+                              "Every route but /health, /healthz and the OpenAPI pages needs "
+                              "'Authorization: Bearer KEY', unless kvosd was started open (no key).")
 
     errors.install(app, daemon)
     app.add_middleware(RequestLimits, max_body_bytes=daemon.config.max_body_bytes,
                        max_header_bytes=daemon.config.max_header_bytes)
     sysapi.add_routes(app, daemon)
     request_models = openai_api.add_routes(app, daemon)
+    request_models += tokenize_api.add_routes(app, daemon)
 
     async def metrics(request: Request):
         who = daemon.authenticate(request)
-        if who.tid is None:
+        if who.tid is None or who.anonymous:           # root, or anyone when the API is open
             body = await anyio.to_thread.run_sync(daemon.metrics.render)
         else:
             body = await anyio.to_thread.run_sync(daemon.metrics.render, who.handle, who.name)
         return Response(body, media_type=metrics_mod.CONTENT_TYPE)
     app.add_api_route("/metrics", metrics, methods=["GET"], tags=["metrics"],
-                      summary="Prometheus metrics (root: everything; a tenant key: that tenant's series)")
+                      summary="Prometheus metrics (root, or an open API: everything; a tenant key: that "
+                              "tenant's series)")
+
+    async def loop_error():
+        """None while the kernel loop runs, else why it stopped."""
+        loop = await anyio.to_thread.run_sync(daemon.root.loopctl)
+        return None if loop.running else (loop.error or "the kernel loop has stopped")
+
+    async def health():
+        if not daemon.ready.is_set():
+            status = "failed" if daemon.load_error is not None else "loading"
+            return JSONResponse({"status": status}, status_code=503)
+        error = await loop_error()
+        if error is not None or daemon.draining:
+            return JSONResponse({"status": "stopped" if error else "draining", "error": error}, status_code=503)
+        return Response(status_code=200, media_type="text/plain")
+    app.add_api_route("/health", health, methods=["GET"], tags=["metrics"],
+                      summary="Readiness, as vLLM's: 200 with an empty body once the models are loaded; 503 "
+                              "while they load, while draining, or if the kernel loop died (no key)")
 
     async def healthz():
-        loop = await anyio.to_thread.run_sync(daemon.root.loopctl)
-        if not loop.running:                           # the kernel loop died (a panic) or has stopped
-            return JSONResponse({"status": "stopped", "error": loop.error}, status_code=503)
-        return {"status": "draining" if daemon.draining else "ok", "pid": os.getpid()}
-    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["metrics"], summary="Liveness (no key)")
+        error = await loop_error()
+        if error is not None:                          # the kernel loop died (a panic) or has stopped
+            return JSONResponse({"status": "stopped", "error": error}, status_code=503)
+        status = "draining" if daemon.draining else "ok" if daemon.ready.is_set() else "loading"
+        return {"status": status, "pid": os.getpid()}
+    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["metrics"],
+                      summary="Liveness: ok, loading or draining; 503 if the kernel loop died (no key)")
 
     async def whoami(request: Request):
         who = daemon.authenticate(request)
@@ -246,10 +284,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_server(daemon: Daemon, sock: socket.socket, log_level="info", access_log=True) -> KvosdServer:
+    """uvicorn for this daemon; logging is left as the caller set it (logs.configure: kvosd's handler)."""
     config = daemon.config
     timeout = config.shutdown_timeout
     return KvosdServer(uvicorn.Config(
-        daemon.app, log_level=log_level, access_log=access_log, lifespan="on", ws="none",
+        daemon.app, log_level=log_level, access_log=access_log, lifespan="on", ws="none", log_config=None,
         http=protocol.protocol_class(config.header_timeout, config.max_connections),
         timeout_keep_alive=config.keep_alive_timeout, h11_max_incomplete_event_size=config.max_header_bytes,
         ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
@@ -285,19 +324,14 @@ def check_tls(config: DaemonConfig) -> bool:
 
 
 def exposure_warning(host: str, port: int) -> str | None:
-    """The banner for a daemon reachable from other machines without TLS, or None."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:                  # a host name: assume it is reachable
-        loopback = False
-    if loopback:
+    """The banner (lines) for a daemon reachable from other machines without TLS, or None."""
+    if is_loopback(host):
         return None
-    lines = [f"kvosd is listening on {host}:{port}, beyond this machine, WITHOUT TLS.",
-             "Bearer keys (the root key too), prompts and replies cross the network in clear text,",
-             "readable and replayable by anyone on the path. Serve on 127.0.0.1, or give",
-             "--ssl-keyfile and --ssl-certfile, or put a TLS-terminating proxy in front."]
-    bar = "kvosd: WARNING " + "=" * 78
-    return "\n".join([bar, *(f"kvosd: WARNING   {line}" for line in lines), bar])
+    bar = "=" * 78
+    return "\n".join([bar, f"  kvosd is listening on {host}:{port}, beyond this machine, WITHOUT TLS.",
+                      "  Bearer keys (the root key too), prompts and replies cross the network in clear text,",
+                      "  readable and replayable by anyone on the path. Serve on 127.0.0.1, or give",
+                      "  --ssl-keyfile and --ssl-certfile, or put a TLS-terminating proxy in front.", bar])
 
 
 def _room_for_connections(connections: int) -> None:
@@ -310,13 +344,26 @@ def _room_for_connections(connections: int) -> None:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
         if new < want:
-            print(f"kvosd: the open-file limit ({hard}) allows about {new - 256} connections, not "
-                  f"--max-connections {connections}", file=sys.stderr)
+            log.warning("the open-file limit (%d) allows about %d connections, not --max-connections %d",
+                        hard, new - 256, connections)
+
+
+def _announce(daemon: Daemon, url: str, host: str) -> None:
+    """The lines that say kvosd is ready, and how it is keyed."""
+    if daemon.config.open_api:
+        say = log.info if is_loopback(host) else log.warning
+        say("the API is open: requests need no key (--api-key KEY or $KVOS_API_KEY would require one)%s",
+            "" if is_loopback(host) else f"; anyone who reaches {host} may use it (--allow-open)")
+    log.info("serving %s at %s (OpenAI API at %s/v1, docs at %s/docs)", ", ".join(daemon.models) or "no tenant",
+             url, url, url)
 
 
 def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info") -> int:
-    """Run kvosd in the foreground until SIGTERM or SIGINT. -> exit status (0: clean shutdown)."""
+    """Run kvosd in the foreground until SIGTERM or SIGINT. -> exit status (0: clean shutdown).
+    The port is bound (and /health served) before the models load; a model that fails to load
+    stops the server: its error is logged and its errno is the exit status."""
     tls = check_tls(config)
+    check_exposure(host, config)
     _room_for_connections(config.max_connections)
     sock = bind(host, port)            # first: a taken port fails before a model is loaded
     try:
@@ -326,26 +373,36 @@ def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info") -
         raise
     url = url_of(sock, tls)
     note = runtime.claim(sock.getsockname()[1], local_url(url), config.root_key)
-    for who, key in config.generated_keys.items():
-        print(f"kvosd: {who} key: {key}", file=sys.stderr)
-    server = make_server(daemon, sock, log_level)       # configures uvicorn's loggers
-    warning = None if tls else exposure_warning(host, sock.getsockname()[1])
-    if warning is not None:
-        print(warning, file=sys.stderr, flush=True)
-        log.warning("kvosd: serving %s without TLS on a non-loopback address", url)
-    print(f"kvosd: serving {', '.join(daemon.models) or 'no tenant'} at {url} (OpenAI API at {url}/v1, "
-          f"docs at {url}/docs)", file=sys.stderr, flush=True)
+    server = make_server(daemon, sock, log_level)
+    banner = None if tls else exposure_warning(host, sock.getsockname()[1])
+    for line in banner.splitlines() if banner else ():      # a line each: log lines stay one a line
+        log.warning("%s", line)
+    log.info("listening on %s; GET /health answers 503 until the models are loaded, then 200", url)
+
+    def load():
+        daemon.load()
+        if daemon.load_error is not None:
+            server.should_exit = True
+        else:
+            _announce(daemon, url, host)
+    threading.Thread(target=load, name="kvosd-load", daemon=True).start()
     try:
         server.run(sockets=[sock])
     finally:
         runtime.release(note)
+    loaded = daemon.ready.is_set()
     try:
         report = daemon.close()
     except KernelPanic as err:
-        print(f"kvosd: shutdown found a broken kernel: {err}", file=sys.stderr)
+        log.error("shutdown found a broken kernel: %s", err)
         return 1
-    print(f"kvosd: stopped; fsck clean, {report['frames_free'] + report['frames_cached']} of "
-          f"{report['frames_total']} frames back", file=sys.stderr, flush=True)
+    if daemon.load_error is not None and not loaded:
+        if not isinstance(daemon.load_error, KvosError):
+            raise daemon.load_error
+        log.error("the models did not load: %s", daemon.load_error)         # e.g. ENOENT: no such model
+        return daemon.load_error.code or 1
+    log.info("stopped; fsck clean, %d of %d frames back", report["frames_free"] + report["frames_cached"],
+             report["frames_total"])
     return 0
 
 
@@ -353,11 +410,14 @@ class ServerThread:
     """kvosd in a thread of this process, on a free loopback port: for tests and embedding.
 
         with ServerThread(config) as srv:  ... srv.url ... srv.daemon.kernel ...
-    stop() drains and closes like a SIGTERM would and returns close()'s report. With
-    runtime_file=True it writes (and at stop() removes) the runtime file, as `kvos serve` does."""
+    The models are loaded before it returns (a failure is raised), unless load=False: then the
+    caller runs srv.daemon.load() (/health is 503 until then). stop() drains and closes like a
+    SIGTERM would and returns close()'s report. With runtime_file=True it writes (and at stop()
+    removes) the runtime file, as `kvos serve` does."""
 
-    def __init__(self, config: DaemonConfig, host="127.0.0.1", port=0, runtime_file=False):
+    def __init__(self, config: DaemonConfig, host="127.0.0.1", port=0, runtime_file=False, load=True):
         tls = check_tls(config)
+        check_exposure(host, config)
         self.sock = bind(host, port)
         try:
             self.daemon = Daemon(config)
@@ -376,6 +436,11 @@ class ServerThread:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("kvosd did not start")
             time.sleep(0.01)
+        if load:
+            self.daemon.load()
+            if self.daemon.load_error is not None:
+                self.stop()
+                raise self.daemon.load_error
 
     def stop(self, kill: bool | None = None) -> dict:
         self.daemon.begin_drain(kill)

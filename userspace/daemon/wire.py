@@ -32,6 +32,8 @@ NESTED = {
     r.MemInfo: {"cgroups": {str: r.CgroupInfo}},
     r.SchedStat: {"tenants": [r.TenantSched], "recent_steps": [r.StepRecord]},
     r.StepRecord: {"works": [r.WorkRecord], "waiting_by_tenant": {int: int}},
+    r.ReadResult: {"logprobs": [r.TokenLogprob]},
+    r.TokenLogprob: {"top": [r.TopLogprob]},
 }
 
 
@@ -67,8 +69,6 @@ def _build(kind, data):
         if f.name in data:           # a field the server lacks keeps its default (an older server)
             value = data[f.name]
             kwargs[f.name] = _build(nested[f.name], value) if f.name in nested else value
-    if kind is r.ReadResult:           # in-process logprobs are (token, logprob) tuples
-        kwargs["logprobs"] = [[tuple(pair) for pair in position] for position in kwargs.get("logprobs", [])]
     return kind(**kwargs)
 
 

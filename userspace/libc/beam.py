@@ -20,6 +20,7 @@ class Beam:
 
 
 def _turn_logprobs(sys, pid, poll):
+    """The most likely next tokens of a beam (its turn draws nothing: a TokenLogprob without a token)."""
     while True:
         r = sys.read(pid, timeout=poll)
         if r.turn_done:
@@ -39,8 +40,8 @@ def beam_search(sys, tid, prompt, width: int = 4, max_tokens: int = 32, eos_toke
     for _ in range(max_tokens):
         candidates = []
         for pid, beam in live.items():
-            for token, logprob in _turn_logprobs(sys, pid, poll):
-                candidates.append((beam.score + logprob, pid, token))
+            for top in _turn_logprobs(sys, pid, poll).top:
+                candidates.append((beam.score + top.logprob, pid, top.token))
         candidates.sort(key=lambda c: -c[0])
         chosen: dict = {}
         for score, pid, token in candidates[:width]:

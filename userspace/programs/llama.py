@@ -158,11 +158,16 @@ class LlamaProgram(Program):
         table = self.vocab_bytes
         return table[token_id] if token_id < len(table) else b""     # padded embedding rows: no text
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.render_chat(messages, add_generation_prompt)
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
+        return self.tokenizer.render_chat(messages, add_generation_prompt, tools)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list | None = None) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt, tools)
+
+    @property
+    def chat_tools(self) -> str | None:
+        return self.tokenizer.chat_tools
 
     # -- the forward pass ---------------------------------------------------
     @torch.inference_mode()

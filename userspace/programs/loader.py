@@ -1,22 +1,25 @@
 """The binfmt handler for LLaMA-family programs ("kvos.programs" entry point `llama`).
 
-load(spec, device) answers for "tiny-llama", "smollm2-135m", a .gguf path and a Hugging Face
-folder on cpu and cuda, and for the simulator's models on sim devices (sim.py); None for anything
-else, so other loaders get their turn. Loaded programs are cached by (weights digest, device,
-dtype) while anyone holds them: tenants running one model share one copy of its weights.
+load(spec, device) answers for "tiny-llama", "smollm2-135m", a .gguf path, a Hugging Face
+folder and a hub id (ORG/NAME[@REVISION][:FILE.gguf], hub.py) on cpu and cuda, and for the
+simulator's models on sim devices (sim.py); None for anything else, so other loaders get their
+turn. Loaded programs are cached by (weights digest, device, dtype) while anyone holds them:
+tenants running one model share one copy of its weights.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 
 import torch
 
 from kernel.errors import EINVAL, ENODEV, ENOENT, KvosError
-from userspace.programs import converted, fetch, gguf_file, hf_folder, sim, tiny
+from userspace.programs import converted, fetch, gguf_file, hf_folder, hub, sim, tiny
 from userspace.programs.cachedir import file_digest
 from userspace.programs.llama import LlamaProgram, fuse_hf_weights
 
@@ -24,6 +27,7 @@ TINY_NAME = "tiny-llama"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
+log = logging.getLogger("kvos.programs")
 _programs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _lock = threading.Lock()     # one load at a time: two tenants asking at once still get one copy
 
@@ -44,7 +48,7 @@ def claims(spec: str) -> bool:
     if spec == TINY_NAME or spec in fetch.MODELS:
         return True
     path = Path(spec).expanduser()
-    return spec.endswith(".gguf") or hf_folder.is_hf_folder(path)
+    return spec.endswith(".gguf") or hf_folder.is_hf_folder(path) or hub.parse(spec) is not None
 
 
 def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None) -> LlamaProgram:
@@ -65,22 +69,27 @@ def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None) -> L
             path, digest = fetch.model_file(spec)
             return _gguf(spec, path, digest, torch_device, kind)
         path = Path(spec).expanduser()
+        if hub.parse(spec) is not None:          # downloads (or finds in the hub cache) first
+            path = hub.resolve(spec)
+            return _gguf(spec, path, None, torch_device, kind) if path.is_file() else _hf(spec, path, torch_device,
+                                                                                          kind)
         if spec.endswith(".gguf"):
             if not path.is_file():
                 raise KvosError(ENOENT, f"{spec}: no such model file")
             return _gguf(spec, path, None, torch_device, kind)
         if hf_folder.is_hf_folder(path):
             return _hf(spec, path, torch_device, kind)
-    raise KvosError(ENOENT, f"no program named {spec!r} (try 'smollm2-135m', 'tiny-llama', "
-                            "a .gguf path or a Hugging Face folder)")
+    raise KvosError(ENOENT, f"no program named {spec!r}; {hub.THREE_WAYS}")
 
 
 def _cached(key, device: torch.device, kind, build) -> LlamaProgram:
     full_key = (key, str(device), kind)
     program = _programs.get(full_key)
     if program is None:
+        started = time.perf_counter()
         program = build()
         _programs[full_key] = program
+        log.info("loaded %s on %s in %.1f s", program.name, device, time.perf_counter() - started)
     return program
 
 
@@ -111,6 +120,8 @@ def _gguf(name: str, path: Path, digest: str | None, device, kind) -> LlamaProgr
     def build():
         cached = converted.load_converted(digest)
         if cached is None:
+            log.info("converting %s (the first load of this file parses and dequantizes it, then caches it)",
+                     path.name)
             model = gguf_file.read_gguf(path)
             weights = fuse_hf_weights(model.config, model.tensors)
             del model.tensors

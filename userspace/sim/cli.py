@@ -2,7 +2,7 @@
 
 The shell wires it with add_parser(subparsers), which sets args.func (returns an
 exit status); `python -m userspace.sim` calls main(argv). Tables go to stdout,
-or one JSON object with --json; each experiment writes a PNG plot.
+or one JSON object with --json; with --plot-dir DIR each experiment also writes a PNG plot there.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds; what the tests run)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--plot-dir", default=".", help="where PNG plots go (sim-EXPERIMENT.png)")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--plot-dir", default=None, metavar="DIR",
+                        help="write each experiment's PNG plot there (sim-EXPERIMENT.png); none without it")
     run = parser.add_argument_group("run (one workload)")
     run.add_argument("--preset", default="sharegpt", help="workload preset: sharegpt, sharegpt-vllm, alpaca")
     run.add_argument("--trace", help="JSONL trace (arrival, prompt_len, output_len, prefix_id, prefix_len, n, "
@@ -68,9 +68,9 @@ def run_args(args) -> int:
         if args.experiment == "run":
             return _run_workload(args)
         return _run_experiments(args)
-    except KvosError as err:
+    except KvosError as err:                   # one line, and the errno's status, as every kvos command
         print(f"kvos sim: {err}", file=sys.stderr)
-        return 1
+        return err.code or 1
 
 
 # -- experiments -------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def _run_experiments(args) -> int:
         t = time.perf_counter()
         result = module.run_experiment(**kwargs)
         result["wall_s"] = time.perf_counter() - t
-        if not args.no_plot:
+        if args.plot_dir:
             Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
             result["plot"] = module.plot(result, Path(args.plot_dir) / f"sim-{name}.png")
         results[name] = result

@@ -1,0 +1,257 @@
+"""The OpenAI fields beyond plain sampling, through the unmodified openai client against kvosd on
+tiny-llama: logprobs in both shapes (streamed too), response_format (json_schema output valid on
+every sampled choice, json_object), penalties, tool calls (on tiny-tools, whose template takes
+tools), and clear 400s for what stays unsupported."""
+import json
+
+import openai
+import pytest
+
+import kernel
+from tests.helpers import tiny_tools
+from tests.helpers.schemas import PERSON, assert_valid
+from userspace.daemon.config import DaemonConfig, TenantSpec
+from userspace.daemon.server import ServerThread
+
+KEY, ROOT, TOOLS_KEY = "fields-key-for-tests", "fields-root-for-tests", "tools-key-for-tests"
+MODEL = "tiny-llama"
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
+pytest.importorskip("llguidance")
+
+
+@pytest.fixture(scope="module")
+def server(one_thread):
+    tiny_tools.register()
+    srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory="8MiB", threads=1), root_key=ROOT,
+                                    tenants=[TenantSpec(MODEL, MODEL, KEY),
+                                             TenantSpec("tools", tiny_tools.NAME, TOOLS_KEY)]))
+    yield srv
+    report = srv.stop()
+    assert report["fsck"] == "clean" and report["frames_mapped"] == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    yield c
+    c.close()
+
+
+CHAT = [{"role": "user", "content": "Tell me about a person."}]
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+
+def joined(content) -> str:
+    return b"".join(bytes(e.bytes) for e in content).decode(errors="replace")
+
+
+def test_chat_logprobs_streamed_or_not(client):
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=12, temperature=0.9, seed=5, logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(**kw)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert joined(content) == reply.choices[0].message.content
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3 and isinstance(e.token, str)
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+    streamed = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    entries = [e for c in streamed if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
+    only = client.chat.completions.create(**{**kw, "top_logprobs": None})
+    assert all(e.top_logprobs == [] for e in only.choices[0].logprobs.content)
+    assert client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3).choices[0].logprobs is None
+
+
+def test_completion_logprobs_streamed_or_not(client):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0.7, seed=2, logprobs=2)
+    reply = client.completions.create(**kw)
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == value and 2 <= len(top) <= 3
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)
+              if c.choices and c.choices[0].logprobs]
+    assert sum((c.tokens for c in chunks), []) == lp.tokens
+    assert sum((c.text_offset for c in chunks), []) == lp.text_offset
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_schema_output_validates_on_every_sampled_choice(client, seed):
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=96, temperature=1.0, seed=seed,
+                                           n=3, response_format=PERSON_FORMAT)
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        assert_valid(PERSON, json.loads(choice.message.content))
+
+
+def test_json_schema_streamed_and_in_completions(client):
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=96, temperature=1.2, seed=9,
+                                            response_format=PERSON_FORMAT, stream=True)
+    assert_valid(PERSON, json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)))
+    reply = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=96, temperature=1.0, seed=1,
+                                      extra_body={"response_format": PERSON_FORMAT})
+    assert_valid(PERSON, json.loads(reply.choices[0].text))
+
+
+def test_json_object_gives_an_object(client):
+    """Any object: random weights rarely close a free string within max_tokens, but every choice is
+    an object's beginning, and every one that stops is a whole object."""
+    choices = [c for seed in range(2) for c in client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=32, temperature=0.5, seed=seed, n=4,
+        response_format={"type": "json_object"}).choices]
+    done = [c for c in choices if c.finish_reason == "stop"]
+    assert done and all(isinstance(json.loads(c.message.content), dict) for c in done)
+    assert all(c.message.content.startswith("{") for c in choices)
+
+
+def test_penalties_are_accepted_and_equal_the_kernel(client):
+    k = kernel.boot(memory="8MiB", threads=1)
+    root = k.syscalls()
+    tid = root.spawn_tenant(MODEL)
+    penalties = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3, min_p=0.05)
+    want = root.wait(root.spawn(tid, "Hello", max_tokens=16, temperature=0, ignore_eos=True, **penalties))
+    plain = root.wait(root.spawn(tid, "Hello", max_tokens=16, temperature=0, ignore_eos=True))
+    assert want.tokens != plain.tokens
+    reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=16, temperature=0,
+                                      frequency_penalty=1.5, presence_penalty=0.5,
+                                      extra_body={"repetition_penalty": 1.3, "min_p": 0.05, "ignore_eos": True,
+                                                  "return_token_ids": True})
+    assert reply.choices[0].model_extra["token_ids"] == want.tokens
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({"frequency_penalty": 2.5}, "frequency_penalty must be <= 2"),
+    ({"presence_penalty": -3}, "presence_penalty must be >= -2"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+    ({"min_p": 1.5}, "min_p must be <= 1"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be in [0, 20]"),
+    ({"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    ({"logprobs": 3}, "logprobs"),
+    ({"response_format": {"type": "xml"}}, "response_format.type must be"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema must be an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema must be"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
+     "json_schema cannot be compiled"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "the chat template of tiny-llama takes no tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "takes no tools"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                 "function": {"name": "g"}}},
+     "not among the tools"),
+    ({"tools": [{"type": "retrieval"}]}, "only {'type': 'function'"),
+    ({"logit_bias": {"5": 10}}, "logit_bias is not supported"),
+    ({"audio": {"voice": "x"}}, "audio is not supported"),
+])
+def test_what_stays_unsupported_or_out_of_range_is_a_400_naming_the_field(client, body, reason):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body=body)
+    assert reason in err.value.body["message"], err.value.body
+
+
+def test_tools_with_tool_choice_none_are_accepted(client):
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, tool_choice="none",
+                                           tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert reply.choices[0].message.tool_calls is None
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+             "additionalProperties": False}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tools_client(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=TOOLS_KEY, max_retries=0)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_required_tool_call_is_parsed_and_its_arguments_are_valid(tools_client, seed):
+    reply = tools_client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, tool_choice="required",
+                                                 temperature=1.0, seed=seed, n=2, max_tokens=80)
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+        assert_valid(schema, json.loads(call.function.arguments))
+
+
+def test_a_named_tool_call_streamed_or_not(tools_client):
+    kw = dict(model="tools", messages=ASK, tools=TOOLS, temperature=0.8, seed=4, max_tokens=80,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = tools_client.chat.completions.create(**kw).choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert_valid(WEATHER, json.loads(call.function.arguments))
+    chunks = [c for c in tools_client.chat.completions.create(**kw, stream=True) if c.choices]
+    calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.index, t.function.name, t.function.arguments) for t in calls] == \
+        [(0, "get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_lets_the_model_choose_and_a_tool_result_continues_the_chat(tools_client):
+    reply = tools_client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, max_tokens=8, seed=1)
+    assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris", "days": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    reply = tools_client.chat.completions.create(model="tools", messages=history, tools=TOOLS, max_tokens=4)
+    assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    with pytest.raises(openai.BadRequestError, match="tool_calls.0.function.arguments is not JSON"):
+        tools_client.chat.completions.create(model="tools", max_tokens=2, tools=TOOLS, messages=[
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}])
+
+
+def test_tool_calls_are_parsed_from_the_hermes_format():
+    from userspace.daemon.openai_tools import parse_calls
+    text = ('Let me look. <tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call> and '
+            '<tool_call>{"name": "nope", "arguments": {}}</tool_call><tool_call>not json</tool_call>')
+    content, calls = parse_calls(text, TOOLS)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("get_time",
+                                                                                                {"zone": "UTC"})]
+    assert content.startswith("Let me look.") and "get_time" not in content and "nope" in content
+    assert parse_calls("no calls here", TOOLS) == ("no calls here", [])
+
+
+def test_echo_with_logprobs_is_refused(client):
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, echo=True, logprobs=1)
+
+
+def fields_table() -> dict:
+    """docs/daemon.md's table of request fields: field -> (endpoints, status)."""
+    import pathlib
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "daemon.md").read_text()
+    head = text.index("| field | endpoint | kvosd | notes |")
+    rows = {}
+    for line in text[head:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        names, endpoint, status = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        ends = {"chat", "completions"} if endpoint == "both" else {endpoint}
+        for name in names.split(","):
+            rows[name.strip().strip("`")] = (ends, status)
+    return rows
+
+
+def test_the_docs_field_table_matches_the_request_models():
+    from userspace.daemon.openai_requests import IGNORED, OFF_VALUES, ChatRequest, CompletionRequest
+    table = fields_table()
+    for endpoint, model in (("chat", ChatRequest), ("completions", CompletionRequest)):
+        served = {name for name, (ends, status) in table.items()
+                  if endpoint in ends and status in ("supported", "extension")}
+        assert served == set(model.model_fields), endpoint
+    assert {name for name, (_, status) in table.items() if status == "ignored"} == IGNORED
+    assert {name for name, (_, status) in table.items() if status == "refused"} == set(OFF_VALUES)
+    assert {status for _, status in table.values()} == {"supported", "extension", "ignored", "refused"}

@@ -1,0 +1,45 @@
+"""Log-probabilities in OpenAI's two response shapes, from the kernel's TokenLogprob entries.
+
+Chat: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal"}.
+Completions (the legacy shape): parallel lists tokens, token_logprobs, top_logprobs (a dict per
+token: the most likely tokens and, as vLLM does, the chosen one) and text_offset (each token's
+character offset in the choice's text). A token's text is its own bytes decoded alone; in the
+completions shape a token that is not whole UTF-8 (half a character) is spelled "bytes:\\xNN..",
+as OpenAI does, so that its top_logprobs keys stay distinct.
+"""
+from __future__ import annotations
+
+import math
+
+FLOOR = -9999.0              # what OpenAI reports for a probability that underflows to zero
+
+
+def _value(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else FLOOR
+
+
+def chat(entries: list) -> dict:
+    return {"content": [{"token": e.text, "logprob": _value(e.logprob), "bytes": e.bytes,
+                         "top_logprobs": [{"token": t.text, "logprob": _value(t.logprob), "bytes": t.bytes}
+                                          for t in e.top]} for e in entries],
+            "refusal": None}
+
+
+def _spelled(e) -> str:
+    try:
+        return bytes(e.bytes).decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in e.bytes)
+
+
+def completion(entries: list, offset: int = 0) -> dict:
+    """offset: where the first entry's text begins in the choice's text (after an echoed prompt,
+    or the chunks streamed before)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": [_spelled(e) for e in entries], "token_logprobs": [_value(e.logprob) for e in entries],
+            "top_logprobs": [{**{_spelled(t): _value(t.logprob) for t in e.top}, _spelled(e): _value(e.logprob)}
+                             for e in entries],
+            "text_offset": offsets}

@@ -1,0 +1,118 @@
+"""/tokenize and /detokenize, shaped as vLLM's, on the tokenize and detokenize syscalls.
+
+POST /tokenize takes {"prompt": text} or {"messages": [...]} (a chat, in the model's template)
+and answers {"count", "max_model_len", "tokens", "token_strs": null}: the ids kvosd would run.
+POST /detokenize takes {"tokens": [...]} and answers {"prompt": text}. "model" may be left out
+when the key serves one model. Errors are in OpenAI's shape, as vLLM's are.
+"""
+from __future__ import annotations
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kernel.errors import EINVAL, KvosError
+from userspace.daemon.openai_api import OpenAIAPI
+from userspace.daemon.openai_requests import ChatMessage, chat_messages
+from userspace.daemon.sysapi import json_object
+
+UNSUPPORTED = "is not supported by kvosd"
+STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """Text, tokenized as a completion's prompt is: kvos adds no special tokens to text prompts."""
+    model_config = STRICT
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """A chat, rendered in the model's template and tokenized as a chat completion's prompt is."""
+    model_config = STRICT
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    continue_final_message: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = STRICT
+    model: str | None = None
+    tokens: list[int]
+
+
+def _parse(model_cls, body: dict):
+    try:
+        req = model_cls.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "body"
+        raise KvosError(EINVAL, f"{where}: {first['msg']}") from None
+    for field in ("add_special_tokens", "return_token_strs", "continue_final_message"):
+        if getattr(req, field, False):            # what kvos runs never has them: refused, not ignored
+            raise KvosError(EINVAL, f"{field}=true {UNSUPPORTED} (text prompts run without added special "
+                                    f"tokens, and token strings are not kept)")
+    return req
+
+
+class TokenizeAPI:
+    def __init__(self, daemon, resolve):
+        self.daemon, self.resolve = daemon, resolve
+
+    def _tenant(self, who, model):
+        """(handle, tid) of the tenant a request names; a key that serves one model may leave it out."""
+        if model is not None:
+            handle, tid, _ = self.resolve(who, model)
+            return handle, tid
+        if who.tid is not None:
+            return who.handle, who.tid
+        tenants = self.daemon.root.schedstat().tenants
+        if len(tenants) != 1:
+            raise KvosError(EINVAL, f"model: name one of the {len(tenants)} tenants' models")
+        return who.handle, tenants[0].tid
+
+    async def tokenize(self, request: Request):
+        who = self.daemon.authenticate(request)
+        body = await json_object(request, "tokenize")
+        req = _parse(TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest, body)
+
+        def run():
+            handle, tid = self._tenant(who, req.model)
+            if isinstance(req, TokenizeChatRequest):
+                ids = handle.tokenize(tid, chat_messages(req), add_generation_prompt=req.add_generation_prompt)
+            else:
+                ids = handle.tokenize(tid, req.prompt)
+            return ids, handle.tenantinfo(tid).max_context
+        ids, context = await anyio.to_thread.run_sync(run)
+        return JSONResponse({"count": len(ids), "max_model_len": context, "tokens": ids, "token_strs": None})
+
+    async def detokenize(self, request: Request):
+        who = self.daemon.authenticate(request)
+        req = _parse(DetokenizeRequest, await json_object(request, "detokenize"))
+
+        def run():
+            handle, tid = self._tenant(who, req.model)
+            return handle.detokenize(tid, req.tokens)
+        return JSONResponse({"prompt": await anyio.to_thread.run_sync(run)})
+
+
+def add_routes(app: FastAPI, daemon) -> list:
+    """Mount /tokenize and /detokenize; returns the request models for the OpenAPI description."""
+    api = TokenizeAPI(daemon, OpenAIAPI(daemon).resolve)
+
+    def body(*models):
+        refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+        return {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}}}}
+    app.add_api_route("/tokenize", api.tokenize, methods=["POST"], tags=["openai"],
+                      summary="Token ids of a prompt or a chat, as vLLM's /tokenize: what kvosd would run",
+                      openapi_extra=body(TokenizeCompletionRequest, TokenizeChatRequest))
+    app.add_api_route("/detokenize", api.detokenize, methods=["POST"], tags=["openai"],
+                      summary="Text of token ids, as vLLM's /detokenize", openapi_extra=body(DetokenizeRequest))
+    return [TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest]
