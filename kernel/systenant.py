@@ -103,18 +103,19 @@ def _has_template(program) -> bool:
 
 # -- text (no kernel lock: the caller's work) ------------------------------------------------------------------
 @syscall("tokenize", locked=False)
-def sys_tokenize(kernel, caller, tid, prompt, add_generation_prompt=True):
+def sys_tokenize(kernel, caller, tid, prompt, add_generation_prompt=True, tools=None):
     """Token ids of text, or of a chat (list of {role, content}) in the model's template, as spawn
-    would run them (add_generation_prompt applies to chats). Runs without the kernel lock. -> [int]"""
+    would run them (add_generation_prompt applies to chats; tools=[...] are given to the chat's
+    template, as spawn gives them). Runs without the kernel lock. -> [int]"""
     tenant = tenant_of(kernel, caller, tid)
     if not isinstance(add_generation_prompt, bool):
         raise KvosError(EINVAL, f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
     if is_chat(prompt) and not add_generation_prompt:
-        prompt_tokens(tenant.program, prompt)                # validates the messages
-        return list(tenant.program.apply_chat_template(list(prompt), add_generation_prompt=False))
-    if isinstance(prompt, str) and not prompt:
+        prompt_tokens(tenant.program, prompt, tools=tools)     # validates the messages and the tools
+        return list(tenant.program.apply_chat_template(list(prompt), add_generation_prompt=False, tools=tools))
+    if isinstance(prompt, str) and not prompt and tools is None:
         return []
-    return list(prompt_tokens(tenant.program, prompt))
+    return list(prompt_tokens(tenant.program, prompt, tools=tools))
 
 
 @syscall("detokenize", locked=False)

@@ -8,6 +8,7 @@ import openai
 import pytest
 
 import kernel
+from kernel.errors import KvosError
 from tests.helpers import tiny_tools
 from tests.helpers.schemas import PERSON, assert_valid
 from userspace.daemon.config import DaemonConfig, TenantSpec
@@ -255,3 +256,22 @@ def test_the_docs_field_table_matches_the_request_models():
     assert {name for name, (_, status) in table.items() if status == "ignored"} == IGNORED
     assert {name for name, (_, status) in table.items() if status == "refused"} == set(OFF_VALUES)
     assert {status for _, status in table.values()} == {"supported", "extension", "ignored", "refused"}
+
+
+def test_tokenize_gives_the_tools_to_the_template_as_a_chat_completion_does(server):
+    from tests.test_daemon_conventions import call
+    tid = next(t.tid for t in server.daemon.root.schedstat().tenants if t.name == "tools")
+    root = server.daemon.root
+    for add in (True, False):
+        body = {"messages": ASK, "tools": TOOLS, "add_generation_prompt": add}
+        status, _, reply = call(server.url, "POST", "/tokenize", body, key=TOOLS_KEY)
+        assert status == 200, reply
+        with_tools = reply["tokens"]
+        assert with_tools == root.tokenize(tid, ASK, add_generation_prompt=add, tools=TOOLS)
+        assert root.detokenize(tid, with_tools).count("get_weather") == 1         # the template listed them
+        assert len(with_tools) > len(root.tokenize(tid, ASK, add_generation_prompt=add))
+    # A template that takes no tools refuses them, as spawn does; text prompts take none.
+    status, _, reply = call(server.url, "POST", "/tokenize", {"messages": ASK, "tools": TOOLS}, key=KEY)
+    assert status == 400, reply
+    with pytest.raises(KvosError):
+        root.tokenize(tid, "text", tools=TOOLS)

@@ -1,6 +1,7 @@
 """/tokenize and /detokenize, shaped as vLLM's, on the tokenize and detokenize syscalls.
 
-POST /tokenize takes {"prompt": text} or {"messages": [...]} (a chat, in the model's template)
+POST /tokenize takes {"prompt": text} or {"messages": [...], "tools": [...]} (a chat, in the model's
+template, with the tools a chat completion would give it)
 and answers {"count", "max_model_len", "tokens", "token_strs": null}: the ids kvosd would run.
 POST /detokenize takes {"tokens": [...]} and answers {"prompt": text}. "model" may be left out
 when the key serves one model. Errors are in OpenAI's shape, as vLLM's are.
@@ -35,6 +36,7 @@ class TokenizeChatRequest(BaseModel):
     model_config = STRICT
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     return_token_strs: bool = False
@@ -85,7 +87,8 @@ class TokenizeAPI:
         def run():
             handle, tid = self._tenant(who, req.model)
             if isinstance(req, TokenizeChatRequest):
-                ids = handle.tokenize(tid, chat_messages(req), add_generation_prompt=req.add_generation_prompt)
+                ids = handle.tokenize(tid, chat_messages(req), add_generation_prompt=req.add_generation_prompt,
+                                      tools=req.tools)
             else:
                 ids = handle.tokenize(tid, req.prompt)
             return ids, handle.tenantinfo(tid).max_context
