@@ -2,7 +2,8 @@
 
 simulate_step() prices each step with costmodel.py from the programs' step_cost (the optional ABI
 in kernel/program.py) and advances the clock the kernel reads for every timestamp. Constants come
-from a GPU preset, each overridable: SimDevice("sim:a100", hbm_bandwidth=1.6e12).
+from a GPU preset, each overridable: SimDevice("sim:a100", hbm_bandwidth=1.6e12); tp=N prices a
+tensor-parallel group of N such GPUs (weights, K/V and FLOPs split, two all-reduces per layer).
 """
 from __future__ import annotations
 
@@ -56,14 +57,14 @@ class SimDevice(Device):
         self.now += seconds
         self.busy += seconds
         self.last_plan, self.last_cost = plan, cost
-        for field in ("flops", "hbm_bytes", "compute", "memory", "forward", "overhead", "swap", "copy",
-                      "compute_bound"):
-            setattr(self.totals, field, getattr(self.totals, field) + getattr(cost, field))
+        totals = self.totals
+        for field, value in vars(cost).items():
+            setattr(totals, field, getattr(totals, field) + value)
         return seconds
 
     # -- memory ------------------------------------------------------------------
     def default_memory(self, program) -> int:
-        """KV bytes: the usable share of device memory less the weights and an activation reserve."""
+        """KV bytes: the usable share of the devices' memory less the weights and activation reserves."""
         budget = self.memory_budget(program)
         if budget["kv_bytes"] <= 0:
             raise KvosError(EINVAL, f"{getattr(program, 'name', 'the model')} does not fit {self.gpu.label}: "
@@ -71,14 +72,21 @@ class SimDevice(Device):
         return budget["kv_bytes"]
 
     def memory_budget(self, program) -> dict:
-        """The arithmetic behind default_memory, term by term (bytes and tokens)."""
+        """The arithmetic behind default_memory, term by term (bytes and tokens). With tp GPUs each
+        holds 1/tp of the weights and of every frame (its K/V heads) beside its own activations."""
         gpu = self.gpu
+        t = gpu.tp
+        cost = getattr(program, "step_cost", None)
+        for what, count in (("query heads", getattr(cost, "heads", 0)), ("K/V heads", getattr(cost, "kv_heads", 0))):
+            if t > 1 and count % t:
+                raise KvosError(EINVAL, f"{getattr(program, 'name', 'the model')}: {count} {what} do not divide "
+                                        f"over tp={t} GPUs")
         usable = int(gpu.memory_bytes * gpu.memory_utilization)
         weights = getattr(program, "resident_weight_bytes", None) or program.cost.weight_bytes
-        kv = usable - weights - gpu.activation_reserve
+        kv = t * (usable - gpu.activation_reserve) - weights
         per_token = program.kv_shape.bytes_per_token
-        return {"memory_bytes": gpu.memory_bytes, "memory_utilization": gpu.memory_utilization,
-                "usable_bytes": usable, "weight_bytes": weights, "activation_reserve": gpu.activation_reserve,
+        return {"memory_bytes": gpu.memory_bytes, "memory_utilization": gpu.memory_utilization, "tp": t,
+                "usable_bytes": t * usable, "weight_bytes": weights, "activation_reserve": t * gpu.activation_reserve,
                 "kv_bytes": kv, "kv_bytes_per_token": per_token, "kv_tokens": max(0, kv) // per_token}
 
     def kv_view(self, shape):

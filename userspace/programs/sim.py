@@ -81,13 +81,21 @@ PRESETS = {m.name: m for m in (
     _preset("llama-3-8b", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
             rope_theta=500000.0, bos_token_id=128000, eos_token_ids=(128001,), torch_dtype="bfloat16"),
+    _preset("llama-2-70b", vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+            num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
+            torch_dtype="float16"),
+    _preset("codellama-34b", vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
+            num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=16384, rms_norm_eps=1e-5,
+            rope_theta=1000000.0, torch_dtype="bfloat16"),
     _preset("smollm2-135m", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
             rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),
             torch_dtype="bfloat16"),
 )}
 ALIASES = {"llama2-7b": "llama-2-7b", "llama-2-7b-hf": "llama-2-7b", "llama2-13b": "llama-2-13b",
-           "llama-2-13b-hf": "llama-2-13b", "llama3-8b": "llama-3-8b", "llama-3.1-8b": "llama-3-8b",
+           "llama-2-13b-hf": "llama-2-13b",
+           "llama2-70b": "llama-2-70b", "llama-2-70b-hf": "llama-2-70b", "codellama-34b-hf": "codellama-34b",
+           "codellama-34b-instruct-hf": "codellama-34b", "llama3-8b": "llama-3-8b", "llama-3.1-8b": "llama-3-8b",
            "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
 
 
@@ -141,10 +149,20 @@ class SimProgram(Program):
             raise KvosError(EINVAL, f"{self.name}: every token id is an EOS id, nothing is left to sample")
         self._token_names: dict = {}
         self.cost = config.program_cost(model.bytes_per_param)
+        # activations in the weights' dtype; per token and layer, elementwise traffic (read + write):
+        # two RMS norms and two residual adds of the hidden state (replicated on every tensor-parallel
+        # rank), rotary on q and k and the gated activation (read gate and up, write one; split by tp)
+        act, hidden, layers = model.bytes_per_param, config.hidden_size, config.num_hidden_layers
+        q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        mlp = config.intermediate_size * config.experts_per_token
         self.step_cost = ModelCost(
             linear_flops_per_token=self.cost.linear_flops_per_token,
             attention_flops_unit=self.cost.attention_flops(1, 1),
-            weight_bytes=self.cost.weight_bytes, kv_bytes_per_token=model.kv_bytes_per_token)
+            weight_bytes=self.cost.weight_bytes, kv_bytes_per_token=model.kv_bytes_per_token,
+            layers=layers, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+            allreduce_bytes_per_token=int(hidden * act),
+            elementwise_bytes_per_token=int(layers * (2 * 2 + 2 * 3) * hidden * act),
+            elementwise_sharded_bytes_per_token=int(layers * (2 * (q + kv) + 3 * mlp) * act))
 
     @property
     def resident_weight_bytes(self) -> int:
