@@ -16,7 +16,8 @@ from pathlib import Path
 from kernel.errors import KvosError
 
 RUN_KEYS = ("requests", "completed", "duration_s", "throughput_rps", "output_tokens_per_s", "backlog_tokens_per_s",
-            "ttft_p50", "ttft_p99", "latency_p50", "latency_p99", "normalized_latency_mean", "tpot_mean",
+            "ttft_p50", "ttft_p99", "latency_p50", "latency_p99", "normalized_latency_mean", "tpot", "tpot_p99",
+            "tbt_p50", "tbt_p99", "tbt_max",
             "kv_utilization", "mean_running", "peak_running", "preemptions", "swap_outs", "reclaims",
             "padding_tokens", "memory_saved", "steps", "wall_s")
 
@@ -43,7 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot-dir", default=None, metavar="DIR",
                         help="write each experiment's PNG plot there (sim-EXPERIMENT.png); none without it")
     run = parser.add_argument_group("run (one workload)")
-    run.add_argument("--preset", default="sharegpt", help="workload preset: sharegpt, sharegpt-vllm, alpaca")
+    run.add_argument("--preset", default="sharegpt", help="workload preset: sharegpt, sharegpt-vllm, alpaca, "
+                                                         "azure-conv")
+    run.add_argument("--tp", type=int, default=None, metavar="N",
+                     help="tensor-parallel degree: N GPUs of --gpu share each layer (the preset's tp=N)")
     run.add_argument("--trace", help="JSONL trace (arrival, prompt_len, output_len, prefix_id, prefix_len, n, "
                                      "beam_width, max_tokens per line) instead of a preset")
     run.add_argument("--requests", type=int, default=500)
@@ -144,7 +148,9 @@ def _run_workload(args) -> int:
                                                        "max_running", "memory", "swap", "page_size")
                if getattr(args, name) is not None}
     gpu, model = args.gpu or "a100-80g", args.model or "llama-2-7b"
-    summary, _, _ = run(requests, gpu, model, seed=args.seed, share=not args.no_share, **options)
+    if args.tp is not None:
+        gpu = f"{gpu},tp={args.tp}"
+    summary, _, _ = run(requests, gpu, model, seed=args.seed, share=not args.no_share, record_gaps=True, **options)
     out = {"gpu": gpu, "model": model, "boot": options, "workload": length_stats(requests),
            "trace": args.trace, **pick(summary, *RUN_KEYS)}
     if args.json:

@@ -39,6 +39,7 @@ class RequestResult:
 
     @property
     def tpot(self) -> float | None:
+        """Time per output token after the first: (finish - first token) / (tokens - 1), vLLM's TPOT."""
         n = self.expected
         return (self.finished - self.first_token) / (n - 1) if n > 1 else None
 
@@ -96,7 +97,8 @@ class RunResult:
         mapped = sum(s[0] * s[3] for s in self.kv_samples)
         unshared = sum(s[0] * s[4] for s in self.kv_samples)
         out["memory_saved"] = 1 - mapped / unshared if unshared else 0.0
-        if self.gaps:
+        out.update(tpot=out["tpot_mean"], tpot_p50=_pct(tpot, 50), tpot_p99=_pct(tpot, 99))
+        if self.gaps:                        # time between tokens: every gap of every process (record_gaps)
             gaps = np.array(self.gaps)
             out.update(tbt_p50=_pct(gaps, 50), tbt_p99=_pct(gaps, 99), tbt_max=float(gaps.max()))
         for key in ("steps", "prefill_tokens", "decode_tokens", "padding_tokens", "generated_tokens",

@@ -89,6 +89,9 @@ PRESETS = {
                             "vLLM paper (SOSP'23) ShareGPT: mean input 161, mean output 338; sd assumed = mean"),
     "alpaca": Preset("alpaca", Lengths(19, 19), Lengths(59, 59),
                      "vLLM paper (SOSP'23) Alpaca: mean input 19, mean output 59; sd assumed = mean"),
+    "azure-conv": Preset("azure-conv", Lengths(1155, 1109, hi=8192), Lengths(211, 163, hi=1000),
+                         "Azure LLM inference trace 2023, conversation (19,366 requests): prompts mean 1,155 "
+                         "sd 1,109, outputs mean 211 sd 163 (at most 1,000)"),
 }
 
 

@@ -8,7 +8,7 @@ import importlib
 
 # The names, in the order `kvos sim all` runs them. The modules import the kernel, and with it
 # torch: they load when EXPERIMENTS is first read, so building the kvos command line stays light.
-NAMES = ("memory", "batching", "paging", "sharing", "padding", "chunked")
+NAMES = ("memory", "batching", "paging", "sharing", "padding", "chunked", "tp")
 
 
 def __getattr__(name: str):
