@@ -143,5 +143,6 @@ def test_two_models_share_the_pool_and_each_pass_is_priced():
     for tid in (big, small):
         sys.spawn(tid, list(range(3, 50)), max_tokens=3, ignore_eos=True)
     k.step()
-    assert k.device.last_cost.overhead == pytest.approx(2 * k.device.gpu.step_overhead)   # one pass per program
+    gpu = k.device.gpu                                               # one pass per program, one sequence each
+    assert k.device.last_cost.overhead == pytest.approx(2 * gpu.step_overhead + 2 * gpu.seq_overhead)
     run_to_end(k)
