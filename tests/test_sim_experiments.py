@@ -23,10 +23,14 @@ def test_memory_budget_and_roofline(results):
     r = quick(results, "memory")
     assert r["kv_bytes_per_token"] == 524_288
     assert 115_000 < r["kv_tokens"] < 125_000
-    assert 7.0 < r["decode_step_ms_batch1"] < 9.5
+    # the article's ~7 ms is 14 GB over 2 TB/s; the calibrated model reads weights at 78% of HBM bandwidth
+    # and adds launch floors and the host (docs/simulator.md, Calibration): 10.7 ms
+    assert 10.0 < r["decode_step_ms_batch1"] < 12.0
     assert 100 < r["crossover_weights_only"] < 200
     steps = [s for s in r["decode_steps"] if s["gpu"] == "a100-80g"]
-    assert steps[-1]["batch"] == 256 and steps[-1]["step_ms"] < 4 * steps[0]["step_ms"]   # batching is cheap
+    # batching is cheap: 256x the tokens for < 6x the step (K/V reads at 70% of HBM bandwidth and 40 us of
+    # host per sequence are what grow; before calibration, with neither, it was < 4x)
+    assert steps[-1]["batch"] == 256 and steps[-1]["step_ms"] < 6 * steps[0]["step_ms"]
     assert {(b["gpu"], b["model"]) for b in r["budgets"]} >= {("h200", "llama-2-13b"), ("a100-80g", "smollm2-135m")}
 
 
@@ -71,6 +75,26 @@ def test_chunked_prefill_bounds_the_stall(results):
     smallest = r["points"][-1]                                      # many small chunks: the prompt waits longer
     assert smallest["chunk"] == 128 and smallest["prompt_ttft_mean"] > 1.1 * r["ttft_whole"]
     assert smallest["tbt_max"] < r["max_stall_whole"] / 2
+
+
+def test_tp_cuts_a_70b_step_and_pays_for_it_in_all_reduces(results):
+    r = quick(results, "tp")
+    rows = {(x["model"], x["tp"], x["batch"]): x for x in r["decode"]}
+    assert not rows[("llama-2-70b", 1, 1)]["fits"] and rows[("llama-2-70b", 2, 1)]["fits"]   # 138 GB of weights
+    steps = [rows[("llama-2-70b", t, 1)]["step_ms"] for t in (2, 4, 8)]
+    assert steps[0] > steps[1] > steps[2]
+    eight = rows[("llama-2-70b", 8, 1)]
+    assert eight["comm_ms"] > 0.2 * eight["step_ms"] and eight["scaling_efficiency"] < 0.8   # sublinear
+    assert rows[("llama-2-7b", 1, 1)]["comm_ms"] == 0
+    assert [x["tp"] for x in r["prefill"] if x["model"] == "llama-2-70b" and x["fits"]] == [2, 4, 8]
+
+
+def test_run_reports_time_between_tokens_and_per_output_token(capsys):
+    assert main(["run", "--preset", "alpaca", "--requests", "20", "--rate", "5", "--json", "--tp", "2"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["gpu"] == "a100-80g,tp=2" and run["completed"] == 20
+    assert 0 < run["tbt_p50"] <= run["tbt_p99"] <= run["tbt_max"]
+    assert run["tbt_p50"] <= run["tpot"] <= run["tbt_max"]          # a request's mean gap lies among the gaps
 
 
 def test_headlines_cover_every_experiment(results):
