@@ -5,8 +5,15 @@ import pytest
 
 import kernel
 from kernel.devices import make_device
-from kernel.devices.costmodel import (GPUSpec, ModelCost, allreduce_seconds, blend, decode_crossover_batch,
-                                      forward_work, step_cost)
+from kernel.devices.costmodel import (
+    GPUSpec,
+    ModelCost,
+    allreduce_seconds,
+    blend,
+    decode_crossover_batch,
+    forward_work,
+    step_cost,
+)
 from kernel.devices.sim import SimDevice, gpu_spec
 from kernel.errors import KernelPanic, KvosError
 from userspace.programs.loader import load

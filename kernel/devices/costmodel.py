@@ -114,7 +114,8 @@ def gpu_spec(name: str, **overrides) -> GPUSpec:
             raise KvosError(EINVAL, f"sim device {name!r}: override {item!r} is not field=value")
         if field == "link":                    # a named interconnect sets the link's three constants
             if value not in LINKS:
-                raise KvosError(EINVAL, f"sim device {name!r}: unknown link {value!r}: choose one of {', '.join(LINKS)}")
+                raise KvosError(EINVAL, f"sim device {name!r}: unknown link {value!r}: "
+                                        f"choose one of {', '.join(LINKS)}")
             label, bandwidth, latency = LINKS[value]
             for f, v in (("link_bandwidth", bandwidth), ("link_latency", latency)):
                 overrides.setdefault(f, v)
