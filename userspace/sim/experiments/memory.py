@@ -136,8 +136,9 @@ def headline(result: dict) -> list:
              f"{result['kv_tokens']:,} ({result['kv_bytes'] / 1e9:.1f} GB after "
              f"{result['weight_bytes'] / 1e9:.1f} GB)"),
             ("decode step, LLaMA-7B, batch 1, A100", "~7 ms (14 GB / 2 TB/s)",
-             f"{result['decode_step_ms_batch1']:.1f} ms (bandwidth efficiency "
+             f"{result['decode_step_ms_batch1']:.1f} ms (GEMM bandwidth efficiency "
              f"{result['gpu_constants']['bandwidth_efficiency']}, "
-             f"{1e3 * result['gpu_constants']['step_overhead']:g} ms overhead)"),
+             f"{1e6 * result['gpu_constants']['layer_overhead']:g} us launches per layer, "
+             f"{1e3 * result['gpu_constants']['step_overhead']:g} ms host)"),
             ("decode turns compute-bound at batch", "200-500",
              f"{result['crossover_weights_only']:.0f} (weights only); never once K/V reads count")]

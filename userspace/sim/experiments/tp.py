@@ -81,17 +81,19 @@ def tables(result: dict) -> list:
 
 
 def plot(result: dict, path) -> str:
-    fig, (ax,) = figure(1)
-    for m in dict.fromkeys(x["model"] for x in result["decode"]):
+    models = list(dict.fromkeys(x["model"] for x in result["decode"]))
+    fig, axes = figure(len(models), width=3.6)
+    for ax, m in zip(axes, models):
         for b in sorted({x["batch"] for x in result["decode"]}):
             pts = [x for x in result["decode"] if x["model"] == m and x["batch"] == b and x["fits"]]
             if pts:
-                ax.plot([x["tp"] for x in pts], [x["step_ms"] for x in pts], "o-", label=f"{m}, batch {b}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tensor-parallel GPUs")
-    ax.set_ylabel(f"decode step (ms), context {result['context']}")
-    ax.legend(fontsize=6, ncol=2)
+                ax.plot([x["tp"] for x in pts], [x["step_ms"] for x in pts], "o-", label=f"batch {b}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(TPS, [str(t) for t in TPS])
+        ax.set_xlabel("tensor-parallel GPUs")
+        ax.set_title(m, fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(f"decode step (ms), context {result['context']}")
     return save(fig, path)
 
 
