@@ -55,9 +55,9 @@ def test_a_small_cluster_runs_every_turn_and_stays_consistent(policy):
 
 
 def test_routing_by_prefix_hits_more_than_round_robin():
-    rr = run_cluster(4, "round_robin", per_replica=6, seed=3)
-    ca = run_cluster(4, "cache_aware", per_replica=6, seed=3)
-    pe = run_cluster(4, "prefix_events", per_replica=6, seed=3)
+    rr = run_cluster(3, "round_robin", per_replica=4, seed=3)
+    ca = run_cluster(3, "cache_aware", per_replica=4, seed=3)
+    pe = run_cluster(3, "prefix_events", per_replica=4, seed=3)
     assert ca["prefix_hit_rate"] > rr["prefix_hit_rate"] and pe["prefix_hit_rate"] > rr["prefix_hit_rate"]
 
 

@@ -10,7 +10,8 @@ Every replica's tenant gets the same cache_salt, so page names agree across repl
 prefix_events policy can match a prompt's pages by name. A turn goes where the router says; its
 reply (the tokens wait() returns) joins the history of the session's next turn.
 Per run: output_tok_s (output tokens over the makespan), prefix_hit_rate (prompt tokens mapped
-from the page caches over prompt tokens), ttft_p50/p99 (seconds, arrival to first token) and
+from the page caches at a turn's first step, over prompt tokens; mapping its own pages back
+after a preemption is not a hit), ttft_p50/p99 (seconds, arrival to first token) and
 load_imbalance (the busiest replica's device seconds over the mean).
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Turn:
     replica: int = -1
     first_token: float | None = None
     finished: float | None = None
+    hit: int | None = None       # prompt tokens mapped from the page cache: where its first computed chunk began
 
 
 @dataclass
@@ -116,7 +118,11 @@ def run_cluster(replicas: int, policy: str, *, sessions: int | None = None, per_
             low.cursor, low.clock = record.step, record.ended_at - low.t0
             for work in record.works:
                 turn = low.live.get(work.pid)
-                if turn is not None and work.token is not None and turn.first_token is None:
+                if turn is None:
+                    continue
+                if turn.hit is None:
+                    turn.hit = work.start
+                if work.token is not None and turn.first_token is None:
                     turn.first_token = low.clock
             for pid, _ in record.exits:
                 turn = low.live.pop(pid, None)
@@ -148,7 +154,7 @@ def _summary(reps, router, workload, system_lens, turns, out_tokens, prompt_toke
     for r in reps:
         r.sys.fsck()
     busy = np.array([s.busy_seconds for s in stats_])
-    cached = sum(s.cached_tokens for s in stats_)
+    cached = sum(t.hit for t in turns)
     return {
         "policy": policy, "replicas": len(reps), "gpu": gpu, "model": model,
         "workload": stats(workload, system_lens),
