@@ -88,6 +88,7 @@ def test_tp2_greedy_and_logits_match_one_rank(tp2):
     one.shutdown()
 
 
+@pytest.mark.slow
 def test_tp2_seeded_workload_with_forks_swap_and_preemption(tp2):
     one = kernel.boot(**BOOT)
     out1, stats1 = _workload(one)
@@ -154,6 +155,28 @@ def test_a_dead_worker_ends_its_processes_with_eio():
     later = s.spawn(tid, [7, 8, 9], max_tokens=4, **GREEDY)      # admitted, then ended the same way
     assert s.wait(later).error.startswith("EIO")
     k.fsck()
+    k.shutdown()
+
+
+def test_a_hung_worker_times_out_instead_of_hanging(monkeypatch):
+    monkeypatch.setenv("KVOS_TP_TIMEOUT", "3")
+    k = kernel.boot(device="cpu", frames=32, token_budget=32, tp=2)
+    s = k.syscalls()
+    tid = s.spawn_tenant(TINY)
+    pid = s.spawn(tid, [5] * 20, max_tokens=30, **GREEDY)
+    k.step()
+    worker = k.device.procs[0]
+    os.kill(worker.pid, signal.SIGSTOP)          # alive but silent: only the timeout can tell
+    try:
+        started = time.monotonic()
+        while k.step():
+            k.fsck()
+        assert time.monotonic() - started < 20
+        assert s.wait(pid).error.startswith("EIO: tensor-parallel")
+        k.fsck()
+    finally:
+        if worker.poll() is None:
+            os.kill(worker.pid, signal.SIGKILL)
     k.shutdown()
 
 

@@ -34,6 +34,8 @@ from kernel.devices.torchdev import TorchDevice
 from kernel.errors import EINVAL, EIO, KvosError
 
 TIMEOUT_S = 30.0            # a collective or a worker's answer that takes longer means the group is gone
+                            # ($KVOS_TP_TIMEOUT overrides it: tests, slow machines)
+STARTUP_S = 120.0           # a worker's interpreter and torch import, before it joins the group
 PROGRAM_ENV = ("KVOS_DTYPE", "KVOS_MATMUL", "KVOS_KV")     # what the loader reads from the environment
 _group_ids = itertools.count(1)
 
@@ -82,12 +84,18 @@ def make_group(store, rank: int, size: int, key: str, timeout_s: float) -> TPGro
 class TPDevice(TorchDevice):
     """`cpu` split over `size` processes. Rank 0 is this one; ranks 1..size-1 are its workers."""
 
-    def __init__(self, name: str, size: int, threads: int | None = None, timeout_s: float = TIMEOUT_S):
+    def __init__(self, name: str, size: int, threads: int | None = None, timeout_s: float | None = None):
         if not isinstance(size, int) or isinstance(size, bool) or not 2 <= size <= 64:
             raise KvosError(EINVAL, f"tp must be an integer in [1, 64], got {size!r}")
         if name != "cpu":
             raise KvosError(EINVAL, f"tensor parallelism runs on the cpu (gloo) in this kvos, not on {name!r}: "
                                     f"the NCCL path for GPUs is not built yet")
+        if timeout_s is None:
+            try:
+                timeout_s = float(os.environ.get("KVOS_TP_TIMEOUT", TIMEOUT_S))
+            except ValueError:
+                raise KvosError(EINVAL, f"KVOS_TP_TIMEOUT={os.environ['KVOS_TP_TIMEOUT']!r} is not a number "
+                                        f"of seconds") from None
         super().__init__(name)
         import torch.distributed as dist
         self.name = f"{name} (tensor parallel {size})"
@@ -112,12 +120,26 @@ class TPDevice(TorchDevice):
             self.procs.append(proc)
             self.conns.append(Connection(ours.detach()))
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        self._wait_ready()
         try:
             self.tp = make_group(store, 0, size, key, timeout_s)      # waits for every worker to join
         except RuntimeError as exc:
             self.close()
             raise KvosError(EIO, f"tensor parallel {size}: the workers did not join: {exc}") from None
         self._store = store                                # the store lives as long as the group
+
+    def _wait_ready(self) -> None:
+        """Each worker says "ready" once it has imported torch (seconds on a busy machine) and reached
+        the store; a worker that dies first fails the boot with EIO instead of a join timeout."""
+        deadline = time.monotonic() + STARTUP_S
+        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), start=1):
+            while not conn.poll(0.2):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    why = (f"exited with code {proc.returncode}" if proc.poll() is not None
+                           else f"not ready after {STARTUP_S:.0f} s")
+                    self.close()
+                    raise KvosError(EIO, f"tensor parallel {self.size}: worker rank {rank} {why}")
+            conn.recv()
 
     # -- the command channel ------------------------------------------------------------------
     def _send(self, message) -> None:
@@ -143,9 +165,13 @@ class TPDevice(TorchDevice):
         return out
 
     def _lose(self, why: str) -> None:
+        """The group is gone: say why once, and end every worker now (one that hangs in a collective
+        would otherwise wait out its own timeout)."""
         if self.lost is None:
             self.lost = f"tensor-parallel group lost: {why}"
-        _stop(self.procs, self.conns)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
 
     def check_alive(self) -> None:
         if self.lost is None:

@@ -35,6 +35,7 @@ def worker_main(rank: int, size: int, port: int, key: str, conn, threads: int, t
 
     torch.set_num_threads(threads)
     store = dist.TCPStore("127.0.0.1", port, size, False, timeout=datetime.timedelta(seconds=timeout_s))
+    conn.send(("ready",))
     device = TorchDevice("cpu")
     device.tp = make_group(store, rank, size, key, timeout_s)
     programs: dict = {}                     # handle -> (program, KVView)
