@@ -46,6 +46,10 @@ def measure(k, steps: int) -> dict:
                 collective_s=(tp.seconds - secs0) / steps)
 
 
+def _median(runs: dict, key: str, tp: int) -> float:
+    return statistics.median(r[key] for r in runs[tp])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-llama")
@@ -66,10 +70,10 @@ def main(argv=None) -> None:
                 runs[tp].append(measure(k, args.steps))
         one.shutdown(kill=True)
         split.shutdown(kill=True)
-        med = lambda key, tp: statistics.median(r[key] for r in runs[tp])      # noqa: E731
-        row = dict(batch=batch, one_rank_ms=1e3 * med("step_s", 1), tp_ms=1e3 * med("step_s", args.tp),
-                   collectives=med("collectives", args.tp), kib=med("bytes", args.tp) / 1024,
-                   collective_ms=1e3 * med("collective_s", args.tp))
+        row = dict(batch=batch, one_rank_ms=1e3 * _median(runs, "step_s", 1),
+                   tp_ms=1e3 * _median(runs, "step_s", args.tp), collectives=_median(runs, "collectives", args.tp),
+                   kib=_median(runs, "bytes", args.tp) / 1024,
+                   collective_ms=1e3 * _median(runs, "collective_s", args.tp))
         row["ratio"] = row["tp_ms"] / row["one_rank_ms"]
         row["collective_share"] = row["collective_ms"] / row["tp_ms"]
         rows.append(row)

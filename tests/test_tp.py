@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+
 import kernel
 from kernel.errors import KvosError
 from tests.kernel_helpers import TINY

@@ -29,8 +29,8 @@ def worker_main(rank: int, size: int, port: int, key: str, conn, threads: int, t
     import torch.distributed as dist
 
     from kernel.devices.base import MemOp
-    from kernel.devices.tp import make_group
     from kernel.devices.torchdev import TorchDevice
+    from kernel.devices.tp import make_group
     from kernel.errors import KvosError
 
     torch.set_num_threads(threads)
