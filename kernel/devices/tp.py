@@ -52,10 +52,11 @@ class TPGroup:
         self.calls = self.bytes = 0
         self.seconds = 0.0
 
-    def _wait(self, work, what: str, nbytes: int) -> None:
+    def _run(self, start, what: str, nbytes: int) -> None:
+        """Start a collective (the call itself can take as long as the wait) and wait for it."""
         started = time.perf_counter()
         try:
-            work.wait()
+            start().wait()
         except RuntimeError as exc:
             raise DeviceLost(f"tensor-parallel {what} failed on rank {self.rank}: {str(exc).splitlines()[0]}") \
                 from None
@@ -64,13 +65,13 @@ class TPGroup:
         self.bytes += nbytes
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._wait(self.pg.allreduce([tensor]), "all_reduce", tensor.numel() * tensor.element_size())
+        self._run(lambda: self.pg.allreduce([tensor]), "all_reduce", tensor.numel() * tensor.element_size())
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        self._wait(self.pg.allgather([parts], [tensor]), "all_gather", tensor.numel() * tensor.element_size())
+        self._run(lambda: self.pg.allgather([parts], [tensor]), "all_gather", tensor.numel() * tensor.element_size())
         return torch.cat(parts, dim=-1)
 
 
