@@ -46,8 +46,56 @@ def measure(k, steps: int) -> dict:
                 collective_s=(tp.seconds - secs0) / steps)
 
 
+def _bare_peer(port: int, shapes: list, iters: int) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=60))
+    pg = dist.ProcessGroupGloo(dist.PrefixStore("bare", store), 1, 2, datetime.timedelta(seconds=60))
+    for shape in shapes:
+        x = torch.ones(shape)
+        for _ in range(iters + 5):
+            pg.allreduce([x]).wait()
+
+
+def bare_all_reduce(shapes: list, iters: int = 200) -> dict:
+    """Seconds per fp32 all_reduce of each shape between two processes doing nothing else: the
+    transport's own cost on this machine now, to hold the in-step figures against."""
+    import datetime
+    import multiprocessing
+
+    import torch
+    import torch.distributed as dist
+    store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
+    peer = multiprocessing.get_context("spawn").Process(target=_bare_peer, args=(store.port, shapes, iters))
+    peer.start()
+    pg = dist.ProcessGroupGloo(dist.PrefixStore("bare", store), 0, 2, datetime.timedelta(seconds=60))
+    out = {}
+    for shape in shapes:
+        x = torch.ones(shape)
+        for _ in range(5):
+            pg.allreduce([x]).wait()
+        started = time.perf_counter()
+        for _ in range(iters):
+            pg.allreduce([x]).wait()
+        out[shape] = (time.perf_counter() - started) / iters
+    peer.join()
+    return out
+
+
 def _median(runs: dict, key: str, tp: int) -> float:
     return statistics.median(r[key] for r in runs[tp])
+
+
+def _hidden(model: str) -> int:
+    """The hidden size of the model's residual stream (what each all_reduce carries per token)."""
+    k = kernel.boot(device="cpu", frames=4)
+    tid = k.syscalls().spawn_tenant(model)
+    hidden = k.tenants[tid].program.config.hidden_size        # a benchmark may look inside its own kernel
+    k.shutdown()
+    return hidden
 
 
 def main(argv=None) -> None:
@@ -77,15 +125,21 @@ def main(argv=None) -> None:
         row["ratio"] = row["tp_ms"] / row["one_rank_ms"]
         row["collective_share"] = row["collective_ms"] / row["tp_ms"]
         rows.append(row)
+    hidden = _hidden(args.model)
+    bare = bare_all_reduce([(b, hidden) for b in args.batches])
+    for row in rows:
+        row["bare_all_reduce_ms"] = 1e3 * bare[(row["batch"], hidden)]
     if args.json:
         print(json.dumps(dict(model=args.model, tp=args.tp, threads=args.threads, rows=rows)))
         return
     print(f"{args.model}, tp {args.tp} against one rank, {args.threads} thread(s) per rank, decode steps "
           f"(median of {args.rounds} rounds of {args.steps} steps, interleaved)")
-    print("batch  one rank ms  tp ms  tp/one  collectives  KiB/step  in collectives ms (share)")
+    print("batch  one rank ms  tp ms  tp/one  collectives  KiB/step  in collectives ms (share)  "
+          "bare 2-rank all_reduce ms")
     for r in rows:
         print(f"{r['batch']:5d}  {r['one_rank_ms']:11.2f}  {r['tp_ms']:5.2f}  {r['ratio']:6.2f}  "
-              f"{r['collectives']:11.0f}  {r['kib']:8.1f}  {r['collective_ms']:8.2f} ({r['collective_share']:.0%})")
+              f"{r['collectives']:11.0f}  {r['kib']:8.1f}  {r['collective_ms']:8.2f} ({r['collective_share']:.0%})"
+              f"  {r['bare_all_reduce_ms']:25.3f}")
 
 
 if __name__ == "__main__":

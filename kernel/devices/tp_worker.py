@@ -12,6 +12,7 @@ pipe reaches EOF and the worker exits too.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
@@ -33,6 +34,9 @@ def worker_main(rank: int, size: int, port: int, key: str, conn, threads: int, t
     from kernel.devices.tp import make_group
     from kernel.errors import KvosError
 
+    # Ctrl-C on a terminal reaches every process of the group: rank 0 decides what it means (a
+    # graceful shutdown still needs this rank), and tells this one to exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     store = dist.TCPStore("127.0.0.1", port, size, False, timeout=datetime.timedelta(seconds=timeout_s))
     conn.send(("ready",))
