@@ -3,6 +3,7 @@
 Each test boots real worker processes (a fresh interpreter each: about 2-5 s here), so the
 tests share kernels where they can and the slow ones are marked.
 """
+import json
 import os
 import random
 import signal
@@ -257,3 +258,16 @@ def test_shards_compute_what_the_whole_model_does_with_biases_tied_head_and_a_ra
     # the largest logit (measured: 2e-6 of it), more than 1e-5 in absolute terms
     assert (split - whole).abs().max().item() <= 1e-5 * whole.abs().max().item()
     assert split.argmax(-1).tolist() == whole.argmax(-1).tolist()
+
+
+def test_kvos_run_tp2_prints_what_one_rank_prints(capsys):
+    from userspace.shell.main import main
+    outputs = []
+    for tp in ("1", "2"):
+        assert main(["run", "--json", "--model", TINY, "--tp", tp, "--max-tokens", "6", "hello there",
+                     "what is paging?"]) == 0
+        outputs.append([o["token_ids"] for o in map(json.loads,
+                                                   capsys.readouterr().out.strip().splitlines())])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+    assert main(["run", "--model", TINY, "--tp", "3", "hello"]) == 22          # EINVAL: 4 heads, 3 ranks
+    assert "do not divide by 3" in capsys.readouterr().err
