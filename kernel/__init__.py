@@ -41,7 +41,9 @@ def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=51
     alloc ("paged" | "prealloc"), batch ("ragged" | "padded"), watermark (free frames kept at
     admission), threads (CPU threads for torch and the C kernels), seed, pids ("sequential", or
     "random": ids that tell a tenant nothing of the others' activity), loop (True: steps run in a
-    thread of their own from boot on; otherwise waiting syscalls drive them).
+    thread of their own from boot on; otherwise waiting syscalls drive them), tp (tensor parallel:
+    device "cpu" split over tp processes, one kernel; memory and threads are then per rank;
+    docs/cluster-tp.md).
 
     The booted Kernel is held by whoever booted it: userspace uses only its syscalls() handles
     (and the daemon its shutdown()); everything else of it is the kernel's own.

@@ -48,7 +48,7 @@ class Kernel:
     def __init__(self, device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512,
                  swap="1GiB", chunk=None, max_running=256, frame_bytes=None, alloc="paged",
                  batch="ragged", watermark=None, threads=None, seed=0, pids="sequential", loop=False,
-                 frames=None, swap_frames=None):
+                 frames=None, swap_frames=None, tp=1):
         _check_int("page_size", page_size, 1, 4096)
         _check_int("token_budget", token_budget, 1, 1 << 20)
         _check_int("max_running", max_running, 1, 1 << 20)
@@ -91,7 +91,7 @@ class Kernel:
                 from kernel.ops import set_num_threads
                 set_num_threads(threads)
         # boot, one subsystem a line
-        self.device = make_device(device)                          # where frames live and programs run
+        self.device = make_device(device, tp, threads)             # where frames live and programs run
         self.clock = self.device.clock                             # wall time, or the simulator's virtual time
         self.dmesg = Dmesg(clock=self.clock)                       # the kernel log
         self.stats = SchedStats()                                  # schedstat counters

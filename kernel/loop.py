@@ -176,4 +176,5 @@ def shutdown(kernel, kill: bool = False, timeout: float | None = None) -> None:
             if info.free + info.cached + (1 if kernel.null_frame is not None else 0) != info.total \
                     or info.swap_used:
                 raise KernelPanic(f"shutdown: memory not all back: {info}")
+        kernel.device.close()                    # tensor-parallel workers exit
         kernel.log("shutdown", "all memory back; kernel stopped")

@@ -147,6 +147,9 @@ def _load_entry_points() -> None:
 def exec_program(spec, device) -> Program:
     """Resolve a model spec (a Program, a name, a path) into a loaded program for `device`."""
     if isinstance(spec, Program):
+        attach = getattr(device, "attach_program", None)
+        if attach is not None:
+            attach(None, spec)                          # known to it, or refused (EINVAL)
         return spec
     if not isinstance(spec, str) or not spec:
         raise KvosError("EINVAL", f"model must be a name or a path, got {spec!r}")
@@ -154,6 +157,9 @@ def exec_program(spec, device) -> Program:
     for loader in BINFMTS:
         program = loader(spec, device)
         if program is not None:
+            attach = getattr(device, "attach_program", None)
+            if attach is not None:
+                attach(spec, program)                     # a tensor-parallel device's other ranks load it too
             return program
     # the hint names what userspace's loader answers for on this kind of device
     hint = ("give a model as a name (smollm2-135m, tiny-llama), a path (a .gguf file or a Hugging Face folder) "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernel.batch import build_batch
+from kernel.devices.base import DeviceLost
 from kernel.errors import KernelPanic, KvosError
 from kernel.penalties import history_of
 from kernel.proc import Process, State
@@ -42,9 +43,14 @@ def forward(kernel, plan) -> dict:
         try:
             batch, padding = build_batch(works, wanted, kernel.mm, kernel.device, kernel.null_frame)
             plan.padding_tokens += padding
-            logits = program.forward(batch, kernel.kv_view(program))
+            logits = kernel.device.forward(program, batch, kernel.kv_view(program))
             if wanted:
                 samples.update(sample_rows(wanted, logits))
+        except DeviceLost as exc:                 # the device is gone: its processes end, the kernel goes on
+            kernel.stats.forward_errors += 1
+            for work in works:
+                kernel.exit_process(work.proc, "error", error=f"EIO: {exc}")
+            kernel.log("fault", f"{program.name}: {exc}; {len(works)} process(es) ended with EIO", level="error")
         except KvosError:
             raise
         except KernelPanic:

@@ -10,6 +10,11 @@ read before it is written.
 from dataclasses import dataclass, field
 
 
+class DeviceLost(Exception):
+    """The device can run no more forward passes (a tensor-parallel rank died or hung). The kernel
+    ends the processes of the step with EIO; memory bookkeeping goes on as before."""
+
+
 @dataclass(frozen=True)
 class MemOp:
     kind: str   # "copy" (frame -> frame), "swap_out" (frame -> slot), "swap_in" (slot -> frame)
@@ -57,6 +62,18 @@ class Device:
         self.frame_bytes = 0
         self.num_swap_slots = 0
         self.stats = DeviceStats()
+
+    def forward(self, program, batch, kv):
+        """Run one program's forward pass on this device (a tensor-parallel device first tells its
+        other ranks to run the same one)."""
+        return program.forward(batch, kv)
+
+    def attach_program(self, spec, program) -> None:
+        """A program was loaded for this device from `spec` (a tensor-parallel device has its other
+        ranks load it too)."""
+
+    def close(self) -> None:
+        """Release what the device holds outside this process (tensor-parallel workers)."""
 
     # -- memory -------------------------------------------------------------
     def create_pool(self, num_frames: int, frame_bytes: int) -> None:

@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-budget", type=int, default=512,
                    help="tokens per step of kvos and hf-cb (max_batch_tokens) (default 512)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page of kvos and hf-cb (default 16)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="kvos's tensor-parallel ranks on the cpu (gloo), each with --threads threads; the other "
+                        "systems run on one process (default 1, docs/cluster-tp.md)")
     p.add_argument("--hf-batch", type=int, default=16, help="hf-static's batch size (default 16)")
     p.add_argument("--hf-attn", choices=("sdpa", "paged|eager"), default="sdpa",
                    help="hf-cb's attention implementation (default sdpa)")
@@ -94,7 +97,7 @@ def run(args) -> int:
     options = {"model": args.model, "gguf": str(gguf) if gguf else None, "memory": args.memory,
                "threads": args.threads, "token_budget": args.token_budget, "page_size": args.page_size,
                "hf_batch": args.hf_batch, "hf_attn": args.hf_attn, "return_tokens": args.tokens,
-               "kvos_boot": {"token_budget": args.token_budget, "page_size": args.page_size}}
+               "kvos_boot": {"token_budget": args.token_budget, "page_size": args.page_size, "tp": args.tp}}
     log_dir = Path(args.log_dir) if args.log_dir else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +114,7 @@ def run(args) -> int:
     fraction = metrics.ceiling_fraction(workload, kvos_row, ceiling.get("flops"), num_params)
     command = _command(args)
     settings = {k: options[k] for k in ("threads", "memory", "token_budget", "page_size", "hf_batch", "hf_attn")}
+    settings["tp"] = args.tp
     settings["model"], settings["gguf"] = args.model, options["gguf"]
     result = report.build_report(workload, rows, metrics.ratios(rows), ceiling, fraction, num_params, settings,
                                  loads, command)

@@ -16,6 +16,7 @@ from kernel.batch import ForwardBatch
 from kernel.errors import EINVAL, KvosError
 from kernel.kvcache import KVShape, KVView
 from kernel.program import Program
+from userspace.programs import tp_shard
 from userspace.programs.config import LlamaConfig
 from userspace.programs.rope import RopeTables
 
@@ -112,9 +113,15 @@ class LlamaProgram(Program):
 
     def __init__(self, name: str, config: LlamaConfig, weights: dict, tokenizer, identity: bytes,
                  device: torch.device, dtype: torch.dtype, matmul_dtype: torch.dtype | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, tp=None):
         config.check_runnable()
         check_weight_shapes(config, weights)
+        # tp: this rank's tensor-parallel group (kernel/devices/tp.py), or None on one rank; a rank
+        # keeps its slice of the weights and runs its share of the heads (userspace/programs/tp_shard.py)
+        self.tp = tp
+        self.local = config if tp is None else tp_shard.local_config(config, tp.size)
+        if tp is not None:
+            weights = tp_shard.shard_weights(config, weights, tp.rank, tp.size)
         self.name = name
         self.config = config
         self.tokenizer = tokenizer
@@ -123,7 +130,7 @@ class LlamaProgram(Program):
         self.dtype = dtype
         # The cache may hold bfloat16 under float32 activations (CPU): write_kv rounds, attention widens.
         self.kv_dtype = kv_dtype or dtype
-        self.kv_shape = KVShape(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+        self.kv_shape = KVShape(config.num_hidden_layers, self.local.num_key_value_heads, config.head_dim,
                                 self.kv_dtype)
         self.max_context = config.max_position_embeddings
         self.vocab_size = config.vocab_size
@@ -172,7 +179,7 @@ class LlamaProgram(Program):
     # -- the forward pass ---------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
-        c = self.config
+        c, tp = self.local, self.tp             # the shapes of this rank's share of the model
         num_tokens = batch.token_ids.shape[0]
         hidden, eps = c.hidden_size, c.rms_norm_eps
         nq, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -181,7 +188,8 @@ class LlamaProgram(Program):
         rope, md = self.rope, self.matmul_dtype
         cos, sin = rope.lookup(batch.positions)
 
-        x = F.embedding(batch.token_ids, self.embed)                    # the residual stream (tokens, hidden)
+        x = (F.embedding(batch.token_ids, self.embed) if tp is None       # the residual stream (tokens, hidden)
+             else tp_shard.embed(tp, batch.token_ids, self.embed))
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (hidden,), layer.attn_norm, eps)
             h = h.to(md)                                                 # a no-op unless mixed
@@ -198,14 +206,17 @@ class LlamaProgram(Program):
             ops.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, check=check)
             attn = ops.paged_attention(q, k_cache, v_cache, batch.page_table, batch.query_start,
                                        batch.context_lens, self.scale, check=check)
-            add_matmul(x, attn.view(num_tokens, q_end), layer.o_t)       # x += attn @ o
+            add_matmul(x, attn.view(num_tokens, q_end), layer.o_t) if tp is None \
+                else tp_shard.row_add(tp, x, attn.view(num_tokens, q_end), layer.o_t)   # x += attn @ o
             if layer.o_bias is not None:
                 x.add_(layer.o_bias)
             h = F.rms_norm(x, (hidden,), layer.mlp_norm, eps)
             gate_up = torch.mm(h.to(md), layer.gate_up_t)
             act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
-            add_matmul(x, act, layer.down_t)
+            add_matmul(x, act, layer.down_t) if tp is None else tp_shard.row_add(tp, x, act, layer.down_t)
 
         # Only the rows that will be sampled go through the final norm and the LM head.
         x = F.rms_norm(x.index_select(0, batch.sample_indices), (hidden,), self.norm, eps)
+        if tp is not None:
+            return tp_shard.lm_head(tp, x, self.lm_head, self.vocab_size)
         return F.linear(x.to(md), self.lm_head).float()

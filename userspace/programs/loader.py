@@ -62,28 +62,29 @@ def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None) -> L
     torch_device = _torch_device(device)
     dtype = _dtype(dtype, torch_device)
     kind = (dtype, _matmul_dtype(matmul, torch_device, dtype), _kv_dtype(kv, torch_device, dtype))
+    tp = getattr(device, "tp", None)          # a tensor-parallel rank loads its slice (tp_shard.py)
     with _lock:
         if spec == TINY_NAME:
-            return _cached(("tiny", 0), torch_device, kind, lambda: _tiny(torch_device, kind))
+            return _cached(("tiny", 0), torch_device, kind, lambda: _tiny(torch_device, kind, tp), tp)
         if spec in fetch.MODELS:
             path, digest = fetch.model_file(spec)
-            return _gguf(spec, path, digest, torch_device, kind)
+            return _gguf(spec, path, digest, torch_device, kind, tp)
         path = Path(spec).expanduser()
         if hub.parse(spec) is not None:          # downloads (or finds in the hub cache) first
             path = hub.resolve(spec)
-            return _gguf(spec, path, None, torch_device, kind) if path.is_file() else _hf(spec, path, torch_device,
-                                                                                          kind)
+            return _gguf(spec, path, None, torch_device, kind, tp) if path.is_file() else _hf(spec, path, torch_device,
+                                                                                              kind, tp)
         if spec.endswith(".gguf"):
             if not path.is_file():
                 raise KvosError(ENOENT, f"{spec}: no such model file")
-            return _gguf(spec, path, None, torch_device, kind)
+            return _gguf(spec, path, None, torch_device, kind, tp)
         if hf_folder.is_hf_folder(path):
-            return _hf(spec, path, torch_device, kind)
+            return _hf(spec, path, torch_device, kind, tp)
     raise KvosError(ENOENT, f"no program named {spec!r}; {hub.THREE_WAYS}")
 
 
-def _cached(key, device: torch.device, kind, build) -> LlamaProgram:
-    full_key = (key, str(device), kind)
+def _cached(key, device: torch.device, kind, build, tp=None) -> LlamaProgram:
+    full_key = (key, str(device), kind, None if tp is None else tp.key)
     program = _programs.get(full_key)
     if program is None:
         started = time.perf_counter()
@@ -102,19 +103,22 @@ def _identity(digest: str, kind) -> bytes:
     return hashlib.sha256(f"kvos-llama\0{digest}\0{tag}".encode()).digest()
 
 
-def _program(name, config, weights, tokenizer, digest, device, kind) -> LlamaProgram:
+def _program(name, config, weights, tokenizer, digest, device, kind, tp=None) -> LlamaProgram:
     dtype, matmul, kv = kind
-    return LlamaProgram(name, config, weights, tokenizer, _identity(digest, kind), device, dtype, matmul, kv)
+    identity = _identity(digest, kind)
+    if tp is not None:        # pages computed under another split (another reduction order) never mix
+        identity = hashlib.sha256(identity + f"\0tensor parallel {tp.size}".encode()).digest()
+    return LlamaProgram(name, config, weights, tokenizer, identity, device, dtype, matmul, kv, tp)
 
 
-def _tiny(device, kind) -> LlamaProgram:
+def _tiny(device, kind, tp=None) -> LlamaProgram:
     config, tokenizer = tiny.TINY_CONFIG, tiny.tiny_tokenizer()
     weights = fuse_hf_weights(config, tiny.tiny_weights(config, seed=0))
     digest = tiny.tiny_identity(config, 0, tokenizer)
-    return _program(TINY_NAME, config, weights, tokenizer, digest, device, kind)
+    return _program(TINY_NAME, config, weights, tokenizer, digest, device, kind, tp)
 
 
-def _gguf(name: str, path: Path, digest: str | None, device, kind) -> LlamaProgram:
+def _gguf(name: str, path: Path, digest: str | None, device, kind, tp=None) -> LlamaProgram:
     digest = digest or file_digest(path)
 
     def build():
@@ -128,21 +132,21 @@ def _gguf(name: str, path: Path, digest: str | None, device, kind) -> LlamaProgr
             converted.save_converted(digest, model.config, weights, model.tokenizer)
             cached = model.config, weights, model.tokenizer
         config, weights, tokenizer = cached
-        return _program(name, config, weights, tokenizer, digest, device, kind)
+        return _program(name, config, weights, tokenizer, digest, device, kind, tp)
 
-    return _cached(("file", digest), device, kind, build)
+    return _cached(("file", digest), device, kind, build, tp)
 
 
-def _hf(name: str, folder: Path, device, kind) -> LlamaProgram:
+def _hf(name: str, folder: Path, device, kind, tp=None) -> LlamaProgram:
     config = hf_folder.read_config(folder)      # refuse a foreign model before hashing its weights
     digest = hf_folder.folder_digest(folder)
 
     def build():
         tokenizer = hf_folder.read_tokenizer(folder)
         weights = fuse_hf_weights(config, hf_folder.read_weights(folder))
-        return _program(name, config, weights, tokenizer, digest, device, kind)
+        return _program(name, config, weights, tokenizer, digest, device, kind, tp)
 
-    return _cached(("file", digest), device, kind, build)
+    return _cached(("file", digest), device, kind, build, tp)
 
 
 def _torch_device(device) -> torch.device:

@@ -1,7 +1,7 @@
 """Options shared by the commands that boot a kernel, and the boot itself.
 
 add_boot_options() puts --model, --device, --memory, --page-size, --policy,
---token-budget, --chunk, --swap and --threads on a subcommand; boot_kernel()
+--token-budget, --chunk, --swap, --threads and --tp on a subcommand; boot_kernel()
 turns them into a booted kernel. Models are loaded (and pulled on first use)
 under a progress display on stderr, so stdout carries only the command's output.
 """
@@ -44,6 +44,10 @@ def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", m
                    (swap or "--swap-frames frames") + ")")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch and the C kernels (default $KVOS_THREADS or torch's)")
+    g.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor parallel: split every layer over N processes on the cpu (gloo); the "
+                        "model's query heads, KV heads and MLP width must divide by N; --memory and "
+                        "--threads are per rank (default 1: one process, docs/cluster-tp.md)")
     g.add_argument("--matmul", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the linear layers on the CPU: bfloat16 is 1.1 to 2x faster per step "
                         "where the CPU has AMX, float32 matches Hugging Face token for token "
@@ -76,7 +80,8 @@ def boot_options(args, **overrides) -> dict:
     """kernel.boot() keyword arguments from parsed options (overrides win); options not given are
     left to boot()'s defaults."""
     options = dict(device=args.device, memory=args.memory, page_size=args.page_size, policy=args.policy,
-                   token_budget=args.token_budget, swap=args.swap, chunk=args.chunk, threads=args.threads)
+                   token_budget=args.token_budget, swap=args.swap, chunk=args.chunk, threads=args.threads,
+                   tp=getattr(args, "tp", None))
     options.update(overrides)
     return {key: value for key, value in options.items() if value is not None}
 
