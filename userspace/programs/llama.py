@@ -8,6 +8,8 @@ the page tables with kernel/ops.paged_attention (the MMU).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -146,6 +148,11 @@ class LlamaProgram(Program):
         self.layers = [_Layer(w, i, self.matmul_dtype) for i in range(config.num_hidden_layers)]
         self.rope = RopeTables(config, dtype, device, weights.get("freq_factors"))
         self.scale = config.head_dim ** -0.5
+        # What a step reads, as held (bf16 linear layers read half the fp32 bytes): the LM head, the
+        # final norm and every layer's tensors; the embedding gives one row per token, not counted.
+        read = [self.lm_head, self.norm] + [getattr(layer, name) for layer in self.layers for name in layer.__slots__]
+        self.cost = dataclasses.replace(self.cost, weight_bytes=sum(t.nbytes for t in read
+                                                                    if isinstance(t, torch.Tensor)))
 
     # -- text ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
