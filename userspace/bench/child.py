@@ -93,6 +93,8 @@ def run_child(run) -> None:
         except Exception as exc:      # the parent shows the reason in its table; the traceback stays on stderr
             traceback.print_exc()
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        from userspace.bench.runner import vm_hwm_bytes
+        result["vm_hwm_bytes"] = vm_hwm_bytes()       # this process's peak resident set, load included
         out.write(json.dumps(result))
         out.write("\n")
         out.flush()

@@ -2,8 +2,9 @@
 
 run_system() starts a system's module with the thread variables set, turns its `@bench` stderr
 lines into a progress bar and parses its one JSON line; a child that dies or times out becomes a
-failed row with the tail of its stderr. The child is reaped with wait4, whose usage is its own: its
-CPU time and its peak resident set (rss_peak_bytes). Also: the machine's busy CPU, to tell disturbed runs."""
+failed row with the tail of its stderr. The child is reaped with wait4 (its own CPU time); its peak
+resident set (rss_peak_bytes) is its VmHWM, reported by the child at its end and polled while it
+runs. Also: the machine's busy CPU, to tell disturbed runs."""
 from __future__ import annotations
 
 import json
@@ -84,7 +85,7 @@ def _run(name, cmd, threads, progress, timeout, log_dir) -> dict:
                threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
     for reader in readers:
         reader.start()
-    timed_out, usage = _reap(proc, timeout)
+    timed_out, usage, hwm = _reap(proc, timeout)
     for reader in readers:
         reader.join(10)
     if log:
@@ -111,7 +112,7 @@ def _run(name, cmd, threads, progress, timeout, log_dir) -> dict:
     if machine is not None and machine_before is not None:
         others = machine - machine_before - own - (_self_cpu() - self_before)
         raw["others_cpu_share"] = max(0.0, others) / (raw["process_seconds"] * os.cpu_count())
-    raw["rss_peak_bytes"] = _maxrss_bytes(usage)
+    raw["rss_peak_bytes"] = _rss_peak(raw, usage, hwm)
     if not raw.get("ok"):
         raw["stderr_tail"] = list(tail)
     if progress is not None:
@@ -120,24 +121,44 @@ def _run(name, cmd, threads, progress, timeout, log_dir) -> dict:
 
 
 def _reap(proc, timeout):
-    """Wait for the child with wait4, which returns the resource usage of that child alone (its peak
-    resident set, its CPU): (timed out, usage). RUSAGE_CHILDREN would fold in every earlier system."""
+    """Wait for the child with wait4, which returns the usage of that child alone (its CPU; RUSAGE_CHILDREN
+    would fold in every earlier system), polling its peak resident set (VmHWM) meanwhile:
+    (timed out, usage, VmHWM bytes or None)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    hwm = None
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return False, usage
+            return False, usage, hwm
+        hwm = max(hwm or 0, vm_hwm_bytes(proc.pid) or 0) or None
         if deadline is not None and time.monotonic() >= deadline:
             proc.kill()
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return True, usage
+            return True, usage, hwm
         time.sleep(0.02)
 
 
-def _maxrss_bytes(usage) -> int:
-    """ru_maxrss is in KiB on Linux, bytes on macOS."""
+def vm_hwm_bytes(pid="self") -> int | None:
+    """A live process's peak resident set (VmHWM in /proc/PID/status), None where there is none.
+    Not ru_maxrss: Linux carries a forked child's pre-exec peak (the parent's pages it mapped at fork)
+    into it, so every system would show at least the bench's own size."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _rss_peak(raw: dict, usage, polled) -> int:
+    """The child's own report at its end (exact), what polling saw, or ru_maxrss where /proc is missing."""
+    best = max(raw.get("vm_hwm_bytes") or 0, polled or 0)
+    if best:
+        return best
     return usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
 
 
