@@ -150,9 +150,11 @@ class LlamaProgram(Program):
         self.scale = config.head_dim ** -0.5
         # What a step reads, as held (bf16 linear layers read half the fp32 bytes): the LM head, the
         # final norm and every layer's tensors; the embedding gives one row per token, not counted.
-        read = [self.lm_head, self.norm] + [getattr(layer, name) for layer in self.layers for name in layer.__slots__]
-        self.cost = dataclasses.replace(self.cost, weight_bytes=sum(t.nbytes for t in read
-                                                                    if isinstance(t, torch.Tensor)))
+        # (a Q8_0 table's tied head is its Int8Linear; quantized layers count the blocks they hold).
+        head = self.lm_head.head if isinstance(self.lm_head, qlinear.Q8Table) else self.lm_head
+        read = [head, self.norm] + [getattr(layer, name) for layer in self.layers for name in layer.__slots__]
+        self.cost = dataclasses.replace(self.cost, weight_bytes=sum(qlinear.weight_bytes(t) for t in read
+                                                                    if t is not None))
 
     # -- text ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
