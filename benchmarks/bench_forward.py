@@ -11,7 +11,8 @@ and, in the same process and interleaved round by round (A B, B A, ...), times:
 
 Times are CPU time (time.process_time), meant for --threads 1: a busy neighbour then takes turns
 instead of stalling barriers, and CPU time holds (the shared memory bus still does not). Medians over
-rounds; the variants alternate within one run and only same-run ratios mean anything. --calls counts the Python-level calls of one decode step (cProfile).
+rounds; the variants alternate within one run and only same-run ratios mean anything. --calls counts
+the Python-level calls of one decode step (cProfile).
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def count_calls(root, tid, program) -> None:
     print(f"one decode step: {total} Python-level calls, {total / program.config.num_hidden_layers:.0f} per layer; "
           f"forward's own time {fwd[0][2] * 1e3:.2f} ms" if fwd else f"one decode step: {total} calls")
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])[:12]
-    for (f, line, fn), (cc, nc, tt, ct, _) in rows:
+    for (f, _, fn), (_, nc, tt, _, _) in rows:
         print(f"    {nc:6d} calls  {tt * 1e3:7.2f} ms own  {os.path.basename(f)}:{fn}")
 
 
