@@ -18,7 +18,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from userspace.bench.child import child_env, parse_line
+from userspace.bench.child import child_env, parse_line, vm_hwm_bytes
 from userspace.bench.systems import SYSTEMS
 
 STDERR_TAIL = 40
@@ -138,20 +138,6 @@ def _reap(proc, timeout):
             proc.returncode = os.waitstatus_to_exitcode(status)
             return True, usage, hwm
         time.sleep(0.02)
-
-
-def vm_hwm_bytes(pid="self") -> int | None:
-    """A live process's peak resident set (VmHWM in /proc/PID/status), None where there is none.
-    Not ru_maxrss: Linux carries a forked child's pre-exec peak (the parent's pages it mapped at fork)
-    into it, so every system would show at least the bench's own size."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _rss_peak(raw: dict, usage, polled) -> int:
