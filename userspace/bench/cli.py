@@ -20,8 +20,9 @@ DESCRIPTION = (
     "Run one workload on kvos and on the baselines (transformers generate with static batches, transformers' "
     "continuous batching, llama.cpp when llama-cpp-python is installed), each in its own process with the "
     "same threads, the same model file and the same token ids, greedy, EOS ignored so every system generates "
-    "the prescribed lengths. Reports useful and total tok/s, TTFT and TBT p50/p99, peak KV memory and wall "
-    "time per system, kvos's ratio to each, and kvos against the fp32 compute ceiling measured in the same run.")
+    "the prescribed lengths. Reports useful and total tok/s, TTFT and TBT p50/p99, peak KV memory, peak RSS and "
+    "wall time per system, kvos's ratio to each, kvos against the fp32 compute ceiling measured in the same run, "
+    "and each kvos row against the roofline of the steps it ran.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
