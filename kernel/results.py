@@ -107,6 +107,9 @@ class TenantInfo:
     matmul_dtype: str = "float32"  # what the linear layers compute in
     chat_tools: str | None = None  # the chat template's tools: None (takes none), "hermes" (<tool_call>), "other"
     page_namespace: str = ""     # hex root of its page names' chain (kernel.pagename.chain_names)
+    # What one forward pass costs (the program's ProgramCost as a dict: num_params, weight_bytes read per
+    # step, num_layers, hidden_size, num_heads, head_dim): a client's roofline of its own steps.
+    cost: dict | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ frames count against the tenant's guaranteed share of the pool.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from kernel.argcheck import (
@@ -95,7 +96,12 @@ def sys_tenantinfo(kernel, caller, tid):
                       t.mem_limit, t.max_procs, t.max_queued, t.max_blocked, t.max_prompt_tokens,
                       t.max_new_tokens, t.nice_min, t.prefix_sharing, _dtype(p.kv_shape.dtype),
                       _dtype(getattr(p, "matmul_dtype", None) or p.kv_shape.dtype), getattr(p, "chat_tools", None),
-                      t.namespace.hex())
+                      t.namespace.hex(), _cost(p))
+
+
+def _cost(program) -> dict | None:
+    cost = getattr(program, "cost", None)
+    return dataclasses.asdict(cost) if dataclasses.is_dataclass(cost) else None
 
 
 def _dtype(dtype) -> str:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from kernel.errors import KvosError
-from userspace.bench import metrics, workloads
+from kernel.results import StepRecord, TenantInfo, WorkRecord
+from userspace.bench import metrics, roofline, runner, workloads
 from userspace.bench.child import Progress, parse_line
 from userspace.programs.loader import load_program
 
@@ -81,6 +82,17 @@ def test_mixed_prompts_share_no_page_with_the_real_tokenizer():
     assert (mixed.prompt_tokens, mixed.generated_tokens) == (9023, 9172)
 
 
+def test_single_is_serial_and_survives_json(tiny, tmp_path):
+    single = workloads.build("single", tiny)
+    prompts, _ = workloads.mixed_lengths()
+    assert single.serial and [r.prompt_len for r in single.requests] == prompts[:8]
+    assert {r.output_len for r in single.requests} == {128}
+    single.save(tmp_path / "w.json")
+    assert workloads.Workload.load(tmp_path / "w.json") == single
+    assert not workloads.build("mixed", tiny).serial
+    assert len(workloads.build("single", tiny, quick=True).requests) == 2
+
+
 def test_trace_file(tiny, tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"prompt_len": 30, "output_len": 4, "arrival": 1.5}\n\n'
@@ -125,6 +137,73 @@ def test_summarize_counts_useful_tokens_and_gaps(tiny):
     assert math.isclose(metrics.ceiling_fraction(w, row, 1e9, 100), (4 + 5) * 2 * 100 / (4.0 * 1e9))
 
 
+def _info(**cost):
+    base = {"num_params": 1000, "weight_bytes": 4000, "num_layers": 2, "hidden_size": 10, "num_heads": 3,
+            "head_dim": 4}
+    return TenantInfo(1, "t", "m", 20, 64, [], None, 16, 80, False, 1.0, None, 1, 1, 1, 64, 64, 0, "off",
+                      cost={**base, **cost})
+
+
+def test_roofline_prices_each_step_by_its_larger_term():
+    work = roofline.StepWork(_info())
+    head = 20 * 10                                         # vocab x hidden: only sampled rows pay it
+    # a prefill chunk of 5 tokens after 3 cached (no token drawn), and a decode at position 7
+    work.add(StepRecord(1, 0.1, 2, 5, 1, 0, works=[WorkRecord(1, 1, 3, 5, None, 0),
+                                                   WorkRecord(2, 1, 7, 1, 42, 3)]))
+    work.add(StepRecord(2, 0.1, 0, 0, 0, 0))               # computed nothing: no step to price
+    assert len(work.steps) == 1
+    linear, attention, nbytes = work.steps[0]
+    assert linear == 2 * ((1000 - head) * 6 + head * 1)
+    assert attention == 4 * 2 * 3 * 4 * (5 * 3 + 15 + 1 * 7 + 1)
+    assert nbytes == 4000 + (3 + 7 + 6) * 80
+    out = work.to_json()
+    ceiling = {"ok": True, "flops": 1e6, "read_bytes_per_s": 1e6}
+    r = roofline.roofline_seconds(out, ceiling)            # compute: linear + attention over 1e6
+    assert math.isclose(r["seconds"], max((linear + attention) / 1e6, nbytes / 1e6)) and r["steps"] == 1
+    slow_read = roofline.roofline_seconds(out, {**ceiling, "read_bytes_per_s": 1e3})
+    assert math.isclose(slow_read["seconds"], nbytes / 1e3) and slow_read["compute_bound_steps"] == 0
+    bf16 = roofline.roofline_seconds({**out, "matmul_dtype": "bfloat16"}, {**ceiling, "bf16_gemm_flops": 4e6})
+    assert math.isclose(bf16["seconds"], max(linear / 4e6 + attention / 1e6, nbytes / 1e6))
+    assert roofline.roofline_seconds(out, {"ok": False}) is None
+    assert roofline.StepWork(TenantInfo(1, "t", "m", 20, 64, [], None, 16, 80, False, 1.0, None, 1, 1, 1, 64,
+                                        64, 0, "off")).to_json() is None     # a program without a cost
+    row = {"ok": True, "wall_seconds": 2 * r["seconds"]}
+    assert math.isclose(metrics.roofline_fraction({"roofline_work": out}, row, ceiling)["roofline_fraction"], 0.5)
+    assert metrics.roofline_fraction({}, row, ceiling) == {}
+
+
+def test_tenantinfo_cost_counts_the_weights_a_step_reads():
+    import kernel
+    fp32, bf16 = load_program("tiny-llama"), load_program("tiny-llama", matmul="bfloat16")
+    held = sum(t.nbytes for t in [fp32.lm_head, fp32.norm] + [getattr(layer, n) for layer in fp32.layers
+                                                               for n in layer.__slots__] if t is not None)
+    assert fp32.cost.weight_bytes == held == 4 * fp32.cost.num_params       # every active parameter, fp32
+    assert bf16.cost.weight_bytes < 0.51 * fp32.cost.weight_bytes           # linear layers in bf16
+    k = kernel.boot(memory="8MiB")
+    try:
+        root = k.syscalls()
+        cost = root.tenantinfo(root.spawn_tenant("tiny-llama")).cost
+        assert cost["weight_bytes"] == held and cost["num_params"] == fp32.cost.num_params
+    finally:
+        k.shutdown()
+
+
+def test_rss_peak_is_each_childs_own():
+    """Each child's own peak: a small child after a big one reports its own, small peak (ru_maxrss
+    would not: Linux carries the parent's resident pages at fork into the child's)."""
+    big = subprocess.Popen([sys.executable, "-c", "x = bytearray(300 << 20); import time; time.sleep(0.3)"])
+    timed_out, usage, hwm = runner._reap(big, 60)
+    assert not timed_out and big.returncode == 0 and hwm > 300 << 20
+    small = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    _, usage, hwm = runner._reap(small, 60)
+    assert 0 < hwm < 100 << 20 and runner._rss_peak({}, usage, hwm) == hwm
+    assert runner._rss_peak({"vm_hwm_bytes": 5 << 30}, usage, hwm) == 5 << 30     # the child's own report
+    assert runner.vm_hwm_bytes() > 0
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    timed_out, _, _ = runner._reap(hung, 0.2)
+    assert timed_out and hung.returncode != 0
+
+
 def test_progress_lines_round_trip(capsys):
     p = Progress(every=0)
     p.phase("run", 12)
@@ -149,6 +228,12 @@ def _check_report(report, workload_name, samples):
     assert 0 < kvos["ttft_p50"] <= kvos["ttft_p99"] and 0 < kvos["tbt_p50"] <= kvos["tbt_p99"]
     assert 0 < kvos["kv_peak_bytes"] <= kvos["kv_capacity_bytes"]
     assert report["ceiling_fraction"] > 0
+    for row in report["table"]:
+        if row["ok"]:
+            assert row["rss_peak_bytes"] > 0
+    # the roofline of the steps kvos ran: positive, priced with the weights it holds
+    assert kvos["roofline_steps"] == kvos["extra"]["steps"] and kvos["roofline_seconds"] > 0
+    assert report["roofline_fraction"] == kvos["roofline_fraction"] > 0
     return rows
 
 
@@ -161,6 +246,8 @@ def test_quick_json_on_the_tiny_model():
     for name in ("hf-static", "hf-cb", "llama.cpp"):
         assert not rows[name]["ok"] and rows[name]["skipped"]      # the tiny model has no GGUF file
     assert report["ratios"] == {} and report["ratios_kvos_bf16"] == {} and report["ratios_kvos_bf16kv"] == {}
+    assert not rows["kvos-gguf"]["ok"] and rows["kvos-gguf"]["skipped"]     # no GGUF file either
+    assert rows["kvos-bf16"]["weight_bytes"] < 0.51 * kvos["weight_bytes"]
     bf16 = rows["kvos-bf16"]                                       # the same kernel, bf16 linear layers
     assert bf16["ok"] and "bfloat16 matmuls, float32 KV" in bf16["mode"]
     assert "float32 matmuls, float32 KV" in kvos["mode"]
@@ -181,6 +268,15 @@ def test_shared_and_sampling_share_pages_on_the_tiny_model():
                      "--systems", "kvos")
     kvos = _check_report(sampling, "sampling", 16)["kvos"]
     assert kvos["kv_peak_bytes"] < kvos["kv_private_peak_bytes"]  # forks map the prompt's pages once
+
+
+def test_single_runs_one_request_at_a_time_on_the_tiny_model():
+    report = bench("--quick", "--workload", "single", "--model", "tiny-llama", "--memory", "8MiB",
+                   "--systems", "kvos")
+    kvos = _check_report(report, "single", 2)["kvos"]
+    # no overlap: every step computed one request (each prompt fits one chunk, then one token a step)
+    assert kvos["extra"]["steps"] == kvos["generated_tokens"] == 2 * 128
+    assert kvos["ttft_p99"] < kvos["wall_seconds"] / 2       # the second request's TTFT starts at its hand-over
 
 
 @pytest.mark.slow

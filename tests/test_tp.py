@@ -269,3 +269,22 @@ def test_kvos_run_tp2_prints_what_one_rank_prints(capsys):
         outputs.append([o["token_ids"] for o in map(json.loads,
                                                    capsys.readouterr().out.strip().splitlines())])
     assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+
+
+def test_quantized_weights_are_refused_under_tensor_parallel(tp2, tmp_path, monkeypatch):
+    from gguf import GGMLQuantizationType
+
+    from tests.helpers.tiny_gguf import write_gguf
+    from userspace.programs import tiny
+    monkeypatch.setenv("KVOS_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny.TINY_CONFIG, tiny.tiny_weights(tiny.TINY_CONFIG, 5), tiny.tiny_tokenizer(),
+               matrix_type=lambda name: GGMLQuantizationType.Q8_0)
+    monkeypatch.setenv("KVOS_WEIGHTS", "gguf")
+    s = tp2.syscalls()
+    before = len(s.schedstat().tenants)
+    with pytest.raises(KvosError) as err:       # the blocks are not sharded: refused, not run wrong
+        s.spawn_tenant(str(path))
+    assert err.value.errno == "EINVAL" and "tensor parallel" in err.value.reason
+    assert len(s.schedstat().tenants) == before
+    tp2.fsck()

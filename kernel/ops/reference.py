@@ -74,3 +74,16 @@ def swap_out(pool, swap, frames, slots):
 def swap_in(swap, pool, slots, frames):
     """pool[frames[i]] = swap[slots[i]]: host swap slots back into device frames."""
     pool[frames.long()] = swap[slots.long()].to(pool.device)
+
+
+def int4_dequantize(codes, scale_zeros, group):
+    """W (n, k) float32 from int4 codes (n, k) in 0..15 and scale_zeros (k / group, n, 2):
+    W[n, j] = (codes[n, j] - 8) * scale + zero of j's group."""
+    s = scale_zeros[..., 0].float().t().repeat_interleave(group, dim=1)
+    z = scale_zeros[..., 1].float().t().repeat_interleave(group, dim=1)
+    return (codes.float() - 8) * s + z
+
+
+def int4_mm(x, codes, scale_zeros, group):
+    """x @ W^T in float32 (the twin of ops.int4_mm, which takes codes packed by ops.int4_pack)."""
+    return x.float() @ int4_dequantize(codes, scale_zeros, group).t()

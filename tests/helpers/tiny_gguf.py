@@ -40,8 +40,9 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_LAYER[rest]}"
 
 
-def write_gguf(path, config, weights: dict, tokenizer, arch: str = "llama") -> None:
-    """config: a userspace LlamaConfig; weights: HF names -> float32 tensors; tokenizer: a TextTokenizer."""
+def write_gguf(path, config, weights: dict, tokenizer, arch: str = "llama", matrix_type=None) -> None:
+    """config: a userspace LlamaConfig; weights: HF names -> float32 tensors; tokenizer: a TextTokenizer.
+    matrix_type(hf_name) -> a GGMLQuantizationType for that matrix, or None for the default mix."""
     w = GGUFWriter(str(path), arch)
     w.add_name("tiny test model")
     w.add_block_count(config.num_hidden_layers)
@@ -77,7 +78,10 @@ def write_gguf(path, config, weights: dict, tokenizer, arch: str = "llama") -> N
             tensor = permute_for_llama_cpp(tensor, config.num_key_value_heads)
         data = tensor.float().numpy()
         # Matrices quantized as llama.cpp files have them (Q8_0 projections, F16 MLP); vectors stay F32.
-        if data.ndim == 2 and "mlp" in name:
+        kind = matrix_type(name) if matrix_type and data.ndim == 2 else None
+        if kind is not None:
+            w.add_tensor(gguf_name(name), quantize(data, kind), raw_dtype=kind)
+        elif data.ndim == 2 and "mlp" in name:
             w.add_tensor(gguf_name(name), data.astype(np.float16))
         elif data.ndim == 2:
             w.add_tensor(gguf_name(name), quantize(data, GGMLQuantizationType.Q8_0),

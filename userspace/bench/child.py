@@ -62,6 +62,20 @@ def parse_line(line: str):
     return None
 
 
+def vm_hwm_bytes(pid="self") -> int | None:
+    """A live process's peak resident set (VmHWM in /proc/PID/status), None where there is none.
+    Not ru_maxrss: Linux carries a forked child's pre-exec peak (the parent's pages it mapped at fork)
+    into it, so every system would show at least the bench's own size."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @contextmanager
 def stdout_to_stderr():
     """Route fd 1 (Python and C writers alike) to stderr; yields a file on the real stdout."""
@@ -93,6 +107,7 @@ def run_child(run) -> None:
         except Exception as exc:      # the parent shows the reason in its table; the traceback stays on stderr
             traceback.print_exc()
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        result["vm_hwm_bytes"] = vm_hwm_bytes()       # this process's peak resident set, load included
         out.write(json.dumps(result))
         out.write("\n")
         out.flush()

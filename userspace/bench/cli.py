@@ -20,14 +20,15 @@ DESCRIPTION = (
     "Run one workload on kvos and on the baselines (transformers generate with static batches, transformers' "
     "continuous batching, llama.cpp when llama-cpp-python is installed), each in its own process with the "
     "same threads, the same model file and the same token ids, greedy, EOS ignored so every system generates "
-    "the prescribed lengths. Reports useful and total tok/s, TTFT and TBT p50/p99, peak KV memory and wall "
-    "time per system, kvos's ratio to each, and kvos against the fp32 compute ceiling measured in the same run.")
+    "the prescribed lengths. Reports useful and total tok/s, TTFT and TBT p50/p99, peak KV memory, peak RSS and "
+    "wall time per system, kvos's ratio to each, kvos against the fp32 compute ceiling measured in the same run, "
+    "and each kvos row against the roofline of the steps it ran.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", choices=("mixed", "shared", "sampling"), default="mixed",
+    p.add_argument("--workload", choices=("mixed", "shared", "sampling", "single"), default="mixed",
                    help="mixed: 64 chat requests (default); shared: the same behind one 200-token system turn; "
-                        "sampling: 16 prompts, n=4 each")
+                        "sampling: 16 prompts, n=4 each; single: 8 requests of 128 tokens, one at a time")
     p.add_argument("--trace", metavar="FILE", help="JSONL requests: prompt_len or prompt_tokens, output_len, "
                                                    "optional arrival (seconds); replaces --workload")
     p.add_argument("--quick", action="store_true", help="a quarter of the requests (tests, CI)")
@@ -110,6 +111,8 @@ def run(args) -> int:
             err.print("\n".join(raw["stderr_tail"][-15:]), markup=False, highlight=False)
         if args.tokens and row.get("ok"):
             row["tokens"] = {f"{s['request']}.{s['sample']}": s.get("tokens") for s in raw["samples"]}
+    for raw, row in zip(raws, rows):
+        row.update(metrics.roofline_fraction(raw, row, ceiling))
     kvos_row = next((r for r in rows if r.get("system") == "kvos"), None)
     fraction = metrics.ceiling_fraction(workload, kvos_row, ceiling.get("flops"), num_params)
     command = _command(args)
@@ -119,11 +122,13 @@ def run(args) -> int:
     result = report.build_report(workload, rows, metrics.ratios(rows), ceiling, fraction, num_params, settings,
                                  loads, command)
     result["machine"]["others_share_at_start"] = quiet
-    for name in KVOS_SYSTEMS[1:]:          # kvos-bf16, kvos-bf16kv: ratios and ceiling of their own
+    result["roofline_fraction"] = (kvos_row or {}).get("roofline_fraction")
+    for name in KVOS_SYSTEMS[1:]:          # kvos-bf16, kvos-bf16kv, kvos-gguf: ratios and ceiling of their own
         row = next((r for r in rows if r.get("system") == name), None)
         key = name.replace("-", "_")
         result[f"ratios_{key}"] = metrics.ratios(rows, base=name)
         result[f"ceiling_fraction_{key}"] = metrics.ceiling_fraction(workload, row, ceiling.get("flops"), num_params)
+        result[f"roofline_fraction_{key}"] = (row or {}).get("roofline_fraction")
     if args.output:
         Path(args.output).write_text(_dumps(result))
     if args.json:
@@ -181,7 +186,8 @@ def _best_ceiling(first: dict, second: dict) -> dict:
         return {"ok": False, "error": first.get("error", "failed"), "runs": [first, second]}
     best = max(runs, key=lambda c: max(c["matmul_flops"], c["model_gemm_flops"]))
     return {**best, "flops": max(best["matmul_flops"], best["model_gemm_flops"]),
-            "read_bytes_per_s": max(c["read_bytes_per_s"] for c in runs), "runs": [first, second]}
+            "read_bytes_per_s": max(c["read_bytes_per_s"] for c in runs),
+            "bf16_gemm_flops": max(c.get("bf16_gemm_flops", 0) for c in runs) or None, "runs": [first, second]}
 
 
 def _command(args) -> str:
@@ -196,6 +202,13 @@ def _command(args) -> str:
 def _dumps(obj) -> str:
     import json
     return json.dumps(obj, indent=None, separators=(",", ":"))
+
+
+def _has_quantized_path() -> bool:
+    import inspect
+
+    from userspace.programs.loader import load_program
+    return "weights" in inspect.signature(load_program).parameters
 
 
 def _prepare(args):
@@ -219,8 +232,10 @@ def _prepare(args):
 
 
 def _skip_reason(name: str, gguf) -> str | None:
-    if name in ("hf-static", "hf-cb", "llama.cpp") and gguf is None:
+    if name in ("hf-static", "hf-cb", "llama.cpp", "kvos-gguf") and gguf is None:
         return "needs the model as a GGUF file"
+    if name == "kvos-gguf" and not _has_quantized_path():
+        return "this build's loader has no quantized weights path (load_program(weights=...))"
     if name == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (pip install -e '.[bench]')"
     if name in ("hf-static", "hf-cb") and importlib.util.find_spec("transformers") is None:

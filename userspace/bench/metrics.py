@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from userspace.bench import roofline
 from userspace.bench.systems import KVOS_SYSTEMS
 
 
@@ -43,7 +44,7 @@ def summarize(workload, raw: dict) -> dict:
         "kv_capacity_bytes": raw.get("kv_capacity_bytes"),
         "wall_seconds": wall, "load_seconds": raw["load_seconds"], "cpu_share": raw.get("cpu_share"),
         "others_cpu_share": raw.get("others_cpu_share"), "attempts": raw.get("attempts", 1),
-        "cpu_seconds": raw.get("cpu_seconds"),
+        "cpu_seconds": raw.get("cpu_seconds"), "rss_peak_bytes": raw.get("rss_peak_bytes"),
         "useful_tok_per_cpu_s": useful / raw["cpu_seconds"] if raw.get("cpu_seconds") else None,
         "samples": len(samples), "generated_tokens": generated, "useful_tokens": useful,
         "exact_lengths": not mismatched, "length_mismatches": mismatched[:10],
@@ -58,6 +59,19 @@ def ratios(rows: list, base: str = "kvos", exclude=KVOS_SYSTEMS) -> dict:
         return {}
     return {name: ok[base]["useful_tok_s"] / r["useful_tok_s"]
             for name, r in ok.items() if name != base and name not in exclude and r["useful_tok_s"] > 0}
+
+
+def roofline_fraction(raw: dict, row: dict, ceiling: dict) -> dict:
+    """The row's roofline fields: the least time its recorded steps could take at the measured rates
+    (roofline.py), and that over the run's wall time. Empty for a system that records no steps."""
+    if not row.get("ok"):
+        return {}
+    r = roofline.roofline_seconds(raw.get("roofline_work"), ceiling)
+    if r is None:
+        return {}
+    return {"roofline_seconds": r["seconds"], "roofline_fraction": r["seconds"] / row["wall_seconds"],
+            "roofline_steps": r["steps"], "roofline_compute_bound_steps": r["compute_bound_steps"],
+            "weight_bytes": raw["roofline_work"]["weight_bytes"]}
 
 
 def ceiling_fraction(workload, row: dict | None, flops: float | None, num_params: int) -> float | None:

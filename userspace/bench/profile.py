@@ -41,7 +41,7 @@ STEP_TIMEOUT = 600.0
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m userspace.bench.profile", description=__doc__)
-    p.add_argument("--workload", choices=("mixed", "shared", "sampling"), default="mixed")
+    p.add_argument("--workload", choices=("mixed", "shared", "sampling", "single"), default="mixed")
     p.add_argument("--trace", metavar="FILE")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", default="smollm2-135m")
@@ -67,9 +67,16 @@ def main(argv=None) -> int:
     root = k.syscalls()
     tid = root.spawn_tenant(args.model)
     root.wait(root.spawn(tid, workload.requests[0].prompt[:8], max_tokens=2, temperature=0, ignore_eos=True))
-    for r in workload.requests:       # arrivals are ignored: everything is spawned at once
+    queue = list(workload.requests)
+
+    def hand_over():
+        r = queue.pop(0)
         root.spawn_n(tid, r.prompt, r.n, max_tokens=r.output_len, temperature=workload.temperature,
                      ignore_eos=True)
+
+    # Arrivals are ignored: everything is spawned at once, or (serial) each when the previous has ended.
+    while queue and not (workload.serial and len(queue) < len(workload.requests)):
+        hand_over()
     since = root.schedstat().steps
     profiler = cProfile.Profile(time.process_time) if args.cpu_time else cProfile.Profile()
     started = time.perf_counter()
@@ -77,8 +84,14 @@ def main(argv=None) -> int:
     profiler.enable()
     history = []
     # Manual mode: each trace() runs the next step in this thread, so cProfile sees Kernel.step;
-    # [] means nothing is runnable any more.
-    while steps := root.trace(since=since, timeout=STEP_TIMEOUT):
+    # [] means nothing is runnable any more (serial: the request has ended, the next one goes in).
+    while True:
+        steps = root.trace(since=since, timeout=STEP_TIMEOUT)
+        if not steps:
+            if not queue:
+                break
+            hand_over()
+            continue
         history.extend(steps)
         since = steps[-1].step
     profiler.disable()

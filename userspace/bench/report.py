@@ -56,24 +56,31 @@ def render(report: dict, console) -> None:
     table = Table(title=title, title_justify="left")
     for col, justify in (("system", "left"), ("useful tok/s", "right"), ("total tok/s", "right"),
                          ("TTFT p50/p99 s", "right"), ("TBT p50/p99 ms", "right"), ("peak KV", "right"),
-                         ("wall s", "right"), ("load s", "right"), ("tok/CPU-s", "right"), ("exact", "center")):
+                         ("peak RSS", "right"), ("wall s", "right"), ("load s", "right"), ("tok/CPU-s", "right"),
+                         ("roofline", "right"), ("exact", "center")):
         table.add_column(col, justify=justify)
     for row in report["table"]:
         if not row.get("ok"):
             status = "skipped" if row.get("skipped") else "failed"
-            table.add_row(row["system"], f"[dim]{status}: {row.get('error', '')}[/dim]", *[""] * 8)
+            table.add_row(row["system"], f"[dim]{status}: {row.get('error', '')}[/dim]", *[""] * 10)
             continue
         kv = "-" if row.get("kv_peak_bytes") is None else format_bytes(row["kv_peak_bytes"])
+        rss = "-" if row.get("rss_peak_bytes") is None else format_bytes(row["rss_peak_bytes"])
+        roof = "-" if row.get("roofline_fraction") is None else f"{row['roofline_fraction']:.0%}"
         table.add_row(row["system"], f"{row['useful_tok_s']:.1f}", f"{row['total_tok_s']:.1f}",
                       f"{_seconds(row['ttft_p50'])} / {_seconds(row['ttft_p99'])}",
-                      f"{_millis(row['tbt_p50'])} / {_millis(row['tbt_p99'])}", kv,
+                      f"{_millis(row['tbt_p50'])} / {_millis(row['tbt_p99'])}", kv, rss,
                       f"{row['wall_seconds']:.1f}", f"{row['load_seconds']:.1f}",
                       "-" if row.get("useful_tok_per_cpu_s") is None else f"{row['useful_tok_per_cpu_s']:.1f}",
-                      "yes" if row["exact_lengths"] else "[red]no[/red]")
+                      roof, "yes" if row["exact_lengths"] else "[red]no[/red]")
     console.print(table)
     for row in report["table"]:
         if row.get("ok"):
             lines = [row["mode"]] + row.get("notes", [])
+            if row.get("roofline_seconds") is not None:
+                lines.append(f"roofline {row['roofline_seconds']:.2f} s over {row['roofline_steps']} steps "
+                             f"({row['roofline_compute_bound_steps']} compute-bound, weights "
+                             f"{format_bytes(row['weight_bytes'])} a step): {row['roofline_fraction']:.1%} of it")
             if row.get("kv_private_peak_bytes"):
                 lines.append(f"peak KV if every sequence had private pages: "
                              f"{format_bytes(row['kv_private_peak_bytes'])}")
@@ -83,7 +90,8 @@ def render(report: dict, console) -> None:
     if ceiling.get("ok"):
         console.print(f"machine: fp32 {ceiling['flops'] / 1e9:.0f} GFLOP/s (2048^2 torch.mm "
                       f"{ceiling['matmul_flops'] / 1e9:.0f}, model-shaped GEMM {ceiling['model_gemm_flops'] / 1e9:.0f}"
-                      f", best of the runs before and after the systems), read "
+                      f", best of the runs before and after the systems; bf16 GEMM "
+                      f"{(ceiling.get('bf16_gemm_flops') or 0) / 1e9:.0f}), read "
                       f"{ceiling['read_bytes_per_s'] / 1e9:.1f} GB/s on {ceiling['threads']} threads; ceiling "
                       f"{m['ceiling_tok_s']:.0f} processed tok/s at {m['num_params'] / 1e6:.1f} M parameters")
     if report["ratios"]:

@@ -2,7 +2,9 @@
 
 run_system() starts a system's module with the thread variables set, turns its `@bench` stderr
 lines into a progress bar and parses its one JSON line; a child that dies or times out becomes a
-failed row with the tail of its stderr. Also: the machine's busy CPU, to tell disturbed runs."""
+failed row with the tail of its stderr. The child is reaped with wait4 (its own CPU time); its peak
+resident set (rss_peak_bytes) is its VmHWM, reported by the child at its end and polled while it
+runs. Also: the machine's busy CPU, to tell disturbed runs."""
 from __future__ import annotations
 
 import json
@@ -16,7 +18,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from userspace.bench.child import child_env, parse_line
+from userspace.bench.child import child_env, parse_line, vm_hwm_bytes
 from userspace.bench.systems import SYSTEMS
 
 STDERR_TAIL = 40
@@ -57,7 +59,7 @@ def _run(name, cmd, threads, progress, timeout, log_dir) -> dict:
     env = child_env(threads)
     env["PYTHONPATH"] = _repo_root() + os.pathsep + env.get("PYTHONPATH", "")
     started = time.monotonic()
-    cpu_before, machine_before, self_before = _children_cpu(), machine_busy_seconds(), _self_cpu()
+    machine_before, self_before = machine_busy_seconds(), _self_cpu()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=_repo_root())
 
@@ -83,13 +85,7 @@ def _run(name, cmd, threads, progress, timeout, log_dir) -> dict:
                threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
     for reader in readers:
         reader.start()
-    try:
-        proc.wait(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        timed_out = True
+    timed_out, usage, hwm = _reap(proc, timeout)
     for reader in readers:
         reader.join(10)
     if log:
@@ -104,11 +100,11 @@ def _run(name, cmd, threads, progress, timeout, log_dir) -> dict:
         raw = json.loads(lines[-1])
     except ValueError:
         return _failed(name, "printed no JSON result", tail, progress, task)
-    raw.setdefault("system", name)
+    raw["system"] = name                  # the row is the system asked for (kvos-gguf runs the kvos module)
     raw["process_seconds"] = time.monotonic() - started
     # CPU the process got over what its threads could have had: well below 1 means other
     # work (or idle waits of its own) shared the cores.
-    own = _children_cpu() - cpu_before
+    own = usage.ru_utime + usage.ru_stime
     raw["cpu_share"] = own / (raw["process_seconds"] * threads)
     # What everything else on the machine used meanwhile: with 2 threads on 2 cores, any of it
     # stalls OpenMP barriers, and timings can be off by far more than the share itself.
@@ -116,11 +112,40 @@ def _run(name, cmd, threads, progress, timeout, log_dir) -> dict:
     if machine is not None and machine_before is not None:
         others = machine - machine_before - own - (_self_cpu() - self_before)
         raw["others_cpu_share"] = max(0.0, others) / (raw["process_seconds"] * os.cpu_count())
+    raw["rss_peak_bytes"] = _rss_peak(raw, usage, hwm)
     if not raw.get("ok"):
         raw["stderr_tail"] = list(tail)
     if progress is not None:
         progress.update(task, description=f"{name}: {'done' if raw.get('ok') else 'failed'}")
     return raw
+
+
+def _reap(proc, timeout):
+    """Wait for the child with wait4, which returns the usage of that child alone (its CPU; RUSAGE_CHILDREN
+    would fold in every earlier system), polling its peak resident set (VmHWM) meanwhile:
+    (timed out, usage, VmHWM bytes or None)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    hwm = None
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return False, usage, hwm
+        hwm = max(hwm or 0, vm_hwm_bytes(proc.pid) or 0) or None
+        if deadline is not None and time.monotonic() >= deadline:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return True, usage, hwm
+        time.sleep(0.02)
+
+
+def _rss_peak(raw: dict, usage, polled) -> int:
+    """The child's own report at its end (exact), what polling saw, or ru_maxrss where /proc is missing."""
+    best = max(raw.get("vm_hwm_bytes") or 0, polled or 0)
+    if best:
+        return best
+    return usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
 
 
 def machine_busy_seconds() -> float | None:
@@ -151,11 +176,6 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.1, window: float = 3.
 
 def _self_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 

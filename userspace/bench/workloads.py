@@ -2,7 +2,9 @@
 
 mixed: 64 chat requests, prompts uniform 16..256, outputs lognormal (mean 128, sd 128, 8..512),
 numpy seed 1234: 9,023 prompt and 9,172 generated tokens. shared: the same behind one 200-token
-system turn; sampling: 16 prompts, n=4, temperature 0.8; or a JSONL trace. EOS ends nothing."""
+system turn; sampling: 16 prompts, n=4, temperature 0.8; single: mixed's first 8 prompts, 128
+tokens each, one at a time (serial: a request is handed over when the previous one has ended);
+or a JSONL trace. EOS ends nothing."""
 from __future__ import annotations
 
 import json
@@ -22,7 +24,8 @@ PROMPT_RANGE = (16, 256)               # inclusive
 OUTPUT_MEAN, OUTPUT_SD, OUTPUT_RANGE = 128, 128, (8, 512)
 SHARED_PREFIX_TOKENS = 200
 SAMPLING_PROMPTS, SAMPLING_N, SAMPLING_TEMPERATURE = 16, 4, 0.8
-NAMES = ("mixed", "shared", "sampling")
+SINGLE_REQUESTS, SINGLE_OUTPUT = 8, 128
+NAMES = ("mixed", "shared", "sampling", "single")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class Workload:
     temperature: float = 0.0           # 0: greedy
     prefix_len: int = 0                # leading tokens every request shares (the `shared` system turn)
     notes: list = field(default_factory=list)
+    # One request at a time: each is handed over when the previous one has ended (its arrival is
+    # then that moment, so TTFT is what one user waiting on an idle server sees). Arrivals are ignored.
+    serial: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -66,12 +72,12 @@ class Workload:
 
     def to_json(self) -> dict:
         return {"name": self.name, "temperature": self.temperature, "prefix_len": self.prefix_len,
-                "notes": list(self.notes), "requests": [asdict(r) for r in self.requests]}
+                "notes": list(self.notes), "serial": self.serial, "requests": [asdict(r) for r in self.requests]}
 
     @classmethod
     def from_json(cls, d: dict) -> Workload:
         return cls(d["name"], [BenchRequest(**r) for r in d["requests"]], d["temperature"], d["prefix_len"],
-                   d.get("notes", []))
+                   d.get("notes", []), d.get("serial", False))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json()))
@@ -171,6 +177,8 @@ def build(name: str, program, quick: bool = False, trace: str | None = None) -> 
         workload = _mixed(chat, prefix=chat.turn("system", texts.SYSTEM_PROMPT, SHARED_PREFIX_TOKENS, False))
     elif name == "sampling":
         workload = _sampling(chat)
+    elif name == "single":
+        workload = _single(chat)
     else:
         raise KvosError(ENOENT, f"no workload {name!r}: choose one of {', '.join(NAMES)} or --trace FILE")
     if not chat.chatml:
@@ -196,6 +204,14 @@ def _sampling(chat: ChatText) -> Workload:
     return Workload("sampling", requests, temperature=SAMPLING_TEMPERATURE,
                     notes=[f"n={SAMPLING_N} samples per prompt at temperature {SAMPLING_TEMPERATURE}: "
                            "systems draw different tokens, the lengths are the same"])
+
+
+def _single(chat: ChatText) -> Workload:
+    prompts, _ = mixed_lengths()
+    requests = [BenchRequest(i, chat.turn("user", request_text(i), p, True), SINGLE_OUTPUT)
+                for i, p in enumerate(prompts[:SINGLE_REQUESTS])]
+    return Workload("single", requests, serial=True,
+                    notes=["one request at a time: each is handed over when the previous one has ended"])
 
 
 def load_trace(path: str, chat: ChatText) -> Workload:

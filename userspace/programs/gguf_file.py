@@ -48,6 +48,7 @@ class GGUFModel:
     config: LlamaConfig
     tensors: dict            # Hugging Face names -> float32 tensors, Q/K already un-permuted
     tokenizer: TextTokenizer
+    permuted: bool = False   # raw tensors only: whether the Q/K rows still carry llama.cpp's permutation
 
 
 def open_gguf(path: Path):
@@ -71,7 +72,9 @@ def open_gguf(path: Path):
     return reader
 
 
-def read_gguf(path: Path) -> GGUFModel:
+def read_gguf(path: Path, dequantize: bool = True) -> GGUFModel:
+    """The model in the file. dequantize=False leaves `tensors` as the reader's raw tensors under
+    Hugging Face names (not permuted; gguf_blocks keeps them quantized)."""
     reader = open_gguf(path)
     meta = _Metadata(reader, path)
     arch = meta.get("general.architecture")
@@ -82,8 +85,22 @@ def read_gguf(path: Path) -> GGUFModel:
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     config = _read_config(meta, arch, vocab_size, tie=not has_output,
                           has_bias=any(t.name.endswith("attn_q.bias") for t in reader.tensors))
+    if not dequantize:
+        return GGUFModel(config, {_hf_name(t.name, path): t for t in reader.tensors}, tokenizer,
+                         permuted=ARCHITECTURES[arch])
     tensors = _read_tensors(reader, config, permuted=ARCHITECTURES[arch], path=path)
     return GGUFModel(config, tensors, tokenizer)
+
+
+def _hf_name(gguf_name: str, path) -> str:
+    name = _GLOBAL_NAMES.get(gguf_name)
+    if name is None:
+        m = _LAYER_TENSOR.fullmatch(gguf_name)
+        leaf = _LAYER_NAMES.get(m.group(2)) if m else None
+        if leaf is None:
+            raise KvosError(EINVAL, f"{path}: unexpected tensor {gguf_name!r} for a LLaMA-family model")
+        name = f"model.layers.{m.group(1)}.{leaf}"
+    return name
 
 
 class _Metadata:
@@ -160,13 +177,7 @@ def _read_tensors(reader, config: LlamaConfig, permuted: bool, path) -> dict:
     from gguf.quants import dequantize
     out = {}
     for t in reader.tensors:
-        name = _GLOBAL_NAMES.get(t.name)
-        if name is None:
-            m = _LAYER_TENSOR.fullmatch(t.name)
-            leaf = _LAYER_NAMES.get(m.group(2)) if m else None
-            if leaf is None:
-                raise KvosError(EINVAL, f"{path}: unexpected tensor {t.name!r} for a LLaMA-family model")
-            name = f"model.layers.{m.group(1)}.{leaf}"
+        name = _hf_name(t.name, path)
         try:
             values = dequantize(t.data, t.tensor_type)
         except Exception as exc:

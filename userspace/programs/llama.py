@@ -8,6 +8,8 @@ the page tables with kernel/ops.paged_attention (the MMU).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +18,7 @@ from kernel.batch import ForwardBatch
 from kernel.errors import EINVAL, KvosError
 from kernel.kvcache import KVShape, KVView
 from kernel.program import Program
-from userspace.programs import tp_shard
+from userspace.programs import qlinear, tp_shard
 from userspace.programs.config import LlamaConfig
 from userspace.programs.rope import RopeTables
 
@@ -82,12 +84,7 @@ def check_weight_shapes(config: LlamaConfig, w: dict) -> None:
                                     f"the config says {shape}")
 
 
-def add_matmul(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
-    """x += a @ w, fused into the GEMM when the dtypes agree (the residual stream stays in x's dtype)."""
-    if w.dtype == x.dtype:
-        x.addmm_(a, w)
-    else:
-        x.add_(torch.mm(a.to(w.dtype), w))
+add_matmul = qlinear.add_mm     # x += a @ w for a tensor (in, out) or a quantized layer
 
 
 class _Layer:
@@ -100,7 +97,9 @@ class _Layer:
 
     def __init__(self, w: dict, i: int, matmul_dtype: torch.dtype):
         for name in self.__slots__:
-            if name.endswith("_t"):
+            if name.endswith("_t") and qlinear.is_quantized(w[f"layers.{i}.{name[:-2]}"]):
+                setattr(self, name, w[f"layers.{i}.{name[:-2]}"])     # the GGUF's blocks (qlinear.py)
+            elif name.endswith("_t"):
                 setattr(self, name, w[f"layers.{i}.{name[:-2]}"].t().to(matmul_dtype).contiguous())
             else:
                 setattr(self, name, w.get(f"layers.{i}.{name}"))
@@ -140,19 +139,28 @@ class LlamaProgram(Program):
         self.max_token_bytes = tokenizer.max_token_bytes  # bounds how few tokens a text can be
         self.cost = config.program_cost(torch.empty((), dtype=dtype).element_size())
         # Norm weights and biases stay in the compute dtype too: one dtype end to end, no casts per step.
-        w = {k: t.to(device=device, dtype=dtype).contiguous() for k, t in weights.items() if k != "freq_factors"}
+        w = {k: t if qlinear.is_quantized(t) else t.to(device=device, dtype=dtype).contiguous()
+             for k, t in weights.items() if k != "freq_factors"}
         for t in w.values():
-            t.requires_grad_(False)
+            if not qlinear.is_quantized(t):
+                t.requires_grad_(False)
         self.embed = w["embed"]
         self.norm = w["norm"]
         # The linear layers may run in another dtype than the rest (bfloat16 on a CPU with AMX:
         # 2 to 4x faster GEMMs); activations, norms, RoPE and the KV cache stay in `dtype`.
         self.matmul_dtype = matmul_dtype or dtype
         head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
-        self.lm_head = head.to(self.matmul_dtype)
+        self.lm_head = head if qlinear.is_quantized(head) else head.to(self.matmul_dtype)
         self.layers = [_Layer(w, i, self.matmul_dtype) for i in range(config.num_hidden_layers)]
         self.rope = RopeTables(config, dtype, device, weights.get("freq_factors"))
         self.scale = config.head_dim ** -0.5
+        # What a step reads, as held (bf16 linear layers read half the fp32 bytes): the LM head, the
+        # final norm and every layer's tensors; the embedding gives one row per token, not counted.
+        # (a Q8_0 table's tied head is its Int8Linear; quantized layers count the blocks they hold).
+        head = self.lm_head.head if isinstance(self.lm_head, qlinear.Q8Table) else self.lm_head
+        read = [head, self.norm] + [getattr(layer, name) for layer in self.layers for name in layer.__slots__]
+        self.cost = dataclasses.replace(self.cost, weight_bytes=sum(qlinear.weight_bytes(t) for t in read
+                                                                    if t is not None))
 
     # -- text ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -188,13 +196,12 @@ class LlamaProgram(Program):
         rope, md = self.rope, self.matmul_dtype
         cos, sin = rope.lookup(batch.positions)
 
-        x = (F.embedding(batch.token_ids, self.embed) if tp is None       # the residual stream (tokens, hidden)
+        x = (qlinear.embedding(batch.token_ids, self.embed) if tp is None       # the residual stream (tokens, hidden)
              else tp_shard.embed(tp, batch.token_ids, self.embed))
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (hidden,), layer.attn_norm, eps)
             h = h.to(md)                                                 # a no-op unless mixed
-            qkv = (torch.mm(h, layer.qkv_t) if layer.qkv_bias is None       # (tokens, q | k | v)
-                   else torch.addmm(layer.qkv_bias, h, layer.qkv_t)).to(self.dtype)
+            qkv = qlinear.mm(h, layer.qkv_t, layer.qkv_bias).to(self.dtype)   # (tokens, q | k | v)
             # One rotation for the q and k heads together; q, k and v stay views (the ops take any
             # row stride as long as each head vector is dense).
             qk = rope.apply(qkv[:, :k_end].view(num_tokens, nq + nkv, d), cos, sin)
@@ -211,7 +218,7 @@ class LlamaProgram(Program):
             if layer.o_bias is not None:
                 x.add_(layer.o_bias)
             h = F.rms_norm(x, (hidden,), layer.mlp_norm, eps)
-            gate_up = torch.mm(h.to(md), layer.gate_up_t)
+            gate_up = qlinear.mm(h.to(md), layer.gate_up_t)
             act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
             add_matmul(x, act, layer.down_t) if tp is None else tp_shard.row_add(tp, x, act, layer.down_t)
 
@@ -219,4 +226,4 @@ class LlamaProgram(Program):
         x = F.rms_norm(x.index_select(0, batch.sample_indices), (hidden,), self.norm, eps)
         if tp is not None:
             return tp_shard.lm_head(tp, x, self.lm_head, self.vocab_size)
-        return F.linear(x.to(md), self.lm_head).float()
+        return qlinear.head(x, self.lm_head, md)

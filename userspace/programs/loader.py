@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from kernel.errors import EINVAL, ENODEV, ENOENT, KvosError
-from userspace.programs import converted, fetch, gguf_file, hf_folder, hub, sim, tiny
+from userspace.programs import converted, fetch, gguf_blocks, gguf_file, hf_folder, hub, qcache, sim, tiny
 from userspace.programs.cachedir import file_digest
 from userspace.programs.llama import LlamaProgram, fuse_hf_weights
 
 TINY_NAME = "tiny-llama"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+WEIGHTS = ("float32", "gguf")    # what the linear layers hold: widened float32, or the GGUF's own blocks
 
 log = logging.getLogger("kvos.programs")
 _programs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -51,20 +52,27 @@ def claims(spec: str) -> bool:
     return spec.endswith(".gguf") or hf_folder.is_hf_folder(path) or hub.parse(spec) is not None
 
 
-def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None) -> LlamaProgram:
+def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None, weights=None) -> LlamaProgram:
     """Load (or share) the program named by spec. device: a TorchDevice, torch.device or name.
 
     dtype: of activations (float32 on the CPU). matmul: of the linear layers' weights and GEMMs
     (default $KVOS_MATMUL, else dtype); bfloat16 on the CPU trades exact agreement with a float32
     reference for 2 to 4x faster GEMMs where the CPU has AMX. kv: of the KV cache (default
     $KVOS_KV, else dtype); bfloat16 on the CPU halves the bytes attention reads and the frames a
-    token takes, at the cost of rounding every stored key and value to bf16."""
+    token takes, at the cost of rounding every stored key and value to bf16. weights (default
+    $KVOS_WEIGHTS, else "float32"): "gguf" runs a GGUF file's own quantized blocks (cpu only;
+    qlinear.py): a quarter of the memory and of the bytes a decode step reads, bf16 GEMMs."""
     torch_device = _torch_device(device)
     dtype = _dtype(dtype, torch_device)
     kind = (dtype, _matmul_dtype(matmul, torch_device, dtype), _kv_dtype(kv, torch_device, dtype))
     tp = getattr(device, "tp", None)          # a tensor-parallel rank loads its slice (tp_shard.py)
+    if _weights(weights, torch_device) == "gguf":
+        if tp is not None:
+            raise KvosError(EINVAL, f"{spec}: --weights gguf does not run tensor parallel yet (its quantized "
+                                    f"blocks are not sharded); use --weights float32 with --tp")
+        kind += ("gguf",)
     with _lock:
-        if spec == TINY_NAME:
+        if spec == TINY_NAME and len(kind) == 3:
             return _cached(("tiny", 0), torch_device, kind, lambda: _tiny(torch_device, kind, tp), tp)
         if spec in fetch.MODELS:
             path, digest = fetch.model_file(spec)
@@ -78,8 +86,10 @@ def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None) -> L
             if not path.is_file():
                 raise KvosError(ENOENT, f"{spec}: no such model file")
             return _gguf(spec, path, None, torch_device, kind, tp)
-        if hf_folder.is_hf_folder(path):
+        if hf_folder.is_hf_folder(path) and len(kind) == 3:
             return _hf(spec, path, torch_device, kind, tp)
+        if len(kind) == 4 and (spec == TINY_NAME or hf_folder.is_hf_folder(path)):
+            raise KvosError(EINVAL, f"{spec}: --weights gguf runs a GGUF file's quantized weights; this model has none")
     raise KvosError(ENOENT, f"no program named {spec!r}; {hub.THREE_WAYS}")
 
 
@@ -96,15 +106,17 @@ def _cached(key, device: torch.device, kind, build, tp=None) -> LlamaProgram:
 
 def _identity(digest: str, kind) -> bytes:
     """Page-cache name of the weights: the same file in another dtype computes other K/V."""
-    dtype, matmul, kv = kind
+    dtype, matmul, kv = kind[:3]
     tag = str(dtype) if matmul == dtype else f"{dtype}\0matmul {matmul}"
     if kv != dtype:
         tag += f"\0kv {kv}"
+    if len(kind) == 4:
+        tag += f"\0weights {kind[3]}"
     return hashlib.sha256(f"kvos-llama\0{digest}\0{tag}".encode()).digest()
 
 
 def _program(name, config, weights, tokenizer, digest, device, kind, tp=None) -> LlamaProgram:
-    dtype, matmul, kv = kind
+    dtype, matmul, kv = kind[:3]
     identity = _identity(digest, kind)
     if tp is not None:        # pages computed under another split (another reduction order) never mix
         identity = hashlib.sha256(identity + f"\0tensor parallel {tp.size}".encode()).digest()
@@ -120,6 +132,8 @@ def _tiny(device, kind, tp=None) -> LlamaProgram:
 
 def _gguf(name: str, path: Path, digest: str | None, device, kind, tp=None) -> LlamaProgram:
     digest = digest or file_digest(path)
+    if len(kind) == 4:
+        return _gguf_quantized(name, path, digest, device, kind)
 
     def build():
         cached = converted.load_converted(digest)
@@ -135,6 +149,23 @@ def _gguf(name: str, path: Path, digest: str | None, device, kind, tp=None) -> L
         return _program(name, config, weights, tokenizer, digest, device, kind, tp)
 
     return _cached(("file", digest), device, kind, build, tp)
+
+
+def _gguf_quantized(name: str, path: Path, digest: str, device, kind) -> LlamaProgram:
+    """The file's own blocks (gguf_blocks, qlinear), cached repacked in quantized/ (qcache): never float32."""
+    def build():
+        cached = qcache.load_quantized(digest)
+        if cached is None:
+            log.info("repacking %s's quantized weights (first load of this file; then cached)", path.name)
+            model = gguf_file.read_gguf(path, dequantize=False)
+            weights = gguf_blocks.canonical(model.config, model.tensors, model.permuted)
+            del model.tensors
+            qcache.save_quantized(digest, model.config, weights, model.tokenizer)
+            cached = model.config, weights, model.tokenizer
+        config, weights, tokenizer = cached
+        return _program(name, config, weights, tokenizer, digest, device, kind)
+
+    return _cached(("file", digest), device, kind, build)
 
 
 def _hf(name: str, folder: Path, device, kind, tp=None) -> LlamaProgram:
@@ -174,6 +205,17 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype != torch.float32:
         raise KvosError(EINVAL, f"programs on the cpu run in float32 (its kernels are float32), not {dtype}")
     return dtype
+
+
+def _weights(weights, device: torch.device) -> str:
+    """"float32" or "gguf": the caller's, $KVOS_WEIGHTS, or float32."""
+    weights = weights or os.environ.get("KVOS_WEIGHTS") or "float32"
+    if weights not in WEIGHTS:
+        raise KvosError(EINVAL, f"weights {weights!r} is not one of {', '.join(WEIGHTS)}")
+    if weights == "gguf" and device.type != "cpu":
+        raise KvosError(EINVAL, f"--weights gguf runs on the cpu (its int4 GEMMs are torch's cpu ones), "
+                                f"not {device.type}")
+    return weights
 
 
 def _kv_dtype(kv, device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -52,6 +52,10 @@ def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", m
                    help="dtype of the linear layers on the CPU: bfloat16 is 1.1 to 2x faster per step "
                         "where the CPU has AMX, float32 matches Hugging Face token for token "
                         "(default $KVOS_MATMUL or float32)")
+    g.add_argument("--weights", choices=("float32", "gguf"), default=None,
+                   help="what the linear layers hold: gguf runs a GGUF file's own quantized blocks (Q4_0, Q4_1, "
+                        "Q8_0; a quarter of the memory, bf16 GEMMs), float32 widens them and matches Hugging Face "
+                        "token for token (default $KVOS_WEIGHTS or float32)")
     g.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the KV cache on the CPU: bfloat16 halves the bytes per token (twice the "
                         "tokens in the same memory) and decode attention 1.15 to 1.65x faster; float32 "
@@ -87,11 +91,13 @@ def boot_options(args, **overrides) -> dict:
 
 
 def export_program_options(args) -> None:
-    """Options the program loader reads from the environment as each tenant loads (--matmul, --kv-dtype)."""
+    """Options the program loader reads from the environment as each tenant loads (--matmul, --kv-dtype, --weights)."""
     if getattr(args, "matmul", None):
         os.environ["KVOS_MATMUL"] = args.matmul
     if getattr(args, "kv_dtype", None):
         os.environ["KVOS_KV"] = args.kv_dtype
+    if getattr(args, "weights", None):
+        os.environ["KVOS_WEIGHTS"] = args.weights
 
 
 def boot_kernel(args, **overrides):

@@ -9,9 +9,11 @@ SYSTEMS = {
     "kvos": "userspace.bench.systems.kvos",
     "kvos-bf16": "userspace.bench.systems.kvos_bf16",
     "kvos-bf16kv": "userspace.bench.systems.kvos_bf16kv",
+    "kvos-gguf": "userspace.bench.systems.kvos_gguf",
     "hf-static": "userspace.bench.systems.hf_static",
     "hf-cb": "userspace.bench.systems.hf_cb",
     "llama.cpp": "userspace.bench.systems.llamacpp",
 }
-DEFAULT_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv", "hf-static", "hf-cb", "llama.cpp")
-KVOS_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv")   # the rows ratios are taken of; the others are baselines
+DEFAULT_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv", "kvos-gguf", "hf-static", "hf-cb", "llama.cpp")
+# the rows ratios are taken of (and a roofline); the others are baselines
+KVOS_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv", "kvos-gguf")

@@ -80,14 +80,22 @@ def _run(manager, workload, samples, cache, capacity, progress):
         by_id[rid if s.sample == 0 else f"{rid}__child#{s.sample - 1}"] = s
     pending = sorted(workload.requests, key=lambda r: r.arrival)
     progress.phase("run", workload.generated_tokens)
+    by_request = {}
+    for s in samples:
+        by_request.setdefault(s.request, []).append(s)
     done = kv_peak = 0
-    finished = 0
+    finished = handed = 0
     t0, cpu0 = time.perf_counter(), records.cpu_time()
     perf_t0 = t0
     while finished < len(samples):
         now = time.perf_counter() - t0
-        while pending and pending[0].arrival <= now:
+        # serial: the next request is added once every earlier one has finished, and arrives then
+        while pending and (finished == handed if workload.serial else pending[0].arrival <= now):
             r = pending.pop(0)
+            handed += r.n
+            if workload.serial:
+                for s in by_request[r.index]:
+                    s.arrival = time.perf_counter() - perf_t0
             manager.add_request(r.prompt, request_id=f"r{r.index}", max_new_tokens=r.output_len,
                                 record_timestamps=True, eos_token_id=-1)
         kv_peak = max(kv_peak, capacity - int(cache.compute_free_capacity(relative=False)))

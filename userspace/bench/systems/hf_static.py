@@ -2,7 +2,8 @@
 
 Requests go in workload order, 16 sequences a batch (a request's n samples together), left-padded,
 each batch running to its longest output. A stopping criterion stamps every step. A batch starts
-once its last request has arrived and the previous batch is done."""
+once its last request has arrived and the previous batch is done (serial workloads: batches of one,
+each handed over when the previous one has ended)."""
 from __future__ import annotations
 
 import time
@@ -19,7 +20,8 @@ def run(workload, options, progress) -> dict:
 
     model, load_seconds = load_model(options)
     pad = pad_token_id(model)
-    batch_size = options.get("hf_batch", 16)
+    # serial (the `single` workload): one request at a time, so batches of one
+    batch_size = 1 if workload.serial else options.get("hf_batch", 16)
     samples = records.samples_of(workload)
     by_request = {}
     for s in samples:
@@ -76,9 +78,12 @@ def run(workload, options, progress) -> dict:
     t0, cpu0 = time.perf_counter(), records.cpu_time()
     for batch in batches:
         wait = max(r.arrival for r in batch) - (time.perf_counter() - t0)
-        if wait > 0:
+        if wait > 0 and not workload.serial:
             time.sleep(wait)
         rows = [s for r in batch for s in by_request[r.index]]
+        if workload.serial:                 # handed over now, when the previous request has ended
+            for s in rows:
+                s.arrival = time.perf_counter() - t0
 
         def on_step(step, rows=rows, base=done):
             progress.update(base + sum(min(step, s.output_len) for s in rows))

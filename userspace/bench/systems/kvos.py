@@ -6,11 +6,13 @@ each process's token count from the record's works, and reads ps() pages and mem
 it for the KV peaks. Beyond boot, syscalls() and shutdown() it touches nothing of the kernel."""
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 
 from userspace.bench import records
 from userspace.bench.child import run_child
+from userspace.bench.roofline import StepWork
 
 # trace()'s wait when nothing more will arrive. In manual mode the wait runs the next step, so this
 # only bounds a single step; with a loop thread (kvosd) it bounds a stall before giving up.
@@ -29,6 +31,7 @@ def run(workload, options, progress) -> dict:
     _warm_up(root, tid, workload)
 
     samples = records.samples_of(workload)
+    work = StepWork(root.tenantinfo(tid))   # each step's FLOPs and bytes, for the parent's roofline
     before = root.schedstat()
     cache_hits_before = root.meminfo().page_cache_hits
     progress.phase("run", workload.generated_tokens)
@@ -36,7 +39,7 @@ def run(workload, options, progress) -> dict:
     shmid = None
     if workload.prefix_len:                 # the system turn is prefilled once and pinned; requests attach it
         shmid = root.shmget(tid, workload.requests[0].prompt[:workload.prefix_len])
-    seen = _drive(root, tid, workload, samples, shmid, since=before.steps, t0=t0, progress=progress)
+    seen = _drive(root, tid, workload, samples, shmid, since=before.steps, t0=t0, progress=progress, work=work)
     wall, cpu = time.perf_counter() - t0, records.cpu_time() - cpu0
     progress.update(sum(len(s.token_times) for s in samples), force=True)
 
@@ -60,19 +63,24 @@ def run(workload, options, progress) -> dict:
     info = root.tenantinfo(tid)
     matmul, kv = info.matmul_dtype, info.kv_dtype
     k.shutdown()
-    name = "kvos" + ("-bf16" if matmul == "bfloat16" else "") + ("-bf16kv" if kv == "bfloat16" else "")
-    return records.result(
+    weights = os.environ.get("KVOS_WEIGHTS", "float32")
+    name = ("kvos" + ("-bf16" if matmul == "bfloat16" else "") + ("-bf16kv" if kv == "bfloat16" else "")
+            + ("-gguf" if weights == "gguf" else ""))
+    result = records.result(
         name, samples, load_seconds=load_seconds, wall_seconds=wall,
         cpu_seconds=cpu,
         mode=f"continuous batching, paged KV ({mem.frame_bytes // 1024} KiB frames), token budget "
-             f"{delta['token_budget']}, {matmul} matmuls, {kv} KV",
+             f"{delta['token_budget']}, {matmul} matmuls, {kv} KV" + (", the GGUF's quantized weights"
+                                                                      if weights == "gguf" else ""),
         kv_peak_bytes=seen["peak_mapped"] * mem.frame_bytes,
         kv_private_peak_bytes=seen["peak_private"] * mem.frame_bytes,
         kv_capacity_bytes=mem.total * mem.frame_bytes, return_tokens=options.get("return_tokens", False),
         extra=delta, notes=_notes(workload, delta))
+    result["roofline_work"] = work.to_json()
+    return result
 
 
-def _drive(root, tid, workload, samples, shmid, *, since, t0, progress) -> dict:
+def _drive(root, tid, workload, samples, shmid, *, since, t0, progress, work=None) -> dict:
     """Spawn what has arrived, take the next step record, observe; until every process has exited.
     A token counts as seen when trace() hands back the step that generated it."""
     by_request = {}
@@ -85,16 +93,19 @@ def _drive(root, tid, workload, samples, shmid, *, since, t0, progress) -> dict:
     observe_seconds = 0.0
     while pending or live:
         now = time.perf_counter() - t0
-        while pending and pending[0].arrival <= now:
+        while pending and (not live if workload.serial else pending[0].arrival <= now):
             r = pending.popleft()
             prompt = r.prompt[workload.prefix_len:] if shmid is not None else r.prompt
             seed = {} if r.seed is None else {"seed": r.seed}
+            if workload.serial:             # it arrives now: the previous request has just ended
+                for s in by_request[r.index]:
+                    s.arrival = time.perf_counter() - t0
             # spawn and n - 1 forks in one call: no step runs between them, even over HTTP
             pids = root.spawn_n(tid, prompt, r.n, max_tokens=r.output_len, shm=shmid, **params, **seed)
             owner.update(zip(pids, by_request[r.index]))
             live.update(pids)
         # wait no longer than the next arrival, which must be spawned on time
-        timeout = max(1e-3, pending[0].arrival - now) if pending else STEP_TIMEOUT
+        timeout = max(1e-3, pending[0].arrival - now) if pending and not workload.serial else STEP_TIMEOUT
         steps = root.trace(since=since, timeout=timeout)
         if not steps:                       # nothing runnable (manual mode), or no step in `timeout`
             if not pending:
@@ -104,6 +115,8 @@ def _drive(root, tid, workload, samples, shmid, *, since, t0, progress) -> dict:
         mark = time.perf_counter()
         at = mark - t0
         for step in steps:
+            if work is not None:
+                work.add(step)
             for w in step.works:
                 s = owner.get(w.pid)
                 if s is not None and w.generated > len(s.token_times):

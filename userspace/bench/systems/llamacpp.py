@@ -110,9 +110,13 @@ class _Engine:
         t0, cpu0 = time.perf_counter(), records.cpu_time()
         while pending or active:
             now = time.perf_counter() - t0
-            while pending and pending[0].arrival <= now and len(free) >= pending[0].n \
-                    and reserved + _reserve_of(pending[0]) <= n_ctx:
+            # serial: the next request is admitted when the previous one has ended, and arrives then
+            while pending and (not active if workload.serial else pending[0].arrival <= now) \
+                    and len(free) >= pending[0].n and reserved + _reserve_of(pending[0]) <= n_ctx:
                 spec = pending.popleft()
+                if workload.serial:
+                    for s in by_request[spec.index]:
+                        s.arrival = time.perf_counter() - t0
                 rngs = [np.random.default_rng((spec.seed or 0) + j) for j in range(spec.n)]
                 active.append(_Request(spec, by_request[spec.index], [free.pop() for _ in range(spec.n)],
                                        rngs=rngs))

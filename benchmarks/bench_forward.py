@@ -1,0 +1,270 @@
+"""Where a decode step of the fp32 program goes, against its roofline, and A/B of forward variants.
+
+`python benchmarks/bench_forward.py [--threads 1] [--rounds 5] [--batches 1,8,32]` boots kvos on the
+CPU (manual mode), runs decode steps at batch B (B requests of 128 prompt tokens, 24 generated each)
+and, in the same process and interleaved round by round (A B, B A, ...), times:
+
+  step      this process's CPU time per decode step (and the kernel's step timer, wall),
+            for each forward variant (LlamaProgram.forward swapped between rounds; the tokens must agree)
+  gemm      the step's matmuls alone on the program's own weights (30 x QKV, O, gate/up, down + LM head)
+  roofline  max(FLOPs / measured GEMM rate, bytes / measured read rate) for that step shape
+
+Times are CPU time (time.process_time), meant for --threads 1: a busy neighbour then takes turns
+instead of stalling barriers, and CPU time holds (the shared memory bus still does not). Medians over
+rounds; the variants alternate within one run and only same-run ratios mean anything. --calls counts
+the Python-level calls of one decode step (cProfile).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import time
+
+PROMPT, GENERATE = 128, 24
+CLOCK = time.process_time     # this process's CPU time: with one thread, a busy neighbour does not count
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--variants", default="base,lean", help="comma-separated from: " + ", ".join(VARIANTS))
+    p.add_argument("--calls", action="store_true", help="count Python-level calls of one decode step")
+    args = p.parse_args()
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KVOS_THREADS"):
+        os.environ[name] = str(args.threads)
+
+    import torch
+
+    import kernel
+    from userspace.programs.llama import LlamaProgram
+    from userspace.programs.loader import load_program
+
+    k = kernel.boot(device="cpu", memory="1GiB", threads=args.threads)
+    root = k.syscalls()
+    tid = root.spawn_tenant("smollm2-135m")
+    program = load_program("smollm2-135m")             # the kernel's own copy (the loader shares it)
+    base = LlamaProgram.forward
+    variants = {name: VARIANTS[name](base) for name in args.variants.split(",")}
+    rates = measure_rates(torch)
+    print(f"threads {args.threads}; fp32 GEMM {rates['flops'] / 1e9:.0f} GFLOP/s (512x576x3072), "
+          f"read {rates['read'] / 1e9:.1f} GB/s (sum over 512 MiB); weights {program.cost.weight_bytes / 1e6:.0f} MB")
+    if args.calls:
+        count_calls(root, tid, program)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        steps = {name: [] for name in variants}
+        cpus = {name: [] for name in variants}
+        tokens = {}
+        gemm = []
+        order = list(variants)
+        for r in range(args.rounds):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                LlamaProgram.forward = variants[name]
+                try:
+                    s, c, toks = run_batch(root, tid, batch, r)
+                finally:
+                    LlamaProgram.forward = base
+                steps[name].append(statistics.median(s))
+                cpus[name].append(statistics.median(c))
+                if tokens.setdefault((name, r), toks) != toks:
+                    raise AssertionError("a variant's tokens changed between rounds")
+            gemm.append(time_gemms(torch, program, batch))
+        for r in range(args.rounds):
+            outs = [tokens[(name, r)] for name in variants]
+            if any(o != outs[0] for o in outs):
+                raise AssertionError(f"batch {batch}: the variants' tokens differ (round {r})")
+        roof = roofline(program, batch, rates)
+        g = statistics.median(gemm)
+        print(f"batch {batch:3d}: roofline {roof * 1e3:6.1f} ms; GEMMs alone {g * 1e3:6.1f} ms CPU "
+              f"({program.cost.weight_bytes / g / 1e9:.1f} GB/s of weights)")
+        first = order[0]
+        for name in order:
+            st, cp = statistics.median(steps[name]), statistics.median(cpus[name])
+            print(f"    {name:9s} step CPU {cp * 1e3:6.1f} ms (wall {st * 1e3:6.1f})  {roof / cp:5.1%} of roofline  "
+                  f"x{statistics.median(cpus[first]) / cp:.3f} vs {first}  "
+                  f"[CPU by round: {', '.join(f'{x * 1e3:.1f}' for x in cpus[name])}]")
+    k.shutdown()
+    return 0
+
+
+def run_batch(root, tid, batch: int, round_: int):
+    """B requests of PROMPT tokens, GENERATE each; (decode step seconds, CPU seconds per step, tokens).
+    Prompts differ by round so nothing comes from the page cache."""
+    pids = []
+    for i in range(batch):
+        prompt = [1000 + (round_ * 131 + i * 17 + j * 7) % 40000 for j in range(PROMPT)]
+        pids.append(root.spawn(tid, prompt, max_tokens=GENERATE, temperature=0, ignore_eos=True))
+    since = root.schedstat().steps
+    seconds, cpu = [], []
+    while True:
+        c0 = time.process_time()
+        steps = root.trace(since=since, timeout=600)
+        c1 = time.process_time()
+        if not steps:
+            break
+        since = steps[-1].step
+        for s in steps:
+            if not s.prefill_tokens and s.batch_size == batch:
+                seconds.append(s.seconds)
+                cpu.append((c1 - c0) / len(steps))
+    return seconds, cpu, [list(root.wait(pid).tokens) for pid in pids]
+
+
+def measure_rates(torch) -> dict:
+    x, w = torch.randn(512, 576), torch.randn(3072, 576)
+    buf = torch.ones((512 << 20) // 4)
+    return {"flops": 2 * 512 * 576 * 3072 / best(lambda: torch.nn.functional.linear(x, w), 20),
+            "read": (512 << 20) / best(buf.sum, 5)}
+
+
+def best(fn, n):
+    fn()
+    out = float("inf")
+    for _ in range(n):
+        t = CLOCK()
+        fn()
+        out = min(out, CLOCK() - t)
+    return out
+
+
+def time_gemms(torch, program, m: int) -> float:
+    """The decode step's matmuls on the program's weights, in layer order (weights stream from memory)."""
+    c = program.config
+    x = torch.randn(m, c.hidden_size)
+    a = torch.randn(m, c.q_size)
+    act = torch.randn(m, c.intermediate_size)
+    t = CLOCK()
+    for layer in program.layers:
+        torch.mm(x, layer.qkv_t)
+        x.addmm_(a, layer.o_t)
+        torch.mm(x, layer.gate_up_t)
+        x.addmm_(act, layer.down_t)
+    torch.nn.functional.linear(x, program.lm_head)
+    return CLOCK() - t
+
+
+def roofline(program, batch: int, rates: dict) -> float:
+    """One decode step of `batch` sequences at mid-generation context: max(compute, read)."""
+    cost = program.cost
+    context = PROMPT + GENERATE // 2
+    flops = 2 * cost.num_params * batch + cost.attention_flops(1, context) * batch
+    nbytes = cost.weight_bytes + batch * context * program.kv_shape.bytes_per_token
+    return max(flops / rates["flops"], nbytes / rates["read"])
+
+
+def count_calls(root, tid, program) -> None:
+    pid = root.spawn(tid, list(range(1000, 1000 + PROMPT)), max_tokens=3, temperature=0, ignore_eos=True)
+    since = root.schedstat().steps
+    root.trace(since=since, timeout=600)                    # the prefill
+    prof = cProfile.Profile()
+    prof.enable()
+    root.trace(since=since + 1, timeout=600)                # one decode step
+    prof.disable()
+    root.wait(pid)
+    stats = pstats.Stats(prof)
+    total = sum(v[1] for v in stats.stats.values())
+    fwd = [v for (f, _, fn), v in stats.stats.items() if fn == "forward" and f.endswith("llama.py")]
+    print(f"one decode step: {total} Python-level calls, {total / program.config.num_hidden_layers:.0f} per layer; "
+          f"forward's own time {fwd[0][2] * 1e3:.2f} ms" if fwd else f"one decode step: {total} calls")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])[:12]
+    for (f, _, fn), (_, nc, tt, _, _) in rows:
+        print(f"    {nc:6d} calls  {tt * 1e3:7.2f} ms own  {os.path.basename(f)}:{fn}")
+
+
+# -- forward variants ------------------------------------------------------------------------------------
+def lean(base):
+    """The same arithmetic in the same order, with less Python per layer: names bound once, no no-op
+    casts, SiLU in place on the gate half. Exact: every op that touches numbers is the same op."""
+    import torch
+    import torch.nn.functional as F
+
+    from kernel import ops
+
+    rms_norm, mm, silu = F.rms_norm, torch.mm, F.silu
+    write_kv, attention = ops.write_kv, ops.paged_attention
+
+    @torch.inference_mode()
+    def forward(self, batch, kv):
+        if self.matmul_dtype != self.dtype or any(layer.qkv_bias is not None or layer.o_bias is not None
+                                                  for layer in self.layers[:1]):
+            return base(self, batch, kv)
+        c = self.config
+        n = batch.token_ids.shape[0]
+        hidden, eps = (c.hidden_size,), c.rms_norm_eps
+        nq, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q_end, k_end, inter = c.q_size, c.q_size + c.kv_size, c.intermediate_size
+        rope, scale = self.rope, self.scale
+        cos, sin = rope.lookup(batch.positions)
+        slots, table, qstart, ctx = batch.slot_mapping, batch.page_table, batch.query_start, batch.context_lens
+        x = F.embedding(batch.token_ids, self.embed)
+        check = True
+        for index, layer in enumerate(self.layers):
+            qkv = mm(rms_norm(x, hidden, layer.attn_norm, eps), layer.qkv_t)
+            qk = rope.apply(qkv[:, :k_end].view(n, nq + nkv, d), cos, sin)
+            k_cache, v_cache = kv.layer(index)
+            write_kv(k_cache, v_cache, qk[:, nq:], qkv[:, k_end:].view(n, nkv, d), slots, check=check)
+            attn = attention(qk[:, :nq], k_cache, v_cache, table, qstart, ctx, scale, check=check)
+            check = False
+            x.addmm_(attn.view(n, q_end), layer.o_t)
+            gate_up = mm(rms_norm(x, hidden, layer.mlp_norm, eps), layer.gate_up_t)
+            x.addmm_(silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:]), layer.down_t)
+        x = rms_norm(x.index_select(0, batch.sample_indices), hidden, self.norm, eps)
+        return F.linear(x, self.lm_head).float()
+
+    return forward
+
+
+def unchecked(base):
+    """lean, and layers after the first call the C kernels without dispatch's Python checks (shapes,
+    dtypes: the same as the first layer's, which were checked). Measurement only: it reaches past the
+    program ABI into kernel.ops.cpu."""
+    import torch
+    import torch.nn.functional as F
+
+    from kernel import ops
+    from kernel.ops import cpu
+
+    rms_norm, mm, silu = F.rms_norm, torch.mm, F.silu
+
+    @torch.inference_mode()
+    def forward(self, batch, kv):
+        if self.matmul_dtype != self.dtype or self.layers[0].qkv_bias is not None or self.layers[0].o_bias is not None:
+            return base(self, batch, kv)
+        c = self.config
+        n = batch.token_ids.shape[0]
+        hidden, eps = (c.hidden_size,), c.rms_norm_eps
+        nq, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q_end, k_end, inter = c.q_size, c.q_size + c.kv_size, c.intermediate_size
+        rope, scale = self.rope, self.scale
+        cos, sin = rope.lookup(batch.positions)
+        slots, table, qstart, ctx = batch.slot_mapping, batch.page_table, batch.query_start, batch.context_lens
+        x = F.embedding(batch.token_ids, self.embed)
+        for index, layer in enumerate(self.layers):
+            qkv = mm(rms_norm(x, hidden, layer.attn_norm, eps), layer.qkv_t)
+            qk = rope.apply(qkv[:, :k_end].view(n, nq + nkv, d), cos, sin)
+            k_cache, v_cache = kv.layer(index)
+            k, v, q = qk[:, nq:], qkv[:, k_end:].view(n, nkv, d), qk[:, :nq]
+            if index == 0:
+                ops.write_kv(k_cache, v_cache, k, v, slots, check=True)
+                attn = ops.paged_attention(q, k_cache, v_cache, table, qstart, ctx, scale, check=True)
+            else:
+                cpu.write_kv(k_cache, v_cache, k, v, slots, False)
+                attn = cpu.paged_attention(q, k_cache, v_cache, table, qstart, ctx, scale,
+                                           torch.empty(q.shape), False)
+            x.addmm_(attn.view(n, q_end), layer.o_t)
+            gate_up = mm(rms_norm(x, hidden, layer.mlp_norm, eps), layer.gate_up_t)
+            x.addmm_(silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:]), layer.down_t)
+        x = rms_norm(x.index_select(0, batch.sample_indices), hidden, self.norm, eps)
+        return F.linear(x, self.lm_head).float()
+
+    return forward
+
+
+VARIANTS = {"base": lambda base: base, "lean": lean, "unchecked": unchecked}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

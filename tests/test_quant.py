@@ -1,0 +1,147 @@
+"""Quantized weights (--weights gguf): the int4 op against its twin, GGUF block decoding against the
+gguf library, and a tiny GGUF model in Q4_0 / Q4_1 / Q8_0 / F16 against the same weights in float32.
+
+Tolerances, and why: the quantized path rounds activations and the fp16 block scales to bf16 and
+returns bf16 from each GEMM; each rounding is 2^-9 relative. One GEMM therefore agrees with its
+float32 twin (same codes, same bf16 scales) to 1e-2 of the output's norm; a whole tiny model's
+logits with the dequantized float32 program to 3e-2 (measured: below 1e-2).
+"""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+from gguf.quants import dequantize, quantize
+
+from kernel import ops
+from kernel.errors import KvosError
+from kernel.ops import reference
+from tests.helpers.paged_runner import PagedRunner
+from tests.helpers.tiny_gguf import write_gguf
+from userspace.programs import gguf_blocks, qlinear, tiny
+from userspace.programs.loader import load_program
+
+PROMPT = list(range(3, 60, 2))
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_int4_mm_matches_its_twin(m):
+    g = torch.Generator().manual_seed(m)
+    n, k = 96, 192
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    sz = torch.randn(k // 32, n, 2, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    out = ops.int4_mm(x, ops.int4_pack(codes), sz, 32)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert rel(out, reference.int4_mm(x, codes, sz, 32)) < 1e-2
+
+
+def test_int4_ops_refuse_bad_arguments():
+    codes = torch.randint(0, 16, (32, 64), dtype=torch.int32)
+    with pytest.raises(KvosError, match="0..15"):
+        ops.int4_pack(codes + 1)
+    with pytest.raises(KvosError, match="n % 16"):
+        ops.int4_pack(codes[:8])
+    packed, sz = ops.int4_pack(codes), torch.zeros(2, 32, 2, dtype=torch.bfloat16)
+    with pytest.raises(KvosError, match="bf16"):
+        ops.int4_mm(torch.zeros(1, 64), packed, sz, 32)
+    with pytest.raises(KvosError, match="packed"):
+        ops.int4_mm(torch.zeros(1, 128, dtype=torch.bfloat16), packed, sz, 32)
+    with pytest.raises(KvosError, match="scale_zeros"):
+        ops.int4_mm(torch.zeros(1, 64, dtype=torch.bfloat16), packed, sz[:1], 32)
+
+
+class _Tensor:          # what gguf_blocks.decode reads of a GGUFReader tensor
+    def __init__(self, data, kind, shape):
+        self.data, self.tensor_type, self.shape, self.name = data, kind, shape, "t"
+
+
+@pytest.mark.parametrize("kind", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.F16])
+def test_blocks_decode_to_what_the_gguf_library_dequantizes(kind):
+    w = np.random.default_rng(int(kind)).standard_normal((48, 128)).astype(np.float32)
+    data = w.astype(np.float16) if kind == T.F16 else quantize(w, kind)
+    part = gguf_blocks.decode(_Tensor(data, kind, [128, 48]))
+    assert part[0] == {T.Q4_0: "int4", T.Q4_1: "int4", T.Q8_0: "int8"}.get(kind, "float")
+    want = torch.from_numpy(np.asarray(dequantize(data, kind), dtype=np.float32))
+    assert torch.allclose(gguf_blocks.dequantize_part(part), want, rtol=1e-6, atol=1e-6)
+    layer = gguf_blocks.linear(part)
+    assert rel(layer.dequantize(), want) < 5e-3        # the bf16 scales (and bf16 dense weights)
+    x = torch.randn(5, 128)
+    assert rel(layer.mm(x), x @ layer.dequantize().t()) < 1e-2
+
+
+def _model(tmp_path, monkeypatch, matrix_type, **overrides):
+    monkeypatch.setenv("KVOS_CACHE_DIR", str(tmp_path / "cache"))
+    config = tiny.tiny_config(**overrides)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, config, tiny.tiny_weights(config, 5), tiny.tiny_tokenizer(), matrix_type=matrix_type)
+    return path
+
+
+MIXES = {
+    "q4_0": lambda name: T.Q4_0,
+    "q4_1+q8_0 embed": lambda name: T.Q8_0 if "embed" in name or "lm_head" in name else T.Q4_1,
+    "q8_0": lambda name: T.Q8_0,
+    "mixed q/k/v": lambda name: T.Q4_1 if "q_proj" in name else (T.F16 if "v_proj" in name else T.Q8_0),
+}
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_gguf_quantized_matches_its_dequantized_float32(tmp_path, monkeypatch, mix, tied):
+    path = _model(tmp_path, monkeypatch, MIXES[mix], tie_word_embeddings=tied)
+    exact = load_program(str(path), "cpu", weights="float32")
+    quant = load_program(str(path), "cpu", weights="gguf")
+    assert quant is not exact and quant.identity != exact.identity
+    kinds = {type(layer.qkv_t) for layer in quant.layers} | {type(layer.down_t) for layer in quant.layers}
+    assert kinds <= {qlinear.Int4Linear, qlinear.Int8Linear, qlinear.DenseLinear} and torch.Tensor not in kinds
+    r1, r2 = PagedRunner(exact), PagedRunner(quant)
+    want = r1.prefill(r1.new_seq(), PROMPT, chunk=7)
+    got = r2.prefill(r2.new_seq(), PROMPT, chunk=7)
+    assert rel(got, want) < 3e-2, rel(got, want)
+    print(f"{mix} tied={tied}: prefill logits rel error {rel(got, want):.4f}")
+    # Decode steps (M = 1) too: greedy continuations of a batch of three.
+    outs_q, logits_q = PagedRunner(quant).greedy([PROMPT, PROMPT[:5], PROMPT[3:20]], 6)
+    outs_f, logits_f = PagedRunner(exact).greedy([PROMPT, PROMPT[:5], PROMPT[3:20]], 6)
+    assert rel(logits_q[0][0], logits_f[0][0]) < 3e-2
+
+
+def test_quantized_cache_holds_no_float32_matrices_and_reloads_the_same(tmp_path, monkeypatch):
+    import gc
+
+    from safetensors import safe_open
+    path = _model(tmp_path, monkeypatch, MIXES["q4_1+q8_0 embed"], tie_word_embeddings=True)
+    program = load_program(str(path), "cpu", weights="gguf")
+    runner = PagedRunner(program)
+    first = runner.prefill(runner.new_seq(), PROMPT)
+    assert not (tmp_path / "cache" / "converted").exists()          # no float32 conversion at all
+    (folder,) = (tmp_path / "cache" / "quantized").iterdir()
+    with safe_open(folder / "weights.safetensors", "pt") as f:
+        for key in f.keys():
+            if f.get_slice(key).get_dtype() == "F32":
+                assert len(f.get_slice(key).get_shape()) == 1, key   # only norms are float32
+    del program, runner
+    gc.collect()
+    again = load_program(str(path), "cpu", weights="gguf")          # from quantized/, not the GGUF
+    runner = PagedRunner(again)
+    assert torch.equal(runner.prefill(runner.new_seq(), PROMPT), first)
+
+
+def test_weights_option_is_checked(tmp_path, monkeypatch):
+    with pytest.raises(KvosError, match="not one of"):
+        load_program("tiny-llama", "cpu", weights="int3")
+    with pytest.raises(KvosError, match="has none"):
+        load_program("tiny-llama", "cpu", weights="gguf")
+    monkeypatch.setenv("KVOS_WEIGHTS", "gguf")
+    with pytest.raises(KvosError, match="has none"):
+        load_program("tiny-llama", "cpu")
+
+
+def test_gguf_reader_sees_the_requested_types(tmp_path, monkeypatch):
+    path = _model(tmp_path, monkeypatch, MIXES["q4_0"])
+    types = {t.tensor_type for t in GGUFReader(path).tensors if len(t.shape) == 2}
+    assert types == {T.Q4_0}

@@ -1,0 +1,135 @@
+"""A GGUF's quantized tensors, kept quantized: blocks decoded into codes and scales, fused, repacked.
+
+The canonical weights (names of llama.fuse_hf_weights) are built from the file's raw blocks:
+- Q4_0 (d fp16, 16 bytes of nibbles: value d * (q - 8)) and Q4_1 (d, m fp16: value d * q + m) ->
+  int4 codes with per-32 scale and zero -> qlinear.Int4Linear;
+- Q8_0 (d fp16, 32 int8: value d * q) -> qlinear.Int8Linear (projections) or qlinear.Q8Table
+  (the embedding, which is also the head when tied);
+- anything else (F32/F16/BF16 matrices, K-quants, Q5_*) -> dequantized by the gguf library and
+  widened to bf16 (qlinear.DenseLinear); vectors (norms, biases) -> float32 tensors.
+llama.cpp's permutation of the Q/K rows is undone on whole rows (a block never crosses a row),
+and q | k | v and gate | up are fused by stacking rows, exactly as the float32 path does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kernel.errors import EINVAL, KvosError
+from userspace.programs.config import LlamaConfig
+from userspace.programs.gguf_file import unpermute_rope_rows
+from userspace.programs.qlinear import GROUP, DenseLinear, Int4Linear, Int8Linear, Q8Table
+
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def _f16(raw: np.ndarray, offset: int) -> torch.Tensor:
+    """The fp16 field at `offset` of every block, as float32 (n, blocks)."""
+    field = np.ascontiguousarray(raw[..., offset:offset + 2]).view(np.float16)[..., 0]
+    return torch.from_numpy(field.astype(np.float32))
+
+
+def _nibbles(qs: np.ndarray) -> torch.Tensor:
+    """ggml's nibble order: in each block, element j < 16 is the low nibble of byte j, element 16 + j its high one."""
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1)             # (n, blocks, 32)
+    return torch.from_numpy(codes.reshape(codes.shape[0], -1).astype(np.int32))
+
+
+def decode(t) -> tuple:
+    """One GGUF tensor (a GGUFReader tensor) -> a part: ("int4", codes, scale, zero), ("int8", q, d)
+    or ("float", w float32). Matrices are (rows, k); vectors are ("float", v)."""
+    kind = t.tensor_type.name
+    if kind in _BLOCK_BYTES and len(t.shape) == 2:
+        rows = int(t.shape[1])
+        raw = np.asarray(t.data).reshape(rows, -1, _BLOCK_BYTES[kind])
+        d = _f16(raw, 0)
+        if kind == "Q4_0":
+            return "int4", _nibbles(raw[..., 2:]), d, torch.zeros_like(d)
+        if kind == "Q4_1":
+            return "int4", _nibbles(raw[..., 4:]), d, _f16(raw, 2) + 8 * d
+        q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(rows, -1).copy())
+        return "int8", q, d
+    from gguf.quants import dequantize
+    try:
+        values = dequantize(t.data, t.tensor_type)
+    except Exception as exc:
+        raise KvosError(EINVAL, f"cannot dequantize {t.name} ({kind}: {exc})") from None
+    return ("float", torch.from_numpy(np.array(values, dtype=np.float32, copy=True)))
+
+
+def permute_rows(part: tuple, num_heads: int) -> tuple:
+    """Undo llama.cpp's Q/K row permutation on every per-row tensor of a part."""
+    return (part[0], *(unpermute_rope_rows(t, num_heads) for t in part[1:]))
+
+
+def dequantize_part(part: tuple) -> torch.Tensor:
+    """The float32 values of a part (the fp16 scales exactly as stored; no bf16 rounding)."""
+    if part[0] == "int4":
+        _, codes, s, z = part
+        return ((codes.float() - 8) * s.repeat_interleave(GROUP, 1) + z.repeat_interleave(GROUP, 1))
+    if part[0] == "int8":
+        _, q, d = part
+        return q.float() * d.repeat_interleave(GROUP, 1)
+    return part[1]
+
+
+def _fuse(parts: list) -> tuple:
+    """Stack parts by rows; parts of different kinds meet as float32."""
+    if len({p[0] for p in parts}) == 1:
+        return (parts[0][0], *(torch.cat(ts) for ts in zip(*(p[1:] for p in parts))))
+    return ("float", torch.cat([dequantize_part(p) for p in parts]))
+
+
+def linear(part: tuple):
+    """The qlinear layer for a matrix part (int4 needs rows % 16 == 0 and k % 64 == 0: else bf16)."""
+    rows, k = part[1].shape
+    packable = rows % 16 == 0 and k % 64 == 0
+    if part[0] == "int4" and packable:
+        return Int4Linear.from_codes(*part[1:])
+    if part[0] == "int8" and packable:
+        return Int8Linear.from_blocks(*part[1:])
+    return DenseLinear.from_float(dequantize_part(part))
+
+
+def canonical(config: LlamaConfig, raw: dict, permuted: bool) -> dict:
+    """Canonical weights from raw GGUF tensors under Hugging Face names (gguf_file.raw_tensors)."""
+    def take(name):
+        if name not in raw:
+            raise KvosError(EINVAL, f"model weights: tensor {name!r} is missing")
+        part = decode(raw[name])
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            part = permute_rows(part, config.num_attention_heads)
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            part = permute_rows(part, config.num_key_value_heads)
+        return part
+
+    def vector(name):
+        return dequantize_part(take(name))
+
+    embed = take("model.embed_tokens.weight")
+    out = {"norm": vector("model.norm.weight")}
+    if embed[0] == "int8":
+        head = linear(embed) if config.tie_word_embeddings else None
+        out["embed"] = Q8Table(embed[1], embed[2].to(torch.float16), head if isinstance(head, Int8Linear) else None)
+        if config.tie_word_embeddings and out["embed"].head is None:
+            out["embed"] = dequantize_part(embed)        # a shape the int4 GEMM cannot hold: float32
+    else:
+        out["embed"] = dequantize_part(embed)
+    if not config.tie_word_embeddings:
+        out["lm_head"] = linear(take("lm_head.weight"))
+    if "rope_freqs" in raw:
+        out["freq_factors"] = vector("rope_freqs")
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        out[f"layers.{i}.attn_norm"] = vector(p + "input_layernorm.weight")
+        out[f"layers.{i}.qkv"] = linear(_fuse([take(a + f"{x}_proj.weight") for x in "qkv"]))
+        if config.attention_bias:
+            out[f"layers.{i}.qkv_bias"] = torch.cat([vector(a + f"{x}_proj.bias") for x in "qkv"])
+        out[f"layers.{i}.o"] = linear(take(a + "o_proj.weight"))
+        if config.o_proj_bias:
+            out[f"layers.{i}.o_bias"] = vector(a + "o_proj.bias")
+        out[f"layers.{i}.mlp_norm"] = vector(p + "post_attention_layernorm.weight")
+        out[f"layers.{i}.gate_up"] = linear(_fuse([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+        out[f"layers.{i}.down"] = linear(take(p + "mlp.down_proj.weight"))
+    return out

@@ -1,0 +1,167 @@
+"""Linear layers over quantized weights, and the four calls the forward pass makes on any weight.
+
+LlamaProgram's forward asks for x @ W (mm), x += a @ W (add_mm), embedding rows (embedding) and
+the LM head (head). A weight is either a plain tensor (the float32 / bfloat16 paths, unchanged:
+(in, out) for mm, (vocab, hidden) for the head) or one of the objects here, which keep a GGUF's
+own blocks in a form the int4 GEMM of kernel/ops streams (see kernel/ops/quant.py):
+
+- Int4Linear: Q4_0 / Q4_1 blocks as codes + per-32 scale and zero (lossless for the codes; the
+  fp16 d and m are rounded to bf16, x is rounded to bf16).
+- Int8Linear: Q8_0 blocks as two int4 planes, q + 128 = 16 * hi + lo: W = 16d(hi - 8) + (d(lo - 8) + 8d),
+  two int4 GEMMs summed (1.25 bytes a weight instead of Q8_0's 1.06; still a quarter of fp32).
+- DenseLinear: any other type (F16, K-quants, ...), widened to bf16 at conversion.
+- Q8Table: an embedding kept as Q8_0 blocks; rows are widened as they are looked up. When the
+  embedding is tied it also carries the head (an Int8Linear over the same codes).
+Every layer's dequantize() is the float32 matrix it stands for: the oracle of the tests.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernel import ops
+
+GROUP = 32
+
+
+class Int4Linear:
+    """W (n, k) = (codes - 8) * s + z per group of 32 along k, packed for ops.int4_mm."""
+    __slots__ = ("packed", "sz", "shape")
+
+    def __init__(self, packed: torch.Tensor, sz: torch.Tensor):
+        self.packed, self.sz = packed, sz
+        self.shape = (packed.shape[0], packed.shape[1] * 2)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Linear:
+        """codes int32 (n, k) in 0..15; scale, zero float32 (n, k / 32)."""
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return cls(ops.int4_pack(codes), sz)
+
+    def mm(self, a: torch.Tensor) -> torch.Tensor:
+        return ops.int4_mm(a.to(torch.bfloat16), self.packed, self.sz, GROUP)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (n, k) matrix the GEMM multiplies by (bf16 scales included)."""
+        eye = torch.eye(self.shape[1], dtype=torch.bfloat16)    # the packing is opaque: read it back
+        return ops.int4_mm(eye, self.packed, self.sz, GROUP).float().t().contiguous()
+
+    def tensors(self) -> dict:
+        return {"packed": self.packed, "sz": self.sz}
+
+
+class Int8Linear:
+    """Q8_0: W = d * q per group of 32, as two int4 planes (hi, lo) whose GEMMs add up to x @ W^T."""
+    __slots__ = ("hi", "lo", "shape")
+
+    def __init__(self, hi: Int4Linear, lo: Int4Linear):
+        self.hi, self.lo, self.shape = hi, lo, hi.shape
+
+    @classmethod
+    def from_blocks(cls, q: torch.Tensor, d: torch.Tensor) -> Int8Linear:
+        """q int8 (n, k); d float32 (n, k / 32)."""
+        u = q.to(torch.int32) + 128
+        hi = Int4Linear.from_codes(u >> 4, 16 * d, torch.zeros_like(d))
+        lo = Int4Linear.from_codes(u & 15, d, 8 * d)
+        return cls(hi, lo)
+
+    def mm(self, a: torch.Tensor) -> torch.Tensor:
+        a = a.to(torch.bfloat16)
+        return self.hi.mm(a).float().add_(self.lo.mm(a).float())
+
+    def dequantize(self) -> torch.Tensor:
+        return self.hi.dequantize() + self.lo.dequantize()
+
+    def tensors(self) -> dict:
+        return {**{f"hi.{k}": t for k, t in self.hi.tensors().items()},
+                **{f"lo.{k}": t for k, t in self.lo.tensors().items()}}
+
+
+class DenseLinear:
+    """A weight of a type the int4 GEMM cannot hold, widened to bf16 and kept (in, out) for torch.mm."""
+    __slots__ = ("w_t", "shape")
+
+    def __init__(self, w_t: torch.Tensor):
+        self.w_t = w_t
+        self.shape = (w_t.shape[1], w_t.shape[0])
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> DenseLinear:
+        return cls(w.t().to(torch.bfloat16).contiguous())
+
+    def mm(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.mm(a.to(torch.bfloat16), self.w_t)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.w_t.float().t().contiguous()
+
+    def tensors(self) -> dict:
+        return {"w_t": self.w_t}
+
+
+class Q8Table:
+    """An embedding table in Q8_0 blocks: q int8 (vocab, hidden), d float16 (vocab, hidden / 32).
+    `head` is the tied LM head over the same values, or None."""
+    __slots__ = ("q", "d", "head", "shape")
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, head: Int8Linear | None):
+        self.q, self.d, self.head, self.shape = q, d, head, tuple(q.shape)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.q.index_select(0, ids).float().view(ids.shape[0], -1, GROUP)
+        return q.mul_(self.d.index_select(0, ids).float().unsqueeze(-1)).view(ids.shape[0], -1)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.shape[0]))
+
+    def tensors(self) -> dict:
+        return {"q": self.q, "d": self.d}
+
+
+LAYERS = {"int4": Int4Linear, "int8": Int8Linear, "dense": DenseLinear, "q8table": Q8Table}
+
+
+def kind_of(w) -> str:
+    return next(k for k, cls in LAYERS.items() if isinstance(w, cls))
+
+
+def is_quantized(w) -> bool:
+    return not isinstance(w, torch.Tensor)
+
+
+def weight_bytes(w) -> int:
+    """Bytes a weight holds in memory (a tensor or any layer here)."""
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return sum(t.numel() * t.element_size() for t in w.tensors().values())
+
+
+# -- the four calls of the forward pass -------------------------------------------------------
+def mm(a: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ W (+ bias). A tensor w is (in, out) in the matmul dtype; a layer computes in bf16."""
+    if isinstance(w, torch.Tensor):
+        return torch.mm(a, w) if bias is None else torch.addmm(bias, a, w)
+    out = w.mm(a)
+    return out if bias is None else out.add_(bias.to(out.dtype))
+
+
+def add_mm(x: torch.Tensor, a: torch.Tensor, w) -> None:
+    """x += a @ W, fused into the GEMM when the dtypes agree (the residual stream stays in x's dtype)."""
+    if isinstance(w, torch.Tensor) and w.dtype == x.dtype:
+        x.addmm_(a, w)
+    elif isinstance(w, torch.Tensor):
+        x.add_(torch.mm(a.to(w.dtype), w))
+    else:
+        x.add_(w.mm(a))
+
+
+def embedding(ids: torch.Tensor, table) -> torch.Tensor:
+    return F.embedding(ids, table) if isinstance(table, torch.Tensor) else table.rows(ids)
+
+
+def head(x: torch.Tensor, w, matmul_dtype: torch.dtype) -> torch.Tensor:
+    """Logits (rows, vocab) in float32. A tensor w is (vocab, hidden)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x.to(matmul_dtype), w).float()
+    layer = w.head if isinstance(w, Q8Table) else w
+    return layer.mm(x).float()
