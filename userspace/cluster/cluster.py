@@ -159,7 +159,8 @@ class Cluster:
 
     def shutdown(self, kill: bool = False, timeout: float | None = None) -> dict:
         """Stop every live replica's kernel (each frees everything and runs fsck). -> {replica: report}
-        Raises KernelPanic if one found its memory broken."""
+        Raises KernelPanic if one found its memory broken. The actors stay (meminfo still answers,
+        as a kernel's does after shutdown) until close()."""
         refs = {r: self.actors[r].shutdown.remote(kill, timeout) for r in self.live()}
         reports = {}
         for r, ref in refs.items():
@@ -167,13 +168,16 @@ class Cluster:
                 reports[r] = self.ray.get(ref)
             except self.RayActorError as err:
                 self.mark_dead(r, err)
-        for actor in self.actors:
-            self.ray.kill(actor)
-        self.close_ray()
         broken = {r: rep["fsck"] for r, rep in reports.items() if rep["fsck"] != "clean"}
         if broken:
             raise KernelPanic(f"replicas at shutdown: {broken}")
         return reports
+
+    def close(self) -> None:
+        """End the actors (and the Ray instance, if this cluster started it)."""
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.close_ray()
 
     def close_ray(self) -> None:
         if self.started_ray:
