@@ -30,6 +30,7 @@ from kernel.dmesg import Dmesg
 from kernel.errors import EAGAIN, EINVAL, ENOMEM, KvosError
 from kernel.klock import KernelLock
 from kernel.mm import MemoryManager, namespace_name
+from kernel.pagename import salt_of
 from kernel.proc import ExitStatus, Process, Residency, State
 from kernel.program import exec_program
 from kernel.sampling import SamplingParams, shapes
@@ -211,10 +212,20 @@ class Kernel:
     # -- tenants ---------------------------------------------------------------------------
     def create_tenant(self, model, name=None, mem_limit=None, weight=1, prefix_sharing="tenant",
                       max_procs=None, max_queued=None, max_blocked=None, nice_min=None, max_prompt_tokens=None,
-                      max_new_tokens=None) -> Tenant:
+                      max_new_tokens=None, cache_salt=None) -> Tenant:
         """A tenant running `model` (a loaded Program, or a spec loaded here: syscalls load in the
-        caller's context and pass the program). Limits left None take Tenant's defaults."""
+        caller's context and pass the program). Limits left None take Tenant's defaults. cache_salt
+        (root's, validated by spawn_tenant) salts page names so that they agree on every kernel
+        given the same salt; on one kernel a salted namespace belongs to one tenant only."""
         program = exec_program(model, self.device)
+        if prefix_sharing == "global":
+            salt = b"global"
+        else:
+            salt = os.urandom(16) if cache_salt is None else salt_of(cache_salt)
+        namespace = namespace_name(program.identity, salt)
+        if cache_salt is not None and any(t.namespace == namespace for t in self.tenants.values()):
+            raise KvosError(EINVAL, "cache_salt: another tenant of this program has the same salt "
+                                    "(names never agree across tenants)")
         if self.mm is None:
             self._size_pool(self.page_size * program.kv_shape.bytes_per_token, program)
         page_size = program.kv_shape.tokens_per_frame(self.frame_bytes)
@@ -228,12 +239,11 @@ class Kernel:
                 raise KvosError(EINVAL, f"mem_limit {mem_limit!r} is smaller than one frame ({self.frame_bytes} bytes)")
         tid = self._next("tid")
         name = name or f"{program.name}-{tid}"
-        salt = b"global" if prefix_sharing == "global" else os.urandom(16)
         given = {k: v for k, v in dict(max_procs=max_procs, max_queued=max_queued, max_blocked=max_blocked,
                                        nice_min=nice_min).items() if v is not None}
         tenant = Tenant(tid=tid, name=name, program=program, cgid=self.mm.create_cgroup(name, limit),
                         weight=float(weight), prefix_sharing=prefix_sharing,
-                        namespace=namespace_name(program.identity, salt), page_size=page_size,
+                        namespace=namespace, page_size=page_size,
                         mem_limit=limit, **given,
                         max_prompt_tokens=min(max_prompt_tokens or program.max_context - 1, program.max_context - 1),
                         max_new_tokens=min(max_new_tokens or program.max_context, program.max_context))

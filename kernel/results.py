@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["ExitStatus", "ReadResult", "TokenLogprob", "TopLogprob", "ProcInfo", "TenantInfo", "SystemInfo",
            "FsckReport", "WorkRecord", "StepRecord", "TenantSched", "SchedStat", "LoopStatus", "PageEntry", "PageMap",
-           "CgroupInfo", "MemInfo", "LogEntry"]
+           "CgroupInfo", "MemInfo", "LogEntry", "CacheEvent"]
 
 
 # -- processes ------------------------------------------------------------------------------------------
@@ -107,6 +107,7 @@ class TenantInfo:
     kv_dtype: str = "float32"    # what the KV cache stores
     matmul_dtype: str = "float32"  # what the linear layers compute in
     chat_tools: str | None = None  # the chat template's tools: None (takes none), "hermes" (<tool_call>), "other"
+    page_namespace: str = ""     # hex root of its page names' chain (kernel.pagename.chain_names)
 
 
 @dataclass
@@ -310,3 +311,15 @@ class LogEntry:
     tid: int | None = None   # tenant the event belongs to (None: the kernel's own)
     pid: int | None = None
     replica: int | None = None   # the replica that logged it, behind a cluster gateway (None: one kernel)
+
+
+# -- the page cache's events ----------------------------------------------------------------------------
+@dataclass
+class CacheEvent:
+    """A page entering (publish) or leaving (evict) a kernel's page cache, for prefix-aware routers."""
+    seq: int                 # 1, 2, ... in order; a gap after `since` says the ring lost events
+    kind: str                # "publish" or "evict"
+    page: str                # the page's name, hex (kernel.pagename)
+    parent: str              # its parent's name (the namespace for a first page), hex
+    tid: int | None = None   # the tenant whose namespace it is (None: no live tenant has it)
+    replica: int | None = None   # the replica whose cache it is, behind a cluster gateway (None: one kernel)

@@ -1,18 +1,19 @@
-"""/proc and its relatives: ps, pagemap, meminfo, schedstat, dmesg, uname, fsck, trace, loopctl.
+"""/proc and its relatives: ps, pagemap, meminfo, schedstat, dmesg, uname, fsck, trace, loopctl, cacheevents.
 
 A tenant sees only itself: its processes, its cgroup, its log lines, its own
 service; the pool-wide counts, other tenants and the step history are root's.
 trace() is the one way to watch the kernel step by step (the simulator's driver,
 the benchmark harness, the TUI and the demo all use it); loopctl() pauses,
 resumes and single-steps the kernel's loop, and lets idle time pass on the
-simulated device. Both are root's, like ftrace and reboot.
+simulated device. Both are root's, like ftrace and reboot. cacheevents() is root's
+feed of the page cache (pages published and evicted) for prefix-aware routers.
 """
 from __future__ import annotations
 
 from kernel.argcheck import check_int, check_number, check_timeout, proc_of
 from kernel.errors import EINVAL, KvosError
 from kernel.proc import Residency, State
-from kernel.results import FsckReport, MemInfo, PageMap, ProcInfo, SchedStat, SystemInfo, TenantSched
+from kernel.results import CacheEvent, FsckReport, MemInfo, PageMap, ProcInfo, SchedStat, SystemInfo, TenantSched
 from kernel.sched.stats import TRACE_STEPS
 from kernel.systable import syscall
 
@@ -223,3 +224,30 @@ def sys_loopctl(kernel, caller, action="status", until=None):
         check_number("until", until, 0.0)
         loop.idle_until(kernel, until)
     return loop.status(kernel)
+
+
+# -- the page cache's events (root) -----------------------------------------------------------------------------
+def _cache_events(raw) -> list:
+    """cacheevents' finish half: ring entries become CacheEvents (hex names) outside the kernel lock."""
+    events, owners = raw
+    return [CacheEvent(seq, kind, name.hex(), parent.hex(), owners.get(namespace))
+            for seq, kind, name, parent, namespace in events]
+
+
+@syscall("cacheevents", root_only=True, finish=_cache_events)
+def sys_cacheevents(kernel, caller, since=0, limit=None):
+    """Page-cache events after `since`, oldest first: a full page published (named, so that
+    prompts sharing its prefix map it) or evicted (its frame reused), by name (hex of the page-name
+    chain; kernel.pagename), with its parent's name and its tenant. Tenants given the same
+    cache_salt on several kernels name their pages alike there, so a router following each
+    kernel's events knows which prefixes it holds. The kernel keeps the last 65536 events: a gap
+    after `since` says events were lost (the reader should forget what it knew). -> [CacheEvent]"""
+    check_int("since", since, 0)
+    if limit is not None:
+        check_int("limit", limit, 1, 1 << 20)
+    if kernel.mm is None:
+        return [], {}
+    owners: dict = {}
+    for tenant in sorted(kernel.tenants.values(), key=lambda t: -t.tid):    # the lowest tid of a shared one
+        owners[tenant.namespace] = tenant.tid
+    return kernel.mm.page_cache.events_after(since, limit), owners

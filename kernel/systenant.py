@@ -33,7 +33,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def spawn_tenant_prepare(kernel, caller, model, *, name=None, mem_limit=None, weight=1, prefix_sharing="tenant",
                          max_procs=DEFAULT_MAX_PROCS, max_queued=DEFAULT_MAX_QUEUED,
                          max_blocked=DEFAULT_MAX_BLOCKED, nice_min=NICE_MIN, max_prompt_tokens=None,
-                         max_new_tokens=None):
+                         max_new_tokens=None, cache_salt=None):
     if name is not None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise KvosError(EINVAL, f"name must be 1 to 64 letters, digits, '.', '_' or '-' (not first), "
@@ -43,6 +43,11 @@ def spawn_tenant_prepare(kernel, caller, model, *, name=None, mem_limit=None, we
     check_number("weight", weight, 1e-6, 1e6)
     if prefix_sharing not in ("tenant", "global"):
         raise KvosError(EINVAL, f"prefix_sharing must be 'tenant' or 'global', got {prefix_sharing!r}")
+    if cache_salt is not None:
+        if not isinstance(cache_salt, str) or not 1 <= len(cache_salt) <= 256:
+            raise KvosError(EINVAL, f"cache_salt must be a string of 1 to 256 characters, got {cache_salt!r:.80}")
+        if prefix_sharing == "global":
+            raise KvosError(EINVAL, "cache_salt goes with prefix_sharing='tenant' (a global namespace has no salt)")
     check_int("max_procs", max_procs, 1, 1 << 20)
     check_int("max_queued", max_queued, 1, 1 << 20)
     check_int("max_blocked", max_blocked, 1, 1 << 16)
@@ -54,7 +59,7 @@ def spawn_tenant_prepare(kernel, caller, model, *, name=None, mem_limit=None, we
     return dict(program=exec_program(model, kernel.device), name=name, mem_limit=mem_limit, weight=weight,
                 prefix_sharing=prefix_sharing, max_procs=max_procs, max_queued=max_queued,
                 max_blocked=max_blocked, nice_min=nice_min, max_prompt_tokens=max_prompt_tokens,
-                max_new_tokens=max_new_tokens)
+                max_new_tokens=max_new_tokens, cache_salt=cache_salt)
 
 
 @syscall("spawn_tenant", root_only=True, new_work=True, prepare=spawn_tenant_prepare)
@@ -64,7 +69,10 @@ def sys_spawn_tenant(kernel, caller, program, name, **limits):
     Limits: mem_limit (bytes), max_procs (processes held, zombies included until waited for),
     max_queued (waiting for admission), max_blocked (blocking calls in flight), nice_min (the
     lowest priority value its processes may take), max_prompt_tokens and max_new_tokens (per
-    process; default the model's context). The program loads before the kernel lock is taken."""
+    process; default the model's context). cache_salt: a secret string that salts the tenant's page
+    names, so that kernels given the same salt name the same prefixes alike (replicas of one
+    tenant behind a router); by default each tenant's salt is random. A salt another tenant of
+    the same program holds here is refused. The program loads before the kernel lock is taken."""
     if name is not None and any(t.name == name for t in kernel.tenants.values()):
         raise KvosError(EINVAL, f"a tenant named {name!r} exists")
     return kernel.create_tenant(program, name, **limits).tid
@@ -86,7 +94,8 @@ def sys_tenantinfo(kernel, caller, tid):
                       getattr(p, "render_chat", None) is not None and _has_template(p), t.weight,
                       t.mem_limit, t.max_procs, t.max_queued, t.max_blocked, t.max_prompt_tokens,
                       t.max_new_tokens, t.nice_min, t.prefix_sharing, _dtype(p.kv_shape.dtype),
-                      _dtype(getattr(p, "matmul_dtype", None) or p.kv_shape.dtype), getattr(p, "chat_tools", None))
+                      _dtype(getattr(p, "matmul_dtype", None) or p.kv_shape.dtype), getattr(p, "chat_tools", None),
+                      t.namespace.hex())
 
 
 def _dtype(dtype) -> str:

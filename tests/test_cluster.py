@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def gateway(one_thread):
-    cluster = Cluster(2, BOOT)
+    cluster = Cluster(2, BOOT, router="round_robin")        # each replica gets every other process
     config = DaemonConfig(boot=BOOT, tenants=[TenantSpec("alice", TINY, ALICE), TenantSpec("bob", TINY, BOB)],
                           root_key=ROOT)
     try:

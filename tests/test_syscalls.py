@@ -9,7 +9,9 @@ import pytest
 
 import kernel
 from kernel.errors import KvosError
+from kernel.pagename import chain_names
 from kernel.results import (
+    CacheEvent,
     ExitStatus,
     FsckReport,
     LoopStatus,
@@ -89,6 +91,13 @@ def test_spawn_tenant_tenantinfo_kill_tenant(door):
     refused("EINVAL", root.spawn_tenant, "tiny-llama", name="root")
     root.kill_tenant(tid)
     refused("ESRCH", root.tenantinfo, tid)
+    salted = root.spawn_tenant("tiny-llama", name="dave", cache_salt="dave-salt")
+    assert len(root.tenantinfo(salted).page_namespace) == 32
+    refused("EINVAL", root.spawn_tenant, "tiny-llama", name="erin", cache_salt="dave-salt")    # dave's
+    refused("EINVAL", root.spawn_tenant, "tiny-llama", cache_salt="")
+    refused("EINVAL", root.spawn_tenant, "tiny-llama", cache_salt=7)
+    refused("EINVAL", root.spawn_tenant, "tiny-llama", cache_salt="s", prefix_sharing="global")
+    root.kill_tenant(salted)
 
 
 def test_tokenize_and_detokenize(door):
@@ -210,6 +219,25 @@ def test_trace_and_loopctl(door):
     refused("EINVAL", root.loopctl, "idle", until=1.0)            # the CPU's clock passes by itself
     refused("EPERM", alice.trace)
     refused("EPERM", alice.loopctl)
+
+
+def test_cacheevents(door):
+    _, root, alice, _ = door
+    info = alice.tenantinfo(alice.tid)
+    last = root.cacheevents()[-1].seq if root.cacheevents() else 0
+    ids = list(range(7, 7 + 2 * info.page_size + 3))                  # two full pages and a partial one
+    alice.wait(alice.spawn(alice.tid, ids, max_tokens=1, temperature=0))
+    events = root.cacheevents(since=last)
+    names = [n.hex() for n in chain_names(bytes.fromhex(info.page_namespace), ids, info.page_size)]
+    published = [e for e in events if e.kind == "publish" and e.tid == alice.tid]
+    assert isinstance(events[0], CacheEvent) and [e.page for e in published][:2] == names
+    assert published[0].parent == info.page_namespace and published[1].parent == names[0]
+    assert [e.seq for e in events] == list(range(last + 1, last + 1 + len(events)))
+    assert root.cacheevents(since=last, limit=1) == events[:1]
+    assert root.cacheevents(since=events[-1].seq) == []
+    refused("EINVAL", root.cacheevents, since=-1)
+    refused("EINVAL", root.cacheevents, limit=0)
+    refused("EPERM", alice.cacheevents)
 
 
 def test_every_syscall_was_called_through_this_door(door):

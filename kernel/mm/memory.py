@@ -216,7 +216,7 @@ class MemoryManager:
             tokens = holder.page_tokens(vpn)
             name = page_name(parent, tokens)
             holder.names.append(name)
-            if holder.frames and self.page_cache.insert(holder.frames[vpn], name, parent, tokens):
+            if holder.frames and self.page_cache.insert(holder.frames[vpn], name, parent, tokens, holder.namespace):
                 named += 1
         return named
 

@@ -5,17 +5,18 @@ page's parent is the address space's namespace, itself made of the program's
 identity and the tenant's salt. Names therefore cover the whole prefix and are
 private to a namespace. A hit also compares the stored tokens and parent name,
 so a hash collision can never map the wrong page.
+
+The cache keeps a bounded ring of its events (a page published, a page
+evicted), numbered in order, for `cacheevents`: a router that follows them
+knows which prefixes a kernel holds (the page names are kernel/pagename.py's).
 """
 import hashlib
-from array import array
+from collections import deque
 from dataclasses import dataclass
 
+from kernel.pagename import page_name  # noqa: F401  (the names' one definition, public)
 
-def page_name(parent: bytes, tokens) -> bytes:
-    """Name of a full page holding `tokens` whose prefix is named `parent`."""
-    h = hashlib.blake2b(parent, digest_size=16)
-    h.update(array("q", tokens).tobytes())
-    return h.digest()
+EVENTS_KEPT = 1 << 16          # events the ring holds; a reader further behind sees a gap in seq
 
 
 def namespace_name(program_identity: bytes, salt: bytes) -> bytes:
@@ -28,6 +29,7 @@ class CachedPage:
     name: bytes
     parent: bytes
     tokens: tuple
+    namespace: bytes = b""      # the root of its chain: whose page it is (cacheevents' tid)
 
 
 @dataclass
@@ -45,6 +47,8 @@ class PageCache:
         self.frame_of: dict[bytes, int] = {}
         self.page_of: dict[int, CachedPage] = {}
         self.stats = PageCacheStats()
+        self.events: deque = deque(maxlen=EVENTS_KEPT)   # (seq, "publish" | "evict", name, parent, namespace)
+        self.event_seq = 0
 
     def __contains__(self, frame: int) -> bool:
         return frame in self.page_of
@@ -60,15 +64,32 @@ class PageCache:
             return None
         return frame
 
-    def insert(self, frame: int, name: bytes, parent: bytes, tokens) -> bool:
+    def insert(self, frame: int, name: bytes, parent: bytes, tokens, namespace: bytes = b"") -> bool:
         """Name `frame`; False (nothing changes) if the name or the frame is already taken."""
         if name in self.frame_of or frame in self.page_of:
             return False
         self.frame_of[name] = frame
-        self.page_of[frame] = CachedPage(name, parent, tuple(tokens))
+        self.page_of[frame] = CachedPage(name, parent, tuple(tokens), namespace)
         self.stats.inserts += 1
+        self._event("publish", name, parent, namespace)
         return True
 
     def drop(self, frame: int) -> None:
+        """Forget `frame`'s page (its frame is being reused): an eviction."""
         page = self.page_of.pop(frame)
         del self.frame_of[page.name]
+        self._event("evict", page.name, page.parent, page.namespace)
+
+    def _event(self, kind: str, name: bytes, parent: bytes, namespace: bytes) -> None:
+        self.event_seq += 1
+        self.events.append((self.event_seq, kind, name, parent, namespace))
+
+    def events_after(self, since: int, limit: int | None = None) -> list:
+        """The ring's events with seq > since, oldest first (at most `limit`)."""
+        out = []
+        for event in reversed(self.events):           # newest first: a reader keeping up reads few
+            if event[0] <= since:
+                break
+            out.append(event)
+        out.reverse()
+        return out[:limit] if limit else out

@@ -142,9 +142,11 @@ def trace(handle, body: dict) -> list:
 
 
 class MergedLog:
-    """One view's (root's, or a tenant's) merged kernel log with the gateway's sequence numbers."""
+    """One view's (root's, or a tenant's) merged feed -- the kernel log (dmesg) or the page-cache
+    events (cacheevents) -- with the gateway's sequence numbers."""
 
-    def __init__(self):
+    def __init__(self, syscall: str = "dmesg"):
+        self.syscall = syscall
         self.lines = collections.deque(maxlen=LOG_LINES)
         self.cursor: dict = {}            # replica -> the last of its own seq pulled
         self.seq = 0
@@ -157,7 +159,7 @@ class MergedLog:
             check_int("limit", limit, 1, 1 << 20)
         cluster = handle.cluster
         with self.lock:
-            refs = {i: cluster.submit(i, handle.tid, "dmesg", {"since": self.cursor.get(i, 0)})
+            refs = {i: cluster.submit(i, handle.tid, self.syscall, {"since": self.cursor.get(i, 0)})
                     for i in cluster.live()}
             fresh = []
             for i, ref in refs.items():
@@ -169,10 +171,10 @@ class MergedLog:
                     self.cursor[i] = entries[-1].seq
                 for e in entries:
                     e.replica = i
-                    if e.pid is not None:
+                    if getattr(e, "pid", None) is not None:
                         e.pid = gpids.to_global(i, e.pid)
                     fresh.append(e)
-            fresh.sort(key=lambda e: e.time)
+            fresh.sort(key=lambda e: getattr(e, "time", 0.0))        # a stable sort: events keep their order
             for e in fresh:
                 self.seq += 1
                 e.seq = self.seq

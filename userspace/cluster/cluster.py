@@ -18,31 +18,29 @@ import os
 import threading
 
 from kernel.errors import EINVAL, EIO, KernelPanic, KvosError
+from kernel.pagename import chain_names
 from userspace.cluster import pids as gpids
 from userspace.cluster.replica import Replica
+from userspace.cluster.router import Router
 
 log = logging.getLogger("kvosd")
 
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ROUTERS = ("round_robin",)          # the stand-in's; router.py's policies once merged
-
-
-def make_router(policy: str):
-    from userspace.cluster.standin_router import RoundRobin
-    if policy not in ROUTERS:
-        raise KvosError(EINVAL, f"router must be one of {', '.join(ROUTERS)}, got {policy!r}")
-    return RoundRobin()
+REPORT_SECONDS = 0.25        # how often the replicas' loads (and, for prefix_events, cache events) are read
+PREFIX_POLICIES = ("cache_aware", "prefix_events")      # they need the prompt's token ids
 
 
 class Cluster:
-    def __init__(self, replicas: int, boot: dict, router: str = "round_robin", address: str | None = None,
+    def __init__(self, replicas: int, boot: dict, router: str = "cache_aware", address: str | None = None,
                  replica_cpus: float | None = None, replica_gpus: float | None = None):
         import ray
         from ray.exceptions import RayActorError
         if not 1 <= replicas <= gpids.MAX_REPLICAS:
             raise KvosError(EINVAL, f"replicas must be in [1, {gpids.MAX_REPLICAS}], got {replicas}")
         self.ray, self.RayActorError = ray, RayActorError
-        self.router = make_router(router)
+        self.namespaces: dict = {}                           # tid -> (its page namespace, page size)
+        options = {"namer": self.page_names} if router == "prefix_events" else {}
+        self.router = Router(replicas, router, **options)
         self.router_name = router
         self.started_ray = False
         if not ray.is_initialized():
@@ -70,13 +68,49 @@ class Cluster:
         self.watch_ids = itertools.count(1)
         self.shm_ids = itertools.count(1)
         self.turn = itertools.count()
+        self.event_cursor = [0] * replicas                   # the last cache event seen, per replica
+        self.stopping = threading.Event()
         try:                                                 # their kernels boot: a bad option fails here
             for i, out in enumerate(ray.get([a.ping.remote() for a in self.actors])):
                 assert out == i
         except BaseException:
+            for a in self.actors:
+                ray.kill(a)
             self.close_ray()
             raise
+        self.reporter = threading.Thread(target=self._reports, name="cluster-reports", daemon=True)
+        self.reporter.start()
         log.info("%d replicas started on Ray (router %s)", replicas, router)
+
+    def _reports(self) -> None:
+        """Every REPORT_SECONDS: each replica's running + waiting to the router (it also counts what
+        it sent), and for prefix_events its page-cache events; a replica that does not answer is dead."""
+        while not self.stopping.wait(REPORT_SECONDS):
+            for r in self.live():
+                try:
+                    stat = self.call(r, None, "schedstat", {})
+                    with self.lock:
+                        self.router.update_load(r, stat.running, stat.waiting)
+                    if self.router_name == "prefix_events":
+                        events = self.call(r, None, "cacheevents", {"since": self.event_cursor[r]})
+                        if events:
+                            self.event_cursor[r] = events[-1].seq
+                            with self.lock:
+                                self.router.apply_events(r, events)
+                except KvosError:             # died (mark_dead has run), or shutting down
+                    continue
+                except Exception:             # noqa: BLE001 -- Ray itself has gone (close()), or a bug
+                    if self.stopping.is_set():
+                        return
+                    log.exception("reading replica %d's load failed", r)
+
+    def page_names(self, tid, token_ids):
+        """prefix_events' namer: the names every replica gives the prompt's full pages (the tenant's
+        salt is the same on all of them), and the page size."""
+        if tid not in self.namespaces:
+            raise KvosError(EINVAL, f"no page namespace known for tenant {tid}")
+        namespace, size = self.namespaces[tid]
+        return [n.hex() for n in chain_names(namespace, token_ids, size)], size
 
     # -- calls -----------------------------------------------------------------------------------------
     def live(self) -> list:
@@ -87,6 +121,7 @@ class Cluster:
             if replica in self.dead:
                 return
             self.dead[replica] = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self.router.mark_dead(replica)
         log.error("replica %d is gone (%s); its processes exit with EIO, new work goes to the others",
                   replica, self.dead[replica])
 
@@ -133,24 +168,31 @@ class Cluster:
             raise KvosError(EIO, "every replica has died")
         return live[next(self.turn) % len(live)]
 
-    def route(self, tid, prompt) -> int:
-        """The replica the router picks for a new process of `tid`."""
-        live = self.live()
-        if not live:
+    def route(self, handle, tid, prompt) -> int:
+        """The replica the router picks for a new process of `tid`. The prefix policies match token
+        ids: a prompt given as text or a chat is tokenized first (a round trip to a replica)."""
+        if not self.live():
             raise KvosError(EIO, "every replica has died")
+        tokens = []
+        if self.router_name in PREFIX_POLICIES:
+            if isinstance(prompt, list) and all(type(t) is int for t in prompt):
+                tokens = prompt
+            else:
+                tokens = self.call(self.any_replica(), handle.tid, "tokenize", {"tid": tid, "prompt": prompt})
         with self.lock:
-            loads = {r: len(self.procs[r]) for r in live}
-        return self.router.choose(tid, prompt, live, loads)
+            return self.router.route(tid, tokens)
 
     def started(self, replica: int, tid, local_pids) -> list:
         with self.lock:
             for pid in local_pids:
                 self.procs[replica][pid] = tid
+                self.router.on_dispatch(replica)
         return [gpids.to_global(replica, pid) for pid in local_pids]
 
     def reaped(self, replica: int, local_pid: int) -> None:
         with self.lock:
-            self.procs[replica].pop(local_pid, None)
+            if self.procs[replica].pop(local_pid, None) is not None and replica not in self.dead:
+                self.router.on_finish(replica)
 
     # -- what kvosd asks of a kernel ------------------------------------------------------------------
     def syscalls(self, as_tenant=None):
@@ -175,6 +217,8 @@ class Cluster:
 
     def close(self) -> None:
         """End the actors (and the Ray instance, if this cluster started it)."""
+        self.stopping.set()
+        self.reporter.join(timeout=5)
         for actor in self.actors:
             self.ray.kill(actor)
         self.close_ray()

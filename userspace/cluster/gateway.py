@@ -12,11 +12,11 @@ from userspace.cluster.metrics import ReplicaCollector
 from userspace.daemon import server
 
 
-def start(config, replicas: int, router: str = "round_robin", address: str | None = None) -> Cluster:
+def start(config, replicas: int, router: str = "cache_aware", address: str | None = None) -> Cluster:
     return Cluster(replicas, config.boot, router=router, address=address)
 
 
-def serve(config, replicas: int, router: str = "round_robin", address: str | None = None, host="127.0.0.1",
+def serve(config, replicas: int, router: str = "cache_aware", address: str | None = None, host="127.0.0.1",
           port=8000, log_level="info") -> int:
     """kvosd over N replicas, in the foreground until SIGTERM or SIGINT. -> exit status"""
     started = []

@@ -6,10 +6,12 @@ server, libc and the shell's views take it unchanged. Each syscall goes where it
 
 - a pid's calls (read, wait, kill, write, fork, nice, pagemap) to the replica the pid names
   (pids.py); a replica that died answers for it here: its processes have exited with EIO;
-- spawn and spawn_n where the router says; a shm id names one segment per replica, so a
+- spawn and spawn_n where the router says (router.py; it hears of each process started and
+  reaped, and of each replica's load); a shm id names one segment per replica, so a
   spawn that attaches one attaches that replica's;
 - spawn_tenant, kill_tenant, shmget, shmrm, loopctl and fsck to every replica;
-- ps, meminfo, schedstat, dmesg and trace merged (aggregate.py), each row with its replica;
+- ps, meminfo, schedstat, dmesg, cacheevents and trace merged (aggregate.py), each row with
+  its replica;
 - tenantinfo, tokenize, detokenize and uname to any replica (all run the same models).
 """
 from __future__ import annotations
@@ -176,7 +178,7 @@ class ClusterHandle:
         tid = body.get("tid")
         shm = body.get("shm")
         while True:
-            replica = cluster.route(tid, body.get("prompt"))
+            replica = cluster.route(self, tid, body.get("prompt"))
             args = dict(body)
             if shm is not None:
                 args["shm"] = self._local_shm(shm, replica)
@@ -210,9 +212,12 @@ class ClusterHandle:
         return out
 
     def _spawn_tenant(self, body):
-        """The tenant on every replica, with the same tid everywhere; if one refuses, it is removed
-        from those that took it."""
+        """The tenant on every replica, with the same tid everywhere and the same cache salt (made up
+        here unless given), so its page names agree across replicas -- and with no other tenant's;
+        if one replica refuses, the tenant is removed from those that took it."""
         cluster = self.cluster
+        if body.get("prefix_sharing", "tenant") != "global" and body.get("cache_salt") is None:
+            body = {**body, "cache_salt": secrets.token_hex(16)}
         out = cluster.everywhere(self._tid, "spawn_tenant", body)
         tids = {v for v in out.values() if not isinstance(v, KvosError)}
         refused = [v for v in out.values() if isinstance(v, KvosError)]
@@ -226,6 +231,8 @@ class ClusterHandle:
             raise KvosError(EIO, f"the replicas gave the tenant different tids ({sorted(tids)}): they have "
                                  f"drifted apart; the tenant was not started")
         (tid,) = tids
+        info = cluster.call(cluster.any_replica(), self._tid, "tenantinfo", {"tid": tid})
+        cluster.namespaces[tid] = (bytes.fromhex(info.page_namespace), info.page_size)
         cluster.tenants.add(tid)
         return tid
 
@@ -234,10 +241,11 @@ class ClusterHandle:
         self._all("kill_tenant", body)
         tid = body["tid"]
         cluster.tenants.discard(tid)
+        cluster.namespaces.pop(tid, None)
+        for replica, table in enumerate(cluster.procs):
+            for pid in [p for p, t in list(table.items()) if t == tid]:
+                cluster.reaped(replica, pid)
         with cluster.lock:
-            for table in cluster.procs:
-                for pid in [p for p, t in table.items() if t == tid]:
-                    del table[pid]
             for shmid in [s for s, (owner, _) in cluster.shm.items() if owner == tid]:
                 del cluster.shm[shmid]
 
@@ -290,7 +298,15 @@ class ClusterHandle:
 
     def _dmesg(self, body):
         with self.cluster.lock:
-            merged = self.cluster.logs.setdefault(self._tid, aggregate.MergedLog())
+            merged = self.cluster.logs.setdefault(("dmesg", self._tid), aggregate.MergedLog("dmesg"))
+        return merged.read(self, body.get("since", 0), body.get("limit"))
+
+    def _cacheevents(self, body):
+        """Every replica's page-cache events, each with its replica, numbered by the gateway."""
+        if self._tid is not None:
+            raise KvosError(EPERM, "cacheevents: only root may call it")
+        with self.cluster.lock:
+            merged = self.cluster.logs.setdefault(("cacheevents", None), aggregate.MergedLog("cacheevents"))
         return merged.read(self, body.get("since", 0), body.get("limit"))
 
     def _trace(self, body):

@@ -23,7 +23,7 @@ RESULTS = {
     "read": r.ReadResult, "wait": r.ExitStatus, "kill": None, "nice": int, "shmget": int, "shmrm": None,
     "ps": [r.ProcInfo], "pagemap": r.PageMap, "meminfo": r.MemInfo, "schedstat": r.SchedStat, "dmesg": [r.LogEntry],
     "tenantinfo": r.TenantInfo, "tokenize": [int], "detokenize": str, "trace": [r.StepRecord], "loopctl": r.LoopStatus,
-    "uname": r.SystemInfo, "fsck": r.FsckReport,
+    "uname": r.SystemInfo, "fsck": r.FsckReport, "cacheevents": [r.CacheEvent],
 }
 
 # Fields holding nested dataclasses (JSON cannot say which class an object was).

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from userspace.cluster.router import POLICIES
 from userspace.daemon.config import DaemonConfig
 from userspace.shell.options import add_boot_options, add_model_options, boot_options, export_program_options
 
@@ -62,9 +63,11 @@ def add_parsers(subparsers) -> None:
     cluster.add_argument("--replicas", type=_positive(int), default=None, metavar="N",
                          help="serve N kernels, each a Ray actor with the boot options below, behind one "
                               "gateway (default: one kernel in this process, no Ray)")
-    cluster.add_argument("--router", default=None, metavar="POLICY",
-                         help="where new processes go: round_robin (default), least_load, cache_aware, "
-                              "cache_events")
+    cluster.add_argument("--router", default=None, choices=tuple(POLICIES),
+                         help="where new processes go: round_robin, least_load, cache_aware (the default: "
+                              "the replica holding the longest prefix unless load is imbalanced, as SGLang's "
+                              "router), prefix_events (the same rule over the replicas' own page-cache events, "
+                              "as llm-d)")
     cluster.add_argument("--address", default=None, metavar="ADDR",
                          help="join the running Ray cluster at ADDR (e.g. auto, or HOST:6379) instead of "
                               "starting a local Ray instance")
@@ -125,7 +128,7 @@ def serve_main(args) -> int:
                 raise KvosError(EINVAL, "--router and --address go with --replicas N")
             return serve(config, host=args.host, port=args.port, log_level=args.log_level)
         from userspace.cluster import gateway
-        return gateway.serve(config, args.replicas, router=args.router or "round_robin", address=args.address,
+        return gateway.serve(config, args.replicas, router=args.router or "cache_aware", address=args.address,
                              host=args.host, port=args.port, log_level=args.log_level)
     except KvosError as err:
         print(f"kvosd: {err}", file=sys.stderr)
