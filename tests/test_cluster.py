@@ -150,6 +150,63 @@ def test_ps_meminfo_schedstat_dmesg_metrics_merge_the_replicas(gateway):
         root.wait(pid)
 
 
+def test_every_syscall_has_a_route():
+    from kernel.syscalls import SYSCALLS
+    from userspace.cluster.handle import ANY, BY_PID, ClusterHandle
+    assert all(n in BY_PID or n in ANY or hasattr(ClusterHandle, f"_{n}") for n in SYSCALLS)
+
+
+def test_a_tenant_has_one_salt_on_every_replica_and_no_other_tenants(gateway):
+    cluster = gateway.cluster
+    names = tids(gateway)
+    spaces = {(name, r): cluster.call(r, None, "tenantinfo", {"tid": tid}).page_namespace
+              for name, tid in names.items() for r in (0, 1)}
+    assert spaces[("alice", 0)] == spaces[("alice", 1)] and spaces[("bob", 0)] == spaces[("bob", 1)]
+    assert spaces[("alice", 0)] != spaces[("bob", 0)]
+
+
+def in_replica_calls() -> int:
+    """Threads of this process inside a call to a replica (Cluster.collect: waiting on Ray)."""
+    import sys
+    count = 0
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name == "collect" and frame.f_code.co_filename.endswith("cluster.py"):
+                count += 1
+                break
+            frame = frame.f_back
+    return count
+
+
+def test_waiters_over_http_hold_no_gateway_thread(gateway):
+    """16 clients wait at once on processes of paused kernels: the gateway awaits each (a watch on
+    the replica, a Ray future), so no thread of the gateway sits in a call to a replica for them."""
+    import threading
+    import time
+    root = gateway.cluster.syscalls()
+    tid = tids(gateway)["alice"]
+    root.loopctl("pause")                                             # every replica's loop
+    try:
+        pids = [root.spawn(tid, p, max_tokens=3) for p in PROMPTS * 3][:16]
+        statuses = {}
+
+        def wait(pid):
+            with Client(gateway.url, ALICE, timeout=120) as client:
+                statuses[pid] = client.wait(pid)
+        clients = [threading.Thread(target=wait, args=(pid,)) for pid in pids]
+        for t in clients:
+            t.start()
+        time.sleep(2.0)
+        busy = max(in_replica_calls() for _ in range(20))
+        assert not statuses
+    finally:
+        root.loopctl("resume")
+    for t in clients:
+        t.join(60)
+    assert sorted(statuses) == sorted(pids) and {s.reason for s in statuses.values()} == {"length"}
+    assert busy <= 1, f"{busy} gateway threads wait on replicas for 16 waiting clients"   # 1: the load reader
+
+
 def test_a_dead_replica_takes_its_processes_and_the_gateway_goes_on(gateway):
     """Last in the module: replica 1 of the shared cluster dies here."""
     import ray
