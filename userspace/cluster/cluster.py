@@ -46,10 +46,12 @@ class Cluster:
         if not ray.is_initialized():
             local = address is None
             # Local mode: one Ray instance on this machine, as many CPUs as replicas at least (Ray counts
-            # them for placement only). Workers import kvos from this process's path.
-            env = {"PYTHONPATH": os.pathsep.join(p for p in (SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)}
+            # them for placement only); its workers import kvos from where this process does. Past this
+            # machine (--address), kvos must be installed on every node.
+            options = {"runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(
+                p for p in (SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)}}} if local else {}
             ray.init(address=address, num_cpus=max(replicas, os.cpu_count() or 1) if local else None,
-                     include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+                     include_dashboard=False, log_to_driver=False, **options)
             self.started_ray = True
         gpu = str(boot.get("device", "cpu")).startswith("cuda")
         options = {"num_cpus": 1 if replica_cpus is None else replica_cpus,
