@@ -26,7 +26,7 @@ def test_a_shared_prefix_goes_where_it_is_held(policy):
     try:
         root = cluster.syscalls()
         tid = root.spawn_tenant("tiny-llama")
-        other = [root.spawn(tid, [1, 900 + i, 901, 902, 903] * 10, max_tokens=1) for i in range(2)]
+        other = [root.spawn(tid, [1, 400 + i, 401, 402, 403] * 10, max_tokens=1) for i in range(2)]
         first = root.spawn(tid, [1] + SYSTEM + QUESTIONS[0], max_tokens=2)
         home = gpids.split(first, 2)[0]
         for pid in [first, *other]:
