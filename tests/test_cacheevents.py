@@ -77,3 +77,14 @@ def test_the_ring_is_bounded(monkeypatch):
         cache.insert(frame, bytes([frame]) * 16, b"p" * 16, [frame])
     assert [e[0] for e in cache.events_after(0)] == [3, 4, 5, 6]            # a reader at 0 sees the gap
     assert [e[0] for e in cache.events_after(4, limit=1)] == [5]
+
+
+def test_chain_names_is_page_names_chain():
+    from kernel.pagename import page_name
+    for n in (0, 15, 16, 17, 64, 100):
+        ids = list(range(50, 50 + n))
+        expected, parent = [], b"n" * 16
+        for start in range(0, n - 15, 16):
+            parent = page_name(parent, ids[start:start + 16])
+            expected.append(parent)
+        assert chain_names(b"n" * 16, ids, 16) == expected

@@ -32,6 +32,7 @@ docs/cluster.md says what each does to the simulated cluster.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 from kernel.errors import EINVAL, EIO, KvosError
@@ -179,8 +180,12 @@ class Router:
     # -- routing ----------------------------------------------------------------------------
     def route(self, tid, token_ids) -> int:
         """The replica for a request of tenant `tid` whose prompt is `token_ids`."""
-        if not isinstance(token_ids, (list, tuple)) or not all(type(t) is int for t in token_ids):
+        if not isinstance(token_ids, (list, tuple)):
             raise KvosError(EINVAL, "token_ids must be a list of ints")
+        try:
+            array("q", token_ids)                  # every id an int in range, checked in C
+        except (TypeError, OverflowError):
+            raise KvosError(EINVAL, "token_ids must be a list of ints") from None
         if not any(self.alive):
             raise self.no_replica()
         self.last = self.policy.choose(self, tid, token_ids)

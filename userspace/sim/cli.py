@@ -31,9 +31,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from userspace.sim.experiments import NAMES
-    names = [*NAMES, "all", "run"]
+    names = [*NAMES, "all", "run", "cluster"]
     parser.add_argument("experiment", choices=names, metavar="EXPERIMENT",
-                        help=f"one of {', '.join(names)} ('run': one workload, see --preset/--trace)")
+                        help=f"one of {', '.join(names)} ('run': one workload, see --preset/--trace; "
+                             f"'cluster': replicas behind the router, see --replicas)")
     parser.add_argument("--gpu", help="GPU preset, with overrides: 'a100', 'h100', 'h200', 'a100-40g', "
                                       "'a100,hbm_bandwidth=1.6e12,step_overhead=0' (default: per experiment)")
     parser.add_argument("--model", help="model preset or a config.json path (default: per experiment)")
@@ -47,14 +48,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--trace", help="JSONL trace (arrival, prompt_len, output_len, prefix_id, prefix_len, n, "
                                      "beam_width, max_tokens per line) instead of a preset")
     run.add_argument("--requests", type=int, default=500)
-    run.add_argument("--rate", type=float, default=None, help="Poisson rate, req/s (default: all at once)")
+    run.add_argument("--rate", type=float, default=None,
+                     help="Poisson rate, req/s (cluster: sessions/s) (default: all at once)")
     run.add_argument("--n", type=int, default=1, help="parallel samples per request")
     run.add_argument("--beam-width", type=int, default=0)
     run.add_argument("--max-tokens", type=int, default=None, help="budget announced at spawn (prealloc reserves it)")
     run.add_argument("--no-share", action="store_true", help="samples and beams as independent processes")
+    cluster = parser.add_argument_group("cluster (replicas behind the router, the sessions workload)")
+    cluster.add_argument("--replicas", default="8", help="N, or a list: 2,4,8,16,32,64 (default 8)")
+    cluster.add_argument("--sessions", type=int, default=None, help="sessions per replica (default 64; --quick 6)")
+    cluster.add_argument("--systems", type=int, default=8, help="distinct system prompts (default 8)")
+    cluster.add_argument("--think", type=float, default=1.0, help="mean seconds between a reply and the next turn")
+    for option, default in (("cache-threshold", "0.3"), ("balance-abs", "64"), ("balance-rel", "1.5")):
+        cluster.add_argument(f"--{option}", type=float, default=None,
+                             help=f"cache_aware and prefix_events: {option.replace('-', '_')} (default {default})")
     for option, kind in (("policy", str), ("alloc", str), ("batch", str), ("chunk", int), ("token-budget", int),
                          ("max-running", int), ("memory", str), ("swap", str), ("page-size", int)):
-        run.add_argument(f"--{option}", type=kind, default=None, help=f"kernel.boot({option.replace('-', '_')}=...)")
+        run.add_argument(f"--{option}", type=kind, default=None,
+                         help="cluster: the router's policy, or a list (default all four); run: kernel.boot(policy=...)"
+                         if option == "policy" else f"kernel.boot({option.replace('-', '_')}=...)")
 
 
 def main(argv=None) -> int:
@@ -67,6 +79,9 @@ def run_args(args) -> int:
     try:
         if args.experiment == "run":
             return _run_workload(args)
+        if args.experiment == "cluster":
+            from userspace.sim import clustercli
+            return clustercli.run_args(args, _console, _finite)
         return _run_experiments(args)
     except KvosError as err:                   # one line, and the errno's status, as every kvos command
         print(f"kvos sim: {err}", file=sys.stderr)
