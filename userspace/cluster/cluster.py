@@ -88,23 +88,28 @@ class Cluster:
         """Every REPORT_SECONDS: each replica's running + waiting to the router (it also counts what
         it sent), and for prefix_events its page-cache events; a replica that does not answer is dead."""
         while not self.stopping.wait(REPORT_SECONDS):
-            for r in self.live():
-                try:
-                    stat = self.call(r, None, "schedstat", {})
-                    with self.lock:
-                        self.router.update_load(r, stat.running, stat.waiting)
-                    if self.router_name == "prefix_events":
-                        events = self.call(r, None, "cacheevents", {"since": self.event_cursor[r]})
-                        if events:
-                            self.event_cursor[r] = events[-1].seq
-                            with self.lock:
-                                self.router.apply_events(r, events)
-                except KvosError:             # died (mark_dead has run), or shutting down
-                    continue
-                except Exception:             # noqa: BLE001 -- Ray itself has gone (close()), or a bug
-                    if self.stopping.is_set():
-                        return
-                    log.exception("reading replica %d's load failed", r)
+            try:
+                live = self.live()
+                stats = {r: self.submit(r, None, "schedstat", {}) for r in live}     # all at once
+                if self.router_name == "prefix_events":
+                    events = {r: self.submit(r, None, "cacheevents", {"since": self.event_cursor[r]}) for r in live}
+                for r in live:
+                    try:
+                        stat = self.collect(r, stats[r])
+                        with self.lock:
+                            self.router.update_load(r, stat.running, stat.waiting)
+                        if self.router_name == "prefix_events":
+                            fresh = self.collect(r, events[r])
+                            if fresh:
+                                self.event_cursor[r] = fresh[-1].seq
+                                with self.lock:
+                                    self.router.apply_events(r, fresh)
+                    except KvosError:         # it died (mark_dead has run)
+                        continue
+            except Exception:                 # noqa: BLE001 -- Ray itself has gone (close()), or a bug
+                if self.stopping.is_set():
+                    return
+                log.exception("reading the replicas' loads failed")
 
     def page_names(self, tid, token_ids):
         """prefix_events' namer: the names every replica gives the prompt's full pages (the tenant's

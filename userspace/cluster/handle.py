@@ -158,13 +158,15 @@ class ClusterHandle:
         return cancel
 
     def _registered(self, replica, local) -> None:
-        """Wait for the watches on this process that are still travelling; raise their refusal."""
+        """Wait for the watches on this process that are still travelling. A refused one (EAGAIN past
+        the tenant's max_blocked, ESRCH, EPERM) is this call's refusal, as an in-process watch()
+        raises it at once; waiting.py then cancels it (else a refused watch would wake its waiter
+        at once, over and over)."""
         with self.cluster.lock:
             waiting = list(self.cluster.pending.get((replica, local), ()))
         for ref in waiting:
-            with contextlib.suppress(KvosError):
-                if replica not in self.cluster.dead:
-                    self.cluster.collect(replica, ref)
+            if replica not in self.cluster.dead:
+                self.cluster.collect(replica, ref)
 
     # -- new processes: where the router says --------------------------------------------------------
     def _spawn(self, body):
