@@ -18,6 +18,7 @@ from userspace.cluster.cluster import Cluster  # noqa: E402
 from userspace.cluster.gateway import GatewayThread  # noqa: E402
 from userspace.daemon.client import Client  # noqa: E402
 from userspace.daemon.config import DaemonConfig, TenantSpec  # noqa: E402
+from userspace.shell.format import ps_table  # noqa: E402
 
 ROOT, ALICE, BOB = "root-key-cluster", "alice-key-cluster", "bob-key-cluster"
 TINY = "tiny-llama"
@@ -124,6 +125,7 @@ def test_ps_meminfo_schedstat_dmesg_metrics_merge_the_replicas(gateway):
         root.read(pid, timeout=30)
     rows = root.ps()
     assert {r.replica for r in rows} == {0, 1} and {r.pid for r in rows} == set(pids)
+    assert "replica" in [c.header for c in ps_table(rows).columns]              # kvos ps shows it
     mem = root.meminfo()
     assert sorted(mem.replicas) == [0, 1]
     assert mem.total == sum(m.total for m in mem.replicas.values())
