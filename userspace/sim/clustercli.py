@@ -96,9 +96,9 @@ def tables(result: dict) -> list:
         w = runs[0]["workload"]
         rows = []
         for r in runs:
-            k = x.get((n, r["policy"]), {})
-            rows.append((r["policy"], *(r[m] for m in METRICS), k.get("throughput_x"), k.get("hit_rate_x"),
-                         k.get("ttft_p99_x"), r["wall_s"]))
+            vs_rr = x.get((n, r["policy"]), {})
+            rows.append((r["policy"], *(r[m] for m in METRICS), vs_rr.get("throughput_x"), vs_rr.get("hit_rate_x"),
+                         vs_rr.get("ttft_p99_x"), r["wall_s"]))
         out.append(table(f"kvos sim cluster: {n} replicas of {runs[0]['model']} on {runs[0]['gpu']}, "
                          f"{w['sessions']} sessions ({w['turns']} turns, prompts {w['prompt_mean']:.0f} tokens "
                          f"on average, {w['systems']} system prompts)",
