@@ -78,6 +78,7 @@ class ProcInfo:
     preemptions: int
     tokens_per_second: float
     time_to_first_token: float | None
+    replica: int | None = None   # the replica it runs on, behind a cluster gateway (None: one kernel)
 
 
 # -- tenants and their programs ------------------------------------------------------------------------
@@ -174,6 +175,7 @@ class StepRecord:
     exits: list = field(default_factory=list)         # [pid, reason] of processes that ended this step
     waiting_by_tenant: dict = field(default_factory=dict)   # tid -> processes waiting after the step
     cost: dict | None = None     # the simulated device's price of the step, term by term
+    replica: int | None = None   # the replica that ran it, behind a cluster gateway (None: one kernel)
 
 
 
@@ -219,6 +221,7 @@ class SchedStat:
     tenants: list
     recent_steps: list           # the last StepRecord summaries (root only)
     clock: float = 0.0           # the kernel's clock now (seconds since boot; virtual on the simulator)
+    replicas: dict | None = None  # behind a cluster gateway: replica -> its own SchedStat (the rest sums them)
 
 
 @dataclass
@@ -291,6 +294,7 @@ class MemInfo:
     cgroups: dict = field(default_factory=dict)
     page_cache_lookups: int = 0
     frames: list | None = None   # meminfo(frames=True): per frame [state, refcount, cgroup name or None, [pids]]
+    replicas: dict | None = None  # behind a cluster gateway: replica -> its own MemInfo (the rest sums them)
 
     @property
     def utilization(self) -> float:
@@ -309,6 +313,7 @@ class LogEntry:
     message: str
     tid: int | None = None   # tenant the event belongs to (None: the kernel's own)
     pid: int | None = None
+    replica: int | None = None   # the replica that logged it, behind a cluster gateway (None: one kernel)
 
 
 # -- the page cache's events ----------------------------------------------------------------------------
@@ -320,3 +325,4 @@ class CacheEvent:
     page: str                # the page's name, hex (kernel.pagename)
     parent: str              # its parent's name (the namespace for a first page), hex
     tid: int | None = None   # the tenant whose namespace it is (None: no live tenant has it)
+    replica: int | None = None   # the replica whose cache it is, behind a cluster gateway (None: one kernel)

@@ -162,9 +162,12 @@ class _OneTenant:
 class Metrics:
     """One registry per daemon (tests run several daemons in one process)."""
 
-    def __init__(self, root):
+    def __init__(self, root, collector=None):
+        """collector(handle, tenant=None): what reads the kernel at each scrape (KernelCollector;
+        a cluster's labels each series with its replica)."""
+        self.collector = collector or KernelCollector
         self.registry = CollectorRegistry()
-        self.registry.register(KernelCollector(root))
+        self.registry.register(self.collector(root))
         self.ttft = Histogram("kvos_time_to_first_token_seconds", "From request arrival to the first token, "
                               "per choice (OpenAI API)", ["tenant"], buckets=TTFT_BUCKETS, registry=self.registry)
         self.tbt = Histogram("kvos_time_between_tokens_seconds", "Time between consecutive tokens of a choice "
@@ -187,7 +190,7 @@ class Metrics:
         registry = self.registry
         if tenant is not None:
             registry = CollectorRegistry()
-            registry.register(KernelCollector(handle, tenant))
+            registry.register(self.collector(handle, tenant))
             registry.register(_OneTenant(self, tenant))
         try:
             return generate_latest(registry)

@@ -159,25 +159,35 @@ def _json(schema: dict) -> dict:
     return {"application/json": {"schema": schema}}
 
 
-def result_schema(kind) -> dict:
+def result_schema(kind, within=()) -> dict:
     """The JSON schema of a result as wire.to_jsonable sends it: dataclasses as objects with every
-    field, floats nullable (a non-finite float is sent as null)."""
+    field, floats nullable (a non-finite float is sent as null). A dataclass nested in itself (a
+    cluster's MemInfo holds each replica's MemInfo) is described once: inside, it is an object."""
     if kind is ...:
         return {}
     if kind is None:
         return {"type": "null"}
     if isinstance(kind, list):
-        return {"type": "array", "items": result_schema(kind[0])}
+        return {"type": "array", "items": result_schema(kind[0], within)}
     if isinstance(kind, dict):
         (value_kind,) = kind.values()
-        return {"type": "object", "additionalProperties": result_schema(value_kind)}
+        return {"type": "object", "additionalProperties": result_schema(value_kind, within)}
     if dataclasses.is_dataclass(kind):
+        if kind in within:
+            return {"type": "object", "description": f"a {kind.__name__}, as above"}
         hints = typing.get_type_hints(kind)
         nested = wire.NESTED.get(kind, {})
-        props = {f.name: result_schema(nested[f.name]) if f.name in nested else _field_schema(hints[f.name])
-                 for f in dataclasses.fields(kind)}
+        props = {f.name: _nullable(result_schema(nested[f.name], (*within, kind)), hints[f.name])
+                 if f.name in nested else _field_schema(hints[f.name]) for f in dataclasses.fields(kind)}
         return {"type": "object", "required": list(props), "properties": props}
     return _field_schema(kind)
+
+
+def _nullable(schema: dict, hint) -> dict:
+    """A nested field's schema, null allowed where its hint says `| None` (a cluster's `replicas`)."""
+    if isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint) and "type" in schema:
+        return {**schema, "type": [schema["type"], "null"]}
+    return schema
 
 
 def _field_schema(hint) -> dict:

@@ -53,11 +53,14 @@ WORKER_THREADS = 128         # calls into the kernel run here; each holds one fo
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig):
+    def __init__(self, config: DaemonConfig, system=None, collector=None):
+        """system: what serves the syscalls -- None boots one kernel from config.boot; or anything
+        with a kernel's syscalls(as_tenant) and shutdown(kill, timeout), as a cluster of replicas
+        (userspace/cluster), with its /metrics collector."""
         self.config = config
         # Random pids: a tenant must not learn from pid numbers how much the others spawn. The
         # kernel's loop steps in a thread of its own from boot on.
-        self.kernel = kernel.boot(**{"pids": "random", **config.boot, "loop": True})
+        self.kernel = system if system is not None else kernel.boot(**{"pids": "random", **config.boot, "loop": True})
         self.root = self.kernel.syscalls()
         self.models = {}                                  # tenant name -> model spec (configured tenants)
         self.keys = Keys(config.root_key, self.root)
@@ -67,7 +70,7 @@ class Daemon:
         self.booted_at = time.time()
         self.draining = False
         self.kill_on_shutdown = config.kill_on_shutdown
-        self.metrics = metrics_mod.Metrics(self.root)
+        self.metrics = metrics_mod.Metrics(self.root, collector)
         self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvosd-reaper")
         self.app = build_app(self)
 
@@ -358,16 +361,17 @@ def _announce(daemon: Daemon, url: str, host: str) -> None:
              url, url, url)
 
 
-def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info") -> int:
+def serve(config: DaemonConfig, host="127.0.0.1", port=8000, log_level="info", boot=None) -> int:
     """Run kvosd in the foreground until SIGTERM or SIGINT. -> exit status (0: clean shutdown).
     The port is bound (and /health served) before the models load; a model that fails to load
-    stops the server: its error is logged and its errno is the exit status."""
+    stops the server: its error is logged and its errno is the exit status. boot: None boots one
+    kernel; else a callable -> (system, collector) for Daemon, called once the port is bound."""
     tls = check_tls(config)
     check_exposure(host, config)
     _room_for_connections(config.max_connections)
     sock = bind(host, port)            # first: a taken port fails before a model is loaded
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, *boot()) if boot is not None else Daemon(config)
     except BaseException:
         sock.close()
         raise
@@ -413,14 +417,15 @@ class ServerThread:
     The models are loaded before it returns (a failure is raised), unless load=False: then the
     caller runs srv.daemon.load() (/health is 503 until then). stop() drains and closes like a
     SIGTERM would and returns close()'s report. With runtime_file=True it writes (and at stop()
-    removes) the runtime file, as `kvos serve` does."""
+    removes) the runtime file, as `kvos serve` does. system and collector: as Daemon's."""
 
-    def __init__(self, config: DaemonConfig, host="127.0.0.1", port=0, runtime_file=False, load=True):
+    def __init__(self, config: DaemonConfig, host="127.0.0.1", port=0, runtime_file=False, load=True,
+                 system=None, collector=None):
         tls = check_tls(config)
         check_exposure(host, config)
         self.sock = bind(host, port)
         try:
-            self.daemon = Daemon(config)
+            self.daemon = Daemon(config, system, collector)
         except BaseException:
             self.sock.close()
             raise

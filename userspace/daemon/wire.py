@@ -29,8 +29,8 @@ RESULTS = {
 # Fields holding nested dataclasses (JSON cannot say which class an object was).
 NESTED = {
     r.PageMap: {"pages": [r.PageEntry]},
-    r.MemInfo: {"cgroups": {str: r.CgroupInfo}},
-    r.SchedStat: {"tenants": [r.TenantSched], "recent_steps": [r.StepRecord]},
+    r.MemInfo: {"cgroups": {str: r.CgroupInfo}, "replicas": {int: r.MemInfo}},
+    r.SchedStat: {"tenants": [r.TenantSched], "recent_steps": [r.StepRecord], "replicas": {int: r.SchedStat}},
     r.StepRecord: {"works": [r.WorkRecord], "waiting_by_tenant": {int: int}},
     r.ReadResult: {"logprobs": [r.TokenLogprob]},
     r.TokenLogprob: {"top": [r.TopLogprob]},

@@ -68,15 +68,17 @@ def meminfo_table(info) -> Table:
 
 def ps_table(procs) -> Table:
     table = Table(title="processes")
-    cols = ("pid", "tenant", "state", "where", "nice", "prompt", "gen", "pages", "shared", "swapped",
-            "cow", "preempt", "tok/s")
+    procs = list(map(_d, procs))
+    replicas = any(p.get("replica") is not None for p in procs)        # behind a cluster gateway
+    cols = ("pid", *(("replica",) if replicas else ()), "tenant", "state", "where", "nice", "prompt", "gen",
+            "pages", "shared", "swapped", "cow", "preempt", "tok/s")
     for col in cols:
         table.add_column(col, justify="left" if col in ("tenant", "state", "where") else "right")
-    for p in map(_d, procs):
-        table.add_row(str(p["pid"]), p["tenant"], p["state"], p["residency"], str(p["priority"]),
-                      str(p["prompt_tokens"]), str(p["generated_tokens"]), str(p["pages"]), str(p["shared_pages"]),
-                      str(p["swapped_pages"]), str(p["cow_faults"]), str(p["preemptions"]),
-                      f"{p['tokens_per_second']:.1f}")
+    for p in procs:
+        table.add_row(str(p["pid"]), *((str(p.get("replica")),) if replicas else ()), p["tenant"], p["state"],
+                      p["residency"], str(p["priority"]), str(p["prompt_tokens"]), str(p["generated_tokens"]),
+                      str(p["pages"]), str(p["shared_pages"]), str(p["swapped_pages"]), str(p["cow_faults"]),
+                      str(p["preemptions"]), f"{p['tokens_per_second']:.1f}")
     return table
 
 
@@ -99,5 +101,7 @@ def dmesg_lines(entries) -> list:
     out = []
     for e in map(_d, entries):
         who = f" pid {e['pid']}" if e["pid"] is not None and not e["message"].startswith(f"pid {e['pid']}") else ""
-        out.append(f"[{e['time']:9.3f}] step {e['step']:>5} {e['level']:>5} {e['event']:<8}{who}: {e['message']}")
+        where = f" replica {e['replica']}" if e.get("replica") is not None else ""      # behind a cluster gateway
+        out.append(f"[{e['time']:9.3f}]{where} step {e['step']:>5} {e['level']:>5} {e['event']:<8}{who}: "
+                   f"{e['message']}")
     return out

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from userspace.cluster.router import POLICIES
 from userspace.daemon.config import DaemonConfig
 from userspace.shell.options import add_boot_options, add_model_options, boot_options, export_program_options
 
@@ -58,6 +59,18 @@ def add_parsers(subparsers) -> None:
                         help=f"connections open at once; more are answered 503 (default {d.max_connections})")
     limits.add_argument("--ssl-keyfile", metavar="FILE", help="TLS private key (PEM); needs --ssl-certfile")
     limits.add_argument("--ssl-certfile", metavar="FILE", help="TLS certificate chain (PEM): serve https")
+    cluster = p.add_argument_group("replicas on Ray (docs/cluster-replicas.md; pip install 'kvos[cluster]')")
+    cluster.add_argument("--replicas", type=_positive(int), default=None, metavar="N",
+                         help="serve N kernels, each a Ray actor with the boot options below, behind one "
+                              "gateway (default: one kernel in this process, no Ray)")
+    cluster.add_argument("--router", default=None, choices=tuple(POLICIES),
+                         help="where new processes go: round_robin, least_load, cache_aware (the default: "
+                              "the replica holding the longest prefix unless load is imbalanced, as SGLang's "
+                              "router), prefix_events (the same rule over the replicas' own page-cache events, "
+                              "as llm-d)")
+    cluster.add_argument("--address", default=None, metavar="ADDR",
+                         help="join the running Ray cluster at ADDR (e.g. auto, or HOST:6379) instead of "
+                              "starting a local Ray instance")
     add_boot_options(p, model=False, token_budget=512, memory_default="the device's", sim=True)
     p.set_defaults(func=serve_main)
 
@@ -99,7 +112,7 @@ def config_from_args(args):
 
 
 def serve_main(args) -> int:
-    from kernel.errors import KvosError
+    from kernel.errors import EINVAL, KvosError
     from userspace.daemon import logs
     from userspace.daemon.server import serve
     if args.threads is not None:         # the model loader applies $KVOS_THREADS at each load: agree with it
@@ -110,7 +123,13 @@ def serve_main(args) -> int:
         config = config_from_args(args)
         for who, key in config.generated_keys.items():      # shown once, here, never in the log
             print(f"kvosd: {who} key: {key}", file=sys.stderr, flush=True)
-        return serve(config, host=args.host, port=args.port, log_level=args.log_level)
+        if args.replicas is None:
+            if args.router is not None or args.address is not None:
+                raise KvosError(EINVAL, "--router and --address go with --replicas N")
+            return serve(config, host=args.host, port=args.port, log_level=args.log_level)
+        from userspace.cluster import gateway
+        return gateway.serve(config, args.replicas, router=args.router or "cache_aware", address=args.address,
+                             host=args.host, port=args.port, log_level=args.log_level)
     except KvosError as err:
         print(f"kvosd: {err}", file=sys.stderr)
         return err.code
