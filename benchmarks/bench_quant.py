@@ -22,6 +22,7 @@ from userspace.programs.loader import load_program
 
 VARIANTS = {"float32": {}, "bf16 matmul": {"matmul": "bfloat16"}, "gguf": {"weights": "gguf"}}
 MODEL = "smollm2-135m"
+CLOCK = time.perf_counter     # --cpu-time: time.thread_time on one thread (what the work costs, not the wait)
 CONTEXT = 64
 
 
@@ -75,9 +76,9 @@ def race(fns: dict, rounds: int) -> dict:
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = CLOCK()
             fn()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(CLOCK() - t)
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
@@ -86,10 +87,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--gemms", action="store_true")
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, timed by its CPU time: on a crowded machine wall time mostly measures the queue")
     args = ap.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.thread_time
+        torch.set_num_threads(1)
     print(f"threads {torch.get_num_threads()}; min and median of {args.rounds} interleaved rounds "
           "(shared machine: the min is the least disturbed)")
-    for v in VARIANTS:
+    for v in () if args.skip_rss else VARIANTS:
         r = rss_after_load(v)
         print(f"{v:12s} load {r['load_s']:.2f} s  RSS after load {r['rss'] / 2**20:.0f} MiB  "
               f"peak {r['peak'] / 2**20:.0f} MiB")
