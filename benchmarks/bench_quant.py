@@ -37,9 +37,7 @@ def rss_after_load(variant: str) -> dict:
 
 
 def weight_bytes(program) -> int:
-    mats = [getattr(layer, n) for layer in program.layers for n in ("qkv_t", "o_t", "gate_up_t", "down_t")]
-    head = program.lm_head.head if isinstance(program.lm_head, qlinear.Q8Table) else program.lm_head
-    return sum(qlinear.weight_bytes(w) for w in mats) + qlinear.weight_bytes(head)
+    return qlinear.read_bytes(program.layers, program.lm_head)
 
 
 def decoder(program, batch: int):

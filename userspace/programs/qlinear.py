@@ -136,6 +136,12 @@ def weight_bytes(w) -> int:
     return sum(t.numel() * t.element_size() for t in w.tensors().values())
 
 
+def read_bytes(layers, head) -> int:
+    """Bytes of weights a step reads: every layer's four projections and the LM head, as held."""
+    mats = [getattr(layer, n) for layer in layers for n in ("qkv_t", "o_t", "gate_up_t", "down_t")]
+    return sum(weight_bytes(w) for w in mats) + weight_bytes(head.head if isinstance(head, Q8Table) else head)
+
+
 # -- the four calls of the forward pass -------------------------------------------------------
 def mm(a: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ W (+ bias). A tensor w is (in, out) in the matmul dtype; a layer computes in bf16."""
