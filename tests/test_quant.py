@@ -99,6 +99,7 @@ def test_tiny_gguf_quantized_matches_its_dequantized_float32(tmp_path, monkeypat
     assert quant is not exact and quant.identity != exact.identity
     kinds = {type(layer.qkv_t) for layer in quant.layers} | {type(layer.down_t) for layer in quant.layers}
     assert kinds <= {qlinear.Int4Linear, qlinear.Int8Linear, qlinear.DenseLinear} and torch.Tensor not in kinds
+    assert quant.cost.weight_bytes == qlinear.read_bytes(quant.layers, quant.lm_head) < exact.cost.weight_bytes / 2
     r1, r2 = PagedRunner(exact), PagedRunner(quant)
     want = r1.prefill(r1.new_seq(), PROMPT, chunk=7)
     got = r2.prefill(r2.new_seq(), PROMPT, chunk=7)
@@ -145,3 +146,20 @@ def test_gguf_reader_sees_the_requested_types(tmp_path, monkeypatch):
     path = _model(tmp_path, monkeypatch, MIXES["q4_0"])
     types = {t.tensor_type for t in GGUFReader(path).tensors if len(t.shape) == 2}
     assert types == {T.Q4_0}
+
+
+def test_q4_k_blocks_decode_to_what_the_gguf_library_dequantizes():
+    """gguf-py cannot write Q4_K, so the blocks are random bytes with sane fp16 d and dmin."""
+    rng = np.random.default_rng(0)
+    rows, k = 32, 512
+    raw = rng.integers(0, 256, (rows, k // 256, 144), dtype=np.uint8)
+    for offset in (0, 2):
+        scales = rng.uniform(0.001, 0.02, (rows, k // 256)).astype(np.float16)
+        raw[..., offset:offset + 2] = scales.view(np.uint8).reshape(rows, k // 256, 2)
+    data = raw.reshape(rows, -1)
+    part = gguf_blocks.decode(_Tensor(data, T.Q4_K, [k, rows]))
+    assert part[0] == "int4"
+    want = torch.from_numpy(np.asarray(dequantize(data, T.Q4_K), dtype=np.float32))
+    assert torch.allclose(gguf_blocks.dequantize_part(part), want, rtol=1e-6, atol=1e-6)
+    layer = gguf_blocks.linear(part)
+    assert isinstance(layer, qlinear.Int4Linear) and rel(layer.dequantize(), want) < 5e-3

@@ -1,11 +1,12 @@
 """A GGUF's quantized tensors, kept quantized: blocks decoded into codes and scales, fused, repacked.
 
 The canonical weights (names of llama.fuse_hf_weights) are built from the file's raw blocks:
-- Q4_0 (d fp16, 16 bytes of nibbles: value d * (q - 8)) and Q4_1 (d, m fp16: value d * q + m) ->
-  int4 codes with per-32 scale and zero -> qlinear.Int4Linear;
+- Q4_0 (d fp16, 16 bytes of nibbles: value d * (q - 8)), Q4_1 (d, m fp16: value d * q + m) and
+  Q4_K (per-32 6-bit scales and mins under fp16 d, dmin) -> int4 codes with per-32 scale and
+  zero -> qlinear.Int4Linear;
 - Q8_0 (d fp16, 32 int8: value d * q) -> qlinear.Int8Linear (projections) or qlinear.Q8Table
   (the embedding, which is also the head when tied);
-- anything else (F32/F16/BF16 matrices, K-quants, Q5_*) -> dequantized by the gguf library and
+- anything else (F32/F16/BF16 matrices, other K-quants, Q5_*) -> dequantized by the gguf library and
   widened to bf16 (qlinear.DenseLinear); vectors (norms, biases) -> float32 tensors.
 llama.cpp's permutation of the Q/K rows is undone on whole rows (a block never crosses a row),
 and q | k | v and gate | up are fused by stacking rows, exactly as the float32 path does.
@@ -20,7 +21,7 @@ from userspace.programs.config import LlamaConfig
 from userspace.programs.gguf_file import unpermute_rope_rows
 from userspace.programs.qlinear import GROUP, DenseLinear, Int4Linear, Int8Linear, Q8Table
 
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
 
 
 def _f16(raw: np.ndarray, offset: int) -> torch.Tensor:
@@ -47,6 +48,8 @@ def decode(t) -> tuple:
             return "int4", _nibbles(raw[..., 2:]), d, torch.zeros_like(d)
         if kind == "Q4_1":
             return "int4", _nibbles(raw[..., 4:]), d, _f16(raw, 2) + 8 * d
+        if kind == "Q4_K":
+            return _q4_k(raw, d, _f16(raw, 2))
         q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(rows, -1).copy())
         return "int8", q, d
     from gguf.quants import dequantize
@@ -55,6 +58,20 @@ def decode(t) -> tuple:
     except Exception as exc:
         raise KvosError(EINVAL, f"cannot dequantize {t.name} ({kind}: {exc})") from None
     return ("float", torch.from_numpy(np.array(values, dtype=np.float32, copy=True)))
+
+
+def _q4_k(raw: np.ndarray, d: torch.Tensor, dmin: torch.Tensor) -> tuple:
+    """Q4_K super-blocks of 256: eight sub-blocks of 32 with 6-bit scale sc and min m each, value
+    d * sc * q - dmin * m; in the int4 layout that is scale d * sc and zero 8 * d * sc - dmin * m."""
+    packed = raw[..., 4:16].astype(np.int32)                        # 12 bytes of 6-bit scales and mins
+    lo, hi = packed[..., :4], packed[..., 8:12]
+    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=-1)
+    m = np.concatenate([packed[..., 4:8] & 63, (hi >> 4) | ((packed[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = raw[..., 16:].reshape(*raw.shape[:2], 4, 32)               # four chunks of 64 values
+    codes = np.stack([qs & 15, qs >> 4], axis=3).reshape(raw.shape[0], -1).astype(np.int32)
+    scale = (d[..., None] * torch.from_numpy(sc).float()).reshape(raw.shape[0], -1)
+    mins = (dmin[..., None] * torch.from_numpy(m).float()).reshape(raw.shape[0], -1)
+    return "int4", torch.from_numpy(codes), scale, 8 * scale - mins
 
 
 def permute_rows(part: tuple, num_heads: int) -> tuple:

@@ -152,6 +152,8 @@ class LlamaProgram(Program):
         head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
         self.lm_head = head if qlinear.is_quantized(head) else head.to(self.matmul_dtype)
         self.layers = [_Layer(w, i, self.matmul_dtype) for i in range(config.num_hidden_layers)]
+        if qlinear.is_quantized(self.layers[0].qkv_t):      # steps read the blocks as held, not float32
+            self.cost = dataclasses.replace(self.cost, weight_bytes=qlinear.read_bytes(self.layers, self.lm_head))
         self.rope = RopeTables(config, dtype, device, weights.get("freq_factors"))
         self.scale = config.head_dim ** -0.5
         # What a step reads, as held (bf16 linear layers read half the fp32 bytes): the LM head, the

@@ -9,7 +9,7 @@ own blocks in a form the int4 GEMM of kernel/ops streams (see kernel/ops/quant.p
   fp16 d and m are rounded to bf16, x is rounded to bf16).
 - Int8Linear: Q8_0 blocks as two int4 planes, q + 128 = 16 * hi + lo: W = 16d(hi - 8) + (d(lo - 8) + 8d),
   two int4 GEMMs summed (1.25 bytes a weight instead of Q8_0's 1.06; still a quarter of fp32).
-- DenseLinear: any other type (F16, K-quants, ...), widened to bf16 at conversion.
+- DenseLinear: any other type (F16, Q6_K, Q5_*, ...), widened to bf16 at conversion.
 - Q8Table: an embedding kept as Q8_0 blocks; rows are widened as they are looked up. When the
   embedding is tied it also carries the head (an Int8Linear over the same codes).
 Every layer's dequantize() is the float32 matrix it stands for: the oracle of the tests.
@@ -134,6 +134,12 @@ def weight_bytes(w) -> int:
     if isinstance(w, torch.Tensor):
         return w.numel() * w.element_size()
     return sum(t.numel() * t.element_size() for t in w.tensors().values())
+
+
+def read_bytes(layers, head) -> int:
+    """Bytes of weights a step reads: every layer's four projections and the LM head, as held."""
+    mats = [getattr(layer, n) for layer in layers for n in ("qkv_t", "o_t", "gate_up_t", "down_t")]
+    return sum(weight_bytes(w) for w in mats) + weight_bytes(head.head if isinstance(head, Q8Table) else head)
 
 
 # -- the four calls of the forward pass -------------------------------------------------------

@@ -54,8 +54,8 @@ def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", m
                         "(default $KVOS_MATMUL or float32)")
     g.add_argument("--weights", choices=("float32", "gguf"), default=None,
                    help="what the linear layers hold: gguf runs a GGUF file's own quantized blocks (Q4_0, Q4_1, "
-                        "Q8_0; a quarter of the memory, bf16 GEMMs), float32 widens them and matches Hugging Face "
-                        "token for token (default $KVOS_WEIGHTS or float32)")
+                        "Q4_K, Q8_0; a quarter of the memory, bf16 GEMMs), float32 widens them and matches Hugging "
+                        "Face token for token (default $KVOS_WEIGHTS or float32)")
     g.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the KV cache on the CPU: bfloat16 halves the bytes per token (twice the "
                         "tokens in the same memory) and decode attention 1.15 to 1.65x faster; float32 "

@@ -1,0 +1,76 @@
+"""SmolLM2-135M-Instruct Q4_1 run on its own blocks (--weights gguf) against the same file dequantized
+to float32 (the default path, itself exact against Hugging Face). Slow; CI runs it.
+
+Measured (docs/programs.md): logits within a few percent of float32's norm; perplexity on a fixed
+text within 1% of float32's; greedy continuations that agree for a while, then drift where two
+tokens are nearly tied. The asserts are the tolerances stated there.
+"""
+import pytest
+import torch
+
+from tests.helpers.paged_runner import PagedRunner
+from userspace.programs import qlinear
+from userspace.programs.loader import load_program
+
+pytestmark = pytest.mark.slow
+
+TEXT = ("The operating system manages the computer's memory and processes, as well as all of its software and "
+        "hardware. It also allows you to communicate with the computer without knowing how to speak the "
+        "computer's language. Without an operating system, a computer is useless. Virtual memory gives each "
+        "process the illusion of a large, private address space, while the kernel maps its pages to frames of "
+        "physical memory and moves the least recently used ones to disk when memory runs short.")
+CHATS = ["Write a short story about a fox who learns to share.", "Explain how virtual memory works.",
+         "List five fruits and describe each one in a sentence.", "Why do caches make programs faster?",
+         "What is the capital of France?", "Give me three tips for learning to code."]
+NEW = 32
+LOGIT_TOL = 0.08        # relative norm, any prefill position (measured up to ~0.04)
+PPL_TOL = 0.03          # relative perplexity difference on TEXT (measured below 0.01)
+
+
+@pytest.fixture(scope="module")
+def programs():
+    return load_program("smollm2-135m", "cpu"), load_program("smollm2-135m", "cpu", weights="gguf")
+
+
+def perplexity(program, ids):
+    runner = PagedRunner(program)
+    logits = runner.prefill(runner.new_seq(), ids)
+    return torch.exp(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]))).item()
+
+
+def test_quantized_program_holds_blocks_not_floats(programs):
+    _, quant = programs
+    assert all(isinstance(layer.gate_up_t, qlinear.Int4Linear) for layer in quant.layers)
+    assert isinstance(quant.embed, qlinear.Q8Table) and quant.embed.head is not None
+
+
+def test_logits_and_perplexity_against_float32(programs):
+    exact, quant = programs
+    ids = exact.encode(TEXT)
+    r1, r2 = PagedRunner(exact), PagedRunner(quant)
+    a, b = r1.prefill(r1.new_seq(), ids), r2.prefill(r2.new_seq(), ids)
+    errors = ((a - b).norm(dim=1) / a.norm(dim=1))
+    ppl_f, ppl_q = perplexity(exact, ids), perplexity(quant, ids)
+    print(f"logits rel error: median {errors.median():.4f} max {errors.max():.4f}; "
+          f"perplexity float32 {ppl_f:.3f} gguf {ppl_q:.3f}")
+    assert errors.max() < LOGIT_TOL
+    assert abs(ppl_q - ppl_f) / ppl_f < PPL_TOL
+
+
+def test_greedy_agreement_over_chats(programs):
+    exact, quant = programs
+    prompts = [exact.apply_chat_template([{"role": "user", "content": c}]) for c in CHATS]
+    outs_f, _ = PagedRunner(exact).greedy(prompts, NEW)
+    outs_q, _ = PagedRunner(quant).greedy(prompts, NEW)
+    prefix = [next((i for i, (x, y) in enumerate(zip(f, q)) if x != y), NEW) for f, q in zip(outs_f, outs_q)]
+    same = sum(x == y for f, q in zip(outs_f, outs_q) for x, y in zip(f, q))
+    print(f"greedy: identical prefixes {prefix} of {NEW}; {same} of {NEW * len(CHATS)} tokens equal "
+          "position by position")
+    # The quantized model's own continuation is likely under the float32 model: it is the same model.
+    for p, q in zip(prompts, outs_q):
+        ids = p + q
+        runner = PagedRunner(exact)
+        logits = runner.prefill(runner.new_seq(), ids)[len(p) - 1:-1]
+        ranks = (logits > logits.gather(1, torch.tensor(q)[:, None])).sum(1)
+        assert (ranks <= 4).float().mean() > 0.9        # float32 ranks quantized greedy tokens in its top 5
+    assert sum(prefix) / len(prefix) >= 4
