@@ -37,7 +37,7 @@ def rss_after_load(variant: str) -> dict:
 
 
 def weight_bytes(program) -> int:
-    return qlinear.read_bytes(program.layers, program.lm_head)
+    return qlinear.read_bytes(program.layers, program.lm_head, program.norm)
 
 
 def decoder(program, batch: int):

@@ -11,9 +11,12 @@ pipe reaches EOF and the worker exits too.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+
+log = logging.getLogger("kvos.tp")
 
 
 def main(argv: list) -> None:
@@ -80,8 +83,8 @@ def worker_main(rank: int, size: int, port: int, key: str, conn, threads: int, t
             else:
                 raise RuntimeError(f"unknown command {what!r}")
         except BaseException as exc:         # noqa: BLE001 - any failure ends this rank, loudly
-            print(f"kvos tensor-parallel rank {rank}: {what} failed: {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
+            # A worker has no handlers of its own: logging's last resort writes this to stderr.
+            log.error("kvos tensor-parallel rank %d: %s failed: %s: %s", rank, what, type(exc).__name__, exc)
             os._exit(1)
     conn.close()
 

@@ -152,17 +152,12 @@ class LlamaProgram(Program):
         head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
         self.lm_head = head if qlinear.is_quantized(head) else head.to(self.matmul_dtype)
         self.layers = [_Layer(w, i, self.matmul_dtype) for i in range(config.num_hidden_layers)]
-        if qlinear.is_quantized(self.layers[0].qkv_t):      # steps read the blocks as held, not float32
-            self.cost = dataclasses.replace(self.cost, weight_bytes=qlinear.read_bytes(self.layers, self.lm_head))
         self.rope = RopeTables(config, dtype, device, weights.get("freq_factors"))
         self.scale = config.head_dim ** -0.5
-        # What a step reads, as held (bf16 linear layers read half the fp32 bytes): the LM head, the
-        # final norm and every layer's tensors; the embedding gives one row per token, not counted.
-        # (a Q8_0 table's tied head is its Int8Linear; quantized layers count the blocks they hold).
-        head = self.lm_head.head if isinstance(self.lm_head, qlinear.Q8Table) else self.lm_head
-        read = [head, self.norm] + [getattr(layer, name) for layer in self.layers for name in layer.__slots__]
-        self.cost = dataclasses.replace(self.cost, weight_bytes=sum(qlinear.weight_bytes(t) for t in read
-                                                                    if t is not None))
+        # What a step reads, as held (bf16 linear layers read half the fp32 bytes, quantized ones their
+        # blocks): the roofline of the bench and the simulated device's price of a step.
+        self.cost = dataclasses.replace(self.cost, weight_bytes=qlinear.read_bytes(self.layers, self.lm_head,
+                                                                                   self.norm))
 
     # -- text ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -136,10 +136,13 @@ def weight_bytes(w) -> int:
     return sum(t.numel() * t.element_size() for t in w.tensors().values())
 
 
-def read_bytes(layers, head) -> int:
-    """Bytes of weights a step reads: every layer's four projections and the LM head, as held."""
-    mats = [getattr(layer, n) for layer in layers for n in ("qkv_t", "o_t", "gate_up_t", "down_t")]
-    return sum(weight_bytes(w) for w in mats) + weight_bytes(head.head if isinstance(head, Q8Table) else head)
+def read_bytes(layers, head, norm) -> int:
+    """Bytes of weights a step reads, as held: every layer's tensors (projections, norms, biases), the
+    final norm and the LM head (a Q8_0 table's tied head is its Int8Linear). The embedding gives one
+    row per token and is not counted."""
+    read = [getattr(layer, n) for layer in layers for n in layer.__slots__]
+    read += [norm, head.head if isinstance(head, Q8Table) else head]
+    return sum(weight_bytes(w) for w in read if w is not None)
 
 
 # -- the four calls of the forward pass -------------------------------------------------------
