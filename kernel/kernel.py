@@ -27,7 +27,7 @@ from kernel import loop as kloop
 from kernel import step
 from kernel.devices import make_device
 from kernel.dmesg import Dmesg
-from kernel.errors import EAGAIN, EINVAL, ENOMEM, KvosError
+from kernel.errors import EINVAL, ENOMEM, KvosError
 from kernel.klock import KernelLock
 from kernel.mm import MemoryManager, namespace_name
 from kernel.pagename import salt_of
@@ -40,8 +40,7 @@ from kernel.sched.stats import SchedStats
 from kernel.shm import ShmSegment
 from kernel.tenant import Tenant
 from kernel.units import parse_bytes
-
-WAKE_EVENTS = frozenset({"output", "turn", "exit"})      # what a watcher of a process may wait for
+from kernel.watch import BlockingCount, wake
 
 
 class Kernel:
@@ -106,7 +105,7 @@ class Kernel:
         self._ids = {"pid": 0, "tid": 0, "shmid": 0, "arrival": 0}
         self.random_ids = pids == "random"                         # pids and shmids that say nothing of others
         self._events = step.StepEvents()                           # exits since the last step record
-        self._blocking_mutex = threading.Lock()                    # guards Tenant.blocked (begin_blocking)
+        self.blocking = BlockingCount()                              # Tenant.blocked (kernel/watch.py)
         self.null_frame = None                                     # padded batches write padding here
         self.accepting = True                                      # False once shutdown() began
         if frame_bytes is not None:
@@ -135,52 +134,6 @@ class Kernel:
 
     def sleeping_resident(self) -> list:
         return [p for p in self.procs.values() if p.state == State.SLEEPING and p.residency == Residency.RESIDENT]
-
-    # -- waking callers ------------------------------------------------------------------
-    def watch(self, proc: Process, callback, events=WAKE_EVENTS):
-        """Run callback() once (under the kernel lock) at the next of `events` of `proc`: "output"
-        (a token), "turn" (its turn ended: it sleeps) or "exit" (it exited or was reaped). Returns
-        cancel(), which needs no lock. A step wakes only waiters of its own processes, and a wait
-        (events turn and exit) is not woken by every token."""
-        entry = (frozenset(events), callback)
-        proc.watchers.append(entry)
-
-        def cancel():
-            try:
-                proc.watchers.remove(entry)
-            except ValueError:
-                pass                                   # already run
-        return cancel
-
-    def wake(self, proc: Process, event: str) -> None:
-        """Run and forget the callbacks waiting for `event` of `proc` (call under the lock)."""
-        if proc.watchers:
-            fire = [w for w in proc.watchers if event in w[0]]
-            if fire:
-                proc.watchers = [w for w in proc.watchers if event not in w[0]]
-                for _, callback in fire:
-                    callback()
-
-    def begin_blocking(self, tenant: Tenant | None):
-        """Count one blocking call (or asynchronous watch) of `tenant` in flight: EAGAIN beyond its
-        max_blocked. Returns release(), to call exactly once; root is not counted. Its own small
-        lock: releases come from wherever a wait ends, the daemon's event loop included."""
-        if tenant is None:
-            return _nothing
-        with self._blocking_mutex:
-            if tenant.blocked >= tenant.max_blocked:
-                raise KvosError(EAGAIN, f"tenant {tenant.name!r} has {tenant.blocked} blocking calls in flight; "
-                                        f"its limit is {tenant.max_blocked}")
-            tenant.blocked += 1
-        released = []
-
-        def release():
-            with self._blocking_mutex:
-                if not released:
-                    released.append(True)
-                    tenant.blocked -= 1
-        return release
-
 
     # -- memory ----------------------------------------------------------------------------
     def _size_pool(self, frame_bytes: int, program=None) -> None:
@@ -362,7 +315,7 @@ class Kernel:
         if proc.builds_segment is not None:          # a failed builder takes its segment with it
             self.shm_segments.pop(proc.builds_segment.shmid, None)
             self.reap(proc)
-        self.wake(proc, "exit")
+        wake(proc, "exit")
         self.changed.notify_all()
 
     def reap(self, proc: Process) -> None:
@@ -371,7 +324,7 @@ class Kernel:
             del self.procs[proc.pid]
         proc.tenant.pids.discard(proc.pid)
         proc.reaped = True
-        self.wake(proc, "exit")                      # other waits on it learn it is gone
+        wake(proc, "exit")                      # other waits on it learn it is gone
 
     def end_turn(self, proc: Process, reason: str) -> None:
         proc.turn_done = True
@@ -380,7 +333,7 @@ class Kernel:
             self.sched.remove(proc)
             proc.state = State.SLEEPING
             self.log("sleep", f"pid {proc.pid} turn ended ({reason}); sleeping", proc=proc)
-            self.wake(proc, "turn")
+            wake(proc, "turn")
         else:
             self.exit_process(proc, reason)
 
@@ -478,10 +431,6 @@ class Kernel:
     def syscalls(self, as_tenant=None):
         from kernel.syscalls import SyscallHandle
         return SyscallHandle(self, as_tenant)
-
-
-def _nothing() -> None:
-    pass
 
 
 def _check_int(name, value, lo, hi):

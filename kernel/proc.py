@@ -80,7 +80,7 @@ class Process:
     logprob_offset: int = 0          # logprobs entries already returned by read()
     exit: ExitStatus | None = None
     reaped: bool = False             # wait() took it out of the process table
-    # who waits for it: (events, callback), run once under the kernel lock (Kernel.watch)
+    # who waits for it: (events, callback), run once under the kernel lock (kernel/watch.py)
     watchers: list = field(default_factory=list)
     error: str | None = None
     spawned_at: float = field(default_factory=time.monotonic)

@@ -19,6 +19,7 @@ from kernel.penalties import history_of
 from kernel.proc import Process, State
 from kernel.results import StepRecord, WorkRecord
 from kernel.sampling import sample
+from kernel.watch import wake
 
 _NO_SAMPLE = (None, None)
 WORK_FIELDS = 6              # a work in a step record's array: pid, tid, start, count, token (-1: none), generated
@@ -173,7 +174,7 @@ def commit(kernel, plan, samples: dict) -> None:
         if reason is not None:
             kernel.end_turn(proc, reason)
         if proc.watchers:
-            kernel.wake(proc, "output")
+            wake(proc, "output")
     kernel.stats.generated_tokens += drawn
 
 

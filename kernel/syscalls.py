@@ -14,6 +14,7 @@ from kernel import sysinfo, sysproc, systenant  # noqa: F401  (each registers it
 from kernel.argcheck import proc_of, tenant_of
 from kernel.errors import EAGAIN, EINVAL, EPERM, ESRCH, KvosError
 from kernel.systable import SYSCALLS, Syscall, syscall  # noqa: F401  (the table's public names)
+from kernel.watch import watch
 
 # Calls a kernel without a tenant yet can answer (the pool is sized by the first tenant).
 _BEFORE_FIRST_TENANT = frozenset({"spawn_tenant", "ps", "meminfo", "schedstat", "dmesg", "trace", "loopctl",
@@ -56,8 +57,8 @@ class SyscallHandle:
         proc = proc_of(kernel, self._tenant, pid)
         if not set(events) <= {"output", "turn", "exit"} or not events:
             raise KvosError(EINVAL, f"events must be some of output, turn, exit; got {events!r}")
-        release = kernel.begin_blocking(self._tenant)
-        unwatch = kernel.watch(proc, callback, events)
+        release = kernel.blocking.begin(self._tenant)
+        unwatch = watch(proc, callback, events)
 
         def cancel():
             unwatch()

@@ -3,7 +3,7 @@
 Each prepare half (caller's context, no lock) turns text or a chat into token ids
 and stop strings into a StopSet; each handler (kernel mode) checks them against
 the kernel's state and acts. read and wait block: they hold the kernel lock from
-wake-up to result and sleep on their process alone (Kernel.watch), so a step
+wake-up to result and sleep on their process alone (kernel/watch.py), so a step
 wakes only the callers whose process changed. Their finish half decodes bytes.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from kernel.proc import State
 from kernel.results import ReadResult, TokenLogprob, TopLogprob
 from kernel.sampling import SamplingParams
 from kernel.systable import syscall
+from kernel.watch import watch
 
 
 # -- spawn -------------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def block(kernel, proc, until, timeout, events=("output", "turn", "exit")) -> bo
                     kernel.changed.wait(wait)
                 else:
                     woken = threading.Condition(kernel.lock)
-                    cancel = kernel.watch(proc, woken.notify, events)
+                    cancel = watch(proc, woken.notify, events)
                     woken.wait(wait)
                     cancel()
             elif not kernel.step() and not until():
@@ -206,7 +207,7 @@ def sys_read(kernel, caller, pid, timeout=0.0):
         proc = proc_of(kernel, caller, pid)
         start = proc.read_offset
         if timeout:
-            release = kernel.begin_blocking(caller)
+            release = kernel.blocking.begin(caller)
             try:
                 block(kernel, proc, lambda: len(proc.output) > start or proc.turn_done or not proc.alive, timeout)
             finally:
@@ -242,7 +243,7 @@ def sys_wait(kernel, caller, pid, timeout=None):
     timeout = check_timeout(timeout, default=None)
     with kernel.lock:       # held throughout, as in read (the condition wait lets the loop in)
         proc = proc_of(kernel, caller, pid)
-        release = kernel.begin_blocking(caller)
+        release = kernel.blocking.begin(caller)
         try:
             done = block(kernel, proc, lambda: not proc.alive or proc.state == State.SLEEPING or proc.reaped,
                          timeout, events=("turn", "exit"))
