@@ -25,30 +25,42 @@ def converted_dir(digest: str) -> Path:
 
 def load_converted(digest: str):
     """(config, weights, tokenizer) from the cache, or None when absent or unreadable."""
-    from safetensors.torch import load_file
-    folder = converted_dir(digest)
-    try:
-        meta = json.loads((folder / "program.json").read_text())
-        if meta.get("format") != FORMAT or meta.get("sha256") != digest:
-            return None
-        config = LlamaConfig.from_dict(meta["config"])
-        weights = load_file(folder / "weights.safetensors")
-        tokenizer = TextTokenizer.load(folder / "tokenizer.json", meta.get("chat_template"), meta.get("special_tokens"))
-    except Exception:       # any damage to the cache (safetensors, json, a KvosError) means: convert again
-        return None
-    return config, weights, tokenizer
+    found = read_program(converted_dir(digest), digest, FORMAT)
+    return None if found is None else found[:3]
 
 
 def save_converted(digest: str, config: LlamaConfig, weights: dict, tokenizer: TextTokenizer) -> bool:
     """Write the converted form; False (and nothing left behind) when the cache is not writable."""
+    return write_program(converted_dir(digest), digest, FORMAT, config, weights, tokenizer)
+
+
+# -- one cached program folder (this cache's and qcache.py's) ---------------------------------------------------
+def read_program(folder: Path, digest: str, fmt: int):
+    """(config, tensors, tokenizer, meta) of a program folder, or None when absent, stale or damaged."""
+    from safetensors.torch import load_file
+    try:
+        meta = json.loads((folder / "program.json").read_text())
+        if meta.get("format") != fmt or meta.get("sha256") != digest:
+            return None
+        config = LlamaConfig.from_dict(meta["config"])
+        tensors = load_file(folder / "weights.safetensors")
+        tokenizer = TextTokenizer.load(folder / "tokenizer.json", meta.get("chat_template"), meta.get("special_tokens"))
+    except Exception:       # any damage to the cache (safetensors, json, a KvosError) means: convert again
+        return None
+    return config, tensors, tokenizer, meta
+
+
+def write_program(final: Path, digest: str, fmt: int, config: LlamaConfig, tensors: dict, tokenizer: TextTokenizer,
+                  **meta) -> bool:
+    """Write a program folder in one rename (extra `meta` goes into program.json); False, and nothing
+    left behind, when the cache is not writable."""
     from safetensors.torch import save_file
-    final = converted_dir(digest)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: t.contiguous() for k, t in weights.items()}, tmp / "weights.safetensors")
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp / "weights.safetensors")
         tokenizer.save(tmp / "tokenizer.json")
-        meta = {"format": FORMAT, "sha256": digest, "config": config.to_dict(),
+        meta = {"format": fmt, "sha256": digest, "config": config.to_dict(), **meta,
                 "chat_template": tokenizer.chat_template, "special_tokens": tokenizer.special_tokens}
         (tmp / "program.json").write_text(json.dumps(meta, indent=1))
         publish_dir(tmp, final)

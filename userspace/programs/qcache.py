@@ -1,21 +1,21 @@
 """The quantized cache: a GGUF's weights as qlinear layers, ready to load in well under a second.
 
-Like converted.py's cache (keyed by the file's sha256 and this format's version), but the folder
+Like converted.py's cache (keyed by the file's sha256 and this format's version, written and read
+by its write_program and read_program), but the folder
 quantized/<digest>-v<FORMAT> holds the packed int4 codes, bf16 scales, Q8_0 embedding blocks and
 float32 vectors in one weights.safetensors, with program.json saying which layer each name is.
 No float32 copy of the matrices is ever written. A missing or damaged folder is rebuilt.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 
 from userspace.programs import qlinear
-from userspace.programs.cachedir import cache_dir, publish_dir
+from userspace.programs.cachedir import cache_dir
 from userspace.programs.config import LlamaConfig
+from userspace.programs.converted import read_program, write_program
 from userspace.programs.tokenizer import TextTokenizer
 
 FORMAT = 1
@@ -67,36 +67,18 @@ def _unflatten(tensors: dict, kinds: dict) -> dict:
 
 def load_quantized(digest: str):
     """(config, weights, tokenizer) from the cache, or None when absent or unreadable."""
-    from safetensors.torch import load_file
-    folder = quantized_dir(digest)
+    found = read_program(quantized_dir(digest), digest, FORMAT)
+    if found is None:
+        return None
+    config, tensors, tokenizer, meta = found
     try:
-        meta = json.loads((folder / "program.json").read_text())
-        if meta.get("format") != FORMAT or meta.get("sha256") != digest:
-            return None
-        config = LlamaConfig.from_dict(meta["config"])
-        weights = _unflatten(load_file(folder / "weights.safetensors"), meta["kinds"])
-        tokenizer = TextTokenizer.load(folder / "tokenizer.json", meta.get("chat_template"), meta.get("special_tokens"))
-    except Exception:       # any damage to the cache means: convert again
+        weights = _unflatten(tensors, meta["kinds"])
+    except Exception:       # a damaged layer list means: convert again
         return None
     return config, weights, tokenizer
 
 
 def save_quantized(digest: str, config: LlamaConfig, weights: dict, tokenizer: TextTokenizer) -> bool:
     """Write the quantized form; False (and nothing left behind) when the cache is not writable."""
-    from safetensors.torch import save_file
-    final = quantized_dir(digest)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     tensors, kinds = _flatten(weights)
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, tmp / "weights.safetensors")
-        tokenizer.save(tmp / "tokenizer.json")
-        meta = {"format": FORMAT, "sha256": digest, "config": config.to_dict(), "kinds": kinds,
-                "chat_template": tokenizer.chat_template, "special_tokens": tokenizer.special_tokens}
-        (tmp / "program.json").write_text(json.dumps(meta, indent=1))
-        publish_dir(tmp, final)
-    except OSError:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        return False
-    return True
+    return write_program(quantized_dir(digest), digest, FORMAT, config, tensors, tokenizer, kinds=kinds)
