@@ -176,52 +176,13 @@ def count_calls(root, tid, program) -> None:
 
 
 # -- forward variants ------------------------------------------------------------------------------------
-def lean(base):
+def lean(base, unchecked: bool = False):
     """The same arithmetic in the same order, with less Python per layer: names bound once, no no-op
-    casts, SiLU in place on the gate half. Exact: every op that touches numbers is the same op."""
-    import torch
-    import torch.nn.functional as F
+    casts, SiLU in place on the gate half. Exact: every op that touches numbers is the same op.
 
-    from kernel import ops
-
-    rms_norm, mm, silu = F.rms_norm, torch.mm, F.silu
-    write_kv, attention = ops.write_kv, ops.paged_attention
-
-    @torch.inference_mode()
-    def forward(self, batch, kv):
-        if self.matmul_dtype != self.dtype or any(layer.qkv_bias is not None or layer.o_bias is not None
-                                                  for layer in self.layers[:1]):
-            return base(self, batch, kv)
-        c = self.config
-        n = batch.token_ids.shape[0]
-        hidden, eps = (c.hidden_size,), c.rms_norm_eps
-        nq, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q_end, k_end, inter = c.q_size, c.q_size + c.kv_size, c.intermediate_size
-        rope, scale = self.rope, self.scale
-        cos, sin = rope.lookup(batch.positions)
-        slots, table, qstart, ctx = batch.slot_mapping, batch.page_table, batch.query_start, batch.context_lens
-        x = F.embedding(batch.token_ids, self.embed)
-        check = True
-        for index, layer in enumerate(self.layers):
-            qkv = mm(rms_norm(x, hidden, layer.attn_norm, eps), layer.qkv_t)
-            qk = rope.apply(qkv[:, :k_end].view(n, nq + nkv, d), cos, sin)
-            k_cache, v_cache = kv.layer(index)
-            write_kv(k_cache, v_cache, qk[:, nq:], qkv[:, k_end:].view(n, nkv, d), slots, check=check)
-            attn = attention(qk[:, :nq], k_cache, v_cache, table, qstart, ctx, scale, check=check)
-            check = False
-            x.addmm_(attn.view(n, q_end), layer.o_t)
-            gate_up = mm(rms_norm(x, hidden, layer.mlp_norm, eps), layer.gate_up_t)
-            x.addmm_(silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:]), layer.down_t)
-        x = rms_norm(x.index_select(0, batch.sample_indices), hidden, self.norm, eps)
-        return F.linear(x, self.lm_head).float()
-
-    return forward
-
-
-def unchecked(base):
-    """lean, and layers after the first call the C kernels without dispatch's Python checks (shapes,
-    dtypes: the same as the first layer's, which were checked). Measurement only: it reaches past the
-    program ABI into kernel.ops.cpu."""
+    unchecked: besides, layers after the first call the C kernels without dispatch's Python checks
+    (shapes, dtypes: the same as the first layer's, which were checked). Measurement only: it
+    reaches past the program ABI into kernel.ops.cpu."""
     import torch
     import torch.nn.functional as F
 
@@ -229,6 +190,7 @@ def unchecked(base):
     from kernel.ops import cpu
 
     rms_norm, mm, silu = F.rms_norm, torch.mm, F.silu
+    write_kv, attention = ops.write_kv, ops.paged_attention
 
     @torch.inference_mode()
     def forward(self, batch, kv):
@@ -248,13 +210,13 @@ def unchecked(base):
             qk = rope.apply(qkv[:, :k_end].view(n, nq + nkv, d), cos, sin)
             k_cache, v_cache = kv.layer(index)
             k, v, q = qk[:, nq:], qkv[:, k_end:].view(n, nkv, d), qk[:, :nq]
-            if index == 0:
-                ops.write_kv(k_cache, v_cache, k, v, slots, check=True)
-                attn = ops.paged_attention(q, k_cache, v_cache, table, qstart, ctx, scale, check=True)
-            else:
+            if unchecked and index > 0:
                 cpu.write_kv(k_cache, v_cache, k, v, slots, False)
                 attn = cpu.paged_attention(q, k_cache, v_cache, table, qstart, ctx, scale,
                                            torch.empty(q.shape), False)
+            else:
+                write_kv(k_cache, v_cache, k, v, slots, check=index == 0)
+                attn = attention(q, k_cache, v_cache, table, qstart, ctx, scale, check=index == 0)
             x.addmm_(attn.view(n, q_end), layer.o_t)
             gate_up = mm(rms_norm(x, hidden, layer.mlp_norm, eps), layer.gate_up_t)
             x.addmm_(silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:]), layer.down_t)
@@ -264,7 +226,7 @@ def unchecked(base):
     return forward
 
 
-VARIANTS = {"base": lambda base: base, "lean": lean, "unchecked": unchecked}
+VARIANTS = {"base": lambda base: base, "lean": lean, "unchecked": lambda base: lean(base, unchecked=True)}
 
 if __name__ == "__main__":
     raise SystemExit(main())
