@@ -18,7 +18,8 @@ import torch
 
 from kernel.errors import EINVAL, KvosError
 from userspace.programs.config import LlamaConfig
-from userspace.programs.gguf_file import unpermute_rope_rows
+from userspace.programs.gguf_file import rope_heads, unpermute_rope_rows
+from userspace.programs.llama import fuse_hf_weights
 from userspace.programs.qlinear import GROUP, DenseLinear, Int4Linear, Int8Linear, Q8Table
 
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
@@ -109,44 +110,33 @@ def linear(part: tuple):
 
 
 def canonical(config: LlamaConfig, raw: dict, permuted: bool) -> dict:
-    """Canonical weights from raw GGUF tensors under Hugging Face names (gguf_file.raw_tensors)."""
-    def take(name):
-        if name not in raw:
-            raise KvosError(EINVAL, f"model weights: tensor {name!r} is missing")
-        part = decode(raw[name])
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            part = permute_rows(part, config.num_attention_heads)
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            part = permute_rows(part, config.num_key_value_heads)
-        return part
+    """Canonical weights from raw GGUF tensors under Hugging Face names (gguf_file.raw_tensors):
+    llama.fuse_hf_weights's names and fusing, with parts decoded as they are taken."""
+    parts = _Decoded(raw, config, permuted)
 
-    def vector(name):
-        return dequantize_part(take(name))
+    def embed(part):
+        if part[0] != "int8":
+            return dequantize_part(part)
+        head = linear(part) if config.tie_word_embeddings else None
+        table = Q8Table(part[1], part[2].to(torch.float16), head if isinstance(head, Int8Linear) else None)
+        if config.tie_word_embeddings and table.head is None:
+            return dequantize_part(part)        # a shape the int4 GEMM cannot hold: float32
+        return table
 
-    embed = take("model.embed_tokens.weight")
-    out = {"norm": vector("model.norm.weight")}
-    if embed[0] == "int8":
-        head = linear(embed) if config.tie_word_embeddings else None
-        out["embed"] = Q8Table(embed[1], embed[2].to(torch.float16), head if isinstance(head, Int8Linear) else None)
-        if config.tie_word_embeddings and out["embed"].head is None:
-            out["embed"] = dequantize_part(embed)        # a shape the int4 GEMM cannot hold: float32
-    else:
-        out["embed"] = dequantize_part(embed)
-    if not config.tie_word_embeddings:
-        out["lm_head"] = linear(take("lm_head.weight"))
-    if "rope_freqs" in raw:
-        out["freq_factors"] = vector("rope_freqs")
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        out[f"layers.{i}.attn_norm"] = vector(p + "input_layernorm.weight")
-        out[f"layers.{i}.qkv"] = linear(_fuse([take(a + f"{x}_proj.weight") for x in "qkv"]))
-        if config.attention_bias:
-            out[f"layers.{i}.qkv_bias"] = torch.cat([vector(a + f"{x}_proj.bias") for x in "qkv"])
-        out[f"layers.{i}.o"] = linear(take(a + "o_proj.weight"))
-        if config.o_proj_bias:
-            out[f"layers.{i}.o_bias"] = vector(a + "o_proj.bias")
-        out[f"layers.{i}.mlp_norm"] = vector(p + "post_attention_layernorm.weight")
-        out[f"layers.{i}.gate_up"] = linear(_fuse([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
-        out[f"layers.{i}.down"] = linear(take(p + "mlp.down_proj.weight"))
-    return out
+    return fuse_hf_weights(config, parts, matrix=lambda ps: linear(ps[0] if len(ps) == 1 else _fuse(ps)),
+                           vector=dequantize_part, embed=embed)
+
+
+class _Decoded:
+    """The raw tensors as parts, decoded (and their Q/K rows un-permuted) when taken."""
+
+    def __init__(self, raw: dict, config: LlamaConfig, permuted: bool):
+        self.raw, self.config, self.permuted = raw, config, permuted
+
+    def __contains__(self, name) -> bool:
+        return name in self.raw
+
+    def __getitem__(self, name) -> tuple:
+        part = decode(self.raw[name])
+        heads = rope_heads(name, self.config, self.permuted)
+        return part if heads is None else permute_rows(part, heads)

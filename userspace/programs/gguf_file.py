@@ -186,12 +186,18 @@ def _read_tensors(reader, config: LlamaConfig, permuted: bool, path) -> dict:
         if values.dtype != np.float32 or not values.flags.writeable or not values.flags.c_contiguous:
             values = np.array(values, dtype=np.float32, copy=True)
         tensor = torch.from_numpy(values)
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            tensor = unpermute_rope_rows(tensor, config.num_attention_heads)
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            tensor = unpermute_rope_rows(tensor, config.num_key_value_heads)
-        out[name] = tensor
+        heads = rope_heads(name, config, permuted)
+        out[name] = tensor if heads is None else unpermute_rope_rows(tensor, heads)
     return out
+
+
+def rope_heads(name: str, config: LlamaConfig, permuted: bool) -> int | None:
+    """The head count to un-permute a tensor's rows by (Q and K of a permuted file), or None."""
+    if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+        return config.num_attention_heads
+    if permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+        return config.num_key_value_heads
+    return None
 
 
 def unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -23,38 +23,43 @@ from userspace.programs.config import LlamaConfig
 from userspace.programs.rope import RopeTables
 
 
-def fuse_hf_weights(config: LlamaConfig, hf: dict) -> dict:
+def fuse_hf_weights(config: LlamaConfig, hf, *, matrix=None, vector=None, embed=None) -> dict:
     """Canonical (fused) weights from tensors under Hugging Face names.
 
     The canonical names are what LlamaProgram and the converted cache use:
     embed, norm, lm_head (untied only), freq_factors (optional), and per layer
     layers.{i}.{attn_norm, qkv, qkv_bias?, o, o_bias?, mlp_norm, gate_up, down}.
+    `hf` is any mapping of names to tensors; the hooks build each kind from what it holds (the
+    quantized loader, gguf_blocks.py, passes its own): matrix(parts) a projection from its parts
+    stacked by rows (default torch.cat), vector(t) a norm or bias, embed(t) the embedding table.
     """
+    matrix = matrix or (lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts))
+    vector = vector or (lambda t: t)
+    embed = embed or (lambda t: t)
+
     def take(name):
         if name not in hf:
             raise KvosError(EINVAL, f"model weights: tensor {name!r} is missing")
         return hf[name]
 
-    out = {"embed": take("model.embed_tokens.weight"), "norm": take("model.norm.weight")}
+    out = {"embed": embed(take("model.embed_tokens.weight")), "norm": vector(take("model.norm.weight"))}
     if not config.tie_word_embeddings:
-        out["lm_head"] = take("lm_head.weight")
+        out["lm_head"] = matrix([take("lm_head.weight")])
     if "rope_freqs" in hf:
-        out["freq_factors"] = hf["rope_freqs"]
+        out["freq_factors"] = vector(hf["rope_freqs"])
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        out[f"layers.{i}.attn_norm"] = take(p + "input_layernorm.weight")
-        out[f"layers.{i}.qkv"] = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
-                                            take(a + "v_proj.weight")])
+        out[f"layers.{i}.attn_norm"] = vector(take(p + "input_layernorm.weight"))
+        out[f"layers.{i}.qkv"] = matrix([take(a + f"{x}_proj.weight") for x in "qkv"])
         if config.attention_bias:
-            out[f"layers.{i}.qkv_bias"] = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
-                                                     take(a + "v_proj.bias")])
-        out[f"layers.{i}.o"] = take(a + "o_proj.weight")
+            out[f"layers.{i}.qkv_bias"] = torch.cat([vector(take(a + f"{x}_proj.bias")) for x in "qkv"])
+        out[f"layers.{i}.o"] = matrix([take(a + "o_proj.weight")])
         if config.o_proj_bias:
-            out[f"layers.{i}.o_bias"] = take(a + "o_proj.bias")
-        out[f"layers.{i}.mlp_norm"] = take(p + "post_attention_layernorm.weight")
-        out[f"layers.{i}.gate_up"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        out[f"layers.{i}.down"] = take(p + "mlp.down_proj.weight")
+            out[f"layers.{i}.o_bias"] = vector(take(a + "o_proj.bias"))
+        out[f"layers.{i}.mlp_norm"] = vector(take(p + "post_attention_layernorm.weight"))
+        out[f"layers.{i}.gate_up"] = matrix([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        out[f"layers.{i}.down"] = matrix([take(p + "mlp.down_proj.weight")])
     return out
 
 
