@@ -31,7 +31,7 @@ from userspace import libc
 from userspace.daemon import wire
 from userspace.daemon.client import Client, DaemonUnreachable
 from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.server import ServerThread
+from userspace.daemon.listen import ServerThread
 
 ROOT, ALICE, BOB = "root-key-for-tests", "alice-key-for-tests", "bob-key-for-tests"
 TINY = "tiny-llama"

@@ -19,7 +19,7 @@ from tests.test_daemon_process import REPO, Kvosd
 from userspace.daemon import logs
 from userspace.daemon.auth import check_exposure
 from userspace.daemon.config import DaemonConfig, TenantSpec, default_specs
-from userspace.daemon.server import ServerThread
+from userspace.daemon.listen import ServerThread
 from userspace.shell.main import main as shell_main
 
 ROOT, ALICE = "root-key-conventions", "alice-key-conventions"

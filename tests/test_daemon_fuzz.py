@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.server import ServerThread
+from userspace.daemon.listen import ServerThread
 
 ROOT, ALICE, BOB = "root-key-fuzz", "alice-key-fuzz", "bob-key-fuzz"
 EXAMPLES = int(os.environ.get("KVOS_FUZZ_EXAMPLES", "6"))

@@ -16,7 +16,7 @@ import pytest
 from kernel.errors import E2BIG, EAGAIN, EINVAL, ENOENT, EPERM, KvosError
 from userspace.daemon.client import Client
 from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.server import ServerThread, check_tls, exposure_warning
+from userspace.daemon.listen import ServerThread, check_tls, exposure_warning
 
 ROOT, ALICE, BOB, CAROL = "root-key-limits", "alice-key-limits", "bob-key-limits", "carol-key-limits"
 BIG = 10 * 1000 * 1000          # a 10 MB prompt

@@ -12,7 +12,7 @@ from kernel.errors import KvosError
 from tests.helpers import tiny_tools
 from tests.helpers.schemas import PERSON, assert_valid
 from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.server import ServerThread
+from userspace.daemon.listen import ServerThread
 
 KEY, ROOT, TOOLS_KEY = "fields-key-for-tests", "fields-root-for-tests", "tools-key-for-tests"
 MODEL = "tiny-llama"

@@ -11,7 +11,7 @@ from kernel.ops import set_num_threads
 from tests.helpers.schemas import PERSON, assert_valid
 from userspace import libc
 from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.server import ServerThread
+from userspace.daemon.listen import ServerThread
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"

@@ -16,7 +16,7 @@ import pytest
 from kernel.errors import KvosError
 from userspace.daemon.client import Client
 from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.server import ServerThread
+from userspace.daemon.listen import ServerThread
 
 ROOT, ALICE, BOB = "root-key-for-isolation", "alice-key-for-isolation", "bob-key-for-isolation"
 PAUSE_LIMIT = 1.0            # seconds: far above a step, far below what the attacks used to cause

@@ -12,7 +12,7 @@ import pytest
 from userspace.daemon import runtime
 from userspace.daemon.client import Client
 from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.server import ServerThread
+from userspace.daemon.listen import ServerThread
 from userspace.shell.main import main
 from userspace.tui.app import KvosTop
 from userspace.tui.source import Source

@@ -28,7 +28,7 @@ from kernel.results import (
 from kernel.syscalls import SYSCALLS
 from userspace.daemon.client import Client
 from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.server import ServerThread
+from userspace.daemon.listen import ServerThread
 
 ROOT, ALICE, BOB = "root-key-syscalls", "alice-key-syscalls", "bob-key-syscalls"
 BOOT = dict(device="cpu", memory="8MiB", swap="4MiB", threads=1)

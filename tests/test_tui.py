@@ -63,7 +63,7 @@ def over_http():
     """kvosd in a thread, its loop paused, seen through a Client with the root key: (client, tid, teardown)."""
     from userspace.daemon.client import Client
     from userspace.daemon.config import DaemonConfig, TenantSpec
-    from userspace.daemon.server import ServerThread
+    from userspace.daemon.listen import ServerThread
     key = "root-key-for-tui-tests"
     srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory=frames(24), swap=frames(8), threads=1),
                                     tenants=[TenantSpec("alice", TINY, "alice-key-for-tui-tests")], root_key=key))

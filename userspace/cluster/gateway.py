@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from userspace.cluster.cluster import Cluster
 from userspace.cluster.metrics import ReplicaCollector
-from userspace.daemon import server
+from userspace.daemon import listen
 
 
 def start(config, replicas: int, router: str = "cache_aware", address: str | None = None) -> Cluster:
@@ -26,13 +26,13 @@ def serve(config, replicas: int, router: str = "cache_aware", address: str | Non
         started.append(cluster)
         return cluster, ReplicaCollector
     try:
-        return server.serve(config, host=host, port=port, log_level=log_level, boot=boot)
+        return listen.serve(config, host=host, port=port, log_level=log_level, boot=boot)
     finally:
         for cluster in started:
             cluster.close()
 
 
-class GatewayThread(server.ServerThread):
+class GatewayThread(listen.ServerThread):
     """The gateway in a thread of this process over a running cluster (tests, embedding); stop()
     shuts the replicas' kernels down but leaves the cluster to its owner (cluster.close())."""
 

@@ -20,7 +20,7 @@ from userspace.cluster.cluster import Cluster
 from userspace.cluster.gateway import GatewayThread
 from userspace.daemon.client import Client
 from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.server import ServerThread
+from userspace.daemon.listen import ServerThread
 
 BOOT = dict(device="cpu", memory="8MiB", swap="4MiB", threads=1)
 PROMPT = [1, 57, 120, 33, 250, 91, 400]

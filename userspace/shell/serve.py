@@ -114,7 +114,7 @@ def config_from_args(args):
 def serve_main(args) -> int:
     from kernel.errors import EINVAL, KvosError
     from userspace.daemon import logs
-    from userspace.daemon.server import serve
+    from userspace.daemon.listen import serve
     if args.threads is not None:         # the model loader applies $KVOS_THREADS at each load: agree with it
         os.environ["KVOS_THREADS"] = str(args.threads)
     export_program_options(args)
