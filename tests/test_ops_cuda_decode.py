@@ -156,3 +156,27 @@ def test_plan_shrinks_chunks_for_small_batches_and_fits_shared_memory():
     assert chunk == 512 and chunks == 8 and smem <= cuda_decode.SMEM_BUDGET
     warps, chunk, _, smem = cuda_decode.plan(8, 1, 8, 256, 4, 4096, 16)   # fp32, head 256: one warp's ring
     assert warps == 1 and smem == cuda_decode.layout(1, 256, 4, chunk, 16)["total"]
+
+
+def test_the_gpu_benchmark_runs_in_emulation(emulated, monkeypatch):
+    """benchmarks/gpu_attention.py's correctness section and one table row, on a tiny shape, with the
+    CUDA events replaced: a GPU session's minutes are not spent finding a Python error."""
+    import importlib
+    import sys
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench, gpu_check = importlib.import_module("gpu_attention"), sys.modules["gpu_check"]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(gpu_check, "event_time", lambda fn: (fn(), 1e-3)[1])
+    monkeypatch.setattr(gpu_check, "FAILURES", [])
+    monkeypatch.setattr(bench, "FAILURES", gpu_check.FAILURES)
+    monkeypatch.setattr(bench, "CORRECTNESS_SHAPES", [(9, 3, 64)])
+    monkeypatch.setitem(bench.SHAPES, "tiny", (9, 3, 64, 3, 200))
+    assert bench.parse_args(["--shapes", "tiny", "--variant", "w2=warps:2,chunk:64"]).variants == [
+        ("w2", {"warps": 2, "chunk": 64})]
+    bench.check_v2(torch.device("cpu"), torch.float16, torch.Generator().manual_seed(fresh_seed()))
+    results, kv_bytes = bench.time_shape(torch.device("cpu"), torch.float16, "tiny", 16,
+                                         [bench.Variant("w2", warps=2, chunk=64)], False, torch.Generator())
+    assert set(results) == {"SDPA contiguous", "v1", "v2", "v2 +work", "v2 w2"}
+    assert kv_bytes == 2 * 3 * 200 * 3 * 64 * 2
+    assert not gpu_check.FAILURES, gpu_check.FAILURES
