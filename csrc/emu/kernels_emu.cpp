@@ -8,6 +8,7 @@
 #include "attention_v2.cu"
 #include "write_kv.cu"
 #include "frames.cu"
+#include "fused.cu"
 
 #include <ucontext.h>
 #include <cstddef>
@@ -92,6 +93,12 @@ const std::vector<Entry> &registry()
         {"kvos_attention_combine_f32", kernel(kvos_attention_combine_f32)},
         {"kvos_attention_combine_f16", kernel(kvos_attention_combine_f16)},
         {"kvos_attention_combine_bf16", kernel(kvos_attention_combine_bf16)},
+#define KVOS_FUSED_ENTRIES(suffix) \
+        {"kvos_add_rms_norm_" #suffix, kernel(kvos_add_rms_norm_##suffix)}, \
+        {"kvos_rope_write_kv_" #suffix, kernel(kvos_rope_write_kv_##suffix)}, \
+        {"kvos_silu_mul_" #suffix, kernel(kvos_silu_mul_##suffix)},
+        KVOS_FUSED_ENTRIES(f32) KVOS_FUSED_ENTRIES(f16) KVOS_FUSED_ENTRIES(bf16)
+#undef KVOS_FUSED_ENTRIES
         {"kvos_write_kv_b32", kernel(kvos_write_kv_b32)},
         {"kvos_write_kv_b16", kernel(kvos_write_kv_b16)},
         {"kvos_copy_frames_16", kernel(kvos_copy_frames_16)},
