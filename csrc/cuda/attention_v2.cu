@@ -64,6 +64,11 @@ __device__ __forceinline__ float warp_sum(float x)
     return x;
 }
 
+/* DPL consecutive elements, aligned to their size (rows in shared memory start 16-byte aligned and
+ * a lane's slice starts at lane * DPL), so that the compiler reads them with one vector load. */
+template <typename T, int N>
+struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Slice { T e[N]; };
+
 /* Where a warp's tiles live and how its K/V rows are found. */
 template <typename T>
 struct Ring {
@@ -222,9 +227,16 @@ __device__ void decode_attention(const attn_v2_args &args, char *base)
             for (int t = 0; t < nt; t++) {
                 const T *vr = vs + t * r.rs + d0;
                 float vf[DPL];
+                if (d0 + DPL <= D) {   /* one aligned load of the lane's DPL elements */
+                    const Slice<T, DPL> v = *reinterpret_cast<const Slice<T, DPL> *>(vr);
 #pragma unroll
-                for (int e = 0; e < DPL; e++)
-                    vf[e] = d0 + e < D ? kvos_to_float(vr[e]) : 0.0f;
+                    for (int e = 0; e < DPL; e++)
+                        vf[e] = kvos_to_float(v.e[e]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < DPL; e++)
+                        vf[e] = d0 + e < D ? kvos_to_float(vr[e]) : 0.0f;
+                }
 #pragma unroll
                 for (int g = 0; g < V2_HEADS; g++) {
                     if (g >= GB)
