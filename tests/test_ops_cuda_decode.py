@@ -180,3 +180,23 @@ def test_the_gpu_benchmark_runs_in_emulation(emulated, monkeypatch):
     assert set(results) == {"SDPA contiguous", "v1", "v2", "v2 +work", "v2 w2"}
     assert kv_bytes == 2 * 3 * 200 * 3 * 64 * 2
     assert not gpu_check.FAILURES, gpu_check.FAILURES
+
+
+def test_the_emulator_defers_cp_async_copies_to_their_wait(emulator):  # noqa: F811
+    """The model the v2 tests rely on: a stage read before its wait holds stale bytes (NaN), one read
+    after it holds the copy, and a thread that never waits is reported (5)."""
+    src = np.arange(4 * 8, dtype=np.float32)
+
+    def probe(wait_first, wait_last):
+        out = np.zeros(8, dtype=np.float32)
+        values = [np.array(out.ctypes.data, dtype=np.uint64), np.array(src.ctypes.data, dtype=np.uint64),
+                  np.array(wait_first, dtype=np.int32), np.array(wait_last, dtype=np.int32)]
+        params = (ctypes.c_void_p * 4)(*[v.ctypes.data for v in values])
+        return emulator.emu_launch(b"emu_probe_cp_async", 1, 1, 1, 8, 4 * 4 * 8, params), out
+
+    rc, out = probe(1, 1)
+    assert rc == 0 and out.tolist() == src[::4].tolist()
+    rc, out = probe(0, 1)
+    assert rc == 0 and np.isnan(out).all()
+    rc, _ = probe(0, 0)
+    assert rc == 5

@@ -22,6 +22,21 @@
 emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 int64_t smem[1 << 16];   /* 512 KiB of "shared memory", more than any launch asks for */
 
+/* Probes of the emulator's own cp.async model (tests/test_ops_cuda_decode.py): thread i copies
+ * src[4i..4i+4) into shared memory, then reads it back into out[i] before (wait_first 0) or
+ * after (1) waiting for it; with wait_last 0 it never waits at all. */
+extern "C" __global__ void emu_probe_cp_async(float *out, const float *src, int wait_first, int wait_last)
+{
+    float *stage = reinterpret_cast<float *>(smem) + 4 * threadIdx.x;
+    kvos_cp_async16(stage, src + 4 * threadIdx.x);
+    kvos_cp_async_commit();
+    if (wait_first)
+        kvos_cp_async_wait<0>();
+    out[threadIdx.x] = stage[0];
+    if (wait_last)
+        kvos_cp_async_wait<0>();
+}
+
 namespace {
 
 enum State { RUN, AT_WARP, AT_BLOCK, DONE };
@@ -99,6 +114,7 @@ const std::vector<Entry> &registry()
         {"kvos_silu_mul_" #suffix, kernel(kvos_silu_mul_##suffix)},
         KVOS_FUSED_ENTRIES(f32) KVOS_FUSED_ENTRIES(f16) KVOS_FUSED_ENTRIES(bf16)
 #undef KVOS_FUSED_ENTRIES
+        {"emu_probe_cp_async", kernel(emu_probe_cp_async)},
         {"kvos_write_kv_b32", kernel(kvos_write_kv_b32)},
         {"kvos_write_kv_b16", kernel(kvos_write_kv_b16)},
         {"kvos_copy_frames_16", kernel(kvos_copy_frames_16)},
