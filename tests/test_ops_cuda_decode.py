@@ -51,6 +51,8 @@ DECODE_CASES = [   # ctx_lens, heads, kv_heads, head_dim, page_size, chunk
     ([130, 5], 32, 8, 128, 16, None),              # 32/8: four heads a block, four warps
     ([37, 64, 1], 4, 4, 64, 1, 32),                # no grouping; page size 1
     ([150, 9], 4, 4, 128, 7, 96),                  # page size not dividing the chunk
+    ([10, 33], 6, 2, 40, 3, 32),                   # head 40: a ragged last slice of d, 16-byte rows or not
+    ([40, 3], 2, 1, 256, 16, None),                # the head-256 instantiation
 ]
 
 
