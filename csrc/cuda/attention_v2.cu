@@ -202,8 +202,22 @@ __device__ void decode_attention(const attn_v2_args &args, char *base)
                 kvos_load<T, VEC>(kr + c, kf);
 #pragma unroll
                 for (int g = 0; g < V2_HEADS; g++)
-                    if (g < GB)
-                        sc[g] += kvos_dot(kf, q_s + g * D + c, VEC);
+                    if (g < GB) {
+                        if constexpr (ASYNC) {   /* 16-byte rows: D % 4 == 0, q's rows 16-byte aligned */
+                            float qf[VEC];
+                            const float *qc = q_s + g * D + c;
+#pragma unroll
+                            for (int j = 0; j < VEC; j += 4) {   /* float4 loads, not VEC scalar ones */
+                                const Slice<float, 4> v = *reinterpret_cast<const Slice<float, 4> *>(qc + j);
+#pragma unroll
+                                for (int e = 0; e < 4; e++)
+                                    qf[j + e] = v.e[e];
+                            }
+                            sc[g] += kvos_dot(kf, qf, VEC);
+                        } else {
+                            sc[g] += kvos_dot(kf, q_s + g * D + c, VEC);
+                        }
+                    }
             }
         }
         /* Online softmax per head: the tile's max by shuffles; each lane keeps a partial sum
