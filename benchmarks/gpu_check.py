@@ -287,7 +287,7 @@ def main():
         from kernel.ops import cuda as cuda_ops
 
         def build():
-            for name in ("attention.cu", "write_kv.cu", "frames.cu"):
+            for name in ("attention.cu", "attention_v2.cu", "write_kv.cu", "frames.cu", "fused.cu"):
                 t0 = time.perf_counter()
                 cuda_ops.kernels.module(name)
                 print(f"   compiled {name} in {time.perf_counter() - t0:.1f} s")

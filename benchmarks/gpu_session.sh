@@ -40,6 +40,7 @@ part() {   # part NAME SECONDS COMMAND...
 }
 
 part gpu_check 180 python3 benchmarks/gpu_check.py
+part gpu_attention 240 python3 benchmarks/gpu_attention.py --variant stages3=stages:3 --variant warps2=warps:2 --variant chunk512=chunk:512
 part pytest_cuda 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_ops_cuda.py tests/test_programs_tiny.py
 if [ -f .variants/attention_v1.cu ]; then     # tuning runs carry older kernels in .variants/
   part variants 200 python3 benchmarks/gpu_attention_variants.py v1=.variants/attention_v1.cu \

@@ -245,3 +245,43 @@ def test_cuda_frame_copies_and_refusals():
     with pytest.raises(KvosError):
         ops.copy_frames(pool, src, torch.tensor([7, 7], dtype=torch.int32))
     assert torch.equal(pool, before)
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_decode_v2_and_fused_ops_match_twins(dtype):
+    """Decode v2 with chunk sizes and a host work list, and the fused layer kernels, on a real GPU."""
+    from kernel.ops import cuda_decode, fused
+    batch = make_batch([1] * 5, [1, 700, 33, 1300, 4100], 8, 1, 128, 16, dtype=dtype, device="cuda")
+    for chunk in (None, 64):
+        assert attend(ops, batch) < TOLERANCE[dtype]
+        k_cache, v_cache = batch.caches
+        out = torch.full_like(batch.q, float("nan"))
+        _, used, chunks, _ = cuda_decode.plan(5, 1, 8, 128, 2, batch.page_table.shape[1] * 16, 16, chunk)
+        work = torch.from_numpy(cuda_decode.work_list(batch.context_lens.tolist(), used, chunks)).cuda()
+        cuda_decode.paged_attention(batch.q, k_cache, v_cache, batch.page_table, batch.query_start,
+                                    batch.context_lens, 128 ** -0.5, out, True, work=work, chunk=used)
+        want = reference.paged_attention(batch.q.float(), k_cache.float(), v_cache.float(), batch.page_table,
+                                         batch.query_start, batch.context_lens, 128 ** -0.5)
+        assert relative_error(out, want) < TOLERANCE[dtype]
+    gen = torch.Generator().manual_seed(batch.seed)
+    residual, delta = (torch.randn(9, 576, generator=gen).to(dtype).cuda() for _ in range(2))
+    weight = torch.randn(576, generator=gen).to(dtype).cuda()
+    twin_residual = residual.clone()
+    want = reference.add_rms_norm(twin_residual, delta, weight, 1e-5)
+    got = fused.add_rms_norm(residual, delta, weight, 1e-5)
+    assert torch.equal(residual, twin_residual) and relative_error(got, want) < TOLERANCE[dtype]
+    gate_up = torch.randn(9, 2 * 1536, generator=gen).to(dtype).cuda()
+    assert relative_error(fused.silu_mul(gate_up), reference.silu_mul(gate_up)) < TOLERANCE[dtype]
+    q, k, v = (torch.randn(9, h, 128, generator=gen).to(dtype).cuda() for h in (8, 1, 1))
+    freqs = torch.rand(50, 64, generator=gen) * 40
+    cos, sin = torch.cat((freqs, freqs), -1).cos().to(dtype).cuda(), freqs.sin().to(dtype).cuda()
+    positions = torch.randint(0, 50, (9,), generator=gen, dtype=torch.int32).cuda()
+    slots = (batch.ours[:9] * 16).to(torch.int32)
+    twin_pool, twin_q = batch.pool.clone(), q.clone()
+    reference.rope_write_kv(twin_q, k, v, cos, sin, positions, *KVView(twin_pool, batch.view.shape).layer(1), slots)
+    fused.rope_write_kv(q, k, v, cos, sin, positions, *batch.caches, slots)
+    assert relative_error(q, twin_q) < TOLERANCE[dtype]
+    for got_cache, want_cache in zip(batch.caches, KVView(twin_pool, batch.view.shape).layer(1)):
+        assert relative_error(got_cache[batch.ours], want_cache[batch.ours]) < TOLERANCE[dtype]

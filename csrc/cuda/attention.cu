@@ -6,6 +6,7 @@
  * accumulate P V. Long contexts are split into partitions written as partial softmax
  * states (m, l, unnormalised output) that kvos_attention_combine_* merges. */
 #include "kvos_cuda.cuh"
+#include "attention_args.cuh"
 
 #define THREADS 128
 #define G_BATCH 4   /* query heads whose P V accumulators a thread holds at once */
@@ -15,18 +16,6 @@
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 6   /* blocks per SM the registers must allow (6: 2.59 TB/s on an H200, 1: 2.15) */
 #endif
-
-struct attn_args {
-    void *out; int64_t out_tok_stride, out_head_stride;
-    const void *q; int64_t q_tok_stride, q_head_stride;
-    const void *k_cache, *v_cache; int64_t page_size, frame_stride, token_stride, head_stride;
-    const int32_t *page_table; int64_t page_table_stride;
-    const int32_t *query_start, *context_lens; int32_t num_seqs;
-    int32_t num_heads, group, head_dim;
-    float q_scale;             /* softmax scale * log2(e) */
-    int32_t partition_size, num_partitions;
-    float *part_m, *part_l, *part_acc;   /* (row, head, partition) states when num_partitions > 1 */
-};
 
 __device__ __forceinline__ float warp_max(float x)
 {

@@ -67,4 +67,40 @@ __device__ __forceinline__ void kvos_load(const T *p, float *f)
     }
 }
 
+/* cp.async: 16-byte copies global -> shared that run while the thread computes. A thread
+ * issues copies, closes them into a group (commit), and waits until at most N of its newest
+ * groups are still in flight (wait<N>); copies of other lanes are visible after a __syncwarp
+ * or __syncthreads that follows their wait. The CPU emulation (csrc/emu) defers each copy
+ * to the wait that retires its group, so reading a stage too early reads stale bytes there
+ * too. Both pointers 16-byte aligned. */
+__device__ __forceinline__ void kvos_cp_async16(void *shared_dst, const void *global_src)
+{
+#if defined(__CUDA_ARCH__)
+    unsigned long long generic = reinterpret_cast<unsigned long long>(shared_dst), shared;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(shared) : "l"(generic));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)shared), "l"(global_src) : "memory");
+#elif defined(KVOS_CUDA_EMU)
+    emu_cp_async(shared_dst, global_src, 16);
+#endif
+}
+
+__device__ __forceinline__ void kvos_cp_async_commit()
+{
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#elif defined(KVOS_CUDA_EMU)
+    emu_cp_async_commit();
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void kvos_cp_async_wait()
+{
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif defined(KVOS_CUDA_EMU)
+    emu_cp_async_wait(N);
+#endif
+}
+
 #endif

@@ -20,6 +20,7 @@ THREADS = 128        # csrc/cuda/attention.cu: THREADS
 G_BATCH = 4          # csrc/cuda/attention.cu: G_BATCH
 COPY_CHUNK = 8192    # csrc/cuda/frames.cu: CHUNK_BYTES
 SMEM_DEFAULT = 48 * 1024
+DECODE_KERNEL = os.environ.get("KVOS_CUDA_DECODE", "v2")   # "v1": the v1 kernel for decode too
 
 # csrc/cuda/attention.cu: struct attn_args, field for field (tests compare the layouts).
 ATTN_ARGS = np.dtype([
@@ -153,6 +154,17 @@ def attention_plan(group, head_dim, itemsize, aligned, capacity, partition=None)
 
 
 def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, scale, out, check):
+    """Decode-shaped calls (a query row per sequence) take v2 (cuda_decode.py: split-K, cp.async);
+    prefill chunks and mixed batches take v1. KVOS_CUDA_DECODE=v1 keeps v1 for everything."""
+    if q.shape[0] == context_lens.shape[0] and DECODE_KERNEL == "v2":
+        from kernel.ops import cuda_decode
+        return cuda_decode.paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, scale,
+                                           out, check)
+    return paged_attention_v1(q, k_cache, v_cache, page_table, query_start, context_lens, scale, out, check)
+
+
+def paged_attention_v1(q, k_cache, v_cache, page_table, query_start, context_lens, scale, out, check):
+    """attention.cu: a block per (query row, kv head, partition of 512 tokens), partitions merged."""
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
     num_tokens, num_heads = q.shape[0], q.shape[1]
     group = num_heads // kv_heads

@@ -87,3 +87,46 @@ def int4_dequantize(codes, scale_zeros, group):
 def int4_mm(x, codes, scale_zeros, group):
     """x @ W^T in float32 (the twin of ops.int4_mm, which takes codes packed by ops.int4_pack)."""
     return x.float() @ int4_dequantize(codes, scale_zeros, group).t()
+
+
+# ---- fused layer ops (kernel/ops/fused.py): float arithmetic, results rounded to the storage dtype ----
+
+def add_rms_norm(residual, delta, weight, eps, out=None):
+    """residual += delta (rounded to residual's dtype), then out = RMSNorm(residual) * weight.
+    residual, delta, out: (tokens, hidden); weight: (hidden,). Returns out."""
+    residual.copy_((residual.float() + delta.float()).to(residual.dtype))
+    r = residual.float()
+    y = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    if out is None:
+        out = torch.empty_like(residual)
+    out.copy_(y.to(out.dtype))
+    return out
+
+
+def rope(x, cos, sin, positions):
+    """Rotate-half RoPE of x (tokens, heads, head_dim) in float: with half = head_dim / 2,
+    y[d] = x[d] cos[p][d] - x[d+half] sin[p][d], y[d+half] = x[d+half] cos[p][d+half] + x[d] sin[p][d].
+    cos: (positions, head_dim), sin: (positions, head_dim / 2), as userspace's RopeTables holds them."""
+    c, s = cos[positions.long()].float()[:, None], sin[positions.long()].float()[:, None]
+    x = x.float()
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c[..., :half] - x2 * s, x2 * c[..., half:] + x1 * s), dim=-1)
+
+
+def rope_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping):
+    """RoPE of q in place and of k at each token's position; the rotated k and v go to their cache
+    slots as write_kv writes them (k itself is left as it was)."""
+    q.copy_(rope(q, cos, sin, positions).to(q.dtype))
+    write_kv(k_cache, v_cache, rope(k, cos, sin, positions).to(k_cache.dtype), v, slot_mapping)
+
+
+def silu_mul(gate_up, out=None):
+    """out = SiLU(gate) * up of gate_up = (tokens, 2 * inter), gate first. Returns out (tokens, inter)."""
+    inter = gate_up.shape[-1] // 2
+    g, u = gate_up[:, :inter].float(), gate_up[:, inter:].float()
+    y = g * torch.sigmoid(g) * u
+    if out is None:
+        out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
+    out.copy_(y.to(out.dtype))
+    return out
