@@ -106,8 +106,9 @@ def generate(num: int, *, rate: float | None = None, seed: int = 0, systems: int
     table = table or lengths()
     rng = np.random.default_rng([seed, 16])
     budget = max_context // 2                   # a system prompt leaves room for a conversation
-    system_lens = {i: system_len or int(np.clip(table.sample(rng, "prompt", 1)[0], 16, budget))
-                   for i in range(systems)}
+    system_lens = {i: int(np.clip(table.sample(rng, "prompt", 1)[0], 16, budget)) for i in range(systems)}
+    if system_len is not None:
+        system_lens = dict.fromkeys(system_lens, system_len)
     weights = 1 / np.arange(1, systems + 1) if popularity == "zipf" else np.ones(systems)
     weights /= weights.sum()
     times = np.cumsum(rng.exponential(1 / rate, num)) if rate else np.zeros(num)
@@ -119,7 +120,7 @@ def generate(num: int, *, rate: float | None = None, seed: int = 0, systems: int
         n = min(max_turns, int(rng.geometric(1 / turns)))
         users = np.maximum(1, np.rint(table.sample(rng, "prompt", n) * user_scale)).astype(int)
         replies = np.maximum(1, np.rint(table.sample(rng, "output", n))).astype(int)
-        if user_len is not None:                  # drawn anyway, so the other columns keep their seeded draws
+        if user_len is not None:
             users[:] = user_len
         if output_len is not None:
             replies[:] = output_len
