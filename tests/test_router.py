@@ -89,6 +89,11 @@ def test_the_imbalance_margin_scales_with_the_running_batch_or_is_sglangs_absolu
     assert r.policy.abs_threshold(r) == 2.0 and r.peak_running == [8, 0]
     r.mark_dead(0)
     assert r.policy.abs_threshold(r) == 3                    # the dead replica's batch no longer counts
+    r = Router(2, "cache_aware", balance_batch=100)          # what a replica can hold: a floor under the peak
+    assert r.policy.abs_threshold(r) == 25.0
+    r.update_load(1, running=400, waiting=0)
+    assert r.policy.abs_threshold(r) == 100.0
+    refused("EINVAL", Router, 2, "cache_aware", balance_batch=0)
     refused("EINVAL", Router, 2, "cache_aware", balance="relative")
     refused("EINVAL", Router, 2, "prefix_events", namer=lambda t, ids: ([], 16), balance_frac=-1)
 

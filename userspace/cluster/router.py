@@ -82,23 +82,28 @@ class LeastLoad:
 class _PrefixPolicy:
     """The rule SGLang's cache-aware router uses, over an index per replica."""
 
-    def __init__(self, cache_threshold=0.3, balance_abs=64, balance_rel=1.5, balance="batch", balance_frac=0.25):
+    def __init__(self, cache_threshold=0.3, balance_abs=64, balance_rel=1.5, balance="batch", balance_frac=0.25,
+                 balance_batch=None):
         _check_number("cache_threshold", cache_threshold, 0.0, 1.0)
         _check_number("balance_abs", balance_abs, 0, 1 << 30)
         _check_number("balance_rel", balance_rel, 1.0, 1e9)
         _check_number("balance_frac", balance_frac, 0.0, 1e6)
+        if balance_batch is not None:
+            _check_int("balance_batch", balance_batch, 1, 1 << 30)
         if balance not in BALANCE:
             raise KvosError(EINVAL, f"balance must be one of {', '.join(BALANCE)}, got {balance!r}")
         self.cache_threshold, self.balance_abs, self.balance_rel = cache_threshold, balance_abs, balance_rel
-        self.balance, self.balance_frac = balance, balance_frac
+        self.balance, self.balance_frac, self.balance_batch = balance, balance_frac, balance_batch
 
     def abs_threshold(self, router) -> float:
         """The load difference beyond which affinity gives way. "absolute": balance_abs requests
         (SGLang). "batch": balance_frac of the largest running batch a live replica has reported,
-        so the margin scales with what a replica runs at once; balance_abs until one reports."""
+        so the margin scales with what a replica runs at once; balance_abs until one reports. A
+        peak seen at low load is the load, not what a replica can run: balance_batch, the batch
+        a replica can hold (known to whoever sized it), is a floor under it."""
         if self.balance == "absolute":
             return self.balance_abs
-        batch = max((router.peak_running[r] for r in router.live()), default=0)
+        batch = max(max((router.peak_running[r] for r in router.live()), default=0), self.balance_batch or 0)
         return self.balance_frac * batch if batch else self.balance_abs
 
     def imbalanced(self, router) -> bool:
@@ -173,7 +178,7 @@ BALANCE = ("batch", "absolute")
 class Router:
     """Routes requests over `replicas` replicas (numbered 0..replicas-1) with one policy.
     Options go to the policy: block, capacity (cache_aware), namer (prefix_events),
-    cache_threshold, balance_abs, balance_rel, balance, balance_frac (both prefix policies)."""
+    cache_threshold, balance_abs, balance_rel, balance, balance_frac, balance_batch (both prefix policies)."""
 
     def __init__(self, replicas: int, policy: str = "cache_aware", **options):
         _check_int("replicas", replicas, 1, 1 << 16)

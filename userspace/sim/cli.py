@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             ("balance-frac", "0.25")):
         cluster.add_argument(f"--{option}", type=float, default=None,
                              help=f"cache_aware and prefix_events: {option.replace('-', '_')} (default {default})")
+    cluster.add_argument("--balance-batch", type=int, default=None, metavar="N",
+                         help="the batch margin's floor: the running batch a replica can hold (default: only "
+                              "the largest one seen)")
     cluster.add_argument("--balance", choices=("batch", "absolute"), default=None,
                          help="the imbalance margin: balance_frac of the running batch (default) or "
                               "balance_abs requests (SGLang's rule)")

@@ -41,7 +41,7 @@ def run_args(args, console_factory, finite) -> int:
     boot = {name: getattr(args, name) for name in ("memory", "token_budget", "max_running", "chunk")
             if getattr(args, name, None) is not None}
     thresholds = {name: getattr(args, name) for name in ("cache_threshold", "balance_abs", "balance_rel", "balance",
-                                                         "balance_frac")
+                                                         "balance_frac", "balance_batch")
                   if getattr(args, name, None) is not None}
     shape = {name: getattr(args, name) for name in ("system_len", "user_len", "output_len", "popularity")
              if getattr(args, name, None) is not None}
