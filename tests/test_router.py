@@ -67,6 +67,37 @@ def test_cache_aware_follows_the_prefix_unless_imbalanced():
     assert d != first and r.last.reason == "imbalance"
 
 
+def test_the_imbalance_margin_scales_with_the_running_batch_or_is_sglangs_absolute_one():
+    def loaded(**options):
+        r = Router(2, "cache_aware", **options)
+        home = r.route(1, prompt(7, 1))
+        r.update_load(home, running=40, waiting=0)          # a replica that runs 40 at once
+        r.update_load(1 - home, running=20, waiting=0)
+        for _ in range(11):
+            r.on_dispatch(home)
+        r.update_load(home, running=40, waiting=12)          # 52 against 20: 32 apart, 2.6x
+        return r, home
+    r, home = loaded()                                       # default: batch, 0.25 x 40 = 10 < 32
+    assert r.route(1, prompt(7, 2)) != home and r.last.reason == "imbalance"
+    r, home = loaded(balance="absolute")                     # SGLang: 32 is not beyond 64
+    assert r.route(1, prompt(7, 2)) == home and r.last.reason == "prefix"
+    r, home = loaded(balance_frac=1.0)                       # a margin of the whole batch (40)
+    assert r.route(1, prompt(7, 2)) == home
+    r = Router(2, "cache_aware", balance_abs=3)              # nothing reported yet: balance_abs stands
+    assert r.policy.abs_threshold(r) == 3
+    r.update_load(0, running=8, waiting=100)
+    assert r.policy.abs_threshold(r) == 2.0 and r.peak_running == [8, 0]
+    r.mark_dead(0)
+    assert r.policy.abs_threshold(r) == 3                    # the dead replica's batch no longer counts
+    r = Router(2, "cache_aware", balance_batch=100)          # what a replica can hold: a floor under the peak
+    assert r.policy.abs_threshold(r) == 25.0
+    r.update_load(1, running=400, waiting=0)
+    assert r.policy.abs_threshold(r) == 100.0
+    refused("EINVAL", Router, 2, "cache_aware", balance_batch=0)
+    refused("EINVAL", Router, 2, "cache_aware", balance="relative")
+    refused("EINVAL", Router, 2, "prefix_events", namer=lambda t, ids: ([], 16), balance_frac=-1)
+
+
 def test_cache_aware_low_match_does_not_follow():
     r = Router(2, "cache_aware", cache_threshold=0.9)
     a = r.route(1, prompt(7, 1))

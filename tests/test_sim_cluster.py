@@ -43,6 +43,33 @@ def test_the_length_table_is_the_azure_trace_and_a_csv_replaces_it(tmp_path, mon
             generate(**bad)
 
 
+def test_fixed_lengths_single_turns_and_even_popularity_give_a_benchmarks_shape():
+    sessions, systems = generate(50, seed=4, systems=8, turns=1, system_len=1000, user_len=64, output_len=32,
+                                 popularity="uniform", max_context=4096)
+    assert set(systems.values()) == {1000} and all(s.turns == ((64, 32),) for s in sessions)
+    counts = [sum(s.system_id == i for s in sessions) for i in range(8)]
+    assert max(counts) - min(counts) <= 1                         # 50 over 8: six or seven each
+    assert [s.system_id for s in sessions[:8]] != list(range(8))  # shuffled, not in turn
+    assert generate(50, seed=4, system_len=1000, popularity="uniform")[0] == \
+        generate(50, seed=4, system_len=1000, popularity="uniform")[0]                      # seeded
+    for bad in (dict(system_len=0), dict(user_len=1.5), dict(output_len=True), dict(system_len=4096),
+                dict(popularity="flat")):
+        with pytest.raises(KvosError) as err:
+            generate(3, **bad)
+        assert err.value.errno == "EINVAL"
+
+
+def test_in_a_prefill_bound_burst_with_many_groups_cache_aware_wins_throughput_and_hits():
+    """The regime of SGLang's benchmark, small: 16 groups of 1,024-token prefixes, 8 single requests
+    each, all at once, over 4 replicas. Round robin spreads each group over every replica."""
+    shape = dict(system_len=1024, user_len=32, output_len=16, popularity="uniform")
+    rr, ca = (run_cluster(4, p, per_replica=32, turns=1, systems=16, model="llama-3-8b", shape=shape, seed=5)
+              for p in ("round_robin", "cache_aware"))
+    assert rr["turns"] == ca["turns"] == 128 and ca["workload"]["prompt_mean"] == 1056
+    assert ca["prefix_hit_rate"] > 1.3 * rr["prefix_hit_rate"]
+    assert ca["output_tok_s"] > 1.2 * rr["output_tok_s"] and ca["ttft_p99"] < rr["ttft_p99"]
+
+
 @pytest.mark.parametrize("policy", ["round_robin", "cache_aware", "prefix_events"])
 def test_a_small_cluster_runs_every_turn_and_stays_consistent(policy):
     r = run_cluster(3, policy, per_replica=4, seed=2)          # fsck on every replica at the end
@@ -67,6 +94,14 @@ def test_the_command(capsys, tmp_path):
     out = json.loads(capsys.readouterr().out)
     assert [r["policy"] for r in out["runs"]] == ["round_robin", "least_load"]
     assert out["ratios"][0]["throughput_x"] == 1.0 and (tmp_path / "sim-cluster.png").exists()
+    assert main(["cluster", "--replicas", "2", "--policy", "cache_aware", "--sessions", "2", "--json", "--turns", "1",
+                 "--systems", "2", "--system-len", "300", "--user-len", "20", "--output-len", "10",
+                 "--popularity", "uniform", "--balance", "absolute", "--balance-frac", "0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    w = out["runs"][0]["workload"]
+    assert out["shape"] == dict(system_len=300, user_len=20, output_len=10, popularity="uniform")
+    assert out["router"]["balance"] == "absolute" and out["turns"] == 1.0
+    assert w["turns"] == 4 and w["prompt_mean"] == 320 and w["output_mean"] == 10
     assert main(["cluster", "--replicas", "0"]) != 0
     assert main(["cluster", "--policy", "random"]) != 0
     assert "EINVAL" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 
-from kernel.errors import EINVAL, EIO, KernelPanic, KvosError
+from kernel.errors import EINVAL, EIO, ENODEV, KernelPanic, KvosError
 from kernel.pagename import chain_names
 from userspace.cluster import pids as gpids
 from userspace.cluster.replica import Replica
@@ -50,8 +50,14 @@ class Cluster:
             # machine (--address), kvos must be installed on every node.
             options = {"runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(
                 p for p in (SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)}}} if local else {}
-            ray.init(address=address, num_cpus=max(replicas, os.cpu_count() or 1) if local else None,
-                     include_dashboard=False, log_to_driver=False, **options)
+            try:
+                ray.init(address=address, num_cpus=max(replicas, os.cpu_count() or 1) if local else None,
+                         include_dashboard=False, log_to_driver=False, **options)
+            except ConnectionError as exc:       # an OSError: the daemon would report it as a port it cannot bind
+                raise KvosError(ENODEV, f"cannot join the Ray cluster at {address}: {exc}. A cluster started with "
+                                        "token authentication (recent Ray's default for `ray start`) needs "
+                                        "RAY_AUTH_MODE=token and its token (~/.ray/auth_token or "
+                                        "$RAY_AUTH_TOKEN) in this process's environment") from None
             self.started_ray = True
         gpu = str(boot.get("device", "cpu")).startswith("cuda")
         options = {"num_cpus": 1 if replica_cpus is None else replica_cpus,

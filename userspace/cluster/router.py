@@ -17,17 +17,22 @@ Policies (each a small class with choose(router, tid, token_ids) -> Decision):
 - least_load: the live replica with the smallest load (ties in turn).
 - cache_aware: SGLang's router. The longest prefix each replica holds, believed from what
   was routed there (ApproxIndex: blocks of `block` tokens, an LRU of `capacity` blocks per
-  replica). If load is imbalanced (max - min > balance_abs and max > balance_rel x min) the
-  least loaded replica; else, if the best match covers more than `cache_threshold` of the
-  prompt, the best-matching replica (ties: least load); else the replica whose index is
-  smallest (the most room for a new prefix). The chosen replica's index learns the prompt.
+  replica). If load is imbalanced (max - min > a margin and max > balance_rel x min) the
+  least loaded replica; the margin is balance_abs requests with balance="absolute" (SGLang's
+  rule), or, with balance="batch" (the default), balance_frac of the largest running batch a
+  replica has reported (SGLang's 64 suits replicas running hundreds at once; kvos's run tens,
+  where 64 is never reached and affinity alone piles sessions up); else, if the best match
+  covers more than `cache_threshold` of the prompt, the best-matching replica (ties: least
+  load); else the replica whose index is smallest (the most room for a new prefix). The
+  chosen replica's index learns the prompt.
 - prefix_events: llm-d's precise prefix-cache routing. The same rule, but what each replica
   holds is its own page cache, replayed from its cacheevents() (ResidentIndex), matched by
   page name: namer(tid, token_ids) gives the names of the prompt's full pages as the kernels
   compute them and the page size, (names, page_size) (kernel_namer below), so nothing is
   guessed; a low match goes to the least loaded replica.
 
-Defaults follow SGLang's gateway (cache threshold 0.3, balance thresholds 64 and 1.5);
+Defaults follow SGLang's gateway (cache threshold 0.3, balance thresholds 64 and 1.5), except
+that the absolute margin scales with the running batch (balance="batch", balance_frac 0.25);
 docs/cluster.md says what each does to the simulated cluster.
 """
 from __future__ import annotations
@@ -77,16 +82,34 @@ class LeastLoad:
 class _PrefixPolicy:
     """The rule SGLang's cache-aware router uses, over an index per replica."""
 
-    def __init__(self, cache_threshold=0.3, balance_abs=64, balance_rel=1.5):
+    def __init__(self, cache_threshold=0.3, balance_abs=64, balance_rel=1.5, balance="batch", balance_frac=0.25,
+                 balance_batch=None):
         _check_number("cache_threshold", cache_threshold, 0.0, 1.0)
         _check_number("balance_abs", balance_abs, 0, 1 << 30)
         _check_number("balance_rel", balance_rel, 1.0, 1e9)
+        _check_number("balance_frac", balance_frac, 0.0, 1e6)
+        if balance_batch is not None:
+            _check_int("balance_batch", balance_batch, 1, 1 << 30)
+        if balance not in BALANCE:
+            raise KvosError(EINVAL, f"balance must be one of {', '.join(BALANCE)}, got {balance!r}")
         self.cache_threshold, self.balance_abs, self.balance_rel = cache_threshold, balance_abs, balance_rel
+        self.balance, self.balance_frac, self.balance_batch = balance, balance_frac, balance_batch
+
+    def abs_threshold(self, router) -> float:
+        """The load difference beyond which affinity gives way. "absolute": balance_abs requests
+        (SGLang). "batch": balance_frac of the largest running batch a live replica has reported,
+        so the margin scales with what a replica runs at once; balance_abs until one reports. A
+        peak seen at low load is the load, not what a replica can run: balance_batch, the batch
+        a replica can hold (known to whoever sized it), is a floor under it."""
+        if self.balance == "absolute":
+            return self.balance_abs
+        batch = max(max((router.peak_running[r] for r in router.live()), default=0), self.balance_batch or 0)
+        return self.balance_frac * batch if batch else self.balance_abs
 
     def imbalanced(self, router) -> bool:
         loads = [router.load(r) for r in router.live()]
         lo, hi = min(loads), max(loads)
-        return hi - lo > self.balance_abs and hi > self.balance_rel * lo
+        return hi - lo > self.abs_threshold(router) and hi > self.balance_rel * lo
 
     def decide(self, router, keys, total: int, block: int, low_match) -> Decision:
         live = router.live()
@@ -149,12 +172,13 @@ class PrefixEvents(_PrefixPolicy):
 
 
 POLICIES = {p.name: p for p in (RoundRobin, LeastLoad, CacheAware, PrefixEvents)}
+BALANCE = ("batch", "absolute")
 
 
 class Router:
     """Routes requests over `replicas` replicas (numbered 0..replicas-1) with one policy.
     Options go to the policy: block, capacity (cache_aware), namer (prefix_events),
-    cache_threshold, balance_abs, balance_rel (both prefix policies)."""
+    cache_threshold, balance_abs, balance_rel, balance, balance_frac, balance_batch (both prefix policies)."""
 
     def __init__(self, replicas: int, policy: str = "cache_aware", **options):
         _check_int("replicas", replicas, 1, 1 << 16)
@@ -173,6 +197,7 @@ class Router:
                 raise KvosError(EINVAL, f"{policy}: {exc}") from None
         self.inflight = [0] * replicas
         self.reported = [0] * replicas
+        self.peak_running = [0] * replicas     # the largest running batch each replica has reported
         self.alive = [True] * replicas
         self.routed = [0] * replicas
         self.last: Decision | None = None
@@ -207,6 +232,7 @@ class Router:
         _check_int("running", running, 0, 1 << 30)
         _check_int("waiting", waiting, 0, 1 << 30)
         self.reported[r] = running + waiting
+        self.peak_running[r] = max(self.peak_running[r], running)
 
     def apply_events(self, replica: int, events) -> None:
         """A replica's page-cache events (CacheEvents, in order); only prefix_events uses them."""
@@ -218,7 +244,7 @@ class Router:
         """The replica is gone: never route there again, forget what it held and its load."""
         r = self._replica(replica)
         self.alive[r] = False
-        self.inflight[r] = self.reported[r] = 0
+        self.inflight[r] = self.reported[r] = self.peak_running[r] = 0
         forget = getattr(self.policy, "forget", None)
         if forget is not None:
             forget(r)

@@ -63,9 +63,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--sessions", type=int, default=None, help="sessions per replica (default 64; --quick 6)")
     cluster.add_argument("--systems", type=int, default=8, help="distinct system prompts (default 8)")
     cluster.add_argument("--think", type=float, default=1.0, help="mean seconds between a reply and the next turn")
-    for option, default in (("cache-threshold", "0.3"), ("balance-abs", "64"), ("balance-rel", "1.5")):
+    cluster.add_argument("--turns", type=float, default=4.0, help="mean turns per session (1: single requests)")
+    for option, what in (("system-len", "every system prompt"), ("user-len", "every user message"),
+                         ("output-len", "every reply")):
+        cluster.add_argument(f"--{option}", type=int, default=None, help=f"tokens of {what} (default: the trace)")
+    cluster.add_argument("--popularity", choices=("zipf", "uniform"), default=None,
+                         help="how sessions pick a system prompt: 1/rank (default) or evenly")
+    for option, default in (("cache-threshold", "0.3"), ("balance-abs", "64"), ("balance-rel", "1.5"),
+                            ("balance-frac", "0.25")):
         cluster.add_argument(f"--{option}", type=float, default=None,
                              help=f"cache_aware and prefix_events: {option.replace('-', '_')} (default {default})")
+    cluster.add_argument("--balance-batch", type=int, default=None, metavar="N",
+                         help="the batch margin's floor: the running batch a replica can hold (default: only "
+                              "the largest one seen)")
+    cluster.add_argument("--balance", choices=("batch", "absolute"), default=None,
+                         help="the imbalance margin: balance_frac of the running batch (default) or "
+                              "balance_abs requests (SGLang's rule)")
     for option, kind in (("policy", str), ("alloc", str), ("batch", str), ("chunk", int), ("token-budget", int),
                          ("max-running", int), ("memory", str), ("swap", str), ("page-size", int)):
         run.add_argument(f"--{option}", type=kind, default=None,

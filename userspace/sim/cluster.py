@@ -68,14 +68,15 @@ def boot_replicas(n: int, gpu: str, model: str, **options) -> list:
 def run_cluster(replicas: int, policy: str, *, sessions: int | None = None, per_replica: int = 24,
                 rate: float | None = None, gpu: str = "a100-80g", model: str = "llama-2-7b", seed: int = 0,
                 think: float = 1.0, turns: float = 4.0, systems: int = 8, router_options: dict | None = None,
-                **boot) -> dict:
+                shape: dict | None = None, **boot) -> dict:
     """One run: `sessions` (default per_replica x replicas) sessions, arriving at `rate`
-    sessions/s (None: all at once), over `replicas` kernels routed by `policy`."""
+    sessions/s (None: all at once), over `replicas` kernels routed by `policy`. shape: more of
+    sessions.generate's options (system_len, user_len, output_len, popularity)."""
     started = time.perf_counter()
     reps = boot_replicas(replicas, gpu, model, **boot)
     info = reps[0].sys.tenantinfo(reps[0].tid)
     workload, system_lens = generate(sessions or per_replica * replicas, rate=rate, seed=seed, systems=systems,
-                                     turns=turns, think=think, max_context=info.max_context)
+                                     turns=turns, think=think, max_context=info.max_context, **(shape or {}))
     options = dict(router_options or {})
     if policy == "prefix_events":
         options["namer"] = kernel_namer({0: info.page_namespace}, {0: info.page_size})

@@ -40,18 +40,22 @@ def run_args(args, console_factory, finite) -> int:
     per_replica = QUICK["sessions"] if args.quick and args.sessions is None else (args.sessions or 64)
     boot = {name: getattr(args, name) for name in ("memory", "token_budget", "max_running", "chunk")
             if getattr(args, name, None) is not None}
-    thresholds = {name: getattr(args, name) for name in ("cache_threshold", "balance_abs", "balance_rel")
+    thresholds = {name: getattr(args, name) for name in ("cache_threshold", "balance_abs", "balance_rel", "balance",
+                                                         "balance_frac", "balance_batch")
                   if getattr(args, name, None) is not None}
+    shape = {name: getattr(args, name) for name in ("system_len", "user_len", "output_len", "popularity")
+             if getattr(args, name, None) is not None}
     runs = []
     for n in sizes:
         for name in names:
             runs.append(run_cluster(n, name, per_replica=per_replica, rate=args.rate, gpu=args.gpu or "a100-80g",
                                     model=args.model or "llama-2-7b", seed=args.seed, think=args.think,
-                                    systems=args.systems,
+                                    systems=args.systems, turns=args.turns, shape=shape,
                                     router_options=thresholds if name in ("cache_aware", "prefix_events") else None,
                                     **boot))
     result = {"experiment": "cluster", "sessions_per_replica": per_replica, "systems": args.systems,
-              "think": args.think, "rate": args.rate, "boot": boot, "router": thresholds, "runs": runs,
+              "think": args.think, "turns": args.turns, "rate": args.rate, "shape": shape, "boot": boot,
+              "router": thresholds, "runs": runs,
               "ratios": ratios(runs)}
     if args.plot_dir:
         from pathlib import Path

@@ -77,15 +77,27 @@ class Session:
 
 def generate(num: int, *, rate: float | None = None, seed: int = 0, systems: int = 8, turns: float = 4.0,
              max_turns: int = 8, user_scale: float = 0.25, think: float = 1.0, max_context: int = 4096,
-             table: LengthTable | None = None) -> tuple:
+             table: LengthTable | None = None, system_len: int | None = None, user_len: int | None = None,
+             output_len: int | None = None, popularity: str = "zipf") -> tuple:
     """`num` sessions arriving as a Poisson process at `rate` sessions/s (None: all at 0). -> (sessions,
     {system_id: length}). Turns per session: geometric with mean `turns` (at least 1, at most max_turns),
     and cut where the context (system, history, reply) would pass max_context. think: mean
-    seconds (exponential) between turns."""
+    seconds (exponential) between turns. system_len, user_len, output_len fix a length (every
+    system prompt, user message, reply) instead of drawing it from the trace, to express a
+    benchmark's shape (SGLang's generated-shared-prefix: 2,048 / 128 / 256); popularity "zipf"
+    (1/rank) or "uniform" (every system prompt equally used, as that benchmark's groups are)."""
     for name, value, lo in (("num", num, 1), ("systems", systems, 1), ("max_turns", max_turns, 1),
                             ("max_context", max_context, 64)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise KvosError(EINVAL, f"{name} must be an integer >= {lo}, got {value!r}")
+    for name, value in (("system_len", system_len), ("user_len", user_len), ("output_len", output_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise KvosError(EINVAL, f"{name} must be an integer >= 1 (or None: from the trace), got {value!r}")
+    if system_len is not None and system_len + (user_len or 1) + (output_len or 1) >= max_context:
+        raise KvosError(EINVAL, f"system_len {system_len} leaves no room for a turn in the model's context "
+                                f"of {max_context} tokens")
+    if popularity not in ("zipf", "uniform"):
+        raise KvosError(EINVAL, f"popularity must be 'zipf' or 'uniform', got {popularity!r}")
     for name, value in (("turns", turns), ("user_scale", user_scale), ("think", think)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= (1 if name == "turns" else 0):
             raise KvosError(EINVAL, f"{name} must be a number >= {1 if name == 'turns' else 0}, got {value!r}")
@@ -95,15 +107,23 @@ def generate(num: int, *, rate: float | None = None, seed: int = 0, systems: int
     rng = np.random.default_rng([seed, 16])
     budget = max_context // 2                   # a system prompt leaves room for a conversation
     system_lens = {i: int(np.clip(table.sample(rng, "prompt", 1)[0], 16, budget)) for i in range(systems)}
-    weights = 1 / np.arange(1, systems + 1)
+    if system_len is not None:
+        system_lens = dict.fromkeys(system_lens, system_len)
+    weights = 1 / np.arange(1, systems + 1) if popularity == "zipf" else np.ones(systems)
     weights /= weights.sum()
     times = np.cumsum(rng.exponential(1 / rate, num)) if rate else np.zeros(num)
+    # uniform: each system prompt gets the same number of sessions (give or take one), in shuffled order
+    balanced = rng.permutation(np.arange(num) % systems) if popularity == "uniform" else None
     out = []
     for s in range(num):
-        system = int(rng.choice(systems, p=weights))
+        system = int(balanced[s]) if balanced is not None else int(rng.choice(systems, p=weights))
         n = min(max_turns, int(rng.geometric(1 / turns)))
         users = np.maximum(1, np.rint(table.sample(rng, "prompt", n) * user_scale)).astype(int)
         replies = np.maximum(1, np.rint(table.sample(rng, "output", n))).astype(int)
+        if user_len is not None:
+            users[:] = user_len
+        if output_len is not None:
+            replies[:] = output_len
         context, kept = system_lens[system], []
         for u, o in zip(users.tolist(), replies.tolist()):
             if context + u + o >= max_context:
