@@ -228,3 +228,31 @@ def test_padded_static_decode_equals_eager_on_smollm2():
     for pid in pids:
         s.wait(pid)
     assert_all_memory_back(k)
+
+
+# ---- the device script's Python parts, on the CPU ----
+
+def _script(*args, timeout=600):
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_kernel.py"), *args], cwd=root,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_device_script_imports_and_parses_its_arguments():
+    out = _script("--help")
+    assert out.returncode == 0, out.stderr[-2000:]
+    for option in ("--batches", "--rounds", "--steps", "--dry-run"):
+        assert option in out.stdout
+
+
+@pytest.mark.slow
+def test_device_script_dry_run_passes_every_check_on_the_cpu():
+    out = _script("--dry-run")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "eager: 32/32 greedy outputs equal" in out.stdout and "graphs: 32/32 greedy outputs equal" in out.stdout
+    assert "all checks passed" in out.stdout
+    table = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in table[:2]] == ["1", "3"]            # a row per batch size
