@@ -64,10 +64,12 @@ class _Static:
         # Constant for pure decode: row i is sequence i, and every row's logits come back.
         self.query_start = torch.arange(max_batch + 1, dtype=torch.int32, **on)
         self.sample_indices = torch.arange(max_batch, dtype=torch.int64, **on)
-        # Host staging (pinned on CUDA, so each field is one asynchronous copy). Reusing it each step
-        # is safe because every step ends with a device-to-host copy of what it sampled, which waits
-        # for the previous step's uploads to have finished.
+        # Host staging (pinned on CUDA, so each field is one asynchronous copy). Before the staging is
+        # written again, the previous step's copies out of it must be done: usually the step's sampled
+        # tokens coming back have waited for them already, but a step that samples nothing does not,
+        # so an event marks the copies and fill() waits for it.
         pin = device.type == "cuda"
+        self.copied = torch.cuda.Event() if pin else None
         self.staged = {name: torch.empty(getattr(self, name).shape, dtype=getattr(self, name).dtype,
                                          pin_memory=pin)
                        for name in ("token_ids", "positions", "slot_mapping", "context_lens", "page_table")}
@@ -76,6 +78,8 @@ class _Static:
     def fill(self, host: HostBatch, b: int) -> None:
         """Stage the n real rows and b - n padding rows, then copy them to the static buffers."""
         n, s = host.num_seqs, self.staged
+        if self.copied is not None:
+            self.copied.synchronize()
         arrays = {name: t.numpy() for name, t in s.items()}
         arrays["token_ids"][:n] = host.token_ids
         arrays["token_ids"][n:b] = 0
@@ -90,6 +94,8 @@ class _Static:
         table[:n, :host.page_table.shape[1]] = host.page_table
         for name, staged in s.items():
             getattr(self, name)[:b].copy_(staged[:b], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
 
     def batch(self, b: int) -> ForwardBatch:
         """Views of the first b rows, as the forward reads them (checked: the builder did it on the host)."""
@@ -120,6 +126,7 @@ class DecodeGraphs:
         self.stats = GraphStats()
         self._static: dict = {}          # id(program) -> _Static
         self._pool = None                # one memory pool shared by every graph (they never run at once)
+        self._stream = None              # the warm-up and capture stream, one for every capture
 
     def takes(self, program, host: HostBatch, kv) -> bool:
         """Whether this step is one the runner runs: pure decode, a size it has, a table that fits."""
@@ -168,7 +175,9 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         batch = static.batch(b)
-        stream = torch.cuda.Stream(device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(WARMUP):
