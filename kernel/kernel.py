@@ -3,8 +3,8 @@
     plan   = sched.schedule()       who runs, how many tokens, who is preempted or ends (memory bookkept)
     apply the plan's exits          processes that can never fit end with ENOMEM
     mm.flush()                      copy-on-write and swap bytes move, batched, in order
-    batch  = build_batch(works)     per program: packed tokens, positions, slots, page tables
-    logits = program.forward(...)   on the device; attention reads K/V through page tables
+    batch  = host_batch(works)      per program: packed tokens, positions, slots, page tables (checked)
+    logits = program.forward(...)   on the device (pure decode: through the decode graphs, if on)
     tokens = sample(logits, ...)    per-process parameters and seeded generators
     commit(plan, tokens)            append token bytes, stop checks, turn ends, exits free pages
     record(plan)                    schedstat counters and the step's trace record
