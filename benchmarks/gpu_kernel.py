@@ -184,7 +184,8 @@ def speed(device, batches, ctx, rounds=3, steps=10, profile_batch=64, small=Fals
           f"{'launches e/g':>12} {'kernels e/g':>11} {'GPU busy e/g':>13} {'capture s':>9} {'capture MiB':>11}")
     tables = []
     for batch in batches:
-        pids = [s.spawn(tid, [rng.randrange(3, vocab) for _ in range(ctx)], max_tokens=min(2048, config.max_position_embeddings - ctx), **GREEDY)
+        budget = min(2048, config.max_position_embeddings - ctx)       # a tenant's max_tokens limit: 2048
+        pids = [s.spawn(tid, [rng.randrange(3, vocab) for _ in range(ctx)], max_tokens=budget, **GREEDY)
                 for _ in range(batch)]
         while any(len(k.procs[p].tokens) < ctx + 2 for p in pids):
             k.step()

@@ -256,3 +256,25 @@ def test_device_script_dry_run_passes_every_check_on_the_cpu():
     assert "all checks passed" in out.stdout
     table = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in table[:2]] == ["1", "3"]            # a row per batch size
+
+
+def test_rows_that_do_not_sample_are_left_out_in_order():
+    """A decode batch whose works do not all sample (a 1-token prompt chunk that is not its last, say):
+    the runner returns the rows asked for, in the order asked."""
+    import dataclasses
+    k = kernel.boot(memory=frames(64), graphs=True)
+    s = k.syscalls()
+    tid = s.spawn_tenant(TINY)
+    for p, n in workload(n=5, seed=4, output=(8, 12)):
+        s.spawn(tid, p, max_tokens=n, ignore_eos=True, temperature=0)
+    hosts = []
+    static_forward = k.graphs.forward
+    k.graphs.forward = lambda *args: (hosts.append(args), static_forward(*args))[1]
+    while not hosts:
+        assert k.step()
+    program, host, kv = hosts[0]
+    subset = dataclasses.replace(host, sample_indices=np.array([3, 0, 4], dtype=np.int64))
+    got, padding = static_forward(program, subset, kv)
+    want = program.forward(to_device(subset, k.device), kv)
+    assert padding == 3 and got.shape == (3, program.vocab_size)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
