@@ -125,7 +125,10 @@ class DecodeGraphs:
         self.capture = capture
         self.stats = GraphStats()
         self._static: dict = {}          # id(program) -> _Static
-        self._pool = None                # one memory pool shared by every graph (they never run at once)
+        # One memory pool shared by every graph: a later capture may reuse blocks an earlier graph frees
+        # at its end, so a replay may overwrite another graph's output; harmless here, because a step
+        # reads only the output of the graph it has just replayed, and graphs never run at once.
+        self._pool = None
         self._stream = None              # the warm-up and capture stream, one for every capture
 
     def takes(self, program, host: HostBatch, kv) -> bool:
@@ -191,14 +194,3 @@ class DecodeGraphs:
         static.graphs[b] = (graph, logits)
         self.stats.captures[b] = (time.perf_counter() - started, torch.cuda.memory_reserved(device) - reserved)
         return graph, logits
-
-    def capture_all(self, program, kv, host: HostBatch, sizes=None) -> None:
-        """Capture every size up front (largest first, so smaller graphs reuse the pool's blocks), with
-        `host` (a pure-decode batch) staged in the buffers; the device script times capture with it."""
-        if not self.capture:
-            raise KernelPanic("DecodeGraphs.capture_all: capture is off")
-        static = self._static_of(program, kv)
-        for b in sorted(sizes or self.sizes, reverse=True):
-            if b >= host.num_seqs and b not in static.graphs:
-                static.fill(host, b)
-                self._capture(program, kv, static, b)
