@@ -8,7 +8,9 @@ round, min and median over rounds:
    through torch.ops.kvos (kernel/ops/library.py), for write_kv and paged_attention on a small decode
    batch (SmolLM2's 9/3/64 heads, 4 sequences);
 2. a decode step of the whole kernel (tiny-llama, or --model) eager against the graph runner's padded
-   static path (graphs=True: no capture on the CPU), at batch 3 (padded to 4) and 8.
+   static path (graphs=True: no capture on the CPU), at batch 3 (padded to 4) and 8;
+3. batch building (kernel/step.py's host_batch and to_device, or build_batch where a tree has that)
+   per decode step at 256 sequences of tiny-llama with 300-token prompts.
 """
 import argparse
 import random
@@ -82,6 +84,37 @@ def decode_steps(model, batches, rounds):
         show(f"batch {batch}", rounds_of({"eager": steps(False), "static": steps(True)}, rounds, 10), "ms", 1e3)
 
 
+def batch_building(rounds):
+    from kernel import step as kstep
+    spent = [0.0]
+    for name in ("build_batch", "host_batch", "to_device"):
+        if hasattr(kstep, name):
+            real = getattr(kstep, name)
+
+            def timed(*a, _real=real, **kw):
+                t0 = time.thread_time()
+                out = _real(*a, **kw)
+                spent[0] += time.thread_time() - t0
+                return out
+            setattr(kstep, name, timed)
+    k = kernel.boot(memory="256MiB", threads=1, max_running=256, token_budget=4096)
+    s = k.syscalls()
+    tid = s.spawn_tenant("tiny-llama")
+    rng = random.Random(0)
+    for _ in range(256):
+        s.spawn(tid, [rng.randrange(3, 500) for _ in range(300)], max_tokens=200, temperature=0, ignore_eos=True)
+    for _ in range(30):
+        k.step()
+    per = []
+    for _ in range(rounds):
+        spent[0] = 0.0
+        for _ in range(10):
+            k.step()
+        per.append(spent[0] / 10)
+    print("== batch building per decode step, 256 sequences (CPU time)")
+    print(f"   min {min(per) * 1e6:.0f} us   median {statistics.median(per) * 1e6:.0f} us")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-llama")
@@ -91,6 +124,7 @@ def main(argv=None):
     ops.set_num_threads(1)
     op_layer(args.rounds)
     decode_steps(args.model, (3, 8), args.rounds)
+    batch_building(5)
 
 
 if __name__ == "__main__":
