@@ -127,12 +127,13 @@ def smollm2_shaped(device, dtype, config=SMOLLM2_SHAPE):
 
 
 LAUNCH_APIS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+COPY_APIS = ("cudaMemcpyAsync", "cudaMemcpy", "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2", "cudaMemsetAsync")
 
 
 def profile_steps(k, device, steps=5):
-    """torch.profiler over `steps` decode steps: (launch API calls per step, GPU kernels per step, kernel time
-    over wall time, the top ops by host time). Kernel time is the sum of kernel durations (one stream: no
-    overlap to double count); None where the profiler saw no device (the CPU)."""
+    """torch.profiler over `steps` decode steps: (launch API calls per step, copy and memset calls per step,
+    GPU kernels per step, kernel time over wall time, the top ops by host time). Kernel time is the sum of
+    kernel durations (one stream: no overlap to double count); None where the profiler saw no device (the CPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -145,10 +146,11 @@ def profile_steps(k, device, steps=5):
         wall = time.perf_counter() - t0
     events = prof.events()
     launches = sum(1 for e in events if e.name in LAUNCH_APIS) / steps
+    copies = sum(1 for e in events if e.name in COPY_APIS) / steps
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / wall if kernels else None
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=44)
-    return launches, len(kernels) / steps, busy, table
+    return launches, copies, len(kernels) / steps, busy, table
 
 
 def timed_steps(k, device, n):
@@ -181,7 +183,8 @@ def speed(device, batches, ctx, rounds=3, steps=10, profile_batch=64, small=Fals
           f"{device}, context ~{ctx}; decode graphs {'captured' if runner.capture else 'off (static buffers, eager)'}",
           flush=True)
     print(f"   {'batch':>5} {'eager ms':>9} {'graphs ms':>9} {'speedup':>7} {'tok/s graphs':>12} "
-          f"{'launches e/g':>12} {'kernels e/g':>11} {'GPU busy e/g':>13} {'capture s':>9} {'capture MiB':>11}")
+          f"{'launches e/g':>12} {'copies e/g':>10} {'kernels e/g':>11} {'GPU busy e/g':>13} {'capture s':>9} "
+          f"{'capture MiB':>11}")
     tables = []
     for batch in batches:
         budget = min(2048, config.max_position_embeddings - ctx)       # a tenant's max_tokens limit: 2048
@@ -205,12 +208,13 @@ def speed(device, batches, ctx, rounds=3, steps=10, profile_batch=64, small=Fals
         size = next(b for b in runner.sizes if b >= batch)
         capture = runner.stats.captures.get(size)
         cap_s, cap_mib = (f"{capture[0]:.2f}", f"{capture[1] / 2**20:.0f}") if capture else ("-", "-")
-        busy = "/".join("n/a" if prof[m][2] is None else f"{prof[m][2]:.0%}" for m in ("eager", "graphs"))
+        busy = "/".join("n/a" if prof[m][3] is None else f"{prof[m][3]:.0%}" for m in ("eager", "graphs"))
         print(f"   {batch:>5} {eager:>9.2f} {graphs:>9.2f} {eager / graphs:>6.2f}x {batch / graphs * 1e3:>12.0f} "
-              f"{prof['eager'][0]:>5.0f}/{prof['graphs'][0]:<6.0f} {prof['eager'][1]:>5.0f}/{prof['graphs'][1]:<5.0f} "
+              f"{prof['eager'][0]:>5.0f}/{prof['graphs'][0]:<6.0f} {prof['eager'][1]:>4.0f}/{prof['graphs'][1]:<5.0f} "
+              f"{prof['eager'][2]:>5.0f}/{prof['graphs'][2]:<5.0f} "
               f"{busy:>13} {cap_s:>9} {cap_mib:>11}", flush=True)
         if batch == profile_batch:
-            tables = [(m, prof[m][3]) for m in ("eager", "graphs")]
+            tables = [(m, prof[m][4]) for m in ("eager", "graphs")]
         for p in pids:
             s.kill(p)
         k.step()

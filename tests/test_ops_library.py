@@ -101,3 +101,22 @@ def test_torch_compile_sees_the_ops_as_opaque_calls(batch):
     torch.testing.assert_close(got, eager)
     assert torch.equal(eager, ops.paged_attention(batch.q, k_cache, v_cache, batch.page_table, batch.query_start,
                                                   batch.context_lens, 0.125))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_on_cuda(dtype):
+    """The CUDA kernels through the same custom ops: opcheck, and the result against the twin."""
+    b = make_batch([1, 3, 2, 1], [40, 3, 70, 17], 9, 3, 64, 16, seed=5, dtype=dtype, device="cuda")
+    k_cache, v_cache = separate_caches(b)
+    out = torch.zeros_like(b.q)
+    args = (b.q, k_cache, v_cache, b.page_table, b.query_start, b.context_lens, 0.125, out, False)
+    torch.library.opcheck(torch.ops.kvos.paged_attention.default, args)
+    library.paged_attention(*args)
+    want = reference.paged_attention(b.q, k_cache, v_cache, b.page_table, b.query_start, b.context_lens, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+    k = torch.randn(3, k_cache.shape[2], k_cache.shape[3], device="cuda", dtype=dtype)
+    slots = torch.tensor([4, 9, 1], dtype=torch.int32, device="cuda")
+    torch.library.opcheck(torch.ops.kvos.write_kv.default, (k_cache, v_cache, k, k, slots, False))
