@@ -3,8 +3,8 @@
     plan   = sched.schedule()       who runs, how many tokens, who is preempted or ends (memory bookkept)
     apply the plan's exits          processes that can never fit end with ENOMEM
     mm.flush()                      copy-on-write and swap bytes move, batched, in order
-    batch  = build_batch(works)     per program: packed tokens, positions, slots, page tables
-    logits = program.forward(...)   on the device; attention reads K/V through page tables
+    batch  = host_batch(works)      per program: packed tokens, positions, slots, page tables (checked)
+    logits = program.forward(...)   on the device (pure decode: through the decode graphs, if on)
     tokens = sample(logits, ...)    per-process parameters and seeded generators
     commit(plan, tokens)            append token bytes, stop checks, turn ends, exits free pages
     record(plan)                    schedstat counters and the step's trace record
@@ -47,7 +47,7 @@ class Kernel:
     def __init__(self, device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512,
                  swap="1GiB", chunk=None, max_running=256, frame_bytes=None, alloc="paged",
                  batch="ragged", watermark=None, threads=None, seed=0, pids="sequential", loop=False,
-                 frames=None, swap_frames=None, tp=1):
+                 frames=None, swap_frames=None, tp=1, graphs=False):
         _check_int("page_size", page_size, 1, 4096)
         _check_int("token_budget", token_budget, 1, 1 << 20)
         _check_int("max_running", max_running, 1, 1 << 20)
@@ -64,6 +64,11 @@ class Kernel:
                 _check_int(name, value, 0 if name == "swap_frames" else 1, 1 << 30)
         if frames is not None and memory is not None:
             raise KvosError(EINVAL, "give memory (bytes) or frames (of the first tenant's pages), not both")
+        if graphs not in (False, True, "eager"):
+            raise KvosError(EINVAL, f"graphs must be False, True or 'eager', got {graphs!r}")
+        if graphs and (tp != 1 or (isinstance(device, str) and device.startswith("sim"))):
+            raise KvosError(EINVAL, "graphs: decode graphs run on one cpu or cuda device (the simulator prices "
+                                    "them with its graphs constant: sim:h200,graphs=1)")
         if pids not in ("sequential", "random"):
             raise KvosError(EINVAL, f"pids must be 'sequential' or 'random', got {pids!r}")
         self.memory_bytes = None if memory is None else parse_bytes(memory, "memory")   # None: the device's default
@@ -72,6 +77,10 @@ class Kernel:
         self.page_size = page_size
         self.frame_bytes = frame_bytes
         self.padded = batch == "padded"
+        # Decode graphs (kernel/devices/graphs.py): True captures them on CUDA and runs the padded static
+        # batches eagerly elsewhere; "eager" never captures. Both need the null frame.
+        self.graph_mode, self.graph_max_batch = graphs, min(max_running, 512)
+        self.graphs = None
         self.watermark = watermark
         self.lock = KernelLock()                                   # guards everything below; FIFO (kernel/klock.py)
         self.changed = threading.Condition(self.lock)              # notified after every step
@@ -149,10 +158,14 @@ class Kernel:
         self.frame_bytes = frame_bytes
         self.mm = MemoryManager(self.device, num_frames, frame_bytes,
                                 swap_slots=self.swap_bytes // frame_bytes, watermark=self.watermark)
-        if self.padded:       # one frame outside every cgroup absorbs the K/V of padding tokens
+        if self.padded or self.graph_mode:   # one frame outside every cgroup absorbs the K/V of padding tokens
             asid = self.mm.create(0, 1, b"null")
             self.mm.append(asid, [0])
             self.null_frame = self.mm.space(asid).frames[0]
+        if self.graph_mode:
+            from kernel.devices.graphs import DecodeGraphs
+            capture = self.graph_mode is True and self.device.kind == "cuda"
+            self.graphs = DecodeGraphs(self.device, self.null_frame, self.graph_max_batch, capture)
         self.log("mm", f"frame pool: {num_frames} frames of {frame_bytes} bytes, "
                  f"{self.swap_bytes // frame_bytes} swap slots")
 

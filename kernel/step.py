@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernel.batch import build_batch
+from kernel.batch import host_batch, to_device
 from kernel.devices.base import DeviceLost
 from kernel.errors import KernelPanic, KvosError
 from kernel.penalties import history_of
@@ -42,9 +42,14 @@ def forward(kernel, plan) -> dict:
         program = works[0].proc.tenant.program
         wanted = [w for w in works if w.logits]
         try:
-            batch, padding = build_batch(works, wanted, kernel.mm, kernel.device, kernel.null_frame)
+            host, padding = host_batch(works, wanted, kernel.mm, kernel.null_frame if kernel.padded else None)
+            kv, graphs = kernel.kv_view(program), kernel.graphs
+            if graphs is not None and graphs.takes(program, host, kv):    # pure decode: static buffers, graphs
+                logits, graph_padding = graphs.forward(program, host, kv)
+                padding += graph_padding
+            else:
+                logits = kernel.device.forward(program, to_device(host, kernel.device), kv)
             plan.padding_tokens += padding
-            logits = kernel.device.forward(program, batch, kernel.kv_view(program))
             if wanted:
                 samples.update(sample_rows(wanted, logits))
         except DeviceLost as exc:                 # the device is gone: its processes end, the kernel goes on

@@ -4,7 +4,9 @@ A forward pass is priced per operator class, each on its own roofline with an ef
 on real GPUs: the linear layers (GEMMs) blend a compute and a weight-streaming term, attention
 reads the K/V at its own bandwidth efficiency, elementwise ops (norms, rotary, activation,
 residual adds) stream activations, every layer pays kernel-launch floors, and a tensor-parallel
-pass adds two all-reduces per layer. The host adds a fixed cost per pass and per sequence. Swap
+pass adds two all-reduces per layer. The host adds a fixed cost per pass and per sequence, and issues
+each pass's kernels (per launch eagerly, one replay for a pure-decode pass with CUDA graphs): when
+issuing takes longer than the GPU's work, the GPU waits (host_wait) and the step is host-bound. Swap
 bytes cross PCIe, not overlapped. Equations, constants and their sources: docs/simulator.md.
 Pure data and formulas, no kernel state: userspace may import this module (the simulator's
 experiments reason with the same presets and formulas the device uses).
@@ -40,6 +42,13 @@ class GPUSpec:
     layer_overhead: float = 40e-6    # seconds per layer per pass: launch floors of the small kernels
     step_overhead: float = 1e-3      # host seconds per forward pass: scheduling, batch building, sampling
     seq_overhead: float = 40e-6      # host seconds per sequence in a pass (inputs, sampling, outputs)
+    # The host issuing a pass's kernels, which the GPU overlaps with its work until issuing is the slower
+    # (kvos's eager forward on an H200: docs/simulator.md, "The host"). 0 s per launch: the engine's issue
+    # time hides under the GPU's (the calibrated default); host=eager|graphs names kvos's measured figures.
+    launches_per_layer: float = 15.0     # kernel launches per layer of an eager pass
+    launch_host: float = 0.0         # host seconds per eager launch (kvos eager on an H200: 20e-6)
+    graphs: float = 0.0              # 1: pure-decode passes replay a CUDA graph (prefill passes stay eager)
+    graph_launch: float = 50e-6      # host seconds of a graph-replayed pass: staging the inputs and the replay
     memory_utilization: float = 0.9  # fraction of memory the engine may use (vLLM's default; the rest: CUDA context)
     activation_reserve: int = 1 << 30  # bytes kept per GPU for one step's activations, besides weights and KV
 
@@ -94,16 +103,21 @@ GPUS = {
 GPU_ALIASES = {"a100": "a100-80g", "a100-80gb": "a100-80g", "a100-sxm4-80gb": "a100-80g", "a100-40gb": "a100-40g",
                "h100": "h100-80g", "h100-80gb": "h100-80g", "h100-sxm": "h100-80g",
                "h200-141g": "h200", "h200-141gb": "h200", "": "a100-80g"}
-_ZERO_OK = ("step_overhead", "seq_overhead", "layer_overhead", "link_latency", "activation_reserve")
+_ZERO_OK = ("step_overhead", "seq_overhead", "layer_overhead", "link_latency", "activation_reserve", "launch_host",
+            "graphs", "graph_launch")
+# Host profiles (host=NAME in a sim device name): (launch_host, graphs). "engine" is the calibrated
+# default; "eager" and "graphs" are kvos's forward as measured on an H200 (docs/simulator.md, "The host").
+HOSTS = {"engine": (0.0, 0.0), "eager": (20e-6, 0.0), "graphs": (20e-6, 1.0)}
 
 
 def gpu_spec(name: str, **overrides) -> GPUSpec:
-    """The preset named by `name` ("sim:a100", "H100", "sim:h200,step_overhead=0,tp=2", "sim:a100,link=pcie4"),
-    with overrides."""
+    """The preset named by `name` ("sim:a100", "H100", "sim:h200,step_overhead=0,tp=2", "sim:a100,link=pcie4",
+    "sim:h200,host=eager"), with overrides."""
     if not isinstance(name, str):
         raise KvosError(EINVAL, f"sim device name must be a string, got {name!r}")
     key, *assignments = name.strip().lower().removeprefix("sim").removeprefix(":").split(",")
     key = GPU_ALIASES.get(key, key)
+    profile = {}
     if key not in GPUS:
         raise KvosError(EINVAL, f"unknown simulated GPU {name!r}: choose one of {', '.join(GPUS)} "
                                 f"(aliases: {', '.join(a for a in GPU_ALIASES if a)})")
@@ -121,11 +135,17 @@ def gpu_spec(name: str, **overrides) -> GPUSpec:
                 overrides.setdefault(f, v)
             overrides.setdefault("link", label)
             continue
+        if field == "host":                    # a named host profile sets launch_host and graphs
+            if value not in HOSTS:
+                raise KvosError(EINVAL, f"sim device {name!r}: unknown host {value!r}: "
+                                        f"choose one of {', '.join(HOSTS)}")
+            profile = dict(zip(("launch_host", "graphs"), HOSTS[value]))    # fields named beside it win
+            continue
         try:
             overrides.setdefault(field, float(value))
         except ValueError:
             raise KvosError(EINVAL, f"sim device {name!r}: {field}={value!r} is not a number") from None
-    return _override(GPUS[key], overrides)
+    return _override(GPUS[key], {**profile, **overrides})
 
 
 def _override(spec: GPUSpec, overrides: dict) -> GPUSpec:
@@ -144,6 +164,8 @@ def _override(spec: GPUSpec, overrides: dict) -> GPUSpec:
             raise KvosError(EINVAL, f"GPU constant {field} must be positive")
         if field.endswith(("_efficiency", "_utilization")) and value > 1:
             raise KvosError(EINVAL, f"GPU constant {field} is a fraction in (0, 1], got {value}")
+        if field == "graphs" and value not in (0, 1):
+            raise KvosError(EINVAL, f"GPU constant graphs is 0 or 1, got {value}")
         if field == "tp" and (value != int(value) or not 1 <= value <= 1024):
             raise KvosError(EINVAL, f"GPU constant tp is a whole number of GPUs from 1 to 1024, got {value}")
     ints = ("memory_bytes", "activation_reserve", "tp")
@@ -203,13 +225,16 @@ class StepCost:
     comm: float = 0.0                # tensor-parallel all-reduces
     forward: float = 0.0             # sum over passes of linear + attention + elementwise + launch + comm
     overhead: float = 0.0            # host: per pass and per sequence
+    issue: float = 0.0               # host seconds issuing the passes' kernels (overlapped with the GPU's work)
+    host_wait: float = 0.0           # of which the GPU waited for: sum over passes of max(0, issue - forward)
     swap: float = 0.0                # swap bytes / PCIe bandwidth
     copy: float = 0.0                # copy-on-write frame copies (read + write over HBM)
     compute_bound: int = 0           # forward passes whose compute terms were the larger
+    host_bound: int = 0              # forward passes the host took longer to issue than the GPU to run
 
     @property
     def total(self) -> float:
-        return self.forward + self.overhead + self.swap + self.copy
+        return self.forward + self.host_wait + self.overhead + self.swap + self.copy
 
 
 def forward_work(model: ModelCost, spans, padding_tokens: int = 0) -> PassWork:
@@ -281,9 +306,22 @@ def step_cost(gpu: GPUSpec, passes: list, swap_bytes: int = 0, copy_bytes: int =
         cost.forward += linear + attention + elementwise + launch + comm
         cost.compute_bound += linear_c + attn_c > linear_m + attn_m
         cost.overhead += gpu.step_overhead + work.sequences * gpu.seq_overhead
+        issue = issue_seconds(gpu, work)
+        device = linear + attention + elementwise + launch + comm
+        cost.issue += issue
+        cost.host_wait += max(0.0, issue - device)
+        cost.host_bound += issue > device
     cost.swap = swap_bytes / t / gpu.pcie_bandwidth        # each GPU swaps its slice over its own link
     cost.copy = 2 * copy_bytes / t / (gpu.hbm_bandwidth * gpu.bandwidth_efficiency)
     return cost
+
+
+def issue_seconds(gpu: GPUSpec, work: PassWork) -> float:
+    """Host seconds to issue one pass: one graph replay for a pure-decode pass when graphs are on (every
+    sequence brings one token), else a launch per kernel (layers x launches_per_layer)."""
+    if gpu.graphs and work.tokens == work.sequences > 0:
+        return gpu.graph_launch
+    return work.layers * gpu.launches_per_layer * gpu.launch_host
 
 
 def decode_crossover_batch(gpu: GPUSpec, model: ModelCost, context: int = 0) -> float:

@@ -6,9 +6,13 @@ when it is true. On the CPU that check is a C pre-pass and costs next to nothing
 CUDA it costs one host sync, so a forward pass may check once per step and pass
 check=False for the other layers. Shape, dtype and device checks always run.
 Index tensors are int32; int64 is accepted and converted (one extra copy per call).
+After the checks each op calls its torch.library custom op (library.py), which the dispatcher
+sends to the C or the CUDA kernel; on CUDA nothing after the checks syncs with the host, so
+with check=False (the batch builder checked the host arrays) an op may be captured in a graph.
 """
 import torch
 
+from kernel.ops import library
 from kernel.ops import validate as val
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)     # caches; activations (q, k, v, out) are float32 on the CPU
@@ -39,7 +43,7 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, *, check=True):
     """Scatter new keys and values into their slots (see reference.write_kv)."""
     val.cache_pair(k_cache, v_cache)
     device, dtype = k_cache.device, k_cache.dtype
-    backend = _backend(device)
+    _backend(device)                  # a device kvos runs on (cpu or cuda)
     if dtype not in _float_dtypes(device):
         val.fail(f"{device.type} caches hold {_float_dtypes(device)}, not {dtype}")
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
@@ -56,14 +60,14 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, *, check=True):
         return
     if check and device.type != "cpu":
         val.slots_in_range(slots, num_frames * page_size)
-    backend.write_kv(k_cache, v_cache, k, v, slots, check)
+    library.write_kv(k_cache, v_cache, k, v, slots, check)
 
 
 def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, scale, out=None, *, check=True):
     """Causal attention of packed queries over paged context (see reference.paged_attention)."""
     val.cache_pair(k_cache, v_cache)
     device, dtype = k_cache.device, k_cache.dtype
-    backend = _backend(device)
+    _backend(device)                  # a device kvos runs on (cpu or cuda)
     if dtype not in _float_dtypes(device):
         val.fail(f"{device.type} caches hold {_float_dtypes(device)}, not {dtype}")
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
@@ -93,7 +97,8 @@ def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, 
         val.batch_in_range(page_table, query_start, context_lens, num_tokens, num_frames, page_size)
     if num_tokens == 0:
         return out
-    return backend.paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, scale, out, check)
+    library.paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, scale, out, check)
+    return out
 
 
 def _frame_copy_args(src_pool, dst_pool, src, dst, src_name, dst_name):
@@ -115,13 +120,13 @@ def copy_frames(pool, src, dst, *, check=True):
     val.frame_pool("pool", pool)
     if not pool.is_contiguous():
         val.fail("pool must be contiguous")
-    backend = _backend(pool.device)
+    _backend(pool.device)             # a device kvos runs on (cpu or cuda)
     src, dst = _frame_copy_args(pool, pool, src, dst, "src", "dst")
     if src.shape[0] == 0:
         return
     if check and pool.device.type != "cpu":
         val.frame_lists(src, pool.shape[0], dst, pool.shape[0], True)
-    backend.copy_frames(pool, pool, src, dst, check)
+    library.copy_frames(pool, pool, src, dst, check, "src", "dst")
 
 
 def _swap_args(pool, swap):
@@ -147,10 +152,10 @@ def swap_in(swap, pool, slots, frames, *, check=True):
 
 def _swap_copy(pool, swap, src_pool, dst_pool, src, dst, src_name, dst_name, check):
     """dst_pool[dst[i]] = src_pool[src[i]] between a frame pool and its swap area, either way."""
-    backend = _swap_args(pool, swap)
+    _swap_args(pool, swap)
     src, dst = _frame_copy_args(src_pool, dst_pool, src, dst, src_name, dst_name)
     if src.shape[0] == 0:
         return
     if check and pool.device.type != "cpu":
         val.frame_lists(src, src_pool.shape[0], dst, dst_pool.shape[0], False, src_name, dst_name)
-    backend.copy_frames(src_pool, dst_pool, src, dst, check, src_name, dst_name)
+    library.copy_frames(src_pool, dst_pool, src, dst, check, src_name, dst_name)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from kernel.errors import EINVAL, KvosError
+from kernel.errors import EINVAL, KernelPanic, KvosError
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_MAX = 2**31 - 1
@@ -184,3 +184,31 @@ def frame_lists(src, src_count, dst, dst_count, same_pool, src_name="src", dst_n
     sources = set(src.tolist())
     i = next(i for i, d in enumerate(dst.tolist()) if d in sources)
     bad_frame_list("overlap", i, *names)
+
+
+# ---- the same index checks on host arrays (numpy): the batch builder's, before any device copy ----
+
+def host_batch(slot_mapping, page_table, query_start, context_lens, num_frames, page_size):
+    """slots_in_range and batch_in_range on numpy arrays, with no device tensor read: a graph-captured
+    forward cannot sync, so the batch builder checks what it is about to copy. All well costs a few
+    numpy reductions; a failure is worded by the torch checks above (same rules, same reasons)."""
+    import numpy as np
+    slots = np.asarray(slot_mapping, dtype=np.int64)
+    num_slots = num_frames * page_size
+    if slots.size and (slots.min() < 0 or slots.max() >= num_slots):
+        slots_in_range(torch.from_numpy(slots), num_slots)
+    qs = np.asarray(query_start, dtype=np.int64)
+    ctx = np.asarray(context_lens, dtype=np.int64)
+    table = np.asarray(page_table)
+    q_lens = qs[1:] - qs[:-1]
+    pages = np.where(q_lens > 0, (ctx + page_size - 1) // page_size, 0)
+    used = np.arange(table.shape[1])[None, :] < pages[:, None]
+    ok = (qs.size == ctx.size + 1 and qs[0] == 0 and qs[-1] == slots.size and not (q_lens < 0).any()
+          and not (ctx < q_lens).any() and not (pages > table.shape[1]).any()
+          and not (used & ((table < 0) | (table >= num_frames))).any())
+    if not ok:
+        if qs.size != ctx.size + 1:
+            fail(f"query_start has {qs.size} entries, expected {ctx.size + 1}")
+        batch_in_range(torch.from_numpy(table), torch.from_numpy(qs), torch.from_numpy(ctx), slots.size,
+                       num_frames, page_size)
+        raise KernelPanic("host_batch: the torch check found nothing wrong where the numpy check did")

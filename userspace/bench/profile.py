@@ -14,7 +14,7 @@ import time
 # (category, how to find its time): "tot" sums the tottime of calls whose name contains one of
 # the patterns (torch builtins); "cum" sums the cumulative time of the Python functions named
 # (file suffix, function); "self" their own time, without what they call. Tests check that every
-# named function exists. Overlaps are small: build_batch's and sample()'s few `to`/index_select
+# named function exists. Overlaps are small: to_device's and sample()'s few `to`/index_select
 # calls count twice.
 CATEGORIES = [
     ("matmul (mm, addmm, F.linear)", "tot", ("built-in method torch._C._nn.linear", "method 'addmm_'",
@@ -30,7 +30,8 @@ CATEGORIES = [
     ("the forward's own Python (the layer loop)", "self", (("userspace/programs/llama.py", "forward"),)),
     ("sampling", "cum", (("kernel/step.py", "sample_rows"),)),
     ("scheduler", "cum", (("kernel/sched/scheduler.py", "schedule"),)),
-    ("batch building", "cum", (("kernel/batch.py", "build_batch"),)),
+    ("batch building", "cum", (("kernel/batch.py", "host_batch"), ("kernel/batch.py", "to_device"),
+                               ("kernel/devices/graphs.py", "fill"))),
     ("mm flush (CoW, swap copies)", "cum", (("kernel/mm/memory.py", "flush"),)),
     ("commit (append_token, stop checks, exits)", "cum", (("kernel/step.py", "commit"),)),
     ("step record (schedstat, trace ring)", "cum", (("kernel/step.py", "record"),)),

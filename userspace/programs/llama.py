@@ -210,8 +210,9 @@ class LlamaProgram(Program):
             q, k = qk[:, :nq], qk[:, nq:]
             v = qkv[:, k_end:].view(num_tokens, nkv, d)
             k_cache, v_cache = kv.layer(index)
-            # Index ranges are the same for every layer: check them once per step (a host sync on CUDA).
-            check = index == 0
+            # Index ranges are the same for every layer: check them once per step (a host sync on CUDA),
+            # or never when the batch builder checked its host arrays (a captured graph cannot sync).
+            check = index == 0 and not batch.checked
             ops.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, check=check)
             attn = ops.paged_attention(q, k_cache, v_cache, batch.page_table, batch.query_start,
                                        batch.context_lens, self.scale, check=check)

@@ -19,7 +19,7 @@ RUN_KEYS = ("requests", "completed", "duration_s", "throughput_rps", "output_tok
             "ttft_p50", "ttft_p99", "latency_p50", "latency_p99", "normalized_latency_mean", "tpot", "tpot_p99",
             "tbt_p50", "tbt_p99", "tbt_max",
             "kv_utilization", "mean_running", "peak_running", "preemptions", "swap_outs", "reclaims",
-            "padding_tokens", "memory_saved", "steps", "wall_s")
+            "padding_tokens", "memory_saved", "steps", "host_bound_steps", "host_wait_share", "wall_s")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -156,7 +156,8 @@ class Driver:
         cost = record.cost["total"] if record.cost else record.seconds
         self.busy += cost
         generated = sum(w.token is not None for w in record.works)
-        self.step_samples.append((cost, record.running, record.waiting, generated))
+        host_wait = record.cost.get("host_wait", 0.0) if record.cost else 0.0   # the GPU waiting for the host
+        self.step_samples.append((cost, record.running, record.waiting, generated, host_wait))
         exited = []
         for pid, _ in record.exits:
             if pid in self.reaped_early:

@@ -52,7 +52,7 @@ class RunResult:
     wall: float                          # real seconds the run took
     stats: dict                          # schedstat counters at the end
     kv_samples: list                     # (dt, utilization, occupancy, mapped, unshared) per sample
-    step_samples: list                   # (seconds, running, waiting, tokens generated) per priced step
+    step_samples: list                   # (seconds, running, waiting, tokens generated, host wait) per priced step
     gaps: list                           # time between consecutive tokens of a process (if recorded)
 
     @property
@@ -87,6 +87,10 @@ class RunResult:
             "normalized_latency_mean": _mean(norm), "tpot_mean": _mean(tpot),
             "peak_running": max((s[1] for s in self.step_samples), default=0),
             "mean_running": _weighted([(s[0], s[1]) for s in self.step_samples]),
+            # host-bound steps: the GPU waited for the host to issue kernels (costmodel.py, docs/simulator.md)
+            "host_bound_steps": sum(len(s) > 4 and s[4] > 0 for s in self.step_samples),
+            "host_wait_share": (sum(s[4] for s in self.step_samples if len(s) > 4)
+                                / max(sum(s[0] for s in self.step_samples), 1e-30)),
             "backlog_tokens_per_s": self.backlog_throughput,
             "kv_utilization": _weighted([(s[0], s[1]) for s in self.kv_samples]),
             "kv_occupancy": _weighted([(s[0], s[2]) for s in self.kv_samples]),
