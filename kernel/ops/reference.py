@@ -87,3 +87,19 @@ def int4_dequantize(codes, scale_zeros, group):
 def int4_mm(x, codes, scale_zeros, group):
     """x @ W^T in float32 (the twin of ops.int4_mm, which takes codes packed by ops.int4_pack)."""
     return x.float() @ int4_dequantize(codes, scale_zeros, group).t()
+
+
+def panel_mm(x, packed, n, bias=None, out=None, accumulate=False):
+    """out (m, n) = x @ W^T (+ bias), or out += that; W (n, k) is packed (panels, k, 64) column
+    panels (ops.panel_pack), read back here by undoing the packing."""
+    w = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias
+    if out is None:
+        return y
+    if accumulate:
+        out += y
+    else:
+        out.copy_(y)
+    return out
