@@ -19,6 +19,7 @@ from kernel.results import StepRecord, TenantInfo, WorkRecord
 from userspace.bench import metrics, roofline, runner, workloads
 from userspace.bench.child import Progress, parse_line
 from userspace.programs.loader import load_program
+from userspace.programs import qlinear
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"system", "ok", "mode", "useful_tok_s", "total_tok_s", "ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99",
@@ -175,8 +176,8 @@ def test_roofline_prices_each_step_by_its_larger_term():
 def test_tenantinfo_cost_counts_the_weights_a_step_reads():
     import kernel
     fp32, bf16 = load_program("tiny-llama"), load_program("tiny-llama", matmul="bfloat16")
-    held = sum(t.nbytes for t in [fp32.lm_head, fp32.norm] + [getattr(layer, n) for layer in fp32.layers
-                                                               for n in layer.__slots__] if t is not None)
+    held = sum(qlinear.weight_bytes(t) for t in [fp32.lm_head, fp32.norm] + [getattr(layer, n) for layer in fp32.layers
+                                                                             for n in layer.__slots__] if t is not None)
     assert fp32.cost.weight_bytes == held == 4 * fp32.cost.num_params       # every active parameter, fp32
     assert bf16.cost.weight_bytes < 0.51 * fp32.cost.weight_bytes           # linear layers in bf16
     k = kernel.boot(memory="8MiB")
