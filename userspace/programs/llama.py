@@ -96,9 +96,10 @@ class _Layer:
     """One decoder layer's tensors, as attributes (a dict lookup per use would cost in the hot loop).
 
     The four projection matrices are kept transposed, (in, out) and contiguous, for torch.mm and
-    addmm (in the matmul dtype), except in float32 on the CPU, where they are packed in column panels
-    for ops.panel_mm (qlinear.PanelLinear: 1.4x to 2.9x faster than MKL at every M measured). On the CPU that is 1.0 to 1.2x faster than F.linear on the
-    (out, in) layout at SmolLM2's decode shapes (2 threads, weights cold in cache, as in a step)."""
+    addmm (in the matmul dtype): 1.0 to 1.2x faster than F.linear on the (out, in) layout at
+    SmolLM2's decode shapes (weights cold in cache, as in a step). In float32 on the CPU they are
+    packed in column panels for ops.panel_mm instead (qlinear.PanelLinear: 1.4x to 2.9x faster
+    than MKL's sgemm at every M measured, docs/performance.md 7b)."""
     __slots__ = ("attn_norm", "qkv_t", "qkv_bias", "o_t", "o_bias", "mlp_norm", "gate_up_t", "down_t")
 
     def __init__(self, w: dict, i: int, matmul_dtype: torch.dtype, panels: bool):
