@@ -37,7 +37,7 @@ ALWAYS_INLINE void tile(const int R, float *y, int64_t y_stride, const float *x,
         acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vsplat(0.0f);
     for (int64_t kk = 0; kk < k; kk++) {
         const float *w = panel + kk * PANEL;
-        if (prefetch)   /* later tiles of the panel find it in L2 */
+        if (PREFETCH && prefetch)   /* later tiles of the panel find it in L2 */
             for (int l = 0; l < 4; l++)
                 __builtin_prefetch(w + PREFETCH * PANEL + l * VW);
         vf w0 = vload(w), w1 = vload(w + VW), w2 = vload(w + 2 * VW), w3 = vload(w + 3 * VW);
