@@ -41,16 +41,14 @@ def _packed(packed, n):
 
 
 def _span(t):
-    """[first, last) byte addresses a tensor's elements can touch."""
+    """[first, last) byte addresses a tensor's elements can touch (empty for no elements)."""
     if t.numel() == 0:
         return (0, 0)
-    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    return (t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size())
-
-
-def _overlap(a, b):
-    (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a0 < b1 and b0 < a1
+    last = 0
+    for size, stride in zip(t.shape, t.stride()):
+        last += (size - 1) * stride
+    start = t.data_ptr()
+    return (start, start + (last + 1) * t.element_size())
 
 
 def panel_mm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
@@ -80,9 +78,12 @@ def panel_mm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor |
         val.rows_contiguous("out", out)
         if m > 1 and out.stride(0) < n:
             val.fail(f"out's rows overlap each other (row stride {out.stride(0)} < {n})")
+        o0, o1 = _span(out)
         for name, t in (("x", x), ("packed", packed), ("bias", bias)):
-            if t is not None and _overlap(out, t):
-                val.fail(f"out shares memory with {name}")
+            if t is not None:
+                t0, t1 = _span(t)
+                if o0 < t1 and t0 < o1:
+                    val.fail(f"out shares memory with {name}")
     if m == 0 or n == 0:
         return out
     if k == 0:
