@@ -20,9 +20,11 @@ def panel_pack(w: torch.Tensor) -> torch.Tensor:
     val.tensor("w", w, ndim=2, dtypes=(torch.float32,), device=_CPU)
     n, k = w.shape
     panels = -(-n // PANEL)
-    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
-    padded[:n] = w
-    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+    if n % PANEL:   # pad the last panel with zeros (otherwise no temporary: one copy, the result)
+        padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
+        padded[:n] = w
+        w = padded
+    return w.reshape(panels, PANEL, k).transpose(1, 2).contiguous()
 
 
 def panel_unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
