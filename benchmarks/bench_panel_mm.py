@@ -8,7 +8,8 @@ projections in layer order, so each weight comes from memory as in a decode step
 per layout, far past the caches). Variants alternate within each round (order rotated); the time is
 this process's CPU time (time.process_time) with torch.set_num_threads(1) and KVOS_THREADS=1.
 Prints min and median over rounds in ms and the weight stream rate of the median. --head adds the
-LM head (49,152 x 576) to each pass.
+LM head (49,152 x 576) to each pass. --bf16 adds torch.mm on bf16 (in, out) copies of the same
+weights (oneDNN; x cast to bf16 each call), as the kvos-bf16 system runs them: half the bytes.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main() -> int:
     p.add_argument("--ms", default="1,4,8,16,32,64")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--head", action="store_true")
+    p.add_argument("--bf16", action="store_true")
     args = p.parse_args()
     os.environ["KVOS_THREADS"] = "1"
     import torch
@@ -40,13 +42,14 @@ def main() -> int:
         layer = {}
         for name, (n, k) in SHAPES.items():
             w = torch.randn(n, k) * k ** -0.5
-            layer[name] = (w, w.t().contiguous(), ops.panel_pack(w), n)
+            layer[name] = (w, w.t().contiguous(), ops.panel_pack(w), n,
+                           w.t().contiguous().bfloat16() if args.bf16 else None)
         layers.append(layer)
     head = None
     if args.head:
         w = torch.randn(VOCAB, HIDDEN) * HIDDEN ** -0.5
-        head = (w, None, ops.panel_pack(w), VOCAB)
-    nbytes = sum(w.numel() * 4 for layer in layers for w, *_ in layer.values())
+        head = (w, None, ops.panel_pack(w), VOCAB, w.bfloat16() if args.bf16 else None)
+    nbytes = sum(w.numel() * 4 for layer in layers for w, *_ in layer.values())     # float32 bytes
     nbytes += head[0].numel() * 4 if head else 0
 
     def run_mm(x, a, act):
@@ -76,7 +79,18 @@ def main() -> int:
         if head:
             ops.panel_mm(x, head[2], VOCAB)
 
+    def run_bf16(x, a, act):
+        for layer in layers:
+            torch.mm(x.bfloat16(), layer["qkv"][4])
+            x.add_(torch.mm(a.bfloat16(), layer["o"][4]))
+            torch.mm(x.bfloat16(), layer["gate_up"][4])
+            x.add_(torch.mm(act.bfloat16(), layer["down"][4]))
+        if head:
+            F.linear(x.bfloat16(), head[4])
+
     variants = {"torch.mm": run_mm, "F.linear": run_linear, "panel_mm": run_panel}
+    if args.bf16:
+        variants["bf16 torch.mm"] = run_bf16
     print(f"{nbytes / 1e6:.0f} MB of weights a pass; one thread, CPU ms (min / median of {args.rounds} rounds)")
     print("M      " + "".join(f"{name:>24}" for name in variants) + "   speedup vs mm (median)")
     for m in [int(v) for v in args.ms.split(",")]:

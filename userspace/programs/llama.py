@@ -98,7 +98,7 @@ class _Layer:
     The four projection matrices are kept transposed, (in, out) and contiguous, for torch.mm and
     addmm (in the matmul dtype): 1.0 to 1.2x faster than F.linear on the (out, in) layout at
     SmolLM2's decode shapes (weights cold in cache, as in a step). In float32 on the CPU they are
-    packed in column panels for ops.panel_mm instead (qlinear.PanelLinear: 1.4x to 2.9x faster
+    packed in column panels for ops.panel_mm instead (qlinear.PanelLinear: 1.2x to 2.9x faster
     than MKL's sgemm at every M measured, docs/performance.md 7b)."""
     __slots__ = ("attn_norm", "qkv_t", "qkv_bias", "o_t", "o_bias", "mlp_norm", "gate_up_t", "down_t")
 
