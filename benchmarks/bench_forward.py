@@ -6,12 +6,15 @@ and, in the same process and interleaved round by round (A B, B A, ...), times:
 
   step      this process's CPU time per decode step (and the kernel's step timer, wall),
             for each forward variant (LlamaProgram.forward swapped between rounds; the tokens must agree)
-  gemm      the step's matmuls alone on the program's own weights (30 x QKV, O, gate/up, down + LM head)
+  gemm      the step's matmuls alone on the program's own weights (30 x QKV, O, gate/up, down + LM head);
+            with the mkl variant also on MKL's layout (the same values unpacked to (in, out) tensors)
   roofline  max(FLOPs / measured GEMM rate, bytes / measured read rate) for that step shape
 
 Times are CPU time (time.process_time), meant for --threads 1: a busy neighbour then takes turns
 instead of stalling barriers, and CPU time holds (the shared memory bus still does not). Medians over
-rounds; the variants alternate within one run and only same-run ratios mean anything. --calls counts
+rounds; the variants alternate within one run and only same-run ratios mean anything. The variant
+`mkl` is the forward before kernel.ops.panel_mm (torch.mm / addmm_ / F.linear on unpacked copies of
+the weights); its tokens may differ in the last bits' ties, and the script counts how many do. --calls counts
 the Python-level calls of one decode step (cProfile).
 """
 from __future__ import annotations
@@ -50,8 +53,12 @@ def main() -> int:
     program = load_program("smollm2-135m")             # the kernel's own copy (the loader shares it)
     base = LlamaProgram.forward
     variants = {name: VARIANTS[name](base) for name in args.variants.split(",")}
+    mkl = mkl_weights(torch, program) if "mkl" in variants else None
+    if mkl is not None:
+        variants["mkl"] = mkl_variant(base, program, *mkl)
     rates = measure_rates(torch)
-    print(f"threads {args.threads}; fp32 GEMM {rates['flops'] / 1e9:.0f} GFLOP/s (512x576x3072), "
+    print(f"threads {args.threads}; fp32 GEMM {rates['flops'] / 1e9:.0f} GFLOP/s (512x576x3072: MKL "
+          f"{rates['mkl_flops'] / 1e9:.0f}, panel_mm {rates['panel_flops'] / 1e9:.0f}), "
           f"read {rates['read'] / 1e9:.1f} GB/s (sum over 512 MiB); weights {program.cost.weight_bytes / 1e6:.0f} MB")
     if args.calls:
         count_calls(root, tid, program)
@@ -59,7 +66,7 @@ def main() -> int:
         steps = {name: [] for name in variants}
         cpus = {name: [] for name in variants}
         tokens = {}
-        gemm = []
+        gemm, gemm_mkl = [], []
         order = list(variants)
         for r in range(args.rounds):
             for name in (order if r % 2 == 0 else order[::-1]):
@@ -73,14 +80,23 @@ def main() -> int:
                 if tokens.setdefault((name, r), toks) != toks:
                     raise AssertionError("a variant's tokens changed between rounds")
             gemm.append(time_gemms(torch, program, batch))
+            if mkl is not None:
+                gemm_mkl.append(time_gemms(torch, program, batch, mkl[0], mkl[1]))
         for r in range(args.rounds):
-            outs = [tokens[(name, r)] for name in variants]
+            outs = [tokens[(name, r)] for name in variants if name != "mkl"]
             if any(o != outs[0] for o in outs):
                 raise AssertionError(f"batch {batch}: the variants' tokens differ (round {r})")
+        if "mkl" in variants:   # another summation order: report how many greedy tokens it changes
+            ref = [tokens[(order[0], r)] for r in range(args.rounds)]
+            got = [tokens[("mkl", r)] for r in range(args.rounds)]
+            pairs = [(a, b) for rr, gg in zip(ref, got) for ra, rb in zip(rr, gg) for a, b in zip(ra, rb)]
+            print(f"batch {batch:3d}: mkl's greedy tokens equal {order[0]}'s at "
+                  f"{sum(a == b for a, b in pairs)} of {len(pairs)} positions")
         roof = roofline(program, batch, rates)
         g = statistics.median(gemm)
         print(f"batch {batch:3d}: roofline {roof * 1e3:6.1f} ms; GEMMs alone {g * 1e3:6.1f} ms CPU "
-              f"({program.cost.weight_bytes / g / 1e9:.1f} GB/s of weights)")
+              f"({program.cost.weight_bytes / g / 1e9:.1f} GB/s of weights)"
+              + (f"; on MKL's layout {statistics.median(gemm_mkl) * 1e3:6.1f} ms" if gemm_mkl else ""))
         first = order[0]
         for name in order:
             st, cp = statistics.median(steps[name]), statistics.median(cpus[name])
@@ -115,10 +131,16 @@ def run_batch(root, tid, batch: int, round_: int):
 
 
 def measure_rates(torch) -> dict:
+    """The GEMM rate is the better of MKL's F.linear and ops.panel_mm on 512 x 576 x 3072: the roofline
+    prices FLOPs at the fastest fp32 GEMM this process has (panel_mm is 2.4x MKL's on AMD Zen)."""
+    from userspace.programs import qlinear
     x, w = torch.randn(512, 576), torch.randn(3072, 576)
+    panel = qlinear.PanelLinear.from_float(w)
     buf = torch.ones((512 << 20) // 4)
-    return {"flops": 2 * 512 * 576 * 3072 / best(lambda: torch.nn.functional.linear(x, w), 20),
-            "read": (512 << 20) / best(buf.sum, 5)}
+    flops = 2 * 512 * 576 * 3072
+    mkl = flops / best(lambda: torch.nn.functional.linear(x, w), 20)
+    panels = flops / best(lambda: panel.mm(x), 20)
+    return {"flops": max(mkl, panels), "mkl_flops": mkl, "panel_flops": panels, "read": (512 << 20) / best(buf.sum, 5)}
 
 
 def best(fn, n):
@@ -131,20 +153,41 @@ def best(fn, n):
     return out
 
 
-def time_gemms(torch, program, m: int) -> float:
-    """The decode step's matmuls on the program's weights, in layer order (weights stream from memory)."""
+def time_gemms(torch, program, m: int, layers=None, head=None) -> float:
+    """The decode step's matmuls on the program's weights, in layer order (weights stream from memory),
+    through qlinear's calls as the forward makes them; layers / head: another set of the same weights
+    (mkl_weights) timed the same way."""
+    from userspace.programs import qlinear
     c = program.config
     x = torch.randn(m, c.hidden_size)
     a = torch.randn(m, c.q_size)
     act = torch.randn(m, c.intermediate_size)
     t = CLOCK()
-    for layer in program.layers:
-        torch.mm(x, layer.qkv_t)
-        x.addmm_(a, layer.o_t)
-        torch.mm(x, layer.gate_up_t)
-        x.addmm_(act, layer.down_t)
-    torch.nn.functional.linear(x, program.lm_head)
+    for layer in layers or program.layers:
+        qlinear.mm(x, layer.qkv_t)
+        qlinear.add_mm(x, a, layer.o_t)
+        qlinear.mm(x, layer.gate_up_t)
+        qlinear.add_mm(x, act, layer.down_t)
+    qlinear.head(x, program.lm_head if head is None else head, program.matmul_dtype)
     return CLOCK() - t
+
+
+def mkl_weights(torch, program):
+    """The program's float32 weights as they were before ops.panel_mm: (in, out) tensors for torch.mm /
+    addmm_ and the (vocab, hidden) head for F.linear (unpacked from the panels: the same values)."""
+    from types import SimpleNamespace
+
+    from userspace.programs import qlinear
+
+    def plain(w):
+        return w.dequantize() if isinstance(w, qlinear.PanelLinear) else w
+    layers = [SimpleNamespace(**{n: getattr(layer, n) for n in layer.__slots__}) for layer in program.layers]
+    for layer in layers:
+        for n in ("qkv_t", "o_t", "gate_up_t", "down_t"):
+            w = getattr(layer, n)
+            if isinstance(w, qlinear.PanelLinear):
+                setattr(layer, n, w.dequantize().t().contiguous())
+    return layers, plain(program.lm_head), plain(program.embed)
 
 
 def roofline(program, batch: int, rates: dict) -> float:
@@ -188,8 +231,9 @@ def lean(base, unchecked: bool = False):
 
     from kernel import ops
     from kernel.ops import cpu
+    from userspace.programs import qlinear
 
-    rms_norm, mm, silu = F.rms_norm, torch.mm, F.silu
+    rms_norm, mm, add_mm, silu = F.rms_norm, qlinear.mm, qlinear.add_mm, F.silu
     write_kv, attention = ops.write_kv, ops.paged_attention
 
     @torch.inference_mode()
@@ -204,7 +248,7 @@ def lean(base, unchecked: bool = False):
         rope, scale = self.rope, self.scale
         cos, sin = rope.lookup(batch.positions)
         slots, table, qstart, ctx = batch.slot_mapping, batch.page_table, batch.query_start, batch.context_lens
-        x = F.embedding(batch.token_ids, self.embed)
+        x = qlinear.embedding(batch.token_ids, self.embed)
         for index, layer in enumerate(self.layers):
             qkv = mm(rms_norm(x, hidden, layer.attn_norm, eps), layer.qkv_t)
             qk = rope.apply(qkv[:, :k_end].view(n, nq + nkv, d), cos, sin)
@@ -217,16 +261,38 @@ def lean(base, unchecked: bool = False):
             else:
                 write_kv(k_cache, v_cache, k, v, slots, check=index == 0)
                 attn = attention(q, k_cache, v_cache, table, qstart, ctx, scale, check=index == 0)
-            x.addmm_(attn.view(n, q_end), layer.o_t)
+            add_mm(x, attn.view(n, q_end), layer.o_t)
             gate_up = mm(rms_norm(x, hidden, layer.mlp_norm, eps), layer.gate_up_t)
-            x.addmm_(silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:]), layer.down_t)
+            add_mm(x, silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:]), layer.down_t)
         x = rms_norm(x.index_select(0, batch.sample_indices), hidden, self.norm, eps)
-        return F.linear(x, self.lm_head).float()
+        return qlinear.head(x, self.lm_head, self.matmul_dtype)
 
     return forward
 
 
-VARIANTS = {"base": lambda base: base, "lean": lean, "unchecked": lambda base: lean(base, unchecked=True)}
+def mkl_variant(base, program, layers, head, embed):
+    """The forward as it was before ops.panel_mm: the same code on (in, out) tensors (torch.mm, addmm_)
+    and a plain head (F.linear), swapped into the program for the call."""
+    names = ("qkv_t", "o_t", "gate_up_t", "down_t")
+
+    def forward(self, batch, kv):
+        saved = ([[getattr(layer, n) for n in names] for layer in self.layers], self.lm_head, self.embed)
+        try:
+            for layer, plain in zip(self.layers, layers):
+                for n in names:
+                    setattr(layer, n, getattr(plain, n))
+            self.lm_head, self.embed = head, embed
+            return base(self, batch, kv)
+        finally:
+            for layer, ws in zip(self.layers, saved[0]):
+                for n, w in zip(names, ws):
+                    setattr(layer, n, w)
+            self.lm_head, self.embed = saved[1], saved[2]
+    return forward
+
+
+VARIANTS = {"base": lambda base: base, "lean": lean, "unchecked": lambda base: lean(base, unchecked=True),
+            "mkl": lambda base: base}     # replaced in main() by mkl_variant (it needs the program)
 
 if __name__ == "__main__":
     raise SystemExit(main())

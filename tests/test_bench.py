@@ -18,6 +18,7 @@ from kernel.errors import KvosError
 from kernel.results import StepRecord, TenantInfo, WorkRecord
 from userspace.bench import metrics, roofline, runner, workloads
 from userspace.bench.child import Progress, parse_line
+from userspace.programs import qlinear
 from userspace.programs.loader import load_program
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,8 +176,8 @@ def test_roofline_prices_each_step_by_its_larger_term():
 def test_tenantinfo_cost_counts_the_weights_a_step_reads():
     import kernel
     fp32, bf16 = load_program("tiny-llama"), load_program("tiny-llama", matmul="bfloat16")
-    held = sum(t.nbytes for t in [fp32.lm_head, fp32.norm] + [getattr(layer, n) for layer in fp32.layers
-                                                               for n in layer.__slots__] if t is not None)
+    held = sum(qlinear.weight_bytes(t) for t in [fp32.lm_head, fp32.norm] + [getattr(layer, n) for layer in fp32.layers
+                                                                             for n in layer.__slots__] if t is not None)
     assert fp32.cost.weight_bytes == held == 4 * fp32.cost.num_params       # every active parameter, fp32
     assert bf16.cost.weight_bytes < 0.51 * fp32.cost.weight_bytes           # linear layers in bf16
     k = kernel.boot(memory="8MiB")
@@ -307,7 +308,7 @@ def test_profile_on_the_tiny_model():
     seconds = {line[:48].strip(): float(line[48:].split()[0]) for line in out.stdout.splitlines()
                if line.startswith("  ") and line[48:].strip().endswith("%")}
     for name in ("attention (C paged_attention)", "scheduler", "batch building", "sampling",
-                 "commit (append_token, stop checks, exits)", "matmul (mm, addmm, F.linear)"):
+                 "commit (append_token, stop checks, exits)", "matmul (C panel_mm, float32)"):
         assert seconds[name] > 0, name                    # the step ran under cProfile, in trace()
     assert re.search(r"16 sequences, [1-9]\d* steps, .* s in Kernel\.step", out.stdout)
     assert "steps by shape" in out.stdout and "with prefill" in out.stdout

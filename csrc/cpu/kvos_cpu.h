@@ -60,6 +60,13 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
                          int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t kv_heads,
                          int64_t head_dim, float scale, int check, int64_t *bad);
 
+/* panel_mm (panel_mm.c): y = x @ W^T in float32, W packed in panels of kvos_panel_width() columns
+ * (kernel/ops/panel.py packs it); y = (accumulate ? y : 0) + x @ W^T + (bias or 0). Rows of x
+ * and y at element strides; unchecked (kernel/ops/dispatch.py checks). */
+void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
+                   const float *bias, int64_t m, int64_t k, int64_t n, int accumulate);
+int kvos_panel_width(void);
+
 int kvos_num_threads(void);
 void kvos_set_num_threads(int n);
 /* cdef-end */

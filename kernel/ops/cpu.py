@@ -102,3 +102,19 @@ def copy_frames(src_pool, dst_pool, src, dst, check, src_name="src", dst_name="d
                     lib.KVOS_E_OVERLAP: "overlap"}[rc]
             validate.bad_frame_list(code, i, src, dst, src_pool.shape[0], dst_pool.shape[0], src_name, dst_name)
         _raise(rc, bad, describe)
+
+
+_panel_width_checked = False
+
+
+def panel_mm(out, x, packed, bias, m, k, n, accumulate):
+    """out = (accumulate ? out : 0) + x @ W^T + bias, W packed by kernel/ops/panel.py (checked there)."""
+    global _panel_width_checked
+    lib = _load().lib
+    if not _panel_width_checked:      # a stale build would misread the packing: once per process
+        from kernel.ops.panel import PANEL
+        if lib.kvos_panel_width() != PANEL:
+            raise AssertionError(f"panel_mm.c packs {lib.kvos_panel_width()} columns, panel.py {PANEL}")
+        _panel_width_checked = True
+    lib.kvos_panel_mm(_ptr(out), out.stride(0), _ptr(x), x.stride(0), _ptr(packed),
+                      _ptr(bias) if bias is not None else _ext.ffi.NULL, m, k, n, int(accumulate))

@@ -130,3 +130,19 @@ def silu_mul(gate_up, out=None):
         out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
     out.copy_(y.to(out.dtype))
     return out
+
+
+def panel_mm(x, packed, n, bias=None, out=None, accumulate=False):
+    """out (m, n) = x @ W^T (+ bias), or out += that; W (n, k) is packed (panels, k, 64) column
+    panels (ops.panel_pack), read back here by undoing the packing."""
+    w = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias
+    if out is None:
+        return y
+    if accumulate:
+        out += y
+    else:
+        out.copy_(y)
+    return out

@@ -19,6 +19,7 @@ import time
 CATEGORIES = [
     ("matmul (mm, addmm, F.linear)", "tot", ("built-in method torch._C._nn.linear", "method 'addmm_'",
                                               "built-in method torch.mm>", "built-in method torch.addmm>")),
+    ("matmul (C panel_mm, float32)", "cum", (("kernel/ops/panel.py", "panel_mm"),)),
     ("dtype casts and residual adds (bf16 matmuls)", "tot", ("method 'to' of", "method 'add_' of")),
     ("attention (C paged_attention)", "cum", (("kernel/ops/dispatch.py", "paged_attention"),)),
     ("K/V write (C write_kv)", "cum", (("kernel/ops/dispatch.py", "write_kv"),)),

@@ -96,14 +96,18 @@ class _Layer:
     """One decoder layer's tensors, as attributes (a dict lookup per use would cost in the hot loop).
 
     The four projection matrices are kept transposed, (in, out) and contiguous, for torch.mm and
-    addmm (in the matmul dtype). On the CPU that is 1.0 to 1.2x faster than F.linear on the
-    (out, in) layout at SmolLM2's decode shapes (2 threads, weights cold in cache, as in a step)."""
+    addmm (in the matmul dtype): 1.0 to 1.2x faster than F.linear on the (out, in) layout at
+    SmolLM2's decode shapes (weights cold in cache, as in a step). In float32 on the CPU they are
+    packed in column panels for ops.panel_mm instead (qlinear.PanelLinear: 1.2x to 2.9x faster
+    than MKL's sgemm at every M measured, docs/performance.md 7b)."""
     __slots__ = ("attn_norm", "qkv_t", "qkv_bias", "o_t", "o_bias", "mlp_norm", "gate_up_t", "down_t")
 
-    def __init__(self, w: dict, i: int, matmul_dtype: torch.dtype):
+    def __init__(self, w: dict, i: int, matmul_dtype: torch.dtype, panels: bool):
         for name in self.__slots__:
             if name.endswith("_t") and qlinear.is_quantized(w[f"layers.{i}.{name[:-2]}"]):
                 setattr(self, name, w[f"layers.{i}.{name[:-2]}"])     # the GGUF's blocks (qlinear.py)
+            elif name.endswith("_t") and panels:     # float32 on the CPU: packed for ops.panel_mm
+                setattr(self, name, qlinear.PanelLinear.from_float(w[f"layers.{i}.{name[:-2]}"]))
             elif name.endswith("_t"):
                 setattr(self, name, w[f"layers.{i}.{name[:-2]}"].t().to(matmul_dtype).contiguous())
             else:
@@ -156,7 +160,15 @@ class LlamaProgram(Program):
         self.matmul_dtype = matmul_dtype or dtype
         head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
         self.lm_head = head if qlinear.is_quantized(head) else head.to(self.matmul_dtype)
-        self.layers = [_Layer(w, i, self.matmul_dtype) for i in range(config.num_hidden_layers)]
+        # float32 on the CPU (one rank): every GEMM is ops.panel_mm over packed panels, the one place
+        # that choice is made (docs/performance.md, 7b). A tied embedding reads its rows from the
+        # head's panels, so the table is held once.
+        panels = torch.device(device).type == "cpu" and self.matmul_dtype == torch.float32 and tp is None
+        if panels and not qlinear.is_quantized(head):
+            self.lm_head = qlinear.PanelLinear.from_float(head)
+            if config.tie_word_embeddings:
+                self.embed = self.lm_head
+        self.layers = [_Layer(w, i, self.matmul_dtype, panels) for i in range(config.num_hidden_layers)]
         self.rope = RopeTables(config, dtype, device, weights.get("freq_factors"))
         self.scale = config.head_dim ** -0.5
         # What a step reads, as held (bf16 linear layers read half the fp32 bytes, quantized ones their

@@ -12,6 +12,8 @@ own blocks in a form the int4 GEMM of kernel/ops streams (see kernel/ops/quant.p
 - DenseLinear: any other type (F16, Q6_K, Q5_*, ...), widened to bf16 at conversion.
 - Q8Table: an embedding kept as Q8_0 blocks; rows are widened as they are looked up. When the
   embedding is tied it also carries the head (an Int8Linear over the same codes).
+- PanelLinear: not quantized: a float32 weight packed in column panels for ops.panel_mm, the
+  float32 CPU path's only copy of its projections and LM head (rows() serves a tied embedding).
 Every layer's dequantize() is the float32 matrix it stands for: the oracle of the tests.
 """
 from __future__ import annotations
@@ -99,6 +101,37 @@ class DenseLinear:
         return {"w_t": self.w_t}
 
 
+class PanelLinear:
+    """A float32 W (n, k) in ops.panel_pack's column panels: x @ W^T through ops.panel_mm at every M
+    (it beats MKL's sgemm from 1 to 512 rows on this CPU: docs/performance.md, section 7b)."""
+    __slots__ = ("packed", "shape")
+
+    def __init__(self, packed: torch.Tensor, n: int):
+        self.packed, self.shape = packed, (n, packed.shape[1])
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> PanelLinear:
+        return cls(ops.panel_pack(w.float()), w.shape[0])
+
+    def mm(self, a: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.panel_mm(a, self.packed, self.shape[0], bias)
+
+    def add_mm(self, x: torch.Tensor, a: torch.Tensor) -> None:
+        ops.panel_mm(a, self.packed, self.shape[0], out=x, accumulate=True)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of W (an embedding lookup on a tied table): column ids % 64 of panel ids // 64."""
+        ids = ids.long()
+        width = self.packed.shape[2]
+        return self.packed[ids // width, :, ids % width]
+
+    def dequantize(self) -> torch.Tensor:
+        return ops.panel_unpack(self.packed, self.shape[0]).contiguous()
+
+    def tensors(self) -> dict:
+        return {"packed": self.packed}
+
+
 class Q8Table:
     """An embedding table in Q8_0 blocks: q int8 (vocab, hidden), d float16 (vocab, hidden / 32).
     `head` is the tied LM head over the same values, or None."""
@@ -150,6 +183,8 @@ def mm(a: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ W (+ bias). A tensor w is (in, out) in the matmul dtype; a layer computes in bf16."""
     if isinstance(w, torch.Tensor):
         return torch.mm(a, w) if bias is None else torch.addmm(bias, a, w)
+    if isinstance(w, PanelLinear):
+        return w.mm(a, bias)
     out = w.mm(a)
     return out if bias is None else out.add_(bias.to(out.dtype))
 
@@ -160,6 +195,8 @@ def add_mm(x: torch.Tensor, a: torch.Tensor, w) -> None:
         x.addmm_(a, w)
     elif isinstance(w, torch.Tensor):
         x.add_(torch.mm(a.to(w.dtype), w))
+    elif isinstance(w, PanelLinear):
+        w.add_mm(x, a)
     else:
         x.add_(w.mm(a))
 

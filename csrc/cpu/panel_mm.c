@@ -1,0 +1,110 @@
+/* panel_mm: y = x @ W^T (+ bias, + y) in float32 for small M, W packed in column panels.
+ * W (n, k) is packed once at load (kernel/ops/panel.py) as (panels, k, PANEL) floats: PANEL
+ * output columns, k contiguous inside a panel, the last panel padded with zeros. One pass
+ * streams every panel linearly and each weight vector, once loaded, serves all M rows of x
+ * (register tiles of ROWS rows x PANEL columns); rows beyond ROWS re-read the panel from L2.
+ * Unchecked: kernel/ops/dispatch.py checks shapes, strides and overlap before the call. */
+#include <omp.h>
+#include "kvos_cpu.h"
+#include "simd.h"
+
+#define PANEL 64        /* columns per panel: 4 vectors, one register tile's width */
+#define ROWS 6          /* rows per tile: 6 x 4 accumulators + 4 weight vectors fit 32 registers */
+#define PREFETCH 16     /* k steps (4 KB) ahead that the first tile of a panel prefetches it */
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* One output row of a tile: only the panel's real columns are written (never the padding). */
+ALWAYS_INLINE void store_row(float *y, const vf acc[4], int cols, const float *bias, int accumulate)
+{
+    float tmp[PANEL];
+    for (int v = 0; v < 4; v++)
+        vstore(tmp + v * VW, acc[v]);
+    for (int c = 0; c < cols; c++) {
+        float s = bias ? tmp[c] + bias[c] : tmp[c];
+        y[c] = accumulate ? y[c] + s : s;
+    }
+}
+
+/* R rows of x against one panel over all k, R a constant after inlining (so acc stays in
+ * registers). k runs in order for every output: the sum is one FMA chain per element. */
+ALWAYS_INLINE void tile(const int R, float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                        const float *panel, int64_t k, int cols, const float *bias, int accumulate,
+                        int prefetch)
+{
+    vf acc[ROWS][4];
+    for (int r = 0; r < R; r++)
+        acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vsplat(0.0f);
+    for (int64_t kk = 0; kk < k; kk++) {
+        const float *w = panel + kk * PANEL;
+        if (PREFETCH && prefetch)   /* later tiles of the panel find it in L2 */
+            for (int l = 0; l < 4; l++)
+                __builtin_prefetch(w + PREFETCH * PANEL + l * VW);
+        vf w0 = vload(w), w1 = vload(w + VW), w2 = vload(w + 2 * VW), w3 = vload(w + 3 * VW);
+        for (int r = 0; r < R; r++) {
+            vf xr = vsplat(x[r * x_stride + kk]);
+            acc[r][0] += xr * w0;
+            acc[r][1] += xr * w1;
+            acc[r][2] += xr * w2;
+            acc[r][3] += xr * w3;
+        }
+    }
+    for (int r = 0; r < R; r++)
+        store_row(y + r * y_stride, acc[r], cols, bias, accumulate);
+}
+
+/* One panel against all m rows: its row tiles one after another (the first streams it from memory). */
+ALWAYS_INLINE void one_panel(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *panel,
+                             const float *bias, int64_t m, int64_t k, int cols, int accumulate)
+{
+    for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
+        const float *xr = x + r0 * x_stride;
+        float *yr = y + r0 * y_stride;
+        int pf = r0 == 0;
+        switch (m - r0 < ROWS ? (int)(m - r0) : ROWS) {
+        case 1: tile(1, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate, pf); break;
+        case 2: tile(2, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate, pf); break;
+        case 3: tile(3, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate, pf); break;
+        case 4: tile(4, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate, pf); break;
+        case 5: tile(5, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate, pf); break;
+        default: tile(6, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate, pf); break;
+        }
+    }
+}
+
+typedef void panel_fn(float *, int64_t, const float *, int64_t, const float *, const float *, int64_t, int64_t,
+                      int, int);
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* The same code for AVX-512 whatever the build's -march, chosen at run time. (The OpenMP loop stays
+ * outside: GCC outlines a parallel region without its enclosing function's target attribute.) */
+__attribute__((target("avx512f,fma"))) static void panel_avx512(
+    float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *panel, const float *bias,
+    int64_t m, int64_t k, int cols, int accumulate)
+{
+    one_panel(y, y_stride, x, x_stride, panel, bias, m, k, cols, accumulate);
+}
+#endif
+
+static void panel_portable(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *panel,
+                           const float *bias, int64_t m, int64_t k, int cols, int accumulate)
+{
+    one_panel(y, y_stride, x, x_stride, panel, bias, m, k, cols, accumulate);
+}
+
+void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
+                   const float *bias, int64_t m, int64_t k, int64_t n, int accumulate)
+{
+    panel_fn *fn = panel_portable;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx512f"))
+        fn = panel_avx512;
+#endif
+    int64_t panels = (n + PANEL - 1) / PANEL;
+    #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) if (panels > 1 && m * k * n > 65536)
+    for (int64_t p = 0; p < panels; p++)
+        fn(y + p * PANEL, y_stride, x, x_stride, packed + p * k * PANEL, bias ? bias + p * PANEL : NULL, m, k,
+           (int)(n - p * PANEL < PANEL ? n - p * PANEL : PANEL), accumulate);
+}
+
+int kvos_panel_width(void) { return PANEL; }
