@@ -102,3 +102,17 @@ def copy_frames(src_pool, dst_pool, src, dst, check, src_name="src", dst_name="d
                     lib.KVOS_E_OVERLAP: "overlap"}[rc]
             validate.bad_frame_list(code, i, src, dst, src_pool.shape[0], dst_pool.shape[0], src_name, dst_name)
         _raise(rc, bad, describe)
+
+
+def qmm_has_vnni() -> bool:
+    return bool(_load().lib.kvos_qmm_has_vnni())
+
+
+def qmm(x, packed, n, bits, path, out):
+    """out = x @ W^T on packed 4/8-bit blocks (arguments checked by kernel/ops/qmm.py)."""
+    lib = _load().lib
+    rc = lib.kvos_qmm(_ptr(out), out.stride(0), _ptr(x), x.stride(0), x.shape[0], x.shape[1],
+                      _ptr(packed), n, bits, path)
+    if rc:      # the only failure: its scratch for the quantized activations
+        raise KvosError(ENOMEM, "the C kernel could not allocate its scratch memory")
+    return out
