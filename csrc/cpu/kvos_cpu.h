@@ -60,7 +60,7 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
                          int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t kv_heads,
                          int64_t head_dim, float scale, int check, int64_t *bad);
 
-/* qmm (qmm.c): y (m, n) float32 = x (m, k) float32 @ W^T, W packed by kernel/ops/qmm.py in 4- or
+/* qmm (qmm.c): y (m, n) float32 = x (m, k) float32 @ W^T, W packed by kernel/ops/qblocks.py in 4- or
  * 8-bit blocks of 32 (w = d*u + m); x is quantized to int8 per 32-block inside. path: 0 the
  * best this CPU has, 1 portable C, 2 AVX-512 VNNI (callers check kvos_qmm_has_vnni first). */
 int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t m, int64_t k,

@@ -2,7 +2,7 @@
  * The float32 activations are quantized here, per row and 32-block, to int8 (d = amax/127,
  * round to nearest even) with each block's code sum, so the dot products run on integers:
  * AVX-512 VNNI (vpdpbusd: u8 weights x s8 activations) when the CPU has it, portable C
- * otherwise. The packed weight layout is kernel/ops/qmm.py's (qmm_pack): tiles of QMM_NR
+ * otherwise. The packed weight layout is kernel/ops/qblocks.py's (qmm_pack): tiles of QMM_NR
  * columns, each tile a run of 64-element pair records (codes of the 4 columns, then their
  * scales d0 d1 m0 m1 as fp16), so one tile streams from memory as one sequential run. */
 #include <math.h>

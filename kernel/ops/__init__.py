@@ -7,6 +7,7 @@ GPU. Both load lazily, so importing kernel/ops needs neither the C extension nor
 CuPy. kernel/ops/reference.py holds the plain-torch twin of each op.
 """
 from kernel.ops.dispatch import copy_frames, paged_attention, swap_in, swap_out, write_kv
+from kernel.ops.qblocks import qmm, qmm_pack, qmm_unpack
 from kernel.ops.quant import int4_mm, int4_pack
 
 
@@ -17,4 +18,4 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = ["write_kv", "paged_attention", "copy_frames", "swap_out", "swap_in", "set_num_threads",
-           "int4_pack", "int4_mm"]
+           "int4_pack", "int4_mm", "qmm_pack", "qmm_unpack", "qmm"]

@@ -109,7 +109,7 @@ def qmm_has_vnni() -> bool:
 
 
 def qmm(x, packed, n, bits, path, out):
-    """out = x @ W^T on packed 4/8-bit blocks (arguments checked by kernel/ops/qmm.py)."""
+    """out = x @ W^T on packed 4/8-bit blocks (arguments checked by kernel/ops/qblocks.py)."""
     lib = _load().lib
     rc = lib.kvos_qmm(_ptr(out), out.stride(0), _ptr(x), x.stride(0), x.shape[0], x.shape[1],
                       _ptr(packed), n, bits, path)
