@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from kernel import ops
 from kernel.errors import KvosError
-from kernel.ops import cpu, qblocks as Q, reference
+from kernel.ops import cpu, reference
+from kernel.ops import qblocks as Q
 
 PATHS = ["portable"] + (["vnni"] if cpu.qmm_has_vnni() else [])
 
