@@ -72,7 +72,7 @@ def test_blocks_decode_to_what_the_gguf_library_dequantizes(kind):
     layer = gguf_blocks.linear(part)
     if isinstance(layer, qlinear.BlockLinear):          # the blocks as stored: fp16 d and m, exact
         assert torch.equal(layer.dequantize(), want)
-        assert rel(layer.wide.dequantize(), want) < 5e-3    # the int4 op's form: bf16 scales
+        assert rel(layer.with_int4_op().wide.dequantize(), want) < 5e-3    # the int4 op's form: bf16 scales
     else:
         assert rel(layer.dequantize(), want) < 5e-3     # bf16 dense weights
     x = torch.randn(5, 128)
@@ -84,6 +84,8 @@ def test_blocks_decode_to_what_the_gguf_library_dequantizes(kind):
 def test_block_linear_switches_to_the_int4_op_past_qmm_max_rows(kind, monkeypatch):
     w = np.random.default_rng(int(kind)).standard_normal((48, 128)).astype(np.float32)
     layer = gguf_blocks.linear(gguf_blocks.decode(_Tensor(quantize(w, kind), kind, [128, 48])))
+    assert layer.wide is None
+    layer = layer.with_int4_op()
     x = torch.randn(6, 128)
     q, dx = reference.qmm_quantize_rows(x)
     codes, d, m = ops.qmm_unpack(layer.packed, 48, 128, layer.bits)
@@ -186,4 +188,5 @@ def test_q4_k_blocks_decode_to_what_the_gguf_library_dequantizes():
     assert torch.allclose(gguf_blocks.dequantize_part(part), want, rtol=1e-6, atol=1e-6)
     layer = gguf_blocks.linear(part)
     assert isinstance(layer, qlinear.BlockLinear) and rel(layer.dequantize(), want) < 1e-3  # d*sc, dmin*m in fp16
-    assert isinstance(layer.wide, qlinear.Int4Linear) and rel(layer.wide.dequantize(), want) < 5e-3
+    wide = layer.with_int4_op().wide
+    assert isinstance(wide, qlinear.Int4Linear) and rel(wide.dequantize(), want) < 5e-3

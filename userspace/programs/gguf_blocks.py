@@ -3,9 +3,9 @@
 The canonical weights (names of llama.fuse_hf_weights) are built from the file's raw blocks:
 - Q4_0 (d fp16, 16 bytes of nibbles: value d * (q - 8)), Q4_1 (d, m fp16: value d * q + m) and
   Q4_K (per-32 6-bit scales and mins under fp16 d, dmin) -> 4-bit codes with per-32 d and m
-  (value d * u + m) -> qlinear.BlockLinear (4-bit), with an Int4Linear beside it where it packs;
-- Q8_0 (d fp16, 32 int8: value d * q) -> qlinear.BlockLinear (8-bit codes q + 128, m = -128 d;
-  with an Int8Linear beside it) or qlinear.Q8Table (the embedding, which is also the head when tied);
+  (value d * u + m) -> qlinear.BlockLinear (4-bit);
+- Q8_0 (d fp16, 32 int8: value d * q) -> qlinear.BlockLinear (8-bit codes q + 128, m = -128 d) or
+  qlinear.Q8Table (the embedding, which is also the head when tied);
 - anything else (F32/F16/BF16 matrices, other K-quants, Q5_*) -> dequantized by the gguf library and
   widened to bf16 (qlinear.DenseLinear); vectors (norms, biases) -> float32 tensors.
 llama.cpp's permutation of the Q/K rows is undone on whole rows (a block never crosses a row),
@@ -20,7 +20,7 @@ from kernel.errors import EINVAL, KvosError
 from userspace.programs.config import LlamaConfig
 from userspace.programs.gguf_file import rope_heads, unpermute_rope_rows
 from userspace.programs.llama import fuse_hf_weights
-from userspace.programs.qlinear import GROUP, BlockLinear, DenseLinear, Int4Linear, Int8Linear, Q8Table
+from userspace.programs.qlinear import GROUP, BlockLinear, DenseLinear, Q8Table
 
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
 
@@ -99,18 +99,14 @@ def _fuse(parts: list) -> tuple:
 
 
 def linear(part: tuple):
-    """The qlinear layer for a matrix part: a BlockLinear for int4 / int8 parts (any rows, k % 32 == 0),
-    carrying the int4 op's form too where that packs (rows % 16 == 0, k % 64 == 0); else bf16."""
-    rows, k = part[1].shape
-    packable = rows % 16 == 0 and k % 64 == 0
+    """The qlinear layer for a matrix part: a BlockLinear for int4 / int8 parts (any rows; k is a
+    multiple of 32, the block size), else bf16."""
     if part[0] == "int4":
         _, codes, d, m = part
-        wide = Int4Linear.from_codes(codes, d, m + 8 * d) if packable else None
-        return BlockLinear.from_blocks(codes, d, m, 4, wide)
+        return BlockLinear.from_blocks(codes, d, m, 4)
     if part[0] == "int8":
         _, q, d = part
-        wide = Int8Linear.from_blocks(q, d) if packable else None
-        return BlockLinear.from_blocks(q.to(torch.int32) + 128, d, -128 * d, 8, wide)
+        return BlockLinear.from_blocks(q.to(torch.int32) + 128, d, -128 * d, 8)
     return DenseLinear.from_float(dequantize_part(part))
 
 

@@ -6,9 +6,10 @@ the LM head (head). A weight is either a plain tensor (the float32 / bfloat16 pa
 own blocks in a form a GEMM of kernel/ops streams (kernel/ops/qblocks.py, kernel/ops/quant.py):
 
 - BlockLinear: Q4_0 / Q4_1 / Q4_K / Q8_0 blocks as 4- or 8-bit codes with per-32 fp16 d and m
-  (w = d*u + m) for ops.qmm, which quantizes x to int8 per block (csrc/cpu/qmm.c). Up to
-  QMM_MAX_ROWS rows it runs qmm; past that, the int4 op on `wide` (an Int4Linear or Int8Linear of
-  the same blocks), where that op measured faster (docs/performance.md, section 8b).
+  (w = d*u + m) for ops.qmm, which quantizes x to int8 per block (csrc/cpu/qmm.c). It may carry
+  `wide`, the same blocks in the int4 op's form, run past QMM_MAX_ROWS rows; programs load
+  without it (qmm measured as fast or faster at 1, 8 and 64 rows: docs/performance.md, 8b), the
+  bench and tests add it with with_int4_op() to compare.
 
 The int4 op's forms, used by BlockLinear past QMM_MAX_ROWS rows (and alone in caches of format 1):
 - Int4Linear: Q4_0 / Q4_1 blocks as codes + per-32 scale and zero (lossless for the codes; the
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from kernel import ops
 
 GROUP = 32
-QMM_MAX_ROWS = 64       # rows up to which BlockLinear runs ops.qmm (set from the measurements)
+QMM_MAX_ROWS = 64       # rows up to which a BlockLinear with a `wide` form runs ops.qmm
 
 
 class Int4Linear:
@@ -101,6 +102,17 @@ class BlockLinear:
         if self.wide is not None and a.shape[0] > QMM_MAX_ROWS:
             return self.wide.mm(a)
         return ops.qmm(a if a.dtype == torch.float32 else a.float(), self.packed, self.shape[0], self.bits)
+
+    def with_int4_op(self) -> BlockLinear:
+        """The same layer carrying the int4 op's form of its blocks as `wide` (exact codes, bf16 scales);
+        itself when that op cannot hold the shape (rows % 16, k % 64)."""
+        n, k = self.shape
+        if n % 16 or k % 64:
+            return self
+        codes, d, m = ops.qmm_unpack(self.packed, n, k, self.bits)
+        wide = (Int4Linear.from_codes(codes, d, m + 8 * d) if self.bits == 4
+                else Int8Linear.from_blocks((codes - 128).to(torch.int8), d))
+        return BlockLinear(self.packed, self.bits, self.shape, wide)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (n, k) matrix qmm multiplies by (fp16 d and m as stored)."""
