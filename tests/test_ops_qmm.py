@@ -125,6 +125,18 @@ def test_bad_arguments_are_refused_and_write_nothing():
         with pytest.raises(KvosError, match=match):
             call()
     assert bool((out == 5.0).all())
+    # the same refusals without out= (the call the layers make, which has a cheaper check)
+    for match, call in {"float32": lambda: ops.qmm(x.double(), packed, 8, 4),
+                        "dimensions": lambda: ops.qmm(x[0], packed, 8, 4),
+                        "packed has shape": lambda: ops.qmm(torch.randn(2, 96), packed, 8, 4),
+                        "expected": lambda: ops.qmm(x, packed, 9, 4),
+                        "bit": lambda: ops.qmm(x, packed, 8, 5),
+                        "positive column": lambda: ops.qmm(x, packed, -4, 4),
+                        "uint8": lambda: ops.qmm(x, packed.view(torch.int8), 8, 4),
+                        "contiguous": lambda: ops.qmm(x, torch.cat([packed, packed], dim=2)[:, :, :160], 8, 4),
+                        "torch.Tensor": lambda: ops.qmm(x.numpy(), packed, 8, 4)}.items():
+        with pytest.raises(KvosError, match=match):
+            call()
     with pytest.raises(KvosError, match="0..15"):
         Q.qmm_pack(codes + 1, d, m, 4)
     with pytest.raises(KvosError, match="multiple of 32"):
