@@ -61,21 +61,25 @@ class _Tensor:          # what gguf_blocks.decode reads of a GGUFReader tensor
         self.data, self.tensor_type, self.shape, self.name = data, kind, shape, "t"
 
 
-@pytest.mark.parametrize("kind", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.F16])
+@pytest.mark.parametrize("kind", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q5_1, T.F16])
 def test_blocks_decode_to_what_the_gguf_library_dequantizes(kind):
-    w = np.random.default_rng(int(kind)).standard_normal((48, 128)).astype(np.float32)
+    k = 128
+    w = np.random.default_rng(int(kind)).standard_normal((48, k)).astype(np.float32)
     data = w.astype(np.float16) if kind == T.F16 else quantize(w, kind)
-    part = gguf_blocks.decode(_Tensor(data, kind, [128, 48]))
-    assert part[0] == {T.Q4_0: "int4", T.Q4_1: "int4", T.Q8_0: "int8"}.get(kind, "float")
+    part = gguf_blocks.decode(_Tensor(data, kind, [k, 48]))
+    assert part[0] == {T.Q4_0: "int4", T.Q4_1: "int4", T.Q5_0: "u8", T.Q5_1: "u8", T.Q8_0: "int8"}.get(kind, "float")
     want = torch.from_numpy(np.asarray(dequantize(data, kind), dtype=np.float32))
     assert torch.allclose(gguf_blocks.dequantize_part(part), want, rtol=1e-6, atol=1e-6)
     layer = gguf_blocks.linear(part)
     if isinstance(layer, qlinear.BlockLinear):          # the blocks as stored: fp16 d and m, exact
         assert torch.equal(layer.dequantize(), want)
-        assert rel(layer.with_int4_op().wide.dequantize(), want) < 5e-3    # the int4 op's form: bf16 scales
+        if kind in (T.Q4_0, T.Q4_1, T.Q8_0):
+            assert rel(layer.with_int4_op().wide.dequantize(), want) < 5e-3    # the int4 op's form: bf16 scales
+        else:
+            assert layer.with_int4_op().wide is None    # Q5_x: never held by the int4 op
     else:
         assert rel(layer.dequantize(), want) < 5e-3     # bf16 dense weights
-    x = torch.randn(5, 128)
+    x = torch.randn(5, k)
     # qmm rounds x to int8 per block (2^-8 of the block's amax at worst), the int4 op to bf16
     assert rel(layer.mm(x), x @ layer.dequantize().t()) < 1e-2
 
@@ -111,6 +115,7 @@ MIXES = {
     "q4_1+q8_0 embed": lambda name: T.Q8_0 if "embed" in name or "lm_head" in name else T.Q4_1,
     "q8_0": lambda name: T.Q8_0,
     "mixed q/k/v": lambda name: T.Q4_1 if "q_proj" in name else (T.F16 if "v_proj" in name else T.Q8_0),
+    "q5_0 + q5_1": lambda name: T.Q5_1 if "mlp" in name else T.Q5_0,
 }
 
 
@@ -123,6 +128,8 @@ def test_tiny_gguf_quantized_matches_its_dequantized_float32(tmp_path, monkeypat
     assert quant is not exact and quant.identity != exact.identity
     kinds = {type(layer.qkv_t) for layer in quant.layers} | {type(layer.down_t) for layer in quant.layers}
     assert kinds <= {qlinear.BlockLinear, qlinear.DenseLinear} and torch.Tensor not in kinds
+    if mix != "mixed q/k/v":        # every projection on its own blocks (Q5_x in the 8-bit layout)
+        assert kinds == {qlinear.BlockLinear}
     held = qlinear.read_bytes(quant.layers, quant.lm_head, quant.norm)
     assert quant.cost.weight_bytes == held < exact.cost.weight_bytes / 2
     r1, r2 = PagedRunner(exact), PagedRunner(quant)

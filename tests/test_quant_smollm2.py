@@ -2,8 +2,8 @@
 to float32 (the default path, itself exact against Hugging Face). Slow; CI runs it.
 
 Measured (docs/programs.md): logits within a few percent of float32's norm (up to ~10%: int8
-activations); perplexity on a fixed text within 1% of float32's; greedy continuations that agree for a while, then drift where two
-tokens are nearly tied. The asserts are the tolerances stated there.
+activations); perplexity on a fixed text within 1% of float32's; greedy continuations that agree
+for a while, then drift where two tokens are nearly tied. The asserts are the tolerances stated there.
 """
 import pytest
 import torch

@@ -105,13 +105,18 @@ class BlockLinear:
 
     def with_int4_op(self) -> BlockLinear:
         """The same layer carrying the int4 op's form of its blocks as `wide` (exact codes, bf16 scales);
-        itself when that op cannot hold the shape (rows % 16, k % 64)."""
+        itself when that op cannot hold the shape (rows % 16, k % 64) or the blocks are 8-bit with an
+        offset other than Q8_0's -128 d (Q5_x: its bf16 zero would lose too much)."""
         n, k = self.shape
         if n % 16 or k % 64:
             return self
         codes, d, m = ops.qmm_unpack(self.packed, n, k, self.bits)
-        wide = (Int4Linear.from_codes(codes, d, m + 8 * d) if self.bits == 4
-                else Int8Linear.from_blocks((codes - 128).to(torch.int8), d))
+        if self.bits == 4:
+            wide = Int4Linear.from_codes(codes, d, m + 8 * d)
+        elif torch.equal(m, -128 * d):
+            wide = Int8Linear.from_blocks((codes - 128).to(torch.int8), d)
+        else:
+            return self
         return BlockLinear(self.packed, self.bits, self.shape, wide)
 
     def dequantize(self) -> torch.Tensor:
