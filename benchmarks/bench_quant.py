@@ -5,6 +5,9 @@ interleaved rounds (this machine is shared: every variant sees the same load; mi
 rounds). A child process per variant reports the resident set after load (peak and current).
 --gemms also times the 120 projection GEMMs of one step alone (cold weights: each matrix is
 read once per pass, as in a step), so the rest of the step (attention, norms, Python) shows.
+The gguf program runs twice per round: "gguf qmm" forces ops.qmm at every batch size
+(qlinear.QMM_MAX_ROWS huge), "gguf int4" the int4 op (QMM_MAX_ROWS = 0) on the same blocks,
+which every BlockLinear carries here as its `wide` form (with_int4_op; programs load without).
 Run: PYTHONPATH=$PWD python benchmarks/bench_quant.py [--rounds 7] [--gemms]
 """
 import argparse
@@ -21,6 +24,7 @@ from userspace.programs import qlinear
 from userspace.programs.loader import load_program
 
 VARIANTS = {"float32": {}, "bf16 matmul": {"matmul": "bfloat16"}, "gguf": {"weights": "gguf"}}
+GGUF_MODES = {"gguf int4": 0, "gguf qmm": 1 << 30}        # qlinear.QMM_MAX_ROWS for each
 MODEL = "smollm2-135m"
 CLOCK = time.perf_counter     # --cpu-time: time.thread_time on one thread (what the work costs, not the wait)
 CONTEXT = 64
@@ -68,6 +72,34 @@ def gemm_pass(program, batch: int):
     return run
 
 
+def add_int4_forms(program):
+    """Every BlockLinear of the program (projections, tied head) gets the int4 op's form as `wide`."""
+    for layer in program.layers:
+        for name in ("qkv_t", "o_t", "gate_up_t", "down_t"):
+            w = getattr(layer, name)
+            if isinstance(w, qlinear.BlockLinear):
+                setattr(layer, name, w.with_int4_op())
+    head = program.lm_head
+    if isinstance(head, qlinear.Q8Table) and isinstance(head.head, qlinear.BlockLinear):
+        head.head = head.head.with_int4_op()
+    elif isinstance(head, qlinear.BlockLinear):
+        program.lm_head = head.with_int4_op()
+
+
+def with_rows(fn, max_rows):
+    """fn run with BlockLinear switching to the int4 op past max_rows rows."""
+    def run():
+        qlinear.QMM_MAX_ROWS = max_rows
+        fn()
+    return run
+
+
+def split_gguf(fns: dict, make, program) -> dict:
+    del fns["gguf"]
+    fns.update({mode: with_rows(make(program), rows) for mode, rows in GGUF_MODES.items()})
+    return fns
+
+
 def race(fns: dict, rounds: int) -> dict:
     for fn in fns.values():
         fn()
@@ -100,15 +132,24 @@ def main():
         print(f"{v:12s} load {r['load_s']:.2f} s  RSS after load {r['rss'] / 2**20:.0f} MiB  "
               f"peak {r['peak'] / 2**20:.0f} MiB")
     programs = {v: load_program(MODEL, **kw) for v, kw in VARIANTS.items()}
+    add_int4_forms(programs["gguf"])
     for v, p in programs.items():
         print(f"{v:12s} bytes a decode step reads (projections + head): {weight_bytes(p) / 1e6:.0f} MB")
+    wide = sum(qlinear.weight_bytes(getattr(layer, n).wide) for layer in programs["gguf"].layers
+               for n in ("qkv_t", "o_t", "gate_up_t", "down_t"))
+    head = programs["gguf"].lm_head
+    wide += qlinear.weight_bytes((head.head if isinstance(head, qlinear.Q8Table) else head).wide)
+    print(f"gguf int4    bytes its GEMMs read (the int4 op's form): {wide / 1e6:.0f} MB")
     for batch in (int(b) for b in args.batches.split(",")):
-        steps = race({v: decoder(p, batch) for v, p in programs.items()}, args.rounds)
+        fns = split_gguf({v: decoder(p, batch) for v, p in programs.items()},
+                         lambda p, b=batch: decoder(p, b), programs["gguf"])
+        steps = race(fns, args.rounds)
         line = "  ".join(f"{v} {t[0] * 1e3:.1f} ({t[1] * 1e3:.1f})" for v, t in steps.items())
         print(f"batch {batch:3d} decode step ms, min (median): {line}; "
-              f"float32/gguf {steps['float32'][0] / steps['gguf'][0]:.2f}x", flush=True)
+              f"float32/gguf qmm {steps['float32'][0] / steps['gguf qmm'][0]:.2f}x", flush=True)
         if args.gemms:
-            gemms = race({v: gemm_pass(p, batch) for v, p in programs.items()}, args.rounds)
+            gemms = race(split_gguf({v: gemm_pass(p, batch) for v, p in programs.items()},
+                                    lambda p, b=batch: gemm_pass(p, b), programs["gguf"]), args.rounds)
             print("          GEMMs alone: " + "  ".join(f"{v} {t[0] * 1e3:.1f} ({t[1] * 1e3:.1f})"
                                                      for v, t in gemms.items()), flush=True)
 

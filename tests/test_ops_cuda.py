@@ -24,6 +24,8 @@ from kernel.errors import KvosError
 from kernel.kvcache import KVView
 from kernel.ops import cuda, reference
 from tests.test_ops_helpers import fresh_seed, make_batch, relative_error
+from tests.test_ops_qmm import bound as qmm_bound
+from tests.test_ops_qmm import weights as qmm_weights
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
@@ -198,6 +200,22 @@ def test_emulated_frame_copies_match_twins(emulated, frame_bytes):
     assert torch.equal(swap, swap_want)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_emulated_qmm_matches_twin(emulated, bits):
+    """csrc/cuda/qmm.cu against reference.qmm, with the float32 bound of tests/test_ops_qmm.py
+    (odd n, a missing last block of a pair, strided rows in and out)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    n, k, m = 7, 96, 3
+    codes, d, mins = qmm_weights(n, k, bits, gen)
+    packed = ops.qmm_pack(codes, d, mins, bits)
+    x = torch.randn(m, k + 5, generator=gen)[:, 5:]
+    out = torch.full((m, n + 2), 9.0)
+    emulated.qmm(x, packed, n, bits, out[:, :n])
+    assert bool((out[:, n:] == 9.0).all())
+    err = (out[:, :n] - reference.qmm(x, codes, d, mins)).abs()
+    assert bool((err <= qmm_bound(x, codes, d, mins)).all()), f"max error {err.max().item():.3g}"
+
+
 # ---- a real GPU ----
 
 def _gpu_ready():
@@ -285,3 +303,14 @@ def test_cuda_decode_v2_and_fused_ops_match_twins(dtype):
     assert relative_error(q, twin_q) < TOLERANCE[dtype]
     for got_cache, want_cache in zip(batch.caches, KVView(twin_pool, batch.view.shape).layer(1)):
         assert relative_error(got_cache[batch.ours], want_cache[batch.ours]) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_qmm_matches_twin(bits):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    n, k, m = 301, 576, 5
+    codes, d, mins = qmm_weights(n, k, bits, gen)
+    x = torch.randn(m, k, generator=gen)
+    y = ops.qmm(x.cuda(), ops.qmm_pack(codes, d, mins, bits).cuda(), n, bits).cpu()
+    err = (y - reference.qmm(x, codes, d, mins)).abs()
+    assert bool((err <= qmm_bound(x, codes, d, mins)).all()), f"max error {err.max().item():.3g}"

@@ -1,10 +1,11 @@
 """Quantized weights (--weights gguf): the int4 op against its twin, GGUF block decoding against the
 gguf library, and a tiny GGUF model in Q4_0 / Q4_1 / Q8_0 / F16 against the same weights in float32.
 
-Tolerances, and why: the quantized path rounds activations and the fp16 block scales to bf16 and
-returns bf16 from each GEMM; each rounding is 2^-9 relative. One GEMM therefore agrees with its
-float32 twin (same codes, same bf16 scales) to 1e-2 of the output's norm; a whole tiny model's
-logits with the dequantized float32 program to 3e-2 (measured: below 1e-2).
+Tolerances, and why: qmm (tests/test_ops_qmm.py for the op itself) rounds each activation to int8
+per block of 32 (at most half a step, amax / 254), the int4 op rounds activations and the block
+scales to bf16 (2^-9 relative) and returns bf16. One layer therefore agrees with x @ W^T of its
+dequantized weights to 1e-2 of the output's norm; a whole tiny model's logits with the dequantized
+float32 program to 3e-2 (measured: below 1e-2).
 """
 import numpy as np
 import pytest
@@ -60,18 +61,45 @@ class _Tensor:          # what gguf_blocks.decode reads of a GGUFReader tensor
         self.data, self.tensor_type, self.shape, self.name = data, kind, shape, "t"
 
 
-@pytest.mark.parametrize("kind", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.F16])
+@pytest.mark.parametrize("kind", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q5_1, T.F16])
 def test_blocks_decode_to_what_the_gguf_library_dequantizes(kind):
-    w = np.random.default_rng(int(kind)).standard_normal((48, 128)).astype(np.float32)
+    k = 128
+    w = np.random.default_rng(int(kind)).standard_normal((48, k)).astype(np.float32)
     data = w.astype(np.float16) if kind == T.F16 else quantize(w, kind)
-    part = gguf_blocks.decode(_Tensor(data, kind, [128, 48]))
-    assert part[0] == {T.Q4_0: "int4", T.Q4_1: "int4", T.Q8_0: "int8"}.get(kind, "float")
+    part = gguf_blocks.decode(_Tensor(data, kind, [k, 48]))
+    assert part[0] == {T.Q4_0: "int4", T.Q4_1: "int4", T.Q5_0: "u8", T.Q5_1: "u8", T.Q8_0: "int8"}.get(kind, "float")
     want = torch.from_numpy(np.asarray(dequantize(data, kind), dtype=np.float32))
     assert torch.allclose(gguf_blocks.dequantize_part(part), want, rtol=1e-6, atol=1e-6)
     layer = gguf_blocks.linear(part)
-    assert rel(layer.dequantize(), want) < 5e-3        # the bf16 scales (and bf16 dense weights)
-    x = torch.randn(5, 128)
+    if isinstance(layer, qlinear.BlockLinear):          # the blocks as stored: fp16 d and m, exact
+        assert torch.equal(layer.dequantize(), want)
+        if kind in (T.Q4_0, T.Q4_1, T.Q8_0):
+            assert rel(layer.with_int4_op().wide.dequantize(), want) < 5e-3    # the int4 op's form: bf16 scales
+        else:
+            assert layer.with_int4_op().wide is None    # Q5_x: never held by the int4 op
+    else:
+        assert rel(layer.dequantize(), want) < 5e-3     # bf16 dense weights
+    x = torch.randn(5, k)
+    # qmm rounds x to int8 per block (2^-8 of the block's amax at worst), the int4 op to bf16
     assert rel(layer.mm(x), x @ layer.dequantize().t()) < 1e-2
+
+
+@pytest.mark.parametrize("kind", [T.Q4_0, T.Q4_1, T.Q8_0])
+def test_block_linear_switches_to_the_int4_op_past_qmm_max_rows(kind, monkeypatch):
+    w = np.random.default_rng(int(kind)).standard_normal((48, 128)).astype(np.float32)
+    layer = gguf_blocks.linear(gguf_blocks.decode(_Tensor(quantize(w, kind), kind, [128, 48])))
+    assert layer.wide is None
+    layer = layer.with_int4_op()
+    x = torch.randn(6, 128)
+    q, dx = reference.qmm_quantize_rows(x)
+    codes, d, m = ops.qmm_unpack(layer.packed, 48, 128, layer.bits)
+    monkeypatch.setattr(qlinear, "QMM_MAX_ROWS", 6)
+    small = layer.mm(x)
+    assert small.dtype == torch.float32 and torch.allclose(small, reference.qmm(x, codes, d, m), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(qlinear, "QMM_MAX_ROWS", 5)
+    big = layer.mm(x)
+    assert torch.equal(big, layer.wide.mm(x)) and not torch.equal(big.float(), small)
+    assert rel(big, small) < 2e-2
 
 
 def _model(tmp_path, monkeypatch, matrix_type, **overrides):
@@ -87,6 +115,7 @@ MIXES = {
     "q4_1+q8_0 embed": lambda name: T.Q8_0 if "embed" in name or "lm_head" in name else T.Q4_1,
     "q8_0": lambda name: T.Q8_0,
     "mixed q/k/v": lambda name: T.Q4_1 if "q_proj" in name else (T.F16 if "v_proj" in name else T.Q8_0),
+    "q5_0 + q5_1": lambda name: T.Q5_1 if "mlp" in name else T.Q5_0,
 }
 
 
@@ -98,7 +127,9 @@ def test_tiny_gguf_quantized_matches_its_dequantized_float32(tmp_path, monkeypat
     quant = load_program(str(path), "cpu", weights="gguf")
     assert quant is not exact and quant.identity != exact.identity
     kinds = {type(layer.qkv_t) for layer in quant.layers} | {type(layer.down_t) for layer in quant.layers}
-    assert kinds <= {qlinear.Int4Linear, qlinear.Int8Linear, qlinear.DenseLinear} and torch.Tensor not in kinds
+    assert kinds <= {qlinear.BlockLinear, qlinear.DenseLinear} and torch.Tensor not in kinds
+    if mix != "mixed q/k/v":        # every projection on its own blocks (Q5_x in the 8-bit layout)
+        assert kinds == {qlinear.BlockLinear}
     held = qlinear.read_bytes(quant.layers, quant.lm_head, quant.norm)
     assert quant.cost.weight_bytes == held < exact.cost.weight_bytes / 2
     r1, r2 = PagedRunner(exact), PagedRunner(quant)
@@ -163,4 +194,6 @@ def test_q4_k_blocks_decode_to_what_the_gguf_library_dequantizes():
     want = torch.from_numpy(np.asarray(dequantize(data, T.Q4_K), dtype=np.float32))
     assert torch.allclose(gguf_blocks.dequantize_part(part), want, rtol=1e-6, atol=1e-6)
     layer = gguf_blocks.linear(part)
-    assert isinstance(layer, qlinear.Int4Linear) and rel(layer.dequantize(), want) < 5e-3
+    assert isinstance(layer, qlinear.BlockLinear) and rel(layer.dequantize(), want) < 1e-3  # d*sc, dmin*m in fp16
+    wide = layer.with_int4_op().wide
+    assert isinstance(wide, qlinear.Int4Linear) and rel(wide.dequantize(), want) < 5e-3

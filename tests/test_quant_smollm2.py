@@ -1,9 +1,9 @@
 """SmolLM2-135M-Instruct Q4_1 run on its own blocks (--weights gguf) against the same file dequantized
 to float32 (the default path, itself exact against Hugging Face). Slow; CI runs it.
 
-Measured (docs/programs.md): logits within a few percent of float32's norm; perplexity on a fixed
-text within 1% of float32's; greedy continuations that agree for a while, then drift where two
-tokens are nearly tied. The asserts are the tolerances stated there.
+Measured (docs/programs.md): logits within a few percent of float32's norm (up to ~10%: int8
+activations); perplexity on a fixed text within 1% of float32's; greedy continuations that agree
+for a while, then drift where two tokens are nearly tied. The asserts are the tolerances stated there.
 """
 import pytest
 import torch
@@ -23,7 +23,10 @@ CHATS = ["Write a short story about a fox who learns to share.", "Explain how vi
          "List five fruits and describe each one in a sentence.", "Why do caches make programs faster?",
          "What is the capital of France?", "Give me three tips for learning to code."]
 NEW = 32
-LOGIT_TOL = 0.08        # relative norm, any prefill position (measured up to ~0.04)
+# Relative norm, any prefill position. ops.qmm rounds every GEMM's input to int8 per block of 32
+# (as llama.cpp's CPU path does): measured median 0.032, max 0.098 (the int4 op's bf16 inputs:
+# 0.010, 0.053); half of it comes from down_proj, whose input has the largest outliers.
+LOGIT_TOL = 0.15
 PPL_TOL = 0.03          # relative perplexity difference on TEXT (measured below 0.01)
 
 
@@ -40,8 +43,31 @@ def perplexity(program, ids):
 
 def test_quantized_program_holds_blocks_not_floats(programs):
     _, quant = programs
-    assert all(isinstance(layer.gate_up_t, qlinear.Int4Linear) for layer in quant.layers)
+    assert all(isinstance(layer.gate_up_t, qlinear.BlockLinear) and layer.gate_up_t.bits == 4
+               and layer.gate_up_t.wide is None for layer in quant.layers)
     assert isinstance(quant.embed, qlinear.Q8Table) and quant.embed.head is not None
+
+
+def int4_mode(quant):
+    """The same program with every BlockLinear on the int4 op (the path before ops.qmm): a context
+    manager, since it sets qlinear.QMM_MAX_ROWS for the program's calls."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def mode():
+        names = ("qkv_t", "o_t", "gate_up_t", "down_t")
+        saved = [(layer, n, getattr(layer, n)) for layer in quant.layers for n in names]
+        head, rows = quant.embed.head, qlinear.QMM_MAX_ROWS
+        try:
+            for layer, n, w in saved:
+                setattr(layer, n, w.with_int4_op())
+            quant.embed.head, qlinear.QMM_MAX_ROWS = head.with_int4_op(), 0
+            yield quant
+        finally:
+            for layer, n, w in saved:
+                setattr(layer, n, w)
+            quant.embed.head, qlinear.QMM_MAX_ROWS = head, rows
+    return mode()
 
 
 def test_logits_and_perplexity_against_float32(programs):
@@ -51,8 +77,15 @@ def test_logits_and_perplexity_against_float32(programs):
     a, b = r1.prefill(r1.new_seq(), ids), r2.prefill(r2.new_seq(), ids)
     errors = ((a - b).norm(dim=1) / a.norm(dim=1))
     ppl_f, ppl_q = perplexity(exact, ids), perplexity(quant, ids)
-    print(f"logits rel error: median {errors.median():.4f} max {errors.max():.4f}; "
-          f"perplexity float32 {ppl_f:.3f} gguf {ppl_q:.3f}")
+    with int4_mode(quant):
+        r3 = PagedRunner(quant)
+        c = r3.prefill(r3.new_seq(), ids)
+        ppl_4 = perplexity(quant, ids)
+    errors_4 = ((a - c).norm(dim=1) / a.norm(dim=1))
+    print(f"logits rel error vs float32: qmm median {errors.median():.4f} max {errors.max():.4f} "
+          f"(max abs {(a - b).abs().max():.3f}), int4 op median {errors_4.median():.4f} max {errors_4.max():.4f} "
+          f"(max abs {(a - c).abs().max():.3f}); perplexity float32 {ppl_f:.3f} gguf qmm {ppl_q:.3f} "
+          f"gguf int4 op {ppl_4:.3f}")
     assert errors.max() < LOGIT_TOL
     assert abs(ppl_q - ppl_f) / ppl_f < PPL_TOL
 
@@ -74,3 +107,10 @@ def test_greedy_agreement_over_chats(programs):
         ranks = (logits > logits.gather(1, torch.tensor(q)[:, None])).sum(1)
         assert (ranks <= 4).float().mean() > 0.9        # float32 ranks quantized greedy tokens in its top 5
     assert sum(prefix) / len(prefix) >= 4
+    with int4_mode(quant):
+        outs_4, _ = PagedRunner(quant).greedy(prompts, NEW)
+    prefix_4 = [next((i for i, (x, y) in enumerate(zip(f, q)) if x != y), NEW) for f, q in zip(outs_4, outs_q)]
+    same_4 = sum(x == y for f, q in zip(outs_4, outs_q) for x, y in zip(f, q))
+    prefix_4f = [next((i for i, (x, y) in enumerate(zip(f, q)) if x != y), NEW) for f, q in zip(outs_f, outs_4)]
+    print(f"greedy qmm vs int4 op: identical prefixes {prefix_4}, {same_4} tokens equal; "
+          f"int4 op vs float32: prefixes {prefix_4f}")

@@ -66,6 +66,13 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
 void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
                    const float *bias, int64_t m, int64_t k, int64_t n, int accumulate);
 int kvos_panel_width(void);
+/* qmm (qmm.c): y (m, n) float32 = x (m, k) float32 @ W^T, W packed by kernel/ops/qblocks.py in 4- or
+ * 8-bit blocks of 32 (w = d*u + m); x is quantized to int8 per 32-block inside. path: 0 the
+ * best this CPU has, 1 portable C, 2 AVX-512 VNNI (callers check kvos_qmm_has_vnni first). */
+int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t m, int64_t k,
+             const uint8_t *w, int64_t n, int bits, int path);
+int kvos_qmm_has_vnni(void);
+int64_t kvos_qmm_record_bytes(int bits);
 
 int kvos_num_threads(void);
 void kvos_set_num_threads(int n);

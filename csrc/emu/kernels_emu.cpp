@@ -9,6 +9,7 @@
 #include "write_kv.cu"
 #include "frames.cu"
 #include "fused.cu"
+#include "qmm.cu"
 
 #include <ucontext.h>
 #include <cstddef>
@@ -119,6 +120,8 @@ const std::vector<Entry> &registry()
         {"kvos_write_kv_b16", kernel(kvos_write_kv_b16)},
         {"kvos_copy_frames_16", kernel(kvos_copy_frames_16)},
         {"kvos_copy_frames_1", kernel(kvos_copy_frames_1)},
+        {"kvos_qmm_quantize", kernel(kvos_qmm_quantize)},
+        {"kvos_qmm_blocks", kernel(kvos_qmm_blocks)},
     };
     return entries;
 }

@@ -118,3 +118,17 @@ def panel_mm(out, x, packed, bias, m, k, n, accumulate):
         _panel_width_checked = True
     lib.kvos_panel_mm(_ptr(out), out.stride(0), _ptr(x), x.stride(0), _ptr(packed),
                       _ptr(bias) if bias is not None else _ext.ffi.NULL, m, k, n, int(accumulate))
+
+
+def qmm_has_vnni() -> bool:
+    return bool(_load().lib.kvos_qmm_has_vnni())
+
+
+def qmm(x, packed, n, bits, path, out):
+    """out = x @ W^T on packed 4/8-bit blocks (arguments checked by kernel/ops/qblocks.py)."""
+    lib = _load().lib
+    rc = lib.kvos_qmm(_ptr(out), out.stride(0), _ptr(x), x.stride(0), x.shape[0], x.shape[1],
+                      _ptr(packed), n, bits, path)
+    if rc:      # the only failure: its scratch for the quantized activations
+        raise KvosError(ENOMEM, "the C kernel could not allocate its scratch memory")
+    return out

@@ -146,3 +146,21 @@ def panel_mm(x, packed, n, bias=None, out=None, accumulate=False):
     else:
         out.copy_(y)
     return out
+
+
+def qmm_quantize_rows(x):
+    """x float32 (rows, k) -> (codes int8-valued float32, d float32 (rows, k / 32)): per 32-block,
+    d = amax / 127 and codes = round-half-even(x / d) (0 where d is 0), as csrc/cpu/qmm.c does."""
+    xb = x.float().view(x.shape[0], -1, 32)
+    d = xb.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1)), 0).clamp_(-127, 127)
+    return q.view(x.shape), d.squeeze(-1)
+
+
+def qmm(x, codes, d, m):
+    """The twin of ops.qmm: x (rows, k) quantized as qmm_quantize_rows, W (n, k) = d * codes + m
+    per 32-block (d, m as fp16 values), both dequantized and multiplied in float64; float32 out."""
+    q, dx = qmm_quantize_rows(x)
+    xd = q.double() * dx.double().repeat_interleave(32, dim=1)
+    w = codes.double() * d.half().double().repeat_interleave(32, dim=1) + m.half().double().repeat_interleave(32, dim=1)
+    return (xd @ w.t()).float()

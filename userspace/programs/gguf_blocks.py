@@ -2,11 +2,13 @@
 
 The canonical weights (names of llama.fuse_hf_weights) are built from the file's raw blocks:
 - Q4_0 (d fp16, 16 bytes of nibbles: value d * (q - 8)), Q4_1 (d, m fp16: value d * q + m) and
-  Q4_K (per-32 6-bit scales and mins under fp16 d, dmin) -> int4 codes with per-32 scale and
-  zero -> qlinear.Int4Linear;
-- Q8_0 (d fp16, 32 int8: value d * q) -> qlinear.Int8Linear (projections) or qlinear.Q8Table
-  (the embedding, which is also the head when tied);
-- anything else (F32/F16/BF16 matrices, other K-quants, Q5_*) -> dequantized by the gguf library and
+  Q4_K (per-32 6-bit scales and mins under fp16 d, dmin) -> 4-bit codes with per-32 d and m
+  (value d * u + m) -> qlinear.BlockLinear (4-bit);
+- Q5_0 (d, 4 bytes of fifth bits, 16 of nibbles: value d * (q - 16)) and Q5_1 (d, m: d * q + m)
+  -> 5-bit codes with per-32 d and m, held in the 8-bit layout -> qlinear.BlockLinear (8-bit);
+- Q8_0 (d fp16, 32 int8: value d * q) -> qlinear.BlockLinear (8-bit codes q + 128, m = -128 d) or
+  qlinear.Q8Table (the embedding, which is also the head when tied);
+- anything else (F32/F16/BF16 matrices, other K-quants) -> dequantized by the gguf library and
   widened to bf16 (qlinear.DenseLinear); vectors (norms, biases) -> float32 tensors.
 llama.cpp's permutation of the Q/K rows is undone on whole rows (a block never crosses a row),
 and q | k | v and gate | up are fused by stacking rows, exactly as the float32 path does.
@@ -20,9 +22,9 @@ from kernel.errors import EINVAL, KvosError
 from userspace.programs.config import LlamaConfig
 from userspace.programs.gguf_file import rope_heads, unpermute_rope_rows
 from userspace.programs.llama import fuse_hf_weights
-from userspace.programs.qlinear import GROUP, DenseLinear, Int4Linear, Int8Linear, Q8Table
+from userspace.programs.qlinear import GROUP, BlockLinear, DenseLinear, Q8Table
 
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144}
 
 
 def _f16(raw: np.ndarray, offset: int) -> torch.Tensor:
@@ -37,20 +39,32 @@ def _nibbles(qs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(codes.reshape(codes.shape[0], -1).astype(np.int32))
 
 
+def _fifth_bits(qh: np.ndarray, qs: np.ndarray) -> torch.Tensor:
+    """Q5 codes 0..31: ggml's nibble order (_nibbles) plus bit j of the block's 32-bit qh as bit 4 of element j."""
+    bits = np.ascontiguousarray(qh).view("<u4")                      # (n, blocks, 1)
+    high = ((bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32) << 4   # (n, blocks, 32)
+    return _nibbles(qs) + torch.from_numpy(high.reshape(high.shape[0], -1))
+
+
 def decode(t) -> tuple:
-    """One GGUF tensor (a GGUFReader tensor) -> a part: ("int4", codes, scale, zero), ("int8", q, d)
-    or ("float", w float32). Matrices are (rows, k); vectors are ("float", v)."""
+    """One GGUF tensor (a GGUFReader tensor) -> a part: ("int4", codes, d, m), ("u8", codes, d, m)
+    (codes of up to 8 bits, value d * codes + m), ("int8", q, d) or ("float", w float32).
+    Matrices are (rows, k); vectors are ("float", v)."""
     kind = t.tensor_type.name
     if kind in _BLOCK_BYTES and len(t.shape) == 2:
         rows = int(t.shape[1])
         raw = np.asarray(t.data).reshape(rows, -1, _BLOCK_BYTES[kind])
         d = _f16(raw, 0)
         if kind == "Q4_0":
-            return "int4", _nibbles(raw[..., 2:]), d, torch.zeros_like(d)
+            return "int4", _nibbles(raw[..., 2:]), d, -8 * d
         if kind == "Q4_1":
-            return "int4", _nibbles(raw[..., 4:]), d, _f16(raw, 2) + 8 * d
+            return "int4", _nibbles(raw[..., 4:]), d, _f16(raw, 2)
         if kind == "Q4_K":
             return _q4_k(raw, d, _f16(raw, 2))
+        if kind == "Q5_0":
+            return "u8", _fifth_bits(raw[..., 2:6], raw[..., 6:]), d, -16 * d
+        if kind == "Q5_1":
+            return "u8", _fifth_bits(raw[..., 4:8], raw[..., 8:]), d, _f16(raw, 2)
         q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(rows, -1).copy())
         return "int8", q, d
     from gguf.quants import dequantize
@@ -63,7 +77,7 @@ def decode(t) -> tuple:
 
 def _q4_k(raw: np.ndarray, d: torch.Tensor, dmin: torch.Tensor) -> tuple:
     """Q4_K super-blocks of 256: eight sub-blocks of 32 with 6-bit scale sc and min m each, value
-    d * sc * q - dmin * m; in the int4 layout that is scale d * sc and zero 8 * d * sc - dmin * m."""
+    d * sc * q - dmin * m: per 32, d' = d * sc and m' = -dmin * m (products of fp16 and 6-bit ints)."""
     packed = raw[..., 4:16].astype(np.int32)                        # 12 bytes of 6-bit scales and mins
     lo, hi = packed[..., :4], packed[..., 8:12]
     sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=-1)
@@ -72,7 +86,7 @@ def _q4_k(raw: np.ndarray, d: torch.Tensor, dmin: torch.Tensor) -> tuple:
     codes = np.stack([qs & 15, qs >> 4], axis=3).reshape(raw.shape[0], -1).astype(np.int32)
     scale = (d[..., None] * torch.from_numpy(sc).float()).reshape(raw.shape[0], -1)
     mins = (dmin[..., None] * torch.from_numpy(m).float()).reshape(raw.shape[0], -1)
-    return "int4", torch.from_numpy(codes), scale, 8 * scale - mins
+    return "int4", torch.from_numpy(codes), scale, -mins
 
 
 def permute_rows(part: tuple, num_heads: int) -> tuple:
@@ -82,9 +96,9 @@ def permute_rows(part: tuple, num_heads: int) -> tuple:
 
 def dequantize_part(part: tuple) -> torch.Tensor:
     """The float32 values of a part (the fp16 scales exactly as stored; no bf16 rounding)."""
-    if part[0] == "int4":
-        _, codes, s, z = part
-        return ((codes.float() - 8) * s.repeat_interleave(GROUP, 1) + z.repeat_interleave(GROUP, 1))
+    if part[0] in ("int4", "u8"):
+        _, codes, d, m = part
+        return codes.float() * d.repeat_interleave(GROUP, 1) + m.repeat_interleave(GROUP, 1)
     if part[0] == "int8":
         _, q, d = part
         return q.float() * d.repeat_interleave(GROUP, 1)
@@ -99,13 +113,14 @@ def _fuse(parts: list) -> tuple:
 
 
 def linear(part: tuple):
-    """The qlinear layer for a matrix part (int4 needs rows % 16 == 0 and k % 64 == 0: else bf16)."""
-    rows, k = part[1].shape
-    packable = rows % 16 == 0 and k % 64 == 0
-    if part[0] == "int4" and packable:
-        return Int4Linear.from_codes(*part[1:])
-    if part[0] == "int8" and packable:
-        return Int8Linear.from_blocks(*part[1:])
+    """The qlinear layer for a matrix part: a BlockLinear for int4 / int8 parts (any rows; k is a
+    multiple of 32, the block size), else bf16."""
+    if part[0] in ("int4", "u8"):
+        _, codes, d, m = part
+        return BlockLinear.from_blocks(codes, d, m, 4 if part[0] == "int4" else 8)
+    if part[0] == "int8":
+        _, q, d = part
+        return BlockLinear.from_blocks(q.to(torch.int32) + 128, d, -128 * d, 8)
     return DenseLinear.from_float(dequantize_part(part))
 
 
@@ -118,7 +133,7 @@ def canonical(config: LlamaConfig, raw: dict, permuted: bool) -> dict:
         if part[0] != "int8":
             return dequantize_part(part)
         head = linear(part) if config.tie_word_embeddings else None
-        table = Q8Table(part[1], part[2].to(torch.float16), head if isinstance(head, Int8Linear) else None)
+        table = Q8Table(part[1], part[2].to(torch.float16), head if isinstance(head, BlockLinear) else None)
         if config.tie_word_embeddings and table.head is None:
             return dequantize_part(part)        # a shape the int4 GEMM cannot hold: float32
         return table

@@ -2,7 +2,7 @@
 
 Like converted.py's cache (keyed by the file's sha256 and this format's version, written and read
 by its write_program and read_program), but the folder
-quantized/<digest>-v<FORMAT> holds the packed int4 codes, bf16 scales, Q8_0 embedding blocks and
+quantized/<digest>-v<FORMAT> holds the packed blocks (qmm's and the int4 op's), Q8_0 embedding blocks and
 float32 vectors in one weights.safetensors, with program.json saying which layer each name is.
 No float32 copy of the matrices is ever written. A missing or damaged folder is rebuilt.
 """
@@ -18,7 +18,7 @@ from userspace.programs.config import LlamaConfig
 from userspace.programs.converted import read_program, write_program
 from userspace.programs.tokenizer import TextTokenizer
 
-FORMAT = 1
+FORMAT = 2       # 2: BlockLinear (ops.qmm's packed blocks beside the int4 op's form)
 
 
 def quantized_dir(digest: str) -> Path:
@@ -31,15 +31,31 @@ def _flatten(weights: dict) -> tuple[dict, dict]:
         if isinstance(w, torch.Tensor):
             tensors[name] = w.contiguous()
             continue
-        kinds[name] = qlinear.kind_of(w)
+        kinds[name] = _kind(w)
         tensors.update({f"{name}:{k}": t.contiguous() for k, t in w.tensors().items()})
         if isinstance(w, qlinear.Q8Table) and w.head is not None:
-            kinds[name] = "q8table+head"
+            kinds[name] = "q8table+head:" + _kind(w.head)
             tensors.update({f"{name}:head.{k}": t for k, t in w.head.tensors().items()})
     return tensors, kinds
 
 
+def _kind(w) -> str:
+    """A layer's kind; a BlockLinear's says its bits, shape and wide form: block4:n:k+int4."""
+    if isinstance(w, qlinear.BlockLinear):
+        wide = "" if w.wide is None else "+" + qlinear.kind_of(w.wide)
+        return f"block{w.bits}:{w.shape[0]}:{w.shape[1]}{wide}"
+    return qlinear.kind_of(w)
+
+
+def _sub(t: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+
+
 def _layer(kind: str, t: dict):
+    if kind.startswith("block"):
+        spec, _, wide = kind.partition("+")
+        bits, n, k = (int(v) for v in spec[5:].split(":"))
+        return qlinear.BlockLinear(t["packed"], bits, (n, k), _layer(wide, _sub(t, "wide.")) if wide else None)
     if kind == "int4":
         return qlinear.Int4Linear(t["packed"], t["sz"])
     if kind == "int8":
@@ -47,7 +63,7 @@ def _layer(kind: str, t: dict):
                                   qlinear.Int4Linear(t["lo.packed"], t["lo.sz"]))
     if kind == "dense":
         return qlinear.DenseLinear(t["w_t"])
-    head = _layer("int8", {k[5:]: v for k, v in t.items() if k.startswith("head.")}) if kind == "q8table+head" else None
+    head = _layer(kind.partition(":")[2], _sub(t, "head.")) if kind.startswith("q8table+head") else None
     return qlinear.Q8Table(t["q"], t["d"], head)
 
 

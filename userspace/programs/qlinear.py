@@ -3,8 +3,15 @@
 LlamaProgram's forward asks for x @ W (mm), x += a @ W (add_mm), embedding rows (embedding) and
 the LM head (head). A weight is either a plain tensor (the float32 / bfloat16 paths, unchanged:
 (in, out) for mm, (vocab, hidden) for the head) or one of the objects here, which keep a GGUF's
-own blocks in a form the int4 GEMM of kernel/ops streams (see kernel/ops/quant.py):
+own blocks in a form a GEMM of kernel/ops streams (kernel/ops/qblocks.py, kernel/ops/quant.py):
 
+- BlockLinear: Q4_0 / Q4_1 / Q4_K / Q8_0 blocks as 4- or 8-bit codes with per-32 fp16 d and m
+  (w = d*u + m) for ops.qmm, which quantizes x to int8 per block (csrc/cpu/qmm.c). It may carry
+  `wide`, the same blocks in the int4 op's form, run past QMM_MAX_ROWS rows; programs load
+  without it (qmm is 1.24-1.4x faster at 1 row, the int4 op 2-7% faster at 8 and 64, at twice the
+  memory: docs/performance.md, 8b); the bench and tests add it with with_int4_op() to compare.
+
+The int4 op's forms, used by BlockLinear past QMM_MAX_ROWS rows (and alone in caches of format 1):
 - Int4Linear: Q4_0 / Q4_1 blocks as codes + per-32 scale and zero (lossless for the codes; the
   fp16 d and m are rounded to bf16, x is rounded to bf16).
 - Int8Linear: Q8_0 blocks as two int4 planes, q + 128 = 16 * hi + lo: W = 16d(hi - 8) + (d(lo - 8) + 8d),
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from kernel import ops
 
 GROUP = 32
+QMM_MAX_ROWS = 64       # rows up to which a BlockLinear with a `wide` form runs ops.qmm
 
 
 class Int4Linear:
@@ -77,6 +85,50 @@ class Int8Linear:
     def tensors(self) -> dict:
         return {**{f"hi.{k}": t for k, t in self.hi.tensors().items()},
                 **{f"lo.{k}": t for k, t in self.lo.tensors().items()}}
+
+
+class BlockLinear:
+    """W (n, k) = d * u + m per block of 32 along k (u 4- or 8-bit codes, d and m fp16), packed for
+    ops.qmm; `wide` is the same weights in the int4 op's form (or None), used past QMM_MAX_ROWS rows."""
+    __slots__ = ("packed", "bits", "shape", "wide")
+
+    def __init__(self, packed: torch.Tensor, bits: int, shape: tuple, wide=None):
+        self.packed, self.bits, self.shape, self.wide = packed, bits, tuple(shape), wide
+
+    @classmethod
+    def from_blocks(cls, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, wide=None) -> BlockLinear:
+        """codes (n, k) in 0..2^bits - 1; d, m float (n, k / 32), exact in fp16 for the GGUF's own types."""
+        return cls(ops.qmm_pack(codes, d, m, bits), bits, codes.shape, wide)
+
+    def mm(self, a: torch.Tensor) -> torch.Tensor:
+        if self.wide is not None and a.shape[0] > QMM_MAX_ROWS:
+            return self.wide.mm(a)
+        return ops.qmm(a if a.dtype == torch.float32 else a.float(), self.packed, self.shape[0], self.bits)
+
+    def with_int4_op(self) -> BlockLinear:
+        """The same layer carrying the int4 op's form of its blocks as `wide` (exact codes, bf16 scales);
+        itself when that op cannot hold the shape (rows % 16, k % 64) or the blocks are 8-bit with an
+        offset other than Q8_0's -128 d (Q5_x: its bf16 zero would lose too much)."""
+        n, k = self.shape
+        if n % 16 or k % 64:
+            return self
+        codes, d, m = ops.qmm_unpack(self.packed, n, k, self.bits)
+        if self.bits == 4:
+            wide = Int4Linear.from_codes(codes, d, m + 8 * d)
+        elif torch.equal(m, -128 * d):
+            wide = Int8Linear.from_blocks((codes - 128).to(torch.int8), d)
+        else:
+            return self
+        return BlockLinear(self.packed, self.bits, self.shape, wide)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (n, k) matrix qmm multiplies by (fp16 d and m as stored)."""
+        codes, d, m = ops.qmm_unpack(self.packed, *self.shape, self.bits)
+        return codes.float() * d.repeat_interleave(GROUP, 1) + m.repeat_interleave(GROUP, 1)
+
+    def tensors(self) -> dict:
+        wide = {} if self.wide is None else {f"wide.{k}": t for k, t in self.wide.tensors().items()}
+        return {"packed": self.packed, **wide}
 
 
 class DenseLinear:
@@ -134,10 +186,10 @@ class PanelLinear:
 
 class Q8Table:
     """An embedding table in Q8_0 blocks: q int8 (vocab, hidden), d float16 (vocab, hidden / 32).
-    `head` is the tied LM head over the same values, or None."""
+    `head` is the tied LM head over the same values (a BlockLinear or Int8Linear), or None."""
     __slots__ = ("q", "d", "head", "shape")
 
-    def __init__(self, q: torch.Tensor, d: torch.Tensor, head: Int8Linear | None):
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, head):
         self.q, self.d, self.head, self.shape = q, d, head, tuple(q.shape)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -151,7 +203,7 @@ class Q8Table:
         return {"q": self.q, "d": self.d}
 
 
-LAYERS = {"int4": Int4Linear, "int8": Int8Linear, "dense": DenseLinear, "q8table": Q8Table}
+LAYERS = {"block": BlockLinear, "int4": Int4Linear, "int8": Int8Linear, "dense": DenseLinear, "q8table": Q8Table}
 
 
 def kind_of(w) -> str:
@@ -162,10 +214,13 @@ def is_quantized(w) -> bool:
     return not isinstance(w, torch.Tensor)
 
 
-def weight_bytes(w) -> int:
-    """Bytes a weight holds in memory (a tensor or any layer here)."""
+def weight_bytes(w, read: bool = False) -> int:
+    """Bytes a weight holds in memory (a tensor or any layer here); with read, the bytes one pass of a
+    GEMM reads (a BlockLinear's qmm form, not its wide copy)."""
     if isinstance(w, torch.Tensor):
         return w.numel() * w.element_size()
+    if read and isinstance(w, BlockLinear):
+        return weight_bytes(w.packed)
     return sum(t.numel() * t.element_size() for t in w.tensors().values())
 
 
@@ -175,7 +230,7 @@ def read_bytes(layers, head, norm) -> int:
     row per token and is not counted."""
     read = [getattr(layer, n) for layer in layers for n in layer.__slots__]
     read += [norm, head.head if isinstance(head, Q8Table) else head]
-    return sum(weight_bytes(w) for w in read if w is not None)
+    return sum(weight_bytes(w, read=True) for w in read if w is not None)
 
 
 # -- the four calls of the forward pass -------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Small-M GEMMs on a GGUF's own blocks: y = x @ W^T with W in 32-wide blocks of 4- or 8-bit codes.
+
+W (n, k) is held as codes u (0..15 or 0..255) with, per block of 32 along k, an fp16 scale d and
+offset m: W[n, j] = d * u + m. That holds Q4_0 (m = -8d), Q4_1 (d, m) and Q8_0 (u = q + 128,
+m = -128d) exactly, and Q4_K's sub-blocks with d*sc and -dmin*m rounded to fp16. qmm_pack makes
+the layout the C kernel streams (csrc/cpu/qmm.c) once, at load; qmm_unpack reads it back.
+x is float32; the kernel quantizes it per row and block to int8 (d = amax / 127, round to nearest
+even) and returns float32: reference.qmm is the twin and says exactly what is computed.
+`path` picks the CPU code: "auto" (VNNI where the CPU has it), "vnni" or "portable".
+"""
+import torch
+
+from kernel.ops import validate as val
+
+NR = 4          # columns per tile (csrc/cpu/qmm.c QMM_NR)
+PAIR = 64       # elements per record: two blocks
+BITS = (4, 8)
+PATHS = {"auto": 0, "portable": 1, "vnni": 2}
+
+
+def code_bytes(bits: int) -> int:
+    return PAIR // 2 if bits == 4 else PAIR
+
+
+def packed_shape(n: int, k: int, bits: int) -> tuple:
+    """(tiles of NR columns, pairs of blocks, bytes of one record: NR columns' codes then NR x 4 fp16)."""
+    return (-(-n // NR), -(-k // PAIR), NR * (code_bytes(bits) + 8))
+
+
+def _check_bits_k(bits, k):
+    if bits not in BITS:
+        val.fail(f"qmm holds {BITS}-bit codes, not {bits}")
+    if k % 32 or k <= 0:
+        val.fail(f"qmm needs k a positive multiple of 32, not {k}")
+
+
+def qmm_pack(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes integer (n, k) in 0..2^bits-1; d, m float (n, k / 32), stored as fp16 -> uint8 packed_shape."""
+    val.tensor("codes", codes, ndim=2, device=torch.device("cpu"))
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        val.fail(f"codes must be an integer tensor, not {codes.dtype}")
+    n, k = codes.shape
+    _check_bits_k(bits, k)
+    for name, t in (("d", d), ("m", m)):
+        val.tensor(name, t, ndim=2, dtypes=(torch.float32, torch.float16), device=torch.device("cpu"))
+        if tuple(t.shape) != (n, k // 32):
+            val.fail(f"{name} has shape {tuple(t.shape)}, expected ({n}, {k // 32})")
+        if not bool(torch.isfinite(t.half()).all()):
+            val.fail(f"{name} holds values that are not finite in fp16")
+    if codes.numel():
+        lo, hi = torch.aminmax(codes)
+        if int(lo) < 0 or int(hi) >= 1 << bits:
+            val.fail(f"{bits}-bit codes must lie in 0..{(1 << bits) - 1}, not {int(lo)}..{int(hi)}")
+    tiles, pairs, rb = packed_shape(n, k, bits)
+    u = torch.zeros(tiles * NR, pairs * PAIR, dtype=torch.uint8)
+    u[:n, :k] = codes.to(torch.uint8)
+    u = u.view(tiles * NR, pairs, 2, 32)
+    # 4-bit: byte j of a pair holds element j in its low nibble and element 32 + j in its high one
+    c = (u[:, :, 0] | (u[:, :, 1] << 4)) if bits == 4 else u.reshape(tiles * NR, pairs, PAIR)
+    s = torch.zeros(tiles * NR, pairs * 2, 2, dtype=torch.float16)
+    s[:n, :k // 32, 0], s[:n, :k // 32, 1] = d.half(), m.half()
+    s = s.view(tiles * NR, pairs, 2, 2).transpose(2, 3).reshape(tiles * NR, pairs, 4).view(torch.uint8)
+    per_tile = lambda t: t.view(tiles, NR, pairs, -1).transpose(1, 2).reshape(tiles, pairs, -1)  # noqa: E731
+    return torch.cat([per_tile(c), per_tile(s)], dim=2).contiguous()
+
+
+def qmm_unpack(packed: torch.Tensor, n: int, k: int, bits: int) -> tuple:
+    """The (codes int32 (n, k), d float32 (n, k/32), m float32 (n, k/32)) that qmm_pack packed."""
+    _check_packed(packed, n, k, bits)
+    tiles, pairs, _ = packed.shape
+    cb = code_bytes(bits)
+    cols = lambda t: t.reshape(tiles, pairs, NR, -1).transpose(1, 2).reshape(tiles * NR, pairs, -1)  # noqa: E731
+    c = cols(packed[:, :, :NR * cb])
+    if bits == 4:
+        c = torch.stack([c & 15, c >> 4], dim=2)
+    codes = c.reshape(tiles * NR, pairs * PAIR)[:n, :k].to(torch.int32)
+    s = cols(packed[:, :, NR * cb:].contiguous().view(torch.float16)).float()   # (cols, pairs, 4): d0 d1 m0 m1
+    d = s[..., :2].reshape(tiles * NR, -1)[:n, :k // 32].contiguous()
+    m = s[..., 2:].reshape(tiles * NR, -1)[:n, :k // 32].contiguous()
+    return codes, d, m
+
+
+def _check_packed(packed, n, k, bits):
+    _check_bits_k(bits, k)
+    if not isinstance(n, int) or n <= 0:
+        val.fail(f"qmm needs a positive column count n, not {n}")
+    val.tensor("packed", packed, ndim=3, dtypes=(torch.uint8,))
+    if tuple(packed.shape) != packed_shape(n, k, bits):
+        val.fail(f"packed has shape {tuple(packed.shape)}, expected {packed_shape(n, k, bits)} "
+                 f"for n={n}, k={k}, {bits}-bit")
+    if not packed.is_contiguous():
+        val.fail("packed must be contiguous")
+
+
+def _plain_call(x, packed, n, bits, path, out) -> bool:
+    """True for the everyday call (cpu float32 x with a dense last dimension, packed as qmm_pack
+    made it for x's k, no out, auto path): every check of _check_call holds. Cheaper than
+    _check_call by a few microseconds, which a decode step pays ~120 times."""
+    return (out is None and path == "auto" and type(x) is torch.Tensor and type(packed) is torch.Tensor
+            and x.dtype is torch.float32 and packed.dtype is torch.uint8 and x.dim() == 2
+            and x.device.type == "cpu" and packed.device.type == "cpu" and x.stride(1) == 1
+            and (bits == 4 or bits == 8) and type(n) is int and n > 0
+            and (k := x.shape[1]) > 0 and k % 32 == 0
+            and packed.shape == (-(-n // NR), -(-k // PAIR), NR * (code_bytes(bits) + 8))
+            and packed.is_contiguous())
+
+
+def _check_call(x, packed, n, bits, path, out):
+    val.tensor("x", x, ndim=2, dtypes=(torch.float32,))
+    _check_packed(packed, n, x.shape[1], bits)
+    if packed.device != x.device:
+        val.fail(f"x is on {x.device}, packed on {packed.device}")
+    if path not in PATHS:
+        val.fail(f"path must be one of {list(PATHS)}, not {path!r}")
+    if out is not None:
+        val.tensor("out", out, ndim=2, dtypes=(torch.float32,), device=x.device)
+        if tuple(out.shape) != (x.shape[0], n):
+            val.fail(f"out has shape {tuple(out.shape)}, expected ({x.shape[0]}, {n})")
+        val.rows_contiguous("out", out)
+    if x.device.type not in ("cpu", "cuda"):
+        val.fail(f"qmm runs on cpu or cuda tensors, not {x.device.type}")
+
+
+def qmm(x: torch.Tensor, packed: torch.Tensor, n: int, bits: int, *, path: str = "auto",
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """x float32 (rows, k) @ W^T -> float32 (rows, n), W from qmm_pack(codes, d, m, bits) of shape (n, k)."""
+    if _plain_call(x, packed, n, bits, path, out):
+        from kernel.ops import cpu
+        return cpu.qmm(x, packed, n, bits, 0, torch.empty(x.shape[0], n))
+    _check_call(x, packed, n, bits, path, out)
+    if out is None:
+        out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.shape[0] == 0:
+        return out
+    if x.device.type == "cpu":
+        from kernel.ops import cpu
+        if path == "vnni" and not cpu.qmm_has_vnni():
+            val.fail("this CPU has no AVX-512 VNNI: path='vnni' cannot run here")
+        return cpu.qmm(x, packed, n, bits, PATHS[path], out)
+    from kernel.ops import cuda
+    return cuda.qmm(x, packed, n, bits, out)

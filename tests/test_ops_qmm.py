@@ -1,0 +1,149 @@
+"""ops.qmm (csrc/cpu/qmm.c) against its plain-torch twin reference.qmm, on random shapes.
+
+The twin quantizes x exactly as the kernel does (per 32-block d = amax / 127, codes rounded half to
+even), so both multiply the same integers; what is left is the kernel's float32 arithmetic. Every
+term d_w u x_q d_x (and m_w d_x sum(x_q)) passes through at most K/32 + 16 float32 roundings (its
+scale products, the running sum over pairs of blocks, the final 16-lane reduction), each at most
+2^-24 relative. So |y - twin| <= (K/32 + 16) 2^-23 B, where B = (|d_w u| + |m_w|) @ |x_dequantized|
+bounds the sum of the terms' magnitudes (twice the worst case, no fudge). A code off by one would
+cost about d_x d_w, far outside it for these shapes.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernel import ops
+from kernel.errors import KvosError
+from kernel.ops import cpu, reference
+from kernel.ops import qblocks as Q
+
+PATHS = ["portable"] + (["vnni"] if cpu.qmm_has_vnni() else [])
+
+
+def weights(n, k, bits, g):
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g)
+    d = torch.rand(n, k // 32, generator=g) * 0.02 + 1e-4
+    m = torch.randn(n, k // 32, generator=g) * 0.1
+    return codes, d.half().float(), m.half().float()
+
+
+def bound(x, codes, d, m):
+    q, dx = reference.qmm_quantize_rows(x)
+    xd = (q * dx.repeat_interleave(32, dim=1)).double().abs()
+    w = (codes * d.repeat_interleave(32, dim=1)).double().abs() + m.repeat_interleave(32, dim=1).double().abs()
+    k = x.shape[1]
+    return ((k // 32 + 16) * 2.0 ** -23 * (xd @ w.t())).float() + 1e-30
+
+
+def check(y, x, codes, d, m):
+    want = reference.qmm(x, codes, d, m)
+    err = (y - want).abs()
+    tol = bound(x, codes, d, m)
+    assert bool((err <= tol).all()), f"max error {err.max().item():.3g}, worst ratio {(err / tol).max().item():.3g}"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 64), n=st.integers(1, 41), blocks=st.integers(1, 24), bits=st.sampled_from([4, 8]),
+       seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 1.0, 30.0]))
+def test_qmm_matches_its_twin(rows, n, blocks, bits, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    k = 32 * blocks
+    codes, d, m = weights(n, k, bits, g)
+    x = torch.randn(rows, k, generator=g) * scale
+    x[:, :32] = 0 if blocks > 2 else x[:, :32]          # an all-zero block: d = 0, codes 0
+    packed = Q.qmm_pack(codes, d, m, bits)
+    assert tuple(packed.shape) == Q.packed_shape(n, k, bits)
+    for path in PATHS:
+        check(ops.qmm(x, packed, n, bits, path=path), x, codes, d, m)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes, d, m = weights(13, 96, bits, g)
+    c2, d2, m2 = Q.qmm_unpack(Q.qmm_pack(codes, d, m, bits), 13, 96, bits)
+    assert torch.equal(c2, codes.int()) and torch.equal(d2, d) and torch.equal(m2, m)
+
+
+@pytest.mark.skipif(len(PATHS) < 2, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_portable_and_vnni_paths_agree(bits):
+    g = torch.Generator().manual_seed(7)
+    codes, d, m = weights(37, 576, bits, g)
+    packed = Q.qmm_pack(codes, d, m, bits)
+    x = torch.randn(9, 576, generator=g)
+    a, b = (ops.qmm(x, packed, 37, bits, path=p) for p in ("portable", "vnni"))
+    assert bool(((a - b).abs() <= 2 * bound(x, codes, d, m)).all())
+
+
+def test_thread_counts_agree():
+    g = torch.Generator().manual_seed(3)
+    codes, d, m = weights(301, 1536, 4, g)
+    packed = Q.qmm_pack(codes, d, m, 4)
+    x = torch.randn(6, 1536, generator=g)
+    before, outs = cpu.num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            ops.set_num_threads(threads)
+            outs.append(ops.qmm(x, packed, 301, 4))
+    finally:
+        ops.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]), "results depend on the thread count"
+
+
+def test_strided_rows_and_out():
+    g = torch.Generator().manual_seed(5)
+    codes, d, m = weights(10, 64, 8, g)
+    packed = Q.qmm_pack(codes, d, m, 8)
+    big = torch.randn(3, 100, generator=g)
+    x = big[:, 10:74]                                   # row stride 100
+    out = torch.full((3, 16), 7.0)[:, 2:12]             # row stride 16
+    ops.qmm(x, packed, 10, 8, out=out)
+    check(out, x.contiguous(), codes, d, m)
+
+
+def test_bad_arguments_are_refused_and_write_nothing():
+    codes = torch.randint(0, 16, (8, 64))
+    d, m = torch.rand(8, 2), torch.rand(8, 2)
+    packed = Q.qmm_pack(codes, d, m, 4)
+    out = torch.full((2, 8), 5.0)
+    x = torch.randn(2, 64)
+    bad_calls = {
+        "float32": lambda: ops.qmm(x.double(), packed, 8, 4, out=out),
+        "dimensions": lambda: ops.qmm(x[0], packed, 8, 4, out=out),
+        "packed has shape": lambda: ops.qmm(torch.randn(2, 96), packed, 8, 4, out=out),
+        "expected": lambda: ops.qmm(x, packed, 9, 4, out=out),
+        "bit": lambda: ops.qmm(x, packed, 8, 5, out=out),
+        "positive column": lambda: ops.qmm(x, packed, 0, 4, out=out),
+        "out has shape": lambda: ops.qmm(x, packed, 8, 4, out=out[:, :7]),
+        "path": lambda: ops.qmm(x, packed, 8, 4, path="fast", out=out),
+        "uint8": lambda: ops.qmm(x, packed.int(), 8, 4, out=out),
+        "contiguous last": lambda: ops.qmm(x, packed, 8, 4, out=torch.full((8, 2), 5.0).t()),
+    }
+    for match, call in bad_calls.items():
+        with pytest.raises(KvosError, match=match):
+            call()
+    assert bool((out == 5.0).all())
+    # the same refusals without out= (the call the layers make, which has a cheaper check)
+    for match, call in {"float32": lambda: ops.qmm(x.double(), packed, 8, 4),
+                        "dimensions": lambda: ops.qmm(x[0], packed, 8, 4),
+                        "packed has shape": lambda: ops.qmm(torch.randn(2, 96), packed, 8, 4),
+                        "expected": lambda: ops.qmm(x, packed, 9, 4),
+                        "bit": lambda: ops.qmm(x, packed, 8, 5),
+                        "positive column": lambda: ops.qmm(x, packed, -4, 4),
+                        "uint8": lambda: ops.qmm(x, packed.view(torch.int8), 8, 4),
+                        "contiguous": lambda: ops.qmm(x, torch.cat([packed, packed], dim=2)[:, :, :160], 8, 4),
+                        "torch.Tensor": lambda: ops.qmm(x.numpy(), packed, 8, 4)}.items():
+        with pytest.raises(KvosError, match=match):
+            call()
+    with pytest.raises(KvosError, match="0..15"):
+        Q.qmm_pack(codes + 1, d, m, 4)
+    with pytest.raises(KvosError, match="multiple of 32"):
+        Q.qmm_pack(codes[:, :48], d, m, 4)
+    with pytest.raises(KvosError, match="shape"):
+        Q.qmm_pack(codes, d[:, :1], m, 4)
+    with pytest.raises(KvosError, match="finite"):
+        Q.qmm_pack(codes, d * 1e6, m, 4)
+    with pytest.raises(KvosError, match="integer"):
+        Q.qmm_pack(codes.float(), d, m, 4)
