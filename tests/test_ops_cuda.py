@@ -305,6 +305,8 @@ def test_cuda_decode_v2_and_fused_ops_match_twins(dtype):
         assert relative_error(got_cache[batch.ours], want_cache[batch.ours]) < TOLERANCE[dtype]
 
 
+@pytest.mark.cuda
+@gpu
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cuda_qmm_matches_twin(bits):
     gen = torch.Generator().manual_seed(fresh_seed())
