@@ -2,10 +2,11 @@
 
 The twin quantizes x exactly as the kernel does (per 32-block d = amax / 127, codes rounded half to
 even), so both multiply the same integers; what is left is the kernel's float32 arithmetic. Every
-term d_w u x_q d_x (and m_w d_x sum(x_q)) passes through at most K/32 + 16 float32 roundings (its
-scale products, the running sum over pairs of blocks, the final 16-lane reduction), each at most
-2^-24 relative. So |y - twin| <= (K/32 + 16) 2^-23 B, where B = (|d_w u| + |m_w|) @ |x_dequantized|
-bounds the sum of the terms' magnitudes (twice the worst case, no fudge). A code off by one would
+term d_w u x_q d_x (and m_w d_x sum(x_q)) passes through at most 2 K/32 + 2 float32 roundings (the
+integer dot is exact; its product with d_x, the FMA with d_w, then two FMAs into the running sum per
+later block), each at most 2^-24 relative. So |y - twin| <= (K/32 + 16) 2^-23 B = (2 K/32 + 32) 2^-24 B,
+where B = (|d_w u| + |m_w|) @ |x_dequantized| bounds the sum of the terms' magnitudes (the worst case
+and 30 roundings more, no fudge). A code off by one would
 cost about d_x d_w, far outside it for these shapes.
 """
 import pytest
@@ -77,16 +78,17 @@ def test_portable_and_vnni_paths_agree(bits):
     assert bool(((a - b).abs() <= 2 * bound(x, codes, d, m)).all())
 
 
-def test_thread_counts_agree():
+@pytest.mark.parametrize("bits,rows", [(4, 6), (4, 45), (8, 64)])
+def test_thread_counts_agree(bits, rows):
     g = torch.Generator().manual_seed(3)
-    codes, d, m = weights(301, 1536, 4, g)
-    packed = Q.qmm_pack(codes, d, m, 4)
-    x = torch.randn(6, 1536, generator=g)
+    codes, d, m = weights(301, 1536, bits, g)
+    packed = Q.qmm_pack(codes, d, m, bits)
+    x = torch.randn(rows, 1536, generator=g)
     before, outs = cpu.num_threads(), []
     try:
         for threads in (1, 2, 3):
             ops.set_num_threads(threads)
-            outs.append(ops.qmm(x, packed, 301, 4))
+            outs.append(ops.qmm(x, packed, 301, bits))
     finally:
         ops.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]), "results depend on the thread count"
@@ -113,7 +115,7 @@ def test_bad_arguments_are_refused_and_write_nothing():
         "float32": lambda: ops.qmm(x.double(), packed, 8, 4, out=out),
         "dimensions": lambda: ops.qmm(x[0], packed, 8, 4, out=out),
         "packed has shape": lambda: ops.qmm(torch.randn(2, 96), packed, 8, 4, out=out),
-        "expected": lambda: ops.qmm(x, packed, 9, 4, out=out),
+        "expected": lambda: ops.qmm(x, packed, 17, 4, out=out),
         "bit": lambda: ops.qmm(x, packed, 8, 5, out=out),
         "positive column": lambda: ops.qmm(x, packed, 0, 4, out=out),
         "out has shape": lambda: ops.qmm(x, packed, 8, 4, out=out[:, :7]),
@@ -126,14 +128,15 @@ def test_bad_arguments_are_refused_and_write_nothing():
             call()
     assert bool((out == 5.0).all())
     # the same refusals without out= (the call the layers make, which has a cheaper check)
+    rb = packed.shape[2]
     for match, call in {"float32": lambda: ops.qmm(x.double(), packed, 8, 4),
                         "dimensions": lambda: ops.qmm(x[0], packed, 8, 4),
                         "packed has shape": lambda: ops.qmm(torch.randn(2, 96), packed, 8, 4),
-                        "expected": lambda: ops.qmm(x, packed, 9, 4),
+                        "expected": lambda: ops.qmm(x, packed, 17, 4),
                         "bit": lambda: ops.qmm(x, packed, 8, 5),
                         "positive column": lambda: ops.qmm(x, packed, -4, 4),
                         "uint8": lambda: ops.qmm(x, packed.view(torch.int8), 8, 4),
-                        "contiguous": lambda: ops.qmm(x, torch.cat([packed, packed], dim=2)[:, :, :160], 8, 4),
+                        "contiguous": lambda: ops.qmm(x, torch.cat([packed, packed], dim=2)[:, :, :rb], 8, 4),
                         "torch.Tensor": lambda: ops.qmm(x.numpy(), packed, 8, 4)}.items():
         with pytest.raises(KvosError, match=match):
             call()
@@ -147,3 +150,27 @@ def test_bad_arguments_are_refused_and_write_nothing():
         Q.qmm_pack(codes, d * 1e6, m, 4)
     with pytest.raises(KvosError, match="integer"):
         Q.qmm_pack(codes.float(), d, m, 4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_layout_is_the_documented_one(bits):
+    """Record (tile, block): vector j byte 4c + i holds column c's element 4j + i (4-bit: j < 4 in
+    the low nibble of vector j, j >= 4 in the high nibble of vector j - 4), then 16 fp16 d, 16 fp16 m."""
+    n, k = 20, 64
+    codes = (torch.arange(n * k).view(n, k) * 7 + 3) % (1 << bits)
+    d = torch.arange(n * 2, dtype=torch.float32).view(n, 2) / 64 + 1
+    m = -d / 2
+    p = Q.qmm_pack(codes, d, m, bits)
+    for col, e, blk in ((0, 0, 0), (5, 13, 1), (17, 31, 0), (19, 18, 1)):
+        t, c, j, i = col // 16, col % 16, (e % 32) // 4, e % 4
+        rec = p[t, blk]
+        if bits == 8:
+            got = int(rec[j * 64 + 4 * c + i])
+        else:
+            byte = int(rec[(j % 4) * 64 + 4 * c + i])
+            got = byte & 15 if j < 4 else byte >> 4
+        assert got == int(codes[col, blk * 32 + e])
+        cb = Q.code_bytes(bits)
+        scales = rec[cb:].view(torch.float16).float()
+        assert scales[c] == d[col, blk] and scales[16 + c] == m[col, blk]
+    assert bool((p[1, :, Q.code_bytes(bits) + 2 * 4:Q.code_bytes(bits) + 32] == 0).all()), "padding columns hold zeros"

@@ -1,77 +1,73 @@
 /* qmm on CUDA: y = x @ W^T with W in kernel/ops/qblocks.py's packed 4/8-bit blocks, the twin
  * of csrc/cpu/qmm.c. Two launches: kvos_qmm_quantize (one warp per row: each 32-block of x to
  * int8 with d = amax / 127, rounded half to even, and d * sum of its codes), then
- * kvos_qmm_blocks (one warp per tile of 4 output columns: lanes take pairs of blocks in turn,
- * integer dot products per block, a warp sum at the end, for every row). Simple, not tuned. */
+ * kvos_qmm_blocks (one warp per tile of 16 output columns: lane c and lane 16 + c share column
+ * c, taking even and odd blocks, integer dot products per block, summed at the end, for every
+ * row). Simple, not tuned. */
 #include "kvos_cuda.cuh"
 
-#define QMM_NR 4
-#define QMM_PAIR 64
+#define QMM_NR 16
+#define QMM_BLOCK 32
 
-__device__ inline float qmm_warp_sum(float v)
-{
-    for (int o = 16; o; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-/* x (m, k) float32, row stride x_stride -> xq int8 (m, npairs * 64), xd and xs float (m, npairs * 2);
- * a missing last block of a pair is zeros. Grid (m), block 32. */
-extern "C" __global__ void kvos_qmm_quantize(const float *x, int64_t x_stride, int64_t k, int64_t npairs,
+/* x (m, k) float32, row stride x_stride -> xq int8 (m, kb * 32), xd and xs float (m, kb).
+ * Grid (m), block 32. */
+extern "C" __global__ void kvos_qmm_quantize(const float *x, int64_t x_stride, int64_t k, int64_t kb,
                                              signed char *xq, float *xd, float *xs)
 {
     const int64_t r = blockIdx.x;
     const int lane = threadIdx.x;
-    for (int64_t b = 0; b < 2 * npairs; b++) {
-        const float v = b * 32 < k ? x[r * x_stride + b * 32 + lane] : 0.0f;
+    for (int64_t b = 0; b < kb; b++) {
+        const float v = x[r * x_stride + b * QMM_BLOCK + lane];
         float amax = fabsf(v);
         for (int o = 16; o; o >>= 1)
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
         const float d = amax / 127.0f;
         float q = d > 0.0f ? rintf(v / d) : 0.0f;
         q = fminf(fmaxf(q, -127.0f), 127.0f);
-        xq[r * npairs * QMM_PAIR + b * 32 + lane] = (signed char)q;
-        const float sum = qmm_warp_sum(q);   /* integers below 2^13: exact in float */
+        xq[(r * kb + b) * QMM_BLOCK + lane] = (signed char)q;
+        float sum = q;   /* integers below 2^13: exact in float */
+        for (int o = 16; o; o >>= 1)
+            sum += __shfl_xor_sync(0xffffffffu, sum, o);
         if (lane == 0) {
-            xd[r * npairs * 2 + b] = d;
-            xs[r * npairs * 2 + b] = d * sum;
+            xd[r * kb + b] = d;
+            xs[r * kb + b] = d * sum;
         }
     }
 }
 
+/* Code of column c, element e (0..31) of a record: vector j = e / 4, byte 4c + e % 4 (4-bit:
+ * vectors j and j + 4 share a byte, low and high nibble). */
+__device__ inline int qmm_code(const unsigned char *rec, int bits, int c, int e)
+{
+    const int j = e >> 2, i = e & 3;
+    if (bits == 8)
+        return rec[j * 64 + 4 * c + i];
+    const int byte = rec[(j & 3) * 64 + 4 * c + i];
+    return j < 4 ? byte & 15 : byte >> 4;
+}
+
 /* y (m, n) float32, row stride y_stride. Grid (tiles), block 32. */
 extern "C" __global__ void kvos_qmm_blocks(float *y, int64_t y_stride, const signed char *xq, const float *xd,
-                                           const float *xs, int64_t m, int64_t npairs,
+                                           const float *xs, int64_t m, int64_t kb,
                                            const unsigned char *w, int64_t n, int32_t bits)
 {
     const int64_t t = blockIdx.x;
-    const int lane = threadIdx.x;
-    const int64_t cb = bits == 4 ? QMM_PAIR / 2 : QMM_PAIR, rb = QMM_NR * (cb + 8);
-    const unsigned char *tile = w + t * npairs * rb;
+    const int lane = threadIdx.x, c = lane & (QMM_NR - 1);
+    const int64_t cb = bits == 4 ? 256 : 512, rb = cb + 4 * QMM_NR;
+    const unsigned char *tile = w + t * kb * rb;
     for (int64_t r = 0; r < m; r++) {
-        float acc[QMM_NR] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int64_t p = lane; p < npairs; p += 32) {
-            const unsigned char *rec = tile + p * rb;
-            const signed char *xp = xq + (r * npairs + p) * QMM_PAIR;
-            for (int c = 0; c < QMM_NR; c++) {
-                const unsigned char *codes = rec + c * cb;
-                const kvos_half *s = (const kvos_half *)(rec + QMM_NR * cb) + 4 * c;   /* d0 d1 m0 m1 */
-                for (int h = 0; h < 2; h++) {
-                    int dot = 0;
-                    for (int i = 0; i < 32; i++) {
-                        const int j = h * 32 + i;
-                        const int u = bits == 4 ? (h == 0 ? codes[i] & 15 : codes[i] >> 4) : codes[j];
-                        dot += u * (int)xp[j];
-                    }
-                    const int64_t b = (r * npairs + p) * 2 + h;
-                    acc[c] += (float)dot * kvos_to_float(s[h]) * xd[b] + kvos_to_float(s[2 + h]) * xs[b];
-                }
-            }
+        float acc = 0.0f;
+        for (int64_t b = lane / QMM_NR; b < kb; b += 2) {
+            const unsigned char *rec = tile + b * rb;
+            const signed char *q = xq + (r * kb + b) * QMM_BLOCK;
+            const kvos_half *s = (const kvos_half *)(rec + cb);   /* 16 d, then 16 m */
+            int dot = 0;
+            for (int e = 0; e < QMM_BLOCK; e++)
+                dot += qmm_code(rec, bits, c, e) * (int)q[e];
+            acc += (float)dot * xd[r * kb + b] * kvos_to_float(s[c]) + kvos_to_float(s[QMM_NR + c]) * xs[r * kb + b];
         }
-        for (int c = 0; c < QMM_NR; c++) {
-            const float v = qmm_warp_sum(acc[c]);
-            if (lane == 0 && t * QMM_NR + c < n)
-                y[r * y_stride + t * QMM_NR + c] = v;
-        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, QMM_NR);
+        if (lane < QMM_NR && t * QMM_NR + c < n)
+            y[r * y_stride + t * QMM_NR + c] = acc;
     }
 }

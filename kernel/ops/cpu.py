@@ -124,9 +124,19 @@ def qmm_has_vnni() -> bool:
     return bool(_load().lib.kvos_qmm_has_vnni())
 
 
+_qmm_layout_checked = False
+
+
 def qmm(x, packed, n, bits, path, out):
     """out = x @ W^T on packed 4/8-bit blocks (arguments checked by kernel/ops/qblocks.py)."""
+    global _qmm_layout_checked
     lib = _load().lib
+    if not _qmm_layout_checked:       # a stale build would misread the packing: once per process
+        from kernel.ops.qblocks import packed_shape
+        if lib.kvos_qmm_record_bytes(4) != packed_shape(1, 32, 4)[2]:
+            raise AssertionError(f"qmm.c reads {lib.kvos_qmm_record_bytes(4)}-byte records, qblocks.py packs "
+                                 f"{packed_shape(1, 32, 4)[2]}")
+        _qmm_layout_checked = True
     rc = lib.kvos_qmm(_ptr(out), out.stride(0), _ptr(x), x.stride(0), x.shape[0], x.shape[1],
                       _ptr(packed), n, bits, path)
     if rc:      # the only failure: its scratch for the quantized activations

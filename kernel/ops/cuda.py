@@ -209,12 +209,12 @@ def copy_frames(src_pool, dst_pool, src, dst, check, src_name="src", dst_name="d
 def qmm(x, packed, n, bits, out):
     """out = x @ W^T on packed 4/8-bit blocks (csrc/cuda/qmm.cu; arguments checked by kernel/ops/qblocks.py)."""
     m, k = x.shape
-    npairs = packed.shape[1]
-    xq = torch.empty(m, npairs * 64, dtype=torch.int8, device=x.device)
-    xd, xs = (torch.empty(m, npairs * 2, dtype=torch.float32, device=x.device) for _ in range(2))
+    kb = packed.shape[1]
+    xq = torch.empty(m, kb * 32, dtype=torch.int8, device=x.device)
+    xd, xs = (torch.empty(m, kb, dtype=torch.float32, device=x.device) for _ in range(2))
     kernels.launch("qmm.cu", "kvos_qmm_quantize", x.device, (m,), (32,),
-                   (_ptr(x), *_i64(x.stride(0), k, npairs), _ptr(xq), _ptr(xd), _ptr(xs)))
+                   (_ptr(x), *_i64(x.stride(0), k, kb), _ptr(xq), _ptr(xd), _ptr(xs)))
     kernels.launch("qmm.cu", "kvos_qmm_blocks", x.device, (packed.shape[0],), (32,),
-                   (_ptr(out), *_i64(out.stride(0)), _ptr(xq), _ptr(xd), _ptr(xs), *_i64(m, npairs),
+                   (_ptr(out), *_i64(out.stride(0)), _ptr(xq), _ptr(xd), _ptr(xs), *_i64(m, kb),
                     _ptr(packed), np.int64(n), np.int32(bits)))
     return out

@@ -3,7 +3,8 @@
 W (n, k) is held as codes u (0..15 or 0..255) with, per block of 32 along k, an fp16 scale d and
 offset m: W[n, j] = d * u + m. That holds Q4_0 (m = -8d), Q4_1 (d, m) and Q8_0 (u = q + 128,
 m = -128d) exactly, and Q4_K's sub-blocks with d*sc and -dmin*m rounded to fp16. qmm_pack makes
-the layout the C kernel streams (csrc/cpu/qmm.c) once, at load; qmm_unpack reads it back.
+the layout the C kernel streams (csrc/cpu/qmm.c: tiles of 16 columns, a record per tile and block whose
+64-byte vectors hold 16 columns x 4 consecutive k) once, at load; qmm_unpack reads it back.
 x is float32; the kernel quantizes it per row and block to int8 (d = amax / 127, round to nearest
 even) and returns float32: reference.qmm is the twin and says exactly what is computed.
 `path` picks the CPU code: "auto" (VNNI where the CPU has it), "vnni" or "portable".
@@ -12,19 +13,20 @@ import torch
 
 from kernel.ops import validate as val
 
-NR = 4          # columns per tile (csrc/cpu/qmm.c QMM_NR)
-PAIR = 64       # elements per record: two blocks
+NR = 16         # columns per tile (csrc/cpu/qmm.c QMM_NR): one vector of 16 int32 / float lanes
+BLOCK = 32      # elements per block along k: one record per tile and block
 BITS = (4, 8)
 PATHS = {"auto": 0, "portable": 1, "vnni": 2}
 
 
 def code_bytes(bits: int) -> int:
-    return PAIR // 2 if bits == 4 else PAIR
+    """Bytes of one record's codes: 16 columns x 32 elements at 4 or 8 bits."""
+    return 256 if bits == 4 else 512
 
 
 def packed_shape(n: int, k: int, bits: int) -> tuple:
-    """(tiles of NR columns, pairs of blocks, bytes of one record: NR columns' codes then NR x 4 fp16)."""
-    return (-(-n // NR), -(-k // PAIR), NR * (code_bytes(bits) + 8))
+    """(tiles of NR columns, blocks of 32, bytes of one record: the codes, then NR fp16 d, then NR fp16 m)."""
+    return (-(-n // NR), -(-k // BLOCK), code_bytes(bits) + 4 * NR)
 
 
 def _check_bits_k(bits, k):
@@ -51,33 +53,31 @@ def qmm_pack(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -
         lo, hi = torch.aminmax(codes)
         if int(lo) < 0 or int(hi) >= 1 << bits:
             val.fail(f"{bits}-bit codes must lie in 0..{(1 << bits) - 1}, not {int(lo)}..{int(hi)}")
-    tiles, pairs, rb = packed_shape(n, k, bits)
-    u = torch.zeros(tiles * NR, pairs * PAIR, dtype=torch.uint8)
-    u[:n, :k] = codes.to(torch.uint8)
-    u = u.view(tiles * NR, pairs, 2, 32)
-    # 4-bit: byte j of a pair holds element j in its low nibble and element 32 + j in its high one
-    c = (u[:, :, 0] | (u[:, :, 1] << 4)) if bits == 4 else u.reshape(tiles * NR, pairs, PAIR)
-    s = torch.zeros(tiles * NR, pairs * 2, 2, dtype=torch.float16)
-    s[:n, :k // 32, 0], s[:n, :k // 32, 1] = d.half(), m.half()
-    s = s.view(tiles * NR, pairs, 2, 2).transpose(2, 3).reshape(tiles * NR, pairs, 4).view(torch.uint8)
-    per_tile = lambda t: t.view(tiles, NR, pairs, -1).transpose(1, 2).reshape(tiles, pairs, -1)  # noqa: E731
-    return torch.cat([per_tile(c), per_tile(s)], dim=2).contiguous()
+    tiles, blocks, _ = packed_shape(n, k, bits)
+    u = torch.zeros(tiles * NR, k, dtype=torch.uint8)
+    u[:n] = codes.to(torch.uint8)
+    # record vector j, byte 4c + i = column c's element 4j + i (tile, block, j, column, i)
+    u = u.view(tiles, NR, blocks, 8, 4).permute(0, 2, 3, 1, 4)
+    # 4-bit: vector j's codes in the low nibbles, vector j + 4's in the high ones
+    c = (u[:, :, :4] | (u[:, :, 4:] << 4)) if bits == 4 else u
+    s = torch.zeros(tiles * NR, blocks, 2, dtype=torch.float16)
+    s[:n, :, 0], s[:n, :, 1] = d.half(), m.half()
+    s = s.view(tiles, NR, blocks, 2).permute(0, 2, 3, 1).contiguous().view(torch.uint8)
+    return torch.cat([c.reshape(tiles, blocks, -1), s.reshape(tiles, blocks, -1)], dim=2).contiguous()
 
 
 def qmm_unpack(packed: torch.Tensor, n: int, k: int, bits: int) -> tuple:
     """The (codes int32 (n, k), d float32 (n, k/32), m float32 (n, k/32)) that qmm_pack packed."""
     _check_packed(packed, n, k, bits)
-    tiles, pairs, _ = packed.shape
+    tiles, blocks, _ = packed.shape
     cb = code_bytes(bits)
-    cols = lambda t: t.reshape(tiles, pairs, NR, -1).transpose(1, 2).reshape(tiles * NR, pairs, -1)  # noqa: E731
-    c = cols(packed[:, :, :NR * cb])
+    c = packed[:, :, :cb].reshape(tiles, blocks, -1, NR, 4)
     if bits == 4:
-        c = torch.stack([c & 15, c >> 4], dim=2)
-    codes = c.reshape(tiles * NR, pairs * PAIR)[:n, :k].to(torch.int32)
-    s = cols(packed[:, :, NR * cb:].contiguous().view(torch.float16)).float()   # (cols, pairs, 4): d0 d1 m0 m1
-    d = s[..., :2].reshape(tiles * NR, -1)[:n, :k // 32].contiguous()
-    m = s[..., 2:].reshape(tiles * NR, -1)[:n, :k // 32].contiguous()
-    return codes, d, m
+        c = torch.cat([c & 15, c >> 4], dim=2)
+    codes = c.permute(0, 3, 1, 2, 4).reshape(tiles * NR, k)[:n].to(torch.int32)
+    s = packed[:, :, cb:].contiguous().view(torch.float16).view(tiles, blocks, 2, NR).permute(0, 3, 1, 2).float()
+    s = s.reshape(tiles * NR, blocks, 2)[:n]
+    return codes, s[..., 0].contiguous(), s[..., 1].contiguous()
 
 
 def _check_packed(packed, n, k, bits):
@@ -101,7 +101,7 @@ def _plain_call(x, packed, n, bits, path, out) -> bool:
             and x.device.type == "cpu" and packed.device.type == "cpu" and x.stride(1) == 1
             and (bits == 4 or bits == 8) and type(n) is int and n > 0
             and (k := x.shape[1]) > 0 and k % 32 == 0
-            and packed.shape == (-(-n // NR), -(-k // PAIR), NR * (code_bytes(bits) + 8))
+            and packed.shape == (-(-n // NR), k // BLOCK, code_bytes(bits) + 4 * NR)
             and packed.is_contiguous())
 
 

@@ -18,7 +18,7 @@ from userspace.programs.config import LlamaConfig
 from userspace.programs.converted import read_program, write_program
 from userspace.programs.tokenizer import TextTokenizer
 
-FORMAT = 2       # 2: BlockLinear (ops.qmm's packed blocks beside the int4 op's form)
+FORMAT = 3       # 2: BlockLinear (ops.qmm's packed blocks beside the int4 op's form); 3: qmm tiles of 16 columns
 
 
 def quantized_dir(digest: str) -> Path:
