@@ -8,8 +8,8 @@ own blocks in a form a GEMM of kernel/ops streams (kernel/ops/qblocks.py, kernel
 - BlockLinear: Q4_0 / Q4_1 / Q4_K / Q8_0 blocks as 4- or 8-bit codes with per-32 fp16 d and m
   (w = d*u + m) for ops.qmm, which quantizes x to int8 per block (csrc/cpu/qmm.c). It may carry
   `wide`, the same blocks in the int4 op's form, run past QMM_MAX_ROWS rows; programs load
-  without it (qmm is 1.24-1.4x faster at 1 row, the int4 op 2-7% faster at 8 and 64, at twice the
-  memory: docs/performance.md, 8b); the bench and tests add it with with_int4_op() to compare.
+  without it (qmm is faster at every row count since its 16-column tiles, 1.5-1.9x at 1-64 rows:
+  docs/performance.md, 8b and 8c); the bench and tests add it with with_int4_op() to compare.
 
 The int4 op's forms, used by BlockLinear past QMM_MAX_ROWS rows (and alone in caches of format 1):
 - Int4Linear: Q4_0 / Q4_1 blocks as codes + per-32 scale and zero (lossless for the codes; the
