@@ -163,8 +163,10 @@ qmm_vnni_rows(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint
 }
 
 #define ROWS_CASES(BITS)                                                              \
-    for (int64_t r0 = 0; r0 < m; r0 += QMM_MR) {                                      \
-        switch (m - r0 < QMM_MR ? (int)(m - r0) : QMM_MR) {                           \
+    const int64_t nblocks = (m + QMM_MR - 1) / QMM_MR;                                \
+    for (int64_t i = 0, r0 = 0, rows; i < nblocks; i++, r0 += rows) {                \
+        rows = (m - r0 + (nblocks - i) - 1) / (nblocks - i);                          \
+        switch ((int)rows) {                                                          \
         case 1: qmm_vnni_rows(y, y_stride, a, r0, tile, cols, 1, BITS); break;        \
         case 2: qmm_vnni_rows(y, y_stride, a, r0, tile, cols, 2, BITS); break;        \
         case 3: qmm_vnni_rows(y, y_stride, a, r0, tile, cols, 3, BITS); break;        \
@@ -176,8 +178,9 @@ qmm_vnni_rows(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint
         }                                                                             \
     }
 
-/* All m rows against one tile, in row blocks of QMM_MR: the first streams the tile from
- * memory, the rest find it in L1/L2 (a tile of K = 1536 is 15 KB at 4 bits). */
+/* All m rows against one tile, in as few row blocks as QMM_MR allows, of near-equal size (12
+ * rows run as 6 + 6, not 8 + 4: a small block pays the weights' unpacking for few rows). The
+ * first block streams the tile from memory, the rest find it in L1/L2 (15 KB at K = 1536). */
 static QMM_TARGET void qmm_vnni_tile4(float *y, int64_t y_stride, const qrows *a, int64_t m, const uint8_t *tile,
                                       int cols)
 {
