@@ -174,3 +174,24 @@ def test_packed_layout_is_the_documented_one(bits):
         scales = rec[cb:].view(torch.float16).float()
         assert scales[c] == d[col, blk] and scales[16 + c] == m[col, blk]
     assert bool((p[1, :, Q.code_bytes(bits) + 2 * 4:Q.code_bytes(bits) + 32] == 0).all()), "padding columns hold zeros"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_activation_codes_are_the_twins_bit_for_bit(path):
+    """Identity weights (8-bit, d = 1, m = 0) make y[r, c] = q[r, c] * d_x exactly, in the kernel
+    (one rounding of an exact product) and in the twin: so each path's activation quantizer must
+    give the twin's codes and scales bit for bit, ties (x / d = +-n.5, rounded to even) included."""
+    g = torch.Generator().manual_seed(11)
+    k = 64
+    codes = torch.zeros(32, k, dtype=torch.int64)
+    codes[:, :32] = torch.eye(32, dtype=torch.int64)    # column c reads element c of the first block
+    d, m = torch.ones(32, 2), torch.zeros(32, 2)
+    x = torch.randn(13, k, generator=g) * 3
+    x[0, :32] = torch.arange(32) - 15.5                  # amax 15.5: d = 15.5 / 127, ties after division are rare
+    x[1, :32] = torch.tensor([127.0] + [n + 0.5 for n in range(-15, 16)])   # d = 1: every x / d a tie
+    x[2, :32] = 0.0                                      # d = 0: codes 0
+    x[3, :32] = 1e-30                                    # subnormal scale
+    packed = Q.qmm_pack(codes, d, m, 8)
+    y = ops.qmm(x, packed, 32, 8, path=path)
+    want = reference.qmm(x, codes, d, m)
+    assert torch.equal(y, want), f"{int((y != want).sum())} outputs differ"
