@@ -8,7 +8,7 @@ own blocks in a form a GEMM of kernel/ops streams (kernel/ops/qblocks.py, kernel
 - BlockLinear: Q4_0 / Q4_1 / Q4_K / Q8_0 blocks as 4- or 8-bit codes with per-32 fp16 d and m
   (w = d*u + m) for ops.qmm, which quantizes x to int8 per block (csrc/cpu/qmm.c). It may carry
   `wide`, the same blocks in the int4 op's form, run past QMM_MAX_ROWS rows; programs load
-  without it (qmm is faster at every row count since its 16-column tiles, 1.5-1.9x at 1-64 rows:
+  without it (qmm is faster at every row count since its 16-column tiles, 2x at 1 row, 3x at 8-64:
   docs/performance.md, 8b and 8c); the bench and tests add it with with_int4_op() to compare.
 
 The int4 op's forms, used by BlockLinear past QMM_MAX_ROWS rows (and alone in caches of format 1):
