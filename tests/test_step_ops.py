@@ -52,11 +52,12 @@ def test_bad_per_layer_tensors_are_refused_before_writing(program):
     step = _step(program, runner)
     x = torch.randn(2, c.hidden_size)
     pool = runner.device.pool.clone()
-    x_before = x.clone()
     qkv_width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    for call, bad in ((lambda t: step.add_rms_norm(x, t, 0), torch.randn(2, c.hidden_size + 1)),
-                      (lambda t: step.add_rms_norm(x, t, 0), torch.randn(2, c.hidden_size, dtype=torch.float64)),
-                      (lambda t: step.add_rms_norm(x, t, 0), torch.randn(2, 2 * c.hidden_size)[:, ::2]),
+    step.rms_norm(x, 0)
+    x_before = x.clone()
+    for call, bad in ((lambda t: step.add_rms_norm(t, 0), torch.randn(2, c.hidden_size + 1)),
+                      (lambda t: step.add_rms_norm(t, 0), torch.randn(2, c.hidden_size, dtype=torch.float64)),
+                      (lambda t: step.add_rms_norm(t, 0), torch.randn(2, 2 * c.hidden_size)[:, ::2]),
                       (lambda t: step.rope_write_kv(0, t), torch.randn(3, qkv_width)),
                       (lambda t: step.rope_write_kv(0, t), torch.randn(2, qkv_width).bfloat16()),
                       (lambda t: step.silu_mul(t), torch.randn(2, c.intermediate_size)),
@@ -73,6 +74,8 @@ def test_bad_indices_and_weights_are_refused(program):
     step = _step(program, runner)
     qkv = torch.randn(2, (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim)
     before = (qkv.clone(), runner.device.pool.clone())
+    with pytest.raises(KvosError, match="rope_write_kv"):
+        step.attention(0)                                   # no q yet
     step.positions[1] = program.rope.cos.shape[0]          # past the RoPE tables
     with pytest.raises(KvosError, match="positions"):
         step.rope_write_kv(0, qkv)
@@ -80,6 +83,13 @@ def test_bad_indices_and_weights_are_refused(program):
     with pytest.raises(KvosError, match="slot_mapping"):
         step.rope_write_kv(0, qkv)
     assert torch.equal(qkv, before[0]) and torch.equal(runner.device.pool, before[1])
+    step.slots[0] = 0
+    step.rope_write_kv(0, qkv)
+    step.page_table[0, 0] = 99                              # not a frame of the pool
+    attn_before = step.attn.clone()
+    with pytest.raises(KvosError, match="page_table"):
+        step.attention(0)
+    assert torch.equal(step.attn, attn_before)
     for bad in ([torch.randn(c.hidden_size + 1)], [torch.randn(c.hidden_size).double()],
                 [torch.randn(2 * c.hidden_size)[::2]]):
         with pytest.raises(KvosError):

@@ -22,7 +22,7 @@ _CPU = torch.device("cpu")
 
 class NormWeights:
     """RMSNorm weights (float32, contiguous, (hidden,) each) checked once and held for a program's life."""
-    __slots__ = ("tensors", "hidden")
+    __slots__ = ("tensors", "hidden", "pointers")
 
     def __init__(self, tensors, hidden: int):
         for i, w in enumerate(tensors):
@@ -30,6 +30,8 @@ class NormWeights:
             if w.shape[0] != hidden or not w.is_contiguous():
                 val.fail(f"norm weight {i} must be contiguous ({hidden},), has shape {tuple(w.shape)}")
         self.tensors, self.hidden = tuple(tensors), hidden
+        cpu._load()
+        self.pointers = tuple(cpu._ptr(w) for w in self.tensors)     # the C calls' arguments, made once
 
 
 def _fresh(name, t, shape):
@@ -38,6 +40,11 @@ def _fresh(name, t, shape):
             and t.shape == shape and t.stride(-1) == 1):
         val.tensor(name, t, ndim=len(shape), dtypes=(torch.float32,), device=_CPU)
         val.fail(f"{name} must be float32 {tuple(shape)} with dense rows, is {tuple(t.shape)} {t.stride()}")
+
+
+def _float_ptr(t):
+    """A float * to t's data: offsets into it (q, k, v of one qkv row block) are cffi pointer arithmetic."""
+    return cpu._ext.ffi.cast("float *", t.data_ptr())
 
 
 class CpuStep:
@@ -84,37 +91,74 @@ class CpuStep:
         self.query_start = val.index("query_start", query_start, length=num_seqs + 1, device=_CPU)
         self.act = torch.empty(num_tokens, inter)
         self.gate_up_shape = torch.Size((num_tokens, 2 * inter))
+        # Every pointer and stride fixed for the step, made once (a cffi cast costs ~0.5 us).
+        self.lib, ptr = cpu._load().lib, cpu._ptr
+        self.w = norms.pointers
+        self.p_h, self.p_act, self.p_attn = ptr(self.h), ptr(self.act), ptr(self.attn)
+        self.rope_args = (ptr(cos), cos.stride(0), ptr(sin), sin.stride(0), ptr(self.positions), cos.shape[0])
+        self.table_args = (ptr(self.page_table), self.page_table.stride(0), self.page_table.shape[1],
+                           ptr(self.query_start), ptr(self.context_lens), num_seqs, num_tokens, num_heads, kv_heads,
+                           head_dim, self.scale)
+        self.p_slots = ptr(self.slots)
+        self.bad = cpu._ext.ffi.new("int64_t[2]")
+        self.x = self.p_x = self.qkv = self.p_qkv = None
 
     def rms_norm(self, x, i):
-        """h = RMSNorm(x) * norm weight i (the first layer's input norm)."""
+        """h = RMSNorm(x) * norm weight i; x (tokens, hidden) becomes the residual stream add_rms_norm adds to."""
         _fresh("x", x, self.rows_shape)
-        return cpu.rms_norm(x, self.norms[i], self.eps, self.h)
+        if not x.is_contiguous():
+            val.fail("the residual stream x must be contiguous")
+        self.x, self.p_x = x, cpu._ptr(x)
+        self.lib.kvos_rms_norm(self.p_x, self.hidden, self.w[i], self.p_h, self.hidden, self.n, self.hidden, self.eps)
+        return self.h
 
-    def add_rms_norm(self, x, delta, i):
-        """x += delta; h = RMSNorm(x) * norm weight i. x is the residual stream rms_norm was given."""
+    def add_rms_norm(self, delta, i):
+        """x += delta; h = RMSNorm(x) * norm weight i, x being the residual stream rms_norm was given."""
         _fresh("delta", delta, self.rows_shape)
-        return cpu.add_rms_norm(x, delta, self.norms[i], self.eps, self.h)
+        self.lib.kvos_add_rms_norm(self.p_x, self.hidden, cpu._ptr(delta), delta.stride(0), self.w[i], self.p_h,
+                                   self.hidden, self.n, self.hidden, self.eps)
+        return self.h
 
     def rope_write_kv(self, layer, qkv):
-        """RoPE of q in qkv (in place) and k; k and v into layer's cache. Returns q (tokens, heads, head_dim)."""
+        """RoPE of the q heads of qkv (in place) and of its k heads; k and v into layer's cache. The
+        rotated q stays in qkv for attention()."""
         _fresh("qkv", qkv, self.qkv_shape)
-        n, d = self.n, self.d
-        q = qkv[:, :self.q_size].view(n, self.nq, d)
-        k = qkv[:, self.q_size:self.k_end].view(n, self.nkv, d)
-        v = qkv[:, self.k_end:].view(n, self.nkv, d)
         k_cache, v_cache = self.kv.layer(layer)
-        cpu.rope_write_kv(q, k, v, self.cos, self.sin, self.positions, k_cache, v_cache, self.slots,
-                          layer == 0)
-        return q
+        base, stride, d = _float_ptr(qkv), qkv.stride(0), self.d
+        self.qkv, self.p_qkv = qkv, base
+        rc = self.lib.kvos_rope_write_kv(
+            base, stride, d, self.nq, base + self.q_size, stride, d, base + self.k_end, stride, d, *self.rope_args,
+            cpu._ptr(k_cache), cpu._ptr(v_cache), self.cache_bf16, *self.geometry, self.p_slots, self.n,
+            self.nkv, d, int(layer == 0), self.bad)
+        if rc:      # nothing was written: the tensor call raises the same reason
+            self._rope_tensors(layer, qkv, True)
+            raise AssertionError(f"kvos_rope_write_kv returned {rc}, the tensor call found nothing")  # pragma: no cover
 
-    def attention(self, layer, q):
-        """Paged attention of q (rope_write_kv's view) over layer's cache -> (tokens, heads * head_dim)."""
+    def attention(self, layer):
+        """Paged attention of the q that rope_write_kv rotated over layer's cache -> (tokens, heads * head_dim)."""
+        if self.qkv is None:
+            val.fail("attention needs rope_write_kv's q first")
         k_cache, v_cache = self.kv.layer(layer)
-        cpu.paged_attention(q, k_cache, v_cache, self.page_table, self.query_start, self.context_lens,
-                            self.scale, self.attn, layer == 0)
+        rc = self.lib.kvos_paged_attention(
+            self.p_attn, self.q_size, self.d, self.p_qkv, self.qkv.stride(0), self.d, cpu._ptr(k_cache),
+            cpu._ptr(v_cache), self.cache_bf16, *self.geometry, *self.table_args, int(layer == 0), self.bad)
+        if rc:      # the pre-pass found a bad index before any write: the tensor call words it
+            q = self.qkv[:, :self.q_size].view(self.n, self.nq, self.d)
+            cpu.paged_attention(q, k_cache, v_cache, self.page_table, self.query_start, self.context_lens,
+                                self.scale, self.attn, True)
+            raise AssertionError(f"kvos_paged_attention: code {rc}, the tensor call found nothing")  # pragma: no cover
         return self.attn.view(self.n, self.q_size)
 
     def silu_mul(self, gate_up):
         """SiLU(gate) * up of the gate/up GEMM's output, into the step's (tokens, inter) buffer."""
         _fresh("gate_up", gate_up, self.gate_up_shape)
-        return cpu.silu_mul(gate_up, self.act)
+        self.lib.kvos_silu_mul(cpu._ptr(gate_up), gate_up.stride(0), self.p_act, self.act.shape[1], self.n,
+                               self.act.shape[1])
+        return self.act
+
+    def _rope_tensors(self, layer, qkv, check):
+        n, d = self.n, self.d
+        q = qkv[:, :self.q_size].view(n, self.nq, d)
+        k = qkv[:, self.q_size:self.k_end].view(n, self.nkv, d)
+        v = qkv[:, self.k_end:].view(n, self.nkv, d)
+        cpu.rope_write_kv(q, k, v, self.cos, self.sin, self.positions, *self.kv.layer(layer), self.slots, check)

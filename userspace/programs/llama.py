@@ -233,13 +233,13 @@ class LlamaProgram(Program):
             x = x.float().contiguous()
         h = step.rms_norm(x, 0)
         for index, layer in enumerate(self.layers):
-            q = step.rope_write_kv(index, mm(h, layer.qkv_t, layer.qkv_bias))   # q rotated in place, k, v cached
-            o = mm(step.attention(index, q), layer.o_t)
+            step.rope_write_kv(index, mm(h, layer.qkv_t, layer.qkv_bias))   # q rotated in place, k and v cached
+            o = mm(step.attention(index), layer.o_t)
             if layer.o_bias is not None:
                 o.add_(layer.o_bias)
-            h = step.add_rms_norm(x, o, 2 * index + 1)                 # x += o; h = norm(x)
+            h = step.add_rms_norm(o, 2 * index + 1)                    # x += o; h = norm(x)
             down = mm(step.silu_mul(mm(h, layer.gate_up_t)), layer.down_t)
-            h = step.add_rms_norm(x, down, 2 * index + 2)              # x += down; the next norm, or the final
+            h = step.add_rms_norm(down, 2 * index + 2)                 # x += down; the next norm, or the final
         # Only the rows that will be sampled go through the LM head (the final norm ran on every row).
         return qlinear.head(h.index_select(0, batch.sample_indices), self.lm_head, md)
 
