@@ -5,7 +5,8 @@ CPU (manual mode), runs decode steps at batch B (B requests of 128 prompt tokens
 and, in the same process and interleaved round by round (A B, B A, ...), times:
 
   step      this process's CPU time per decode step (and the kernel's step timer, wall),
-            for each forward variant (LlamaProgram.forward swapped between rounds; the tokens must agree)
+            for each forward variant (LlamaProgram.forward swapped between rounds; the tokens of variants with
+            the same rounding must agree)
   gemm      the step's matmuls alone on the program's own weights (30 x QKV, O, gate/up, down + LM head);
             with the mkl variant also on MKL's layout (the same values unpacked to (in, out) tensors)
   roofline  max(FLOPs / measured GEMM rate, bytes / measured read rate) for that step shape
@@ -15,7 +16,10 @@ instead of stalling barriers, and CPU time holds (the shared memory bus still do
 rounds; the variants alternate within one run and only same-run ratios mean anything. The variant
 `mkl` is the forward before kernel.ops.panel_mm (torch.mm / addmm_ / F.linear on unpacked copies of
 the weights); its tokens may differ in the last bits' ties, and the script counts how many do. --calls counts
-the Python-level calls of one decode step (cProfile).
+the Python-level calls and the aten ops of one decode step (cProfile, torch.profiler) of each variant.
+`base` is LlamaProgram.forward (on the CPU in float32: the fused C ops, kernel/ops/step_ops.py),
+`torch` the forward in torch ops (LlamaProgram.forward_torch). KVOS_WEIGHTS=gguf runs the GGUF's
+quantized program instead of the float32 one.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--variants", default="base,lean", help="comma-separated from: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default="base,torch", help="comma-separated from: " + ", ".join(VARIANTS))
     p.add_argument("--calls", action="store_true", help="count Python-level calls of one decode step")
     args = p.parse_args()
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KVOS_THREADS"):
@@ -61,7 +65,13 @@ def main() -> int:
           f"{rates['mkl_flops'] / 1e9:.0f}, panel_mm {rates['panel_flops'] / 1e9:.0f}), "
           f"read {rates['read'] / 1e9:.1f} GB/s (sum over 512 MiB); weights {program.cost.weight_bytes / 1e6:.0f} MB")
     if args.calls:
-        count_calls(root, tid, program)
+        for name, fn in variants.items():
+            LlamaProgram.forward = fn
+            try:
+                print(f"[{name}]", end=" ")
+                count_calls(root, tid, program)
+            finally:
+                LlamaProgram.forward = base
     for batch in [int(b) for b in args.batches.split(",")]:
         steps = {name: [] for name in variants}
         cpus = {name: [] for name in variants}
@@ -83,14 +93,14 @@ def main() -> int:
             if mkl is not None:
                 gemm_mkl.append(time_gemms(torch, program, batch, mkl[0], mkl[1]))
         for r in range(args.rounds):
-            outs = [tokens[(name, r)] for name in variants if name != "mkl"]
+            outs = [tokens[(name, r)] for name in variants if name not in OTHER_ROUNDING]
             if any(o != outs[0] for o in outs):
                 raise AssertionError(f"batch {batch}: the variants' tokens differ (round {r})")
-        if "mkl" in variants:   # another summation order: report how many greedy tokens it changes
+        for other in OTHER_ROUNDING & set(variants) - {order[0]}:   # report how many greedy tokens change
             ref = [tokens[(order[0], r)] for r in range(args.rounds)]
-            got = [tokens[("mkl", r)] for r in range(args.rounds)]
+            got = [tokens[(other, r)] for r in range(args.rounds)]
             pairs = [(a, b) for rr, gg in zip(ref, got) for ra, rb in zip(rr, gg) for a, b in zip(ra, rb)]
-            print(f"batch {batch:3d}: mkl's greedy tokens equal {order[0]}'s at "
+            print(f"batch {batch:3d}: {other}'s greedy tokens equal {order[0]}'s at "
                   f"{sum(a == b for a, b in pairs)} of {len(pairs)} positions")
         roof = roofline(program, batch, rates)
         g = statistics.median(gemm)
@@ -216,6 +226,21 @@ def count_calls(root, tid, program) -> None:
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])[:12]
     for (f, _, fn), (_, nc, tt, _, _) in rows:
         print(f"    {nc:6d} calls  {tt * 1e3:7.2f} ms own  {os.path.basename(f)}:{fn}")
+    # The aten ops of one decode step (torch.profiler's CPU events: every dispatched op, views included).
+    import torch
+    pid = root.spawn(tid, list(range(2000, 2000 + PROMPT)), max_tokens=3, temperature=0, ignore_eos=True)
+    since = root.schedstat().steps
+    root.trace(since=since, timeout=600)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        root.trace(since=since + 1, timeout=600)
+    root.wait(pid)
+    counts = {}
+    for e in prof.events():
+        if e.name.startswith("aten::"):
+            counts[e.name] = counts.get(e.name, 0) + 1
+    total = sum(counts.values())
+    print(f"    aten ops (nested included): {total}, {total / program.config.num_hidden_layers:.0f} per layer; "
+          + ", ".join(f"{k[6:]} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:10]))
 
 
 # -- forward variants ------------------------------------------------------------------------------------
@@ -291,7 +316,22 @@ def mkl_variant(base, program, layers, head, embed):
     return forward
 
 
-VARIANTS = {"base": lambda base: base, "lean": lean, "unchecked": lambda base: lean(base, unchecked=True),
+# Variants whose float rounding differs from base's (another summation order, C's exp2 and rsqrt):
+# their greedy tokens are counted against base's, not required equal.
+OTHER_ROUNDING = {"mkl", "torch", "lean", "unchecked"}
+
+
+def torch_ops(base):
+    """The forward before the fused C ops (LlamaProgram.forward_torch: F.rms_norm, RoPE in torch ops,
+    write_kv and attention through dispatch's per-layer checks, F.silu)."""
+    import torch
+
+    from userspace.programs.llama import LlamaProgram
+    return torch.inference_mode()(LlamaProgram.forward_torch)
+
+
+VARIANTS = {"base": lambda base: base, "torch": torch_ops, "lean": lean,
+            "unchecked": lambda base: lean(base, unchecked=True),
             "mkl": lambda base: base}     # replaced in main() by mkl_variant (it needs the program)
 
 if __name__ == "__main__":

@@ -90,14 +90,78 @@ def test_twins_compute_what_the_forward_computes():
     assert torch.allclose(reference.silu_mul(gu), F.silu(gu[:, :10]) * gu[:, 10:], atol=1e-6)
 
 
-def test_fused_ops_on_the_cpu_are_the_twins():
+@pytest.mark.parametrize("tokens", [1, 5, 300], ids=lambda t: f"{t}tok")   # 300: past the threads' threshold
+@pytest.mark.parametrize("hidden", [576, 40])
+def test_cpu_add_rms_norm_and_silu_match_twins(tokens, hidden):
+    """csrc/cpu/fused.c against the twins: the residual to the bit (one float add), the norm and
+    SiLU to float rounding (another summation order, a polynomial exp2); out may be the residual."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    gu = torch.randn(3, 20, generator=gen)
+    residual, delta = rows(gen, tokens, hidden, torch.float32), rows(gen, tokens, hidden, torch.float32)
+    weight = torch.randn(hidden, generator=gen)
+    want_res = residual.clone()
+    want = reference.add_rms_norm(want_res, delta, weight, 1e-5)
+    out = torch.full((tokens, hidden), float("nan"))
+    assert fused.add_rms_norm(residual, delta, weight, 1e-5, out) is out
+    assert torch.equal(residual, want_res)
+    assert relative_error(out, want) < 1e-6
+    again = want_res.clone()
+    fused.add_rms_norm(again, torch.zeros_like(delta), weight, 1e-5, out=again)    # in place
+    assert relative_error(again, reference.add_rms_norm(want_res.clone(), torch.zeros_like(delta), weight, 1e-5)) < 1e-6
+    gu = rows(gen, tokens, 2 * hidden, torch.float32) * 6
+    got = fused.silu_mul(gu)
+    assert relative_error(got, reference.silu_mul(gu)) < 1e-6
+    assert relative_error(got, F.silu(gu[:, :hidden]) * gu[:, hidden:]) < 1e-6
+
+
+def test_cpu_silu_saturates_without_nan():
+    gu = torch.tensor([[-1e4, -100.0, 0.0, 100.0, 1e4, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    got = fused.silu_mul(gu)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, F.silu(gu[:, :5]), atol=1e-6)
+
+
+def test_bf16_cpu_activations_run_the_twins():
+    gen = torch.Generator().manual_seed(fresh_seed())
+    gu = torch.randn(3, 20, generator=gen).bfloat16()
     assert torch.equal(fused.silu_mul(gu), reference.silu_mul(gu))
-    r, d, w = torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.randn(8, generator=gen)
+    r, d, w = (torch.randn(2, 8, generator=gen).bfloat16(), torch.randn(2, 8, generator=gen).bfloat16(),
+               torch.randn(8, generator=gen).bfloat16())
     r2 = r.clone()
     assert torch.equal(fused.add_rms_norm(r, d, w, 1e-5), reference.add_rms_norm(r2, d, w, 1e-5))
     assert torch.equal(r, r2)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [1, 6, 200], ids=lambda t: f"{t}tok")
+def test_cpu_rope_write_kv_matches_twin(cache_dtype, tokens):
+    """The C kernel against the twin: q rotated in place, k's rotation and v in their slots (a bf16
+    cache rounded as the twin rounds), k itself untouched, every other slot of the pool unchanged."""
+    heads, kv_heads, head_dim = 9, 3, 64
+    batch = make_batch([1], [4000], heads, kv_heads, head_dim, 16, cache_dtype=cache_dtype)
+    gen = torch.Generator().manual_seed(batch.seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+    config = types.SimpleNamespace(head_dim=head_dim, rope_theta=10000.0, rope_scaling={}, max_position_embeddings=512)
+    tables = RopeTables(config, torch.float32, torch.device("cpu"))
+    positions = torch.randint(0, 512, (tokens,), generator=gen, dtype=torch.int32)
+    slots = (batch.ours[:, None] * 16 + torch.arange(16)).flatten()
+    slots = slots[torch.randperm(len(slots), generator=gen)[:tokens]].to(torch.int32)
+    twin_pool, twin_q, k_before = batch.pool.clone(), q.clone(), k.clone()
+    reference.rope_write_kv(twin_q, k, v, tables.cos, tables.sin, positions,
+                            *KVView(twin_pool, batch.view.shape).layer(1), slots)
+    fused.rope_write_kv(q, k, v, tables.cos, tables.sin, positions, *batch.caches, slots)
+    assert torch.equal(k, k_before)
+    assert relative_error(q, twin_q) < 1e-6
+    got, want = KVView(batch.pool, batch.view.shape).layer(1), KVView(twin_pool, batch.view.shape).layer(1)
+    flat = [c.reshape(-1, kv_heads, head_dim) for c in (*got, *want)]
+    assert torch.equal(flat[1], flat[3])      # v: a copy (or the same rounding to bf16)
+    assert relative_error(flat[0][slots.long()].float(), flat[2][slots.long()].float()) < (
+        1e-6 if cache_dtype == torch.float32 else 8e-3)
+    others = torch.ones(flat[0].shape[0], dtype=torch.bool)
+    others[slots.long()] = False
+    assert torch.equal(flat[0][others], flat[2][others])
 
 
 def _rope_args(batch, tokens=2):

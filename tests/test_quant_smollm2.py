@@ -25,8 +25,13 @@ CHATS = ["Write a short story about a fox who learns to share.", "Explain how vi
 NEW = 32
 # Relative norm, any prefill position. ops.qmm rounds every GEMM's input to int8 per block of 32
 # (as llama.cpp's CPU path does): measured median 0.032, max 0.098 (the int4 op's bf16 inputs:
-# 0.010, 0.053); half of it comes from down_proj, whose input has the largest outliers.
-LOGIT_TOL = 0.15
+# 0.010, 0.053); half of it comes from down_proj, whose input has the largest outliers. The max is
+# noise-sensitive: int8 rounding flips on last-bit changes and the flips grow through 30 layers (the
+# torch forward with its embedding scaled by 1 + 2^-22 moves its own logits by median 0.034, max
+# 0.184; the fused C layer ops' rounding gave 0.030 / 0.164 against float32). So the max is bounded
+# loosely and the median, which moved by 10% in both cases, tightly.
+LOGIT_TOL = 0.25
+MEDIAN_TOL = 0.05
 PPL_TOL = 0.03          # relative perplexity difference on TEXT (measured below 0.01)
 
 
@@ -87,6 +92,7 @@ def test_logits_and_perplexity_against_float32(programs):
           f"(max abs {(a - c).abs().max():.3f}); perplexity float32 {ppl_f:.3f} gguf qmm {ppl_q:.3f} "
           f"gguf int4 op {ppl_4:.3f}")
     assert errors.max() < LOGIT_TOL
+    assert errors.median() < MEDIAN_TOL
     assert abs(ppl_q - ppl_f) / ppl_f < PPL_TOL
 
 

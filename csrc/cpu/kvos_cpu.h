@@ -23,7 +23,8 @@ enum {
     KVOS_E_INDEX = 8,         /* bad[0] = i, bad[1] = which list (0 src, 1 dst): frame or slot out of range */
     KVOS_E_DUPLICATE = 9,     /* bad[0] = i: dst[i] repeats an earlier destination */
     KVOS_E_OVERLAP = 10,      /* bad[0] = i: dst[i] is also a source (same pool) */
-    KVOS_E_NOMEM = 11         /* scratch allocation failed */
+    KVOS_E_NOMEM = 11,        /* scratch allocation failed */
+    KVOS_E_POSITION = 12      /* bad[0] = token, bad[1] = its position outside the RoPE tables */
 };
 
 /* Copy whole frames: dst_pool[dst[i]] = src_pool[src[i]], frame_bytes each.
@@ -73,6 +74,26 @@ int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64
              const uint8_t *w, int64_t n, int bits, int path);
 int kvos_qmm_has_vnni(void);
 int64_t kvos_qmm_record_bytes(int bits);
+
+/* fused.c: the fused layer ops in float32 (kernel/ops/fused.py checks their arguments). Rows at element
+ * strides, last dimension dense. add_rms_norm: residual += delta, out = RMSNorm(residual) * weight (out may
+ * be residual). rms_norm: out = RMSNorm(x) * weight. rope_write_kv: RoPE of q in place and of k into
+ * its cache slot with v (k unchanged), positions and slots checked first when check. silu_mul:
+ * out = SiLU(gate) * up of gate_up rows (gate first, inter wide each). */
+void kvos_add_rms_norm(float *residual, int64_t res_stride, const float *delta, int64_t delta_stride,
+                       const float *weight, float *out, int64_t out_stride, int64_t rows, int64_t n, float eps);
+void kvos_rms_norm(const float *x, int64_t x_stride, const float *weight, float *out, int64_t out_stride,
+                   int64_t rows, int64_t n, float eps);
+int kvos_rope_write_kv(float *q, int64_t q_tok_stride, int64_t q_head_stride, int64_t num_heads,
+                       const float *k, int64_t k_tok_stride, int64_t k_head_stride,
+                       const float *v, int64_t v_tok_stride, int64_t v_head_stride,
+                       const float *cos, int64_t cos_stride, const float *sin, int64_t sin_stride,
+                       const int32_t *positions, int64_t num_positions,
+                       void *k_cache, void *v_cache, int cache_bf16, int64_t num_frames, int64_t page_size,
+                       int64_t frame_stride, int64_t token_stride, int64_t head_stride,
+                       const int32_t *slot_mapping, int64_t num_tokens, int64_t kv_heads, int64_t head_dim,
+                       int check, int64_t *bad);
+void kvos_silu_mul(const float *gate_up, int64_t gu_stride, float *out, int64_t out_stride, int64_t rows, int64_t inter);
 
 int kvos_num_threads(void);
 void kvos_set_num_threads(int n);

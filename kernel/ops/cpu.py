@@ -142,3 +142,42 @@ def qmm(x, packed, n, bits, path, out):
     if rc:      # the only failure: its scratch for the quantized activations
         raise KvosError(ENOMEM, "the C kernel could not allocate its scratch memory")
     return out
+
+
+# ---- the fused layer ops (csrc/cpu/fused.c), float32 rows checked by kernel/ops/fused.py ----
+
+def add_rms_norm(residual, delta, weight, eps, out):
+    lib = _load().lib
+    lib.kvos_add_rms_norm(_ptr(residual), residual.stride(0), _ptr(delta), delta.stride(0), _ptr(weight),
+                          _ptr(out), out.stride(0), residual.shape[0], residual.shape[1], eps)
+    return out
+
+
+def rms_norm(x, weight, eps, out):
+    lib = _load().lib
+    lib.kvos_rms_norm(_ptr(x), x.stride(0), _ptr(weight), _ptr(out), out.stride(0), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def rope_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, check):
+    lib = _load().lib
+    num_frames, page_size, kv_heads, head_dim = k_cache.shape
+    bad = _ext.ffi.new("int64_t[2]")
+    rc = lib.kvos_rope_write_kv(
+        _ptr(q), q.stride(0), q.stride(1), q.shape[1], _ptr(k), k.stride(0), k.stride(1),
+        _ptr(v), v.stride(0), v.stride(1), _ptr(cos), cos.stride(0), _ptr(sin), sin.stride(0),
+        _ptr(positions), cos.shape[0], _ptr(k_cache), _ptr(v_cache), int(k_cache.dtype == torch.bfloat16),
+        num_frames, page_size, *k_cache.stride()[:3], _ptr(slot_mapping), q.shape[0], kv_heads, head_dim,
+        int(check), bad)
+    if rc:
+        def describe(rc, t, value):
+            if rc == lib.KVOS_E_POSITION:
+                validate.fail(f"positions[{t}] = {value} is outside the RoPE tables' {cos.shape[0]} rows")
+            validate.bad_slot(t, value, num_frames * page_size)
+        _raise(rc, bad, describe)
+
+
+def silu_mul(gate_up, out):
+    lib = _load().lib
+    lib.kvos_silu_mul(_ptr(gate_up), gate_up.stride(0), _ptr(out), out.stride(0), gate_up.shape[0], out.shape[1])
+    return out

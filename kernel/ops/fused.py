@@ -2,8 +2,9 @@
 
 Each keeps the signature of its twin in reference.py (plus `check=` where indices are read), checks
 every argument before any memory is written (KvosError EINVAL), then runs csrc/cuda/fused.cu on
-CUDA tensors (kernel/ops/cuda_fused.py) or the twin itself on CPU tensors: the CPU forward has no
-launches to save, so no C version exists. Not yet called by the model forward.
+CUDA tensors (kernel/ops/cuda_fused.py), csrc/cpu/fused.c on float32 CPU tensors (kernel/ops/cpu.py;
+a bf16 cache is narrowed in C), or the twin on bfloat16 CPU activations. The CPU forward calls the
+C kernels through kernel/ops/step_ops.py, which checks the same things once per step.
 """
 import math
 
@@ -13,10 +14,13 @@ from kernel.ops import dispatch
 from kernel.ops import validate as val
 
 
-def _backend(device):
+def _backend(device, dtype=torch.float32):
     if device.type == "cuda":
         from kernel.ops import cuda_fused
         return cuda_fused
+    if device.type == "cpu" and dtype == torch.float32:
+        from kernel.ops import cpu
+        return cpu
     if device.type == "cpu":
         from kernel.ops import reference
         return reference
@@ -54,7 +58,7 @@ def add_rms_norm(residual, delta, weight, eps, out=None):
         out = torch.empty_like(residual)
     _rows("out", out, residual)
     if residual.shape[0]:
-        _backend(residual.device).add_rms_norm(residual, delta, weight, float(eps), out)
+        _backend(residual.device, residual.dtype).add_rms_norm(residual, delta, weight, float(eps), out)
     return out
 
 
@@ -88,13 +92,21 @@ def rope_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, 
     slots = val.index("slot_mapping", slot_mapping, length=num_tokens, device=device)
     if num_tokens == 0:
         return
-    if check or device.type == "cpu":   # the twin would stop half-way on a bad index: check first
-        bad = (positions < 0) | (positions >= cos.shape[0])
-        if bool(bad.any()):
-            t = int(torch.nonzero(bad)[0, 0])
-            val.fail(f"positions[{t}] = {int(positions[t])} is outside the RoPE tables' {cos.shape[0]} rows")
+    if device.type == "cpu":        # float32 activations: the C kernel checks every index before a write
+        from kernel.ops import cpu
+        cpu.rope_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slots, True)
+        return
+    if check:
+        positions_in_range(positions, cos.shape[0])
         val.slots_in_range(slots, num_frames * page_size)
     _backend(device).rope_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+
+
+def positions_in_range(positions, num_positions):
+    bad = (positions < 0) | (positions >= num_positions)
+    if bool(bad.any()):
+        t = int(torch.nonzero(bad)[0, 0])
+        val.fail(f"positions[{t}] = {int(positions[t])} is outside the RoPE tables' {num_positions} rows")
 
 
 def silu_mul(gate_up, out=None):
@@ -109,5 +121,5 @@ def silu_mul(gate_up, out=None):
         out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
     _rows("out", out, gate_up, inter)
     if gate_up.shape[0]:
-        _backend(gate_up.device).silu_mul(gate_up, out)
+        _backend(gate_up.device, gate_up.dtype).silu_mul(gate_up, out)
     return out

@@ -17,6 +17,7 @@ from kernel import ops
 from kernel.batch import ForwardBatch
 from kernel.errors import EINVAL, KvosError
 from kernel.kvcache import KVShape, KVView
+from kernel.ops.step_ops import CpuStep, NormWeights
 from kernel.program import Program
 from userspace.programs import qlinear, tp_shard
 from userspace.programs.config import LlamaConfig
@@ -170,6 +171,12 @@ class LlamaProgram(Program):
                 self.embed = self.lm_head
         self.layers = [_Layer(w, i, self.matmul_dtype, panels) for i in range(config.num_hidden_layers)]
         self.rope = RopeTables(config, dtype, device, weights.get("freq_factors"))
+        # float32 activations on the CPU (one rank): the fused C ops of kernel/ops/step_ops.py, their norm
+        # weights checked here once (layer i's input norm at 2i, its MLP norm at 2i + 1, the final one last).
+        self.norms = None
+        if torch.device(device).type == "cpu" and dtype == torch.float32 and tp is None:
+            self.norms = NormWeights([t for layer in self.layers for t in (layer.attn_norm, layer.mlp_norm)]
+                                     + [self.norm], config.hidden_size)
         self.scale = config.head_dim ** -0.5
         # What a step reads, as held (bf16 linear layers read half the fp32 bytes, quantized ones their
         # blocks): the roofline of the bench and the simulated device's price of a step.
@@ -201,6 +208,43 @@ class LlamaProgram(Program):
     # -- the forward pass ---------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
+        if self.norms is not None:
+            return self.forward_fused(batch, kv)
+        return self.forward_torch(batch, kv)
+
+    def forward_fused(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
+        """The CPU float32 forward: each layer is its GEMMs and four fused C ops on step-bound buffers
+        (kernel/ops/step_ops.py), the residual add inside the next RMSNorm; no other op per layer."""
+        c = self.config
+        md = self.matmul_dtype
+        mixed = md != torch.float32             # bfloat16 GEMMs: their inputs narrowed, outputs widened
+        step = CpuStep(num_tokens=batch.token_ids.shape[0], hidden=c.hidden_size, eps=c.rms_norm_eps,
+                       norms=self.norms, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                       head_dim=c.head_dim, inter=c.intermediate_size, cos=self.rope.cos, sin=self.rope.sin,
+                       positions=batch.positions, slot_mapping=batch.slot_mapping, page_table=batch.page_table,
+                       query_start=batch.query_start, context_lens=batch.context_lens, scale=self.scale, kv=kv)
+
+        def mm(a, w, bias=None):     # a GEMM in the matmul dtype; its output (bf16 from some layers) in float32
+            y = qlinear.mm(a.to(md) if mixed else a, w, bias)
+            return y if y.dtype is torch.float32 else y.float()
+
+        x = qlinear.embedding(batch.token_ids, self.embed)
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        h = step.rms_norm(x, 0)
+        for index, layer in enumerate(self.layers):
+            step.rope_write_kv(index, mm(h, layer.qkv_t, layer.qkv_bias))   # q rotated in place, k and v cached
+            o = mm(step.attention(index), layer.o_t)
+            if layer.o_bias is not None:
+                o.add_(layer.o_bias)
+            h = step.add_rms_norm(o, 2 * index + 1)                    # x += o; h = norm(x)
+            down = mm(step.silu_mul(mm(h, layer.gate_up_t)), layer.down_t)
+            h = step.add_rms_norm(down, 2 * index + 2)                 # x += down; the next norm, or the final
+        # Only the rows that will be sampled go through the LM head (the final norm ran on every row).
+        return qlinear.head(h.index_select(0, batch.sample_indices), self.lm_head, md)
+
+    def forward_torch(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
+        """The forward in torch ops and kernel/ops' two MMU kernels: CUDA, tensor parallel, bf16 activations."""
         c, tp = self.local, self.tp             # the shapes of this rank's share of the model
         num_tokens = batch.token_ids.shape[0]
         hidden, eps = c.hidden_size, c.rms_norm_eps

@@ -1,0 +1,98 @@
+"""kernel/ops/step_ops.py: the CPU forward's fused C ops, checked once a step. The fused forward
+against the forward in torch ops (LlamaProgram.forward_torch) on tiny-llama; bad per-layer tensors,
+norm weights and indices refused with EINVAL before anything is written."""
+import pytest
+import torch
+
+from kernel.devices.torchdev import TorchDevice
+from kernel.errors import KvosError
+from kernel.ops.step_ops import CpuStep, NormWeights
+from kernel.program import exec_program
+from tests.helpers.hf_reference import rel_error
+from tests.helpers.paged_runner import PagedRunner
+
+
+@pytest.fixture(scope="module")
+def program():
+    return exec_program("tiny-llama", TorchDevice("cpu"))
+
+
+def _prefill_then_decode(program, forward):
+    """Logits of a 40-token prefill, then of 3 decode steps of two sequences, through `forward`."""
+    runner = PagedRunner(program, num_frames=64, page_size=16, seed=3)
+    runner.program = type("P", (), {"forward": lambda self, b, kv: forward(b, kv)})()
+    a, b = runner.new_seq(), runner.new_seq()
+    out = [runner.step([(a, list(range(5, 45))), (b, list(range(50, 61)))], sample_all=True)]
+    for t in range(3):
+        out.append(runner.step([(a, [100 + t]), (b, [200 + t])]))
+    return torch.cat(out)
+
+
+def test_fused_forward_matches_the_torch_forward(program):
+    assert program.norms is not None      # float32 on the CPU: the fused path is the forward
+    fused = _prefill_then_decode(program, program.forward)
+    plain = _prefill_then_decode(program, torch.inference_mode()(program.forward_torch))
+    assert rel_error(fused, plain) < 1e-5
+
+
+def _step(program, runner, n=2):
+    c = program.config
+    pos = torch.arange(n)
+    return CpuStep(num_tokens=n, hidden=c.hidden_size, eps=c.rms_norm_eps, norms=program.norms,
+                   num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                   inter=c.intermediate_size, cos=program.rope.cos, sin=program.rope.sin, positions=pos,
+                   slot_mapping=pos.to(torch.int32), page_table=torch.zeros(1, 1, dtype=torch.int32),
+                   query_start=torch.tensor([0, n], dtype=torch.int32),
+                   context_lens=torch.tensor([n], dtype=torch.int32), scale=0.1, kv=runner.kv)
+
+
+def test_bad_per_layer_tensors_are_refused_before_writing(program):
+    runner = PagedRunner(program, num_frames=4)
+    c = program.config
+    step = _step(program, runner)
+    x = torch.randn(2, c.hidden_size)
+    pool = runner.device.pool.clone()
+    qkv_width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    step.rms_norm(x, 0)
+    x_before = x.clone()
+    for call, bad in ((lambda t: step.add_rms_norm(t, 0), torch.randn(2, c.hidden_size + 1)),
+                      (lambda t: step.add_rms_norm(t, 0), torch.randn(2, c.hidden_size, dtype=torch.float64)),
+                      (lambda t: step.add_rms_norm(t, 0), torch.randn(2, 2 * c.hidden_size)[:, ::2]),
+                      (lambda t: step.rope_write_kv(0, t), torch.randn(3, qkv_width)),
+                      (lambda t: step.rope_write_kv(0, t), torch.randn(2, qkv_width).bfloat16()),
+                      (lambda t: step.silu_mul(t), torch.randn(2, c.intermediate_size)),
+                      (lambda t: step.rms_norm(t, 0), torch.randn(2, c.hidden_size, 3))):
+        with pytest.raises(KvosError) as e:
+            call(bad)
+        assert e.value.errno == "EINVAL"
+    assert torch.equal(x, x_before) and torch.equal(runner.device.pool, pool)
+
+
+def test_bad_indices_and_weights_are_refused(program):
+    runner = PagedRunner(program, num_frames=4)
+    c = program.config
+    step = _step(program, runner)
+    qkv = torch.randn(2, (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim)
+    before = (qkv.clone(), runner.device.pool.clone())
+    with pytest.raises(KvosError, match="rope_write_kv"):
+        step.attention(0)                                   # no q yet
+    step.positions[1] = program.rope.cos.shape[0]          # past the RoPE tables
+    with pytest.raises(KvosError, match="positions"):
+        step.rope_write_kv(0, qkv)
+    step.positions[1], step.slots[0] = 1, 10**6              # outside the pool
+    with pytest.raises(KvosError, match="slot_mapping"):
+        step.rope_write_kv(0, qkv)
+    assert torch.equal(qkv, before[0]) and torch.equal(runner.device.pool, before[1])
+    step.slots[0] = 0
+    step.rope_write_kv(0, qkv)
+    step.page_table[0, 0] = 99                              # not a frame of the pool
+    attn_before = step.attn.clone()
+    with pytest.raises(KvosError, match="page_table"):
+        step.attention(0)
+    assert torch.equal(step.attn, attn_before)
+    for bad in ([torch.randn(c.hidden_size + 1)], [torch.randn(c.hidden_size).double()],
+                [torch.randn(2 * c.hidden_size)[::2]]):
+        with pytest.raises(KvosError):
+            NormWeights(bad, c.hidden_size)
+    with pytest.raises(KvosError):
+        _step(program, runner, n=0).rope_write_kv(0, qkv)
