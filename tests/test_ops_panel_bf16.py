@@ -4,7 +4,8 @@ Random shapes (hypothesis): M 1..64 (every register-tile remainder), odd K (a ze
 k-pair) and odd N (a padded last panel), strided rows of x and out, bias, accumulate, x given in
 float32 (rounded inside) or bfloat16; the vdpbf16ps code and the plain-C code give the same bits
 (both add each pair's odd product, then its even one, in float32); results do not depend on the
-thread count; bad arguments are refused before any write; packing round-trips W rounded to bf16.
+thread count nor on the other rows (k-blocks across row tiles keep each sum's order); bad
+arguments are refused before any write; packing round-trips W rounded to bf16.
 """
 import pytest
 import torch
@@ -59,6 +60,19 @@ def test_dp_and_portable_give_the_same_bits(m, k, n):
     w, x, b = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(n, generator=g)
     packed = ops.panel_pack(w, BF16)
     assert torch.equal(ops.panel_mm(x, packed, n, b, path="dp"), ops.panel_mm(x, packed, n, b, path="portable"))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m, k", [(7, 129), (12, 300), (64, 300), (70, 1)])
+def test_a_row_does_not_depend_on_the_others(path, m, k):
+    """From 7 to 12 rows the kernel runs k in blocks across row tiles and parks the sums between blocks;
+    each output is still one sum in k order, so every row equals the same row computed alone."""
+    g = torch.Generator().manual_seed(m)
+    w, x, b = torch.randn(150, k, generator=g), torch.randn(m, k, generator=g), torch.randn(150, generator=g)
+    packed = ops.panel_pack(w, BF16)
+    whole = ops.panel_mm(x, packed, 150, b, path=path)
+    for r in range(m):
+        assert torch.equal(whole[r:r + 1], ops.panel_mm(x[r:r + 1], packed, 150, b, path=path)), r
 
 
 def test_float32_x_is_rounded_as_torch_rounds_it():

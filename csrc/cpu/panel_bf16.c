@@ -12,7 +12,11 @@
 
 #define PANEL 64        /* columns per panel (panel_mm.c's width): 4 vectors of 16 */
 #define ROWS 6          /* rows per tile: 6 x 4 accumulators + 4 weight vectors fit 32 registers */
-#define PREFETCH 16     /* k-pairs (4 KB) ahead that the first tile of a panel prefetches it */
+#define PREFETCH 16     /* k-pairs (4 KB) ahead that the first tile of an unblocked panel prefetches */
+#define KBLOCK 64       /* ROWS < m <= BLOCKED_ROWS: k-pairs a block (16 KB of a panel, in L1) that every row tile runs
+                         * before the next block, whose stream the block's first tile prefetches */
+#define BLOCKED_ROWS 12 /* k-blocks only up to two tiles: measured faster there, not past it (7c); the
+                         * sums are parked between blocks in BLOCKED_ROWS x PANEL floats (3 KB) */
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -30,17 +34,19 @@ ALWAYS_INLINE void store_row(float *y, const float tmp[PANEL], int cols, const f
  * order vdpbf16ps documents; each product of two bf16 is exact in float32, so fused or not the sums
  * round the same way. xs holds R rows of kp pairs. */
 ALWAYS_INLINE void tile_c(const int R, float *y, int64_t y_stride, const uint32_t *xs, int64_t kp,
-                          const uint16_t *panel, int cols, const float *bias, int accumulate, int prefetch)
+                          const uint16_t *panel, int64_t j0, int64_t j1, int cols, const float *bias,
+                          int accumulate, int64_t prefetch, float *park, int first, int last)
 {
     vf acc[ROWS][4];
     const vi hi_mask = visplat((int32_t)0xffff0000u);
     for (int r = 0; r < R; r++)
-        acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vsplat(0.0f);
-    for (int64_t j = 0; j < kp; j++) {
+        for (int v = 0; v < 4; v++)
+            acc[r][v] = first ? vsplat(0.0f) : vload(park + r * PANEL + v * VW);
+    for (int64_t j = j0; j < j1; j++) {
         const int32_t *w = (const int32_t *)(panel + j * 2 * PANEL);
-        if (PREFETCH && prefetch)
+        if (prefetch)
             for (int l = 0; l < 4; l++)
-                __builtin_prefetch(w + PREFETCH * PANEL + l * VW);
+                __builtin_prefetch(w + prefetch * PANEL + l * VW);
         vf we[4], wo[4];
         for (int v = 0; v < 4; v++) {
             vi d = vload_i(w + v * VW);
@@ -57,27 +63,44 @@ ALWAYS_INLINE void tile_c(const int R, float *y, int64_t y_stride, const uint32_
         }
     }
     for (int r = 0; r < R; r++) {
-        float tmp[PANEL];
+        float tmp[PANEL], *dst = last ? tmp : park + r * PANEL;   /* parked exactly: the sums keep their order */
         for (int v = 0; v < 4; v++)
-            vstore(tmp + v * VW, acc[r][v]);
-        store_row(y + r * y_stride, tmp, cols, bias, accumulate);
+            vstore(dst + v * VW, acc[r][v]);
+        if (last)
+            store_row(y + r * y_stride, tmp, cols, bias, accumulate);
     }
 }
 
-/* One panel against all m rows: its row tiles one after another (the first streams it from memory,
- * the rest find it in L2: k * 128 bytes, 74 KB for k = 576). TILE is tile_c or tile_dp. */
+/* R rows (1..ROWS, as a constant for each inlined copy) of x from row r0 over k-pairs [j0, j1). */
+#define TILE_R(TILE, R, r0, j0, j1, pf, park, first, last)                                                  \
+    switch (R) {                                                                                            \
+    case 1: TILE(1, y + (r0) * y_stride, y_stride, xs + (r0) * kp, kp, panel, j0, j1, cols, bias, accumulate, pf, park, first, last); break; \
+    case 2: TILE(2, y + (r0) * y_stride, y_stride, xs + (r0) * kp, kp, panel, j0, j1, cols, bias, accumulate, pf, park, first, last); break; \
+    case 3: TILE(3, y + (r0) * y_stride, y_stride, xs + (r0) * kp, kp, panel, j0, j1, cols, bias, accumulate, pf, park, first, last); break; \
+    case 4: TILE(4, y + (r0) * y_stride, y_stride, xs + (r0) * kp, kp, panel, j0, j1, cols, bias, accumulate, pf, park, first, last); break; \
+    case 5: TILE(5, y + (r0) * y_stride, y_stride, xs + (r0) * kp, kp, panel, j0, j1, cols, bias, accumulate, pf, park, first, last); break; \
+    default: TILE(6, y + (r0) * y_stride, y_stride, xs + (r0) * kp, kp, panel, j0, j1, cols, bias, accumulate, pf, park, first, last); break; \
+    }
+
+/* One panel against all m rows. Usually its row tiles one after another over all k (the first streams
+ * the panel from memory, the rest find it in L2). For ROWS < m <= BLOCKED_ROWS every tile runs one
+ * KBLOCK of k-pairs before any tile starts the next, the block in L1 and the next one prefetched by
+ * the first tile (1.09x to 1.15x at m = 8; 0.8x to 0.9x at 32 and 64, so
+ * not there: docs/performance.md 7c). TILE: tile_c or tile_dp. */
 #define ONE_PANEL(TILE)                                                                                     \
-    for (int64_t r0 = 0; r0 < m; r0 += ROWS) {                                                              \
-        const uint32_t *xr = xs + r0 * kp;                                                                  \
-        float *yr = y + r0 * y_stride;                                                                      \
-        int pf = r0 == 0;                                                                                   \
-        switch (m - r0 < ROWS ? (int)(m - r0) : ROWS) {                                                     \
-        case 1: TILE(1, yr, y_stride, xr, kp, panel, cols, bias, accumulate, pf); break;                    \
-        case 2: TILE(2, yr, y_stride, xr, kp, panel, cols, bias, accumulate, pf); break;                    \
-        case 3: TILE(3, yr, y_stride, xr, kp, panel, cols, bias, accumulate, pf); break;                    \
-        case 4: TILE(4, yr, y_stride, xr, kp, panel, cols, bias, accumulate, pf); break;                    \
-        case 5: TILE(5, yr, y_stride, xr, kp, panel, cols, bias, accumulate, pf); break;                    \
-        default: TILE(6, yr, y_stride, xr, kp, panel, cols, bias, accumulate, pf); break;                   \
+    if (m <= ROWS || m > BLOCKED_ROWS) {                                                                    \
+        for (int64_t r0 = 0; r0 < m; r0 += ROWS) {                                                          \
+            int R = m - r0 < ROWS ? (int)(m - r0) : ROWS;                                                   \
+            TILE_R(TILE, R, r0, 0, kp, r0 == 0 ? PREFETCH : 0, NULL, 1, 1)                                  \
+        }                                                                                                   \
+        return;                                                                                             \
+    }                                                                                                       \
+    float park[BLOCKED_ROWS * PANEL];                                                                       \
+    for (int64_t j0 = 0; j0 < kp; j0 += KBLOCK) {                                                           \
+        int64_t j1 = kp - j0 < KBLOCK ? kp : j0 + KBLOCK;                                                   \
+        for (int64_t r0 = 0; r0 < m; r0 += ROWS) {                                                          \
+            int R = m - r0 < ROWS ? (int)(m - r0) : ROWS;                                                   \
+            TILE_R(TILE, R, r0, j0, j1, r0 == 0 ? KBLOCK : 0, park + r0 * PANEL, j0 == 0, j1 == kp)         \
         }                                                                                                   \
     }
 
@@ -106,17 +129,18 @@ __attribute__((target("avx512f,fma"))) static void panel_c512(
  * (2 k each), half the instructions of panel_mm's float32 tile for the same work. */
 #define DP_TARGET __attribute__((target("avx512f,avx512bf16")))
 DP_TARGET ALWAYS_INLINE void tile_dp(const int R, float *y, int64_t y_stride, const uint32_t *xs, int64_t kp,
-                                     const uint16_t *panel, int cols, const float *bias, int accumulate,
-                                     int prefetch)
+                                     const uint16_t *panel, int64_t j0, int64_t j1, int cols, const float *bias,
+                                     int accumulate, int64_t prefetch, float *park, int first, int last)
 {
     __m512 acc[ROWS][4];
     for (int r = 0; r < R; r++)
-        acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < kp; j++) {
+        for (int v = 0; v < 4; v++)
+            acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(park + r * PANEL + v * 16);
+    for (int64_t j = j0; j < j1; j++) {
         const uint16_t *w = panel + j * 2 * PANEL;
-        if (PREFETCH && prefetch)
+        if (prefetch)
             for (int l = 0; l < 4; l++)
-                _mm_prefetch((const char *)(w + PREFETCH * 2 * PANEL + l * 32), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + prefetch * 2 * PANEL + l * 32), _MM_HINT_T0);
         __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 32);
         __m512i w2 = _mm512_loadu_si512(w + 64), w3 = _mm512_loadu_si512(w + 96);
         for (int r = 0; r < R; r++) {
@@ -128,10 +152,11 @@ DP_TARGET ALWAYS_INLINE void tile_dp(const int R, float *y, int64_t y_stride, co
         }
     }
     for (int r = 0; r < R; r++) {
-        float tmp[PANEL];
+        float tmp[PANEL], *dst = last ? tmp : park + r * PANEL;
         for (int v = 0; v < 4; v++)
-            _mm512_storeu_ps(tmp + v * 16, acc[r][v]);
-        store_row(y + r * y_stride, tmp, cols, bias, accumulate);
+            _mm512_storeu_ps(dst + v * 16, acc[r][v]);
+        if (last)
+            store_row(y + r * y_stride, tmp, cols, bias, accumulate);
     }
 }
 
