@@ -19,7 +19,10 @@ the weights); its tokens may differ in the last bits' ties, and the script count
 the Python-level calls and the aten ops of one decode step (cProfile, torch.profiler) of each variant.
 `base` is LlamaProgram.forward (on the CPU in float32: the fused C ops, kernel/ops/step_ops.py),
 `torch` the forward in torch ops (LlamaProgram.forward_torch). KVOS_WEIGHTS=gguf runs the GGUF's
-quantized program instead of the float32 one.
+quantized program instead of the float32 one. --matmul bfloat16 runs the bf16-matmul program
+(kvos-bf16: bf16 panels) instead; its `mkl` variant is then the bf16 forward before the panels, torch.mm
+on bf16 (in, out) tensors (oneDNN) and F.linear on a bf16 head, and the roofline prices FLOPs at the
+faster of the bf16 panel kernel and oneDNN's bf16 GEMM.
 """
 from __future__ import annotations
 
@@ -41,9 +44,11 @@ def main() -> int:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--variants", default="base,torch", help="comma-separated from: " + ", ".join(VARIANTS))
     p.add_argument("--calls", action="store_true", help="count Python-level calls of one decode step")
+    p.add_argument("--matmul", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KVOS_THREADS"):
         os.environ[name] = str(args.threads)
+    os.environ["KVOS_MATMUL"] = args.matmul     # the kernel's program and this script's are one
 
     import torch
 
@@ -60,9 +65,9 @@ def main() -> int:
     mkl = mkl_weights(torch, program) if "mkl" in variants else None
     if mkl is not None:
         variants["mkl"] = mkl_variant(base, program, *mkl)
-    rates = measure_rates(torch)
-    print(f"threads {args.threads}; fp32 GEMM {rates['flops'] / 1e9:.0f} GFLOP/s (512x576x3072: MKL "
-          f"{rates['mkl_flops'] / 1e9:.0f}, panel_mm {rates['panel_flops'] / 1e9:.0f}), "
+    rates = measure_rates(torch, program.matmul_dtype)
+    print(f"threads {args.threads}; {args.matmul} GEMM {rates['flops'] / 1e9:.0f} GFLOP/s (512x576x3072: "
+          f"torch {rates['mkl_flops'] / 1e9:.0f}, panel_mm {rates['panel_flops'] / 1e9:.0f}), "
           f"read {rates['read'] / 1e9:.1f} GB/s (sum over 512 MiB); weights {program.cost.weight_bytes / 1e6:.0f} MB")
     if args.calls:
         for name, fn in variants.items():
@@ -140,15 +145,18 @@ def run_batch(root, tid, batch: int, round_: int):
     return seconds, cpu, [list(root.wait(pid).tokens) for pid in pids]
 
 
-def measure_rates(torch) -> dict:
-    """The GEMM rate is the better of MKL's F.linear and ops.panel_mm on 512 x 576 x 3072: the roofline
-    prices FLOPs at the fastest fp32 GEMM this process has (panel_mm is 2.4x MKL's on AMD Zen)."""
+def measure_rates(torch, dtype=None) -> dict:
+    """The GEMM rate is the better of torch's F.linear (MKL; oneDNN in bf16) and ops.panel_mm on
+    512 x 576 x 3072 in the matmul dtype: the roofline prices FLOPs at the fastest GEMM this process
+    has (float32 panel_mm is 2.4x MKL's on AMD Zen)."""
     from userspace.programs import qlinear
+    dtype = dtype or torch.float32
     x, w = torch.randn(512, 576), torch.randn(3072, 576)
-    panel = qlinear.PanelLinear.from_float(w)
+    panel = qlinear.PanelLinear.from_float(w, dtype)
     buf = torch.ones((512 << 20) // 4)
     flops = 2 * 512 * 576 * 3072
-    mkl = flops / best(lambda: torch.nn.functional.linear(x, w), 20)
+    xd, wd = x.to(dtype), w.to(dtype)
+    mkl = flops / best(lambda: torch.nn.functional.linear(xd, wd), 20)
     panels = flops / best(lambda: panel.mm(x), 20)
     return {"flops": max(mkl, panels), "mkl_flops": mkl, "panel_flops": panels, "read": (512 << 20) / best(buf.sum, 5)}
 
@@ -172,32 +180,35 @@ def time_gemms(torch, program, m: int, layers=None, head=None) -> float:
     x = torch.randn(m, c.hidden_size)
     a = torch.randn(m, c.q_size)
     act = torch.randn(m, c.intermediate_size)
+    md = program.matmul_dtype
     t = CLOCK()
     for layer in layers or program.layers:
-        qlinear.mm(x, layer.qkv_t)
+        qlinear.mm(x.to(md), layer.qkv_t)             # as the forward casts (a no-op in float32)
         qlinear.add_mm(x, a, layer.o_t)
-        qlinear.mm(x, layer.gate_up_t)
+        qlinear.mm(x.to(md), layer.gate_up_t)
         qlinear.add_mm(x, act, layer.down_t)
     qlinear.head(x, program.lm_head if head is None else head, program.matmul_dtype)
     return CLOCK() - t
 
 
 def mkl_weights(torch, program):
-    """The program's float32 weights as they were before ops.panel_mm: (in, out) tensors for torch.mm /
-    addmm_ and the (vocab, hidden) head for F.linear (unpacked from the panels: the same values)."""
+    """The program's weights as they were before ops.panel_mm: (in, out) tensors in the matmul dtype for
+    torch.mm / addmm_ and the (vocab, hidden) head for F.linear (unpacked from the panels: the same
+    values; a tied embedding stays float32, holding the panels' values)."""
     from types import SimpleNamespace
 
     from userspace.programs import qlinear
+    md = program.matmul_dtype
 
-    def plain(w):
-        return w.dequantize() if isinstance(w, qlinear.PanelLinear) else w
+    def plain(w, dtype):
+        return w.dequantize().to(dtype) if isinstance(w, qlinear.PanelLinear) else w
     layers = [SimpleNamespace(**{n: getattr(layer, n) for n in layer.__slots__}) for layer in program.layers]
     for layer in layers:
         for n in ("qkv_t", "o_t", "gate_up_t", "down_t"):
             w = getattr(layer, n)
             if isinstance(w, qlinear.PanelLinear):
-                setattr(layer, n, w.dequantize().t().contiguous())
-    return layers, plain(program.lm_head), plain(program.embed)
+                setattr(layer, n, w.dequantize().t().to(md).contiguous())
+    return layers, plain(program.lm_head, md), plain(program.embed, torch.float32)
 
 
 def roofline(program, batch: int, rates: dict) -> float:

@@ -171,6 +171,26 @@ def test_hf_folder_variants(tmp_path, monkeypatch, prompt, variant):
     assert rel_error(ours, hf_logits(model, prompt)) < TOL
 
 
+def test_bfloat16_panels_with_bias_and_a_tied_head(tmp_path, monkeypatch, prompt):
+    """bf16 matmuls on bf16 panels with a QKV bias (kept float32) and a tied table read from the head's
+    panels (its rows rounded to bf16): close to HF through prefill and decode."""
+    monkeypatch.setenv("KVOS_CACHE_DIR", str(tmp_path / "cache"))
+    config, model_type = VARIANTS["qwen2-bias"]
+    model = hf_model(config, tiny.tiny_weights(config, seed=3), model_type)
+    model.save_pretrained(tmp_path / "model")
+    tiny.tiny_tokenizer().save(tmp_path / "model" / "tokenizer.json")
+    fast = load_program(str(tmp_path / "model"), "cpu", matmul="bfloat16")
+    assert fast.embed is fast.lm_head and fast.lm_head.dtype == torch.bfloat16
+    assert fast.layers[0].qkv_bias.dtype == torch.float32
+    runner = PagedRunner(fast)
+    seq = runner.new_seq()
+    logits = runner.prefill(seq, prompt[:80], chunk=7)
+    err = rel_error(logits, hf_logits(model, prompt[:80]))
+    assert 1e-4 < err < 3e-2, err
+    decoded = [runner.step([(seq, [t])])[0] for t in prompt[80:90]]
+    assert rel_error(torch.stack(decoded), hf_logits(model, prompt[:90])[80:]) < 3e-2
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gguf_file_matches_hf_gguf_loader(tmp_path, monkeypatch, prompt, arch):
     """A GGUF written as llama.cpp does (Q/K permuted, Q8_0 and F16 tensors) loads like transformers loads it."""
@@ -237,6 +257,8 @@ def test_bfloat16_matmuls_on_the_cpu(program, reference, prompt, monkeypatch):
     assert fast.kv_shape.dtype == torch.float32                  # the KV cache and the C kernels: float32
     assert fast.identity != program.identity                     # other K/V: never shared through the page cache
     assert fast.layers[0].qkv_t.dtype == torch.bfloat16
+    assert isinstance(fast.layers[0].qkv_t, qlinear.PanelLinear)     # bf16 panels (ops.panel_mm), the only copy
+    assert isinstance(fast.lm_head, qlinear.PanelLinear) and fast.lm_head.dtype == torch.bfloat16
     runner = PagedRunner(fast)
     logits = runner.prefill(runner.new_seq(), prompt, chunk=7)
     err = rel_error(logits, hf_logits(reference, prompt))

@@ -67,6 +67,14 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
 void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
                    const float *bias, int64_t m, int64_t k, int64_t n, int accumulate);
 int kvos_panel_width(void);
+/* panel_mm_bf16 (panel_bf16.c): y = (accumulate ? y : 0) + bf16(x) @ W^T + (bias or 0), float32 sums,
+ * W packed in bf16 panels of k-pairs by kernel/ops/panel.py; x float32 (rounded inside, nearest even)
+ * or bfloat16 when x_bf16. path: 0 the best this CPU has, 1 plain C, 2 vdpbf16ps (callers check
+ * kvos_panel_bf16_has_dp first). Returns KVOS_E_NOMEM or 0; otherwise unchecked (panel.py checks). */
+int kvos_panel_mm_bf16(float *y, int64_t y_stride, const void *x, int x_bf16, int64_t x_stride,
+                       const uint16_t *packed, const float *bias, int64_t m, int64_t k, int64_t n, int accumulate,
+                       int path);
+int kvos_panel_bf16_has_dp(void);
 /* qmm (qmm.c): y (m, n) float32 = x (m, k) float32 @ W^T, W packed by kernel/ops/qblocks.py in 4- or
  * 8-bit blocks of 32 (w = d*u + m); x is quantized to int8 per 32-block inside. path: 0 the
  * best this CPU has, 1 portable C, 2 AVX-512 VNNI (callers check kvos_qmm_has_vnni first). */

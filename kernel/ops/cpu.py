@@ -120,6 +120,20 @@ def panel_mm(out, x, packed, bias, m, k, n, accumulate):
                       _ptr(bias) if bias is not None else _ext.ffi.NULL, m, k, n, int(accumulate))
 
 
+def panel_bf16_has_dp() -> bool:
+    return bool(_load().lib.kvos_panel_bf16_has_dp())
+
+
+def panel_mm_bf16(out, x, packed, bias, m, k, n, accumulate, path):
+    """out = (accumulate ? out : 0) + bf16(x) @ W^T + bias on bf16 panels (checked by kernel/ops/panel.py)."""
+    lib = _load().lib
+    rc = lib.kvos_panel_mm_bf16(_ptr(out), out.stride(0), _ptr(x), int(x.dtype == torch.bfloat16), x.stride(0),
+                                _ptr(packed), _ptr(bias) if bias is not None else _ext.ffi.NULL, m, k, n,
+                                int(accumulate), path)
+    if rc:      # the only failure: its scratch for x's bf16 pairs
+        raise KvosError(ENOMEM, "the C kernel could not allocate its scratch memory")
+
+
 def qmm_has_vnni() -> bool:
     return bool(_load().lib.kvos_qmm_has_vnni())
 

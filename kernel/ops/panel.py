@@ -1,11 +1,14 @@
-"""Float32 y = x @ W^T for small M over W packed in column panels (the C kernel csrc/cpu/panel_mm.c).
+"""y = x @ W^T for small M over W packed in column panels (csrc/cpu/panel_mm.c, csrc/cpu/panel_bf16.c).
 
-panel_pack(w) turns W (n, k) into (ceil(n / PANEL), k, PANEL): each panel holds PANEL output
+panel_pack(w) turns W (n, k) into (ceil(n / PANEL), k, PANEL) float32: each panel holds PANEL output
 columns with k running contiguously inside it, the last panel padded with zeros. Pack once at
 load; panel_mm then streams every weight once per call and uses it for all rows of x, where MKL's
 sgemm at a few rows re-reads or under-uses them (docs/performance.md, section 7b). The packed form
-is the only copy the program needs: panel_unpack gives W back exactly. CPU only; the twin is
-reference.panel_mm. Every bad argument is KvosError(EINVAL) and nothing is written.
+is the only copy the program needs: panel_unpack gives W back exactly.
+panel_pack(w, torch.bfloat16) rounds W to bf16 and packs (ceil(n / PANEL), ceil(k / 2), 2 * PANEL):
+k in pairs, (W[c, 2j], W[c, 2j + 1]) side by side for each column c (k padded with a zero column when
+odd), the operand layout of vdpbf16ps; panel_mm on it rounds x to bf16 and sums in float32 (7c).
+CPU only; the twin is reference.panel_mm. Every bad argument is KvosError(EINVAL), nothing written.
 """
 import torch
 
@@ -15,11 +18,23 @@ PANEL = 64      # columns per panel; csrc/cpu/panel_mm.c's PANEL (cpu.panel_mm c
 _CPU = torch.device("cpu")
 
 
-def panel_pack(w: torch.Tensor) -> torch.Tensor:
-    """W (n, k) float32 -> the packed (ceil(n / PANEL), k, PANEL) float32 form (a new tensor)."""
-    val.tensor("w", w, ndim=2, dtypes=(torch.float32,), device=_CPU)
+PATHS = {"auto": 0, "portable": 1, "dp": 2}      # the bf16 kernel's code: best here, plain C, vdpbf16ps
+
+
+def panel_pack(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W (n, k) -> the packed form in dtype (a new tensor): float32 (ceil(n / PANEL), k, PANEL), or
+    bfloat16 (ceil(n / PANEL), ceil(k / 2), 2 * PANEL) with W rounded to nearest even."""
+    val.tensor("w", w, ndim=2, dtypes=(torch.float32, torch.bfloat16), device=_CPU)
     n, k = w.shape
     panels = -(-n // PANEL)
+    if dtype == torch.bfloat16:
+        kp = -(-k // 2)
+        padded = torch.zeros(panels * PANEL, 2 * kp, dtype=torch.bfloat16)
+        padded[:n, :k] = w
+        return padded.view(panels, PANEL, kp, 2).transpose(1, 2).reshape(panels, kp, 2 * PANEL)
+    if dtype != torch.float32:
+        val.fail(f"panels are float32 or bfloat16, not {dtype}")
+    w = w.float()
     if n % PANEL:   # pad the last panel with zeros (otherwise no temporary: one copy, the result)
         padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
         padded[:n] = w
@@ -27,16 +42,25 @@ def panel_pack(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(panels, PANEL, k).transpose(1, 2).contiguous()
 
 
-def panel_unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The (n, k) matrix a packed form holds (exact: packing only moves values)."""
+def panel_unpack(packed: torch.Tensor, n: int, k: int | None = None) -> torch.Tensor:
+    """The (n, k) matrix a packed form holds, in its dtype (exact: packing only moves values). k is
+    needed only for a bf16 form of odd k (otherwise it is the packed k, or twice its pairs)."""
     _packed(packed, n)
+    if packed.dtype == torch.bfloat16:
+        panels, kp = packed.shape[:2]
+        k = 2 * kp if k is None else k
+        if not isinstance(k, int) or not 2 * kp - 1 <= k <= 2 * kp:
+            val.fail(f"k = {k!r} does not fit {kp} pairs")
+        return packed.view(panels, kp, PANEL, 2).transpose(1, 2).reshape(panels * PANEL, 2 * kp)[:n, :k]
     return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
 
 
 def _packed(packed, n):
-    val.tensor("packed", packed, ndim=3, dtypes=(torch.float32,), device=_CPU)
-    if packed.shape[2] != PANEL or not packed.is_contiguous():
-        val.fail(f"packed must be contiguous (panels, k, {PANEL}), is {tuple(packed.shape)} "
+    val.tensor("packed", packed, ndim=3, dtypes=(torch.float32, torch.bfloat16), device=_CPU)
+    width = PANEL if packed.dtype == torch.float32 else 2 * PANEL
+    if packed.shape[2] != width or not packed.is_contiguous():
+        what = f"k, {PANEL}" if packed.dtype == torch.float32 else f"k / 2, {2 * PANEL}"
+        val.fail(f"packed must be contiguous (panels, {what}), is {tuple(packed.shape)} "
                  f"with strides {packed.stride()}")
     if not isinstance(n, int) or not (packed.shape[0] - 1) * PANEL < n <= packed.shape[0] * PANEL:
         val.fail(f"n = {n!r} does not fit {packed.shape[0]} panels of {PANEL} columns")
@@ -54,17 +78,23 @@ def _span(t):
 
 
 def panel_mm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
-             out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+             out: torch.Tensor | None = None, accumulate: bool = False, *, path: str = "auto") -> torch.Tensor:
     """out (m, n) = x (m, k) @ W^T (+ bias) in float32, or out += that when accumulate.
 
     x and out may have any row stride (their last dimension dense); bias is (n,). out must not
-    share memory with x, packed or bias (the kernel writes it while it reads them)."""
+    share memory with x, packed or bias (the kernel writes it while it reads them). On bf16 panels x
+    is float32 (rounded to bf16 inside) or bfloat16, its k the pairs' 2 * kp or 2 * kp - 1 (then the
+    last packed column, zero when W's k was odd, is not used); out and bias stay float32. path
+    ("auto", "portable" or "dp") picks the bf16 kernel's code; float32 panels have one."""
     _packed(packed, n)
-    val.tensor("x", x, ndim=2, dtypes=(torch.float32,), device=_CPU)
+    bf16 = packed.dtype == torch.bfloat16
+    val.tensor("x", x, ndim=2, dtypes=(torch.float32, torch.bfloat16) if bf16 else (torch.float32,), device=_CPU)
     val.rows_contiguous("x", x)
     m, k = x.shape
-    if k != packed.shape[1]:
-        val.fail(f"x has k = {k}, the packed weights {packed.shape[1]}")
+    if k != packed.shape[1] and not (bf16 and (k + 1) // 2 == packed.shape[1]):
+        val.fail(f"x has k = {k}, the packed weights {2 * packed.shape[1] if bf16 else packed.shape[1]}")
+    if path not in PATHS:
+        val.fail(f"path must be one of {list(PATHS)}, not {path!r}")
     if bias is not None:
         val.tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=_CPU)
         if bias.shape[0] != n or not bias.is_contiguous():
@@ -95,5 +125,10 @@ def panel_mm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor |
             out.add_(bias)
         return out
     from kernel.ops import cpu
-    cpu.panel_mm(out, x, packed, bias, m, k, n, accumulate)
+    if not bf16:
+        cpu.panel_mm(out, x, packed, bias, m, k, n, accumulate)
+    elif path == "dp" and not cpu.panel_bf16_has_dp():
+        val.fail("this CPU has no AVX512_BF16: path='dp' cannot run here")
+    else:
+        cpu.panel_mm_bf16(out, x, packed, bias, m, k, n, accumulate, PATHS[path])
     return out

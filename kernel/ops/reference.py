@@ -134,9 +134,15 @@ def silu_mul(gate_up, out=None):
 
 def panel_mm(x, packed, n, bias=None, out=None, accumulate=False):
     """out (m, n) = x @ W^T (+ bias), or out += that; W (n, k) is packed (panels, k, 64) column
-    panels (ops.panel_pack), read back here by undoing the packing."""
-    w = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
-    y = x.float() @ w.t()
+    panels (ops.panel_pack), read back here by undoing the packing. On bf16 panels (k-pairs of
+    128) x is rounded to bf16 and the products are summed in float64 (the kernel sums in float32)."""
+    if packed.dtype == torch.bfloat16:
+        panels, kp = packed.shape[:2]
+        w = packed.view(panels, kp, 64, 2).transpose(1, 2).reshape(panels * 64, 2 * kp)[:n, :x.shape[1]]
+        y = (x.to(torch.bfloat16).double() @ w.double().t()).float()
+    else:
+        w = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
+        y = x.float() @ w.t()
     if bias is not None:
         y = y + bias
     if out is None:

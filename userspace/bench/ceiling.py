@@ -32,16 +32,21 @@ def measure(threads: int, repeats: int = 5) -> dict:
     panel = qlinear.PanelLinear.from_float(w)
     panels = _best_rate(lambda: panel.mm(x), 2 * m * k * n, repeats * 4)
     shaped = max(mkl, panels)
-    # The same GEMM in bf16 (AMX where the CPU has it): the kvos-bf16 row's roofline prices its matmuls
-    # at this rate. Not part of the fp32 ceiling.
+    # The same GEMM in bf16: the faster of torch's (oneDNN; AMX where the CPU has it) and bf16 panels (what
+    # the bf16-matmul program runs on the CPU): the kvos-bf16 row's roofline prices its matmuls at this
+    # rate. Not part of the fp32 ceiling.
     xb, wb = x.bfloat16(), w.bfloat16()
-    bf16 = _best_rate(lambda: torch.nn.functional.linear(xb, wb), 2 * m * k * n, repeats * 4)
+    onednn = _best_rate(lambda: torch.nn.functional.linear(xb, wb), 2 * m * k * n, repeats * 4)
+    panel_bf16 = qlinear.PanelLinear.from_float(w, torch.bfloat16)
+    bf16_panels = _best_rate(lambda: panel_bf16.mm(x), 2 * m * k * n, repeats * 4)
+    bf16 = max(onednn, bf16_panels)
     buf = torch.ones(READ_BYTES // 4)
     read = _best_rate(lambda: buf.sum(), READ_BYTES, repeats)
     return {"threads": threads, "matmul_flops": square, "model_gemm_flops": shaped, "read_bytes_per_s": read,
             "bf16_gemm_flops": bf16,
             "matmul": f"{MM_SIZE}x{MM_SIZE} fp32 torch.mm, best of {repeats}",
             "mkl_gemm_flops": mkl, "panel_gemm_flops": panels,
+            "onednn_bf16_gemm_flops": onednn, "panel_bf16_gemm_flops": bf16_panels,
             "model_gemm": f"the faster of F.linear and kernel.ops.panel_mm, ({m}x{k}) @ ({k}x{n})^T fp32, "
                           f"best of {repeats * 4}",
             "read": f"torch.sum over {READ_BYTES >> 20} MiB fp32, best of {repeats}"}

@@ -53,7 +53,8 @@ class StepWork:
 
 
 def matmul_rate(ceiling: dict, matmul_dtype: str) -> float | None:
-    """The measured GEMM rate for the linear layers' dtype: bf16 (AMX) or the fp32 ceiling."""
+    """The measured GEMM rate for the linear layers' dtype: bf16 (the faster of oneDNN and bf16 panels)
+    or the fp32 ceiling."""
     if matmul_dtype == "bfloat16" and ceiling.get("bf16_gemm_flops"):
         return ceiling["bf16_gemm_flops"]
     return ceiling.get("flops")

@@ -100,20 +100,21 @@ class _Layer:
     addmm (in the matmul dtype): 1.0 to 1.2x faster than F.linear on the (out, in) layout at
     SmolLM2's decode shapes (weights cold in cache, as in a step). In float32 on the CPU they are
     packed in column panels for ops.panel_mm instead (qlinear.PanelLinear: 1.2x to 2.9x faster
-    than MKL's sgemm at every M measured, docs/performance.md 7b)."""
+    than MKL's sgemm at every M measured, docs/performance.md 7b), in bfloat16 panels when the
+    matmuls are bf16 under float32 activations (7c)."""
     __slots__ = ("attn_norm", "qkv_t", "qkv_bias", "o_t", "o_bias", "mlp_norm", "gate_up_t", "down_t")
 
     def __init__(self, w: dict, i: int, matmul_dtype: torch.dtype, panels: bool):
         for name in self.__slots__:
             if name.endswith("_t") and qlinear.is_quantized(w[f"layers.{i}.{name[:-2]}"]):
                 setattr(self, name, w[f"layers.{i}.{name[:-2]}"])     # the GGUF's blocks (qlinear.py)
-            elif name.endswith("_t") and panels:     # float32 on the CPU: packed for ops.panel_mm
-                setattr(self, name, qlinear.PanelLinear.from_float(w[f"layers.{i}.{name[:-2]}"]))
+            elif name.endswith("_t") and panels:     # float32 / bf16 on the CPU: packed for ops.panel_mm
+                setattr(self, name, qlinear.PanelLinear.from_float(w[f"layers.{i}.{name[:-2]}"], matmul_dtype))
             elif name.endswith("_t"):
                 setattr(self, name, w[f"layers.{i}.{name[:-2]}"].t().to(matmul_dtype).contiguous())
             else:
                 setattr(self, name, w.get(f"layers.{i}.{name}"))
-        if self.qkv_bias is not None:     # added inside the GEMM, so in its dtype
+        if self.qkv_bias is not None and not panels:   # added inside the GEMM, so in its dtype (panels: float32)
             self.qkv_bias = self.qkv_bias.to(matmul_dtype)
 
 
@@ -162,11 +163,13 @@ class LlamaProgram(Program):
         head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
         self.lm_head = head if qlinear.is_quantized(head) else head.to(self.matmul_dtype)
         # float32 on the CPU (one rank): every GEMM is ops.panel_mm over packed panels, the one place
-        # that choice is made (docs/performance.md, 7b). A tied embedding reads its rows from the
-        # head's panels, so the table is held once.
-        panels = torch.device(device).type == "cpu" and self.matmul_dtype == torch.float32 and tp is None
+        # that choice is made (docs/performance.md, 7b); bf16 matmuls under float32 activations run
+        # it on bf16 panels (7c). A tied embedding reads its rows from the head's panels, so the table
+        # is held once (with bf16 matmuls its rows are then the bf16-rounded ones, widened).
+        panels = (torch.device(device).type == "cpu" and tp is None and dtype == torch.float32
+                  and self.matmul_dtype in (torch.float32, torch.bfloat16))
         if panels and not qlinear.is_quantized(head):
-            self.lm_head = qlinear.PanelLinear.from_float(head)
+            self.lm_head = qlinear.PanelLinear.from_float(head, self.matmul_dtype)
             if config.tie_word_embeddings:
                 self.embed = self.lm_head
         self.layers = [_Layer(w, i, self.matmul_dtype, panels) for i in range(config.num_hidden_layers)]

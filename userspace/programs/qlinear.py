@@ -19,8 +19,9 @@ The int4 op's forms, used by BlockLinear past QMM_MAX_ROWS rows (and alone in ca
 - DenseLinear: any other type (F16, Q6_K, Q5_*, ...), widened to bf16 at conversion.
 - Q8Table: an embedding kept as Q8_0 blocks; rows are widened as they are looked up. When the
   embedding is tied it also carries the head (an Int8Linear over the same codes).
-- PanelLinear: not quantized: a float32 weight packed in column panels for ops.panel_mm, the
-  float32 CPU path's only copy of its projections and LM head (rows() serves a tied embedding).
+- PanelLinear: not quantized: a float32 or bfloat16 weight packed in column panels for ops.panel_mm,
+  the CPU float32 / bf16-matmul paths' only copy of their projections and LM head (rows() serves a
+  tied embedding).
 Every layer's dequantize() is the float32 matrix it stands for: the oracle of the tests.
 """
 from __future__ import annotations
@@ -154,16 +155,23 @@ class DenseLinear:
 
 
 class PanelLinear:
-    """A float32 W (n, k) in ops.panel_pack's column panels: x @ W^T through ops.panel_mm at every M
-    (it beats MKL's sgemm from 1 to 512 rows on this CPU: docs/performance.md, section 7b)."""
+    """W (n, k) in ops.panel_pack's column panels: x @ W^T through ops.panel_mm at every M. float32
+    panels beat MKL's sgemm from 1 to 512 rows on this CPU (docs/performance.md, 7b); bfloat16 panels
+    (W rounded once at packing, x rounded per call, float32 sums and outputs) serve bf16 matmuls (7c)."""
     __slots__ = ("packed", "shape")
 
-    def __init__(self, packed: torch.Tensor, n: int):
-        self.packed, self.shape = packed, (n, packed.shape[1])
+    def __init__(self, packed: torch.Tensor, n: int, k: int | None = None):
+        self.packed = packed
+        self.shape = (n, packed.shape[1] if k is None else k)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor) -> PanelLinear:
-        return cls(ops.panel_pack(w.float()), w.shape[0])
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> PanelLinear:
+        return cls(ops.panel_pack(w if w.dtype == dtype else w.float(), dtype), w.shape[0], w.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the weights are held in (and x is rounded to): float32 or bfloat16."""
+        return self.packed.dtype
 
     def mm(self, a: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return ops.panel_mm(a, self.packed, self.shape[0], bias)
@@ -172,13 +180,18 @@ class PanelLinear:
         ops.panel_mm(a, self.packed, self.shape[0], out=x, accumulate=True)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of W (an embedding lookup on a tied table): column ids % 64 of panel ids // 64."""
+        """Rows of W as float32 (an embedding lookup on a tied table): column ids % 64 of panel
+        ids // 64; in bf16 panels a row's k-pairs sit at 2 * (ids % 64) and the next element."""
         ids = ids.long()
-        width = self.packed.shape[2]
-        return self.packed[ids // width, :, ids % width]
+        if self.packed.dtype == torch.float32:
+            width = self.packed.shape[2]
+            return self.packed[ids // width, :, ids % width]
+        width = self.packed.shape[2] // 2
+        pairs = self.packed.view(self.packed.shape[0], self.packed.shape[1], width, 2)[ids // width, :, ids % width]
+        return pairs.reshape(ids.shape[0], -1)[:, :self.shape[1]].float()
 
     def dequantize(self) -> torch.Tensor:
-        return ops.panel_unpack(self.packed, self.shape[0]).contiguous()
+        return ops.panel_unpack(self.packed, *self.shape).float().contiguous()
 
     def tensors(self) -> dict:
         return {"packed": self.packed}
