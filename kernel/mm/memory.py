@@ -50,6 +50,7 @@ class MemoryManager:
         self.segments: dict[int, Segment] = {}
         self.pending: list[MemOp] = []
         self.cow_faults = 0
+        self.remapped = None     # a set of asids whose frames a CoW fault remapped, once kernel/pagerows.py asks
         self.swapped_out_pages = 0
         self.swapped_in_pages = 0
         self._next_id = 1
@@ -174,6 +175,8 @@ class MemoryManager:
             self._reserve(space.cgroup, needed, needed, f"append to address space {asid}")
         if cow:
             self._cow_fault(space, start // ps)
+            if self.remapped is not None:       # the batch builder's copy of this page table is stale
+                self.remapped.add(asid)
         # LAB(pagetable): BEGIN
         for _ in range(new_pages):
             space.frames.append(self.frames.alloc(space.cgroup))
