@@ -2,8 +2,9 @@
 
 A seeded whole-kernel run on tiny-llama (a system prompt in shm, forks, a pool small enough that
 processes are preempted, swapped out and back in) builds every step's batch both ways; the two
-page tables must be equal at every step, fsck clean after each. A unit test drives the rows alone
-through appends, a remap, a replaced list, a shorter list, reclaim and growth.
+page tables must be equal at every step, fsck clean after each. A parent's copy-on-write
+remap after a fork (a row the table holds, changed in place) is checked the same way, and a unit
+test drives the rows alone through appends, a remap, a replaced list, a shorter list, reclaim and growth.
 """
 import random
 from types import SimpleNamespace
@@ -45,9 +46,11 @@ def test_rows_follow_appends_remaps_and_replaced_lists():
         rows.check([2], [b])
 
 
-def test_incremental_table_equals_a_rebuilt_one_every_step(monkeypatch):
+@pytest.fixture
+def compared(monkeypatch):
+    """Every batch the kernel builds is built again with a fresh table; the two must be equal."""
     real = kstep.host_batch
-    compared = []
+    seen = []
 
     def both(works, wanted, mm, null_frame=None, page_rows=None):
         assert page_rows is not None and null_frame is None
@@ -55,10 +58,32 @@ def test_incremental_table_equals_a_rebuilt_one_every_step(monkeypatch):
         rebuilt, _ = real(works, wanted, mm, null_frame, None)
         assert host.page_table.shape == rebuilt.page_table.shape
         assert np.array_equal(host.page_table, rebuilt.page_table)
-        compared.append(len(works))
+        seen.append(len(works))
         return host, padding
     monkeypatch.setattr(kstep, "host_batch", both)
+    return seen
 
+
+def test_a_parents_cow_remap_after_fork_rewrites_its_row(compared):
+    k = kernel.boot(memory="64MiB")
+    s = k.syscalls()
+    tid = s.spawn_tenant(load_program("tiny-llama"))
+    parent = s.spawn(tid, list(range(3, 23)), max_tokens=30, **GREEDY)      # 20 tokens: a partly filled page
+    for _ in range(3):
+        k.step()
+    asid = k.procs[parent].asid
+    assert asid in k.page_rows.source                       # the parent's row is in the table
+    s.fork(parent, 1)
+    faults, rewrites = k.mm.cow_faults, k.page_rows.rewrites
+    k.step()                                                # the parent writes its shared page first
+    assert k.mm.cow_faults == faults + 1 and k.page_rows.rewrites == rewrites + 2     # its row, the child's
+    while k.step():
+        k.fsck()
+    k.fsck()
+    k.shutdown()
+
+
+def test_incremental_table_equals_a_rebuilt_one_every_step(compared):
     program = load_program("tiny-llama")
     frame = 16 * program.kv_shape.bytes_per_token
     k = kernel.boot(memory=40 * frame, swap="64MiB", token_budget=256)
