@@ -1,10 +1,10 @@
 """The batch builder's persistent host page table: one row per address space that has run.
 
 host_batch() asks rows_for(asids, frame lists) each step; a row is rewritten only where its space
-changed (pages appended: the new tail; a copy-on-write remap, a swap-in or attach: the whole row),
-then the step's rows are gathered in one numpy index. The memory manager reports remaps in
-`mm.remapped` (enabled by this table); a frames list that is another object than last time, or
-shorter, rewrites the row. Rows of freed spaces are reclaimed when the table runs out of rows.
+changed (pages appended: the new tail; a copy-on-write remap, a swap or attach: the whole row),
+then the step's rows are gathered in one numpy index. The memory manager reports every change but
+appends in `mm.remapped` (enabled by this table); a frames list that is another object than last
+time, or shorter, also rewrites the row. Rows of freed spaces are reclaimed when the table runs out.
 """
 import numpy as np
 
@@ -14,7 +14,7 @@ from kernel.errors import KernelPanic
 class PageRows:
     def __init__(self, mm, rows: int = 64, width: int = 16):
         self.mm = mm
-        mm.remapped = set()                  # asids whose frames changed in place (MemoryManager.append)
+        mm.remapped = set()                  # asids whose frames changed other than by appends (mm)
         self.table = np.zeros((rows, width), dtype=np.int32)
         self.row_of: dict = {}               # asid -> row index
         self.source: dict = {}               # asid -> (the frames list copied, how many entries)
