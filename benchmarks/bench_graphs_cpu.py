@@ -10,7 +10,9 @@ round, min and median over rounds:
 2. a decode step of the whole kernel (tiny-llama, or --model) eager against the graph runner's padded
    static path (graphs=True: no capture on the CPU), at batch 3 (padded to 4) and 8;
 3. batch building (kernel/step.py's host_batch and to_device, or build_batch where a tree has that)
-   per decode step at 256 sequences of tiny-llama with 300-token prompts.
+   per decode step at 256 sequences of tiny-llama with 300-token prompts;
+4. host_batch alone at the same 256 decode rows, its page table gathered from the kernel's persistent
+   rows (kernel/pagerows.py) against filled row by row, both on every step in alternating order.
 """
 import argparse
 import random
@@ -115,6 +117,50 @@ def batch_building(rounds):
     print(f"   min {min(per) * 1e6:.0f} us   median {statistics.median(per) * 1e6:.0f} us")
 
 
+def page_rows_vs_rebuilt(rounds):
+    from kernel import batch as kbatch
+    from kernel import step as kstep
+    real = getattr(kbatch, "host_batch", None)       # the function itself: part 3 wraps kstep's name
+    if real is None or "page_rows" not in real.__code__.co_varnames:
+        print("== host_batch: this tree has no persistent page rows")
+        return
+    wrapped = kstep.host_batch
+    spent = {"persistent rows": 0.0, "rebuilt": 0.0}
+    flip = [False]
+
+    def both(works, wanted, mm, null_frame=None, page_rows=None):
+        out = None
+        order = (("rebuilt", None), ("persistent rows", page_rows))
+        for name, rows in (order[::-1] if flip[0] else order):
+            t0 = time.thread_time()
+            got = real(works, wanted, mm, null_frame, rows)
+            spent[name] += time.thread_time() - t0
+            out = got if rows is not None else out
+        flip[0] = not flip[0]
+        return out
+    kstep.host_batch = both
+    k = kernel.boot(memory="256MiB", threads=1, max_running=256, token_budget=4096)
+    s = k.syscalls()
+    tid = s.spawn_tenant("tiny-llama")
+    rng = random.Random(0)
+    for _ in range(256):
+        s.spawn(tid, [rng.randrange(3, 500) for _ in range(300)], max_tokens=200, temperature=0, ignore_eos=True)
+    for _ in range(30):
+        k.step()
+    per = {name: [] for name in spent}
+    for _ in range(rounds):
+        for name in spent:
+            spent[name] = 0.0
+        for _ in range(10):
+            k.step()
+        for name in spent:
+            per[name].append(spent[name] / 10)
+    kstep.host_batch = wrapped
+    print("== host_batch per decode step, 256 sequences (CPU time)")
+    for name, times in per.items():
+        print(f"   {name:16s} min {min(times) * 1e6:.0f} us   median {statistics.median(times) * 1e6:.0f} us")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-llama")
@@ -125,6 +171,7 @@ def main(argv=None):
     op_layer(args.rounds)
     decode_steps(args.model, (3, 8), args.rounds)
     batch_building(5)
+    page_rows_vs_rebuilt(7)
 
 
 if __name__ == "__main__":

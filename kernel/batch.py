@@ -62,7 +62,7 @@ def build_batch(works, wanted, mm, device, null_frame=None):
     return to_device(host, device), padding
 
 
-def host_batch(works, wanted, mm, null_frame=None):
+def host_batch(works, wanted, mm, null_frame=None, page_rows=None):
     """One program's share of a plan as checked host arrays; returns (HostBatch, padding tokens).
 
     `works` are kernel.sched.plan.Work items of processes running one program;
@@ -74,15 +74,20 @@ def host_batch(works, wanted, mm, null_frame=None):
     context lengths) are checked here on the host arrays, so the forward passes check=False and
     no op syncs with the host (which a captured CUDA graph forbids); bad indices are still
     KvosError(EINVAL) before anything is written.
+    With `page_rows` (kernel/pagerows.py, the kernel's persistent table) and no padding, the page
+    table is gathered from its rows, updated by what changed, instead of filled row by row.
     """
     token_ids, positions, slots, query_start, context_lens, rows, sample_indices = pack(works, wanted, mm)
     padding = 0
     if null_frame is not None and works:
         padding = pad(works, null_frame, token_ids, positions, slots, query_start, context_lens, rows)
-    max_pages = max(len(r) for r in rows) if rows else 1
-    table = np.zeros((len(rows), max_pages), dtype=np.int32)
-    for i, r in enumerate(rows):
-        table[i, :len(r)] = r
+    if page_rows is not None and not padding and works:
+        table = page_rows.rows_for([w.proc.asid for w in works], rows)
+    else:
+        max_pages = max(len(r) for r in rows) if rows else 1
+        table = np.zeros((len(rows), max_pages), dtype=np.int32)
+        for i, r in enumerate(rows):
+            table[i, :len(r)] = r
     host = HostBatch(
         token_ids=np.asarray(token_ids, dtype=np.int64), positions=np.asarray(positions, dtype=np.int64),
         slot_mapping=np.asarray(slots, dtype=np.int32), page_table=table,

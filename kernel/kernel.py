@@ -3,7 +3,8 @@
     plan   = sched.schedule()       who runs, how many tokens, who is preempted or ends (memory bookkept)
     apply the plan's exits          processes that can never fit end with ENOMEM
     mm.flush()                      copy-on-write and swap bytes move, batched, in order
-    batch  = host_batch(works)      per program: packed tokens, positions, slots, page tables (checked)
+    batch  = host_batch(works)      per program: packed tokens, positions, slots, page tables (kept across
+                                    steps in kernel/pagerows.py), checked
     logits = program.forward(...)   on the device (pure decode: through the decode graphs, if on)
     tokens = sample(logits, ...)    per-process parameters and seeded generators
     commit(plan, tokens)            append token bytes, stop checks, turn ends, exits free pages
@@ -31,6 +32,7 @@ from kernel.errors import EINVAL, ENOMEM, KvosError
 from kernel.klock import KernelLock
 from kernel.mm import MemoryManager, namespace_name
 from kernel.pagename import salt_of
+from kernel.pagerows import PageRows
 from kernel.proc import ExitStatus, Process, Residency, State
 from kernel.program import exec_program
 from kernel.sampling import SamplingParams, shapes
@@ -116,6 +118,7 @@ class Kernel:
         self._events = step.StepEvents()                           # exits since the last step record
         self.blocking = BlockingCount()                              # Tenant.blocked (kernel/watch.py)
         self.null_frame = None                                     # padded batches write padding here
+        self.page_rows = None                                      # kernel/pagerows.py, with the mm
         self.accepting = True                                      # False once shutdown() began
         if frame_bytes is not None:
             self._size_pool(frame_bytes)
@@ -158,6 +161,7 @@ class Kernel:
         self.frame_bytes = frame_bytes
         self.mm = MemoryManager(self.device, num_frames, frame_bytes,
                                 swap_slots=self.swap_bytes // frame_bytes, watermark=self.watermark)
+        self.page_rows = PageRows(self.mm)  # the batch builder's page table, kept across steps
         if self.padded or self.graph_mode:   # one frame outside every cgroup absorbs the K/V of padding tokens
             asid = self.mm.create(0, 1, b"null")
             self.mm.append(asid, [0])

@@ -42,7 +42,8 @@ def forward(kernel, plan) -> dict:
         program = works[0].proc.tenant.program
         wanted = [w for w in works if w.logits]
         try:
-            host, padding = host_batch(works, wanted, kernel.mm, kernel.null_frame if kernel.padded else None)
+            host, padding = host_batch(works, wanted, kernel.mm, kernel.null_frame if kernel.padded else None,
+                                       kernel.page_rows)
             kv, graphs = kernel.kv_view(program), kernel.graphs
             if graphs is not None and graphs.takes(program, host, kv):    # pure decode: static buffers, graphs
                 logits, graph_padding = graphs.forward(program, host, kv)

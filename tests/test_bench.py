@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from kernel.errors import KvosError
 from kernel.results import StepRecord, TenantInfo, WorkRecord
@@ -312,3 +313,48 @@ def test_profile_on_the_tiny_model():
         assert seconds[name] > 0, name                    # the step ran under cProfile, in trace()
     assert re.search(r"16 sequences, [1-9]\d* steps, .* s in Kernel\.step", out.stdout)
     assert "steps by shape" in out.stdout and "with prefill" in out.stdout
+
+
+# -- devices -------------------------------------------------------------------------------------
+
+def test_device_names_are_checked():
+    from userspace.bench.cli import check_device
+    check_device("cpu")
+    for bad in ("gpu", "cpu:0", "cuda:x", "tpu"):
+        with pytest.raises(KvosError) as err:
+            check_device(bad)
+        assert err.value.errno == "EINVAL"
+
+
+def test_cpu_only_rows_are_skipped_on_cuda_with_a_reason():
+    from userspace.bench.cli import CPU_ONLY, _skip_reason
+    for name in ("llama.cpp", "kvos-gguf", "kvos-bf16kv"):
+        assert _skip_reason(name, Path("m.gguf"), "cuda") == CPU_ONLY[name]
+    assert _skip_reason("kvos", None, "cuda") is None and _skip_reason("kvos-bf16", None, "cuda") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+@pytest.mark.parametrize("command", [["-m", "userspace.bench"], ["-m", "userspace.shell.main", "bench"]])
+def test_cuda_without_a_gpu_is_refused_in_one_line(command):
+    out = subprocess.run([sys.executable, *command, "--device", "cuda", "--model", "tiny-llama", "--quick"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ENODEV" in lines[0] and "no CUDA GPU" in lines[0], out.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kvos_rows_on_cuda_match_the_cpu():
+    """kvos (float32) on the GPU generates the CPU's tokens; kvos-bf16 runs; the ceiling is the GPU's."""
+    common = ("--quick", "--model", "tiny-llama", "--memory", "8MiB", "--tokens", "--systems")
+    gpu = bench("--device", "cuda", *common, "kvos,kvos-bf16,kvos-gguf")
+    cpu = bench(*common, "kvos")
+    rows = {r["system"]: r for r in gpu["table"]}
+    assert rows["kvos"]["ok"] and rows["kvos-bf16"]["ok"] and rows["kvos-gguf"]["skipped"]
+    assert "on cuda" in rows["kvos"]["mode"] and "float32 matmuls, float32 KV" in rows["kvos"]["mode"]
+    assert "bfloat16 matmuls, bfloat16 KV" in rows["kvos-bf16"]["mode"]
+    assert rows["kvos"]["tokens"] == cpu["table"][0]["tokens"]
+    ceiling = gpu["machine"]["ceiling"]
+    assert ceiling["ok"] and ceiling["device"] == "cuda" and ceiling["read_bytes_per_s"] > 0
+    assert rows["kvos"]["roofline_fraction"] > 0

@@ -50,6 +50,7 @@ class MemoryManager:
         self.segments: dict[int, Segment] = {}
         self.pending: list[MemOp] = []
         self.cow_faults = 0
+        self.remapped = None     # asids whose frames changed other than by appends, once kernel/pagerows.py asks
         self.swapped_out_pages = 0
         self.swapped_in_pages = 0
         self._next_id = 1
@@ -174,6 +175,7 @@ class MemoryManager:
             self._reserve(space.cgroup, needed, needed, f"append to address space {asid}")
         if cow:
             self._cow_fault(space, start // ps)
+            self._remapped(asid)
         # LAB(pagetable): BEGIN
         for _ in range(new_pages):
             space.frames.append(self.frames.alloc(space.cgroup))
@@ -198,6 +200,13 @@ class MemoryManager:
         for _ in range(new):
             space.frames.append(self.frames.alloc(space.cgroup))
         return new
+
+    def _remapped(self, asid: int) -> None:
+        """Tell the batch builder's copy of this page table (kernel/pagerows.py) that it is stale: a frame
+        replaced in place (copy-on-write), every frame gone or new (swap), a segment mapped (attach).
+        Reported here, around the lab regions, so that it holds however those are written."""
+        if self.remapped is not None:
+            self.remapped.add(asid)
 
     def _cow_fault(self, space: AddressSpace, vpn: int) -> None:
         """Give `space` a private copy of its shared page `vpn` (the caller reserved the frame)."""
@@ -306,6 +315,7 @@ class MemoryManager:
         space = self.space(asid)
         if space.is_swapped or not space.frames:
             return 0
+        self._remapped(asid)
         # LAB(swap): BEGIN
         pages = space.num_pages
         if pages > self.swap.num_free:
@@ -346,6 +356,7 @@ class MemoryManager:
         space = self.space(asid)
         if not space.is_swapped:
             return 0
+        self._remapped(asid)
         # LAB(swap): BEGIN
         hits = self._swap_in_hits(space)
         cached_hits = sum(1 for f in hits if f is not None and self.frames.refcount[f] == 0)
@@ -399,6 +410,7 @@ class MemoryManager:
             raise KvosError(EINVAL, f"address space {asid} is not empty; attach the segment first")
         if seg.page_size != space.page_size or seg.namespace != space.namespace:
             raise KvosError(EINVAL, f"segment {shmid} belongs to another program or namespace")
+        self._remapped(asid)
         # LAB(pagecache): BEGIN
         for frame in seg.frames:
             self.frames.incref(frame, space.cgroup)

@@ -1,8 +1,9 @@
 """The machine's limits, measured in the same run: fp32 matmul FLOP/s and memory read bandwidth.
 
-Run as its own process with the systems' thread count (`python -m userspace.bench.ceiling`);
-prints one JSON object. The compute ceiling of a run is tokens x 2 x parameters over
-this FLOP/s: no fp32 system can process tokens faster on this machine's threads.
+Run as its own process with the systems' thread count (`python -m userspace.bench.ceiling THREADS
+[DEVICE]`); prints one JSON object. The compute ceiling of a run is tokens x 2 x parameters over
+this FLOP/s: no fp32 system can process tokens faster on this machine's threads. With a cuda
+DEVICE every rate is the GPU's (GEMMs and a read of device memory, timed with CUDA events).
 """
 from __future__ import annotations
 
@@ -15,10 +16,17 @@ MODEL_SHAPE = (512, 576, 3072)      # a SmolLM2 gate/up projection over a 512-to
 READ_BYTES = 512 << 20
 
 
-def measure(threads: int, repeats: int = 5) -> dict:
+GPU_MM_SIZE = 8192      # ~1.1 TFLOP: milliseconds on a GPU, long enough for events to time
+GPU_READ_BYTES = 2 << 30    # far past any L2, so the sum reads HBM
+
+
+def measure(threads: int, repeats: int = 5, device: str = "cpu") -> dict:
     import os
     os.environ["KVOS_THREADS"] = str(threads)     # the C kernels' share of the one OpenMP pool
     import torch
+    if device != "cpu":
+        torch.set_num_threads(threads)
+        return measure_gpu(device, repeats)
 
     from userspace.programs import qlinear
     torch.set_num_threads(threads)
@@ -52,6 +60,51 @@ def measure(threads: int, repeats: int = 5) -> dict:
             "read": f"torch.sum over {READ_BYTES >> 20} MiB fp32, best of {repeats}"}
 
 
+def measure_gpu(device: str, repeats: int = 5) -> dict:
+    """The same keys as measure(), each the GPU's: fp32 GEMMs without TF32 (the fp32 rows' arithmetic),
+    bf16 GEMMs, and torch.sum over device memory. The model-shaped GEMM is kept for the record; on a
+    GPU it is far too small to reach the square one's rate, and the ceiling takes the larger."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device(device)
+    n = GPU_MM_SIZE
+    square = _square_gpu_rate(dev, n, torch.float32, repeats)
+    bf16 = _square_gpu_rate(dev, n, torch.bfloat16, repeats)
+    m, k, nn = MODEL_SHAPE
+    x, w = torch.randn(m, k, device=dev), torch.randn(nn, k, device=dev)
+    shaped = _best_gpu_rate(lambda: torch.nn.functional.linear(x, w), 2 * m * k * nn, repeats * 4)
+    buf = torch.ones(GPU_READ_BYTES // 4, device=dev)
+    read = _best_gpu_rate(lambda: buf.sum(), GPU_READ_BYTES, repeats)
+    return {"threads": torch.get_num_threads(), "device": device, "device_name": torch.cuda.get_device_name(dev),
+            "matmul_flops": square, "model_gemm_flops": shaped, "read_bytes_per_s": read, "bf16_gemm_flops": bf16,
+            "matmul": f"{n}x{n} fp32 torch.mm on {device} (TF32 off), best of {repeats}",
+            "model_gemm": f"F.linear ({m}x{k}) @ ({k}x{nn})^T fp32 on {device}, best of {repeats * 4}",
+            "bf16_gemm": f"{n}x{n} bf16 torch.mm on {device}, best of {repeats}",
+            "read": f"torch.sum over {GPU_READ_BYTES >> 20} MiB fp32 of device memory, best of {repeats}"}
+
+
+def _square_gpu_rate(dev, n: int, dtype, repeats: int) -> float:
+    """FLOP/s of an n x n x n torch.mm in dtype (its operands are freed on return)."""
+    import torch
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    return _best_gpu_rate(lambda: torch.mm(a, b), 2 * n**3, repeats)
+
+
+def _best_gpu_rate(fn, work: float, repeats: int) -> float:
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    return work / best
+
+
 def _best_rate(fn, work: float, repeats: int) -> float:
     fn()                                  # first call: allocation and thread start-up
     best = float("inf")
@@ -64,4 +117,4 @@ def _best_rate(fn, work: float, repeats: int) -> float:
 
 if __name__ == "__main__":
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    print(json.dumps(measure(threads)))
+    print(json.dumps(measure(threads, device=sys.argv[2] if len(sys.argv) > 2 else "cpu")))

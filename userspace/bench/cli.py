@@ -36,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
     p.add_argument("--output", metavar="FILE", help="also write the JSON object to FILE")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu (default) or cuda[:N]: kvos and the transformers baselines run there, and the ceiling "
+                        "and roofline rates are the GPU's, measured in the same run; llama.cpp, kvos-gguf and "
+                        "kvos-bf16kv are skipped on cuda (docs/performance.md)")
+    p.add_argument("--graphs", action="store_true",
+                   help="kvos rows boot with graphs=True (decode steps replayed from CUDA graphs on a GPU, "
+                        "docs/kernels.md section 7)")
     p.add_argument("--threads", type=int, default=2, help="threads of every system (default 2)")
     p.add_argument("--memory", default="1GiB", help="KV memory of kvos and hf-cb (default 1GiB); llama.cpp gets "
                                                    "the same number of tokens")
@@ -93,12 +100,15 @@ def run(args) -> int:
         raise KvosError(EINVAL, f"unknown system(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(SYSTEMS)}")
     if args.threads < 1:
         raise KvosError(EINVAL, f"--threads must be at least 1, got {args.threads}")
+    check_device(args.device, args.tp)       # before anything loads: no GPU is one line, not a table of failures
     err = Console(stderr=True)
     workload, num_params, gguf = _prepare(args)
     options = {"model": args.model, "gguf": str(gguf) if gguf else None, "memory": args.memory,
                "threads": args.threads, "token_budget": args.token_budget, "page_size": args.page_size,
                "hf_batch": args.hf_batch, "hf_attn": args.hf_attn, "return_tokens": args.tokens,
-               "kvos_boot": {"token_budget": args.token_budget, "page_size": args.page_size, "tp": args.tp}}
+               "device": args.device,
+               "kvos_boot": {"token_budget": args.token_budget, "page_size": args.page_size, "tp": args.tp,
+                             **({"graphs": True} if args.graphs else {})}}
     log_dir = Path(args.log_dir) if args.log_dir else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +128,7 @@ def run(args) -> int:
     command = _command(args)
     settings = {k: options[k] for k in ("threads", "memory", "token_budget", "page_size", "hf_batch", "hf_attn")}
     settings["tp"] = args.tp
+    settings["device"], settings["graphs"] = args.device, args.graphs
     settings["model"], settings["gguf"] = args.model, options["gguf"]
     result = report.build_report(workload, rows, metrics.ratios(rows), ceiling, fraction, num_params, settings,
                                  loads, command)
@@ -154,11 +165,11 @@ def _measure(args, systems, workload, options, gguf, log_dir, console):
             progress.update(task, description="machine ceiling: waiting for a quiet machine")
             quiet["ceiling"] = runner.wait_until_quiet(args.wait_quiet)
         loads["ceiling"] = os.getloadavg()
-        ceiling = runner.measure_ceiling(args.threads)
+        ceiling = runner.measure_ceiling(args.threads, args.device)
         progress.update(task, description="machine ceiling: " + (
             f"{ceiling['matmul_flops'] / 1e9:.0f} GFLOP/s" if ceiling.get("ok") else "failed"), total=1, completed=1)
         for name in systems:
-            skip = _skip_reason(name, gguf)
+            skip = _skip_reason(name, gguf, args.device)
             if skip:
                 raws.append({"ok": False, "skipped": True, "system": name, "error": skip})
                 continue
@@ -172,7 +183,7 @@ def _measure(args, systems, workload, options, gguf, log_dir, console):
                     break
             raws.append(raw)
         task = progress.add_task("machine ceiling (again): measuring", total=None)
-        again = runner.measure_ceiling(args.threads)
+        again = runner.measure_ceiling(args.threads, args.device)
         progress.update(task, description="machine ceiling (again): " + (
             f"{again['matmul_flops'] / 1e9:.0f} GFLOP/s" if again.get("ok") else "failed"), total=1, completed=1)
     return raws, loads, quiet, _best_ceiling(ceiling, again)
@@ -231,7 +242,34 @@ def _prepare(args):
     return workload, num_params, gguf
 
 
-def _skip_reason(name: str, gguf) -> str | None:
+def check_device(device: str, tp: int = 1) -> None:
+    """KvosError unless `device` is cpu, or cuda[:N] with a GPU torch can see (ENODEV without one)."""
+    from kernel.errors import EINVAL, ENODEV, KvosError
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise KvosError(EINVAL, f"--device {device!r}: choose cpu, cuda or cuda:N")
+    if kind == "cpu":
+        return
+    if tp != 1:
+        raise KvosError(EINVAL, "--tp splits kvos over CPU processes (gloo); it does not combine with --device cuda")
+    import torch
+    if not torch.cuda.is_available():
+        raise KvosError(ENODEV, f"--device {device}: torch sees no CUDA GPU on this machine")
+    if index and int(index) >= torch.cuda.device_count():
+        raise KvosError(ENODEV, f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+# Rows that do not run on a GPU, and why (the table shows them as skipped with this reason).
+CPU_ONLY = {
+    "llama.cpp": "runs on the cpu here (llama-cpp-python's CPU build); no GPU llama.cpp row",
+    "kvos-gguf": "--weights gguf runs on the cpu (its int4 GEMMs are torch's cpu ones)",
+    "kvos-bf16kv": "on cuda the KV cache is in the program's dtype: the kvos-bf16 row already has a bf16 KV cache",
+}
+
+
+def _skip_reason(name: str, gguf, device: str = "cpu") -> str | None:
+    if device != "cpu" and name in CPU_ONLY:
+        return CPU_ONLY[name]
     if name in ("hf-static", "hf-cb", "llama.cpp", "kvos-gguf") and gguf is None:
         return "needs the model as a GGUF file"
     if name == "kvos-gguf" and not _has_quantized_path():

@@ -87,7 +87,13 @@ def render(report: dict, console) -> None:
             console.print(f"[bold]{row['system']}[/bold]: " + "; ".join(lines))
     m = report["machine"]
     ceiling = m["ceiling"]
-    if ceiling.get("ok"):
+    if ceiling.get("ok") and ceiling.get("device", "cpu") != "cpu":
+        console.print(f"machine: {ceiling['device']} ({ceiling.get('device_name', '?')}): fp32 "
+                      f"{ceiling['flops'] / 1e12:.1f} TFLOP/s ({ceiling['matmul']}), bf16 GEMM "
+                      f"{(ceiling.get('bf16_gemm_flops') or 0) / 1e12:.1f} TFLOP/s, device read "
+                      f"{ceiling['read_bytes_per_s'] / 1e9:.0f} GB/s, best of the runs before and after the systems; "
+                      f"ceiling {m['ceiling_tok_s']:.0f} processed tok/s at {m['num_params'] / 1e6:.1f} M parameters")
+    elif ceiling.get("ok"):
         console.print(f"machine: fp32 {ceiling['flops'] / 1e9:.0f} GFLOP/s (2048^2 torch.mm "
                       f"{ceiling['matmul_flops'] / 1e9:.0f}, model-shaped GEMM {ceiling['model_gemm_flops'] / 1e9:.0f}"
                       f", best of the runs before and after the systems; bf16 GEMM "

@@ -35,9 +35,10 @@ def run_system(name: str, workload, options: dict, progress=None, timeout: float
         return _run(name, cmd, options["threads"], progress, timeout, log_dir)
 
 
-def measure_ceiling(threads: int, timeout: float = 300) -> dict:
-    """The machine's fp32 matmul FLOP/s and read bandwidth, measured in a process of its own."""
-    cmd = [sys.executable, "-m", "userspace.bench.ceiling", str(threads)]
+def measure_ceiling(threads: int, device: str = "cpu", timeout: float = 300) -> dict:
+    """The machine's fp32 matmul FLOP/s and read bandwidth, measured in a process of its own
+    (on a cuda device: the GPU's)."""
+    cmd = [sys.executable, "-m", "userspace.bench.ceiling", str(threads), device]
     try:
         out = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, timeout=timeout,
                              cwd=_repo_root())

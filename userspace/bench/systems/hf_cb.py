@@ -1,4 +1,4 @@
-"""hf-cb: transformers' own continuous batching (init_continuous_batching), paged KV on the CPU.
+"""hf-cb: transformers' own continuous batching (init_continuous_batching), paged KV on the CPU or a GPU.
 
 Each request is added with its own max_new_tokens, eos_token_id=-1 and record_timestamps. Its pool
 gets kvos's bytes (num_blocks), page size and token budget (max_batch_tokens); attention "sdpa"
@@ -53,7 +53,8 @@ def run(workload, options, progress) -> dict:
     return records.result(
         "hf-cb", samples, load_seconds=load_seconds, wall_seconds=wall, cpu_seconds=cpu,
         mode=f"init_continuous_batching, attention {attn!r}, pages of {page_size} tokens, "
-             f"max_batch_tokens {cb.max_batch_tokens}, fp32",
+             f"max_batch_tokens {cb.max_batch_tokens}, fp32"
+             + ("" if options.get("device", "cpu") == "cpu" else f" on {options['device']}, no CUDA graphs"),
         kv_peak_bytes=kv_peak, kv_capacity_bytes=capacity, return_tokens=options.get("return_tokens", False),
         extra={"num_blocks": num_blocks, "attn_implementation": attn},
         notes=["KV peak: pool bytes in use, sampled every 50 ms by the collecting thread"])

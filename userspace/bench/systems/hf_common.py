@@ -1,4 +1,5 @@
 """What the two transformers baselines share: the model from the same GGUF, fp32, and its sizes.
+On a cuda device (options["device"]) the model is moved there after loading; still fp32.
 
 transformers dequantizes the GGUF's Q4_1 tensors to float32 itself (the same values kvos
 loads), so both run the same weights; its load takes about a minute on two cores, timed
@@ -21,6 +22,10 @@ def load_model(options, attn_implementation: str | None = None):
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                  **kwargs).eval()
+    device = options.get("device", "cpu")
+    if device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False       # fp32 arithmetic, as the kvos row's
+        model = model.to(device)
     # EOS ends nothing in this benchmark: every system generates the prescribed lengths.
     model.generation_config.eos_token_id = None
     return model, time.perf_counter() - started

@@ -55,8 +55,8 @@ def run(workload, options, progress) -> dict:
             torch.manual_seed(requests[0].seed or 0)
         clock = StepClock(t0, on_step)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                 stopping_criteria=[clock])
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 generation_config=config, stopping_criteria=[clock])
         return out, clock.times, longest
 
     # Warm-up: first-call costs of torch, before the clock starts.
@@ -106,7 +106,8 @@ def run(workload, options, progress) -> dict:
     prompt_padding = 1 - workload.prompt_tokens / prompt_slots if prompt_slots else 0.0
     return records.result(
         "hf-static", samples, load_seconds=load_seconds, wall_seconds=wall, cpu_seconds=cpu,
-        mode=f"generate, static batches of {batch_size}, left padding, fp32",
+        mode=f"generate, static batches of {batch_size}, left padding, fp32"
+             + ("" if options.get("device", "cpu") == "cpu" else f" on {options['device']}"),
         kv_peak_bytes=kv_peak, return_tokens=options.get("return_tokens", False),
         extra={"padding_share": padding, "prompt_padding_share": prompt_padding, "batches": len(batches)},
         notes=[f"{padding:.0%} of generated slots are padding behind each batch's longest request"])

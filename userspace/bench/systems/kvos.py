@@ -1,9 +1,11 @@
-"""kvos under the benchmark: one kernel on the CPU, every request a process, driven through syscalls.
+"""kvos under the benchmark: one kernel on the CPU (or a GPU), every request a process, driven through syscalls.
 
 Requests are spawned when they arrive (shared: the system turn in a shm segment; sampling: spawn_n);
 the harness asks trace() for the next step record (in manual mode that call runs the step), takes
 each process's token count from the record's works, and reads ps() pages and meminfo() frames after
-it for the KV peaks. Beyond boot, syscalls() and shutdown() it touches nothing of the kernel."""
+it for the KV peaks. Beyond boot, syscalls() and shutdown() it touches nothing of the kernel.
+On cuda the row runs float32 (as the transformers rows; their outputs must agree), and kvos-bf16
+runs the whole program in bfloat16, the GPU's fast dtype (KVOS_DTYPE, unless already set)."""
 from __future__ import annotations
 
 import os
@@ -29,7 +31,10 @@ def run(workload, options, progress) -> dict:
     # import torch inside it, ~0.8 s of the ~1.2 s this row reported.
     started = time.perf_counter()
     boot = dict(options.get("kvos_boot", {}))
-    k = kernel.boot(device="cpu", memory=options["memory"], threads=options["threads"], **boot)
+    device = options.get("device", "cpu")
+    if device != "cpu":     # on a GPU the program's parts share one dtype: bf16 throughout, or float32
+        os.environ.setdefault("KVOS_DTYPE", os.environ.get("KVOS_MATMUL") or "float32")
+    k = kernel.boot(device=device, memory=options["memory"], threads=options["threads"], **boot)
     root = k.syscalls()
     tid = root.spawn_tenant(options["model"])
     load_seconds = time.perf_counter() - started
@@ -74,7 +79,8 @@ def run(workload, options, progress) -> dict:
     result = records.result(
         name, samples, load_seconds=load_seconds, wall_seconds=wall,
         cpu_seconds=cpu,
-        mode=f"continuous batching, paged KV ({mem.frame_bytes // 1024} KiB frames), token budget "
+        mode=("" if device == "cpu" else f"on {device}, " + ("CUDA-graph decode, " if boot.get("graphs") else ""))
+        + f"continuous batching, paged KV ({mem.frame_bytes // 1024} KiB frames), token budget "
              f"{delta['token_budget']}, {matmul} matmuls, {kv} KV" + (", the GGUF's quantized weights"
                                                                       if weights == "gguf" else ""),
         kv_peak_bytes=seen["peak_mapped"] * mem.frame_bytes,
