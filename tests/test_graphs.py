@@ -154,8 +154,12 @@ def test_host_checks_pass_a_good_batch():
 
 def test_the_forward_skips_device_checks_for_a_host_checked_batch(monkeypatch):
     """check=False on every layer when the builder checked the host arrays: nothing in the forward may
-    read an index tensor back (a captured graph cannot)."""
+    read an index tensor back (a captured graph cannot). The forward in torch ops is the one CUDA
+    runs; on the CPU a float32 program takes the fused C forward (step_ops checks once a step), so
+    the torch forward is chosen here."""
     from kernel import ops
+    from userspace.programs.llama import LlamaProgram
+    monkeypatch.setattr(LlamaProgram, "forward", lambda self, batch, kv: self.forward_torch(batch, kv))
     calls = []
     for name in ("write_kv", "paged_attention"):
         real = getattr(ops, name)
