@@ -24,10 +24,11 @@ UNCALIBRATED = ("a100,tp=2,hbm_bandwidth=2.0e12,matmul_efficiency=0.8,bandwidth_
                 "seq_overhead=0,link_latency=0,link_bandwidth=1e15")
 
 
-def decode_cost(gpu: str, batch: int, context: int = 1024) -> dict:
+def decode_cost(gpu: str, batch: int, context: int = 1024, model: str = "codellama-34b") -> dict:
+    """The cost record of one pure decode step of `batch` sequences of `context` tokens."""
     k = kernel.boot(device=f"sim:{gpu}", token_budget=1 << 20, max_running=batch)
     sys = k.syscalls()
-    tid = sys.spawn_tenant("codellama-34b")
+    tid = sys.spawn_tenant(model)
     vocab = sys.tenantinfo(tid).vocab_size
     for i in range(batch):
         sys.spawn(tid, prompt_tokens(Request(0.0, context, 4), i, vocab), max_tokens=4, ignore_eos=True)

@@ -9,28 +9,18 @@ prices a step as it did before the host term existed.
 """
 import pytest
 
-import kernel
 from kernel.devices import costmodel
 from kernel.errors import EINVAL, KvosError
+from tests import test_sim_calibration as calibration
 from userspace.sim.experiments.common import run
-from userspace.sim.workloads import Request, generate, prompt_tokens
+from userspace.sim.workloads import generate
 
 MEASURED_MS = {1: 11.8, 64: 12.4, 256: 18.0}     # kvos eager, SmolLM2 shape, bf16, H200, context ~512
 BAND = 0.2
 
 
 def decode_cost(gpu: str, batch: int, context: int = 512) -> dict:
-    k = kernel.boot(device=f"sim:{gpu}", token_budget=1 << 20, max_running=batch)
-    sys = k.syscalls()
-    tid = sys.spawn_tenant("smollm2-135m")
-    vocab = sys.tenantinfo(tid).vocab_size
-    for i in range(batch):
-        sys.spawn(tid, prompt_tokens(Request(0.0, context, 4), i, vocab), max_tokens=4, ignore_eos=True)
-    k.step()                                          # every prompt prefilled at once
-    k.step()                                          # a pure decode step
-    record = sys.trace(since=0)[-1]
-    assert record.decode_tokens == batch and not record.prefill_tokens
-    return record.cost
+    return calibration.decode_cost(gpu, batch, context, model="smollm2-135m")
 
 
 @pytest.mark.parametrize("batch", sorted(MEASURED_MS))

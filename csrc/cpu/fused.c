@@ -79,13 +79,9 @@ int kvos_rope_write_kv(float *q, int64_t q_tok_stride, int64_t q_head_stride, in
                 bad[1] = positions[t];
                 return KVOS_E_POSITION;
             }
-        int64_t num_slots = num_frames * page_size;
-        for (int64_t t = 0; t < num_tokens; t++)
-            if (slot_mapping[t] < 0 || slot_mapping[t] >= num_slots) {
-                bad[0] = t;
-                bad[1] = slot_mapping[t];
-                return KVOS_E_SLOT;
-            }
+        int rc = kvos_check_slots(slot_mapping, num_tokens, num_frames * page_size, bad);
+        if (rc != KVOS_OK)
+            return rc;
     }
     const int64_t half = head_dim / 2;
     #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) \

@@ -107,4 +107,18 @@ int kvos_num_threads(void);
 void kvos_set_num_threads(int n);
 /* cdef-end */
 
+/* The slot check write_kv and rope_write_kv run before writing anything: KVOS_OK, or
+ * KVOS_E_SLOT with bad[0] = the token and bad[1] = its slot outside the pool's num_slots. */
+static inline int kvos_check_slots(const int32_t *slot_mapping, int64_t num_tokens, int64_t num_slots,
+                                   int64_t *bad)
+{
+    for (int64_t t = 0; t < num_tokens; t++)
+        if (slot_mapping[t] < 0 || slot_mapping[t] >= num_slots) {
+            bad[0] = t;
+            bad[1] = slot_mapping[t];
+            return KVOS_E_SLOT;
+        }
+    return KVOS_OK;
+}
+
 #endif

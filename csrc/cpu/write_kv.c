@@ -13,13 +13,9 @@ int kvos_write_kv(void *k_cache, void *v_cache, int cache_bf16, int64_t num_fram
                   int check, int64_t *bad)
 {
     if (check) {
-        int64_t num_slots = num_frames * page_size;
-        for (int64_t t = 0; t < num_tokens; t++)
-            if (slot_mapping[t] < 0 || slot_mapping[t] >= num_slots) {
-                bad[0] = t;
-                bad[1] = slot_mapping[t];
-                return KVOS_E_SLOT;
-            }
+        int rc = kvos_check_slots(slot_mapping, num_tokens, num_frames * page_size, bad);
+        if (rc != KVOS_OK)
+            return rc;
     }
     size_t row_bytes = (size_t)head_dim * sizeof(float);
     /* Decode steps write a handful of tokens: threads only pay off for prefill chunks. */
