@@ -19,7 +19,7 @@ from kernel.errors import KvosError
 from kernel.ops import cpu, reference
 from kernel.ops import qblocks as Q
 
-PATHS = ["portable"] + (["vnni"] if cpu.qmm_has_vnni() else [])
+PATHS = ["portable"] + (["vnni"] if cpu.qmm_has_vnni() else []) + (["avx2"] if cpu.qmm_has_avx2() else [])
 
 
 def weights(n, k, bits, g):
@@ -67,15 +67,22 @@ def test_pack_unpack_round_trip(bits):
     assert torch.equal(c2, codes.int()) and torch.equal(d2, d) and torch.equal(m2, m)
 
 
-@pytest.mark.skipif(len(PATHS) < 2, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.skipif(len(PATHS) < 2, reason="this CPU has neither AVX-512 VNNI nor AVX2")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_portable_and_vnni_paths_agree(bits):
+@pytest.mark.parametrize("rows", [1, 9, 64])
+def test_the_vector_paths_give_the_portable_paths_bits(bits, rows):
+    """The same integer dots (vpdpbusd, or vpmaddubsw + vpmaddwd with 8-bit codes recentred) and the
+    same float operations in the same order: every path's outputs are the portable path's, bit for bit."""
     g = torch.Generator().manual_seed(7)
     codes, d, m = weights(37, 576, bits, g)
-    packed = Q.qmm_pack(codes, d, m, bits)
-    x = torch.randn(9, 576, generator=g)
-    a, b = (ops.qmm(x, packed, 37, bits, path=p) for p in ("portable", "vnni"))
-    assert bool(((a - b).abs() <= 2 * bound(x, codes, d, m)).all())
+    codes[:, :32] = (1 << bits) - 1                     # the largest codes against the largest activations:
+    packed = Q.qmm_pack(codes, d, m, bits)              # 8-bit pairs would overflow int16 without the recentring
+    x = torch.randn(rows, 576, generator=g)
+    x[:, :32] = 5.0
+    want = ops.qmm(x, packed, 37, bits, path="portable")
+    for path in PATHS[1:]:
+        got = ops.qmm(x, packed, 37, bits, path=path)
+        assert torch.equal(got, want), f"{path}: {int((got != want).sum())} outputs differ"
 
 
 @pytest.mark.parametrize("bits,rows", [(4, 6), (4, 45), (8, 64)])

@@ -1,8 +1,8 @@
 /* qmm: y = x @ W^T with W in 32-wide blocks (codes u, fp16 d and m: w = d*u + m), any M.
  * The float32 activations are quantized here, per row and 32-block, to int8 (d = amax/127,
  * round to nearest even) with each block's code sum, so the dot products run on integers:
- * AVX-512 VNNI (vpdpbusd: u8 weights x s8 activations) when the CPU has it, portable C
- * otherwise. The packed layout is kernel/ops/qblocks.py's (qmm_pack): tiles of QMM_NR = 16
+ * AVX-512 VNNI (vpdpbusd: u8 weights x s8 activations) when the CPU has it, else AVX2
+ * (vpmaddubsw + vpmaddwd, the same integers), else portable C. The packed layout is kernel/ops/qblocks.py's (qmm_pack): tiles of QMM_NR = 16
  * columns; per tile and 32-block one record of eight 64-byte vectors, vector j = k 4j..4j+3 of
  * all 16 columns (vpdpbusd's operand; 4-bit: vectors j and j + 4 share bytes, low and high
  * nibble), then 16 fp16 d and 16 fp16 m. A tile streams from memory as one sequential run. */
@@ -23,6 +23,7 @@ typedef struct {
     int8_t *q;
     float *dx, *xs;
     int64_t kb;
+    int32_t *qsum;      /* sum(q) per row and block (the AVX2 path's code offset), NULL when unused */
 } qrows;
 
 static void quantize_row(const qrows *a, int64_t r, const float *x)
@@ -44,6 +45,8 @@ static void quantize_row(const qrows *a, int64_t r, const float *x)
         }
         a->dx[r * a->kb + b] = d;
         a->xs[r * a->kb + b] = d * (float)sum;
+        if (a->qsum)
+            a->qsum[r * a->kb + b] = sum;
     }
 }
 
@@ -222,6 +225,154 @@ static QMM_TARGET void qmm_vnni_tile8(float *y, int64_t y_stride, const qrows *a
 #define HAVE_VNNI_PATH 0
 #endif
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* AVX2 (no VNNI): vpmaddubsw multiplies u8 codes by s8 activations and adds pairs into int16, vpmaddwd
+ * with ones adds those pairs into int32: one column's 4-k dot per lane, as vpdpbusd gives. A 16-column
+ * tile is two halves of 8 columns (the low and high 32 bytes of each 64-byte record vector); a half runs
+ * all its rows before the next half, which finds the tile in L1. 4-bit products are at most
+ * 15 x 127 x 2 = 3,810 a pair, so a block's eight pair sums add in int16 (30,480) before one vpmaddwd.
+ * 8-bit codes would overflow int16 (255 x 127 x 2): they are recentred, s = u - 128 (|s| <= 128,
+ * 32,512 a pair), multiplied as |s| x sign(q, s), and u.q = s.q + 128 sum(q) restores the exact
+ * integer dot. The float operations then follow the VNNI path's order on the same integers. */
+#define QMM_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define QMM_AVX2_MR 4     /* rows per register tile: 8 weight vectors + 4 accumulators + temporaries */
+#define HAVE_AVX2_PATH 1
+
+static inline __attribute__((always_inline)) QMM_AVX2_TARGET __m256i bcast4_256(const int8_t *p)
+{
+    return _mm256_set1_epi32(*(const alias_i32 *)p);
+}
+
+static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
+qmm_avx2_rows(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint8_t *tile, int half, int cols,
+              const int R, const int BITS)
+{
+    const int64_t rb = record_bytes(BITS), cb = code_bytes(BITS), kb = a->kb;
+    __m256 acc[QMM_AVX2_MR];
+    for (int r = 0; r < R; r++)
+        acc[r] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < kb; b++) {
+        const uint8_t *rec = tile + b * rb + 32 * half;
+        __m256i w[8];
+        if (BITS == 4) {
+            for (int v = 0; v < 4; v++) {
+                __m256i p = _mm256_loadu_si256((const __m256i *)(rec + 64 * v));
+                w[v] = _mm256_and_si256(p, low);
+                w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+            }
+        } else {
+            for (int j = 0; j < 8; j++)
+                w[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(rec + 64 * j)), flip);   /* u - 128 */
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec - 32 * half + cb + 16 * half)));
+        const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec - 32 * half + cb + 32 + 16 * half)));
+        for (int r = 0; r < R; r++) {
+            const int64_t at = (r0 + r) * kb + b;
+            const int8_t *q = a->q + at * BLOCK;
+            __m256i dot;
+            if (BITS == 4) {
+                __m256i s16 = _mm256_maddubs_epi16(w[0], bcast4_256(q));
+                for (int j = 1; j < 8; j++)
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[j], bcast4_256(q + 4 * j)));
+                dot = _mm256_madd_epi16(s16, ones);
+            } else {
+                dot = _mm256_setzero_si256();
+                for (int j = 0; j < 8; j++) {
+                    const __m256i s16 = _mm256_maddubs_epi16(_mm256_abs_epi8(w[j]),
+                                                             _mm256_sign_epi8(bcast4_256(q + 4 * j), w[j]));
+                    dot = _mm256_add_epi32(dot, _mm256_madd_epi16(s16, ones));
+                }
+                dot = _mm256_add_epi32(dot, _mm256_set1_epi32(128 * a->qsum[at]));
+            }
+            const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a->dx[at]));
+            acc[r] = _mm256_fmadd_ps(f, dw, acc[r]);
+            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a->xs[at]), acc[r]);
+        }
+    }
+    const int n = cols - 8 * half;
+    for (int r = 0; r < R; r++) {
+        float *yr = y + (r0 + r) * y_stride + 8 * half;
+        if (n >= 8) {
+            _mm256_storeu_ps(yr, acc[r]);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, acc[r]);
+            for (int c = 0; c < n; c++)
+                yr[c] = tmp[c];
+        }
+    }
+}
+
+#define AVX2_ROWS_CASES(BITS)                                                                  \
+    for (int half = 0; half < 2 && 8 * half < cols; half++) {                                  \
+        const int64_t nblocks = (m + QMM_AVX2_MR - 1) / QMM_AVX2_MR;                           \
+        for (int64_t i = 0, r0 = 0, rows; i < nblocks; i++, r0 += rows) {                     \
+            rows = (m - r0 + (nblocks - i) - 1) / (nblocks - i);                               \
+            switch ((int)rows) {                                                               \
+            case 1: qmm_avx2_rows(y, y_stride, a, r0, tile, half, cols, 1, BITS); break;       \
+            case 2: qmm_avx2_rows(y, y_stride, a, r0, tile, half, cols, 2, BITS); break;       \
+            case 3: qmm_avx2_rows(y, y_stride, a, r0, tile, half, cols, 3, BITS); break;       \
+            default: qmm_avx2_rows(y, y_stride, a, r0, tile, half, cols, 4, BITS); break;      \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+static QMM_AVX2_TARGET void qmm_avx2_tile4(float *y, int64_t y_stride, const qrows *a, int64_t m,
+                                           const uint8_t *tile, int cols)
+{
+    AVX2_ROWS_CASES(4)
+}
+
+static QMM_AVX2_TARGET void qmm_avx2_tile8(float *y, int64_t y_stride, const qrows *a, int64_t m,
+                                           const uint8_t *tile, int cols)
+{
+    AVX2_ROWS_CASES(8)
+}
+
+/* quantize_row's arithmetic 8 lanes at a time (the same IEEE division and rounding: the same codes). */
+static QMM_AVX2_TARGET void quantize_row_avx2(const qrows *a, int64_t r, const float *x)
+{
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < a->kb; b++) {
+        const float *xb = x + b * BLOCK;
+        __m256 xv[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            xv[i] = _mm256_loadu_ps(xb + 8 * i);
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, xv[i]), m);   /* a NaN x is skipped, as fmaxf does */
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float d = _mm_cvtss_f32(m4) / 127.0f;
+        __m256i iv[4], sum = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            __m256 v = _mm256_setzero_ps();
+            if (d > 0.0f)
+                v = _mm256_round_ps(_mm256_div_ps(xv[i], _mm256_set1_ps(d)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);            /* a NaN quotient clamps to -127, as in C */
+            iv[i] = _mm256_cvtps_epi32(v);
+            sum = _mm256_add_epi32(sum, iv[i]);
+        }
+        /* int32 -> int8 in order: the packs interleave 128-bit lanes, the permute undoes it */
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+        _mm256_storeu_si256((__m256i *)(a->q + (r * a->kb + b) * BLOCK),
+                            _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        const int32_t total = _mm_cvtsi128_si32(s4);
+        a->dx[r * a->kb + b] = d;
+        a->xs[r * a->kb + b] = d * (float)total;
+        if (a->qsum)
+            a->qsum[r * a->kb + b] = total;
+    }
+}
+#else
+#define HAVE_AVX2_PATH 0
+#endif
+
 int kvos_qmm_has_vnni(void)
 {
 #if HAVE_VNNI_PATH
@@ -236,22 +387,42 @@ int kvos_qmm_has_vnni(void)
 
 int64_t kvos_qmm_record_bytes(int bits) { return record_bytes(bits); }
 
+int kvos_qmm_has_avx2(void)
+{
+#if HAVE_AVX2_PATH
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+enum { PATH_AUTO = 0, PATH_PORTABLE = 1, PATH_VNNI = 2, PATH_AVX2 = 3 };
+
 int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t m, int64_t k,
              const uint8_t *w, int64_t n, int bits, int path)
 {
     const int64_t kb = k / BLOCK, ntiles = (n + QMM_NR - 1) / QMM_NR;
     const int64_t tile_bytes = kb * record_bytes(bits);
-    /* one allocation: the codes (a multiple of 32 bytes a row) first, then the two float arrays */
-    char *scratch = malloc((size_t)(m * kb) * (BLOCK + 2 * sizeof(float)) + 1);
+    if (path == PATH_AUTO)
+        path = kvos_qmm_has_vnni() ? PATH_VNNI : kvos_qmm_has_avx2() ? PATH_AVX2 : PATH_PORTABLE;
+    /* one allocation: the codes (a multiple of 32 bytes a row) first, then d, d * sum and sum */
+    char *scratch = malloc((size_t)(m * kb) * (BLOCK + 2 * sizeof(float) + sizeof(int32_t)) + 1);
     if (!scratch)
         return KVOS_E_NOMEM;
-    qrows a = {(int8_t *)scratch, (float *)(scratch + m * kb * BLOCK), (float *)(scratch + m * kb * BLOCK) + m * kb,
-               kb};
-    int vnni = path == 2 || (path == 0 && kvos_qmm_has_vnni());
+    float *floats = (float *)(scratch + m * kb * BLOCK);
+    qrows a = {(int8_t *)scratch, floats, floats + m * kb, kb,
+               path == PATH_AVX2 ? (int32_t *)(floats + 2 * m * kb) : NULL};
     for (int64_t r = 0; r < m; r++) {
 #if HAVE_VNNI_PATH
-        if (vnni) {
+        if (path == PATH_VNNI) {
             quantize_row_avx512(&a, r, x + r * x_stride);
+            continue;
+        }
+#endif
+#if HAVE_AVX2_PATH
+        if (path == PATH_AVX2) {
+            quantize_row_avx2(&a, r, x + r * x_stride);
             continue;
         }
 #endif
@@ -265,7 +436,7 @@ int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64
         const uint8_t *tile = w + t * tile_bytes;
         float *yt = y + t * QMM_NR;
 #if HAVE_VNNI_PATH
-        if (vnni) {
+        if (path == PATH_VNNI) {
             if (bits == 4)
                 qmm_vnni_tile4(yt, y_stride, &a, m, tile, cols);
             else
@@ -273,9 +444,17 @@ int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64
             continue;
         }
 #endif
+#if HAVE_AVX2_PATH
+        if (path == PATH_AVX2) {
+            if (bits == 4)
+                qmm_avx2_tile4(yt, y_stride, &a, m, tile, cols);
+            else
+                qmm_avx2_tile8(yt, y_stride, &a, m, tile, cols);
+            continue;
+        }
+#endif
         qmm_portable_tile(yt, y_stride, &a, m, tile, bits, cols);
     }
-    (void)vnni;
     free(scratch);
     return KVOS_OK;
 }

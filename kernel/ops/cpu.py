@@ -138,6 +138,10 @@ def qmm_has_vnni() -> bool:
     return bool(_load().lib.kvos_qmm_has_vnni())
 
 
+def qmm_has_avx2() -> bool:
+    return bool(_load().lib.kvos_qmm_has_avx2())
+
+
 _qmm_layout_checked = False
 
 
