@@ -104,12 +104,13 @@ ALWAYS_INLINE void tile_c(const int R, float *y, int64_t y_stride, const uint32_
         }                                                                                                   \
     }
 
-typedef void panel_fn(float *, int64_t, const uint32_t *, int64_t, const uint16_t *, const float *, int64_t,
-                      int, int);
+typedef void panel_fn(float *, int64_t, const uint32_t *, const float *, int64_t, const uint16_t *, const float *,
+                      int64_t, int, int);
 
-static void panel_c(float *y, int64_t y_stride, const uint32_t *xs, int64_t kp, const uint16_t *panel,
-                    const float *bias, int64_t m, int cols, int accumulate)
+static void panel_c(float *y, int64_t y_stride, const uint32_t *xs, const float *xf, int64_t kp,
+                    const uint16_t *panel, const float *bias, int64_t m, int cols, int accumulate)
 {
+    (void)xf;
     ONE_PANEL(tile_c)
 }
 
@@ -119,10 +120,76 @@ static void panel_c(float *y, int64_t y_stride, const uint32_t *xs, int64_t kp, 
 
 /* The plain-C tile compiled for AVX-512 whatever the build's -march (for CPUs without bf16 dots). */
 __attribute__((target("avx512f,fma"))) static void panel_c512(
-    float *y, int64_t y_stride, const uint32_t *xs, int64_t kp, const uint16_t *panel, const float *bias,
-    int64_t m, int cols, int accumulate)
+    float *y, int64_t y_stride, const uint32_t *xs, const float *xf, int64_t kp, const uint16_t *panel,
+    const float *bias, int64_t m, int cols, int accumulate)
 {
+    (void)xf;
     ONE_PANEL(tile_c)
+}
+
+/* AVX2 + FMA (16 registers of 8 floats): tile_c's 6 x 64 tile would spill. x's pairs come widened to
+ * floats once per call (xf: row r's k-pair j at 2j, 2j + 1), so a row's two factors are two broadcasts
+ * from memory. One row takes the whole panel (8 accumulators); more rows go 6 at a time over quarters
+ * of the panel (12 accumulators), as panel_mm.c's AVX2 tile. The products and their order are tile_c's:
+ * the same sums, bit for bit. */
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int32_t v8i_u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef float v8_u __attribute__((vector_size(32), aligned(4), may_alias));
+
+ALWAYS_INLINE void tile8(const int R, const int C, float *y, int64_t y_stride, const float *xf, int64_t kp,
+                         const uint16_t *panel, int c0, int cols, const float *bias, int accumulate)
+{
+    v8 acc[ROWS][8];
+    const v8i hi_mask = {-65536, -65536, -65536, -65536, -65536, -65536, -65536, -65536};
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            acc[r][c] = (v8){0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < kp; j++) {
+        const int32_t *w = (const int32_t *)(panel + j * 2 * PANEL) + c0;
+        for (int c = 0; c < C; c++) {
+            const v8i d = *(const v8i_u *)(w + 8 * c);
+            const v8 we = (v8)(d << 16), wo = (v8)(d & hi_mask);
+            for (int r = 0; r < R; r++) {
+                const float e = xf[r * 2 * kp + 2 * j], o = xf[r * 2 * kp + 2 * j + 1];
+                acc[r][c] += (v8){o, o, o, o, o, o, o, o} * wo;
+                acc[r][c] += (v8){e, e, e, e, e, e, e, e} * we;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float tmp[PANEL];
+        for (int c = 0; c < C; c++)
+            *(v8_u *)(tmp + 8 * c) = acc[r][c];
+        float *yr = y + r * y_stride + c0;
+        const int n = cols - c0 < 8 * C ? cols - c0 : 8 * C;
+        store_row(yr, tmp, n, bias ? bias + c0 : NULL, accumulate);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void panel_avx2(
+    float *y, int64_t y_stride, const uint32_t *xs, const float *xf, int64_t kp, const uint16_t *panel,
+    const float *bias, int64_t m, int cols, int accumulate)
+{
+    (void)xs;
+    if (m == 1) {
+        tile8(1, 8, y, y_stride, xf, kp, panel, 0, cols, bias, accumulate);
+        return;
+    }
+    for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
+        float *yr = y + r0 * y_stride;
+        const float *xr = xf + r0 * 2 * kp;
+        for (int c0 = 0; c0 < cols; c0 += 16) {
+            switch (m - r0 < ROWS ? (int)(m - r0) : ROWS) {
+            case 1: tile8(1, 2, yr, y_stride, xr, kp, panel, c0, cols, bias, accumulate); break;
+            case 2: tile8(2, 2, yr, y_stride, xr, kp, panel, c0, cols, bias, accumulate); break;
+            case 3: tile8(3, 2, yr, y_stride, xr, kp, panel, c0, cols, bias, accumulate); break;
+            case 4: tile8(4, 2, yr, y_stride, xr, kp, panel, c0, cols, bias, accumulate); break;
+            case 5: tile8(5, 2, yr, y_stride, xr, kp, panel, c0, cols, bias, accumulate); break;
+            default: tile8(6, 2, yr, y_stride, xr, kp, panel, c0, cols, bias, accumulate); break;
+            }
+        }
+    }
 }
 
 /* The vdpbf16ps tile: per k-pair 4 weight loads and R broadcasts of x's pair serve R x 4 dot steps
@@ -160,9 +227,10 @@ DP_TARGET ALWAYS_INLINE void tile_dp(const int R, float *y, int64_t y_stride, co
     }
 }
 
-DP_TARGET static void panel_dp(float *y, int64_t y_stride, const uint32_t *xs, int64_t kp, const uint16_t *panel,
-                               const float *bias, int64_t m, int cols, int accumulate)
+DP_TARGET static void panel_dp(float *y, int64_t y_stride, const uint32_t *xs, const float *xf, int64_t kp,
+                               const uint16_t *panel, const float *bias, int64_t m, int cols, int accumulate)
 {
+    (void)xf;
     ONE_PANEL(tile_dp)
 }
 #endif
@@ -202,21 +270,31 @@ int kvos_panel_mm_bf16(float *y, int64_t y_stride, const void *x, int x_bf16, in
                        int path)
 {
     panel_fn *fn = panel_c;
+    int widen = 0;      /* the AVX2 tile reads x's pairs as floats */
 #ifdef HAVE_DP
     if (path != 1 && kvos_panel_bf16_has_dp())
         fn = panel_dp;
     else if (__builtin_cpu_supports("avx512f"))
         fn = panel_c512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        fn = panel_avx2;
+        widen = 1;
+    }
 #endif
     int64_t kp = (k + 1) / 2;
-    uint32_t *xs = malloc((size_t)(m * kp) * sizeof *xs + 1);
+    uint32_t *xs = malloc((size_t)(m * kp) * (sizeof *xs + (widen ? 2 * sizeof(float) : 0)) + 1);
     if (!xs)
         return KVOS_E_NOMEM;
     pairs_of(xs, x, x_bf16, x_stride, m, k, kp);
+    float *xf = widen ? (float *)(xs + m * kp) : NULL;
+    for (int64_t i = 0; widen && i < m * kp; i++) {
+        xf[2 * i] = kvos_bf16_to_float((uint16_t)xs[i]);
+        xf[2 * i + 1] = kvos_bf16_to_float((uint16_t)(xs[i] >> 16));
+    }
     int64_t panels = (n + PANEL - 1) / PANEL;
     #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) if (panels > 1 && m * k * n > 65536)
     for (int64_t p = 0; p < panels; p++)
-        fn(y + p * PANEL, y_stride, xs, kp, packed + p * kp * 2 * PANEL, bias ? bias + p * PANEL : NULL, m,
+        fn(y + p * PANEL, y_stride, xs, xf, kp, packed + p * kp * 2 * PANEL, bias ? bias + p * PANEL : NULL, m,
            (int)(n - p * PANEL < PANEL ? n - p * PANEL : PANEL), accumulate);
     free(xs);
     return KVOS_OK;
