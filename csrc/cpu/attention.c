@@ -86,6 +86,12 @@ void attn_translate(const call_t *c, const int32_t *page_row, int64_t h, int64_t
 void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
                           scratch_t *w, int slot)
 {
+    attn_translate_tile(c, task, h, t0, n_ctx, w, slot, 1);
+}
+
+void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
+                         scratch_t *w, int slot, int prefetch)
+{
     if (t0 >= n_ctx)
         return;
     const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
@@ -102,10 +108,36 @@ void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_
             w->kp[slot][t] = c->k_cache + offsets[t];
             w->vp[slot][t] = c->v_cache + offsets[t];
         }
-        for (int64_t b = 0; b < c->head_dim * esize; b += 64) {   /* one prefetch per cache line */
+        for (int64_t b = 0; prefetch && b < c->head_dim * esize; b += 64) {   /* one prefetch per cache line */
             __builtin_prefetch(kbase + offsets[t] * esize + b);
             __builtin_prefetch(vbase + offsets[t] * esize + b);
         }
+    }
+}
+
+/* Load the task's scaled query rows and clear their softmax state. */
+void attn_start_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
+{
+    const int64_t D = c->head_dim;
+    for (int64_t r = 0; r < task_rows(c, task); r++) {
+        const float *qr = attn_q_row(c, task, h, r);
+        for (int64_t d = 0; d < D; d++) {
+            w->qs[r * D + d] = qr[d] * c->q_scale;
+            w->acc[r * D + d] = 0.0f;
+        }
+        w->m[r] = KVOS_NEG_BIG;
+        w->l[r] = 0.0f;
+    }
+}
+
+void attn_finish_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
+{
+    const int64_t D = c->head_dim;
+    for (int64_t r = 0; r < task_rows(c, task); r++) {
+        float *o = attn_out_row(c, task, h, r);
+        const float inv = 1.0f / w->l[r];
+        for (int64_t d = 0; d < D; d++)
+            o[d] = w->acc[r * D + d] * inv;
     }
 }
 
@@ -132,7 +164,7 @@ static void run_task(const call_t *c, const task_t *task, int64_t h, scratch_t *
     int64_t rows = task_rows(c, task);
     if (rows >= LANES_MIN_ROWS && rows <= 2 * LANES && c->head_dim % LANES == 0)
         attn_task_lanes(c, task, h, w);
-    else
+    else if (!(attn_has_avx2() && attn_task_rows_avx2(c, task, h, w)))
         attn_task_rows(c, task, h, w);
 }
 

@@ -3,7 +3,8 @@
  * them in parallel; a task runs on one of two paths, both walking the context in tiles
  * of TILE tokens with an online softmax:
  *   attention_rows.c   few rows (decode): per row-block dot products, 16 tokens summed at once;
- *   attention_lanes.c  12 to 32 rows (prefill chunks): one vector lane per row, GEMM-like. */
+ *   attention_lanes.c  12 to 32 rows (prefill chunks): one vector lane per row, GEMM-like;
+ *   attention_avx2.c   the rows path again on AVX2 CPUs (no AVX-512), sized for 16 registers. */
 #ifndef KVOS_ATTENTION_H
 #define KVOS_ATTENTION_H
 #include <stdint.h>
@@ -54,6 +55,9 @@ void attn_translate(const call_t *c, const int32_t *page_row, int64_t h, int64_t
  * the hardware prefetcher cannot guess them); no-op past the end of the context. */
 void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
                           scratch_t *w, int slot);
+/* The same without the prefetches when prefetch is 0 (the caller spreads them over the tile before). */
+void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
+                         scratch_t *w, int slot, int prefetch);
 /* Make tile `slot` (tn rows) readable as float32 through w->kp/vp[slot]: a no-op for float32
  * caches; bf16 rows are widened into w->tk/tv, so the loads from memory are half as many bytes. */
 void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn);
@@ -61,7 +65,36 @@ void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn);
 const float *attn_q_row(const call_t *c, const task_t *task, int64_t h, int64_t r);
 float *attn_out_row(const call_t *c, const task_t *task, int64_t h, int64_t r);
 
+/* Load the task's rows' scaled queries and clear their softmax state; write the outputs at the end. */
+void attn_start_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w);
+void attn_finish_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w);
+
+/* Softmax step of one row over its n valid scores s[0..n) of a tile of width tn: the
+ * weights replace the scores (0 past n); returns the factor that rescales the accumulator. */
+static inline __attribute__((always_inline)) float attn_softmax_tile(float *KVOS_RESTRICT s, int n, int tn,
+                                                                     float *m, float *l)
+{
+    float block_max = KVOS_NEG_BIG;
+    KVOS_SIMD_MAX(block_max)
+    for (int t = 0; t < n; t++)
+        block_max = s[t] > block_max ? s[t] : block_max;
+    const float alpha = kvos_softmax_rescale(m, block_max);
+    const float mx = *m;
+    float sum = 0.0f;
+    KVOS_SIMD_SUM(sum)
+    for (int t = 0; t < tn; t++) {
+        float p = t < n ? kvos_exp2(s[t] - mx) : 0.0f;
+        s[t] = p;
+        sum += p;
+    }
+    *l = *l * alpha + sum;
+    return alpha;
+}
+
 void attn_task_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w);
+/* The rows path for AVX2 CPUs (attention_avx2.c): head sizes a multiple of 32; returns 0 where it cannot run. */
+int attn_task_rows_avx2(const call_t *c, const task_t *task, int64_t h, scratch_t *w);
+int attn_has_avx2(void);
 void attn_task_lanes(const call_t *c, const task_t *task, int64_t h, scratch_t *w);
 
 #endif

@@ -7,54 +7,6 @@
 #include "attention.h"
 #include "simd.h"
 
-/* Load the task's scaled query rows and clear their softmax state. */
-static void start_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
-{
-    const int64_t D = c->head_dim;
-    for (int64_t r = 0; r < task_rows(c, task); r++) {
-        const float *qr = attn_q_row(c, task, h, r);
-        for (int64_t d = 0; d < D; d++) {
-            w->qs[r * D + d] = qr[d] * c->q_scale;
-            w->acc[r * D + d] = 0.0f;
-        }
-        w->m[r] = KVOS_NEG_BIG;
-        w->l[r] = 0.0f;
-    }
-}
-
-static void finish_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
-{
-    const int64_t D = c->head_dim;
-    for (int64_t r = 0; r < task_rows(c, task); r++) {
-        float *o = attn_out_row(c, task, h, r);
-        const float inv = 1.0f / w->l[r];
-        for (int64_t d = 0; d < D; d++)
-            o[d] = w->acc[r * D + d] * inv;
-    }
-}
-
-/* Softmax step of one row over its n valid scores s[0..n) of a tile of width tn: the
- * weights replace the scores (0 past n); returns the factor that rescales the accumulator. */
-static inline __attribute__((always_inline)) float softmax_tile(float *KVOS_RESTRICT s, int n, int tn,
-                                                                float *m, float *l)
-{
-    float block_max = KVOS_NEG_BIG;
-    KVOS_SIMD_MAX(block_max)
-    for (int t = 0; t < n; t++)
-        block_max = s[t] > block_max ? s[t] : block_max;
-    const float alpha = kvos_softmax_rescale(m, block_max);
-    const float mx = *m;
-    float sum = 0.0f;
-    KVOS_SIMD_SUM(sum)
-    for (int t = 0; t < tn; t++) {
-        float p = t < n ? kvos_exp2(s[t] - mx) : 0.0f;
-        s[t] = p;
-        sum += p;
-    }
-    *l = *l * alpha + sum;
-    return alpha;
-}
-
 /* RB rows (r0..r0+RB-1) against one tile, D and RB compile-time constants (D a multiple
  * of 16, RB * D <= 256 so that q or the accumulators fit the 32 vector registers).
  * BF: the cache is bfloat16 and rows are widened as they are loaded (kp16/vp16). */
@@ -101,7 +53,7 @@ tile_block(scratch_t *w, const float *const *kp, const float *const *vp,
         float *s = w->s + (r0 + r) * TILE;
         float alpha = 1.0f;
         if (n[r])
-            alpha = softmax_tile(s, n[r], nmax, &w->m[r0 + r], &w->l[r0 + r]);
+            alpha = attn_softmax_tile(s, n[r], nmax, &w->m[r0 + r], &w->l[r0 + r]);
         else
             for (int t = 0; t < nmax; t++)
                 s[t] = 0.0f;
@@ -138,7 +90,7 @@ static void tile_scalar(scratch_t *w, const float *const *kp, const float *const
         float *KVOS_RESTRICT acc = w->acc + r * D;
         for (int t = 0; t < n; t++)
             s[t] = kvos_dot(qs, kp[t], (int)D);
-        const float alpha = softmax_tile(s, n, n, &w->m[r], &w->l[r]);
+        const float alpha = attn_softmax_tile(s, n, n, &w->m[r], &w->l[r]);
         for (int64_t d = 0; d < D; d++)
             acc[d] *= alpha;
         for (int t = 0; t < n; t++) {
@@ -159,7 +111,7 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D, c
     const int RB_MAX = D == 0 ? 1 : (256 / D < 4 ? 256 / D : 4);
     const int64_t rows = task_rows(c, task);
     const int64_t n_ctx = attn_limits(c, task, w);
-    start_rows(c, task, h, w);
+    attn_start_rows(c, task, h, w);
     attn_translate_ahead(c, task, h, 0, n_ctx, w, 0);
     int cur = 0;
     for (int64_t t0 = 0; t0 < n_ctx; t0 += TILE, cur ^= 1) {
@@ -180,7 +132,7 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D, c
             else tile_block(w, kp, vp, kp16, vp16, r0, t0, tn, D, 1, BF);
         }
     }
-    finish_rows(c, task, h, w);
+    attn_finish_rows(c, task, h, w);
 }
 
 #define RUN(D) (c->k16 ? run(c, task, h, w, D, 1) : run(c, task, h, w, D, 0))

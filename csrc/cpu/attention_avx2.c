@@ -1,0 +1,233 @@
+/* The rows path of CPU paged attention on AVX2 CPUs (16 vector registers of 8 floats), for
+ * decode tasks of a few rows. attention_rows.c keeps a block's q and accumulators in 16-float
+ * registers, which on AVX2 become register pairs: four rows of d = 64 ask for 64 of them, and
+ * the spills made that path a third of a decode step on such a CPU (perf, a kvos-gguf `mixed`
+ * run). Here the working set fits 16 registers: per context token its K row is loaded once
+ * in 64-dim chunks (8 registers) and dotted with each row's q straight from L1 (memory
+ * operands), the partial vectors of 8 tokens summed across lanes at once (hadd tree); values
+ * go one row at a time, a 64-dim chunk of its accumulator (8 registers) in registers over the
+ * tile, V rows read from L1. Same tiles, address translation and online softmax as the other
+ * paths; head sizes a multiple of 64, float32 caches (bf16 ones widened per tile first). */
+#include "kvos_cpu.h"
+#include "attention.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+#define RB 3            /* rows per score block: a GQA group of 3 (SmolLM2) in one pass over K */
+#define CHUNK 64        /* dims of K or of an accumulator held in registers at once */
+
+int attn_has_avx2(void)
+{
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+            && !__builtin_cpu_supports("avx512f");      /* AVX-512 CPUs keep attention_rows.c */
+    }
+    return known;
+}
+
+/* The next tile's rows, prefetched one token at a time as this tile's tokens are scored: the
+ * whole tile's 256 lines at once (attn_translate_ahead) overflow the miss buffers, and the
+ * dropped ones come back as stalls on the K and V loads (perf: half of this path's samples). */
+typedef struct {
+    const float *const *k32, *const *v32;           /* float32 caches */
+    const uint16_t *const *k16, *const *v16;        /* bfloat16 caches */
+    int n;                                          /* its tokens; 0: none, or not this block's job */
+    int64_t bytes;                                  /* one row of a head */
+} ahead_t;
+
+static inline __attribute__((always_inline)) void prefetch_row(const ahead_t *a, int t)
+{
+    if (t >= a->n)
+        return;
+    const char *k = a->k16 ? (const char *)a->k16[t] : (const char *)a->k32[t];
+    const char *v = a->k16 ? (const char *)a->v16[t] : (const char *)a->v32[t];
+    for (int64_t b = 0; b < a->bytes; b += 64) {
+        __builtin_prefetch(k + b);
+        __builtin_prefetch(v + b);
+    }
+}
+
+/* (sum(x0), ..., sum(x7)): four hadds, two lane swaps and an add. */
+static inline __attribute__((always_inline)) AVX2_TARGET __m256 hsum8(const __m256 x[8])
+{
+    const __m256 h0 = _mm256_hadd_ps(x[0], x[1]), h1 = _mm256_hadd_ps(x[2], x[3]);
+    const __m256 h2 = _mm256_hadd_ps(x[4], x[5]), h3 = _mm256_hadd_ps(x[6], x[7]);
+    const __m256 a = _mm256_hadd_ps(h0, h1), b = _mm256_hadd_ps(h2, h3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* Scores of R rows (r0..) against the tile's first nmax tokens, into w->s (TILE floats a row;
+ * entries past nmax are scratch). Tokens past nmax in the last group of 8 repeat token nmax - 1,
+ * so every address read is a real row. */
+static inline __attribute__((always_inline)) AVX2_TARGET void
+scores(scratch_t *w, const float *const *kp, const ahead_t *ahead, int64_t r0, int nmax, const int64_t D,
+       const int R)
+{
+    for (int g0 = 0; g0 < nmax; g0 += 8) {
+        __m256 part[RB][8];
+        for (int j = 0; j < 8; j++) {
+            const float *k = kp[g0 + j < nmax ? g0 + j : nmax - 1];
+            prefetch_row(ahead, g0 + j);
+            for (int r = 0; r < R; r++)
+                part[r][j] = _mm256_setzero_ps();
+            for (int64_t c0 = 0; c0 < D; c0 += CHUNK) {
+                __m256 kc[8];
+                for (int i = 0; i < 8; i++)
+                    kc[i] = _mm256_loadu_ps(k + c0 + 8 * i);
+                for (int r = 0; r < R; r++) {
+                    const float *q = w->qs + (r0 + r) * D + c0;
+                    __m256 a = _mm256_mul_ps(kc[0], _mm256_loadu_ps(q));
+                    __m256 b = _mm256_mul_ps(kc[1], _mm256_loadu_ps(q + 8));
+                    for (int i = 2; i < 8; i += 2) {
+                        a = _mm256_fmadd_ps(kc[i], _mm256_loadu_ps(q + 8 * i), a);
+                        b = _mm256_fmadd_ps(kc[i + 1], _mm256_loadu_ps(q + 8 * i + 8), b);
+                    }
+                    part[r][j] = _mm256_add_ps(part[r][j], _mm256_add_ps(a, b));
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            _mm256_storeu_ps(w->s + (r0 + r) * TILE + g0, hsum8(part[r]));
+    }
+}
+
+/* kvos_exp2 on 8 lanes: the same clamps, rounding trick and polynomial (fused as the scalar one is). */
+static inline __attribute__((always_inline)) AVX2_TARGET __m256 exp2_8(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(127.0f));
+    const __m256 magic = _mm256_set1_ps(KVOS_ROUND_MAGIC);
+    const __m256 n = _mm256_sub_ps(_mm256_add_ps(x, magic), magic), f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.535336188319500e-4f), f, _mm256_set1_ps(1.339887440266574e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+/* attn_softmax_tile 8 scores at a time (the scalar loop was a quarter of this path's time): the
+ * row's n valid scores of a tile of tn become weights (0 past n); returns the accumulator's factor.
+ * s has TILE floats, so whole vectors up to tn rounded up to 8 are in bounds. */
+static inline __attribute__((always_inline)) AVX2_TARGET float softmax8(float *s, int n, int tn, float *m, float *l)
+{
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 mx = _mm256_set1_ps(KVOS_NEG_BIG);
+    for (int t = 0; t < n; t += 8) {
+        const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), lane));
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(KVOS_NEG_BIG), _mm256_loadu_ps(s + t), valid));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float alpha = kvos_softmax_rescale(m, _mm_cvtss_f32(m4));
+    const __m256 top = _mm256_set1_ps(*m);
+    __m256 sum = _mm256_setzero_ps();
+    for (int t = 0; t < tn; t += 8) {
+        const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), lane));
+        const __m256 p = _mm256_and_ps(exp2_8(_mm256_sub_ps(_mm256_loadu_ps(s + t), top)), valid);
+        _mm256_storeu_ps(s + t, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+    *l = *l * alpha + _mm_cvtss_f32(s4);
+    return alpha;
+}
+
+/* acc[r] = acc[r] * alpha + sum over the tile's nmax tokens of p[t] * v[t], 64 dims at a time. */
+static inline __attribute__((always_inline)) AVX2_TARGET void
+values(scratch_t *w, const float *const *vp, int64_t r, int nmax, float alpha, const int64_t D)
+{
+    const float *p = w->s + r * TILE;
+    for (int64_t c0 = 0; c0 < D; c0 += CHUNK) {
+        float *acc = w->acc + r * D + c0;
+        const __m256 al = _mm256_set1_ps(alpha);
+        __m256 o[8];
+        for (int i = 0; i < 8; i++)
+            o[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), al);
+        for (int t = 0; t < nmax; t++) {
+            const __m256 pt = _mm256_broadcast_ss(p + t);
+            const float *v = vp[t] + c0;
+            for (int i = 0; i < 8; i++)
+                o[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * i), o[i]);
+        }
+        for (int i = 0; i < 8; i++)
+            _mm256_storeu_ps(acc + 8 * i, o[i]);
+    }
+}
+
+static inline __attribute__((always_inline)) AVX2_TARGET void
+tile(const call_t *c, scratch_t *w, int cur, int next_tn, int64_t rows, int64_t t0, int tn, const int64_t D)
+{
+    const float *const *kp = w->kp[cur], *const *vp = w->vp[cur];
+    ahead_t ahead = {w->kp[cur ^ 1], w->vp[cur ^ 1], c->k16 ? w->kp16[cur ^ 1] : NULL, w->vp16[cur ^ 1], next_tn,
+                     D * (c->k16 ? 2 : 4)};
+    for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+        const int R = rows - r0 < RB ? (int)(rows - r0) : RB;
+        int n[RB], nmax = 0;
+        for (int r = 0; r < R; r++) {
+            const int64_t left = w->lim[r0 + r] - t0;
+            n[r] = left <= 0 ? 0 : (left < tn ? (int)left : tn);
+            nmax = n[r] > nmax ? n[r] : nmax;
+        }
+        if (nmax == 0)
+            continue;       /* causal: these rows ended in an earlier tile */
+        if (R == 3) scores(w, kp, &ahead, r0, nmax, D, 3);
+        else if (R == 2) scores(w, kp, &ahead, r0, nmax, D, 2);
+        else scores(w, kp, &ahead, r0, nmax, D, 1);
+        for (int t = nmax; t < ahead.n; t++)      /* what this block's tokens did not reach */
+            prefetch_row(&ahead, t);
+        ahead.n = 0;                              /* the next blocks find them in cache */
+        for (int r = 0; r < R; r++) {
+            float *s = w->s + (r0 + r) * TILE;
+            float alpha = 1.0f;
+            if (n[r])
+                alpha = softmax8(s, n[r], nmax, &w->m[r0 + r], &w->l[r0 + r]);
+            else
+                for (int t = 0; t < nmax; t++)
+                    s[t] = 0.0f;
+            values(w, vp, r0 + r, nmax, alpha, D);
+        }
+    }
+    (void)c;
+}
+
+static AVX2_TARGET void run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int64_t D)
+{
+    const int64_t rows = task_rows(c, task);
+    const int64_t n_ctx = attn_limits(c, task, w);
+    attn_start_rows(c, task, h, w);
+    attn_translate_ahead(c, task, h, 0, n_ctx, w, 0);
+    int cur = 0;
+    for (int64_t t0 = 0; t0 < n_ctx; t0 += TILE, cur ^= 1) {
+        const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
+        const int64_t left = n_ctx - t0 - TILE;
+        attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
+        attn_tile_ready(c, w, cur, tn);     /* bf16 caches: the tile widened to float32 */
+        tile(c, w, cur, left <= 0 ? 0 : (left < TILE ? (int)left : TILE), rows, t0, tn, D);
+    }
+    attn_finish_rows(c, task, h, w);
+}
+
+int attn_task_rows_avx2(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
+{
+    switch (c->head_dim) {      /* D a constant in each copy: the chunk loops unroll */
+    case 64: run(c, task, h, w, 64); return 1;
+    case 128: run(c, task, h, w, 128); return 1;
+    default: return 0;
+    }
+}
+#else
+int attn_has_avx2(void) { return 0; }
+int attn_task_rows_avx2(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
+{
+    (void)c; (void)task; (void)h; (void)w;
+    return 0;
+}
+#endif
