@@ -162,9 +162,11 @@ void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn)
 static void run_task(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
 {
     int64_t rows = task_rows(c, task);
+    if (attn_has_avx2() && attn_task_rows_avx2(c, task, h, w))
+        return;
     if (rows >= LANES_MIN_ROWS && rows <= 2 * LANES && c->head_dim % LANES == 0)
         attn_task_lanes(c, task, h, w);
-    else if (!(attn_has_avx2() && attn_task_rows_avx2(c, task, h, w)))
+    else
         attn_task_rows(c, task, h, w);
 }
 

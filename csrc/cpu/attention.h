@@ -4,7 +4,7 @@
  * of TILE tokens with an online softmax:
  *   attention_rows.c   few rows (decode): per row-block dot products, 16 tokens summed at once;
  *   attention_lanes.c  12 to 32 rows (prefill chunks): one vector lane per row, GEMM-like;
- *   attention_avx2.c   the rows path again on AVX2 CPUs (no AVX-512), sized for 16 registers. */
+ *   attention_avx2.c   every task on AVX2 CPUs (no AVX-512): a rows path sized for 16 registers. */
 #ifndef KVOS_ATTENTION_H
 #define KVOS_ATTENTION_H
 #include <stdint.h>
@@ -92,7 +92,7 @@ static inline __attribute__((always_inline)) float attn_softmax_tile(float *KVOS
 }
 
 void attn_task_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w);
-/* The rows path for AVX2 CPUs (attention_avx2.c): head sizes a multiple of 32; returns 0 where it cannot run. */
+/* Any task on AVX2 CPUs (attention_avx2.c): head sizes 64 and 128; returns 0 where it cannot run. */
 int attn_task_rows_avx2(const call_t *c, const task_t *task, int64_t h, scratch_t *w);
 int attn_has_avx2(void);
 void attn_task_lanes(const call_t *c, const task_t *task, int64_t h, scratch_t *w);

@@ -1,5 +1,6 @@
-/* The rows path of CPU paged attention on AVX2 CPUs (16 vector registers of 8 floats), for
- * decode tasks of a few rows. attention_rows.c keeps a block's q and accumulators in 16-float
+/* CPU paged attention on AVX2 CPUs (16 vector registers of 8 floats), for every task: decode
+ * and prefill chunks alike (the lanes path's 16-lane tiles spill there too: this path runs
+ * prefill chunks 5.8-6.5x faster than it on SmolLM2's shapes). attention_rows.c keeps a block's q and accumulators in 16-float
  * registers, which on AVX2 become register pairs: four rows of d = 64 ask for 64 of them, and
  * the spills made that path a third of a decode step on such a CPU (perf, a kvos-gguf `mixed`
  * run). Here the working set fits 16 registers: per context token its K row is loaded once
