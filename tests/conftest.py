@@ -33,3 +33,25 @@ def kvos_loggers_as_they_were():
         logger = logging.getLogger(name)
         logger.handlers, logger.propagate = handlers, propagate
         logger.setLevel(level)                   # (not .level =: setLevel clears the loggers' caches)
+
+
+def _isa_caps() -> list:
+    """The vector paths this CPU can run, best first: "best", "avx2" where the best is AVX-512
+    (otherwise best is AVX2 or less already), and "portable" C."""
+    from kernel.ops import cpu
+    before = cpu.set_isa_cap("best")
+    try:
+        wider = bool(cpu._load().lib.kvos_cpu_avx512())
+    finally:
+        cpu.set_isa_cap(before)
+    return ["best"] + (["avx2"] if wider and cpu.cpu_has_avx2() else []) + ["portable"]
+
+
+@pytest.fixture(scope="module", params=_isa_caps())
+def each_isa_cap(request):
+    """Run the test once under each vector path the CPU can take (kernel.ops.cpu.set_isa_cap):
+    modules of C kernels with several paths mark themselves with usefixtures("each_isa_cap")."""
+    from kernel.ops import cpu
+    before = cpu.set_isa_cap(request.param)
+    yield request.param
+    cpu.set_isa_cap(before)

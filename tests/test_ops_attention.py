@@ -4,6 +4,7 @@ Fresh random batches every run (hypothesis, and seeds printed on failure): ragge
 and prefill-chunk mixes, GQA ratios, head sizes, page sizes 1..256, shuffled page tables
 in a pool shared with another tenant, poisoned outputs, strided q and out.
 """
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,6 +12,8 @@ from hypothesis import strategies as st
 from kernel import ops
 from kernel.ops import cpu, reference
 from tests.test_ops_helpers import make_batch, relative_error
+
+pytestmark = pytest.mark.usefixtures("each_isa_cap")   # every vector path this CPU has (conftest.py)
 
 TOLERANCE = 1e-5   # float32: the kernels agree with the twin to ~1e-6
 

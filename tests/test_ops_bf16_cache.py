@@ -13,6 +13,8 @@ from kernel.kvcache import KVView
 from kernel.ops import reference
 from tests.test_ops_helpers import make_batch, relative_error
 
+pytestmark = pytest.mark.usefixtures("each_isa_cap")   # every vector path this CPU has (conftest.py)
+
 BF16 = torch.bfloat16
 
 

@@ -18,6 +18,8 @@ from kernel.ops import cpu, reference
 from kernel.ops.panel import PANEL
 from userspace.programs import qlinear
 
+pytestmark = pytest.mark.usefixtures("each_isa_cap")   # every vector path this CPU has (conftest.py)
+
 BF16 = torch.bfloat16
 PATHS = ["auto", "portable"] + (["dp"] if cpu.panel_bf16_has_dp() else [])
 

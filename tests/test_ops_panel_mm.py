@@ -16,6 +16,8 @@ from kernel.ops import reference
 from kernel.ops.panel import PANEL
 from userspace.programs import qlinear
 
+pytestmark = pytest.mark.usefixtures("each_isa_cap")   # every vector path this CPU has (conftest.py)
+
 
 def close(ours, want, k):
     """FMA chains in another order than torch's: a few ulps of the sum of |terms| per output."""

@@ -20,13 +20,7 @@
 
 int attn_has_avx2(void)
 {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-            && !__builtin_cpu_supports("avx512f");      /* AVX-512 CPUs keep attention_rows.c */
-    }
-    return known;
+    return kvos_cpu_avx2() && !kvos_cpu_avx512();      /* AVX-512 CPUs keep the 16-lane paths */
 }
 
 /* The next tile's rows, prefetched one token at a time as this tile's tokens are scored: the

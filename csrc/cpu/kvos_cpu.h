@@ -106,7 +106,16 @@ void kvos_silu_mul(const float *gate_up, int64_t gu_stride, float *out, int64_t 
 
 int kvos_num_threads(void);
 void kvos_set_num_threads(int n);
+/* isa.c: the most a kernel's path may ask of the CPU (0 the best it has, 1 AVX2, 2 portable C), and
+ * whether AVX-512 / AVX2 (+ FMA, F16C) paths may run under that cap on this CPU. */
+void kvos_set_isa_cap(int cap);
+int kvos_isa_cap(void);
+int kvos_cpu_avx512(void);
+int kvos_cpu_avx2(void);
 /* cdef-end */
+#define KVOS_ISA_BEST 0
+#define KVOS_ISA_AVX2 1
+#define KVOS_ISA_PORTABLE 2
 
 /* The slot check write_kv and rope_write_kv run before writing anything: KVOS_OK, or
  * KVOS_E_SLOT with bad[0] = the token and bad[1] = its slot outside the pool's num_slots. */

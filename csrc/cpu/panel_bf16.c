@@ -238,7 +238,7 @@ DP_TARGET static void panel_dp(float *y, int64_t y_stride, const uint32_t *xs, c
 int kvos_panel_bf16_has_dp(void)
 {
 #ifdef HAVE_DP
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f");
+    return kvos_cpu_avx512() && __builtin_cpu_supports("avx512bf16");
 #else
     return 0;
 #endif
@@ -274,9 +274,9 @@ int kvos_panel_mm_bf16(float *y, int64_t y_stride, const void *x, int x_bf16, in
 #ifdef HAVE_DP
     if (path != 1 && kvos_panel_bf16_has_dp())
         fn = panel_dp;
-    else if (__builtin_cpu_supports("avx512f"))
+    else if (kvos_cpu_avx512())
         fn = panel_c512;
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    else if (kvos_cpu_avx2()) {
         fn = panel_avx2;
         widen = 1;
     }

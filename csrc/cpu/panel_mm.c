@@ -163,9 +163,9 @@ void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride,
 {
     panel_fn *fn = panel_portable;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx512f"))
+    if (kvos_cpu_avx512())
         fn = panel_avx512;
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    else if (kvos_cpu_avx2())
         fn = panel_avx2;
 #endif
     int64_t panels = (n + PANEL - 1) / PANEL;

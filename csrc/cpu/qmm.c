@@ -377,7 +377,7 @@ int kvos_qmm_has_vnni(void)
 {
 #if HAVE_VNNI_PATH
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+    return kvos_cpu_avx512() && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")
         && __builtin_cpu_supports("f16c");
 #else
@@ -390,8 +390,7 @@ int64_t kvos_qmm_record_bytes(int bits) { return record_bytes(bits); }
 int kvos_qmm_has_avx2(void)
 {
 #if HAVE_AVX2_PATH
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return kvos_cpu_avx2();
 #else
     return 0;
 #endif

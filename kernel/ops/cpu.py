@@ -42,6 +42,30 @@ def num_threads() -> int:
     return _load().lib.kvos_num_threads()
 
 
+ISA_CAPS = {"best": 0, "avx2": 1, "portable": 2}
+
+
+def set_isa_cap(cap: str) -> str:
+    """The most the C kernels' vector paths may ask of this CPU, for the whole process: "best"
+    (the default), "avx2" or "portable". Returns the previous cap. The tests use it to run every
+    path the machine can run against the same twins; a faster CPU never needs it."""
+    if cap not in ISA_CAPS:
+        validate.fail(f"the ISA cap is one of {list(ISA_CAPS)}, not {cap!r}")
+    lib = _load().lib
+    before = {v: k for k, v in ISA_CAPS.items()}[lib.kvos_isa_cap()]
+    lib.kvos_set_isa_cap(ISA_CAPS[cap])
+    return before
+
+
+def cpu_has_avx2() -> bool:
+    """AVX2 with FMA and F16C (the AVX2 paths' needs), whatever the cap."""
+    before = set_isa_cap("avx2")
+    try:
+        return bool(_load().lib.kvos_cpu_avx2())
+    finally:
+        set_isa_cap(before)
+
+
 def _ptr(t):
     return _ext.ffi.cast("void *", t.data_ptr())
 
