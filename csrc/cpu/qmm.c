@@ -236,6 +236,7 @@ static QMM_TARGET void qmm_vnni_tile8(float *y, int64_t y_stride, const qrows *a
  * integer dot. The float operations then follow the VNNI path's order on the same integers. */
 #define QMM_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define QMM_AVX2_MR 4     /* rows per register tile: 8 weight vectors + 4 accumulators + temporaries */
+#define QMM_AVX2_AHEAD 8  /* records prefetched ahead (past a tile's end: the next tile's, contiguous) */
 #define HAVE_AVX2_PATH 1
 
 static inline __attribute__((always_inline)) QMM_AVX2_TARGET __m256i bcast4_256(const int8_t *p)
@@ -254,6 +255,9 @@ qmm_avx2_rows(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint
     const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
     for (int64_t b = 0; b < kb; b++) {
         const uint8_t *rec = tile + b * rb + 32 * half;
+        if (r0 == 0 && half == 0)       /* the first pass streams the tiles: ask for records ahead */
+            for (int64_t l = 0; l < rb; l += 64)
+                _mm_prefetch((const char *)(tile + (b + QMM_AVX2_AHEAD) * rb + l), _MM_HINT_T0);
         __m256i w[8];
         if (BITS == 4) {
             for (int v = 0; v < 4; v++) {
