@@ -258,38 +258,41 @@ qmm_avx2_rows(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint
         if (r0 == 0 && half == 0)       /* the first pass streams the tiles: ask for records ahead */
             for (int64_t l = 0; l < rb; l += 64)
                 _mm_prefetch((const char *)(tile + (b + QMM_AVX2_AHEAD) * rb + l), _MM_HINT_T0);
-        __m256i w[8];
+        /* Weight vector outer, rows inner: one unpacked vector live at a time, so the rows' sums and
+         * accumulators stay in registers (all eight unpacked vectors at once spilled the accumulators
+         * to the stack: perf showed the FMAs on (%rsp) as this kernel's hottest lines). */
+        __m256i dot[QMM_AVX2_MR];
+        const int8_t *q = a->q + (r0 * kb + b) * BLOCK;
+        const int64_t row = kb * BLOCK;        /* from one row's codes to the next row's */
+        for (int r = 0; r < R; r++)
+            dot[r] = _mm256_setzero_si256();
         if (BITS == 4) {
             for (int v = 0; v < 4; v++) {
-                __m256i p = _mm256_loadu_si256((const __m256i *)(rec + 64 * v));
-                w[v] = _mm256_and_si256(p, low);
-                w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+                const __m256i p = _mm256_loadu_si256((const __m256i *)(rec + 64 * v));
+                const __m256i lo = _mm256_and_si256(p, low), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+                for (int r = 0; r < R; r++) {     /* int16 sums: 8 products of <= 3,810 cannot overflow */
+                    dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(lo, bcast4_256(q + r * row + 4 * v)));
+                    dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(hi, bcast4_256(q + r * row + 4 * v + 16)));
+                }
             }
+            for (int r = 0; r < R; r++)
+                dot[r] = _mm256_madd_epi16(dot[r], ones);
         } else {
-            for (int j = 0; j < 8; j++)
-                w[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(rec + 64 * j)), flip);   /* u - 128 */
+            for (int j = 0; j < 8; j++) {
+                const __m256i wj = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(rec + 64 * j)), flip);  /* u - 128 */
+                const __m256i aw = _mm256_abs_epi8(wj);
+                for (int r = 0; r < R; r++)
+                    dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(q + r * row + 4 * j), wj)), ones));
+            }
+            for (int r = 0; r < R; r++)
+                dot[r] = _mm256_add_epi32(dot[r], _mm256_set1_epi32(128 * a->qsum[(r0 + r) * kb + b]));
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec - 32 * half + cb + 16 * half)));
         const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec - 32 * half + cb + 32 + 16 * half)));
         for (int r = 0; r < R; r++) {
             const int64_t at = (r0 + r) * kb + b;
-            const int8_t *q = a->q + at * BLOCK;
-            __m256i dot;
-            if (BITS == 4) {
-                __m256i s16 = _mm256_maddubs_epi16(w[0], bcast4_256(q));
-                for (int j = 1; j < 8; j++)
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[j], bcast4_256(q + 4 * j)));
-                dot = _mm256_madd_epi16(s16, ones);
-            } else {
-                dot = _mm256_setzero_si256();
-                for (int j = 0; j < 8; j++) {
-                    const __m256i s16 = _mm256_maddubs_epi16(_mm256_abs_epi8(w[j]),
-                                                             _mm256_sign_epi8(bcast4_256(q + 4 * j), w[j]));
-                    dot = _mm256_add_epi32(dot, _mm256_madd_epi16(s16, ones));
-                }
-                dot = _mm256_add_epi32(dot, _mm256_set1_epi32(128 * a->qsum[at]));
-            }
-            const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a->dx[at]));
+            const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(a->dx[at]));
             acc[r] = _mm256_fmadd_ps(f, dw, acc[r]);
             acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a->xs[at]), acc[r]);
         }
