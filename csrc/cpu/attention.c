@@ -162,7 +162,7 @@ void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn)
 static void run_task(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
 {
     int64_t rows = task_rows(c, task);
-    if (attn_has_avx2() && attn_task_rows_avx2(c, task, h, w))
+    if (c->avx2 && attn_task_rows_avx2(c, task, h, w))
         return;
     if (rows >= LANES_MIN_ROWS && rows <= 2 * LANES && c->head_dim % LANES == 0)
         attn_task_lanes(c, task, h, w);
@@ -217,7 +217,7 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
                          cache_bf16 ? (const uint16_t *)k_cache : NULL, cache_bf16 ? (const uint16_t *)v_cache : NULL,
                          page_size, frame_stride, token_stride, head_stride,
                          page_table, page_table_stride, query_start, context_lens,
-                         G, head_dim, scale * KVOS_LOG2E};
+                         G, head_dim, scale * KVOS_LOG2E, attn_has_avx2()};
     const int64_t rows = (q_block * G > 2 * LANES ? q_block * G : 2 * LANES), D = head_dim;
     int failed = 0;
     /* Waking the other threads costs tens of microseconds (far more on a busy machine):

@@ -30,6 +30,7 @@ typedef struct {
     int64_t group;             /* query heads per kv head */
     int64_t head_dim;
     float q_scale;             /* softmax scale * log2(e): scores come out in log2 units */
+    int avx2;                  /* attention_avx2.c takes the tasks it can (attn_has_avx2, once a call) */
 } call_t;
 
 /* One thread's scratch, sized for the call's largest task (rows >= 2 * LANES always fit). */
@@ -89,6 +90,20 @@ static inline __attribute__((always_inline)) float attn_softmax_tile(float *KVOS
     }
     *l = *l * alpha + sum;
     return alpha;
+}
+
+/* Rows r0..r0+R-1 against the tile of tn tokens at t0: n[r] = the tokens each attends to there
+ * (causal); returns their largest, 0 when all these rows ended in an earlier tile. */
+static inline __attribute__((always_inline)) int attn_tile_counts(const scratch_t *w, int64_t r0, int R, int64_t t0,
+                                                                  int tn, int *n)
+{
+    int nmax = 0;
+    for (int r = 0; r < R; r++) {
+        const int64_t left = w->lim[r0 + r] - t0;
+        n[r] = left <= 0 ? 0 : (left < tn ? (int)left : tn);
+        nmax = n[r] > nmax ? n[r] : nmax;
+    }
+    return nmax;
 }
 
 void attn_task_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w);

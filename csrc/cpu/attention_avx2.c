@@ -165,12 +165,8 @@ tile(const call_t *c, scratch_t *w, int cur, int next_tn, int64_t rows, int64_t 
                      D * (c->k16 ? 2 : 4)};
     for (int64_t r0 = 0; r0 < rows; r0 += RB) {
         const int R = rows - r0 < RB ? (int)(rows - r0) : RB;
-        int n[RB], nmax = 0;
-        for (int r = 0; r < R; r++) {
-            const int64_t left = w->lim[r0 + r] - t0;
-            n[r] = left <= 0 ? 0 : (left < tn ? (int)left : tn);
-            nmax = n[r] > nmax ? n[r] : nmax;
-        }
+        int n[RB];
+        const int nmax = attn_tile_counts(w, r0, R, t0, tn, n);
         if (nmax == 0)
             continue;       /* causal: these rows ended in an earlier tile */
         if (R == 3) scores(w, kp, &ahead, r0, nmax, D, 3);
@@ -190,7 +186,6 @@ tile(const call_t *c, scratch_t *w, int cur, int next_tn, int64_t rows, int64_t 
             values(w, vp, r0 + r, nmax, alpha, D);
         }
     }
-    (void)c;
 }
 
 static AVX2_TARGET void run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int64_t D)

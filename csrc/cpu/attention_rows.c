@@ -16,12 +16,8 @@ tile_block(scratch_t *w, const float *const *kp, const float *const *vp,
            const int D, const int RB, const int BF)
 {
     const int NC = D / LANES;
-    int n[4], nmax = 0;
-    for (int r = 0; r < RB; r++) {
-        int64_t left = w->lim[r0 + r] - t0;
-        n[r] = left <= 0 ? 0 : (left < tn ? (int)left : tn);
-        nmax = n[r] > nmax ? n[r] : nmax;
-    }
+    int n[4];
+    const int nmax = attn_tile_counts(w, r0, RB, t0, tn, n);
     if (nmax == 0)
         return;   /* causal: these rows ended in an earlier tile */
     vf q[4][16], acc[4][16];

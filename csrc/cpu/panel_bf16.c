@@ -132,10 +132,6 @@ __attribute__((target("avx512f,fma"))) static void panel_c512(
  * from memory. One row takes the whole panel (8 accumulators); more rows go 6 at a time over quarters
  * of the panel (12 accumulators), as panel_mm.c's AVX2 tile. The products and their order are tile_c's:
  * the same sums, bit for bit. */
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef int32_t v8i_u __attribute__((vector_size(32), aligned(4), may_alias));
-typedef float v8_u __attribute__((vector_size(32), aligned(4), may_alias));
 
 ALWAYS_INLINE void tile8(const int R, const int C, float *y, int64_t y_stride, const float *xf, int64_t kp,
                          const uint16_t *panel, int c0, int cols, const float *bias, int accumulate)

@@ -14,16 +14,22 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* One output row of a tile: only the panel's real columns are written (never the padding). */
+/* cols sums of an output row into y (+ bias, + y): only the panel's real columns, never the padding. */
+ALWAYS_INLINE void store_cols(float *y, const float *sums, int cols, const float *bias, int accumulate)
+{
+    for (int c = 0; c < cols; c++) {
+        float s = bias ? sums[c] + bias[c] : sums[c];
+        y[c] = accumulate ? y[c] + s : s;
+    }
+}
+
+/* One output row of a 64-column tile. */
 ALWAYS_INLINE void store_row(float *y, const vf acc[4], int cols, const float *bias, int accumulate)
 {
     float tmp[PANEL];
     for (int v = 0; v < 4; v++)
         vstore(tmp + v * VW, acc[v]);
-    for (int c = 0; c < cols; c++) {
-        float s = bias ? tmp[c] + bias[c] : tmp[c];
-        y[c] = accumulate ? y[c] + s : s;
-    }
+    store_cols(y, tmp, cols, bias, accumulate);
 }
 
 /* R rows of x against one panel over all k, R a constant after inlining (so acc stays in
@@ -92,8 +98,6 @@ __attribute__((target("avx512f,fma"))) static void panel_avx512(
  * row takes the whole panel (8 accumulators: decode at batch 1 streams each panel once); more rows
  * go 6 at a time over quarters of the panel (6 x 2 accumulators, 2 weight vectors, 1 broadcast: MKL's
  * own AVX2 shape); the quarters after the first find the panel in L2. */
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8_u __attribute__((vector_size(32), aligned(4), may_alias));
 
 ALWAYS_INLINE void tile8(const int R, const int C, float *y, int64_t y_stride, const float *x, int64_t x_stride,
                          const float *panel, int64_t k, int c0, int cols, const float *bias, int accumulate)
@@ -118,12 +122,8 @@ ALWAYS_INLINE void tile8(const int R, const int C, float *y, int64_t y_stride, c
         float tmp[64];
         for (int c = 0; c < C; c++)
             *(v8_u *)(tmp + 8 * c) = acc[r][c];
-        float *yr = y + r * y_stride + c0;
         const int n = cols - c0 < 8 * C ? cols - c0 : 8 * C;
-        for (int j = 0; j < n; j++) {
-            float v = bias ? tmp[j] + bias[c0 + j] : tmp[j];
-            yr[j] = accumulate ? yr[j] + v : v;
-        }
+        store_cols(y + r * y_stride + c0, tmp, n, bias ? bias + c0 : NULL, accumulate);
     }
 }
 

@@ -14,6 +14,11 @@ typedef int32_t vi __attribute__((vector_size(64)));
 typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
 
 static inline vf vload(const float *p) { return *(const vf_u *)p; }
+/* 8-float vectors (one AVX2 register), for the AVX2 tiles of the panel kernels; _u: any address. */
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8_u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int32_t v8i_u __attribute__((vector_size(32), aligned(4), may_alias));
 static inline void vstore(float *p, vf x) { *(vf_u *)p = x; }
 typedef int32_t vi_u __attribute__((vector_size(64), aligned(4), may_alias));
 static inline vi vload_i(const int32_t *p) { return *(const vi_u *)p; }
