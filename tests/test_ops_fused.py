@@ -91,7 +91,7 @@ def test_twins_compute_what_the_forward_computes():
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 300], ids=lambda t: f"{t}tok")   # 300: past the threads' threshold
-@pytest.mark.parametrize("hidden", [576, 40])
+@pytest.mark.parametrize("hidden", [576, 44])     # 44: SiLU's 8-lane loop and its scalar tail
 def test_cpu_add_rms_norm_and_silu_match_twins(tokens, hidden):
     """csrc/cpu/fused.c against the twins: the residual to the bit (one float add), the norm and
     SiLU to float rounding (another summation order, a polynomial exp2); out may be the residual."""
@@ -114,10 +114,12 @@ def test_cpu_add_rms_norm_and_silu_match_twins(tokens, hidden):
 
 
 def test_cpu_silu_saturates_without_nan():
-    gu = torch.tensor([[-1e4, -100.0, 0.0, 100.0, 1e4, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    """Large |gate| in the 8-lane loop (the first 8) and in the scalar tail (the last 5)."""
+    gate = torch.tensor([-1e4, -100.0, 0.0, 100.0, 1e4, -1e30, 1e30, 3.0, -1e4, -100.0, 0.0, 100.0, 1e4])
+    gu = torch.cat([gate, torch.ones_like(gate)]).view(1, -1)
     got = fused.silu_mul(gu)
     assert torch.isfinite(got).all()
-    assert torch.allclose(got, F.silu(gu[:, :5]), atol=1e-6)
+    assert torch.allclose(got, F.silu(gate).view(1, -1), atol=1e-6)
 
 
 def test_bf16_cpu_activations_run_the_twins():
