@@ -157,7 +157,11 @@ void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn)
 /* Rows from which a task takes the lanes path: with fewer, too many lanes sit empty and
  * the rows path is faster (measured: 8 rows of d=128, 18 against 28 cycles per row-token). */
 #define LANES_MIN_ROWS 12
-#define PARALLEL_MIN_WORK (1 << 15)   /* row-tokens: about 50 us of one thread */
+/* Row-tokens from which a call wakes the other threads: about 50 us of one thread on the
+ * AVX-512 paths; the AVX2 path takes ~15 ns a row-token at decode (measured: one sequence,
+ * 9 heads over 3, d = 64), so its calls pay off from ~2K (ctx 300: 41 -> 29 us on 2 threads). */
+#define PARALLEL_MIN_WORK (1 << 15)
+#define PARALLEL_MIN_WORK_AVX2 (1 << 11)
 
 static void run_task(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
 {
@@ -222,7 +226,8 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
     int failed = 0;
     /* Waking the other threads costs tens of microseconds (far more on a busy machine):
      * calls with less work than that run on the calling thread alone. */
-    #pragma omp parallel num_threads(kvos_num_threads()) if (work > PARALLEL_MIN_WORK)
+    #pragma omp parallel num_threads(kvos_num_threads()) \
+        if (work > (call.avx2 ? PARALLEL_MIN_WORK_AVX2 : PARALLEL_MIN_WORK))
     {
         scratch_t w;
         const int64_t tile_floats = cache_bf16 ? 2 * TILE * D : 0;   /* the widened tile */
