@@ -160,6 +160,28 @@ def test_bad_arguments_are_refused_and_write_nothing():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+def test_bound_weights_give_qmms_bits_and_refuse_what_it_refuses(bits):
+    """QmmWeights (the layers' call, checked at load) against ops.qmm on every kind of x: dense rows
+    take its own C call, the rest qmm's path, and each result is qmm's to the bit."""
+    g = torch.Generator().manual_seed(11)
+    codes, d, m = weights(40, 96, bits, g)
+    packed = Q.qmm_pack(codes, d, m, bits)
+    w = ops.QmmWeights(packed, 40, 96, bits)
+    big = torch.randn(70, 200, generator=g)
+    for x in (big[:1, :96].contiguous(), big[:9, :96].contiguous(), big[:64, :96].contiguous(),
+              big[:5, 7:103], big[:3, :192:2], big[:0, :96]):
+        assert torch.equal(w(x), ops.qmm(x, packed, 40, bits))
+    for match, call in {"float32": lambda: w(big[:2, :96].double()), "dimensions": lambda: w(big[0, :96]),
+                        "packed has shape": lambda: w(big[:2, :64])}.items():
+        with pytest.raises(KvosError, match=match):
+            call()
+    with pytest.raises(KvosError, match="expected"):
+        ops.QmmWeights(packed, 49, 96, bits)
+    with pytest.raises(KvosError, match="contiguous"):
+        ops.QmmWeights(torch.cat([packed, packed], dim=2)[:, :, :packed.shape[2]], 40, 96, bits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 def test_packed_layout_is_the_documented_one(bits):
     """Record (tile, block): vector j byte 4c + i holds column c's element 4j + i (4-bit: j < 4 in
     the low nibble of vector j, j >= 4 in the high nibble of vector j - 4), then 16 fp16 d, 16 fp16 m."""

@@ -120,3 +120,23 @@ def test_greedy_agreement_over_chats(programs):
     prefix_4f = [next((i for i, (x, y) in enumerate(zip(f, q)) if x != y), NEW) for f, q in zip(outs_f, outs_4)]
     print(f"greedy qmm vs int4 op: identical prefixes {prefix_4}, {same_4} tokens equal; "
           f"int4 op vs float32: prefixes {prefix_4f}")
+
+
+def test_the_layer_loop_in_c_gives_the_python_loops_bits(programs):
+    """The quantized program's layers run as one C call (csrc/cpu/layers.c) at every row count (no wide
+    forms): a prefill's and two decode steps' logits equal the Python loop's (the same qmm, attention
+    and fused kernels, one call each) to the bit."""
+    import copy
+    _, quant = programs
+    assert quant.layer_weights is not None and quant.layer_rows is None
+    plain = copy.copy(quant)
+    plain.layer_weights = None
+    ids = quant.encode(TEXT)[:70]
+    outs = []
+    for program in (quant, plain):
+        runner = PagedRunner(program)
+        seq = runner.new_seq()
+        steps = [runner.prefill(seq, ids)]
+        steps += [runner.step([(seq, [ids[i]])]) for i in (5, 6)]
+        outs.append(torch.cat(steps))
+    assert torch.equal(outs[0], outs[1])

@@ -6,10 +6,11 @@ import torch
 
 from kernel.devices.torchdev import TorchDevice
 from kernel.errors import KvosError
-from kernel.ops.step_ops import CpuStep, NormWeights
+from kernel.ops.step_ops import CpuStep, LayerWeights, NormWeights
 from kernel.program import exec_program
 from tests.helpers.hf_reference import rel_error
 from tests.helpers.paged_runner import PagedRunner
+from userspace.programs import qlinear
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,61 @@ def test_fused_forward_matches_the_torch_forward(program):
     fused = _prefill_then_decode(program, program.forward)
     plain = _prefill_then_decode(program, torch.inference_mode()(program.forward_torch))
     assert rel_error(fused, plain) < 1e-5
+
+
+def _python_loop(program):
+    """The program with its layer loop in Python (the C loop's twin: the same kernels, one call each)."""
+    import copy
+    plain = copy.copy(program)
+    plain.layer_weights = None
+    return plain
+
+
+def test_the_layer_loop_in_c_gives_the_python_loops_bits(program):
+    """csrc/cpu/layers.c runs the kernels the Python loop calls, in its order, on its buffers: the
+    logits of a prefill and of decode steps are the same to the bit."""
+    assert program.layer_weights is not None and program.layer_rows is None     # float32 panels: every step
+    assert torch.equal(_prefill_then_decode(program, program.forward),
+                       _prefill_then_decode(program, _python_loop(program).forward))
+
+
+def test_layer_weights_refuse_what_the_loop_cannot_run(program):
+    c = program.config
+    dims = dict(hidden=c.hidden_size, inter=c.intermediate_size, num_heads=c.num_attention_heads,
+                kv_heads=c.num_key_value_heads, head_dim=c.head_dim)
+    layer = program.layers[0]
+    good = [qlinear.c_gemm(w)[:6] for w in (layer.qkv_t, layer.o_t, layer.gate_up_t, layer.down_t)]
+    LayerWeights([good], **dims)
+    swapped = [good[1], good[0], good[2], good[3]]
+    bad_bias = [good[0][:5] + (torch.randn(3),), *good[1:]]
+    wrong_kind = [("int4",) + good[0][1:], *good[1:]]
+    for match, layers in (("the model's", [swapped]), ("bias", [bad_bias]), ("kind", [wrong_kind]),
+                          ("GEMMs", [good[:3]])):
+        with pytest.raises(KvosError, match=match):
+            LayerWeights(layers, **dims)
+    runner = PagedRunner(program, num_frames=4)
+    step = _step(program, runner)
+    with pytest.raises(KvosError, match="rms_norm"):
+        step.layers(program.layer_weights, torch.randn(2, c.hidden_size))
+    step.rms_norm(torch.randn(2, c.hidden_size), 0)
+    with pytest.raises(KvosError, match="norm weights"):
+        step.layers(LayerWeights([good], **dims), torch.randn(2, c.hidden_size))
+
+
+def test_the_layer_loop_refuses_bad_indices_before_writing(program):
+    runner = PagedRunner(program, num_frames=4)
+    c = program.config
+    pool = runner.device.pool.clone()
+    for where, value, match in (("positions", program.rope.cos.shape[0], "positions"), ("slots", 10**6, "slot_mapping"),
+                                ("page_table", 99, "page_table")):
+        step = _step(program, runner)
+        getattr(step, where).view(-1)[-1] = value
+        x = torch.randn(2, c.hidden_size)
+        step.rms_norm(x, 0)
+        with pytest.raises(KvosError, match=match):
+            step.layers(program.layer_weights, x)
+        if where != "page_table":           # the cache write comes before attention's check, as in the Python loop
+            assert torch.equal(runner.device.pool, pool)
 
 
 def _step(program, runner, n=2):

@@ -24,7 +24,8 @@ enum {
     KVOS_E_DUPLICATE = 9,     /* bad[0] = i: dst[i] repeats an earlier destination */
     KVOS_E_OVERLAP = 10,      /* bad[0] = i: dst[i] is also a source (same pool) */
     KVOS_E_NOMEM = 11,        /* scratch allocation failed */
-    KVOS_E_POSITION = 12      /* bad[0] = token, bad[1] = its position outside the RoPE tables */
+    KVOS_E_POSITION = 12,     /* bad[0] = token, bad[1] = its position outside the RoPE tables */
+    KVOS_E_KIND = 13          /* a kvos_linear of no known kind (kernel/ops/step_ops.py makes only these) */
 };
 
 /* Copy whole frames: dst_pool[dst[i]] = src_pool[src[i]], frame_bytes each.
@@ -103,6 +104,39 @@ int kvos_rope_write_kv(float *q, int64_t q_tok_stride, int64_t q_head_stride, in
                        const int32_t *slot_mapping, int64_t num_tokens, int64_t kv_heads, int64_t head_dim,
                        int check, int64_t *bad);
 void kvos_silu_mul(const float *gate_up, int64_t gu_stride, float *out, int64_t out_stride, int64_t rows, int64_t inter);
+
+/* layers.c: the decoder layers of one forward step in one call (kernel/ops/step_ops.py checks
+ * everything but the indices, which layer 0 checks when check). A GEMM's weights: */
+enum { KVOS_LINEAR_PANEL = 1, KVOS_LINEAR_PANEL_BF16 = 2, KVOS_LINEAR_QMM = 3 };
+typedef struct {
+    int kind;                  /* KVOS_LINEAR_*: float32 panels, bf16 panels, qmm blocks */
+    const void *w;             /* the packed weights */
+    const float *bias;         /* (n,) or NULL */
+    int64_t n, k;              /* y (m, n) = x (m, k) @ W^T */
+    int bits;                  /* qmm: 4 or 8 */
+} kvos_linear;
+typedef struct { kvos_linear qkv, o, gate_up, down; } kvos_layer;
+/* The step's buffers, dense rows of num_tokens: x the residual stream (in: the embeddings; out:
+ * the stream after the last layer), h (in: RMSNorm(x) by norm 0; out: the last norm's output),
+ * qkv, attn, gate_up, act, and delta (the O and down GEMMs' outputs). */
+typedef struct { float *x, *h, *qkv, *attn, *gate_up, *act, *delta; } kvos_step_buffers;
+typedef struct {
+    int64_t num_tokens, hidden, inter, num_heads, kv_heads, head_dim;
+    float scale;
+    const float *cos; int64_t cos_stride; const float *sin; int64_t sin_stride;
+    const int32_t *positions; int64_t num_positions;
+    void *k_cache0, *v_cache0;  /* layer 0's caches; layer l's start layer_stride * l elements on */
+    int64_t layer_stride; int cache_bf16;
+    int64_t num_frames, page_size, frame_stride, token_stride, head_stride;
+    const int32_t *slot_mapping;
+    const int32_t *page_table; int64_t page_table_stride, max_pages;
+    const int32_t *query_start, *context_lens; int64_t num_seqs;
+} kvos_step_shape;
+/* norms: 2 * num_layers + 1 weights (layer l's input norm at 2l, its MLP norm at 2l + 1, the final
+ * one last; 0 is applied by the caller). Returns a KVOS_E* code with bad[] as rope_write_kv and
+ * paged_attention set them, KVOS_E_NOMEM, or 0. */
+int kvos_layers(const kvos_layer *layers, int64_t num_layers, const float *const *norms, float eps,
+                const kvos_step_buffers *buf, const kvos_step_shape *s, int check, int64_t *bad);
 
 int kvos_num_threads(void);
 void kvos_set_num_threads(int n);

@@ -169,16 +169,22 @@ def qmm_has_avx2() -> bool:
 _qmm_layout_checked = False
 
 
-def qmm(x, packed, n, bits, path, out):
-    """out = x @ W^T on packed 4/8-bit blocks (arguments checked by kernel/ops/qblocks.py)."""
+def check_qmm_layout() -> None:
+    """A stale build would misread the packing: checked once per process."""
     global _qmm_layout_checked
-    lib = _load().lib
-    if not _qmm_layout_checked:       # a stale build would misread the packing: once per process
+    if not _qmm_layout_checked:
         from kernel.ops.qblocks import packed_shape
+        lib = _load().lib
         if lib.kvos_qmm_record_bytes(4) != packed_shape(1, 32, 4)[2]:
             raise AssertionError(f"qmm.c reads {lib.kvos_qmm_record_bytes(4)}-byte records, qblocks.py packs "
                                  f"{packed_shape(1, 32, 4)[2]}")
         _qmm_layout_checked = True
+
+
+def qmm(x, packed, n, bits, path, out):
+    """out = x @ W^T on packed 4/8-bit blocks (arguments checked by kernel/ops/qblocks.py)."""
+    lib = _load().lib
+    check_qmm_layout()
     rc = lib.kvos_qmm(_ptr(out), out.stride(0), _ptr(x), x.stride(0), x.shape[0], x.shape[1],
                       _ptr(packed), n, bits, path)
     if rc:      # the only failure: its scratch for the quantized activations

@@ -11,6 +11,7 @@ even) and returns float32: reference.qmm is the twin and says exactly what is co
 """
 import torch
 
+from kernel.errors import ENOMEM, KvosError
 from kernel.ops import validate as val
 
 NR = 16         # columns per tile (csrc/cpu/qmm.c QMM_NR): one vector of 16 int32 / float lanes
@@ -143,3 +144,39 @@ def qmm(x: torch.Tensor, packed: torch.Tensor, n: int, bits: int, *, path: str =
         return cpu.qmm(x, packed, n, bits, PATHS[path], out)
     from kernel.ops import cuda
     return cuda.qmm(x, packed, n, bits, out)
+
+
+class QmmWeights:
+    """One packed weight checked once and bound to the C kernel for a program's life.
+
+    A decode step runs ~120 GEMMs of a few microseconds of C each; through qmm() each also pays
+    ~12 us of Python (four frames, the packed tensor's checks, pointer casts). A call here checks
+    only x with a few attribute reads and passes the pointer made at load: ~4 us. Anything else
+    (another dtype or device, strided rows, zero rows) goes through qmm() and its checks."""
+    __slots__ = ("packed", "n", "k", "bits", "_lib", "_cast", "_w")
+
+    def __init__(self, packed: torch.Tensor, n: int, k: int, bits: int):
+        _check_packed(packed, n, k, bits)
+        self.packed, self.n, self.k, self.bits = packed, n, k, bits
+        self._lib = self._cast = self._w = None
+        if packed.device.type == "cpu":
+            from kernel.ops import cpu
+            cpu.check_qmm_layout()
+            self._lib, self._cast = cpu._load().lib, cpu._ext.ffi.cast
+            self._w = self._cast("void *", packed.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x float32 (rows, k) @ W^T -> float32 (rows, n), as qmm(x, packed, n, bits)."""
+        if not (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and x.dim() == 2
+                and self._lib is not None):
+            return qmm(x, self.packed, self.n, self.bits)
+        m, k = x.shape
+        row_stride, col_stride = x.stride()
+        if k != self.k or col_stride != 1 or m == 0:
+            return qmm(x, self.packed, self.n, self.bits)
+        out = torch.empty(m, self.n)
+        cast = self._cast
+        if self._lib.kvos_qmm(cast("void *", out.data_ptr()), self.n, cast("void *", x.data_ptr()), row_stride,
+                              m, k, self._w, self.n, self.bits, 0):
+            raise KvosError(ENOMEM, "the C kernel could not allocate its scratch memory")
+        return out

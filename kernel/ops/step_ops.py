@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from kernel.errors import ENOMEM, KvosError
 from kernel.ops import cpu, dispatch
 from kernel.ops import validate as val
 
@@ -32,6 +33,56 @@ class NormWeights:
         self.tensors, self.hidden = tuple(tensors), hidden
         cpu._load()
         self.pointers = tuple(cpu._ptr(w) for w in self.tensors)     # the C calls' arguments, made once
+
+
+class LayerWeights:
+    """Every decoder layer's four GEMMs (QKV, O, gate/up, down) as csrc/cpu/layers.c reads them:
+    checked once, held with their tensors for a program's life. Each GEMM is given as
+    (kind, packed, n, k, bits, bias): kind "panel" (float32 panels of ops.panel_pack), "panel_bf16"
+    (its bf16 panels, x rounded inside) or "qmm" (ops.qmm_pack's 4/8-bit blocks); bias float32 (n,) or None."""
+    KINDS = {"panel": 1, "panel_bf16": 2, "qmm": 3}
+    NAMES = ("qkv", "o", "gate_up", "down")
+
+    def __init__(self, layers, *, hidden, inter, num_heads, kv_heads, head_dim):
+        from kernel.ops import panel, qblocks
+        q_size, qkv_width = num_heads * head_dim, (num_heads + 2 * kv_heads) * head_dim
+        shapes = {"qkv": (qkv_width, hidden), "o": (hidden, q_size), "gate_up": (2 * inter, hidden),
+                  "down": (hidden, inter)}
+        cpu._load()
+        ffi = cpu._ext.ffi
+        self.table = ffi.new("kvos_layer[]", len(layers))
+        self.tensors = []          # what the table points into, alive as long as it is
+        self.shape = (hidden, inter, num_heads, kv_heads, head_dim)
+        for i, gemms in enumerate(layers):
+            if len(gemms) != 4:
+                val.fail(f"layer {i} has {len(gemms)} GEMMs, not the 4 of {self.NAMES}")
+            for name, (kind, packed, n, k, bits, bias) in zip(self.NAMES, gemms):
+                what = f"layer {i}'s {name}"
+                if (n, k) != shapes[name]:
+                    val.fail(f"{what} is ({n}, {k}), the model's {shapes[name]}")
+                if kind == "qmm":
+                    qblocks._check_packed(packed, n, k, bits)
+                    if packed.device.type != "cpu":
+                        val.fail(f"{what} is on {packed.device}, not the cpu")
+                elif kind in ("panel", "panel_bf16"):
+                    panel._packed(packed, n)
+                    want = torch.float32 if kind == "panel" else torch.bfloat16
+                    pk = k if kind == "panel" else -(-k // 2)
+                    if packed.dtype != want or packed.shape[1] != pk:
+                        val.fail(f"{what}: {kind} wants {want} panels of k {pk}, "
+                                 f"has {packed.dtype} {tuple(packed.shape)}")
+                    bits = 0
+                else:
+                    val.fail(f"{what} is of kind {kind!r}, not one of {list(self.KINDS)}")
+                if bias is not None:
+                    val.tensor(f"{what} bias", bias, ndim=1, dtypes=(torch.float32,), device=_CPU)
+                    if bias.shape[0] != n or not bias.is_contiguous():
+                        val.fail(f"{what} bias must be contiguous ({n},), is {tuple(bias.shape)}")
+                entry = getattr(self.table[i], name)
+                entry.kind, entry.w, entry.n, entry.k, entry.bits = self.KINDS[kind], cpu._ptr(packed), n, k, bits
+                entry.bias = ffi.NULL if bias is None else cpu._ptr(bias)
+                self.tensors += [packed, bias]
+        self.num_layers = len(layers)
 
 
 def _fresh(name, t, shape):
@@ -155,6 +206,53 @@ class CpuStep:
         self.lib.kvos_silu_mul(cpu._ptr(gate_up), gate_up.stride(0), self.p_act, self.act.shape[1], self.n,
                                self.act.shape[1])
         return self.act
+
+    def layers(self, weights: LayerWeights, x):
+        """Every decoder layer in one C call (csrc/cpu/layers.c): the kernels rope_write_kv, attention,
+        add_rms_norm and silu_mul run, in their order, with the GEMMs between them. x is the residual
+        stream rms_norm(x, 0) was given; returns h, the final norm of the stream (norm weight 2L)."""
+        if self.x is None:
+            val.fail("layers needs rms_norm(x, 0) first")
+        if weights.shape != (self.hidden, self.act.shape[1], self.nq, self.nkv, self.d):
+            val.fail(f"the layer weights are for (hidden, inter, heads, kv heads, head_dim) {weights.shape}, "
+                     f"the step's {(self.hidden, self.act.shape[1], self.nq, self.nkv, self.d)}")
+        if 2 * weights.num_layers + 1 != len(self.w) or weights.num_layers > self.kv.num_layers:
+            val.fail(f"{weights.num_layers} layers of weights, {len(self.w)} norm weights and "
+                     f"{self.kv.num_layers} cache layers do not agree")
+        ffi, ptr, n = cpu._ext.ffi, cpu._ptr, self.n
+        qkv, gate_up, delta = (torch.empty(n, self.qkv_shape[1]), torch.empty(n, self.gate_up_shape[1]),
+                               torch.empty(n, self.hidden))
+        buf = ffi.new("kvos_step_buffers *", {"x": self.p_x, "h": self.p_h, "qkv": ptr(qkv), "attn": self.p_attn,
+                                              "gate_up": ptr(gate_up), "act": self.p_act, "delta": ptr(delta)})
+        k0, v0 = self.kv.layer(0)
+        stride = 0
+        if self.kv.num_layers > 1:      # KVView cuts the layers at one stride: checked, not assumed
+            itemsize = k0.element_size()
+            stride, rest = divmod(self.kv.layer(1)[0].data_ptr() - k0.data_ptr(), itemsize)
+            last = self.kv.num_layers - 1
+            if rest or any(t.data_ptr() != base.data_ptr() + last * stride * itemsize
+                           for t, base in zip(self.kv.layer(last), (k0, v0))):
+                val.fail("the KV view's layers are not evenly spaced: the layer loop cannot address them")
+        shape = ffi.new("kvos_step_shape *")
+        (shape.num_tokens, shape.hidden, shape.inter, shape.num_heads, shape.kv_heads,
+         shape.head_dim) = n, self.hidden, self.act.shape[1], self.nq, self.nkv, self.d
+        shape.scale = self.scale
+        shape.cos, shape.cos_stride, shape.sin, shape.sin_stride, shape.positions, shape.num_positions = self.rope_args
+        shape.k_cache0, shape.v_cache0, shape.layer_stride, shape.cache_bf16 = ptr(k0), ptr(v0), stride, self.cache_bf16
+        (shape.num_frames, shape.page_size, shape.frame_stride, shape.token_stride,
+         shape.head_stride) = self.geometry
+        shape.slot_mapping = self.p_slots
+        (shape.page_table, shape.page_table_stride, shape.max_pages, shape.query_start, shape.context_lens,
+         shape.num_seqs) = self.table_args[:6]
+        norms = ffi.new("float *[]", list(self.w))
+        rc = self.lib.kvos_layers(weights.table, weights.num_layers, norms, self.eps, buf, shape, 1, self.bad)
+        if rc == cpu._ext.lib.KVOS_E_NOMEM:
+            raise KvosError(ENOMEM, "the C kernel could not allocate its scratch memory")
+        if rc:      # an index on layer 0, found before any write: the checked calls word it
+            self.rope_write_kv(0, qkv)
+            self.attention(0)
+            raise AssertionError(f"kvos_layers returned {rc}, the checked calls found nothing")  # pragma: no cover
+        return self.h
 
     def _rope_tensors(self, layer, qkv, check):
         n, d = self.n, self.d

@@ -17,7 +17,7 @@ from kernel import ops
 from kernel.batch import ForwardBatch
 from kernel.errors import EINVAL, KvosError
 from kernel.kvcache import KVShape, KVView
-from kernel.ops.step_ops import CpuStep, NormWeights
+from kernel.ops.step_ops import CpuStep, LayerWeights, NormWeights
 from kernel.program import Program
 from userspace.programs import qlinear, tp_shard
 from userspace.programs.config import LlamaConfig
@@ -181,6 +181,19 @@ class LlamaProgram(Program):
             self.norms = NormWeights([t for layer in self.layers for t in (layer.attn_norm, layer.mlp_norm)]
                                      + [self.norm], config.hidden_size)
         self.scale = config.head_dim ** -0.5
+        # Where every GEMM is one the C layer loop runs (panels, qmm blocks), the layers of a step are one
+        # C call (csrc/cpu/layers.c) up to layer_rows rows (None: any), not ~9 Python calls each.
+        self.layer_weights, self.layer_rows = None, None
+        if self.norms is not None:
+            gemms = [[qlinear.c_gemm(layer.qkv_t, layer.qkv_bias), qlinear.c_gemm(layer.o_t, layer.o_bias),
+                      qlinear.c_gemm(layer.gate_up_t), qlinear.c_gemm(layer.down_t)] for layer in self.layers]
+            if all(g is not None for layer in gemms for g in layer):
+                limits = [g[6] for layer in gemms for g in layer if g[6] is not None]
+                self.layer_rows = min(limits) if limits else None
+                self.layer_weights = LayerWeights(
+                    [[g[:6] for g in layer] for layer in gemms], hidden=config.hidden_size,
+                    inter=config.intermediate_size, num_heads=config.num_attention_heads,
+                    kv_heads=config.num_key_value_heads, head_dim=config.head_dim)
         # What a step reads, as held (bf16 linear layers read half the fp32 bytes, quantized ones their
         # blocks): the roofline of the bench and the simulated device's price of a step.
         self.cost = dataclasses.replace(self.cost, weight_bytes=qlinear.read_bytes(self.layers, self.lm_head,
@@ -235,11 +248,12 @@ class LlamaProgram(Program):
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
         h = step.rms_norm(x, 0)
+        if self.layer_weights is not None and (self.layer_rows is None or step.n <= self.layer_rows):
+            h = step.layers(self.layer_weights, x)       # the loop below, in one C call
+            return qlinear.head(h.index_select(0, batch.sample_indices), self.lm_head, md)
         for index, layer in enumerate(self.layers):
             step.rope_write_kv(index, mm(h, layer.qkv_t, layer.qkv_bias))   # q rotated in place, k and v cached
-            o = mm(step.attention(index), layer.o_t)
-            if layer.o_bias is not None:
-                o.add_(layer.o_bias)
+            o = mm(step.attention(index), layer.o_t, layer.o_bias)
             h = step.add_rms_norm(o, 2 * index + 1)                    # x += o; h = norm(x)
             down = mm(step.silu_mul(mm(h, layer.gate_up_t)), layer.down_t)
             h = step.add_rms_norm(down, 2 * index + 2)                 # x += down; the next norm, or the final

@@ -91,10 +91,11 @@ class Int8Linear:
 class BlockLinear:
     """W (n, k) = d * u + m per block of 32 along k (u 4- or 8-bit codes, d and m fp16), packed for
     ops.qmm; `wide` is the same weights in the int4 op's form (or None), used past QMM_MAX_ROWS rows."""
-    __slots__ = ("packed", "bits", "shape", "wide")
+    __slots__ = ("packed", "bits", "shape", "wide", "qmm")
 
     def __init__(self, packed: torch.Tensor, bits: int, shape: tuple, wide=None):
         self.packed, self.bits, self.shape, self.wide = packed, bits, tuple(shape), wide
+        self.qmm = ops.QmmWeights(packed, self.shape[0], self.shape[1], bits)     # checked once, bound to the C call
 
     @classmethod
     def from_blocks(cls, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, wide=None) -> BlockLinear:
@@ -104,7 +105,7 @@ class BlockLinear:
     def mm(self, a: torch.Tensor) -> torch.Tensor:
         if self.wide is not None and a.shape[0] > QMM_MAX_ROWS:
             return self.wide.mm(a)
-        return ops.qmm(a if a.dtype == torch.float32 else a.float(), self.packed, self.shape[0], self.bits)
+        return self.qmm(a if a.dtype == torch.float32 else a.float())
 
     def with_int4_op(self) -> BlockLinear:
         """The same layer carrying the int4 op's form of its blocks as `wide` (exact codes, bf16 scales);
@@ -267,6 +268,20 @@ def add_mm(x: torch.Tensor, a: torch.Tensor, w) -> None:
         w.add_mm(x, a)
     else:
         x.add_(w.mm(a))
+
+
+def c_gemm(w, bias: torch.Tensor | None = None):
+    """(kind, packed, n, k, bits, bias, max_rows) for kernel/ops/step_ops.LayerWeights when the C layer loop
+    can run w (float32 or bf16 panels, qmm blocks), else None. max_rows: the most rows it runs w at
+    (a BlockLinear with a wide form runs that past QMM_MAX_ROWS), or None for any."""
+    if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous() and bias.device.type == "cpu"):
+        return None
+    if isinstance(w, PanelLinear):
+        kind = "panel" if w.dtype == torch.float32 else "panel_bf16"
+        return (kind, w.packed, *w.shape, 0, bias, None)
+    if isinstance(w, BlockLinear):
+        return ("qmm", w.packed, *w.shape, w.bits, bias, None if w.wide is None else QMM_MAX_ROWS)
+    return None
 
 
 def embedding(ids: torch.Tensor, table) -> torch.Tensor:
