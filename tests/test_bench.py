@@ -301,16 +301,20 @@ def test_profile_categories_name_functions_that_exist():
                 assert re.search(rf"^\s*def {func}\(", (ROOT / path).read_text(), re.M), (path, func)
 
 
-def test_profile_on_the_tiny_model():
+@pytest.mark.parametrize("loop", ["c", "python"])
+def test_profile_on_the_tiny_model(loop):
     out = subprocess.run([sys.executable, "-m", "userspace.bench.profile", "--model", "tiny-llama", "--memory",
-                          "8MiB", "--quick", "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+                          "8MiB", "--quick", "--threads", "1"] + (["--python-loop"] if loop == "python" else []),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     seconds = {line[:48].strip(): float(line[48:].split()[0]) for line in out.stdout.splitlines()
                if line.startswith("  ") and line[48:].strip().endswith("%")}
-    for name in ("attention (C paged_attention)", "scheduler", "batch building", "sampling",
-                 "commit (append_token, stop checks, exits)", "matmul (C panel_mm, float32)"):
+    ops = ("attention (C paged_attention)", "matmul (C panel_mm, float32)")
+    for name in ("scheduler", "batch building", "sampling", "commit (append_token, stop checks, exits)") + (
+            ops if loop == "python" else ("layers in one C call (csrc/cpu/layers.c)",)):
         assert seconds[name] > 0, name                    # the step ran under cProfile, in trace()
+    if loop == "c":     # inside the one C call (what is left: the LM head, the step's argument checks)
+        assert all(seconds[name] < seconds["layers in one C call (csrc/cpu/layers.c)"] for name in ops)
     assert re.search(r"16 sequences, [1-9]\d* steps, .* s in Kernel\.step", out.stdout)
     assert "steps by shape" in out.stdout and "with prefill" in out.stdout
 

@@ -153,3 +153,11 @@ def test_bad_indices_and_weights_are_refused(program):
             NormWeights(bad, c.hidden_size)
     with pytest.raises(KvosError):
         _step(program, runner, n=0).rope_write_kv(0, qkv)
+
+
+def test_kvos_layer_loop_picks_the_loop(monkeypatch):
+    monkeypatch.setenv("KVOS_LAYER_LOOP", "python")
+    assert exec_program("tiny-llama", TorchDevice("cpu")).layer_weights is None
+    monkeypatch.setenv("KVOS_LAYER_LOOP", "fast")
+    with pytest.raises(KvosError, match="KVOS_LAYER_LOOP"):
+        exec_program("tiny-llama", TorchDevice("cpu"))

@@ -1,7 +1,8 @@
 """`python -m userspace.bench.profile`: where kvos's time goes on a bench workload, by category.
 
 Runs kvos in this process in manual mode under cProfile, each step run by a trace() syscall, and sums
-the calls that make up a step (matmuls, attention, norms, sampling, scheduler, batch building...),
+the calls that make up a step (matmuls, attention, norms, sampling, scheduler, batch building...; on
+the CPU a step's layers are one C call unless --python-loop),
 then step time by batch shape from the trace records. --cpu-time with --threads 1 holds on a busy machine."""
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ CATEGORIES = [
                                               "built-in method torch.mm>", "built-in method torch.addmm>")),
     ("matmul (C panel_mm, float32)", "cum", (("kernel/ops/panel.py", "panel_mm"),)),
     ("dtype casts and residual adds (bf16 matmuls)", "tot", ("method 'to' of", "method 'add_' of")),
+    ("layers in one C call (csrc/cpu/layers.c)", "cum", (("kernel/ops/step_ops.py", "layers"),)),
     ("attention (C paged_attention)", "cum", (("kernel/ops/dispatch.py", "paged_attention"),)),
     ("K/V write (C write_kv)", "cum", (("kernel/ops/dispatch.py", "write_kv"),)),
     ("RMSNorm", "tot", ("method torch.rms_norm",)),
@@ -51,12 +53,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--token-budget", type=int, default=512)
     p.add_argument("--pstats", metavar="FILE", help="also save the raw profile (snakeviz, pstats)")
+    p.add_argument("--python-loop", action="store_true",
+                   help="run the CPU program's layer loop in Python (KVOS_LAYER_LOOP=python), not in one C call, "
+                        "so the breakdown shows each op")
     p.add_argument("--cpu-time", action="store_true",
                    help="time calls by the process's CPU time, not wall time: with --threads 1 the breakdown "
                         "holds even while other work shares the cores")
     args = p.parse_args(argv)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KVOS_THREADS"):
         os.environ[name] = str(args.threads)
+    if args.python_loop:
+        os.environ["KVOS_LAYER_LOOP"] = "python"
 
     import kernel
     from userspace.bench import workloads

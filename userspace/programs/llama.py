@@ -9,6 +9,7 @@ the page tables with kernel/ops.paged_attention (the MMU).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -183,8 +184,12 @@ class LlamaProgram(Program):
         self.scale = config.head_dim ** -0.5
         # Where every GEMM is one the C layer loop runs (panels, qmm blocks), the layers of a step are one
         # C call (csrc/cpu/layers.c) up to layer_rows rows (None: any), not ~9 Python calls each.
+        # KVOS_LAYER_LOOP=python keeps the loop in Python (its twin; what a per-op profile can see).
         self.layer_weights, self.layer_rows = None, None
-        if self.norms is not None:
+        loop = os.environ.get("KVOS_LAYER_LOOP", "c")
+        if loop not in ("c", "python"):
+            raise KvosError(EINVAL, f"KVOS_LAYER_LOOP must be c or python, not {loop!r}")
+        if self.norms is not None and loop == "c":
             gemms = [[qlinear.c_gemm(layer.qkv_t, layer.qkv_bias), qlinear.c_gemm(layer.o_t, layer.o_bias),
                       qlinear.c_gemm(layer.gate_up_t), qlinear.c_gemm(layer.down_t)] for layer in self.layers]
             if all(g is not None for layer in gemms for g in layer):

@@ -94,7 +94,8 @@ def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None, weig
 
 
 def _cached(key, device: torch.device, kind, build, tp=None) -> LlamaProgram:
-    full_key = (key, str(device), kind, None if tp is None else tp.key)
+    # KVOS_LAYER_LOOP (llama.py: the CPU layer loop in C or in Python) is read at build: part of the key
+    full_key = (key, str(device), kind, None if tp is None else tp.key, os.environ.get("KVOS_LAYER_LOOP", "c"))
     program = _programs.get(full_key)
     if program is None:
         started = time.perf_counter()
