@@ -70,9 +70,12 @@ def test_layer_weights_refuse_what_the_loop_cannot_run(program):
     step = _step(program, runner)
     with pytest.raises(KvosError, match="rms_norm"):
         step.layers(program.layer_weights, torch.randn(2, c.hidden_size))
-    step.rms_norm(torch.randn(2, c.hidden_size), 0)
+    x = torch.randn(2, c.hidden_size)
+    step.rms_norm(x, 0)
+    with pytest.raises(KvosError, match="same x"):
+        step.layers(program.layer_weights, x.clone())
     with pytest.raises(KvosError, match="norm weights"):
-        step.layers(LayerWeights([good], **dims), torch.randn(2, c.hidden_size))
+        step.layers(LayerWeights([good], **dims), x)
 
 
 def test_the_layer_loop_refuses_bad_indices_before_writing(program):

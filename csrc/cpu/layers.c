@@ -4,8 +4,8 @@
  * userspace/programs/llama.py (forward_fused), so the results are its results to the bit:
  * per layer, the QKV GEMM (+ bias), RoPE + K/V write, paged attention, the O GEMM (+ bias),
  * residual add + RMSNorm, the gate/up GEMM, SiLU x up, the down GEMM, residual add + RMSNorm.
- * What it saves is the Python between them: at one decode row a layer's nine calls cost ~90 us
- * of interpreter and argument marshalling against ~130 us of C (docs/performance.md, section 11).
+ * What it saves is the Python between them: at one decode row a layer's nine calls cost ~110 us
+ * of interpreter and argument marshalling against ~150 us of C (docs/performance.md, section 11).
  * Weights come as kvos_linear descriptors made once per program (kernel/ops/step_ops.py checks
  * them); the step's arguments are checked there once a step, indices here on layer 0 only
  * (every layer reuses them), before layer 0 writes the cache. */

@@ -211,8 +211,8 @@ class CpuStep:
         """Every decoder layer in one C call (csrc/cpu/layers.c): the kernels rope_write_kv, attention,
         add_rms_norm and silu_mul run, in their order, with the GEMMs between them. x is the residual
         stream rms_norm(x, 0) was given; returns h, the final norm of the stream (norm weight 2L)."""
-        if self.x is None:
-            val.fail("layers needs rms_norm(x, 0) first")
+        if self.x is None or x is not self.x:
+            val.fail("layers needs rms_norm(x, 0) first, on the same x")
         if weights.shape != (self.hidden, self.act.shape[1], self.nq, self.nkv, self.d):
             val.fail(f"the layer weights are for (hidden, inter, heads, kv heads, head_dim) {weights.shape}, "
                      f"the step's {(self.hidden, self.act.shape[1], self.nq, self.nkv, self.d)}")
@@ -248,7 +248,7 @@ class CpuStep:
         rc = self.lib.kvos_layers(weights.table, weights.num_layers, norms, self.eps, buf, shape, 1, self.bad)
         if rc == cpu._ext.lib.KVOS_E_NOMEM:
             raise KvosError(ENOMEM, "the C kernel could not allocate its scratch memory")
-        if rc:      # an index on layer 0, found before any write: the checked calls word it
+        if rc:      # a bad index, found on layer 0 where the Python loop finds it: the checked calls word it
             self.rope_write_kv(0, qkv)
             self.attention(0)
             raise AssertionError(f"kvos_layers returned {rc}, the checked calls found nothing")  # pragma: no cover
