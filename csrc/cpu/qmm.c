@@ -405,6 +405,40 @@ int kvos_qmm_has_avx2(void)
 
 enum { PATH_AUTO = 0, PATH_PORTABLE = 1, PATH_VNNI = 2, PATH_AVX2 = 3 };
 
+/* What a path runs: its row quantizer and its tile kernel for 4- and 8-bit codes. */
+typedef void (*quantize_fn)(const qrows *a, int64_t r, const float *x);
+typedef void (*tile_fn)(float *y, int64_t y_stride, const qrows *a, int64_t m, const uint8_t *tile, int cols);
+
+static void qmm_portable_tile4(float *y, int64_t y_stride, const qrows *a, int64_t m, const uint8_t *tile, int cols)
+{
+    qmm_portable_tile(y, y_stride, a, m, tile, 4, cols);
+}
+
+static void qmm_portable_tile8(float *y, int64_t y_stride, const qrows *a, int64_t m, const uint8_t *tile, int cols)
+{
+    qmm_portable_tile(y, y_stride, a, m, tile, 8, cols);
+}
+
+/* The path's functions, once a call (a path this build lacks falls to the portable one; the
+ * callers check kvos_qmm_has_vnni / _avx2 before naming one). */
+static void qmm_path(int path, int bits, quantize_fn *quantize, tile_fn *tile)
+{
+    *quantize = quantize_row;
+    *tile = bits == 4 ? qmm_portable_tile4 : qmm_portable_tile8;
+#if HAVE_VNNI_PATH
+    if (path == PATH_VNNI) {
+        *quantize = quantize_row_avx512;
+        *tile = bits == 4 ? qmm_vnni_tile4 : qmm_vnni_tile8;
+    }
+#endif
+#if HAVE_AVX2_PATH
+    if (path == PATH_AVX2) {
+        *quantize = quantize_row_avx2;
+        *tile = bits == 4 ? qmm_avx2_tile4 : qmm_avx2_tile8;
+    }
+#endif
+}
+
 int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t m, int64_t k,
              const uint8_t *w, int64_t n, int bits, int path)
 {
@@ -412,6 +446,9 @@ int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64
     const int64_t tile_bytes = kb * record_bytes(bits);
     if (path == PATH_AUTO)
         path = kvos_qmm_has_vnni() ? PATH_VNNI : kvos_qmm_has_avx2() ? PATH_AVX2 : PATH_PORTABLE;
+    quantize_fn quantize;
+    tile_fn run_tile;
+    qmm_path(path, bits, &quantize, &run_tile);
     /* one allocation: the codes (a multiple of 32 bytes a row) first, then d, d * sum and sum */
     char *scratch = malloc((size_t)(m * kb) * (BLOCK + 2 * sizeof(float) + sizeof(int32_t)) + 1);
     if (!scratch)
@@ -419,47 +456,14 @@ int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64
     float *floats = (float *)(scratch + m * kb * BLOCK);
     qrows a = {(int8_t *)scratch, floats, floats + m * kb, kb,
                path == PATH_AVX2 ? (int32_t *)(floats + 2 * m * kb) : NULL};
-    for (int64_t r = 0; r < m; r++) {
-#if HAVE_VNNI_PATH
-        if (path == PATH_VNNI) {
-            quantize_row_avx512(&a, r, x + r * x_stride);
-            continue;
-        }
-#endif
-#if HAVE_AVX2_PATH
-        if (path == PATH_AVX2) {
-            quantize_row_avx2(&a, r, x + r * x_stride);
-            continue;
-        }
-#endif
-        quantize_row(&a, r, x + r * x_stride);
-    }
+    for (int64_t r = 0; r < m; r++)
+        quantize(&a, r, x + r * x_stride);
     /* One tile of 16 columns is the unit of work: at M = 1 a tile of K = 576 is ~5.6 KB,
      * so threads pay off only past a few dozen tiles' worth of bytes. */
     #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) if (ntiles * tile_bytes * (m + 3) > (1 << 18))
     for (int64_t t = 0; t < ntiles; t++) {
         int cols = n - t * QMM_NR < QMM_NR ? (int)(n - t * QMM_NR) : QMM_NR;
-        const uint8_t *tile = w + t * tile_bytes;
-        float *yt = y + t * QMM_NR;
-#if HAVE_VNNI_PATH
-        if (path == PATH_VNNI) {
-            if (bits == 4)
-                qmm_vnni_tile4(yt, y_stride, &a, m, tile, cols);
-            else
-                qmm_vnni_tile8(yt, y_stride, &a, m, tile, cols);
-            continue;
-        }
-#endif
-#if HAVE_AVX2_PATH
-        if (path == PATH_AVX2) {
-            if (bits == 4)
-                qmm_avx2_tile4(yt, y_stride, &a, m, tile, cols);
-            else
-                qmm_avx2_tile8(yt, y_stride, &a, m, tile, cols);
-            continue;
-        }
-#endif
-        qmm_portable_tile(yt, y_stride, &a, m, tile, bits, cols);
+        run_tile(y + t * QMM_NR, y_stride, &a, m, w + t * tile_bytes, cols);
     }
     free(scratch);
     return KVOS_OK;
