@@ -23,28 +23,6 @@ int attn_has_avx2(void)
     return kvos_cpu_avx2() && !kvos_cpu_avx512();      /* AVX-512 CPUs keep the 16-lane paths */
 }
 
-/* The next tile's rows, prefetched one token at a time as this tile's tokens are scored: the
- * whole tile's 256 lines at once (attn_translate_ahead) overflow the miss buffers, and the
- * dropped ones come back as stalls on the K and V loads (perf: half of this path's samples). */
-typedef struct {
-    const float *const *k32, *const *v32;           /* float32 caches */
-    const uint16_t *const *k16, *const *v16;        /* bfloat16 caches */
-    int n;                                          /* its tokens; 0: none, or not this block's job */
-    int64_t bytes;                                  /* one row of a head */
-} ahead_t;
-
-static inline __attribute__((always_inline)) void prefetch_row(const ahead_t *a, int t)
-{
-    if (t >= a->n)
-        return;
-    const char *k = a->k16 ? (const char *)a->k16[t] : (const char *)a->k32[t];
-    const char *v = a->k16 ? (const char *)a->v16[t] : (const char *)a->v32[t];
-    for (int64_t b = 0; b < a->bytes; b += 64) {
-        __builtin_prefetch(k + b);
-        __builtin_prefetch(v + b);
-    }
-}
-
 /* (sum(x0), ..., sum(x7)): four hadds, two lane swaps and an add. */
 static inline __attribute__((always_inline)) AVX2_TARGET __m256 hsum8(const __m256 x[8])
 {
@@ -58,14 +36,12 @@ static inline __attribute__((always_inline)) AVX2_TARGET __m256 hsum8(const __m2
  * entries past nmax are scratch). Tokens past nmax in the last group of 8 repeat token nmax - 1,
  * so every address read is a real row. */
 static inline __attribute__((always_inline)) AVX2_TARGET void
-scores(scratch_t *w, const float *const *kp, const ahead_t *ahead, int64_t r0, int nmax, const int64_t D,
-       const int R)
+scores(scratch_t *w, const float *const *kp, int64_t r0, int nmax, const int64_t D, const int R)
 {
     for (int g0 = 0; g0 < nmax; g0 += 8) {
         __m256 part[RB][8];
         for (int j = 0; j < 8; j++) {
             const float *k = kp[g0 + j < nmax ? g0 + j : nmax - 1];
-            prefetch_row(ahead, g0 + j);
             for (int r = 0; r < R; r++)
                 part[r][j] = _mm256_setzero_ps();
             for (int64_t c0 = 0; c0 < D; c0 += CHUNK) {
@@ -158,23 +134,18 @@ values(scratch_t *w, const float *const *vp, int64_t r, int nmax, float alpha, c
 }
 
 static inline __attribute__((always_inline)) AVX2_TARGET void
-tile(const call_t *c, scratch_t *w, int cur, int next_tn, int64_t rows, int64_t t0, int tn, const int64_t D)
+tile(scratch_t *w, int cur, int64_t rows, int64_t t0, int tn, const int64_t D)
 {
     const float *const *kp = w->kp[cur], *const *vp = w->vp[cur];
-    ahead_t ahead = {w->kp[cur ^ 1], w->vp[cur ^ 1], c->k16 ? w->kp16[cur ^ 1] : NULL, w->vp16[cur ^ 1], next_tn,
-                     D * (c->k16 ? 2 : 4)};
     for (int64_t r0 = 0; r0 < rows; r0 += RB) {
         const int R = rows - r0 < RB ? (int)(rows - r0) : RB;
         int n[RB];
         const int nmax = attn_tile_counts(w, r0, R, t0, tn, n);
         if (nmax == 0)
             continue;       /* causal: these rows ended in an earlier tile */
-        if (R == 3) scores(w, kp, &ahead, r0, nmax, D, 3);
-        else if (R == 2) scores(w, kp, &ahead, r0, nmax, D, 2);
-        else scores(w, kp, &ahead, r0, nmax, D, 1);
-        for (int t = nmax; t < ahead.n; t++)      /* what this block's tokens did not reach */
-            prefetch_row(&ahead, t);
-        ahead.n = 0;                              /* the next blocks find them in cache */
+        if (R == 3) scores(w, kp, r0, nmax, D, 3);
+        else if (R == 2) scores(w, kp, r0, nmax, D, 2);
+        else scores(w, kp, r0, nmax, D, 1);
         for (int r = 0; r < R; r++) {
             float *s = w->s + (r0 + r) * TILE;
             float alpha = 1.0f;
@@ -197,10 +168,11 @@ static AVX2_TARGET void run(const call_t *c, const task_t *task, int64_t h, scra
     int cur = 0;
     for (int64_t t0 = 0; t0 < n_ctx; t0 += TILE, cur ^= 1) {
         const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
-        const int64_t left = n_ctx - t0 - TILE;
+        /* the next tile's addresses, not prefetched: its rows come one page at a time, a stride the
+         * hardware prefetcher follows; prefetching them a token at a time cost 5-10% and won nothing */
         attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
         attn_tile_ready(c, w, cur, tn);     /* bf16 caches: the tile widened to float32 */
-        tile(c, w, cur, left <= 0 ? 0 : (left < TILE ? (int)left : TILE), rows, t0, tn, D);
+        tile(w, cur, rows, t0, tn, D);
     }
     attn_finish_rows(c, task, h, w);
 }
