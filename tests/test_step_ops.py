@@ -52,6 +52,16 @@ def test_the_layer_loop_in_c_gives_the_python_loops_bits(program):
                        _prefill_then_decode(program, _python_loop(program).forward))
 
 
+def test_the_layer_loop_in_c_on_bf16_panels_gives_the_python_loops_bits():
+    """bf16 matmuls (float32 activations): the loop hands panel_mm_bf16 float32 rows to round, the
+    Python loop rounds them with torch first; both round to nearest even, so the logits agree to the bit."""
+    from userspace.programs.loader import load_program
+    program = load_program("tiny-llama", "cpu", matmul="bfloat16")
+    assert program.layer_weights is not None and program.layers[0].qkv_t.dtype == torch.bfloat16
+    assert torch.equal(_prefill_then_decode(program, program.forward),
+                       _prefill_then_decode(program, _python_loop(program).forward))
+
+
 def test_layer_weights_refuse_what_the_loop_cannot_run(program):
     c = program.config
     dims = dict(hidden=c.hidden_size, inter=c.intermediate_size, num_heads=c.num_attention_heads,

@@ -151,7 +151,7 @@ class QmmWeights:
 
     A decode step runs ~120 GEMMs of a few microseconds of C each; through qmm() each also pays
     ~12 us of Python (four frames, the packed tensor's checks, pointer casts). A call here checks
-    only x with a few attribute reads and passes the pointer made at load: ~4 us. Anything else
+    only x with a few attribute reads and passes the pointer made at load: ~6 us. Anything else
     (another dtype or device, strided rows, zero rows) goes through qmm() and its checks."""
     __slots__ = ("packed", "n", "k", "bits", "_lib", "_cast", "_w")
 
