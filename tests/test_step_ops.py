@@ -52,12 +52,15 @@ def test_the_layer_loop_in_c_gives_the_python_loops_bits(program):
                        _prefill_then_decode(program, _python_loop(program).forward))
 
 
-def test_the_layer_loop_in_c_on_bf16_panels_gives_the_python_loops_bits():
+@pytest.mark.parametrize("part", ["matmul", "kv"])
+def test_the_layer_loop_in_c_in_bf16_gives_the_python_loops_bits(part):
     """bf16 matmuls (float32 activations): the loop hands panel_mm_bf16 float32 rows to round, the
-    Python loop rounds them with torch first; both round to nearest even, so the logits agree to the bit."""
+    Python loop rounds them with torch first; both round to nearest even, so the logits agree to the
+    bit. A bf16 KV cache: the loop addresses its layers in 2-byte elements."""
     from userspace.programs.loader import load_program
-    program = load_program("tiny-llama", "cpu", matmul="bfloat16")
-    assert program.layer_weights is not None and program.layers[0].qkv_t.dtype == torch.bfloat16
+    program = load_program("tiny-llama", "cpu", **{part: "bfloat16"})
+    assert program.layer_weights is not None
+    assert (program.layers[0].qkv_t.dtype if part == "matmul" else program.kv_dtype) == torch.bfloat16
     assert torch.equal(_prefill_then_decode(program, program.forward),
                        _prefill_then_decode(program, _python_loop(program).forward))
 
