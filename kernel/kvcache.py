@@ -51,6 +51,9 @@ class KVView:
         size = (num_frames, t, h, d)
         stride = (frame_stride, h * d, d, 1)
         half = t * h * d
+        # Layer l's K starts 2l halves into a frame's elements, its V one half later: from one layer's
+        # caches to the next is layer_stride elements (the C layer loop addresses them so).
+        self.layer_stride = 2 * half
         self._layers = [
             (elems.as_strided(size, stride, elems.storage_offset() + (2 * l) * half),
              elems.as_strided(size, stride, elems.storage_offset() + (2 * l + 1) * half))

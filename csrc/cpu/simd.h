@@ -14,7 +14,7 @@ typedef int32_t vi __attribute__((vector_size(64)));
 typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
 
 static inline vf vload(const float *p) { return *(const vf_u *)p; }
-/* 8-float vectors (one AVX2 register), for the AVX2 tiles of the panel kernels; _u: any address. */
+/* 8-float vectors (one AVX2 register): the panel kernels' AVX2 tiles, the fused ops; _u: any address. */
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8_u __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -32,30 +32,25 @@ static inline vi visplat(int32_t x) { return (vi){x, x, x, x, x, x, x, x, x, x, 
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
 
-/* kvos_exp2 (csrc/common/kvos_math.h) on 16 lanes at once, with the same polynomial. */
-static inline vf vexp2(vf x)
-{
-    x = vselect(x < vsplat(-126.0f), vsplat(-126.0f), x);
-    x = vselect(x > vsplat(127.0f), vsplat(127.0f), x);
-    vf n = (x + KVOS_ROUND_MAGIC) - KVOS_ROUND_MAGIC;
-    vf f = x - n;
-    vi scale = (__builtin_convertvector(n, vi) + 127) << 23;
-    return KVOS_EXP2_POLY(f) * (vf)scale;
-}
-
-/* The same on 8 lanes (one AVX2 register; two halves of one elsewhere): the loops over rows of
- * the fused ops, whose scalar form gcc leaves unvectorised (the union of kvos_exp2). */
 static inline v8 v8splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 static inline v8 v8select(v8i mask, v8 a, v8 b) { return (v8)(((v8i)a & mask) | ((v8i)b & ~mask)); }
-static inline v8 v8exp2(v8 x)
-{
-    x = v8select(x < v8splat(-126.0f), v8splat(-126.0f), x);
-    x = v8select(x > v8splat(127.0f), v8splat(127.0f), x);
-    v8 n = (x + KVOS_ROUND_MAGIC) - KVOS_ROUND_MAGIC;
-    v8 f = x - n;
-    v8i scale = (__builtin_convertvector(n, v8i) + 127) << 23;
-    return KVOS_EXP2_POLY(f) * (v8)scale;
-}
+
+/* kvos_exp2 (csrc/common/kvos_math.h) on a vector, with the same clamps, rounding trick and
+ * polynomial: NAME(V x) for float vector V, int vector VI and their splat and select. */
+#define KVOS_DEFINE_VEXP2(NAME, V, VI, SPLAT, SELECT)                   \
+    static inline V NAME(V x)                                           \
+    {                                                                   \
+        x = SELECT(x < SPLAT(-126.0f), SPLAT(-126.0f), x);              \
+        x = SELECT(x > SPLAT(127.0f), SPLAT(127.0f), x);                \
+        V n = (x + KVOS_ROUND_MAGIC) - KVOS_ROUND_MAGIC;                \
+        V f = x - n;                                                    \
+        VI scale = (__builtin_convertvector(n, VI) + 127) << 23;        \
+        return KVOS_EXP2_POLY(f) * (V)scale;                            \
+    }
+/* 16 lanes (the attention tiles), and 8 (one AVX2 register, two halves of one elsewhere: the
+ * fused ops' row loops, whose scalar form gcc leaves unvectorised for the union in kvos_exp2). */
+KVOS_DEFINE_VEXP2(vexp2, vf, vi, vsplat, vselect)
+KVOS_DEFINE_VEXP2(v8exp2, v8, v8i, v8splat, v8select)
 
 #if defined(__clang__)
 #define VSHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)

@@ -225,20 +225,13 @@ class CpuStep:
         buf = ffi.new("kvos_step_buffers *", {"x": self.p_x, "h": self.p_h, "qkv": ptr(qkv), "attn": self.p_attn,
                                               "gate_up": ptr(gate_up), "act": self.p_act, "delta": ptr(delta)})
         k0, v0 = self.kv.layer(0)
-        stride = 0
-        if self.kv.num_layers > 1:      # KVView cuts the layers at one stride: checked, not assumed
-            itemsize = k0.element_size()
-            stride, rest = divmod(self.kv.layer(1)[0].data_ptr() - k0.data_ptr(), itemsize)
-            last = self.kv.num_layers - 1
-            if rest or any(t.data_ptr() != base.data_ptr() + last * stride * itemsize
-                           for t, base in zip(self.kv.layer(last), (k0, v0))):
-                val.fail("the KV view's layers are not evenly spaced: the layer loop cannot address them")
         shape = ffi.new("kvos_step_shape *")
         (shape.num_tokens, shape.hidden, shape.inter, shape.num_heads, shape.kv_heads,
          shape.head_dim) = n, self.hidden, self.act.shape[1], self.nq, self.nkv, self.d
         shape.scale = self.scale
         shape.cos, shape.cos_stride, shape.sin, shape.sin_stride, shape.positions, shape.num_positions = self.rope_args
-        shape.k_cache0, shape.v_cache0, shape.layer_stride, shape.cache_bf16 = ptr(k0), ptr(v0), stride, self.cache_bf16
+        shape.k_cache0, shape.v_cache0, shape.cache_bf16 = ptr(k0), ptr(v0), self.cache_bf16
+        shape.layer_stride = self.kv.layer_stride
         (shape.num_frames, shape.page_size, shape.frame_stride, shape.token_stride,
          shape.head_stride) = self.geometry
         shape.slot_mapping = self.p_slots

@@ -94,6 +94,14 @@ def check_weight_shapes(config: LlamaConfig, w: dict) -> None:
 add_matmul = qlinear.add_mm     # x += a @ w for a tensor (in, out) or a quantized layer
 
 
+def layer_loop() -> str:
+    """$KVOS_LAYER_LOOP, checked: "c" (the default: a CPU step's layers in one C call) or "python"."""
+    loop = os.environ.get("KVOS_LAYER_LOOP", "c")
+    if loop not in ("c", "python"):
+        raise KvosError(EINVAL, f"KVOS_LAYER_LOOP must be c or python, not {loop!r}")
+    return loop
+
+
 class _Layer:
     """One decoder layer's tensors, as attributes (a dict lookup per use would cost in the hot loop).
 
@@ -186,10 +194,7 @@ class LlamaProgram(Program):
         # C call (csrc/cpu/layers.c) up to layer_rows rows (None: any), not ~9 Python calls each.
         # KVOS_LAYER_LOOP=python keeps the loop in Python (its twin; what a per-op profile can see).
         self.layer_weights, self.layer_rows = None, None
-        loop = os.environ.get("KVOS_LAYER_LOOP", "c")
-        if loop not in ("c", "python"):
-            raise KvosError(EINVAL, f"KVOS_LAYER_LOOP must be c or python, not {loop!r}")
-        if self.norms is not None and loop == "c":
+        if self.norms is not None and layer_loop() == "c":
             gemms = [[qlinear.c_gemm(layer.qkv_t, layer.qkv_bias), qlinear.c_gemm(layer.o_t, layer.o_bias),
                       qlinear.c_gemm(layer.gate_up_t), qlinear.c_gemm(layer.down_t)] for layer in self.layers]
             if all(g is not None for layer in gemms for g in layer):

@@ -21,7 +21,7 @@ import torch
 from kernel.errors import EINVAL, ENODEV, ENOENT, KvosError
 from userspace.programs import converted, fetch, gguf_blocks, gguf_file, hf_folder, hub, qcache, sim, tiny
 from userspace.programs.cachedir import file_digest
-from userspace.programs.llama import LlamaProgram, fuse_hf_weights
+from userspace.programs.llama import LlamaProgram, fuse_hf_weights, layer_loop
 
 TINY_NAME = "tiny-llama"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -94,8 +94,8 @@ def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None, weig
 
 
 def _cached(key, device: torch.device, kind, build, tp=None) -> LlamaProgram:
-    # KVOS_LAYER_LOOP (llama.py: the CPU layer loop in C or in Python) is read at build: part of the key
-    full_key = (key, str(device), kind, None if tp is None else tp.key, os.environ.get("KVOS_LAYER_LOOP", "c"))
+    # the CPU layer loop in C or in Python is chosen at build (llama.py layer_loop): part of the key
+    full_key = (key, str(device), kind, None if tp is None else tp.key, layer_loop())
     program = _programs.get(full_key)
     if program is None:
         started = time.perf_counter()
