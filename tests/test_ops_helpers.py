@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernel.kvcache import KVShape, KVView
+from kernel.kvcache import KVShape, KVView, q8_quantize, q8_scales
 
 OTHER_TENANT = KVShape(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float16)   # 16 bytes a token
 
@@ -48,7 +48,19 @@ class Batch:
         originals = KVView(before, self.view.shape).layer(self.layer)
         for cache, original in zip(restored, originals):
             cache[self.ours] = original[self.ours]
+            if cache.dtype == torch.int8:       # and the scales beside the codes
+                q8_scales(cache)[self.ours] = q8_scales(original)[self.ours]
         return torch.equal(now, before)
+
+
+def fill(cache, frames, values):
+    """cache[frames] = values (float), as write_kv would store them: an int8 cache gets codes and scales."""
+    if cache.dtype == torch.int8:
+        codes, scale = q8_quantize(values)
+        cache[frames] = codes
+        q8_scales(cache)[frames] = scale
+    else:
+        cache[frames] = values.to(cache.dtype)
 
 
 def make_batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page_size, *, dtype=torch.float32, device="cpu",
@@ -68,7 +80,7 @@ def make_batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page_size, *, dtype=
     order = torch.randperm(num_frames, generator=gen)
     ours, theirs = order[:ours_count], order[ours_count:]
     for cache in view.layer(0) + view.layer(1):
-        cache[ours] = torch.randn((len(ours), *cache.shape[1:]), generator=gen).to(cache.dtype)
+        fill(cache, ours, torch.randn((len(ours), *cache.shape[1:]), generator=gen))
     other = KVView(pool, OTHER_TENANT)
     for layer in range(OTHER_TENANT.num_layers):
         for cache in other.layer(layer):

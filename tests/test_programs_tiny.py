@@ -291,6 +291,32 @@ def test_bfloat16_kv_cache_on_the_cpu(program, reference, prompt, monkeypatch):
     both = load_program("tiny-llama", "cpu", matmul="bfloat16")
     assert both.kv_shape.dtype == torch.bfloat16 and both.matmul_dtype == torch.bfloat16
     assert len({both.identity, small.identity, program.identity}) == 3
-    for bad, message in (("float16", "float32 or bfloat16"), ("int8", "is not one of")):
+    for bad, message in (("float16", "float32 or bfloat16"), ("uint8", "is not one of")):
         with pytest.raises(KvosError, match=message):
             load_program("tiny-llama", "cpu", kv=bad)
+
+
+def test_int8_kv_cache_on_the_cpu(program, reference, prompt, monkeypatch):
+    """kv=int8: each K and V row stored as int8 codes and a float32 scale ((d + 4) / 4d of float32's
+    bytes), everything else float32; close to HF through chunked prefill and decode, a program of
+    its own, and refused where no kernel stores it."""
+    small = load_program("tiny-llama", "cpu", kv="int8")
+    assert small is not program and small.kv_shape.dtype == torch.int8
+    d = program.config.head_dim
+    assert small.kv_shape.bytes_per_token * 4 * d == program.kv_shape.bytes_per_token * (d + 4)
+    assert small.identity != program.identity                    # other K/V: never shared through the page cache
+    runner = PagedRunner(small)
+    seq = runner.new_seq()
+    logits = runner.prefill(seq, prompt[:80], chunk=7)
+    err = rel_error(logits, hf_logits(reference, prompt[:80]))
+    assert 1e-5 < err < 5e-2, err                                # int8 rounding, not a different function
+    decoded = [runner.step([(seq, [t])])[0] for t in prompt[80:90]]     # one token a step: decode
+    err = rel_error(torch.stack(decoded), hf_logits(reference, prompt[:90])[80:])
+    assert err < 5e-2, err
+    monkeypatch.setenv("KVOS_KV", "int8")
+    assert load_program("tiny-llama", "cpu") is small            # the environment picks the same program
+    with pytest.raises(KvosError, match="is not one of"):
+        load_program("tiny-llama", "cpu", matmul="int8")         # an int8 cache, not int8 matmuls
+    from userspace.programs.loader import _kv_dtype
+    with pytest.raises(KvosError, match="runs on the cpu"):                 # no CUDA kernel stores it yet
+        _kv_dtype("int8", torch.device("cuda"), torch.bfloat16)

@@ -52,15 +52,17 @@ def test_the_layer_loop_in_c_gives_the_python_loops_bits(program):
                        _prefill_then_decode(program, _python_loop(program).forward))
 
 
-@pytest.mark.parametrize("part", ["matmul", "kv"])
-def test_the_layer_loop_in_c_in_bf16_gives_the_python_loops_bits(part):
+@pytest.mark.parametrize("part, dtype", [("matmul", "bfloat16"), ("kv", "bfloat16"), ("kv", "int8")])
+def test_the_layer_loop_in_c_in_bf16_gives_the_python_loops_bits(part, dtype):
     """bf16 matmuls (float32 activations): the loop hands panel_mm_bf16 float32 rows to round, the
     Python loop rounds them with torch first; both round to nearest even, so the logits agree to the
-    bit. A bf16 KV cache: the loop addresses its layers in 2-byte elements."""
+    bit. A bf16 KV cache: the loop addresses its layers in 2-byte elements; an int8 one in bytes,
+    rows of codes and their scale."""
     from userspace.programs.loader import load_program
-    program = load_program("tiny-llama", "cpu", **{part: "bfloat16"})
+    program = load_program("tiny-llama", "cpu", **{part: dtype})
     assert program.layer_weights is not None
-    assert (program.layers[0].qkv_t.dtype if part == "matmul" else program.kv_dtype) == torch.bfloat16
+    want = getattr(torch, dtype)
+    assert (program.layers[0].qkv_t.dtype if part == "matmul" else program.kv_dtype) == want
     assert torch.equal(_prefill_then_decode(program, program.forward),
                        _prefill_then_decode(program, _python_loop(program).forward))
 

@@ -9,6 +9,7 @@
 #include "kvos_cpu.h"
 #include "attention.h"
 #include "bf16.h"
+#include "q8.h"
 
 static int check_batch(const int32_t *page_table, int64_t page_table_stride, int64_t max_pages,
                        int64_t num_frames, int64_t page_size, const int32_t *query_start,
@@ -97,13 +98,16 @@ void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t
     const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
     int64_t offsets[TILE];
     attn_translate(c, c->page_table + task->seq * c->page_table_stride, h, t0, tn, offsets);
-    const int64_t esize = c->k16 ? (int64_t)sizeof(uint16_t) : (int64_t)sizeof(float);
-    const char *kbase = c->k16 ? (const char *)c->k16 : (const char *)c->k_cache;
-    const char *vbase = c->k16 ? (const char *)c->v16 : (const char *)c->v_cache;
+    const int64_t esize = c->k16 ? (int64_t)sizeof(uint16_t) : c->k8 ? 1 : (int64_t)sizeof(float);
+    const char *kbase = c->k16 ? (const char *)c->k16 : c->k8 ? (const char *)c->k8 : (const char *)c->k_cache;
+    const char *vbase = c->k16 ? (const char *)c->v16 : c->k8 ? (const char *)c->v8 : (const char *)c->v_cache;
     for (int t = 0; t < tn; t++) {
         if (c->k16) {
             w->kp16[slot][t] = c->k16 + offsets[t];
             w->vp16[slot][t] = c->v16 + offsets[t];
+        } else if (c->k8) {
+            w->kp8[slot][t] = c->k8 + offsets[t];
+            w->vp8[slot][t] = c->v8 + offsets[t];
         } else {
             w->kp[slot][t] = c->k_cache + offsets[t];
             w->vp[slot][t] = c->v_cache + offsets[t];
@@ -143,12 +147,17 @@ void attn_finish_rows(const call_t *c, const task_t *task, int64_t h, scratch_t 
 
 void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn)
 {
-    if (!c->k16)
+    if (!c->k16 && !c->k8)
         return;
     const int64_t D = c->head_dim;
     for (int t = 0; t < tn; t++) {
-        kvos_widen_bf16(w->tk + t * D, w->kp16[slot][t], D);
-        kvos_widen_bf16(w->tv + t * D, w->vp16[slot][t], D);
+        if (c->k8) {
+            kvos_widen_q8(w->tk + t * D, w->kp8[slot][t], D);
+            kvos_widen_q8(w->tv + t * D, w->vp8[slot][t], D);
+        } else {
+            kvos_widen_bf16(w->tk + t * D, w->kp16[slot][t], D);
+            kvos_widen_bf16(w->tv + t * D, w->vp16[slot][t], D);
+        }
         w->kp[slot][t] = w->tk + t * D;
         w->vp[slot][t] = w->tv + t * D;
     }
@@ -176,7 +185,7 @@ static void run_task(const call_t *c, const task_t *task, int64_t h, scratch_t *
 
 int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_stride,
                          const float *q, int64_t q_tok_stride, int64_t q_head_stride,
-                         const void *k_cache, const void *v_cache, int cache_bf16,
+                         const void *k_cache, const void *v_cache, int cache_kind,
                          int64_t num_frames, int64_t page_size,
                          int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                          const int32_t *page_table, int64_t page_table_stride, int64_t max_pages,
@@ -216,9 +225,12 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
     for (int64_t j = 0; j < num_tasks; j++)
         work += tasks[j].cost * num_heads;
 
+    const int f32 = cache_kind == KVOS_CACHE_F32, bf16 = cache_kind == KVOS_CACHE_BF16,
+              q8 = cache_kind == KVOS_CACHE_Q8;
     const call_t call = {out, out_tok_stride, out_head_stride, q, q_tok_stride, q_head_stride,
-                         cache_bf16 ? NULL : (const float *)k_cache, cache_bf16 ? NULL : (const float *)v_cache,
-                         cache_bf16 ? (const uint16_t *)k_cache : NULL, cache_bf16 ? (const uint16_t *)v_cache : NULL,
+                         f32 ? (const float *)k_cache : NULL, f32 ? (const float *)v_cache : NULL,
+                         bf16 ? (const uint16_t *)k_cache : NULL, bf16 ? (const uint16_t *)v_cache : NULL,
+                         q8 ? (const int8_t *)k_cache : NULL, q8 ? (const int8_t *)v_cache : NULL,
                          page_size, frame_stride, token_stride, head_stride,
                          page_table, page_table_stride, query_start, context_lens,
                          G, head_dim, scale * KVOS_LOG2E, attn_has_avx2()};
@@ -230,7 +242,7 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
         if (work > (call.avx2 ? PARALLEL_MIN_WORK_AVX2 : PARALLEL_MIN_WORK))
     {
         scratch_t w;
-        const int64_t tile_floats = cache_bf16 ? 2 * TILE * D : 0;   /* the widened tile */
+        const int64_t tile_floats = f32 ? 0 : 2 * TILE * D;   /* the widened tile */
         float *buf = malloc((size_t)(rows * (2 * D + TILE + 2) + tile_floats) * sizeof(float));
         int64_t *lim = malloc((size_t)rows * sizeof(int64_t));
         if (buf && lim) {

@@ -23,7 +23,8 @@ typedef struct {
     float *out; int64_t out_tok_stride, out_head_stride;
     const float *q; int64_t q_tok_stride, q_head_stride;
     const float *k_cache, *v_cache;         /* float32 caches (NULL when bf16) */
-    const uint16_t *k16, *v16;              /* bfloat16 caches (NULL when float32) */
+    const uint16_t *k16, *v16;              /* bfloat16 caches (NULL otherwise) */
+    const int8_t *k8, *v8;                  /* int8 caches, rows of codes + scale (NULL otherwise) */
     int64_t page_size, frame_stride, token_stride, head_stride;
     const int32_t *page_table; int64_t page_table_stride;
     const int32_t *query_start, *context_lens;
@@ -40,7 +41,8 @@ typedef struct {
     int64_t *lim;              /* per row: context tokens it attends to (causal) */
     const float *kp[2][TILE], *vp[2][TILE];   /* K/V rows of the current and the next tile */
     const uint16_t *kp16[2][TILE], *vp16[2][TILE];   /* bf16 caches: the tiles' rows where they lie */
-    float *tk, *tv;            /* bf16 caches: the current tile widened, TILE x head_dim each */
+    const int8_t *kp8[2][TILE], *vp8[2][TILE];       /* int8 caches: the same */
+    float *tk, *tv;            /* bf16 and int8 caches: the current tile widened, TILE x head_dim each */
 } scratch_t;
 
 /* Rows of a task: row r is query q_lo + r / group, head h * group + r % group. */
@@ -60,7 +62,8 @@ void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_
 void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
                          scratch_t *w, int slot, int prefetch);
 /* Make tile `slot` (tn rows) readable as float32 through w->kp/vp[slot]: a no-op for float32
- * caches; bf16 rows are widened into w->tk/tv, so the loads from memory are half as many bytes. */
+ * caches; bf16 and int8 rows are widened into w->tk/tv, so the loads from memory are a half or
+ * about a quarter of the bytes. */
 void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn);
 /* Address of row r's query (or output) vector. */
 const float *attn_q_row(const call_t *c, const task_t *task, int64_t h, int64_t r);

@@ -8,7 +8,7 @@
  * operands), the partial vectors of 8 tokens summed across lanes at once (hadd tree); values
  * go one row at a time, a 64-dim chunk of its accumulator (8 registers) in registers over the
  * tile, V rows read from L1. Same tiles, address translation and online softmax as the other
- * paths; head sizes a multiple of 64, float32 caches (bf16 ones widened per tile first). */
+ * paths; head sizes a multiple of 64, float32 caches (bf16 and int8 ones widened per tile first). */
 #include "kvos_cpu.h"
 #include "attention.h"
 
@@ -171,7 +171,7 @@ static AVX2_TARGET void run(const call_t *c, const task_t *task, int64_t h, scra
         /* the next tile's addresses, not prefetched: its rows come one page at a time, a stride the
          * hardware prefetcher follows; prefetching them a token at a time cost 5-10% and won nothing */
         attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
-        attn_tile_ready(c, w, cur, tn);     /* bf16 caches: the tile widened to float32 */
+        attn_tile_ready(c, w, cur, tn);     /* bf16 and int8 caches: the tile widened to float32 */
         tile(w, cur, rows, t0, tn, D);
     }
     attn_finish_rows(c, task, h, w);

@@ -5,7 +5,7 @@
 #include <string.h>
 #include "kvos_cpu.h"
 #include "kvos_layers.h"
-#include "bf16.h"
+#include "kvrow.h"
 #include "simd.h"
 
 /* Threads pay off only past this many elements (a few microseconds of work a thread). */
@@ -68,7 +68,7 @@ int kvos_rope_write_kv(float *q, int64_t q_tok_stride, int64_t q_head_stride, in
                        const float *v, int64_t v_tok_stride, int64_t v_head_stride,
                        const float *cos, int64_t cos_stride, const float *sin, int64_t sin_stride,
                        const int32_t *positions, int64_t num_positions,
-                       void *k_cache, void *v_cache, int cache_bf16, int64_t num_frames, int64_t page_size,
+                       void *k_cache, void *v_cache, int cache_kind, int64_t num_frames, int64_t page_size,
                        int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                        const int32_t *slot_mapping, int64_t num_tokens, int64_t kv_heads, int64_t head_dim,
                        int check, int64_t *bad)
@@ -94,18 +94,17 @@ int kvos_rope_write_kv(float *q, int64_t q_tok_stride, int64_t q_head_stride, in
             rope_row(qr, qr, c, s, half);
         }
         const int64_t base = kvos_slot_offset(slot_mapping[t], page_size, frame_stride, token_stride);
-        float row[head_dim];      /* the rotated key, when the cache narrows it to bf16 */
+        float row[head_dim];      /* the rotated key, when the cache narrows it */
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t at = base + h * head_stride;
             const float *kr = k + t * k_tok_stride + h * k_head_stride, *vr = v + t * v_tok_stride + h * v_head_stride;
-            if (cache_bf16) {
-                rope_row(row, kr, c, s, half);
-                kvos_narrow_bf16((uint16_t *)k_cache + at, row, head_dim);
-                kvos_narrow_bf16((uint16_t *)v_cache + at, vr, head_dim);
-            } else {
+            if (cache_kind == KVOS_CACHE_F32) {
                 rope_row((float *)k_cache + at, kr, c, s, half);
-                memcpy((float *)v_cache + at, vr, (size_t)head_dim * sizeof(float));
+            } else {
+                rope_row(row, kr, c, s, half);
+                kvos_store_row(k_cache, cache_kind, at, row, head_dim);
             }
+            kvos_store_row(v_cache, cache_kind, at, vr, head_dim);
         }
     }
     return KVOS_OK;

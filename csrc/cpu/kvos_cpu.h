@@ -27,6 +27,10 @@ enum {
     KVOS_E_POSITION = 12,     /* bad[0] = token, bad[1] = its position outside the RoPE tables */
     KVOS_E_KIND = 13          /* a kvos_linear of no known kind (kernel/ops/step_ops.py makes only these) */
 };
+/* What a K/V cache holds (the cache_kind argument): float32; bfloat16 (rounded to nearest even, as
+ * torch rounds); or int8 rows of head_dim codes, each followed by its float32 scale (q8.h), so the
+ * head stride is at least head_dim + 4 bytes. Strides are in elements of the kind (bytes for Q8). */
+enum { KVOS_CACHE_F32 = 0, KVOS_CACHE_BF16 = 1, KVOS_CACHE_Q8 = 2 };
 
 /* Copy whole frames: dst_pool[dst[i]] = src_pool[src[i]], frame_bytes each.
  * Serves copy-on-write (same pool) and swap (pool <-> host swap area). Unchecked. */
@@ -41,8 +45,8 @@ int kvos_copy_frames_checked(const uint8_t *src_pool, uint8_t *dst_pool, int64_t
 /* write_kv: cache[slot[t]] = new[t] for keys and values. k and v are float32
  * (num_tokens, kv_heads, head_dim) with strides (tok, head, 1); the caches are views
  * (num_frames, page_size, kv_heads, head_dim) with element strides (frame, token, head, 1),
- * float32, or bfloat16 when cache_bf16 (rounded to nearest even, as torch rounds). */
-int kvos_write_kv(void *k_cache, void *v_cache, int cache_bf16, int64_t num_frames, int64_t page_size,
+ * holding cache_kind (KVOS_CACHE_*). */
+int kvos_write_kv(void *k_cache, void *v_cache, int cache_kind, int64_t num_frames, int64_t page_size,
                   int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                   const float *k, const float *v, int64_t k_tok_stride, int64_t k_head_stride,
                   int64_t v_tok_stride, int64_t v_head_stride,
@@ -51,10 +55,10 @@ int kvos_write_kv(void *k_cache, void *v_cache, int cache_bf16, int64_t num_fram
 
 /* paged_attention: causal attention of the packed float32 queries q over the context
  * reached through page_table; see kernel/ops/reference.py for the contract. The caches
- * are float32, or bfloat16 when cache_bf16 (each tile widened to float32 as it is used). */
+ * hold cache_kind; bfloat16 and int8 tiles are widened to float32 as they are used. */
 int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_stride,
                          const float *q, int64_t q_tok_stride, int64_t q_head_stride,
-                         const void *k_cache, const void *v_cache, int cache_bf16,
+                         const void *k_cache, const void *v_cache, int cache_kind,
                          int64_t num_frames, int64_t page_size,
                          int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                          const int32_t *page_table, int64_t page_table_stride, int64_t max_pages,
@@ -99,7 +103,7 @@ int kvos_rope_write_kv(float *q, int64_t q_tok_stride, int64_t q_head_stride, in
                        const float *v, int64_t v_tok_stride, int64_t v_head_stride,
                        const float *cos, int64_t cos_stride, const float *sin, int64_t sin_stride,
                        const int32_t *positions, int64_t num_positions,
-                       void *k_cache, void *v_cache, int cache_bf16, int64_t num_frames, int64_t page_size,
+                       void *k_cache, void *v_cache, int cache_kind, int64_t num_frames, int64_t page_size,
                        int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                        const int32_t *slot_mapping, int64_t num_tokens, int64_t kv_heads, int64_t head_dim,
                        int check, int64_t *bad);
@@ -126,7 +130,7 @@ typedef struct {
     const float *cos; int64_t cos_stride; const float *sin; int64_t sin_stride;
     const int32_t *positions; int64_t num_positions;
     void *k_cache0, *v_cache0;  /* layer 0's caches; layer l's start layer_stride * l elements on */
-    int64_t layer_stride; int cache_bf16;
+    int64_t layer_stride; int cache_kind;   /* KVOS_CACHE_* */
     int64_t num_frames, page_size, frame_stride, token_stride, head_stride;
     const int32_t *slot_mapping;
     const int32_t *page_table; int64_t page_table_stride, max_pages;

@@ -10,6 +10,7 @@
  * them); the step's arguments are checked there once a step, indices here on layer 0 only
  * (every layer reuses them), before layer 0 writes the cache. */
 #include "kvos_cpu.h"
+#include "kvrow.h"
 
 /* One GEMM y (m, L->n) = x (m, L->k) @ W^T (+ bias), dense rows. Panels add the bias inside
  * their tile (as ops.panel_mm does); qmm's output gets it after (as qlinear.mm does). */
@@ -40,7 +41,7 @@ int kvos_layers(const kvos_layer *layers, int64_t num_layers, const float *const
 {
     const int64_t n = s->num_tokens, hidden = s->hidden, d = s->head_dim;
     const int64_t q_size = s->num_heads * d, k_end = (s->num_heads + s->kv_heads) * d;
-    const int64_t qkv_width = k_end + s->kv_heads * d, elem = s->cache_bf16 ? 2 : 4;
+    const int64_t qkv_width = k_end + s->kv_heads * d, elem = kvos_cache_elem_bytes(s->cache_kind);
     for (int64_t l = 0; l < num_layers; l++) {
         const kvos_layer *W = &layers[l];
         const int first = check && l == 0;
@@ -50,12 +51,12 @@ int kvos_layers(const kvos_layer *layers, int64_t num_layers, const float *const
         if (rc == KVOS_OK)
             rc = kvos_rope_write_kv(buf->qkv, qkv_width, d, s->num_heads, buf->qkv + q_size, qkv_width, d,
                                     buf->qkv + k_end, qkv_width, d, s->cos, s->cos_stride, s->sin, s->sin_stride,
-                                    s->positions, s->num_positions, k_cache, v_cache, s->cache_bf16,
+                                    s->positions, s->num_positions, k_cache, v_cache, s->cache_kind,
                                     s->num_frames, s->page_size, s->frame_stride, s->token_stride, s->head_stride,
                                     s->slot_mapping, n, s->kv_heads, d, first, bad);
         if (rc == KVOS_OK)
             rc = kvos_paged_attention(buf->attn, q_size, d, buf->qkv, qkv_width, d, k_cache, v_cache,
-                                      s->cache_bf16, s->num_frames, s->page_size, s->frame_stride,
+                                      s->cache_kind, s->num_frames, s->page_size, s->frame_stride,
                                       s->token_stride, s->head_stride, s->page_table, s->page_table_stride,
                                       s->max_pages, s->query_start, s->context_lens, s->num_seqs, n,
                                       s->num_heads, s->kv_heads, d, s->scale, first, bad);

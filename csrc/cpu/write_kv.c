@@ -3,9 +3,9 @@
 #include <string.h>
 #include "kvos_cpu.h"
 #include "kvos_math.h"
-#include "bf16.h"
+#include "kvrow.h"
 
-int kvos_write_kv(void *k_cache, void *v_cache, int cache_bf16, int64_t num_frames, int64_t page_size,
+int kvos_write_kv(void *k_cache, void *v_cache, int cache_kind, int64_t num_frames, int64_t page_size,
                   int64_t frame_stride, int64_t token_stride, int64_t head_stride,
                   const float *k, const float *v, int64_t k_tok_stride, int64_t k_head_stride,
                   int64_t v_tok_stride, int64_t v_head_stride,
@@ -17,7 +17,6 @@ int kvos_write_kv(void *k_cache, void *v_cache, int cache_bf16, int64_t num_fram
         if (rc != KVOS_OK)
             return rc;
     }
-    size_t row_bytes = (size_t)head_dim * sizeof(float);
     /* Decode steps write a handful of tokens: threads only pay off for prefill chunks. */
     #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) \
         if (num_tokens * kv_heads * head_dim > (1 << 16))
@@ -26,13 +25,8 @@ int kvos_write_kv(void *k_cache, void *v_cache, int cache_bf16, int64_t num_fram
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t at = base + h * head_stride;
             const float *kr = k + t * k_tok_stride + h * k_head_stride, *vr = v + t * v_tok_stride + h * v_head_stride;
-            if (cache_bf16) {
-                kvos_narrow_bf16((uint16_t *)k_cache + at, kr, head_dim);
-                kvos_narrow_bf16((uint16_t *)v_cache + at, vr, head_dim);
-            } else {
-                memcpy((float *)k_cache + at, kr, row_bytes);
-                memcpy((float *)v_cache + at, vr, row_bytes);
-            }
+            kvos_store_row(k_cache, cache_kind, at, kr, head_dim);
+            kvos_store_row(v_cache, cache_kind, at, vr, head_dim);
         }
     }
     return KVOS_OK;

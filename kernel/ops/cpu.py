@@ -66,6 +66,14 @@ def cpu_has_avx2() -> bool:
         set_isa_cap(before)
 
 
+_CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}    # kvos_cpu.h's KVOS_CACHE_*
+
+
+def cache_kind(dtype) -> int:
+    """The C kernels' name for what a cache holds (dispatch.py has checked the dtype)."""
+    return _CACHE_KINDS[dtype]
+
+
 def _ptr(t):
     return _ext.ffi.cast("void *", t.data_ptr())
 
@@ -83,7 +91,7 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, check):
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
     bad = _ext.ffi.new("int64_t[2]")
     rc = lib.kvos_write_kv(
-        _ptr(k_cache), _ptr(v_cache), int(k_cache.dtype == torch.bfloat16), num_frames, page_size,
+        _ptr(k_cache), _ptr(v_cache), cache_kind(k_cache.dtype), num_frames, page_size,
         *k_cache.stride()[:3],
         _ptr(k), _ptr(v), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         _ptr(slot_mapping), k.shape[0], kv_heads, head_dim, int(check), bad)
@@ -101,7 +109,7 @@ def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, 
     bad = _ext.ffi.new("int64_t[2]")
     rc = lib.kvos_paged_attention(
         _ptr(out), out.stride(0), out.stride(1), _ptr(q), q.stride(0), q.stride(1),
-        _ptr(k_cache), _ptr(v_cache), int(k_cache.dtype == torch.bfloat16), num_frames, page_size,
+        _ptr(k_cache), _ptr(v_cache), cache_kind(k_cache.dtype), num_frames, page_size,
         *k_cache.stride()[:3], _ptr(page_table), page_table.stride(0), page_table.shape[1],
         _ptr(query_start), _ptr(context_lens), context_lens.shape[0], q.shape[0], q.shape[1], kv_heads,
         head_dim, scale, int(check), bad)
@@ -214,7 +222,7 @@ def rope_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, 
     rc = lib.kvos_rope_write_kv(
         _ptr(q), q.stride(0), q.stride(1), q.shape[1], _ptr(k), k.stride(0), k.stride(1),
         _ptr(v), v.stride(0), v.stride(1), _ptr(cos), cos.stride(0), _ptr(sin), sin.stride(0),
-        _ptr(positions), cos.shape[0], _ptr(k_cache), _ptr(v_cache), int(k_cache.dtype == torch.bfloat16),
+        _ptr(positions), cos.shape[0], _ptr(k_cache), _ptr(v_cache), cache_kind(k_cache.dtype),
         num_frames, page_size, *k_cache.stride()[:3], _ptr(slot_mapping), q.shape[0], kv_heads, head_dim,
         int(check), bad)
     if rc:

@@ -16,6 +16,8 @@ from kernel.ops import library
 from kernel.ops import validate as val
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)     # caches; activations (q, k, v, out) are float32 on the CPU
+# int8 caches too on the CPU: rows of codes, each followed by its float32 scale (kernel/kvcache.py).
+CPU_CACHE_DTYPES = CPU_DTYPES + (torch.int8,)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -33,6 +35,16 @@ def _float_dtypes(device):
     return CPU_DTYPES if device.type == "cpu" else CUDA_DTYPES
 
 
+def _cache_dtype(device, k_cache):
+    """A dtype the device's kernels store, and for int8 the rows' layout (codes, then the scale)."""
+    dtypes = CPU_CACHE_DTYPES if device.type == "cpu" else CUDA_DTYPES
+    if k_cache.dtype not in dtypes:
+        val.fail(f"{device.type} caches hold {dtypes}, not {k_cache.dtype}")
+    if k_cache.dtype == torch.int8:
+        from kernel.kvcache import q8_scales
+        q8_scales(k_cache)
+
+
 def _activation_dtype(device, cache_dtype):
     """q, k, v and out: float32 on the CPU whatever the cache holds (the C kernels convert a bf16
     cache row by row); on CUDA the cache's own dtype."""
@@ -44,8 +56,7 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, *, check=True):
     val.cache_pair(k_cache, v_cache)
     device, dtype = k_cache.device, k_cache.dtype
     _backend(device)                  # a device kvos runs on (cpu or cuda)
-    if dtype not in _float_dtypes(device):
-        val.fail(f"{device.type} caches hold {_float_dtypes(device)}, not {dtype}")
+    _cache_dtype(device, k_cache)
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
     act = _activation_dtype(device, dtype)
     for name, t in (("k", k), ("v", v)):
@@ -68,8 +79,7 @@ def paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, 
     val.cache_pair(k_cache, v_cache)
     device, dtype = k_cache.device, k_cache.dtype
     _backend(device)                  # a device kvos runs on (cpu or cuda)
-    if dtype not in _float_dtypes(device):
-        val.fail(f"{device.type} caches hold {_float_dtypes(device)}, not {dtype}")
+    _cache_dtype(device, k_cache)
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
     act = _activation_dtype(device, dtype)
     val.tensor("q", q, ndim=3, dtypes=(act,), device=device)

@@ -3,7 +3,7 @@
 Each keeps the signature of its twin in reference.py (plus `check=` where indices are read), checks
 every argument before any memory is written (KvosError EINVAL), then runs csrc/cuda/fused.cu on
 CUDA tensors (kernel/ops/cuda_fused.py), csrc/cpu/fused.c on float32 CPU tensors (kernel/ops/cpu.py;
-a bf16 cache is narrowed in C), or the twin on bfloat16 CPU activations. The CPU forward calls the
+a bf16 or int8 cache is narrowed in C), or the twin on bfloat16 CPU activations. The CPU forward calls the
 C kernels through kernel/ops/step_ops.py, which checks the same things once per step.
 """
 import math
@@ -68,7 +68,7 @@ def rope_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, 
     val.cache_pair(k_cache, v_cache)
     device = k_cache.device
     _backend(device)
-    _float_dtype("caches", k_cache)
+    dispatch._cache_dtype(device, k_cache)
     num_frames, page_size, kv_heads, head_dim = k_cache.shape
     act = dispatch._activation_dtype(device, k_cache.dtype)
     if head_dim % 2:

@@ -5,6 +5,8 @@ and run anywhere torch runs. They favour clarity over speed.
 """
 import torch
 
+from kernel.kvcache import q8_dequantize, q8_quantize, q8_scales
+
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping):
     """Scatter new keys and values into their slots.
@@ -12,19 +14,29 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
     k_cache, v_cache: (num_frames, page_size, kv_heads, head_dim) views of the pool.
     k, v: (num_tokens, kv_heads, head_dim). slot_mapping: int32 (num_tokens,),
     slot = frame * page_size + offset.
+    An int8 cache (kernel/kvcache.py) takes each row's codes and its scale (kvcache.q8_quantize).
     """
     page_size = k_cache.shape[1]
     slots = slot_mapping.long()
     frames, offsets = slots // page_size, slots % page_size
-    k_cache[frames, offsets] = k.to(k_cache.dtype)
-    v_cache[frames, offsets] = v.to(v_cache.dtype)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        if cache.dtype == torch.int8:
+            codes, scale = q8_quantize(x)
+            cache[frames, offsets] = codes
+            q8_scales(cache)[frames, offsets] = scale
+        else:
+            cache[frames, offsets] = x.to(cache.dtype)
 
 
 def gather_context(cache, page_row, kv_len):
-    """The first kv_len token vectors of one sequence, read through its page table row."""
+    """The first kv_len token vectors of one sequence, read through its page table row (an int8
+    cache's rows dequantized to float32)."""
     page_size = cache.shape[1]
     num_pages = (kv_len + page_size - 1) // page_size
-    pages = cache[page_row[:num_pages].long()]            # (pages, page_size, kv_heads, head_dim)
+    frames = page_row[:num_pages].long()
+    pages = cache[frames]                                  # (pages, page_size, kv_heads, head_dim)
+    if cache.dtype == torch.int8:
+        pages = q8_dequantize(pages, q8_scales(cache)[frames])
     return pages.reshape(-1, *cache.shape[2:])[:kv_len]    # (kv_len, kv_heads, head_dim)
 
 
@@ -118,7 +130,8 @@ def rope_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping):
     """RoPE of q in place and of k at each token's position; the rotated k and v go to their cache
     slots as write_kv writes them (k itself is left as it was)."""
     q.copy_(rope(q, cos, sin, positions).to(q.dtype))
-    write_kv(k_cache, v_cache, rope(k, cos, sin, positions).to(k_cache.dtype), v, slot_mapping)
+    k_rot = rope(k, cos, sin, positions)
+    write_kv(k_cache, v_cache, k_rot if k_cache.dtype == torch.int8 else k_rot.to(k_cache.dtype), v, slot_mapping)
 
 
 def silu_mul(gate_up, out=None):

@@ -117,10 +117,10 @@ class CpuStep:
         # Layer 0's caches stand for every layer's: KVView cuts each layer's pair with one size and stride.
         k_cache, v_cache = kv.layer(0)
         val.cache_pair(k_cache, v_cache)
-        if k_cache.dtype not in dispatch.CPU_DTYPES or k_cache.shape[2:] != (kv_heads, head_dim):
+        if k_cache.dtype not in dispatch.CPU_CACHE_DTYPES or k_cache.shape[2:] != (kv_heads, head_dim):
             val.fail(f"the cache holds {k_cache.dtype} {tuple(k_cache.shape)}, the step wants "
-                     f"({kv_heads}, {head_dim}) heads in {dispatch.CPU_DTYPES}")
-        self.cache_bf16 = int(k_cache.dtype == torch.bfloat16)
+                     f"({kv_heads}, {head_dim}) heads in {dispatch.CPU_CACHE_DTYPES}")
+        self.cache_kind = cpu.cache_kind(k_cache.dtype)
         self.geometry = (k_cache.shape[0], k_cache.shape[1], *k_cache.stride()[:3])
         for name, t, width in (("cos", cos, head_dim), ("sin", sin, head_dim // 2)):
             val.tensor(name, t, ndim=2, dtypes=(torch.float32,), device=_CPU)
@@ -179,7 +179,7 @@ class CpuStep:
         self.qkv, self.p_qkv = qkv, base
         rc = self.lib.kvos_rope_write_kv(
             base, stride, d, self.nq, base + self.q_size, stride, d, base + self.k_end, stride, d, *self.rope_args,
-            cpu._ptr(k_cache), cpu._ptr(v_cache), self.cache_bf16, *self.geometry, self.p_slots, self.n,
+            cpu._ptr(k_cache), cpu._ptr(v_cache), self.cache_kind, *self.geometry, self.p_slots, self.n,
             self.nkv, d, int(layer == 0), self.bad)
         if rc:      # nothing was written: the tensor call raises the same reason
             self._rope_tensors(layer, qkv, True)
@@ -192,7 +192,7 @@ class CpuStep:
         k_cache, v_cache = self.kv.layer(layer)
         rc = self.lib.kvos_paged_attention(
             self.p_attn, self.q_size, self.d, self.p_qkv, self.qkv.stride(0), self.d, cpu._ptr(k_cache),
-            cpu._ptr(v_cache), self.cache_bf16, *self.geometry, *self.table_args, int(layer == 0), self.bad)
+            cpu._ptr(v_cache), self.cache_kind, *self.geometry, *self.table_args, int(layer == 0), self.bad)
         if rc:      # the pre-pass found a bad index before any write: the tensor call words it
             q = self.qkv[:, :self.q_size].view(self.n, self.nq, self.d)
             cpu.paged_attention(q, k_cache, v_cache, self.page_table, self.query_start, self.context_lens,
@@ -230,7 +230,7 @@ class CpuStep:
          shape.head_dim) = n, self.hidden, self.act.shape[1], self.nq, self.nkv, self.d
         shape.scale = self.scale
         shape.cos, shape.cos_stride, shape.sin, shape.sin_stride, shape.positions, shape.num_positions = self.rope_args
-        shape.k_cache0, shape.v_cache0, shape.cache_bf16 = ptr(k0), ptr(v0), self.cache_bf16
+        shape.k_cache0, shape.v_cache0, shape.cache_kind = ptr(k0), ptr(v0), self.cache_kind
         shape.layer_stride = self.kv.layer_stride
         (shape.num_frames, shape.page_size, shape.frame_stride, shape.token_stride,
          shape.head_stride) = self.geometry

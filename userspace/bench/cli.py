@@ -134,7 +134,7 @@ def run(args) -> int:
                                  loads, command)
     result["machine"]["others_share_at_start"] = quiet
     result["roofline_fraction"] = (kvos_row or {}).get("roofline_fraction")
-    for name in KVOS_SYSTEMS[1:]:          # kvos-bf16, kvos-bf16kv, kvos-gguf: ratios and ceiling of their own
+    for name in KVOS_SYSTEMS[1:]:          # kvos-bf16, kvos-bf16kv, kvos-gguf(-kv8): ratios and ceiling of their own
         row = next((r for r in rows if r.get("system") == name), None)
         key = name.replace("-", "_")
         result[f"ratios_{key}"] = metrics.ratios(rows, base=name)
@@ -263,6 +263,7 @@ def check_device(device: str, tp: int = 1) -> None:
 CPU_ONLY = {
     "llama.cpp": "runs on the cpu here (llama-cpp-python's CPU build); no GPU llama.cpp row",
     "kvos-gguf": "--weights gguf runs on the cpu (its int4 GEMMs are torch's cpu ones)",
+    "kvos-gguf-kv8": "--weights gguf and an int8 KV cache run on the cpu (their kernels are the C ones)",
     "kvos-bf16kv": "on cuda the KV cache is in the program's dtype: the kvos-bf16 row already has a bf16 KV cache",
 }
 
@@ -270,9 +271,9 @@ CPU_ONLY = {
 def _skip_reason(name: str, gguf, device: str = "cpu") -> str | None:
     if device != "cpu" and name in CPU_ONLY:
         return CPU_ONLY[name]
-    if name in ("hf-static", "hf-cb", "llama.cpp", "kvos-gguf") and gguf is None:
+    if name in ("hf-static", "hf-cb", "llama.cpp", "kvos-gguf", "kvos-gguf-kv8") and gguf is None:
         return "needs the model as a GGUF file"
-    if name == "kvos-gguf" and not _has_quantized_path():
+    if name in ("kvos-gguf", "kvos-gguf-kv8") and not _has_quantized_path():
         return "this build's loader has no quantized weights path (load_program(weights=...))"
     if name == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (pip install -e '.[bench]')"

@@ -59,7 +59,8 @@ def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None, weig
     (default $KVOS_MATMUL, else dtype); bfloat16 on the CPU trades exact agreement with a float32
     reference for 2 to 4x faster GEMMs where the CPU has AMX. kv: of the KV cache (default
     $KVOS_KV, else dtype); bfloat16 on the CPU halves the bytes attention reads and the frames a
-    token takes, at the cost of rounding every stored key and value to bf16. weights (default
+    token takes, at the cost of rounding every stored key and value to bf16; int8 (cpu only) stores
+    each key and value row as int8 codes and a float32 scale, 0.27x float32's bytes. weights (default
     $KVOS_WEIGHTS, else "float32"): "gguf" runs a GGUF file's own quantized blocks (cpu only;
     qlinear.py): a quarter of the memory and of the bytes a decode step reads, bf16 GEMMs."""
     torch_device = _torch_device(device)
@@ -219,8 +220,17 @@ def _weights(weights, device: torch.device) -> str:
     return weights
 
 
+KV_INT8 = ("int8", torch.int8)     # rows of int8 codes with a float32 scale each (kernel/kvcache.py)
+
+
 def _kv_dtype(kv, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's dtype: the caller's, $KVOS_KV, or the program's dtype."""
+    """The KV cache's dtype: the caller's, $KVOS_KV, or the program's dtype; int8 on the cpu too."""
+    kv = kv or os.environ.get("KVOS_KV")
+    if kv in KV_INT8:
+        if device.type != "cpu":
+            raise KvosError(EINVAL, f"an int8 KV cache runs on the cpu (its kernels are the C ones), "
+                                    f"not {device.type}")
+        return torch.int8
     return _part_dtype(kv, "KVOS_KV", "the KV cache", device, dtype)
 
 
@@ -238,7 +248,8 @@ def _part_dtype(value, env: str, part: str, device: torch.device, dtype: torch.d
     if not (isinstance(value, torch.dtype) and value in DTYPES.values()):
         raise KvosError(EINVAL, f"{part}: dtype {value!r} is not one of {', '.join(DTYPES)}")
     if device.type == "cpu" and value not in (torch.float32, torch.bfloat16):
-        raise KvosError(EINVAL, f"{part} on the cpu can be float32 or bfloat16, not {value}")
+        also = " (or int8)" if env == "KVOS_KV" else ""
+        raise KvosError(EINVAL, f"{part} on the cpu can be float32 or bfloat16{also}, not {value}")
     if device.type != "cpu" and value != dtype:
         raise KvosError(EINVAL, f"on {device.type}, {part} must be in the program's dtype ({dtype}), not {value}")
     return value

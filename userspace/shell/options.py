@@ -56,10 +56,11 @@ def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", m
                    help="what the linear layers hold: gguf runs a GGUF file's own quantized blocks (Q4_0, Q4_1, "
                         "Q4_K, Q8_0; a quarter of the memory, bf16 GEMMs), float32 widens them and matches Hugging "
                         "Face token for token (default $KVOS_WEIGHTS or float32)")
-    g.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default=None,
+    g.add_argument("--kv-dtype", choices=("float32", "bfloat16", "int8"), default=None,
                    help="dtype of the KV cache on the CPU: bfloat16 halves the bytes per token (twice the "
-                        "tokens in the same memory) and decode attention 1.15 to 1.65x faster; float32 "
-                        "matches Hugging Face token for token (default $KVOS_KV or float32)")
+                        "tokens in the same memory); int8 stores each row as int8 codes and a float32 scale "
+                        "(0.27x the bytes); float32 matches Hugging Face token for token (default $KVOS_KV "
+                        "or float32)")
 
 
 def text_device(name: str) -> str:

@@ -10,10 +10,11 @@ SYSTEMS = {
     "kvos-bf16": "userspace.bench.systems.kvos_bf16",
     "kvos-bf16kv": "userspace.bench.systems.kvos_bf16kv",
     "kvos-gguf": "userspace.bench.systems.kvos_gguf",
+    "kvos-gguf-kv8": "userspace.bench.systems.kvos_gguf_kv8",
     "hf-static": "userspace.bench.systems.hf_static",
     "hf-cb": "userspace.bench.systems.hf_cb",
     "llama.cpp": "userspace.bench.systems.llamacpp",
 }
-DEFAULT_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv", "kvos-gguf", "hf-static", "hf-cb", "llama.cpp")
+DEFAULT_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv", "kvos-gguf", "kvos-gguf-kv8", "hf-static", "hf-cb", "llama.cpp")
 # the rows ratios are taken of (and a roofline); the others are baselines
-KVOS_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv", "kvos-gguf")
+KVOS_SYSTEMS = ("kvos", "kvos-bf16", "kvos-bf16kv", "kvos-gguf", "kvos-gguf-kv8")

@@ -75,7 +75,7 @@ def run(workload, options, progress) -> dict:
     k.shutdown()
     weights = os.environ.get("KVOS_WEIGHTS", "float32")
     name = ("kvos" + ("-bf16" if matmul == "bfloat16" else "") + ("-bf16kv" if kv == "bfloat16" else "")
-            + ("-gguf" if weights == "gguf" else ""))
+            + ("-gguf" if weights == "gguf" else "") + ("-kv8" if kv == "int8" else ""))
     result = records.result(
         name, samples, load_seconds=load_seconds, wall_seconds=wall,
         cpu_seconds=cpu,
