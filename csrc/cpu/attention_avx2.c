@@ -8,9 +8,11 @@
  * operands), the partial vectors of 8 tokens summed across lanes at once (hadd tree); values
  * go one row at a time, a 64-dim chunk of its accumulator (8 registers) in registers over the
  * tile, V rows read from L1. Same tiles, address translation and online softmax as the other
- * paths; head sizes a multiple of 64, float32 caches (bf16 and int8 ones widened per tile first). */
+ * paths; head sizes a multiple of 64, float32 caches (bf16 ones widened per tile first; int8 ones: K rows
+ * widened in registers, V per tile). */
 #include "kvos_cpu.h"
 #include "attention.h"
+#include "q8.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -32,22 +34,35 @@ static inline __attribute__((always_inline)) AVX2_TARGET __m256 hsum8(const __m2
     return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
+/* 8 dims of a K row from i on, as float32: loaded, or for an int8 cache (Q8) widened from its
+ * codes in registers (the row's scale is applied to the scores, once a token). */
+static inline __attribute__((always_inline)) AVX2_TARGET __m256 load_k(const void *row, int64_t i, const int Q8)
+{
+    if (Q8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + i))));
+    return _mm256_loadu_ps((const float *)row + i);
+}
+
 /* Scores of R rows (r0..) against the tile's first nmax tokens, into w->s (TILE floats a row;
  * entries past nmax are scratch). Tokens past nmax in the last group of 8 repeat token nmax - 1,
- * so every address read is a real row. */
+ * so every address read is a real row. kp: float32 rows, or int8 rows of codes + scale (Q8),
+ * whose dot products with q are scaled by the row's scale: no float32 copy of an int8 K tile. */
 static inline __attribute__((always_inline)) AVX2_TARGET void
-scores(scratch_t *w, const float *const *kp, int64_t r0, int nmax, const int64_t D, const int R)
+scores(scratch_t *w, const void *const *kp, int64_t r0, int nmax, const int64_t D, const int R, const int Q8)
 {
     for (int g0 = 0; g0 < nmax; g0 += 8) {
         __m256 part[RB][8];
+        float ks[8];
         for (int j = 0; j < 8; j++) {
-            const float *k = kp[g0 + j < nmax ? g0 + j : nmax - 1];
+            const void *k = kp[g0 + j < nmax ? g0 + j : nmax - 1];
+            if (Q8)
+                ks[j] = kvos_q8_scale((const int8_t *)k, D);
             for (int r = 0; r < R; r++)
                 part[r][j] = _mm256_setzero_ps();
             for (int64_t c0 = 0; c0 < D; c0 += CHUNK) {
                 __m256 kc[8];
                 for (int i = 0; i < 8; i++)
-                    kc[i] = _mm256_loadu_ps(k + c0 + 8 * i);
+                    kc[i] = load_k(k, c0 + 8 * i, Q8);
                 for (int r = 0; r < R; r++) {
                     const float *q = w->qs + (r0 + r) * D + c0;
                     __m256 a = _mm256_mul_ps(kc[0], _mm256_loadu_ps(q));
@@ -60,8 +75,10 @@ scores(scratch_t *w, const float *const *kp, int64_t r0, int nmax, const int64_t
                 }
             }
         }
-        for (int r = 0; r < R; r++)
-            _mm256_storeu_ps(w->s + (r0 + r) * TILE + g0, hsum8(part[r]));
+        for (int r = 0; r < R; r++) {
+            const __m256 sum = hsum8(part[r]);
+            _mm256_storeu_ps(w->s + (r0 + r) * TILE + g0, Q8 ? _mm256_mul_ps(sum, _mm256_loadu_ps(ks)) : sum);
+        }
     }
 }
 
@@ -134,18 +151,19 @@ values(scratch_t *w, const float *const *vp, int64_t r, int nmax, float alpha, c
 }
 
 static inline __attribute__((always_inline)) AVX2_TARGET void
-tile(scratch_t *w, int cur, int64_t rows, int64_t t0, int tn, const int64_t D)
+tile(scratch_t *w, int cur, int64_t rows, int64_t t0, int tn, const int64_t D, const int Q8)
 {
-    const float *const *kp = w->kp[cur], *const *vp = w->vp[cur];
+    const void *const *kp = Q8 ? (const void *const *)w->kp8[cur] : (const void *const *)w->kp[cur];
+    const float *const *vp = w->vp[cur];
     for (int64_t r0 = 0; r0 < rows; r0 += RB) {
         const int R = rows - r0 < RB ? (int)(rows - r0) : RB;
         int n[RB];
         const int nmax = attn_tile_counts(w, r0, R, t0, tn, n);
         if (nmax == 0)
             continue;       /* causal: these rows ended in an earlier tile */
-        if (R == 3) scores(w, kp, r0, nmax, D, 3);
-        else if (R == 2) scores(w, kp, r0, nmax, D, 2);
-        else scores(w, kp, r0, nmax, D, 1);
+        if (R == 3) scores(w, kp, r0, nmax, D, 3, Q8);
+        else if (R == 2) scores(w, kp, r0, nmax, D, 2, Q8);
+        else scores(w, kp, r0, nmax, D, 1, Q8);
         for (int r = 0; r < R; r++) {
             float *s = w->s + (r0 + r) * TILE;
             float alpha = 1.0f;
@@ -159,7 +177,8 @@ tile(scratch_t *w, int cur, int64_t rows, int64_t t0, int tn, const int64_t D)
     }
 }
 
-static AVX2_TARGET void run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int64_t D)
+static inline __attribute__((always_inline)) AVX2_TARGET void
+run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int64_t D, const int Q8)
 {
     const int64_t rows = task_rows(c, task);
     const int64_t n_ctx = attn_limits(c, task, w);
@@ -171,8 +190,12 @@ static AVX2_TARGET void run(const call_t *c, const task_t *task, int64_t h, scra
         /* the next tile's addresses, not prefetched: its rows come one page at a time, a stride the
          * hardware prefetcher follows; prefetching them a token at a time cost 5-10% and won nothing */
         attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
-        attn_tile_ready(c, w, cur, tn);     /* bf16 and int8 caches: the tile widened to float32 */
-        tile(w, cur, rows, t0, tn, D);
+        /* bf16 caches: the tile widened to float32; int8 ones: its V only (scores widen K in registers) */
+        if (Q8)
+            attn_tile_ready_v(c, w, cur, tn);
+        else
+            attn_tile_ready(c, w, cur, tn);
+        tile(w, cur, rows, t0, tn, D, Q8);
     }
     attn_finish_rows(c, task, h, w);
 }
@@ -180,8 +203,8 @@ static AVX2_TARGET void run(const call_t *c, const task_t *task, int64_t h, scra
 int attn_task_rows_avx2(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
 {
     switch (c->head_dim) {      /* D a constant in each copy: the chunk loops unroll */
-    case 64: run(c, task, h, w, 64); return 1;
-    case 128: run(c, task, h, w, 128); return 1;
+    case 64: if (c->k8) run(c, task, h, w, 64, 1); else run(c, task, h, w, 64, 0); return 1;
+    case 128: if (c->k8) run(c, task, h, w, 128, 1); else run(c, task, h, w, 128, 0); return 1;
     default: return 0;
     }
 }
