@@ -65,20 +65,22 @@ def test_swap_and_reclaim_together_lose_nothing(alone):
     assert_all_memory_back(k)
 
 
-def test_bf16_kv_cache_loses_nothing_under_swap_and_reclaim(monkeypatch):
-    """KVOS_KV=bfloat16: frames hold twice the tokens, swap moves their bytes and recompute
-    rounds the same values again, so every schedule still gives each job's output alone."""
+@pytest.mark.parametrize("kv, pool, swap, total", [("bfloat16", 5, 2, 10), ("int8", 3, 1, 10)])
+def test_narrow_kv_cache_loses_nothing_under_swap_and_reclaim(monkeypatch, kv, pool, swap, total):
+    """KVOS_KV=bfloat16 or int8: frames hold 2x or ~3x the tokens, swap moves their bytes and
+    recompute rounds (quantizes) the same values again, so every schedule still gives each job's
+    output alone."""
     import torch
-    monkeypatch.setenv("KVOS_KV", "bfloat16")
+    monkeypatch.setenv("KVOS_KV", kv)
     jobs = JOBS[:16]
-    alone_bf16 = [run_workload([job], check=False)[0][0] for job in jobs]
+    alone_narrow = [run_workload([job], check=False)[0][0] for job in jobs]
     # frames() counts float32 frames: 5 of them are 10 frames of the bf16 tenant, as above's 10.
-    out, k = run_workload(jobs, memory=frames(5), swap=frames(2), token_budget=32)
-    assert out == alone_bf16
-    assert next(iter(k.tenants.values())).program.kv_shape.dtype == torch.bfloat16
+    out, k = run_workload(jobs, memory=frames(pool), swap=frames(swap), token_budget=32)
+    assert out == alone_narrow
+    assert next(iter(k.tenants.values())).program.kv_shape.dtype == getattr(torch, kv)
     stat = k.syscalls().schedstat()
     assert stat.swap_outs > 0 and stat.reclaims > 0
-    assert k.syscalls().meminfo().total == 10
+    assert k.syscalls().meminfo().total == total
     assert_all_memory_back(k)
 
 
