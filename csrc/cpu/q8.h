@@ -21,14 +21,20 @@ static inline float kvos_q8_scale(const int8_t *row, int64_t n)
 
 static inline void kvos_narrow_q8(int8_t *restrict dst, const float *restrict src, int64_t n)
 {
+    /* Comparisons, not fmaxf/fminf (which gcc leaves as libm calls, one an element): the same
+     * results, a NaN input ignored by the max and clamped to -127, and the loops vectorise. */
     float amax = 0.0f;
-    for (int64_t i = 0; i < n; i++)
-        amax = fmaxf(amax, fabsf(src[i]));
+    for (int64_t i = 0; i < n; i++) {
+        const float a = fabsf(src[i]);
+        amax = a > amax ? a : amax;
+    }
     const float scale = amax / 127.0f;
     for (int64_t i = 0; i < n; i++) {
         /* x / scale, not x * (1/scale): the twin divides too, so both round the same way */
         float v = scale > 0.0f ? nearbyintf(src[i] / scale) : 0.0f;
-        dst[i] = (int8_t)fminf(fmaxf(v, -127.0f), 127.0f);
+        v = v >= -127.0f ? v : -127.0f;
+        v = v <= 127.0f ? v : 127.0f;
+        dst[i] = (int8_t)v;
     }
     memcpy(dst + n, &scale, sizeof scale);
 }
