@@ -11,7 +11,7 @@ from kernel import ops
 from kernel.errors import KvosError
 from kernel.kvcache import KVView
 from kernel.ops import reference
-from tests.test_ops_helpers import make_batch, relative_error
+from tests.test_ops_helpers import attention_error_against_float32, attention_matches_twin, cache_batches, make_batch
 
 pytestmark = pytest.mark.usefixtures("each_isa_cap")   # every vector path this CPU has (conftest.py)
 
@@ -60,48 +60,15 @@ def test_nan_stays_nan():
     assert torch.isnan(k_cache[frame, 0].float()).all() and torch.isnan(v_cache[frame, 0].float()).all()
 
 
-@st.composite
-def batches(draw):
-    heads, kv_heads = draw(st.sampled_from([(9, 3), (8, 1), (4, 4), (32, 1)]))
-    head_dim = draw(st.sampled_from([64, 128, 40, 256]))
-    page_size = draw(st.sampled_from([1, 7, 16, 64]))
-    num_seqs = draw(st.integers(1, 4))
-    q_lens = draw(st.lists(st.sampled_from([0, 1, 1, 3, 16, 33]), min_size=num_seqs, max_size=num_seqs))
-    extra = draw(st.lists(st.integers(0, 150), min_size=num_seqs, max_size=num_seqs))
-    if sum(q_lens) == 0:
-        q_lens[0] = 1
-    seed = draw(st.integers(0, 2**31 - 1))
-    return make_batch(q_lens, [q + e for q, e in zip(q_lens, extra)], heads, kv_heads, head_dim, page_size,
-                      seed=seed, cache_dtype=BF16)
-
-
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batches())
+@given(cache_batches(BF16))
 def test_attention_over_a_bf16_cache_matches_its_twin(batch):
-    k_cache, v_cache = batch.caches
-    before = batch.snapshot()
-    out = torch.full_like(batch.q, float("nan"))
-    got = ops.paged_attention(batch.q, k_cache, v_cache, batch.page_table, batch.query_start, batch.context_lens,
-                              0.1, out)
-    want = reference.paged_attention(batch.q, k_cache, v_cache, batch.page_table, batch.query_start,
-                                     batch.context_lens, 0.1)
-    assert got is out and got.dtype == torch.float32 and not torch.isnan(got).any()
-    assert torch.equal(batch.pool, before)
-    assert relative_error(got, want) < 1e-5, f"seed {batch.seed}"
+    attention_matches_twin(batch)
 
 
 def test_bf16_cache_stays_close_to_a_float32_one():
     """The same K/V written to a float32 and to a bf16 cache: attention differs by bf16's rounding only."""
-    q_lens, ctx = [1, 1, 24], [300, 17, 60]
-    f32 = make_batch(q_lens, ctx, 9, 3, 64, 16, seed=5)
-    b16 = make_batch(q_lens, ctx, 9, 3, 64, 16, seed=5, cache_dtype=BF16)
-    for (kf, vf), (kb, vb) in zip([f32.caches], [b16.caches]):
-        kb.copy_(kf)
-        vb.copy_(vf)
-    args = (f32.page_table, f32.query_start, f32.context_lens, 0.125)
-    exact = ops.paged_attention(f32.q, *f32.caches, *args)
-    rounded = ops.paged_attention(f32.q, *b16.caches, *args)
-    err = relative_error(rounded, exact)
+    err = attention_error_against_float32(BF16)
     assert 1e-5 < err < 2e-2, err
 
 

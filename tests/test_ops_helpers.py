@@ -99,3 +99,56 @@ def make_batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page_size, *, dtype=
 
 def relative_error(got, want) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+
+
+def cache_batches(cache_dtype):
+    """A hypothesis strategy of packed batches over a cache of cache_dtype (float32 q): GQA groups of
+    1 to 32, head sizes that take every attention path, pages of 1 to 64 tokens, prefill chunks and
+    decode rows, empty sequences."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def batches(draw):
+        heads, kv_heads = draw(st.sampled_from([(9, 3), (8, 1), (4, 4), (32, 1)]))
+        head_dim = draw(st.sampled_from([64, 128, 40, 256]))
+        page_size = draw(st.sampled_from([1, 7, 16, 64]))
+        num_seqs = draw(st.integers(1, 4))
+        q_lens = draw(st.lists(st.sampled_from([0, 1, 1, 3, 16, 33]), min_size=num_seqs, max_size=num_seqs))
+        extra = draw(st.lists(st.integers(0, 150), min_size=num_seqs, max_size=num_seqs))
+        if sum(q_lens) == 0:
+            q_lens[0] = 1
+        seed = draw(st.integers(0, 2**31 - 1))
+        return make_batch(q_lens, [q + e for q, e in zip(q_lens, extra)], heads, kv_heads, head_dim, page_size,
+                          seed=seed, cache_dtype=cache_dtype)
+    return batches()
+
+
+def attention_matches_twin(batch, tolerance=1e-5):
+    """ops.paged_attention over the batch's caches against reference.paged_attention: float32 out,
+    written into the given tensor, the pool untouched, within tolerance of the twin."""
+    from kernel import ops
+    from kernel.ops import reference
+    k_cache, v_cache = batch.caches
+    before = batch.snapshot()
+    out = torch.full_like(batch.q, float("nan"))
+    got = ops.paged_attention(batch.q, k_cache, v_cache, batch.page_table, batch.query_start, batch.context_lens,
+                              0.1, out)
+    want = reference.paged_attention(batch.q, k_cache, v_cache, batch.page_table, batch.query_start,
+                                     batch.context_lens, 0.1)
+    assert got is out and got.dtype == torch.float32 and not torch.isnan(got).any()
+    assert torch.equal(batch.pool, before)
+    assert relative_error(got, want) < tolerance, f"seed {batch.seed}"
+
+
+def attention_error_against_float32(cache_dtype) -> float:
+    """The same K/V written to a float32 cache and to one of cache_dtype (as write_kv would store them):
+    the relative error of ops.paged_attention over the second against the first."""
+    from kernel import ops
+    q_lens, ctx = [1, 1, 24], [300, 17, 60]
+    f32 = make_batch(q_lens, ctx, 9, 3, 64, 16, seed=5)
+    narrow = make_batch(q_lens, ctx, 9, 3, 64, 16, seed=5, cache_dtype=cache_dtype)
+    for wide, cache in zip(f32.caches, narrow.caches):
+        fill(cache, f32.ours, wide[f32.ours])
+    args = (f32.page_table, f32.query_start, f32.context_lens, 0.125)
+    rounded, exact = (ops.paged_attention(f32.q, *b.caches, *args) for b in (narrow, f32))
+    return relative_error(rounded, exact)

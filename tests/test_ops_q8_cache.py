@@ -13,7 +13,13 @@ from kernel import ops
 from kernel.errors import KvosError
 from kernel.kvcache import KVShape, KVView, q8_dequantize, q8_quantize, q8_scales
 from kernel.ops import fused, reference
-from tests.test_ops_helpers import make_batch, relative_error
+from tests.test_ops_helpers import (
+    attention_error_against_float32,
+    attention_matches_twin,
+    cache_batches,
+    make_batch,
+    relative_error,
+)
 
 pytestmark = pytest.mark.usefixtures("each_isa_cap")   # every vector path this CPU has (conftest.py)
 
@@ -104,49 +110,15 @@ def test_rope_write_kv_matches_its_twin():
     assert batch.untouched_outside_layer(before)
 
 
-@st.composite
-def batches(draw):
-    heads, kv_heads = draw(st.sampled_from([(9, 3), (8, 1), (4, 4), (32, 1)]))
-    head_dim = draw(st.sampled_from([64, 128, 40, 256]))
-    page_size = draw(st.sampled_from([1, 7, 16, 64]))
-    num_seqs = draw(st.integers(1, 4))
-    q_lens = draw(st.lists(st.sampled_from([0, 1, 1, 3, 16, 33]), min_size=num_seqs, max_size=num_seqs))
-    extra = draw(st.lists(st.integers(0, 150), min_size=num_seqs, max_size=num_seqs))
-    if sum(q_lens) == 0:
-        q_lens[0] = 1
-    seed = draw(st.integers(0, 2**31 - 1))
-    return make_batch(q_lens, [q + e for q, e in zip(q_lens, extra)], heads, kv_heads, head_dim, page_size,
-                      seed=seed, cache_dtype=Q8)
-
-
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batches())
+@given(cache_batches(Q8))
 def test_attention_over_an_int8_cache_matches_its_twin(batch):
-    k_cache, v_cache = batch.caches
-    before = batch.snapshot()
-    out = torch.full_like(batch.q, float("nan"))
-    got = ops.paged_attention(batch.q, k_cache, v_cache, batch.page_table, batch.query_start, batch.context_lens,
-                              0.1, out)
-    want = reference.paged_attention(batch.q, k_cache, v_cache, batch.page_table, batch.query_start,
-                                     batch.context_lens, 0.1)
-    assert got is out and got.dtype == torch.float32 and not torch.isnan(got).any()
-    assert torch.equal(batch.pool, before)
-    assert relative_error(got, want) < 1e-5, f"seed {batch.seed}"
+    attention_matches_twin(batch)
 
 
 def test_int8_cache_stays_close_to_a_float32_one():
-    """The same K/V written to a float32 and to an int8 cache: attention differs by int8's rounding."""
-    q_lens, ctx = [1, 1, 24], [300, 17, 60]
-    f32 = make_batch(q_lens, ctx, 9, 3, 64, 16, seed=5)
-    q8 = make_batch(q_lens, ctx, 9, 3, 64, 16, seed=5, cache_dtype=Q8)
-    frames = torch.arange(f32.pool.shape[0])
-    for cf, c8 in zip(f32.caches, q8.caches):
-        codes, scale = q8_quantize(cf)
-        c8[frames], q8_scales(c8)[frames] = codes, scale
-    args = (f32.page_table, f32.query_start, f32.context_lens, 0.125)
-    exact = ops.paged_attention(f32.q, *f32.caches, *args)
-    rounded = ops.paged_attention(f32.q, *q8.caches, *args)
-    err = relative_error(rounded, exact)
+    """The same K/V written to a float32 and to an int8 cache: attention differs by int8's rounding only."""
+    err = attention_error_against_float32(Q8)
     assert 1e-5 < err < 2e-2, err
 
 
