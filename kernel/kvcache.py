@@ -10,7 +10,7 @@ tenants are simply never addressed.
 
 An int8 cache (dtype torch.int8) stores each (token, kv_head) row as head_dim
 int8 codes followed by their float32 scale (x ~ code * scale, scale = amax / 127),
-so a row is head_dim + 4 bytes: a quarter of float32's bytes and then some. The
+so a row is head_dim + 4 bytes (68 at head_dim 64, against float32's 256). The
 views cover the codes; `q8_scales` gives the scales beside them, and
 `q8_quantize` / `q8_dequantize` are the torch twin of what the C kernels store
 and read (csrc/cpu/q8.h).
@@ -61,6 +61,9 @@ class KVView:
         itemsize = torch.empty((), dtype=shape.dtype).element_size()
         if frame_bytes % itemsize:
             raise KvosError(ENOMEM, f"frame of {frame_bytes} bytes does not hold whole {shape.dtype} elements")
+        if shape.dtype == torch.int8 and frame_bytes % Q8_SCALE_BYTES:
+            raise KvosError(ENOMEM, f"frame of {frame_bytes} bytes would misalign an int8 cache's float32 scales "
+                                    f"(frames of a multiple of {Q8_SCALE_BYTES} bytes hold them)")
         self.shape = shape
         self.page_size = shape.tokens_per_frame(frame_bytes)
         if self.page_size < 1:

@@ -57,6 +57,8 @@ def test_the_layout_codes_then_scale_in_each_row():
         KVShape(2, 3, 62, Q8)
     with pytest.raises(KvosError, match="not an int8 cache"):
         q8_scales(torch.zeros(4, 16, 3, 64, dtype=Q8))       # dense: no room for the scales
+    with pytest.raises(KvosError, match="misalign"):         # a pool cut for another tenant's odd frames
+        KVView(torch.zeros(4, shape.bytes_per_token * 16 + 2, dtype=torch.uint8), shape)
 
 
 def test_quantize_and_dequantize():

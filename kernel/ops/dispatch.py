@@ -12,6 +12,7 @@ with check=False (the batch builder checked the host arrays) an op may be captur
 """
 import torch
 
+from kernel.kvcache import q8_scales
 from kernel.ops import library
 from kernel.ops import validate as val
 
@@ -41,7 +42,6 @@ def _cache_dtype(device, k_cache):
     if k_cache.dtype not in dtypes:
         val.fail(f"{device.type} caches hold {dtypes}, not {k_cache.dtype}")
     if k_cache.dtype == torch.int8:
-        from kernel.kvcache import q8_scales
         q8_scales(k_cache)
 
 
