@@ -110,7 +110,8 @@ def q8_scales(cache: torch.Tensor) -> torch.Tensor:
 
 def q8_quantize(x: torch.Tensor):
     """Rows x (..., head_dim) float -> (codes int8, scale float32 (...)): scale = amax / 127,
-    code = round-half-even(x / scale) clamped to +-127, 0 where the scale is 0 (csrc/cpu/q8.h)."""
+    code = round-half-even(x / scale) clamped to +-127, 0 where the scale is 0 (csrc/cpu/q8.h). A NaN in
+    a row makes its scale NaN here, where the C max skips it: a row with a NaN is garbage either way."""
     x = x.float()
     scale = x.abs().amax(dim=-1) / 127
     s = scale.unsqueeze(-1)

@@ -112,7 +112,8 @@ void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t
             w->kp[slot][t] = c->k_cache + offsets[t];
             w->vp[slot][t] = c->v_cache + offsets[t];
         }
-        for (int64_t b = 0; prefetch && b < c->head_dim * esize; b += 64) {   /* one prefetch per cache line */
+        /* one prefetch per cache line; an int8 row's scale may sit in the line after its codes */
+        for (int64_t b = 0; prefetch && b < c->head_dim * esize + (c->k8 ? 4 : 0); b += 64) {
             __builtin_prefetch(kbase + offsets[t] * esize + b);
             __builtin_prefetch(vbase + offsets[t] * esize + b);
         }
