@@ -72,7 +72,7 @@ class KVView:
         elems = pool.view(shape.dtype)                      # (num_frames, frame_elems)
         frame_stride = elems.stride(0)
         h, d, t = shape.num_kv_heads, shape.head_dim, self.page_size
-        row = d if shape.dtype != torch.int8 else shape.row_bytes     # an int8 row's scale follows its codes
+        row = shape.row_bytes // itemsize                  # elements: an int8 row's scale follows its codes
         size = (num_frames, t, h, d)
         stride = (frame_stride, h * row, row, 1)
         half = t * h * row

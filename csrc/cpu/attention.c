@@ -10,6 +10,7 @@
 #include "attention.h"
 #include "bf16.h"
 #include "q8.h"
+#include "kvrow.h"
 
 static int check_batch(const int32_t *page_table, int64_t page_table_stride, int64_t max_pages,
                        int64_t num_frames, int64_t page_size, const int32_t *query_start,
@@ -98,9 +99,7 @@ void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t
     const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
     int64_t offsets[TILE];
     attn_translate(c, c->page_table + task->seq * c->page_table_stride, h, t0, tn, offsets);
-    const int64_t esize = c->k16 ? (int64_t)sizeof(uint16_t) : c->k8 ? 1 : (int64_t)sizeof(float);
-    const char *kbase = c->k16 ? (const char *)c->k16 : c->k8 ? (const char *)c->k8 : (const char *)c->k_cache;
-    const char *vbase = c->k16 ? (const char *)c->v16 : c->k8 ? (const char *)c->v8 : (const char *)c->v_cache;
+    const int64_t row_bytes = c->head_dim * c->elem_bytes + (c->k8 ? KVOS_Q8_SCALE_BYTES : 0);
     for (int t = 0; t < tn; t++) {
         if (c->k16) {
             w->kp16[slot][t] = c->k16 + offsets[t];
@@ -113,9 +112,9 @@ void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t
             w->vp[slot][t] = c->v_cache + offsets[t];
         }
         /* one prefetch per cache line; an int8 row's scale may sit in the line after its codes */
-        for (int64_t b = 0; prefetch && b < c->head_dim * esize + (c->k8 ? 4 : 0); b += 64) {
-            __builtin_prefetch(kbase + offsets[t] * esize + b);
-            __builtin_prefetch(vbase + offsets[t] * esize + b);
+        for (int64_t b = 0; prefetch && b < row_bytes; b += 64) {
+            __builtin_prefetch(c->k_bytes + offsets[t] * c->elem_bytes + b);
+            __builtin_prefetch(c->v_bytes + offsets[t] * c->elem_bytes + b);
         }
     }
 }
@@ -241,6 +240,7 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
                          f32 ? (const float *)k_cache : NULL, f32 ? (const float *)v_cache : NULL,
                          bf16 ? (const uint16_t *)k_cache : NULL, bf16 ? (const uint16_t *)v_cache : NULL,
                          q8 ? (const int8_t *)k_cache : NULL, q8 ? (const int8_t *)v_cache : NULL,
+                         (const char *)k_cache, (const char *)v_cache, kvos_cache_elem_bytes(cache_kind),
                          page_size, frame_stride, token_stride, head_stride,
                          page_table, page_table_stride, query_start, context_lens,
                          G, head_dim, scale * KVOS_LOG2E, attn_has_avx2()};

@@ -22,9 +22,11 @@ typedef struct {
 typedef struct {
     float *out; int64_t out_tok_stride, out_head_stride;
     const float *q; int64_t q_tok_stride, q_head_stride;
-    const float *k_cache, *v_cache;         /* float32 caches (NULL when bf16) */
+    const float *k_cache, *v_cache;         /* float32 caches (NULL otherwise) */
     const uint16_t *k16, *v16;              /* bfloat16 caches (NULL otherwise) */
     const int8_t *k8, *v8;                  /* int8 caches, rows of codes + scale (NULL otherwise) */
+    const char *k_bytes, *v_bytes;          /* whichever of the three it is, as bytes */
+    int64_t elem_bytes;                     /* of one cache element: offsets times this are bytes */
     int64_t page_size, frame_stride, token_stride, head_stride;
     const int32_t *page_table; int64_t page_table_stride;
     const int32_t *query_start, *context_lens;

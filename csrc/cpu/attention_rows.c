@@ -113,9 +113,8 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D, c
     for (int64_t t0 = 0; t0 < n_ctx; t0 += TILE, cur ^= 1) {
         const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
         attn_translate_ahead(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1);
-        if (D == 0 || c->k8) {      /* int8 tiles: widened, then the float32 blocks */
+        if (D == 0 || c->k8)        /* int8 tiles: widened, then the float32 blocks */
             attn_tile_ready(c, w, cur, tn);
-        }
         if (D == 0) {
             tile_scalar(w, w->kp[cur], w->vp[cur], rows, t0, tn, c->head_dim);
             continue;

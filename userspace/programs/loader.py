@@ -220,18 +220,13 @@ def _weights(weights, device: torch.device) -> str:
     return weights
 
 
-KV_INT8 = ("int8", torch.int8)     # rows of int8 codes with a float32 scale each (kernel/kvcache.py)
+# The KV cache may also be int8 on the CPU: rows of int8 codes with a float32 scale each (kernel/kvcache.py).
+KV_CPU_ONLY = {"int8": torch.int8}
 
 
 def _kv_dtype(kv, device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's dtype: the caller's, $KVOS_KV, or the program's dtype; int8 on the cpu too."""
-    kv = kv or os.environ.get("KVOS_KV")
-    if kv in KV_INT8:
-        if device.type != "cpu":
-            raise KvosError(EINVAL, f"an int8 KV cache runs on the cpu (its kernels are the C ones), "
-                                    f"not {device.type}")
-        return torch.int8
-    return _part_dtype(kv, "KVOS_KV", "the KV cache", device, dtype)
+    return _part_dtype(kv, "KVOS_KV", "the KV cache", device, dtype, cpu_only=KV_CPU_ONLY)
 
 
 def _matmul_dtype(matmul, device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -239,17 +234,26 @@ def _matmul_dtype(matmul, device: torch.device, dtype: torch.dtype) -> torch.dty
     return _part_dtype(matmul, "KVOS_MATMUL", "the matmuls", device, dtype)
 
 
-def _part_dtype(value, env: str, part: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+def _part_dtype(value, env: str, part: str, device: torch.device, dtype: torch.dtype, cpu_only=None) -> torch.dtype:
     """A part of the program that may be narrower than its activations: bfloat16 under float32
-    on the CPU (the C kernels and AMX convert); elsewhere the program's own dtype."""
+    on the CPU (the C kernels and AMX convert), or one of cpu_only's dtypes (name -> dtype) that
+    only the CPU's kernels store; elsewhere the program's own dtype."""
+    cpu_only = cpu_only or {}
     value = value or os.environ.get(env) or dtype
+    if isinstance(value, str) and value in cpu_only:
+        value = cpu_only[value]
+    if value in cpu_only.values():
+        if device.type != "cpu":
+            raise KvosError(EINVAL, f"{part}: {value} runs on the cpu (its kernels are the C ones), "
+                                    f"not {device.type}")
+        return value
     if isinstance(value, str) and value in DTYPES:
         value = DTYPES[value]
     if not (isinstance(value, torch.dtype) and value in DTYPES.values()):
-        raise KvosError(EINVAL, f"{part}: dtype {value!r} is not one of {', '.join(DTYPES)}")
+        raise KvosError(EINVAL, f"{part}: dtype {value!r} is not one of {', '.join([*DTYPES, *cpu_only])}")
     if device.type == "cpu" and value not in (torch.float32, torch.bfloat16):
-        also = " (or int8)" if env == "KVOS_KV" else ""
-        raise KvosError(EINVAL, f"{part} on the cpu can be float32 or bfloat16{also}, not {value}")
+        raise KvosError(EINVAL, f"{part} on the cpu can be {' or '.join(['float32', 'bfloat16', *cpu_only])}, "
+                                f"not {value}")
     if device.type != "cpu" and value != dtype:
         raise KvosError(EINVAL, f"on {device.type}, {part} must be in the program's dtype ({dtype}), not {value}")
     return value

@@ -2,7 +2,8 @@
 
 Each key and value row is stored as int8 codes and a float32 scale (0.27x float32's bytes a token:
 a quarter of the frames, of the pool's resident memory and of the bytes decode attention reads);
-the C attention widens each tile back to float32 before its float32 arithmetic. Outputs are those
+the C attention widens the rows back to float32 as it reads them (K in registers, V a tile at a
+time) before its float32 arithmetic. Outputs are those
 of the quantized weights and the rounded K/V, so this row is reported beside `kvos-gguf`."""
 import os
 
