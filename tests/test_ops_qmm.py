@@ -69,7 +69,7 @@ def test_pack_unpack_round_trip(bits):
 
 @pytest.mark.skipif(len(PATHS) < 2, reason="this CPU has neither AVX-512 VNNI nor AVX2")
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 9, 64])
+@pytest.mark.parametrize("rows", [1, 2, 5, 9, 64])
 def test_the_vector_paths_give_the_portable_paths_bits(bits, rows):
     """The same integer dots (vpdpbusd, or vpmaddubsw + vpmaddwd with 8-bit codes recentred) and the
     same float operations in the same order: every path's outputs are the portable path's, bit for bit."""

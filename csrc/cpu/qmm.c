@@ -228,14 +228,14 @@ static QMM_TARGET void qmm_vnni_tile8(float *y, int64_t y_stride, const qrows *a
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 /* AVX2 (no VNNI): vpmaddubsw multiplies u8 codes by s8 activations and adds pairs into int16, vpmaddwd
  * with ones adds those pairs into int32: one column's 4-k dot per lane, as vpdpbusd gives. A 16-column
- * tile is two halves of 8 columns (the low and high 32 bytes of each 64-byte record vector); a half runs
- * all its rows before the next half, which finds the tile in L1. 4-bit products are at most
- * 15 x 127 x 2 = 3,810 a pair, so a block's eight pair sums add in int16 (30,480) before one vpmaddwd.
- * 8-bit codes would overflow int16 (255 x 127 x 2): they are recentred, s = u - 128 (|s| <= 128,
- * 32,512 a pair), multiplied as |s| x sign(q, s), and u.q = s.q + 128 sum(q) restores the exact
- * integer dot. The float operations then follow the VNNI path's order on the same integers. */
+ * tile is two halves of 8 columns (the low and high 32 bytes of each 64-byte record vector).
+ * 4-bit products are at most 15 x 127 x 2 = 3,810 a pair, so a block's eight pair sums add in int16
+ * (30,480) before one vpmaddwd. 8-bit codes would overflow int16 (255 x 127 x 2): they are recentred,
+ * s = u - 128 (|s| <= 128, 32,512 a pair), multiplied as |s| x sign(q, s), and u.q = s.q + 128 sum(q)
+ * restores the exact integer dot. The float operations then follow the VNNI path's order on the same
+ * integers, so every path gives the portable path's outputs. */
 #define QMM_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-#define QMM_AVX2_MR 4     /* rows per register tile: 8 weight vectors + 4 accumulators + temporaries */
+#define QMM_AVX2_MR 4     /* rows per register tile, both kernels (5 or 6 measured no faster) */
 #define QMM_AVX2_AHEAD 8  /* records prefetched ahead (past a tile's end: the next tile's, contiguous) */
 #define HAVE_AVX2_PATH 1
 
@@ -244,50 +244,121 @@ static inline __attribute__((always_inline)) QMM_AVX2_TARGET __m256i bcast4_256(
     return _mm256_set1_epi32(*(const alias_i32 *)p);
 }
 
+/* The first pass over a tile streams it from memory: ask for the records QMM_AVX2_AHEAD ahead. */
 static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
-qmm_avx2_rows(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint8_t *tile, int half, int cols,
-              const int R, const int BITS)
+prefetch_ahead(const uint8_t *tile, int64_t b, int64_t rb)
 {
-    const int64_t rb = record_bytes(BITS), cb = code_bytes(BITS), kb = a->kb;
+    for (int64_t l = 0; l < rb; l += 64)
+        _mm_prefetch((const char *)(tile + (b + QMM_AVX2_AHEAD) * rb + l), _MM_HINT_T0);
+}
+
+/* Stores R rows of (up to) 16 columns held as two 8-lane halves. */
+static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
+store_rows16(float *y, int64_t y_stride, int64_t r0, const __m256 *acc0, const __m256 *acc1, int cols, const int R)
+{
+    for (int r = 0; r < R; r++) {
+        float *yr = y + (r0 + r) * y_stride;
+        if (cols == QMM_NR) {
+            _mm256_storeu_ps(yr, acc0[r]);
+            _mm256_storeu_ps(yr + 8, acc1[r]);
+        } else {
+            float tmp[QMM_NR];
+            _mm256_storeu_ps(tmp, acc0[r]);
+            _mm256_storeu_ps(tmp + 8, acc1[r]);
+            for (int c = 0; c < cols; c++)
+                yr[c] = tmp[c];
+        }
+    }
+}
+
+/* R rows (1..4) x a whole 4-bit tile, both halves at once, for every M (decode's M = 1 included):
+ * each activation broadcast feeds both halves' vpmaddubsw and each loaded record vector all R rows.
+ * The half-at-a-time loop this replaced broadcast every activation twice; with the v loop kept rolled
+ * (unrolled, gcc hoisted every broadcast and spilled the sums) it runs 1.4x faster at M >= 4. */
+static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
+qmm_avx2_rows_4bit(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint8_t *tile, int cols,
+                   const int R)
+{
+    const int64_t rb = record_bytes(4), cb = code_bytes(4), kb = a->kb;
+    const int64_t row = kb * BLOCK;        /* from one row's codes to the next row's */
+    __m256 acc0[QMM_AVX2_MR], acc1[QMM_AVX2_MR];
+    for (int r = 0; r < R; r++)
+        acc0[r] = acc1[r] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < kb; b++) {
+        const uint8_t *rec = tile + b * rb;
+        if (r0 == 0)
+            prefetch_ahead(tile, b, rb);
+        const int8_t *q = a->q + (r0 * kb + b) * BLOCK;
+        __m256i dot0[QMM_AVX2_MR], dot1[QMM_AVX2_MR];
+        for (int r = 0; r < R; r++)
+            dot0[r] = dot1[r] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+        for (int v = 0; v < 4; v++) {      /* record vector v: k 4v..4v+3 (low nibbles), 4v+16.. (high) */
+            const __m256i p0 = _mm256_loadu_si256((const __m256i *)(rec + 64 * v));
+            const __m256i p1 = _mm256_loadu_si256((const __m256i *)(rec + 64 * v + 32));
+            const __m256i lo0 = _mm256_and_si256(p0, low), lo1 = _mm256_and_si256(p1, low);
+            for (int r = 0; r < R; r++) {  /* int16 sums: 8 products of <= 3,810 cannot overflow */
+                const __m256i x = bcast4_256(q + r * row + 4 * v);
+                dot0[r] = _mm256_add_epi16(dot0[r], _mm256_maddubs_epi16(lo0, x));
+                dot1[r] = _mm256_add_epi16(dot1[r], _mm256_maddubs_epi16(lo1, x));
+            }
+            const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), low);
+            const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), low);
+            for (int r = 0; r < R; r++) {
+                const __m256i x = bcast4_256(q + r * row + 4 * v + 16);
+                dot0[r] = _mm256_add_epi16(dot0[r], _mm256_maddubs_epi16(hi0, x));
+                dot1[r] = _mm256_add_epi16(dot1[r], _mm256_maddubs_epi16(hi1, x));
+            }
+        }
+        const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb)));
+        const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 16)));
+        const __m256 mw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 32)));
+        const __m256 mw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 48)));
+        for (int r = 0; r < R; r++) {
+            const int64_t at = (r0 + r) * kb + b;
+            const __m256 dx = _mm256_set1_ps(a->dx[at]), xs = _mm256_set1_ps(a->xs[at]);
+            const __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot0[r], ones)), dx);
+            const __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot1[r], ones)), dx);
+            acc0[r] = _mm256_fmadd_ps(f0, dw0, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(f1, dw1, acc1[r]);
+            acc0[r] = _mm256_fmadd_ps(mw0, xs, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(mw1, xs, acc1[r]);
+        }
+    }
+    store_rows16(y, y_stride, r0, acc0, acc1, cols, R);
+}
+
+/* R rows (1..4) x one 8-column half of an 8-bit tile; a half runs all its rows before the next half,
+ * which finds the tile in L1. Weight vector outer, rows inner: one widened vector live at a time, so
+ * the rows' sums and accumulators stay in registers (all eight at once spilled the accumulators). */
+static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
+qmm_avx2_rows_8bit(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint8_t *tile, int half, int cols,
+                   const int R)
+{
+    const int64_t rb = record_bytes(8), cb = code_bytes(8), kb = a->kb;
+    const int64_t row = kb * BLOCK;
     __m256 acc[QMM_AVX2_MR];
     for (int r = 0; r < R; r++)
         acc[r] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
     for (int64_t b = 0; b < kb; b++) {
         const uint8_t *rec = tile + b * rb + 32 * half;
-        if (r0 == 0 && half == 0)       /* the first pass streams the tiles: ask for records ahead */
-            for (int64_t l = 0; l < rb; l += 64)
-                _mm_prefetch((const char *)(tile + (b + QMM_AVX2_AHEAD) * rb + l), _MM_HINT_T0);
-        /* Weight vector outer, rows inner: one unpacked vector live at a time, so the rows' sums and
-         * accumulators stay in registers (all eight unpacked vectors at once spilled the accumulators
-         * to the stack: perf showed the FMAs on (%rsp) as this kernel's hottest lines). */
+        if (r0 == 0 && half == 0)
+            prefetch_ahead(tile, b, rb);
         __m256i dot[QMM_AVX2_MR];
         const int8_t *q = a->q + (r0 * kb + b) * BLOCK;
-        const int64_t row = kb * BLOCK;        /* from one row's codes to the next row's */
         for (int r = 0; r < R; r++)
             dot[r] = _mm256_setzero_si256();
-        if (BITS == 4) {
-            for (int v = 0; v < 4; v++) {
-                const __m256i p = _mm256_loadu_si256((const __m256i *)(rec + 64 * v));
-                const __m256i lo = _mm256_and_si256(p, low), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
-                for (int r = 0; r < R; r++) {     /* int16 sums: 8 products of <= 3,810 cannot overflow */
-                    dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(lo, bcast4_256(q + r * row + 4 * v)));
-                    dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(hi, bcast4_256(q + r * row + 4 * v + 16)));
-                }
-            }
+        for (int j = 0; j < 8; j++) {
+            const __m256i wj = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(rec + 64 * j)), flip);  /* u - 128 */
+            const __m256i aw = _mm256_abs_epi8(wj);
             for (int r = 0; r < R; r++)
-                dot[r] = _mm256_madd_epi16(dot[r], ones);
-        } else {
-            for (int j = 0; j < 8; j++) {
-                const __m256i wj = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(rec + 64 * j)), flip);  /* u - 128 */
-                const __m256i aw = _mm256_abs_epi8(wj);
-                for (int r = 0; r < R; r++)
-                    dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(q + r * row + 4 * j), wj)), ones));
-            }
-            for (int r = 0; r < R; r++)
-                dot[r] = _mm256_add_epi32(dot[r], _mm256_set1_epi32(128 * a->qsum[(r0 + r) * kb + b]));
+                dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(q + r * row + 4 * j), wj)), ones));
         }
+        for (int r = 0; r < R; r++)
+            dot[r] = _mm256_add_epi32(dot[r], _mm256_set1_epi32(128 * a->qsum[(r0 + r) * kb + b]));
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec - 32 * half + cb + 16 * half)));
         const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec - 32 * half + cb + 32 + 16 * half)));
         for (int r = 0; r < R; r++) {
@@ -311,74 +382,36 @@ qmm_avx2_rows(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint
     }
 }
 
-/* One row (decode) against a 4-bit tile, both halves at once: each activation broadcast and each
- * record vector load serves 16 columns, where the half-at-a-time loop did both twice (at one row
- * the loop is bound by its instructions, ~22-25 GB/s of one thread with the tile in cache). The
- * same integer sums and float operations per column as qmm_avx2_rows, so the same outputs. */
-static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
-qmm_avx2_row1_4bit(float *y, const qrows *a, const uint8_t *tile, int cols)
-{
-    const int64_t rb = record_bytes(4), cb = code_bytes(4), kb = a->kb;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    for (int64_t b = 0; b < kb; b++) {
-        const uint8_t *rec = tile + b * rb;
-        for (int64_t l = 0; l < rb; l += 64)
-            _mm_prefetch((const char *)(tile + (b + QMM_AVX2_AHEAD) * rb + l), _MM_HINT_T0);
-        const int8_t *q = a->q + b * BLOCK;
-        __m256i dot0 = _mm256_setzero_si256(), dot1 = _mm256_setzero_si256();
-        for (int v = 0; v < 4; v++) {
-            const __m256i qlo = bcast4_256(q + 4 * v), qhi = bcast4_256(q + 4 * v + 16);
-            const __m256i p0 = _mm256_loadu_si256((const __m256i *)(rec + 64 * v));
-            const __m256i p1 = _mm256_loadu_si256((const __m256i *)(rec + 64 * v + 32));
-            dot0 = _mm256_add_epi16(dot0, _mm256_maddubs_epi16(_mm256_and_si256(p0, low), qlo));
-            dot1 = _mm256_add_epi16(dot1, _mm256_maddubs_epi16(_mm256_and_si256(p1, low), qlo));
-            dot0 = _mm256_add_epi16(dot0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p0, 4), low), qhi));
-            dot1 = _mm256_add_epi16(dot1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p1, 4), low), qhi));
-        }
-        const __m256 dx = _mm256_set1_ps(a->dx[b]), xs = _mm256_set1_ps(a->xs[b]);
-        const __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot0, ones)), dx);
-        const __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot1, ones)), dx);
-        acc0 = _mm256_fmadd_ps(f0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb))), acc0);
-        acc1 = _mm256_fmadd_ps(f1, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 16))), acc1);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 32))), xs, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 48))), xs, acc1);
-    }
-    float tmp[16];
-    _mm256_storeu_ps(tmp, acc0);
-    _mm256_storeu_ps(tmp + 8, acc1);
-    for (int c = 0; c < cols; c++)
-        y[c] = tmp[c];
-}
-
-#define AVX2_ROWS_CASES(BITS)                                                                  \
-    if (BITS == 4 && m == 1) {                                                                 \
-        qmm_avx2_row1_4bit(y, a, tile, cols);                                                  \
-        return;                                                                                \
-    }                                                                                          \
-    for (int half = 0; half < 2 && 8 * half < cols; half++) {                                  \
-        const int64_t nblocks = (m + QMM_AVX2_MR - 1) / QMM_AVX2_MR;                           \
-        for (int64_t i = 0, r0 = 0, rows; i < nblocks; i++, r0 += rows) {                     \
-            rows = (m - r0 + (nblocks - i) - 1) / (nblocks - i);                               \
-            switch ((int)rows) {                                                               \
-            case 1: qmm_avx2_rows(y, y_stride, a, r0, tile, half, cols, 1, BITS); break;       \
-            case 2: qmm_avx2_rows(y, y_stride, a, r0, tile, half, cols, 2, BITS); break;       \
-            case 3: qmm_avx2_rows(y, y_stride, a, r0, tile, half, cols, 3, BITS); break;       \
-            default: qmm_avx2_rows(y, y_stride, a, r0, tile, half, cols, 4, BITS); break;      \
-            }                                                                                  \
+/* All m rows in as few register tiles as QMM_AVX2_MR allows, of near-equal size (6 rows run as 3 + 3,
+ * not 4 + 2: a small tile pays the weights' unpacking for few rows). */
+#define AVX2_ROW_TILES(CALL)                                                                   \
+    const int64_t nblocks = (m + QMM_AVX2_MR - 1) / QMM_AVX2_MR;                               \
+    for (int64_t i = 0, r0 = 0, rows; i < nblocks; i++, r0 += rows) {                         \
+        rows = (m - r0 + (nblocks - i) - 1) / (nblocks - i);                                   \
+        switch ((int)rows) {                                                                   \
+        case 1: CALL(1); break;                                                                \
+        case 2: CALL(2); break;                                                                \
+        case 3: CALL(3); break;                                                                \
+        default: CALL(4); break;                                                               \
         }                                                                                      \
     }
 
 static QMM_AVX2_TARGET void qmm_avx2_tile4(float *y, int64_t y_stride, const qrows *a, int64_t m,
                                            const uint8_t *tile, int cols)
 {
-    AVX2_ROWS_CASES(4)
+#define ROWS_4BIT(R) qmm_avx2_rows_4bit(y, y_stride, a, r0, tile, cols, R)
+    AVX2_ROW_TILES(ROWS_4BIT)
+#undef ROWS_4BIT
 }
 
 static QMM_AVX2_TARGET void qmm_avx2_tile8(float *y, int64_t y_stride, const qrows *a, int64_t m,
                                            const uint8_t *tile, int cols)
 {
-    AVX2_ROWS_CASES(8)
+#define ROWS_8BIT(R) qmm_avx2_rows_8bit(y, y_stride, a, r0, tile, half, cols, R)
+    for (int half = 0; half < 2 && 8 * half < cols; half++) {
+        AVX2_ROW_TILES(ROWS_8BIT)
+    }
+#undef ROWS_8BIT
 }
 
 /* quantize_row's arithmetic 8 lanes at a time (the same IEEE division and rounding: the same codes). */
