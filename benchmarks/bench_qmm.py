@@ -8,7 +8,9 @@ min and median of the rounds: "qmm raw" calls the C entry point through cffi wit
 --baseline DIR adds "qmm old": another kvos checkout's qmm (its kernel/ops/qblocks.py packing and
 its built kernel/ops/_kvos_cpu.abi3.so, raw), on the same codes. --panel adds "panel f32": ops'
 float32 panel_mm C entry point on float32 weights of the same shapes (538 MB).
-Run: PYTHONPATH=$PWD python benchmarks/bench_qmm.py [--rounds 7] [--batches 1,8,64] [--baseline DIR] [--panel]
+--split times qmm raw (and qmm old) on the 4-bit projections and on the 8-bit head apart, each in
+G int8 multiply-adds a second.
+Run: PYTHONPATH=$PWD python benchmarks/bench_qmm.py [--rounds 7] [--batches 1,8,64] [--baseline DIR] [--panel] [--split]
 """
 import argparse
 import importlib.util
@@ -65,6 +67,7 @@ def main():
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--baseline", help="a kvos checkout whose qmm runs as 'qmm old'")
     ap.add_argument("--panel", action="store_true", help="also time float32 panel_mm on the same shapes")
+    ap.add_argument("--split", action="store_true", help="4-bit projections and the 8-bit head timed apart")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cpu.set_num_threads(1)
@@ -72,6 +75,10 @@ def main():
     if old_lib is not None:
         old_lib.kvos_set_num_threads(1)
     ws = weights(torch.Generator().manual_seed(0), old_pack)
+    new_lib, new_ffi = cpu._load().lib, cpu._load().ffi
+
+    def new_ptr(t):
+        return new_ffi.cast("void *", t.data_ptr())
     panels = [(n, k, ops.panel_pack(torch.randn(n, k))) for n, k, *_ in ws] if args.panel else []
     qmm_bytes = sum(w[3].numel() for w in ws)
     print(f"one thread, CPU time; qmm's weights {qmm_bytes / 1e6:.0f} MB; min (median) of {args.rounds} rounds")
@@ -89,6 +96,19 @@ def main():
                 return old_ffi.cast("void *", t.data_ptr())
             fns["qmm old"] = lambda xs=xs, outs=outs, m=m: [
                 old_lib.kvos_qmm(ptr(outs[n]), n, ptr(xs[k]), k, m, k, ptr(o), n, b, 0) for n, k, b, p, w, o in ws]
+        macs = {}
+        if args.split:
+            for bits, part in ((4, "4-bit"), (8, "head")):
+                group = [w for w in ws if w[2] == bits]
+                macs[part] = m * sum(n * k for n, k, *_ in group)
+                # the C entry point through cffi, as qmm old calls its own: the same Python per call
+                fns[f"qmm raw {part}"] = lambda xs=xs, outs=outs, m=m, group=group: [
+                    new_lib.kvos_qmm(new_ptr(outs[n]), n, new_ptr(xs[k]), k, m, k, new_ptr(p), n, b, 0)
+                    for n, k, b, p, *_ in group]
+                if old_lib is not None:
+                    fns[f"qmm old {part}"] = lambda xs=xs, outs=outs, m=m, group=group: [
+                        old_lib.kvos_qmm(ptr(outs[n]), n, ptr(xs[k]), k, m, k, ptr(o), n, b, 0)
+                        for n, k, b, p, w, o in group]
         if panels:
             fns["panel f32"] = lambda xs=xs, outs=outs, m=m: [cpu.panel_mm(outs[n], xs[k], p, None, m, k, n, False)
                                                          for n, k, p in panels]
@@ -102,6 +122,10 @@ def main():
                 times[name].append(time.thread_time() - t)
         line = "  ".join(f"{name} {min(t) * 1e3:.2f} ({statistics.median(t) * 1e3:.2f})" for name, t in times.items())
         print(f"M {m:3d} ms: {line}; qmm raw reads {qmm_bytes / min(times['qmm raw']) / 1e9:.1f} GB/s", flush=True)
+        if macs:
+            print(f"M {m:3d} G MAC/s: " + "  ".join(
+                f"{name} {macs[name.rsplit(' ', 1)[1]] / min(t) / 1e9:.1f}" for name, t in times.items()
+                if name.rsplit(" ", 1)[-1] in macs), flush=True)
 
 
 if __name__ == "__main__":

@@ -271,10 +271,10 @@ store_rows16(float *y, int64_t y_stride, int64_t r0, const __m256 *acc0, const _
     }
 }
 
-/* R rows (1..4) x a whole 4-bit tile, both halves at once, for every M (decode's M = 1 included):
+/* R rows (1..4) x a whole 4-bit tile, both halves at once (M >= 2; one row: qmm_avx2_row1_4bit):
  * each activation broadcast feeds both halves' vpmaddubsw and each loaded record vector all R rows.
  * The half-at-a-time loop this replaced broadcast every activation twice; with the v loop kept rolled
- * (unrolled, gcc hoisted every broadcast and spilled the sums) it runs 1.4x faster at M >= 4. */
+ * (unrolled, gcc hoisted every broadcast and spilled the sums) it runs 1.3-1.4x faster at M >= 2. */
 static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
 qmm_avx2_rows_4bit(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint8_t *tile, int cols,
                    const int R)
@@ -328,6 +328,46 @@ qmm_avx2_rows_4bit(float *y, int64_t y_stride, const qrows *a, int64_t r0, const
     }
     store_rows16(y, y_stride, r0, acc0, acc1, cols, R);
 }
+
+/* One row (decode) against a 4-bit tile: qmm_avx2_rows_4bit's sums and float operations with the v
+ * loop unrolled. At one row the weights stream from memory and the unrolled loop is ~4% faster
+ * (bench_qmm --split, SmolLM2's 4-bit projections from memory: 26.3-27.7 against 25.0-26.8 G MAC/s);
+ * from 2 rows up the tile is reused from L1 and the rolled loop wins by 1.3-1.4x. */
+static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
+qmm_avx2_row1_4bit(float *y, const qrows *a, const uint8_t *tile, int cols)
+{
+    const int64_t rb = record_bytes(4), cb = code_bytes(4), kb = a->kb;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < kb; b++) {
+        const uint8_t *rec = tile + b * rb;
+        prefetch_ahead(tile, b, rb);
+        const int8_t *q = a->q + b * BLOCK;
+        __m256i dot0 = _mm256_setzero_si256(), dot1 = _mm256_setzero_si256();
+        for (int v = 0; v < 4; v++) {
+            const __m256i qlo = bcast4_256(q + 4 * v), qhi = bcast4_256(q + 4 * v + 16);
+            const __m256i p0 = _mm256_loadu_si256((const __m256i *)(rec + 64 * v));
+            const __m256i p1 = _mm256_loadu_si256((const __m256i *)(rec + 64 * v + 32));
+            dot0 = _mm256_add_epi16(dot0, _mm256_maddubs_epi16(_mm256_and_si256(p0, low), qlo));
+            dot1 = _mm256_add_epi16(dot1, _mm256_maddubs_epi16(_mm256_and_si256(p1, low), qlo));
+            dot0 = _mm256_add_epi16(dot0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p0, 4), low), qhi));
+            dot1 = _mm256_add_epi16(dot1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p1, 4), low), qhi));
+        }
+        const __m256 dx = _mm256_set1_ps(a->dx[b]), xs = _mm256_set1_ps(a->xs[b]);
+        const __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot0, ones)), dx);
+        const __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot1, ones)), dx);
+        acc0 = _mm256_fmadd_ps(f0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb))), acc0);
+        acc1 = _mm256_fmadd_ps(f1, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 16))), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 32))), xs, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 48))), xs, acc1);
+    }
+    float tmp[16];
+    _mm256_storeu_ps(tmp, acc0);
+    _mm256_storeu_ps(tmp + 8, acc1);
+    for (int c = 0; c < cols; c++)
+        y[c] = tmp[c];
+}
+
 
 /* R rows (1..4) x one 8-column half of an 8-bit tile; a half runs all its rows before the next half,
  * which finds the tile in L1. Weight vector outer, rows inner: one widened vector live at a time, so
@@ -399,6 +439,10 @@ qmm_avx2_rows_8bit(float *y, int64_t y_stride, const qrows *a, int64_t r0, const
 static QMM_AVX2_TARGET void qmm_avx2_tile4(float *y, int64_t y_stride, const qrows *a, int64_t m,
                                            const uint8_t *tile, int cols)
 {
+    if (m == 1) {
+        qmm_avx2_row1_4bit(y, a, tile, cols);
+        return;
+    }
 #define ROWS_4BIT(R) qmm_avx2_rows_4bit(y, y_stride, a, r0, tile, cols, R)
     AVX2_ROW_TILES(ROWS_4BIT)
 #undef ROWS_4BIT
