@@ -67,6 +67,32 @@ def test_pack_unpack_round_trip(bits):
     assert torch.equal(c2, codes.int()) and torch.equal(d2, d) and torch.equal(m2, m)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_read_from_the_records_are_the_unpacked_values(bits):
+    """qmm_rows (a tied embedding's lookup on its head's blocks) gives d * u + m of the rows asked
+    for, repeats and the last, partial tile's columns included; bad ids are refused."""
+    g = torch.Generator().manual_seed(bits + 10)
+    codes, d, m = weights(37, 96, bits, g)
+    packed = Q.qmm_pack(codes, d, m, bits)
+    c2, d2, m2 = Q.qmm_unpack(packed, 37, 96, bits)
+    every = (c2.float().view(37, -1, 32) * d2.unsqueeze(-1) + m2.unsqueeze(-1)).view(37, 96)
+    ids = torch.tensor([36, 0, 15, 16, 36, 5, 32])
+    got = Q.qmm_rows(packed, ids, 37, 96, bits)
+    assert torch.equal(got, reference.qmm_rows(packed, ids, 37, 96, bits))
+    assert torch.allclose(got, every[ids], rtol=1e-6, atol=0)     # the twin rounds d * u and + m apart
+    assert torch.equal(Q.qmm_rows(packed, ids.int(), 37, 96, bits), got)
+    # Q8_0 blocks (u = q + 128, m = -128 d): every rounding is exact, so the rows are q * d to the bit
+    q = torch.randint(-127, 128, (37, 96), generator=g)
+    dq = (torch.rand(37, 3, generator=g) * 0.01).half().float()
+    p8 = Q.qmm_pack(q + 128, dq, -128 * dq, 8)
+    assert torch.equal(Q.qmm_rows(p8, ids, 37, 96, 8), (q.float().view(37, 3, 32) * dq.unsqueeze(-1)).view(37, 96)[ids])
+    assert Q.qmm_rows(packed, torch.tensor([], dtype=torch.long), 37, 96, bits).shape == (0, 96)
+    for bad, match in ((torch.tensor([37]), "0..36"), (torch.tensor([-1]), "0..36"),
+                       (torch.tensor([1.0]), "dtype"), (torch.tensor([[1]]), "dimension")):
+        with pytest.raises(KvosError, match=match):
+            Q.qmm_rows(packed, bad, 37, 96, bits)
+
+
 @pytest.mark.skipif(len(PATHS) < 2, reason="this CPU has neither AVX-512 VNNI nor AVX2")
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 2, 5, 9, 64])

@@ -157,6 +157,12 @@ def test_quantized_cache_holds_no_float32_matrices_and_reloads_the_same(tmp_path
         for key in f.keys():
             if f.get_slice(key).get_dtype() == "F32":
                 assert len(f.get_slice(key).get_shape()) == 1, key   # only norms are float32
+        # the tied Q8_0 embedding is held once: its rows come from the head's blocks
+        assert not [key for key in f.keys() if key.startswith("embed:") and not key.startswith("embed:head.")]
+    assert program.embed.q is None and program.embed.d is None
+    exact = load_program(str(path), "cpu", weights="float32")
+    ids = torch.arange(program.embed.shape[0])
+    assert torch.equal(qlinear.embedding(ids, program.embed), qlinear.embedding(ids, exact.embed))
     del program, runner
     gc.collect()
     again = load_program(str(path), "cpu", weights="gguf")          # from quantized/, not the GGUF

@@ -88,6 +88,9 @@ int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64
 int kvos_qmm_has_vnni(void);
 int kvos_qmm_has_avx2(void);
 int64_t kvos_qmm_record_bytes(int bits);
+/* Rows ids[0..nids) of W (n, k) as float32 d * u + m into out (nids, k), read from qmm's packed records
+ * (a tied embedding's lookup on its head's blocks). ids checked by the caller (0 <= id < n). */
+void kvos_qmm_rows(float *out, const uint8_t *w, int64_t n, int64_t k, int bits, const int64_t *ids, int64_t nids);
 
 /* fused.c: the fused layer ops in float32 (kernel/ops/fused.py checks their arguments). Rows at element
  * strides, last dimension dense. add_rms_norm: residual += delta, out = RMSNorm(residual) * weight (out may

@@ -515,6 +515,28 @@ int kvos_qmm_has_vnni(void)
 
 int64_t kvos_qmm_record_bytes(int bits) { return record_bytes(bits); }
 
+/* A row's 32-element blocks: each in one record of its tile, the column's codes 4 bytes a vector. The
+ * product and the sum are rounded apart (fp-contract off here: no FMA), as the twin (reference.qmm_rows)
+ * computes them. */
+__attribute__((optimize("fp-contract=off")))
+void kvos_qmm_rows(float *out, const uint8_t *w, int64_t n, int64_t k, int bits, const int64_t *ids, int64_t nids)
+{
+    (void)n;
+    const int64_t kb = k / BLOCK, rb = record_bytes(bits), cb = code_bytes(bits);
+    for (int64_t i = 0; i < nids; i++) {
+        const int64_t tile = ids[i] / QMM_NR;
+        const int c = (int)(ids[i] % QMM_NR);
+        for (int64_t b = 0; b < kb; b++) {
+            const uint8_t *rec = w + (tile * kb + b) * rb;
+            const uint16_t *s = (const uint16_t *)(rec + cb);
+            const float d = half_to_float(s[c]), m = half_to_float(s[QMM_NR + c]);
+            float *o = out + i * k + b * BLOCK;
+            for (int e = 0; e < BLOCK; e++)
+                o[e] = (float)record_code(rec, bits, c, e) * d + m;
+        }
+    }
+}
+
 int kvos_qmm_has_avx2(void)
 {
 #if HAVE_AVX2_PATH

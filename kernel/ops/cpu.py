@@ -200,6 +200,15 @@ def qmm(x, packed, n, bits, path, out):
     return out
 
 
+def qmm_rows(packed, ids, n, k, bits):
+    """Rows ids (int64, in range: checked by kernel/ops/qblocks.py) of the packed W as float32."""
+    lib = _load().lib
+    check_qmm_layout()
+    out = torch.empty(ids.shape[0], k)
+    lib.kvos_qmm_rows(_ptr(out), _ptr(packed), n, k, bits, _ext.ffi.cast("int64_t *", ids.data_ptr()), ids.shape[0])
+    return out
+
+
 # ---- the fused layer ops (csrc/cpu/fused.c), float32 rows checked by kernel/ops/fused.py ----
 
 def add_rms_norm(residual, delta, weight, eps, out):

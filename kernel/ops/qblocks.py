@@ -81,6 +81,20 @@ def qmm_unpack(packed: torch.Tensor, n: int, k: int, bits: int) -> tuple:
     return codes, s[..., 0].contiguous(), s[..., 1].contiguous()
 
 
+def qmm_rows(packed: torch.Tensor, ids: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:
+    """Rows ids of W as float32 (len(ids), k), d * u + m per block, read from the packed records alone
+    (a tied embedding's lookup on its head's blocks, csrc/cpu/qmm.c kvos_qmm_rows): qmm_unpack's values
+    for those rows without unpacking the rest. reference.qmm_rows is the twin."""
+    _check_packed(packed, n, k, bits)
+    val.tensor("ids", ids, ndim=1, dtypes=(torch.int32, torch.int64), device=torch.device("cpu"))
+    if ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= n:
+            val.fail(f"row ids must lie in 0..{n - 1}, not {int(lo)}..{int(hi)}")
+    from kernel.ops import cpu
+    return cpu.qmm_rows(packed, ids.long().contiguous(), n, k, bits)
+
+
 def _check_packed(packed, n, k, bits):
     _check_bits_k(bits, k)
     if not isinstance(n, int) or n <= 0:

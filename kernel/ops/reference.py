@@ -183,3 +183,26 @@ def qmm(x, codes, d, m):
     xd = q.double() * dx.double().repeat_interleave(32, dim=1)
     w = codes.double() * d.half().double().repeat_interleave(32, dim=1) + m.half().double().repeat_interleave(32, dim=1)
     return (xd @ w.t()).float()
+
+
+def qmm_rows(packed: torch.Tensor, ids: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:
+    """Twin of ops.qmm_rows: rows ids of the W that qmm_pack packed, d * u + m (product and sum rounded
+    apart), gathered from the records by index arithmetic."""
+    from kernel.ops.qblocks import BLOCK, NR, code_bytes
+    _, blocks, rb = packed.shape
+    cb = code_bytes(bits)
+    ids = ids.long()
+    tile, col = ids // NR, ids % NR
+    e = torch.arange(BLOCK)
+    j = e // 4
+    # element e of a block: vector j = e // 4 (4-bit: vectors j and j + 4 share a byte), byte 4 col + e % 4
+    in_record = ((j % 4 if bits == 4 else j) * 64 + e % 4).view(1, 1, BLOCK)
+    record = (tile * blocks).view(-1, 1) + torch.arange(blocks).view(1, -1)          # (ids, blocks)
+    at = (record * rb).unsqueeze(-1) + in_record + 4 * col.view(-1, 1, 1)              # (ids, blocks, 32)
+    u = packed.reshape(-1)[at]
+    if bits == 4:
+        u = torch.where(j.view(1, 1, BLOCK) < 4, u & 15, u >> 4)
+    halves = packed.reshape(-1).view(torch.float16)
+    d_at = (record * rb + cb) // 2 + col.view(-1, 1)                                   # NR d, then NR m
+    d, m = halves[d_at].float().unsqueeze(-1), halves[d_at + NR].float().unsqueeze(-1)
+    return (u.float() * d + m).reshape(ids.shape[0], k)

@@ -133,10 +133,11 @@ def canonical(config: LlamaConfig, raw: dict, permuted: bool) -> dict:
         if part[0] != "int8":
             return dequantize_part(part)
         head = linear(part) if config.tie_word_embeddings else None
-        table = Q8Table(part[1], part[2].to(torch.float16), head if isinstance(head, BlockLinear) else None)
-        if config.tie_word_embeddings and table.head is None:
+        if isinstance(head, BlockLinear) and head.bits == 8:
+            return Q8Table(None, None, head)    # the rows are read from the head's blocks: one copy
+        if config.tie_word_embeddings:
             return dequantize_part(part)        # a shape the int4 GEMM cannot hold: float32
-        return table
+        return Q8Table(part[1], part[2].to(torch.float16), None)
 
     return fuse_hf_weights(config, parts, matrix=lambda ps: linear(ps[0] if len(ps) == 1 else _fuse(ps)),
                            vector=dequantize_part, embed=embed)

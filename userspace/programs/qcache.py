@@ -2,7 +2,8 @@
 
 Like converted.py's cache (keyed by the file's sha256 and this format's version, written and read
 by its write_program and read_program), but the folder
-quantized/<digest>-v<FORMAT> holds the packed blocks (qmm's and the int4 op's), Q8_0 embedding blocks and
+quantized/<digest>-v<FORMAT> holds the packed blocks (qmm's and the int4 op's), Q8_0 embedding blocks (none when
+the embedding is the tied 8-bit head's) and
 float32 vectors in one weights.safetensors, with program.json saying which layer each name is.
 No float32 copy of the matrices is ever written. A missing or damaged folder is rebuilt.
 """
@@ -18,7 +19,8 @@ from userspace.programs.config import LlamaConfig
 from userspace.programs.converted import read_program, write_program
 from userspace.programs.tokenizer import TextTokenizer
 
-FORMAT = 3       # 2: BlockLinear (ops.qmm's packed blocks beside the int4 op's form); 3: qmm tiles of 16 columns
+FORMAT = 4       # 2: BlockLinear (ops.qmm's packed blocks beside the int4 op's form); 3: qmm tiles of 16 columns;
+#                  4: a tied Q8_0 embedding without its own q and d (its rows come from the head's blocks)
 
 
 def quantized_dir(digest: str) -> Path:
@@ -64,7 +66,7 @@ def _layer(kind: str, t: dict):
     if kind == "dense":
         return qlinear.DenseLinear(t["w_t"])
     head = _layer(kind.partition(":")[2], _sub(t, "head.")) if kind.startswith("q8table+head") else None
-    return qlinear.Q8Table(t["q"], t["d"], head)
+    return qlinear.Q8Table(t.get("q"), t.get("d"), head)
 
 
 def _unflatten(tensors: dict, kinds: dict) -> dict:
