@@ -273,6 +273,26 @@ store_rows16(float *y, int64_t y_stride, int64_t r0, const __m256 *acc0, const _
     }
 }
 
+/* One block's integer dots (int32, both halves) into R rows' float accumulators, in the VNNI path's
+ * order: acc += (dot * dx) * d_w, then acc += m_w * (dx * sum q). scales: the record's 16 fp16 d, 16 m. */
+static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
+add_block(__m256 *acc0, __m256 *acc1, const __m256i *dot0, const __m256i *dot1, const uint8_t *scales,
+          const qrows *a, int64_t r0, int64_t b, const int R)
+{
+    const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales));
+    const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 16)));
+    const __m256 mw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 32)));
+    const __m256 mw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 48)));
+    for (int r = 0; r < R; r++) {
+        const int64_t at = (r0 + r) * a->kb + b;
+        const __m256 dx = _mm256_set1_ps(a->dx[at]), xs = _mm256_set1_ps(a->xs[at]);
+        acc0[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot0[r]), dx), dw0, acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot1[r]), dx), dw1, acc1[r]);
+        acc0[r] = _mm256_fmadd_ps(mw0, xs, acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(mw1, xs, acc1[r]);
+    }
+}
+
 /* R rows (1..4) x a whole 4-bit tile, both halves at once (M >= 2; one row: qmm_avx2_row1_4bit):
  * each activation broadcast feeds both halves' vpmaddubsw and each loaded record vector all R rows.
  * The half-at-a-time loop this replaced broadcast every activation twice; with the v loop kept rolled
@@ -313,20 +333,11 @@ qmm_avx2_rows_4bit(float *y, int64_t y_stride, const qrows *a, int64_t r0, const
                 dot1[r] = _mm256_add_epi16(dot1[r], _mm256_maddubs_epi16(hi1, x));
             }
         }
-        const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb)));
-        const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 16)));
-        const __m256 mw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 32)));
-        const __m256 mw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 48)));
-        for (int r = 0; r < R; r++) {
-            const int64_t at = (r0 + r) * kb + b;
-            const __m256 dx = _mm256_set1_ps(a->dx[at]), xs = _mm256_set1_ps(a->xs[at]);
-            const __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot0[r], ones)), dx);
-            const __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot1[r], ones)), dx);
-            acc0[r] = _mm256_fmadd_ps(f0, dw0, acc0[r]);
-            acc1[r] = _mm256_fmadd_ps(f1, dw1, acc1[r]);
-            acc0[r] = _mm256_fmadd_ps(mw0, xs, acc0[r]);
-            acc1[r] = _mm256_fmadd_ps(mw1, xs, acc1[r]);
+        for (int r = 0; r < R; r++) {      /* int16 pair sums -> int32 */
+            dot0[r] = _mm256_madd_epi16(dot0[r], ones);
+            dot1[r] = _mm256_madd_epi16(dot1[r], ones);
         }
+        add_block(acc0, acc1, dot0, dot1, rec + cb, a, r0, b, R);
     }
     store_rows16(y, y_stride, r0, acc0, acc1, cols, R);
 }
@@ -355,21 +366,12 @@ qmm_avx2_row1_4bit(float *y, const qrows *a, const uint8_t *tile, int cols)
             dot0 = _mm256_add_epi16(dot0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p0, 4), low), qhi));
             dot1 = _mm256_add_epi16(dot1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p1, 4), low), qhi));
         }
-        const __m256 dx = _mm256_set1_ps(a->dx[b]), xs = _mm256_set1_ps(a->xs[b]);
-        const __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot0, ones)), dx);
-        const __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot1, ones)), dx);
-        acc0 = _mm256_fmadd_ps(f0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb))), acc0);
-        acc1 = _mm256_fmadd_ps(f1, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 16))), acc1);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 32))), xs, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 48))), xs, acc1);
+        dot0 = _mm256_madd_epi16(dot0, ones);
+        dot1 = _mm256_madd_epi16(dot1, ones);
+        add_block(&acc0, &acc1, &dot0, &dot1, rec + cb, a, 0, b, 1);
     }
-    float tmp[16];
-    _mm256_storeu_ps(tmp, acc0);
-    _mm256_storeu_ps(tmp + 8, acc1);
-    for (int c = 0; c < cols; c++)
-        y[c] = tmp[c];
+    store_rows16(y, 0, 0, &acc0, &acc1, cols, 1);
 }
-
 
 /* R rows (1..4) x a whole 8-bit tile, both halves at once: each activation broadcast serves both
  * halves (the sign trick stays per half: sign(q, s) takes the weights' signs), and the j loop stays
@@ -405,21 +407,12 @@ qmm_avx2_rows_8bit(float *y, int64_t y_stride, const qrows *a, int64_t r0, const
                 dot1[r] = _mm256_add_epi32(dot1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(abs1, _mm256_sign_epi8(x, s1)), ones));
             }
         }
-        const __m256 dw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb)));
-        const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 16)));
-        const __m256 mw0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 32)));
-        const __m256 mw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + cb + 48)));
-        for (int r = 0; r < R; r++) {
-            const int64_t at = (r0 + r) * kb + b;
-            const __m256i off = _mm256_set1_epi32(128 * a->qsum[at]);      /* u.q = s.q + 128 sum(q) */
-            const __m256 dx = _mm256_set1_ps(a->dx[at]), xs = _mm256_set1_ps(a->xs[at]);
-            const __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot0[r], off)), dx);
-            const __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot1[r], off)), dx);
-            acc0[r] = _mm256_fmadd_ps(f0, dw0, acc0[r]);
-            acc1[r] = _mm256_fmadd_ps(f1, dw1, acc1[r]);
-            acc0[r] = _mm256_fmadd_ps(mw0, xs, acc0[r]);
-            acc1[r] = _mm256_fmadd_ps(mw1, xs, acc1[r]);
+        for (int r = 0; r < R; r++) {      /* u.q = s.q + 128 sum(q) */
+            const __m256i off = _mm256_set1_epi32(128 * a->qsum[(r0 + r) * kb + b]);
+            dot0[r] = _mm256_add_epi32(dot0[r], off);
+            dot1[r] = _mm256_add_epi32(dot1[r], off);
         }
+        add_block(acc0, acc1, dot0, dot1, rec + cb, a, r0, b, R);
     }
     store_rows16(y, y_stride, r0, acc0, acc1, cols, R);
 }
