@@ -163,15 +163,6 @@ void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn)
     }
 }
 
-void attn_tile_ready_v(const call_t *c, scratch_t *w, int slot, int tn)
-{
-    const int64_t D = c->head_dim;
-    for (int t = 0; t < tn; t++) {
-        kvos_widen_q8(w->tv + t * D, w->vp8[slot][t], D);
-        w->vp[slot][t] = w->tv + t * D;
-    }
-}
-
 /* Rows from which a task takes the lanes path: with fewer, too many lanes sit empty and
  * the rows path is faster (measured: 8 rows of d=128, 18 against 28 cycles per row-token). */
 #define LANES_MIN_ROWS 12

@@ -67,8 +67,6 @@ void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t
  * caches; bf16 and int8 rows are widened into w->tk/tv, so the loads from memory are a half or
  * about a quarter of the bytes. */
 void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn);
-/* The same for the V rows of an int8 cache only (attention_avx2.c widens its K rows in registers). */
-void attn_tile_ready_v(const call_t *c, scratch_t *w, int slot, int tn);
 /* Address of row r's query (or output) vector. */
 const float *attn_q_row(const call_t *c, const task_t *task, int64_t h, int64_t r);
 float *attn_out_row(const call_t *c, const task_t *task, int64_t h, int64_t r);
