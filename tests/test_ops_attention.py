@@ -133,8 +133,12 @@ def test_large_scores_stay_finite():
     assert torch.isfinite(got).all() and relative_error(got, want) < 1e-4, f"seed {batch.seed}"
 
 
-def test_thread_counts_agree():
-    batch = make_batch([1, 30, 1, 1], [500, 30, 64, 1000], 9, 3, 64, 16)
+@pytest.mark.parametrize("q_lens,ctx_lens", [([1, 30, 1, 1], [500, 30, 64, 1000]),   # 6 tasks: a task's heads
+                                              ([1, 1], [700, 90])])                     # on one thread; 2: spread
+def test_thread_counts_agree(q_lens, ctx_lens):
+    """The same bits whatever the thread count, whether a task's KV heads run on one thread (two
+    tasks a thread or more) or spread over the threads (fewer)."""
+    batch = make_batch(q_lens, ctx_lens, 9, 3, 64, 16)
     k_cache, v_cache = batch.caches
     outs, before = [], cpu.num_threads()
     try:

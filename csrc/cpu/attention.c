@@ -237,9 +237,15 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
                          G, head_dim, scale * KVOS_LOG2E, attn_has_avx2()};
     const int64_t rows = (q_block * G > 2 * LANES ? q_block * G : 2 * LANES), D = head_dim;
     int failed = 0;
+    /* With enough tasks, one thread takes all of a task's KV heads in a row: their rows lie
+     * interleaved in the same cache lines ([token][kv_head] within a page), which the first head
+     * brings into this core's caches for the others (a quarter less attention time at 8-31 decode
+     * rows, docs/performance.md section 14). With few, a task's heads spread over the threads.
+     * Decided once, before the region: every thread must meet the same worksharing loop. */
+    const int threads = kvos_num_threads(), heads_together = num_tasks >= 2 * threads;
     /* Waking the other threads costs tens of microseconds (far more on a busy machine):
      * calls with less work than that run on the calling thread alone. */
-    #pragma omp parallel num_threads(kvos_num_threads()) \
+    #pragma omp parallel num_threads(threads) \
         if (work > (call.avx2 ? PARALLEL_MIN_WORK_AVX2 : PARALLEL_MIN_WORK))
     {
         scratch_t w;
@@ -260,10 +266,17 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
             failed = 1;
         }
         /* Every thread reaches the loop (an OpenMP rule); one without scratch does no work. */
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t j = 0; j < num_tasks * kv_heads; j++)
-            if (buf && lim)
-                run_task(&call, &tasks[j / kv_heads], j % kv_heads, &w);
+        if (heads_together) {
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t j = 0; j < num_tasks; j++)
+                for (int64_t h = 0; h < kv_heads && buf && lim; h++)
+                    run_task(&call, &tasks[j], h, &w);
+        } else {
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t j = 0; j < num_tasks * kv_heads; j++)
+                if (buf && lim)
+                    run_task(&call, &tasks[j / kv_heads], j % kv_heads, &w);
+        }
         free(buf);
         free(lim);
     }
