@@ -239,9 +239,9 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
     int failed = 0;
     /* With enough tasks, one thread takes all of a task's KV heads in a row: their rows lie
      * interleaved in the same cache lines ([token][kv_head] within a page), which the first head
-     * brings into this core's caches for the others (a quarter less attention time at 8-31 decode
-     * rows, docs/performance.md section 14). With few, a task's heads spread over the threads.
-     * Decided once, before the region: every thread must meet the same worksharing loop. */
+     * brings into this core's caches for the others (about a fifth less attention time at 8-31
+     * decode rows, docs/performance.md section 14). With few, a task's heads spread over the
+     * threads. Decided once, before the region: every thread must meet the same worksharing loop. */
     const int threads = kvos_num_threads(), heads_together = num_tasks >= 2 * threads;
     /* Waking the other threads costs tens of microseconds (far more on a busy machine):
      * calls with less work than that run on the calling thread alone. */
