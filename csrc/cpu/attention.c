@@ -91,11 +91,11 @@ void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_
     attn_translate_tile(c, task, h, t0, n_ctx, w, slot, 1);
 }
 
-void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
-                         scratch_t *w, int slot, int prefetch)
+int attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
+                        scratch_t *w, int slot, int prefetch)
 {
     if (t0 >= n_ctx)
-        return;
+        return 0;
     const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
     int64_t offsets[TILE];
     attn_translate(c, c->page_table + task->seq * c->page_table_stride, h, t0, tn, offsets);
@@ -117,6 +117,7 @@ void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t
             __builtin_prefetch(c->v_bytes + offsets[t] * c->elem_bytes + b);
         }
     }
+    return tn;
 }
 
 /* Load the task's scaled query rows and clear their softmax state. */
@@ -237,12 +238,13 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
                          G, head_dim, scale * KVOS_LOG2E, attn_has_avx2()};
     const int64_t rows = (q_block * G > 2 * LANES ? q_block * G : 2 * LANES), D = head_dim;
     int failed = 0;
-    /* With enough tasks, one thread takes all of a task's KV heads in a row: their rows lie
-     * interleaved in the same cache lines ([token][kv_head] within a page), which the first head
-     * brings into this core's caches for the others (about a fifth less attention time at 8-31
-     * decode rows, docs/performance.md section 14). With few, a task's heads spread over the
-     * threads. Decided once, before the region: every thread must meet the same worksharing loop. */
-    const int threads = kvos_num_threads(), heads_together = num_tasks >= 2 * threads;
+    /* With enough tasks, one thread takes all of a task's KV heads in a row (one dynamic chunk of
+     * kv_heads iterations): their rows lie interleaved in the same cache lines ([token][kv_head]
+     * within a page), which the first head brings into this core's caches for the others (about a
+     * fifth less attention time at 8-31 decode rows, docs/performance.md section 14). With few, a
+     * chunk is one head, so a task's heads spread over the threads. */
+    const int threads = kvos_num_threads();
+    const int chunk = num_tasks >= 2 * threads ? (int)kv_heads : 1;
     /* Waking the other threads costs tens of microseconds (far more on a busy machine):
      * calls with less work than that run on the calling thread alone. */
     #pragma omp parallel num_threads(threads) \
@@ -266,17 +268,10 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
             failed = 1;
         }
         /* Every thread reaches the loop (an OpenMP rule); one without scratch does no work. */
-        if (heads_together) {
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t j = 0; j < num_tasks; j++)
-                for (int64_t h = 0; h < kv_heads && buf && lim; h++)
-                    run_task(&call, &tasks[j], h, &w);
-        } else {
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t j = 0; j < num_tasks * kv_heads; j++)
-                if (buf && lim)
-                    run_task(&call, &tasks[j / kv_heads], j % kv_heads, &w);
-        }
+        #pragma omp for schedule(dynamic, chunk)
+        for (int64_t j = 0; j < num_tasks * kv_heads; j++)
+            if (buf && lim)
+                run_task(&call, &tasks[j / kv_heads], j % kv_heads, &w);
         free(buf);
         free(lim);
     }

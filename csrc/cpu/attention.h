@@ -60,9 +60,10 @@ void attn_translate(const call_t *c, const int32_t *page_row, int64_t h, int64_t
  * the hardware prefetcher cannot guess them); no-op past the end of the context. */
 void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
                           scratch_t *w, int slot);
-/* The same without the prefetches when prefetch is 0 (the caller spreads them over the tile before). */
-void attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
-                         scratch_t *w, int slot, int prefetch);
+/* The same without the prefetches when prefetch is 0 (the caller spreads them over the tile before);
+ * returns the tile's token count (0 past the end of the context). */
+int attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
+                        scratch_t *w, int slot, int prefetch);
 /* Make tile `slot` (tn rows) readable as float32 through w->kp/vp[slot]: a no-op for float32
  * caches; bf16 and int8 rows are widened into w->tk/tv, so the loads from memory are a half or
  * about a quarter of the bytes. */

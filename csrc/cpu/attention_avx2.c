@@ -228,9 +228,9 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int64_t 
          * stride the hardware prefetcher follows; prefetching them a token at a time cost 5-10% and
          * won nothing (int8 rows too: cold tiles 5-20% faster, hot ones 5-40% slower, a mixed run no
          * different). An int8 cache's head 0 prefetches whole page spans instead, for every head. */
-        attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
-        if (Q8 && h == 0 && t0 + TILE < n_ctx)
-            prefetch_tile_heads_q8(c, w, cur ^ 1, (int)(n_ctx - t0 - TILE < TILE ? n_ctx - t0 - TILE : TILE));
+        const int next = attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
+        if (Q8 && h == 0)
+            prefetch_tile_heads_q8(c, w, cur ^ 1, next);
         /* bf16 caches: the tile widened to float32; int8 ones: its V only (scores widen K in registers) */
         if (Q8)
             widen_v(w, cur, tn, D);
