@@ -116,6 +116,10 @@ MIXES = {
     "q8_0": lambda name: T.Q8_0,
     "mixed q/k/v": lambda name: T.Q4_1 if "q_proj" in name else (T.F16 if "v_proj" in name else T.Q8_0),
     "q5_0 + q5_1": lambda name: T.Q5_1 if "mlp" in name else T.Q5_0,
+    # llama.cpp's _M mixes: q, k and v (gate and up) of different block types in one fused matrix
+    "q5_0 q/k + q8_0 v, q4_1 gate + q5_1 up": lambda name: (
+        T.Q8_0 if "v_proj" in name else T.Q5_0 if "self_attn" in name else T.Q4_1 if "gate" in name
+        else T.Q5_1 if "up_proj" in name else T.Q4_0),
 }
 
 
@@ -186,20 +190,79 @@ def test_gguf_reader_sees_the_requested_types(tmp_path, monkeypatch):
     assert types == {T.Q4_0}
 
 
-def test_q4_k_blocks_decode_to_what_the_gguf_library_dequantizes():
-    """gguf-py cannot write Q4_K, so the blocks are random bytes with sane fp16 d and dmin."""
-    rng = np.random.default_rng(0)
-    rows, k = 32, 512
-    raw = rng.integers(0, 256, (rows, k // 256, 144), dtype=np.uint8)
-    for offset in (0, 2):
+# K-quant super-blocks of 256 values: bytes a block, offsets of their fp16 d (and dmin)
+K_QUANTS = {T.Q4_K: (144, (0, 2)), T.Q5_K: (176, (0, 2)), T.Q6_K: (210, (208,)), T.Q3_K: (110, (108,)),
+            T.Q2_K: (84, (80, 82))}
+
+
+def _k_quant_blocks(kind, rows=32, k=512, seed=0):
+    """gguf-py cannot write K-quants, so the blocks are random bytes with sane fp16 d and dmin."""
+    rng = np.random.default_rng(seed)
+    size, offsets = K_QUANTS[kind]
+    raw = rng.integers(0, 256, (rows, k // 256, size), dtype=np.uint8)
+    for offset in offsets:
         scales = rng.uniform(0.001, 0.02, (rows, k // 256)).astype(np.float16)
         raw[..., offset:offset + 2] = scales.view(np.uint8).reshape(rows, k // 256, 2)
     data = raw.reshape(rows, -1)
-    part = gguf_blocks.decode(_Tensor(data, T.Q4_K, [k, rows]))
-    assert part[0] == "int4"
-    want = torch.from_numpy(np.asarray(dequantize(data, T.Q4_K), dtype=np.float32))
+    return data, torch.from_numpy(np.asarray(dequantize(data, kind), dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q5_K])
+def test_k_quant_blocks_decode_to_what_the_gguf_library_dequantizes(kind):
+    data, want = _k_quant_blocks(kind)
+    part = gguf_blocks.decode(_Tensor(data, kind, [512, 32]))
+    assert part[0] == {T.Q4_K: "int4", T.Q5_K: "u8"}[kind]
     assert torch.allclose(gguf_blocks.dequantize_part(part), want, rtol=1e-6, atol=1e-6)
     layer = gguf_blocks.linear(part)
     assert isinstance(layer, qlinear.BlockLinear) and rel(layer.dequantize(), want) < 1e-3  # d*sc, dmin*m in fp16
     wide = layer.with_int4_op().wide
-    assert isinstance(wide, qlinear.Int4Linear) and rel(wide.dequantize(), want) < 5e-3
+    if kind == T.Q4_K:
+        assert isinstance(wide, qlinear.Int4Linear) and rel(wide.dequantize(), want) < 5e-3
+    else:
+        assert wide is None                         # 5-bit codes: never held by the int4 op
+
+
+@pytest.mark.parametrize("kind", [T.Q6_K, T.Q3_K, T.Q2_K])
+def test_other_quantized_types_are_requantized_to_q8_0_within_half_a_step(kind):
+    """Scales per 16 do not fit the layout's blocks of 32: the values are rounded again to Q8_0,
+    each by at most half of its block's step d = amax / 127 (an fp16 at or above it)."""
+    data, want = _k_quant_blocks(kind)
+    part = gguf_blocks.decode(_Tensor(data, kind, [512, 32]))
+    assert part[0] == "int8"
+    _, q, d = part
+    blocks = want.view(32, -1, 32)
+    amax = blocks.abs().amax(-1)
+    assert torch.equal(d, d.half().float()) and (d * 127 >= amax).all() and (d <= amax / 127 * (1 + 2 ** -10)).all()
+    assert q.abs().max() <= 127
+    error = (gguf_blocks.dequantize_part(part) - want).abs().view(32, -1, 32)
+    assert (error <= d[..., None] / 2 * (1 + 1e-6)).all()
+    layer = gguf_blocks.linear(part)
+    assert isinstance(layer, qlinear.BlockLinear) and layer.bits == 8
+    assert torch.equal(layer.dequantize(), gguf_blocks.dequantize_part(part))
+    assert isinstance(layer.with_int4_op().wide, qlinear.Int8Linear)    # Q8_0's offset: the int4 op holds it
+
+
+def test_requantizing_keeps_zero_blocks_and_q8_0_blocks_as_they_are():
+    codes = torch.randint(-127, 128, (2, 64), dtype=torch.int8)
+    codes[:, ::32] = 127                                # every block reaches amax = 127 d
+    scales = torch.tensor([[0.25, 0.0], [0.0078125, 3.0]])
+    w = codes.float() * scales.repeat_interleave(32, 1)
+    _, q, d = gguf_blocks.requantized_q8_0(w)
+    assert torch.equal(d, scales)
+    assert torch.equal(q[0, :32], codes[0, :32]) and torch.equal(q[1], codes[1])
+    assert torch.equal(q[0, 32:], torch.zeros(32, dtype=torch.int8))       # the zero block: codes 0, d 0
+
+
+def test_block_parts_of_different_types_fuse_exactly_in_the_8_bit_layout():
+    rng = np.random.default_rng(1)
+    parts = [gguf_blocks.decode(_Tensor(quantize(rng.standard_normal((rows, 64)).astype(np.float32), kind),
+                                        kind, [64, rows]))
+             for kind, rows in ((T.Q4_0, 16), (T.Q5_0, 8), (T.Q8_0, 24))]
+    assert [p[0] for p in parts] == ["int4", "u8", "int8"]
+    fused = gguf_blocks._fuse(parts)
+    assert fused[0] == "u8"
+    want = torch.cat([gguf_blocks.dequantize_part(p) for p in parts])
+    assert torch.equal(gguf_blocks.dequantize_part(fused), want)
+    assert torch.equal(gguf_blocks.linear(fused).dequantize(), want)
+    with_float = gguf_blocks._fuse([parts[0], ("float", torch.ones(4, 64))])
+    assert with_float[0] == "float"                    # a float part: the matrix is float (bf16 when held)

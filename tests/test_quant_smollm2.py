@@ -174,3 +174,35 @@ def test_an_int8_kv_cache_against_float32(programs):
         logits = runner.prefill(runner.new_seq(), p + q)[len(p) - 1:-1]
         ranks = (logits > logits.gather(1, torch.tensor(q)[:, None])).sum(1)
         assert (ranks <= 4).float().mean() > 0.9
+
+
+def test_a_k_quant_mix_runs_on_blocks(tmp_path, monkeypatch):
+    """A Q4_K_M file as llama.cpp's own quantizer writes it (from the Q4_1 file; SmolLM2's 576 columns
+    leave most tensors on Q5_0 / Q8_0 fallbacks, and ffn_down on Q4_K and Q6_K): every projection is
+    a BlockLinear (Q5_0 q/k fused with a Q8_0 v in the 8-bit layout, Q6_K requantized to Q8_0), the
+    C layer loop runs, and the logits stay within the Q4_1 file's tolerances of the same file in
+    float32. Needs llama-cpp-python (the bench extra) for the quantizer."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    from userspace.programs import fetch
+    monkeypatch.setenv("KVOS_CACHE_DIR", str(tmp_path / "cache"))
+    source, _ = fetch.model_file("smollm2-135m", progress=False)
+    path = tmp_path / "smollm2-q4_k_m.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, True, 2
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) == 0
+    assert {"Q6_K", "Q4_K", "Q5_0", "Q8_0"} <= {t.tensor_type.name for t in GGUFReader(path).tensors}
+    exact, quant = load_program(str(path), "cpu"), load_program(str(path), "cpu", weights="gguf")
+    names = ("qkv_t", "o_t", "gate_up_t", "down_t")
+    assert all(isinstance(getattr(layer, n), qlinear.BlockLinear) for layer in quant.layers for n in names)
+    assert quant.layer_weights is not None
+    ids = exact.encode(TEXT)
+    r1, r2 = PagedRunner(exact), PagedRunner(quant)
+    a, b = r1.prefill(r1.new_seq(), ids), r2.prefill(r2.new_seq(), ids)
+    errors = (a - b).norm(dim=1) / a.norm(dim=1)
+    print(f"Q4_K_M on blocks vs the same file in float32: logits median {errors.median():.4f} max {errors.max():.4f}")
+    assert errors.median() < MEDIAN_TOL and errors.max() < LOGIT_TOL
+    assert abs(perplexity(quant, ids) - perplexity(exact, ids)) / perplexity(exact, ids) < PPL_TOL

@@ -4,19 +4,26 @@ The canonical weights (names of llama.fuse_hf_weights) are built from the file's
 - Q4_0 (d fp16, 16 bytes of nibbles: value d * (q - 8)), Q4_1 (d, m fp16: value d * q + m) and
   Q4_K (per-32 6-bit scales and mins under fp16 d, dmin) -> 4-bit codes with per-32 d and m
   (value d * u + m) -> qlinear.BlockLinear (4-bit);
-- Q5_0 (d, 4 bytes of fifth bits, 16 of nibbles: value d * (q - 16)) and Q5_1 (d, m: d * q + m)
-  -> 5-bit codes with per-32 d and m, held in the 8-bit layout -> qlinear.BlockLinear (8-bit);
+- Q5_0 (d, 4 bytes of fifth bits, 16 of nibbles: value d * (q - 16)), Q5_1 (d, m: d * q + m) and
+  Q5_K (Q4_K's scales and mins, a fifth bit per value) -> 5-bit codes with per-32 d and m, held in
+  the 8-bit layout -> qlinear.BlockLinear (8-bit);
 - Q8_0 (d fp16, 32 int8: value d * q) -> qlinear.BlockLinear (8-bit codes q + 128, m = -128 d) or
   qlinear.Q8Table (the embedding, which is also the head when tied);
-- anything else (F32/F16/BF16 matrices, other K-quants) -> dequantized by the gguf library and
-  widened to bf16 (qlinear.DenseLinear); vectors (norms, biases) -> float32 tensors.
+- every other quantized type (Q6_K, Q2_K and Q3_K, whose scales are per 16, the i-quants) ->
+  dequantized by the gguf library and rounded again to Q8_0 blocks (requantized: the one lossy
+  step here, at most half a step of amax / 127 per 32, well under the type's own rounding);
+- F32/F16/BF16 matrices -> widened to bf16 (qlinear.DenseLinear); vectors (norms, biases) ->
+  float32 tensors.
 llama.cpp's permutation of the Q/K rows is undone on whole rows (a block never crosses a row),
-and q | k | v and gate | up are fused by stacking rows, exactly as the float32 path does.
+and q | k | v and gate | up are fused by stacking rows, exactly as the float32 path does; parts of
+different block types (Q5_0 q and k with a Q8_0 v, as llama.cpp's _M mixes have) meet in the
+8-bit layout, exactly.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 
 from kernel.errors import EINVAL, KvosError
 from userspace.programs.config import LlamaConfig
@@ -24,7 +31,7 @@ from userspace.programs.gguf_file import rope_heads, unpermute_rope_rows
 from userspace.programs.llama import fuse_hf_weights
 from userspace.programs.qlinear import GROUP, BlockLinear, DenseLinear, Q8Table
 
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144}
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176}
 
 
 def _f16(raw: np.ndarray, offset: int) -> torch.Tensor:
@@ -61,6 +68,8 @@ def decode(t) -> tuple:
             return "int4", _nibbles(raw[..., 4:]), d, _f16(raw, 2)
         if kind == "Q4_K":
             return _q4_k(raw, d, _f16(raw, 2))
+        if kind == "Q5_K":
+            return _q5_k(raw, d, _f16(raw, 2))
         if kind == "Q5_0":
             return "u8", _fifth_bits(raw[..., 2:6], raw[..., 6:]), d, -16 * d
         if kind == "Q5_1":
@@ -72,21 +81,59 @@ def decode(t) -> tuple:
         values = dequantize(t.data, t.tensor_type)
     except Exception as exc:
         raise KvosError(EINVAL, f"cannot dequantize {t.name} ({kind}: {exc})") from None
-    return ("float", torch.from_numpy(np.array(values, dtype=np.float32, copy=True)))
+    values = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+    if GGML_QUANT_SIZES[t.tensor_type][0] > 1 and values.dim() == 2 and values.shape[1] % GROUP == 0:
+        return requantized_q8_0(values)             # a quantized type the layout cannot hold as it is
+    return "float", values
+
+
+def requantized_q8_0(w: torch.Tensor) -> tuple:
+    """("int8", q, d): w (rows, k) rounded to Q8_0 blocks: per 32, d = amax / 127 as an fp16 (the
+    next one up when rounding went down, so no code passes 127), q = round(w / d). Each value moves
+    by at most d / 2: for Q6_K, about a quarter of its own worst rounding (d * sc / 2 per 16)."""
+    blocks = w.reshape(w.shape[0], -1, GROUP)
+    amax = blocks.abs().amax(-1)
+    d = (amax / 127).half()
+    d = torch.where(d.float() * 127 < amax, torch.nextafter(d, torch.full_like(d, float("inf"))), d).float()
+    q = (blocks / d.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round().clamp_(-127, 127)
+    return "int8", q.to(torch.int8).reshape(w.shape), d
+
+
+def _k_scales_mins(raw: np.ndarray) -> tuple:
+    """Q4_K's and Q5_K's 12 bytes after d and dmin: eight 6-bit scales and eight 6-bit mins, one
+    pair a sub-block of 32, each (rows, super-blocks, 8) int32."""
+    packed = raw[..., 4:16].astype(np.int32)
+    lo, hi = packed[..., :4], packed[..., 8:12]
+    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=-1)
+    m = np.concatenate([packed[..., 4:8] & 63, (hi >> 4) | ((packed[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc, m
+
+
+def _k_part(codes: np.ndarray, d: torch.Tensor, dmin: torch.Tensor, sc: np.ndarray, m: np.ndarray, kind: str):
+    """Per 32, d' = d * sc and m' = -dmin * m (products of fp16 and 6-bit ints, rounded to fp16 when packed)."""
+    rows = codes.shape[0]
+    scale = (d[..., None] * torch.from_numpy(sc).float()).reshape(rows, -1)
+    mins = (dmin[..., None] * torch.from_numpy(m).float()).reshape(rows, -1)
+    return kind, torch.from_numpy(codes.reshape(rows, -1).astype(np.int32)), scale, -mins
 
 
 def _q4_k(raw: np.ndarray, d: torch.Tensor, dmin: torch.Tensor) -> tuple:
     """Q4_K super-blocks of 256: eight sub-blocks of 32 with 6-bit scale sc and min m each, value
-    d * sc * q - dmin * m: per 32, d' = d * sc and m' = -dmin * m (products of fp16 and 6-bit ints)."""
-    packed = raw[..., 4:16].astype(np.int32)                        # 12 bytes of 6-bit scales and mins
-    lo, hi = packed[..., :4], packed[..., 8:12]
-    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=-1)
-    m = np.concatenate([packed[..., 4:8] & 63, (hi >> 4) | ((packed[..., 4:8] >> 6) << 4)], axis=-1)
-    qs = raw[..., 16:].reshape(*raw.shape[:2], 4, 32)               # four chunks of 64 values
-    codes = np.stack([qs & 15, qs >> 4], axis=3).reshape(raw.shape[0], -1).astype(np.int32)
-    scale = (d[..., None] * torch.from_numpy(sc).float()).reshape(raw.shape[0], -1)
-    mins = (dmin[..., None] * torch.from_numpy(m).float()).reshape(raw.shape[0], -1)
-    return "int4", torch.from_numpy(codes), scale, -mins
+    d * sc * q - dmin * m; the 128 bytes of nibbles are four chunks of 64 values (low nibbles, then high)."""
+    sc, m = _k_scales_mins(raw)
+    qs = raw[..., 16:].reshape(*raw.shape[:2], 4, 32)
+    return _k_part(np.stack([qs & 15, qs >> 4], axis=3), d, dmin, sc, m, "int4")
+
+
+def _q5_k(raw: np.ndarray, d: torch.Tensor, dmin: torch.Tensor) -> tuple:
+    """Q5_K super-blocks of 256: Q4_K's scales and mins, then 32 bytes qh and Q4_K's 128 bytes of nibbles;
+    value j of the sub-block 2c + h (chunk c, low or high nibble h) has bit 2c + h of qh[j] as its fifth."""
+    sc, m = _k_scales_mins(raw)
+    qh = raw[..., 16:48][:, :, None, None, :]                       # (rows, blocks, 1, 1, 32)
+    qs = raw[..., 48:].reshape(*raw.shape[:2], 4, 32)
+    low = np.stack([qs & 15, qs >> 4], axis=3)                       # (rows, blocks, 4, 2, 32)
+    shift = (2 * np.arange(4)[:, None] + np.arange(2)[None, :])[None, None, :, :, None]
+    return _k_part(low + (((qh >> shift) & 1) << 4), d, dmin, sc, m, "u8")
 
 
 def permute_rows(part: tuple, num_heads: int) -> tuple:
@@ -105,9 +152,21 @@ def dequantize_part(part: tuple) -> torch.Tensor:
     return part[1]
 
 
+def _as_u8(part: tuple) -> tuple:
+    """A block part in the 8-bit layout's terms (codes up to 8 bits, value d * codes + m): the same values."""
+    if part[0] == "int8":
+        _, q, d = part
+        return "u8", q.to(torch.int32) + 128, d, -128 * d
+    return ("u8", *part[1:])
+
+
 def _fuse(parts: list) -> tuple:
-    """Stack parts by rows; parts of different kinds meet as float32."""
-    if len({p[0] for p in parts}) == 1:
+    """Stack parts by rows; block parts of different kinds meet in the 8-bit layout, any with a float
+    part as float32."""
+    kinds = {p[0] for p in parts}
+    if len(kinds) > 1 and "float" not in kinds:
+        parts, kinds = [_as_u8(p) for p in parts], {"u8"}
+    if len(kinds) == 1:
         return (parts[0][0], *(torch.cat(ts) for ts in zip(*(p[1:] for p in parts))))
     return ("float", torch.cat([dequantize_part(p) for p in parts]))
 

@@ -19,8 +19,9 @@ from userspace.programs.config import LlamaConfig
 from userspace.programs.converted import read_program, write_program
 from userspace.programs.tokenizer import TextTokenizer
 
-FORMAT = 4       # 2: BlockLinear (ops.qmm's packed blocks beside the int4 op's form); 3: qmm tiles of 16 columns;
-#                  4: a tied Q8_0 embedding without its own q and d (its rows come from the head's blocks)
+FORMAT = 5       # 2: BlockLinear (ops.qmm's packed blocks beside the int4 op's form); 3: qmm tiles of 16 columns;
+#                  4: a tied Q8_0 embedding without its own q and d (its rows come from the head's blocks);
+#                  5: Q5_K and mixed-type fused parts as blocks, other quantized types requantized to Q8_0
 
 
 def quantized_dir(digest: str) -> Path:

@@ -5,7 +5,8 @@ the LM head (head). A weight is either a plain tensor (the float32 / bfloat16 pa
 (in, out) for mm, (vocab, hidden) for the head) or one of the objects here, which keep a GGUF's
 own blocks in a form a GEMM of kernel/ops streams (kernel/ops/qblocks.py, kernel/ops/quant.py):
 
-- BlockLinear: Q4_0 / Q4_1 / Q4_K / Q8_0 blocks as 4- or 8-bit codes with per-32 fp16 d and m
+- BlockLinear: Q4_0 / Q4_1 / Q4_K (4-bit), Q5_0 / Q5_1 / Q5_K / Q8_0 and every other quantized
+  type requantized to Q8_0 (8-bit, gguf_blocks.py) blocks as codes with per-32 fp16 d and m
   (w = d*u + m) for ops.qmm, which quantizes x to int8 per block (csrc/cpu/qmm.c). It may carry
   `wide`, the same blocks in the int4 op's form, run past QMM_MAX_ROWS rows; programs load
   without it (qmm is faster at every row count since its 16-column tiles, 2x at 1 row, 3x at 8-64:
@@ -16,7 +17,7 @@ The int4 op's forms, used by BlockLinear past QMM_MAX_ROWS rows (and alone in ca
   fp16 d and m are rounded to bf16, x is rounded to bf16).
 - Int8Linear: Q8_0 blocks as two int4 planes, q + 128 = 16 * hi + lo: W = 16d(hi - 8) + (d(lo - 8) + 8d),
   two int4 GEMMs summed (1.25 bytes a weight instead of Q8_0's 1.06; still a quarter of fp32).
-- DenseLinear: any other type (F16, Q6_K, Q5_*, ...), widened to bf16 at conversion.
+- DenseLinear: F32 / F16 / BF16 matrices (and fused matrices with such a part), widened to bf16.
 - Q8Table: an embedding kept as Q8_0 blocks; rows are widened as they are looked up. When the
   embedding is tied it also carries the head (an Int8Linear over the same codes).
 - PanelLinear: not quantized: a float32 or bfloat16 weight packed in column panels for ops.panel_mm,

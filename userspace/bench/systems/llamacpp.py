@@ -2,9 +2,11 @@
 
 One context, unified KV of as many tokens as kvos's pool, 64 sequence slots; each step packs the
 decodes, then prompt chunks, into one llama_batch of at most token_budget tokens, as its server
-does; n samples share the prompt's cells (llama_memory_seq_cp). Q4_1 weights, f16 K/V."""
+does; n samples share the prompt's cells (llama_memory_seq_cp). The file's own weights (llama.cpp's
+description of the file names their type), f16 K/V."""
 from __future__ import annotations
 
+import ctypes
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -48,6 +50,10 @@ def run(workload, options, progress) -> dict:
     model = L.llama_model_load_from_file(options["gguf"].encode(), model_params)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {options['gguf']}")
+    desc = ctypes.create_string_buffer(128)
+    L.llama_model_desc(model, desc, len(desc))
+    weights = desc.value.decode(errors="replace").split(" ", 2)[-1]    # "llama 256M Q4_K - Medium" -> the type
+    fp32_share = L.llama_model_size(model) / (4 * L.llama_model_n_params(model))
     n_layer, n_head_kv = L.llama_model_n_layer(model), L.llama_model_n_head_kv(model)
     head_dim = L.llama_model_n_embd(model) // L.llama_model_n_head(model)
     fp32_per_token = 2 * n_layer * n_head_kv * head_dim * 4
@@ -80,11 +86,11 @@ def run(workload, options, progress) -> dict:
     return records.result(
         "llama.cpp", samples, load_seconds=load_seconds, wall_seconds=wall, cpu_seconds=cpu,
         mode=f"llama-cpp-python {getattr(L, '__version__', '?')}, batched (llama_batch, {slots} slots, "
-             f"{budget} tokens a step), unified KV of {n_ctx} tokens in f16, Q4_1 weights",
+             f"{budget} tokens a step), unified KV of {n_ctx} tokens in f16, {weights} weights",
         kv_peak_bytes=peak_cells * f16_per_token, kv_capacity_bytes=n_ctx * f16_per_token,
         return_tokens=options.get("return_tokens", False),
-        notes=["runs the GGUF's Q4_1 weights (a fifth of the fp32 bytes), K/V in f16: tokens may differ "
-               "from the fp32 systems'"])
+        notes=[f"runs the GGUF's {weights} weights ({fp32_share:.2f} of the fp32 bytes), K/V in f16: tokens may "
+               "differ from the fp32 systems'"])
 
 
 class _Engine:
