@@ -78,7 +78,7 @@ def test_blocks_decode_to_what_the_gguf_library_dequantizes(kind):
         else:
             assert layer.with_int4_op().wide is None    # Q5_x: never held by the int4 op
     else:
-        assert rel(layer.dequantize(), want) < 5e-3     # bf16 dense weights
+        assert rel(layer.dequantize(), want) < 5e-3     # bf16 panels
     x = torch.randn(5, k)
     # qmm rounds x to int8 per block (2^-8 of the block's amax at worst), the int4 op to bf16
     assert rel(layer.mm(x), x @ layer.dequantize().t()) < 1e-2
@@ -131,7 +131,7 @@ def test_tiny_gguf_quantized_matches_its_dequantized_float32(tmp_path, monkeypat
     quant = load_program(str(path), "cpu", weights="gguf")
     assert quant is not exact and quant.identity != exact.identity
     kinds = {type(layer.qkv_t) for layer in quant.layers} | {type(layer.down_t) for layer in quant.layers}
-    assert kinds <= {qlinear.BlockLinear, qlinear.DenseLinear} and torch.Tensor not in kinds
+    assert kinds <= {qlinear.BlockLinear, qlinear.PanelLinear} and torch.Tensor not in kinds
     if mix != "mixed q/k/v":        # every projection on its own blocks (Q5_x in the 8-bit layout)
         assert kinds == {qlinear.BlockLinear}
     held = qlinear.read_bytes(quant.layers, quant.lm_head, quant.norm)
@@ -170,6 +170,25 @@ def test_quantized_cache_holds_no_float32_matrices_and_reloads_the_same(tmp_path
     del program, runner
     gc.collect()
     again = load_program(str(path), "cpu", weights="gguf")          # from quantized/, not the GGUF
+    runner = PagedRunner(again)
+    assert torch.equal(runner.prefill(runner.new_seq(), PROMPT), first)
+
+
+def test_float_matrices_are_bf16_panels_that_the_c_layer_loop_runs_and_the_cache_keeps(tmp_path, monkeypatch):
+    """An F16 v fused with block q and k: the matrix is float, held in bf16 panels (ops.panel_mm), so
+    the program still runs its layers as one C call; reloaded from the quantized cache, the same bits."""
+    import gc
+    path = _model(tmp_path, monkeypatch, MIXES["mixed q/k/v"])
+    program = load_program(str(path), "cpu", weights="gguf")
+    assert all(isinstance(layer.qkv_t, qlinear.PanelLinear) and layer.qkv_t.dtype == torch.bfloat16
+               for layer in program.layers)
+    assert program.layer_weights is not None
+    runner = PagedRunner(program)
+    first = runner.prefill(runner.new_seq(), PROMPT)
+    del program, runner
+    gc.collect()
+    again = load_program(str(path), "cpu", weights="gguf")
+    assert isinstance(again.layers[0].qkv_t, qlinear.PanelLinear)
     runner = PagedRunner(again)
     assert torch.equal(runner.prefill(runner.new_seq(), PROMPT), first)
 

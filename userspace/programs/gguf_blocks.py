@@ -12,8 +12,8 @@ The canonical weights (names of llama.fuse_hf_weights) are built from the file's
 - every other quantized type (Q6_K, Q2_K and Q3_K, whose scales are per 16, the i-quants) ->
   dequantized by the gguf library and rounded again to Q8_0 blocks (requantized: the one lossy
   step here, at most half a step of amax / 127 per 32, well under the type's own rounding);
-- F32/F16/BF16 matrices -> widened to bf16 (qlinear.DenseLinear); vectors (norms, biases) ->
-  float32 tensors.
+- F32/F16/BF16 matrices -> rounded to bf16 panels (qlinear.PanelLinear, ops.panel_mm's bf16 path);
+  vectors (norms, biases) -> float32 tensors.
 llama.cpp's permutation of the Q/K rows is undone on whole rows (a block never crosses a row),
 and q | k | v and gate | up are fused by stacking rows, exactly as the float32 path does; parts of
 different block types (Q5_0 q and k with a Q8_0 v, as llama.cpp's _M mixes have) meet in the
@@ -29,7 +29,7 @@ from kernel.errors import EINVAL, KvosError
 from userspace.programs.config import LlamaConfig
 from userspace.programs.gguf_file import rope_heads, unpermute_rope_rows
 from userspace.programs.llama import fuse_hf_weights
-from userspace.programs.qlinear import GROUP, BlockLinear, DenseLinear, Q8Table
+from userspace.programs.qlinear import GROUP, BlockLinear, PanelLinear, Q8Table
 
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176}
 
@@ -172,15 +172,15 @@ def _fuse(parts: list) -> tuple:
 
 
 def linear(part: tuple):
-    """The qlinear layer for a matrix part: a BlockLinear for int4 / int8 parts (any rows; k is a
-    multiple of 32, the block size), else bf16."""
+    """The qlinear layer for a matrix part: a BlockLinear for block parts (any rows; k is a multiple
+    of 32, the block size), else bf16 panels."""
     if part[0] in ("int4", "u8"):
         _, codes, d, m = part
         return BlockLinear.from_blocks(codes, d, m, 4 if part[0] == "int4" else 8)
     if part[0] == "int8":
         _, q, d = part
         return BlockLinear.from_blocks(q.to(torch.int32) + 128, d, -128 * d, 8)
-    return DenseLinear.from_float(dequantize_part(part))
+    return PanelLinear.from_float(dequantize_part(part), torch.bfloat16)
 
 
 def canonical(config: LlamaConfig, raw: dict, permuted: bool) -> dict:

@@ -21,7 +21,8 @@ from userspace.programs.tokenizer import TextTokenizer
 
 FORMAT = 5       # 2: BlockLinear (ops.qmm's packed blocks beside the int4 op's form); 3: qmm tiles of 16 columns;
 #                  4: a tied Q8_0 embedding without its own q and d (its rows come from the head's blocks);
-#                  5: Q5_K and mixed-type fused parts as blocks, other quantized types requantized to Q8_0
+#                  5: Q5_K and mixed-type fused parts as blocks, other quantized types requantized to Q8_0,
+#                     float matrices in bf16 panels
 
 
 def quantized_dir(digest: str) -> Path:
@@ -43,10 +44,13 @@ def _flatten(weights: dict) -> tuple[dict, dict]:
 
 
 def _kind(w) -> str:
-    """A layer's kind; a BlockLinear's says its bits, shape and wide form: block4:n:k+int4."""
+    """A layer's kind; a BlockLinear's says its bits, shape and wide form (block4:n:k+int4), a
+    PanelLinear's its shape (panel:n:k; the dtype is the tensor's)."""
     if isinstance(w, qlinear.BlockLinear):
         wide = "" if w.wide is None else "+" + qlinear.kind_of(w.wide)
         return f"block{w.bits}:{w.shape[0]}:{w.shape[1]}{wide}"
+    if isinstance(w, qlinear.PanelLinear):
+        return f"panel:{w.shape[0]}:{w.shape[1]}"
     return qlinear.kind_of(w)
 
 
@@ -64,8 +68,9 @@ def _layer(kind: str, t: dict):
     if kind == "int8":
         return qlinear.Int8Linear(qlinear.Int4Linear(t["hi.packed"], t["hi.sz"]),
                                   qlinear.Int4Linear(t["lo.packed"], t["lo.sz"]))
-    if kind == "dense":
-        return qlinear.DenseLinear(t["w_t"])
+    if kind.startswith("panel:"):
+        n, k = (int(v) for v in kind[6:].split(":"))
+        return qlinear.PanelLinear(t["packed"], n, k)
     head = _layer(kind.partition(":")[2], _sub(t, "head.")) if kind.startswith("q8table+head") else None
     return qlinear.Q8Table(t.get("q"), t.get("d"), head)
 

@@ -17,12 +17,12 @@ The int4 op's forms, used by BlockLinear past QMM_MAX_ROWS rows (and alone in ca
   fp16 d and m are rounded to bf16, x is rounded to bf16).
 - Int8Linear: Q8_0 blocks as two int4 planes, q + 128 = 16 * hi + lo: W = 16d(hi - 8) + (d(lo - 8) + 8d),
   two int4 GEMMs summed (1.25 bytes a weight instead of Q8_0's 1.06; still a quarter of fp32).
-- DenseLinear: F32 / F16 / BF16 matrices (and fused matrices with such a part), widened to bf16.
 - Q8Table: an embedding kept as Q8_0 blocks; rows are widened as they are looked up. When the
   embedding is tied it also carries the head (an Int8Linear over the same codes).
 - PanelLinear: not quantized: a float32 or bfloat16 weight packed in column panels for ops.panel_mm,
   the CPU float32 / bf16-matmul paths' only copy of their projections and LM head (rows() serves a
-  tied embedding).
+  tied embedding), and a GGUF's F32 / F16 / BF16 matrices (or fused matrices with such a part) under
+  --weights gguf, in bf16 panels.
 Every layer's dequantize() is the float32 matrix it stands for: the oracle of the tests.
 """
 from __future__ import annotations
@@ -134,28 +134,6 @@ class BlockLinear:
         return {"packed": self.packed, **wide}
 
 
-class DenseLinear:
-    """A weight of a type the int4 GEMM cannot hold, widened to bf16 and kept (in, out) for torch.mm."""
-    __slots__ = ("w_t", "shape")
-
-    def __init__(self, w_t: torch.Tensor):
-        self.w_t = w_t
-        self.shape = (w_t.shape[1], w_t.shape[0])
-
-    @classmethod
-    def from_float(cls, w: torch.Tensor) -> DenseLinear:
-        return cls(w.t().to(torch.bfloat16).contiguous())
-
-    def mm(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.mm(a.to(torch.bfloat16), self.w_t)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.w_t.float().t().contiguous()
-
-    def tensors(self) -> dict:
-        return {"w_t": self.w_t}
-
-
 class PanelLinear:
     """W (n, k) in ops.panel_pack's column panels: x @ W^T through ops.panel_mm at every M. float32
     panels beat MKL's sgemm from 1 to 512 rows on this CPU (docs/performance.md, 7b); bfloat16 panels
@@ -226,7 +204,7 @@ class Q8Table:
         return {} if self.q is None else {"q": self.q, "d": self.d}
 
 
-LAYERS = {"block": BlockLinear, "int4": Int4Linear, "int8": Int8Linear, "dense": DenseLinear, "q8table": Q8Table}
+LAYERS = {"block": BlockLinear, "int4": Int4Linear, "int8": Int8Linear, "panel": PanelLinear, "q8table": Q8Table}
 
 
 def kind_of(w) -> str:
