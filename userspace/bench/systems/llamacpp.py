@@ -44,9 +44,12 @@ def run(workload, options, progress) -> dict:
     started = time.perf_counter()
     L.llama_backend_init()
     model_params = L.llama_model_default_params()
-    # No weight repacking into "extra buffer types": on this AMX CPU, 0.3.36's AMX repack of
-    # Q4_1 weights crashes the first llama_decode (segfault). Its AVX-512 Q4_1 kernels run instead.
-    model_params.use_extra_bufts = False
+    # Weight repacking into "extra buffer types" (interleaved Q4_0 / Q4_K / Q8_0 rows for its AVX2 and
+    # AVX-512 kernels) stays on, as in llama.cpp's own tools, except on a CPU with AMX: there 0.3.36's
+    # AMX repack of Q4_1 weights crashes the first llama_decode (segfault), and its AVX-512 kernels run
+    # instead. On this AVX2 VM the repack was worth +10-19% on one stream of a Q4_K_M file, nothing
+    # measurable on the Q4_1 one (docs/performance.md, section 15).
+    model_params.use_extra_bufts = not _cpu_has_amx()
     model = L.llama_model_load_from_file(options["gguf"].encode(), model_params)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {options['gguf']}")
@@ -91,6 +94,14 @@ def run(workload, options, progress) -> dict:
         return_tokens=options.get("return_tokens", False),
         notes=[f"runs the GGUF's {weights} weights ({fp32_share:.2f} of the fp32 bytes), K/V in f16: tokens may "
                "differ from the fp32 systems'"])
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
 
 
 class _Engine:
