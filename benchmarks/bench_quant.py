@@ -80,7 +80,7 @@ def add_int4_forms(program):
             if isinstance(w, qlinear.BlockLinear):
                 setattr(layer, name, w.with_int4_op())
     head = program.lm_head
-    if isinstance(head, qlinear.Q8Table) and isinstance(head.head, qlinear.BlockLinear):
+    if isinstance(head, qlinear.BlockTable) and isinstance(head.head, qlinear.BlockLinear):
         head.head = head.head.with_int4_op()
     elif isinstance(head, qlinear.BlockLinear):
         program.lm_head = head.with_int4_op()
@@ -138,7 +138,7 @@ def main():
     wide = sum(qlinear.weight_bytes(getattr(layer, n).wide) for layer in programs["gguf"].layers
                for n in ("qkv_t", "o_t", "gate_up_t", "down_t"))
     head = programs["gguf"].lm_head
-    wide += qlinear.weight_bytes((head.head if isinstance(head, qlinear.Q8Table) else head).wide)
+    wide += qlinear.weight_bytes((head.head if isinstance(head, qlinear.BlockTable) else head).wide)
     print(f"gguf int4    bytes its GEMMs read (the int4 op's form): {wide / 1e6:.0f} MB")
     for batch in (int(b) for b in args.batches.split(",")):
         fns = split_gguf({v: decoder(p, batch) for v, p in programs.items()},

@@ -161,9 +161,10 @@ def test_quantized_cache_holds_no_float32_matrices_and_reloads_the_same(tmp_path
         for key in f.keys():
             if f.get_slice(key).get_dtype() == "F32":
                 assert len(f.get_slice(key).get_shape()) == 1, key   # only norms are float32
-        # the tied Q8_0 embedding is held once: its rows come from the head's blocks
-        assert not [key for key in f.keys() if key.startswith("embed:") and not key.startswith("embed:head.")]
-    assert program.embed.q is None and program.embed.d is None
+        # the tied Q8_0 embedding is held once: its blocks are the head's
+        assert all(key.startswith("embed:blocks.") for key in f.keys() if key.startswith("embed:"))
+        assert not [key for key in f.keys() if key.startswith("lm_head")]
+    assert program.embed.head is program.embed.blocks and program.lm_head is program.embed
     exact = load_program(str(path), "cpu", weights="float32")
     ids = torch.arange(program.embed.shape[0])
     assert torch.equal(qlinear.embedding(ids, program.embed), qlinear.embedding(ids, exact.embed))
@@ -191,6 +192,20 @@ def test_float_matrices_are_bf16_panels_that_the_c_layer_loop_runs_and_the_cache
     assert isinstance(again.layers[0].qkv_t, qlinear.PanelLinear)
     runner = PagedRunner(again)
     assert torch.equal(runner.prefill(runner.new_seq(), PROMPT), first)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_4_bit_embedding_stays_in_its_blocks(tmp_path, monkeypatch, tied):
+    """A Q4_1 token table: a BlockTable over 4-bit blocks (not a float32 table), the head too when
+    tied; lookups give the float32 program's rows exactly."""
+    path = _model(tmp_path, monkeypatch, lambda name: T.Q4_1, tie_word_embeddings=tied)
+    quant, exact = load_program(str(path), "cpu", weights="gguf"), load_program(str(path), "cpu", weights="float32")
+    assert isinstance(quant.embed, qlinear.BlockTable) and quant.embed.blocks.bits == 4
+    assert (quant.lm_head is quant.embed) == tied
+    ids = torch.arange(quant.embed.shape[0])
+    assert torch.equal(qlinear.embedding(ids, quant.embed), qlinear.embedding(ids, exact.embed))
+    r1, r2 = PagedRunner(exact), PagedRunner(quant)
+    assert rel(r2.prefill(r2.new_seq(), PROMPT), r1.prefill(r1.new_seq(), PROMPT)) < 3e-2
 
 
 def test_weights_option_is_checked(tmp_path, monkeypatch):

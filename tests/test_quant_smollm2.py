@@ -50,7 +50,7 @@ def test_quantized_program_holds_blocks_not_floats(programs):
     _, quant = programs
     assert all(isinstance(layer.gate_up_t, qlinear.BlockLinear) and layer.gate_up_t.bits == 4
                and layer.gate_up_t.wide is None for layer in quant.layers)
-    assert isinstance(quant.embed, qlinear.Q8Table) and quant.embed.head is not None
+    assert isinstance(quant.embed, qlinear.BlockTable) and quant.embed.head is not None
 
 
 def int4_mode(quant):

@@ -7,11 +7,11 @@ The canonical weights (names of llama.fuse_hf_weights) are built from the file's
 - Q5_0 (d, 4 bytes of fifth bits, 16 of nibbles: value d * (q - 16)), Q5_1 (d, m: d * q + m) and
   Q5_K (Q4_K's scales and mins, a fifth bit per value) -> 5-bit codes with per-32 d and m, held in
   the 8-bit layout -> qlinear.BlockLinear (8-bit);
-- Q8_0 (d fp16, 32 int8: value d * q) -> qlinear.BlockLinear (8-bit codes q + 128, m = -128 d) or
-  qlinear.Q8Table (the embedding, which is also the head when tied);
+- Q8_0 (d fp16, 32 int8: value d * q) -> qlinear.BlockLinear (8-bit codes q + 128, m = -128 d);
 - every other quantized type (Q6_K, Q2_K and Q3_K, whose scales are per 16, the i-quants) ->
   dequantized by the gguf library and rounded again to Q8_0 blocks (requantized: the one lossy
   step here, at most half a step of amax / 127 per 32, well under the type's own rounding);
+- an embedding in any of these -> qlinear.BlockTable over its BlockLinear (also the head when tied);
 - F32/F16/BF16 matrices -> rounded to bf16 panels (qlinear.PanelLinear, ops.panel_mm's bf16 path);
   vectors (norms, biases) -> float32 tensors.
 llama.cpp's permutation of the Q/K rows is undone on whole rows (a block never crosses a row),
@@ -29,7 +29,7 @@ from kernel.errors import EINVAL, KvosError
 from userspace.programs.config import LlamaConfig
 from userspace.programs.gguf_file import rope_heads, unpermute_rope_rows
 from userspace.programs.llama import fuse_hf_weights
-from userspace.programs.qlinear import GROUP, BlockLinear, PanelLinear, Q8Table
+from userspace.programs.qlinear import GROUP, BlockLinear, BlockTable, PanelLinear
 
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176}
 
@@ -188,15 +188,10 @@ def canonical(config: LlamaConfig, raw: dict, permuted: bool) -> dict:
     llama.fuse_hf_weights's names and fusing, with parts decoded as they are taken."""
     parts = _Decoded(raw, config, permuted)
 
-    def embed(part):
-        if part[0] != "int8":
-            return dequantize_part(part)
-        head = linear(part) if config.tie_word_embeddings else None
-        if isinstance(head, BlockLinear) and head.bits == 8:
-            return Q8Table(None, None, head)    # the rows are read from the head's blocks: one copy
-        if config.tie_word_embeddings:
-            return dequantize_part(part)        # a shape the int4 GEMM cannot hold: float32
-        return Q8Table(part[1], part[2].to(torch.float16), None)
+    def embed(part):        # blocks stay blocks (and are the head when tied); a float table stays float32
+        if part[0] == "float":
+            return part[1]
+        return BlockTable(linear(part), config.tie_word_embeddings)
 
     return fuse_hf_weights(config, parts, matrix=lambda ps: linear(ps[0] if len(ps) == 1 else _fuse(ps)),
                            vector=dequantize_part, embed=embed)

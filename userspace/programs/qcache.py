@@ -2,9 +2,9 @@
 
 Like converted.py's cache (keyed by the file's sha256 and this format's version, written and read
 by its write_program and read_program), but the folder
-quantized/<digest>-v<FORMAT> holds the packed blocks (qmm's and the int4 op's), Q8_0 embedding blocks (none when
-the embedding is the tied 8-bit head's) and
-float32 vectors in one weights.safetensors, with program.json saying which layer each name is.
+quantized/<digest>-v<FORMAT> holds the packed blocks (qmm's and the int4 op's; an embedding's once, also
+when it is the head), bf16 panels of float matrices and float32 vectors in one weights.safetensors, with
+program.json saying which layer each name is.
 No float32 copy of the matrices is ever written. A missing or damaged folder is rebuilt.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from userspace.programs.tokenizer import TextTokenizer
 FORMAT = 5       # 2: BlockLinear (ops.qmm's packed blocks beside the int4 op's form); 3: qmm tiles of 16 columns;
 #                  4: a tied Q8_0 embedding without its own q and d (its rows come from the head's blocks);
 #                  5: Q5_K and mixed-type fused parts as blocks, other quantized types requantized to Q8_0,
-#                     float matrices in bf16 panels
+#                     float matrices in bf16 panels, every block embedding a BlockTable
 
 
 def quantized_dir(digest: str) -> Path:
@@ -37,9 +37,6 @@ def _flatten(weights: dict) -> tuple[dict, dict]:
             continue
         kinds[name] = _kind(w)
         tensors.update({f"{name}:{k}": t.contiguous() for k, t in w.tensors().items()})
-        if isinstance(w, qlinear.Q8Table) and w.head is not None:
-            kinds[name] = "q8table+head:" + _kind(w.head)
-            tensors.update({f"{name}:head.{k}": t for k, t in w.head.tensors().items()})
     return tensors, kinds
 
 
@@ -51,6 +48,8 @@ def _kind(w) -> str:
         return f"block{w.bits}:{w.shape[0]}:{w.shape[1]}{wide}"
     if isinstance(w, qlinear.PanelLinear):
         return f"panel:{w.shape[0]}:{w.shape[1]}"
+    if isinstance(w, qlinear.BlockTable):
+        return f"table{'+tied' if w.tied else ''}:{_kind(w.blocks)}"
     return qlinear.kind_of(w)
 
 
@@ -71,8 +70,10 @@ def _layer(kind: str, t: dict):
     if kind.startswith("panel:"):
         n, k = (int(v) for v in kind[6:].split(":"))
         return qlinear.PanelLinear(t["packed"], n, k)
-    head = _layer(kind.partition(":")[2], _sub(t, "head.")) if kind.startswith("q8table+head") else None
-    return qlinear.Q8Table(t.get("q"), t.get("d"), head)
+    if kind.startswith("table"):
+        spec, _, blocks = kind.partition(":")
+        return qlinear.BlockTable(_layer(blocks, _sub(t, "blocks.")), tied=spec == "table+tied")
+    raise ValueError(f"unknown layer kind {kind!r}")
 
 
 def _unflatten(tensors: dict, kinds: dict) -> dict:

@@ -17,8 +17,8 @@ The int4 op's forms, used by BlockLinear past QMM_MAX_ROWS rows (and alone in ca
   fp16 d and m are rounded to bf16, x is rounded to bf16).
 - Int8Linear: Q8_0 blocks as two int4 planes, q + 128 = 16 * hi + lo: W = 16d(hi - 8) + (d(lo - 8) + 8d),
   two int4 GEMMs summed (1.25 bytes a weight instead of Q8_0's 1.06; still a quarter of fp32).
-- Q8Table: an embedding kept as Q8_0 blocks; rows are widened as they are looked up. When the
-  embedding is tied it also carries the head (an Int8Linear over the same codes).
+- BlockTable: an embedding kept as its blocks (a BlockLinear of any block type); rows are widened
+  as they are looked up. When the embedding is tied the same BlockLinear is the head.
 - PanelLinear: not quantized: a float32 or bfloat16 weight packed in column panels for ops.panel_mm,
   the CPU float32 / bf16-matmul paths' only copy of their projections and LM head (rows() serves a
   tied embedding), and a GGUF's F32 / F16 / BF16 matrices (or fused matrices with such a part) under
@@ -177,34 +177,39 @@ class PanelLinear:
         return {"packed": self.packed}
 
 
-class Q8Table:
-    """An embedding table in Q8_0 blocks: q int8 (vocab, hidden), d float16 (vocab, hidden / 32).
-    `head` is the tied LM head over the same values (a BlockLinear or Int8Linear), or None. When the
-    head is an 8-bit BlockLinear, q and d may be None: rows are then read from the head's own records
-    (ops.qmm_rows: d (q + 128) - 128 d, the same floats as q * d, exactly), so the table is held once,
-    not twice (29 MB less for SmolLM2)."""
-    __slots__ = ("q", "d", "head", "shape")
+class BlockTable:
+    """An embedding table held as a BlockLinear's packed blocks (vocab, hidden): rows are read from
+    its records as they are looked up (ops.qmm_rows: d * u + m, the file's values exactly for the
+    exact types; a Q8_0 row is d (q + 128) - 128 d, the same floats as q * d). When the embedding is
+    tied, the same blocks are the LM head (`head`), so the table is held once, not twice (29 MB less
+    for SmolLM2); an untied table in 4-bit blocks is a seventh of a float32 one."""
+    __slots__ = ("blocks", "tied", "shape")
 
-    def __init__(self, q: torch.Tensor | None, d: torch.Tensor | None, head):
-        if q is None and not (isinstance(head, BlockLinear) and head.bits == 8):
-            raise ValueError("a Q8Table without its own blocks reads them from an 8-bit BlockLinear head")
-        self.q, self.d, self.head = q, d, head
-        self.shape = tuple(q.shape) if q is not None else head.shape
+    def __init__(self, blocks: BlockLinear, tied: bool):
+        self.blocks, self.tied, self.shape = blocks, tied, blocks.shape
+
+    @property
+    def head(self):
+        """The tied LM head (these blocks), or None."""
+        return self.blocks if self.tied else None
+
+    @head.setter
+    def head(self, layer: BlockLinear) -> None:        # the same blocks with another form beside (with_int4_op)
+        if not self.tied:
+            raise ValueError("an untied table has no head")
+        self.blocks = layer
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.q is None:
-            return ops.qmm_rows(self.head.packed, ids, *self.head.shape, 8)
-        q = self.q.index_select(0, ids).float().view(ids.shape[0], -1, GROUP)
-        return q.mul_(self.d.index_select(0, ids).float().unsqueeze(-1)).view(ids.shape[0], -1)
+        return ops.qmm_rows(self.blocks.packed, ids, *self.shape, self.blocks.bits)
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(torch.arange(self.shape[0]))
 
     def tensors(self) -> dict:
-        return {} if self.q is None else {"q": self.q, "d": self.d}
+        return {f"blocks.{k}": t for k, t in self.blocks.tensors().items()}
 
 
-LAYERS = {"block": BlockLinear, "int4": Int4Linear, "int8": Int8Linear, "panel": PanelLinear, "q8table": Q8Table}
+LAYERS = {"block": BlockLinear, "int4": Int4Linear, "int8": Int8Linear, "panel": PanelLinear, "table": BlockTable}
 
 
 def kind_of(w) -> str:
@@ -230,7 +235,7 @@ def read_bytes(layers, head, norm) -> int:
     final norm and the LM head (a Q8_0 table's tied head is its Int8Linear). The embedding gives one
     row per token and is not counted."""
     read = [getattr(layer, n) for layer in layers for n in layer.__slots__]
-    read += [norm, head.head if isinstance(head, Q8Table) else head]
+    read += [norm, head.head if isinstance(head, BlockTable) else head]
     return sum(weight_bytes(w, read=True) for w in read if w is not None)
 
 
@@ -279,5 +284,5 @@ def head(x: torch.Tensor, w, matmul_dtype: torch.dtype) -> torch.Tensor:
     """Logits (rows, vocab) in float32. A tensor w is (vocab, hidden)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x.to(matmul_dtype), w).float()
-    layer = w.head if isinstance(w, Q8Table) else w
+    layer = w.head if isinstance(w, BlockTable) else w
     return layer.mm(x).float()
