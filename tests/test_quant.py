@@ -208,6 +208,40 @@ def test_a_4_bit_embedding_stays_in_its_blocks(tmp_path, monkeypatch, tied):
     assert rel(r2.prefill(r2.new_seq(), PROMPT), r1.prefill(r1.new_seq(), PROMPT)) < 3e-2
 
 
+@pytest.mark.parametrize("damage", ["weights", "kinds"])
+def test_a_damaged_cache_folder_is_rebuilt_once(tmp_path, monkeypatch, damage):
+    """A quantized/ folder that cannot be read (a truncated weights file; a layer kind this build does
+    not know, as a cache written by another build of the same format has) is converted again and
+    replaced: the load after that reads the cache, rather than every load converting the file."""
+    import gc
+    import json
+    path = _model(tmp_path, monkeypatch, MIXES["q4_0"])
+    conversions = []
+    canonical = gguf_blocks.canonical
+    monkeypatch.setattr(gguf_blocks, "canonical", lambda *a: conversions.append(1) or canonical(*a))
+
+    def load():
+        program = load_program(str(path), "cpu", weights="gguf")
+        runner = PagedRunner(program)
+        logits = runner.prefill(runner.new_seq(), PROMPT)
+        del program, runner
+        gc.collect()                        # programs are shared while alive: the next load builds anew
+        return logits
+
+    want = load()
+    (folder,) = (tmp_path / "cache" / "quantized").iterdir()
+    if damage == "weights":
+        weights = folder / "weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        meta = json.loads((folder / "program.json").read_text())
+        meta["kinds"] = {name: "q8table+head:" + kind for name, kind in meta["kinds"].items()}
+        (folder / "program.json").write_text(json.dumps(meta))
+    assert torch.equal(load(), want) and len(conversions) == 2         # damaged: converted again
+    assert torch.equal(load(), want) and len(conversions) == 2         # and the folder replaced
+    assert [p.name for p in (tmp_path / "cache" / "quantized").iterdir()] == [folder.name]
+
+
 def test_weights_option_is_checked(tmp_path, monkeypatch):
     with pytest.raises(KvosError, match="not one of"):
         load_program("tiny-llama", "cpu", weights="int3")

@@ -59,10 +59,21 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place; if another process won the race, keep theirs."""
+    """Move a fully written folder into place. Callers write one only after reading `final` failed
+    (absent, stale or damaged), so a folder already there is moved aside and removed, not kept: a
+    rename cannot replace a non-empty folder, and keeping it would mean converting on every load. Two
+    processes converting at once each publish a whole folder; the last one stays."""
+    old = final.with_name(f".{final.name}.{os.getpid()}.old")
+    if final.is_dir():
+        try:
+            os.replace(final, old)
+        except OSError:
+            pass        # gone meanwhile (another process moved it): publish below
     try:
         os.replace(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not final.is_dir():
             raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
 
 from kernel.errors import EINVAL, KvosError
 from userspace.programs.config import LlamaConfig
@@ -76,6 +75,7 @@ def decode(t) -> tuple:
             return "u8", _fifth_bits(raw[..., 4:8], raw[..., 8:]), d, _f16(raw, 2)
         q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(rows, -1).copy())
         return "int8", q, d
+    from gguf import GGML_QUANT_SIZES  # the gguf library: only for types decoded here by it
     from gguf.quants import dequantize
     try:
         values = dequantize(t.data, t.tensor_type)
