@@ -31,14 +31,19 @@ DEFAULT = ("8/8/64/sym,4/4/64/sym,4/4/32/sym,4/4/64/asym,4/4/32/asym,4/4/16/asym
            "8/4/64/sym,8/4/32/asym")
 
 
+def rounded_asym(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """x rounded to `bits` with an asymmetric range (min, max) along `dim`."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    qmax = 2 ** bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-30)
+    return ((x - lo) / scale).round().clamp(0, qmax) * scale + lo
+
+
 def rounded(x: torch.Tensor, bits: int, group: int, asym: bool) -> torch.Tensor:
     """x with each group of `group` values along its last dim rounded to `bits`."""
     g = x.reshape(-1, group)
     if asym:
-        lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
-        qmax = 2 ** bits - 1
-        scale = ((hi - lo) / qmax).clamp_min(1e-30)
-        return (((g - lo) / scale).round().clamp(0, qmax) * scale + lo).reshape(x.shape)
+        return rounded_asym(g, bits, 1).reshape(x.shape)
     qmax = 2 ** (bits - 1) - 1
     scale = (g.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-30)
     return ((g / scale).round().clamp(-qmax, qmax) * scale).reshape(x.shape)
@@ -56,11 +61,7 @@ def rounded_keys_per_channel(k_cache: torch.Tensor, bits: int, page_table, conte
             filling.add(row[length // page_size])
     if full:
         frames = torch.tensor(sorted(full))
-        pages = k_cache[frames]                              # (pages, tokens, heads, dim)
-        lo, hi = pages.amin(1, keepdim=True), pages.amax(1, keepdim=True)
-        qmax = 2 ** bits - 1
-        scale = ((hi - lo) / qmax).clamp_min(1e-30)
-        k_cache[frames] = ((pages - lo) / scale).round().clamp(0, qmax) * scale + lo
+        k_cache[frames] = rounded_asym(k_cache[frames], bits, 1)   # (pages, tokens, heads, dim): over tokens
     if filling:
         frames = torch.tensor(sorted(filling))
         k_cache[frames] = rounded(k_cache[frames], 8, k_cache.shape[-1], False)

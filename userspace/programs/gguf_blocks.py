@@ -174,13 +174,12 @@ def _fuse(parts: list) -> tuple:
 def linear(part: tuple):
     """The qlinear layer for a matrix part: a BlockLinear for block parts (any rows; k is a multiple
     of 32, the block size), else bf16 panels."""
-    if part[0] in ("int4", "u8"):
-        _, codes, d, m = part
-        return BlockLinear.from_blocks(codes, d, m, 4 if part[0] == "int4" else 8)
+    if part[0] == "float":
+        return PanelLinear.from_float(part[1], torch.bfloat16)
     if part[0] == "int8":
-        _, q, d = part
-        return BlockLinear.from_blocks(q.to(torch.int32) + 128, d, -128 * d, 8)
-    return PanelLinear.from_float(dequantize_part(part), torch.bfloat16)
+        part = _as_u8(part)
+    _, codes, d, m = part
+    return BlockLinear.from_blocks(codes, d, m, 4 if part[0] == "int4" else 8)
 
 
 def canonical(config: LlamaConfig, raw: dict, permuted: bool) -> dict:
