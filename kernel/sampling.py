@@ -19,6 +19,8 @@ from kernel.errors import EINVAL, KvosError
 from kernel.output import check_stop_strings
 
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024            # entries of logit_bias: bounded work per draw (OpenAI documents none)
+MAX_BIAS = 100.0                 # |bias|, as OpenAI: -100 bans a token, +100 all but forces it
 MAX_LOGPROBS = 20                # as OpenAI's top_logprobs
 MAX_SCHEMA_BYTES = 64 * 1024     # a json_schema's JSON text, or a grammar's (compiled in the caller's context)
 
@@ -41,6 +43,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0: logits of tokens in the prompt or output / by it (x it if negative)
     frequency_penalty: float = 0.0  # in [-2, 2]: minus this x how often the process generated the token
     presence_penalty: float = 0.0   # in [-2, 2]: minus this if the process generated the token at all
+    logit_bias: tuple = ()          # (token id, bias in [-100, 100]) pairs added to its logits before each draw
+    min_tokens: int = 0             # no EOS, stop token or stop string ends a turn before this many new tokens
     json_schema: str | None = None  # the output is one JSON value valid under this JSON Schema (a dict, kept as text)
     grammar: str | None = None      # or: the output is a sentence of this grammar (Lark, as llguidance reads it)
 
@@ -54,11 +58,17 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.stop_token_ids, (list, tuple)):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         self.validate()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def biased(self) -> bool:
+        """Whether its draws see more than the model's logits shaped by grammar and penalties."""
+        return bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def penalized(self) -> bool:
@@ -72,6 +82,9 @@ class SamplingParams:
         if self.seed is not None:
             _integer("seed", self.seed, low=0, high=2**63 - 1)
         _integer("max_tokens", self.max_tokens, low=0)
+        _integer("min_tokens", self.min_tokens, low=0)
+        if self.min_tokens > self.max_tokens:
+            raise KvosError(EINVAL, f"min_tokens {self.min_tokens} exceeds max_tokens {self.max_tokens}")
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         _number("min_p", self.min_p, low=0.0, high=1.0)
@@ -88,6 +101,14 @@ class SamplingParams:
             if self.json_schema is not None:
                 raise KvosError(EINVAL, "json_schema and grammar are exclusive: a grammar can embed a schema "
                                         "(%json {...})")
+        if self.min_tokens and (self.json_schema is not None or self.grammar is not None):
+            # the grammar decides where its sentence ends; banning the end could leave nothing to draw
+            raise KvosError(EINVAL, "min_tokens cannot be combined with json_schema or grammar")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise KvosError(EINVAL, f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            _integer("logit_bias token id", token, low=0)
+            _number(f"logit_bias[{token}]", bias, low=-MAX_BIAS, high=MAX_BIAS)
         if not isinstance(self.ignore_eos, bool):
             raise KvosError(EINVAL, f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         check_stop_strings(self.stop)
@@ -103,6 +124,9 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if t >= vocab_size:
                 raise KvosError(EINVAL, f"stop token id {t} is outside the vocabulary (0..{vocab_size - 1})")
+        for t, _ in self.logit_bias:
+            if t >= vocab_size:
+                raise KvosError(EINVAL, f"logit_bias token id {t} is outside the vocabulary (0..{vocab_size - 1})")
         if self.logprobs is not None and self.logprobs > vocab_size:
             raise KvosError(EINVAL, f"logprobs {self.logprobs} exceeds the vocabulary of {vocab_size}")
 
@@ -121,6 +145,29 @@ class SamplingParams:
 
 
 KEYS = frozenset(f.name for f in fields(SamplingParams))
+
+
+def _bias_pairs(bias) -> tuple:
+    """logit_bias as sorted (token id, bias) pairs, from a dict (token ids as ints or, as in OpenAI's
+    JSON, as their decimal strings) or a sequence of pairs (EINVAL on anything else or a repeated id).
+    The values are checked by validate()."""
+    if isinstance(bias, dict):
+        items = list(bias.items())
+    elif isinstance(bias, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in bias):
+        items = [tuple(p) for p in bias]
+    else:
+        raise KvosError(EINVAL, f"logit_bias must map token ids to biases, got {bias!r}")
+    pairs = []
+    for token, value in items:
+        if isinstance(token, str) and token.isdecimal() and token == str(int(token)):
+            token = int(token)
+        if not isinstance(token, Integral) or isinstance(token, bool):
+            raise KvosError(EINVAL, f"logit_bias keys must be token ids, got {token!r}")
+        pairs.append((int(token), value))
+    pairs.sort(key=lambda p: p[0])
+    if any(a[0] == b[0] for a, b in zip(pairs, pairs[1:])):
+        raise KvosError(EINVAL, "logit_bias names a token id twice")
+    return tuple(pairs)
 
 
 def _schema_text(schema: dict) -> str:
@@ -169,8 +216,9 @@ def _integer(name, value, low=None, high=None):
 
 def shapes(params: SamplingParams, constraint) -> bool:
     """Whether a process's draws need more than temperature, top-k and top-p (penalties, a grammar,
-    logprobs): Process.shaped, so that the step looks further only at the processes that do."""
-    return params.penalized or params.logprobs is not None or constraint is not None
+    logprobs, a logit bias, min_tokens): Process.shaped, so that the step looks further only at the
+    processes that do."""
+    return params.penalized or params.biased or params.logprobs is not None or constraint is not None
 
 
 def make_generator(seed: int, device="cpu") -> torch.Generator:
@@ -180,12 +228,14 @@ def make_generator(seed: int, device="cpu") -> torch.Generator:
 
 
 def sample(logits: torch.Tensor, params_list: list, generators: list, histories: list | None = None,
-           allowed: list | None = None) -> torch.Tensor:
+           allowed: list | None = None, banned: list | None = None) -> torch.Tensor:
     """Next token of each row: int64 (rows,) on logits' device.
 
-    Row i follows params_list[i] and draws only from generators[i]; histories[i] (a TokenHistory,
-    for penalized rows) and allowed[i] (a bool (vocab,) mask of the tokens a grammar allows) shape
-    it first. The arithmetic is row-wise, so a row's token does not depend on the other rows.
+    Row i follows params_list[i] and draws only from generators[i]. Before temperature, in vLLM's
+    order: allowed[i] (a bool (vocab,) mask of the tokens a grammar allows), the row's logit_bias,
+    banned[i] (token ids it may not draw yet: its stop tokens under min_tokens), then the penalties
+    from histories[i] (a TokenHistory, for penalized rows). The arithmetic is row-wise, so a row's
+    token does not depend on the other rows.
     """
     import torch
     num_rows, vocab = logits.shape
@@ -193,12 +243,20 @@ def sample(logits: torch.Tensor, params_list: list, generators: list, histories:
         raise KvosError(EINVAL, f"sample: {num_rows} rows, {len(params_list)} params, {len(generators)} generators")
     masked = allowed is not None and any(a is not None for a in allowed)
     penalized = histories is not None and any(h is not None for h in histories)
-    if masked or penalized:
+    biased = any(p.logit_bias for p in params_list)
+    banning = banned is not None and any(banned)
+    if masked or penalized or biased or banning:
         logits = logits.float().clone()          # the caller's rows stay as the model gave them (logprobs)
         if masked:
             for i, a in enumerate(allowed):
                 if a is not None:
                     logits[i].masked_fill_(~a.to(logits.device), -math.inf)
+        if biased:
+            _add_bias(logits, params_list)
+        if banning:
+            for i, ids in enumerate(banned):
+                if ids:
+                    logits[i, torch.tensor(ids, device=logits.device)] = -math.inf
         if penalized:
             from kernel.penalties import apply_penalties
             apply_penalties(logits, params_list, histories)
@@ -231,6 +289,20 @@ def sample(logits: torch.Tensor, params_list: list, generators: list, histories:
         noise = torch.empty(vocab, device=g.device).exponential_(generator=g).to(device, non_blocking=True)
         tokens[i] = (probs[j] / noise).argmax()
     return tokens
+
+
+def _add_bias(x: torch.Tensor, params_list: list) -> None:
+    """Add each row's logit_bias to float32 logits x in place (one indexed add for all rows; a row
+    names a token at most once)."""
+    import torch
+    rows, ids, values = [], [], []
+    for i, p in enumerate(params_list):
+        for token, bias in p.logit_bias:
+            rows.append(i)
+            ids.append(token)
+            values.append(bias)
+    at = (torch.tensor(rows, device=x.device), torch.tensor(ids, device=x.device))
+    x[at] += torch.tensor(values, dtype=x.dtype, device=x.device)
 
 
 def _min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -113,11 +113,22 @@ def sample_rows(works, logits) -> dict:
         return out
     histories = [history_of(p) if p.params.penalized else None for p in drawing]
     allowed = [None if p.constraint is None else p.constraint.allowed() for p in drawing]
-    tokens = sample(x, params, generators, histories, allowed).tolist()
+    banned = [_stops_before_min(p) for p in drawing]
+    tokens = sample(x, params, generators, histories, allowed, banned).tolist()
     entries = _logprobs(x, drawing, tokens)
     for j, (p, t) in enumerate(zip(drawing, tokens)):
         out[p.pid] = (t, entries.get(j))
     return out
+
+
+def _stops_before_min(proc) -> tuple:
+    """The tokens that would end the process's turn, while it has drawn fewer than min_tokens of it
+    (the next draw may not be one of them); () once it has, or without min_tokens."""
+    params = proc.params
+    if proc.turn_generated >= params.min_tokens:
+        return ()
+    eos = () if params.ignore_eos else tuple(proc.tenant.program.eos_token_ids)
+    return tuple(dict.fromkeys(params.stop_token_ids + eos))
 
 
 def _logprobs(x, procs, tokens) -> dict:
@@ -203,7 +214,7 @@ def append_token(proc: Process, token: int, now: float) -> str | None:
         return "stop"
     if proc.stops is not None and piece:
         proc.stop_state, cut = proc.stops.feed(proc.stop_state, piece, len(out) - len(piece))
-        if cut is not None:
+        if cut is not None and proc.turn_generated >= params.min_tokens:     # min_tokens: a match before is text
             del out[max(cut, proc.turn_byte_start):]          # the stop string and what follows it
             return "stop"
     if proc.turn_generated >= params.max_tokens or len(tokens) >= program.max_context:

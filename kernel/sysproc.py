@@ -74,7 +74,9 @@ def sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, 
 
     Sampling keys: max_tokens, temperature, top_p, top_k, min_p (in [0, 1]), seed, stop (at most 32
     strings of at most 256 bytes), stop_token_ids, ignore_eos, repetition_penalty (> 0; 1 is none),
-    frequency_penalty and presence_penalty (in [-2, 2]), logprobs (None; or k in [0, 20]: each
+    frequency_penalty and presence_penalty (in [-2, 2]), logit_bias ({token id: bias in [-100, 100]},
+    at most 1,024), min_tokens (no EOS, stop token or stop string ends a turn before this many new
+    tokens; not with a grammar), logprobs (None; or k in [0, 20]: each
     token's log-probability and the k most likely at its position, in read()), json_schema (a JSON
     Schema as a dict, at most 64 KiB: each turn's output is one JSON value valid under it, the
     kernel masking every draw with its grammar; {"type": "object"} for any JSON object), grammar

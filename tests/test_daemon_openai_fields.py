@@ -121,6 +121,27 @@ def test_penalties_are_accepted_and_equal_the_kernel(client):
     assert reply.choices[0].model_extra["token_ids"] == want.tokens
 
 
+def test_logit_bias_and_min_tokens_equal_the_kernel_over_both_doors(client, server):
+    from userspace.daemon.client import Client
+    k = kernel.boot(memory="8MiB", threads=1)
+    root = k.syscalls()
+    tid = root.spawn_tenant(MODEL)
+    plain = root.wait(root.spawn(tid, "Hello", max_tokens=12, temperature=0, ignore_eos=True))
+    bias = {plain.tokens[0]: -100, 77: 5.5}
+    shaped = dict(logit_bias=bias, min_tokens=4, stop_token_ids=[plain.tokens[1]])
+    want = root.wait(root.spawn(tid, "Hello", max_tokens=12, temperature=0, ignore_eos=True, **shaped))
+    assert want.tokens[0] != plain.tokens[0] and plain.tokens[1] not in want.tokens[:4]
+    reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0,
+                                      logit_bias={str(t): b for t, b in bias.items()},
+                                      extra_body={"min_tokens": 4, "ignore_eos": True, "return_token_ids": True,
+                                                  "stop_token_ids": [plain.tokens[1]]})
+    assert reply.choices[0].model_extra["token_ids"] == want.tokens
+    with Client(server.url, KEY) as remote:                 # the syscall door, token ids as ints
+        mine = next(t.tid for t in remote.schedstat().tenants if t.name == MODEL)
+        got = remote.wait(remote.spawn(mine, "Hello", max_tokens=12, temperature=0, ignore_eos=True, **shaped))
+    assert got.tokens == want.tokens
+
+
 @pytest.mark.parametrize("body, reason", [
     ({"frequency_penalty": 2.5}, "frequency_penalty must be <= 2"),
     ({"presence_penalty": -3}, "presence_penalty must be >= -2"),
@@ -141,7 +162,12 @@ def test_penalties_are_accepted_and_equal_the_kernel(client):
                                                                                  "function": {"name": "g"}}},
      "not among the tools"),
     ({"tools": [{"type": "retrieval"}]}, "only {'type': 'function'"),
-    ({"logit_bias": {"5": 10}}, "logit_bias is not supported"),
+    ({"logit_bias": {"5": 101}}, "logit_bias[5] must be <= 100"),
+    ({"logit_bias": {"x": 1}}, "logit_bias keys must be token ids"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias token id 99999 is outside the vocabulary"),
+    ({"min_tokens": 3}, "min_tokens 3 exceeds max_tokens 2"),
+    ({"min_tokens": 1, "response_format": {"type": "json_object"}}, "min_tokens cannot be combined"),
+    ({"suffix": "x"}, "suffix is not supported"),
     ({"audio": {"voice": "x"}}, "audio is not supported"),
 ])
 def test_what_stays_unsupported_or_out_of_range_is_a_400_naming_the_field(client, body, reason):

@@ -30,8 +30,9 @@ junk = st.one_of(
     st.lists(st.text(max_size=4), max_size=3),
 )
 sampling_keys = st.sampled_from(["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                                 "ignore_eos", "logprobs", "priority", "shm", "interactive", "bogus_key", "n",
-                                 "timeout", "name", "mem_limit", "weight", "prefix_sharing", "max_procs"])
+                                 "ignore_eos", "logprobs", "logit_bias", "min_tokens", "priority", "shm", "interactive",
+                                 "bogus_key", "n", "timeout", "name", "mem_limit", "weight", "prefix_sharing",
+                                 "max_procs"])
 
 
 def clean_outputs():

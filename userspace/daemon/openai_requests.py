@@ -18,7 +18,7 @@ UNSUPPORTED = "is not supported by kvosd (docs/daemon.md lists what is)"
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
                      "parallel_tool_calls", "prompt_cache_retention", "prompt_cache_options"})
 # Fields accepted only at a value meaning "off".
-OFF_VALUES = {"logit_bias": ({},), "functions": ([],), "function_call": ("none", "auto"), "modalities": (["text"],),
+OFF_VALUES = {"functions": ([],), "function_call": ("none", "auto"), "modalities": (["text"],),
               "suffix": ("",), "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (),
               "verbosity": ()}
 MAX_LOGPROBS = 20             # top_logprobs (chat) and logprobs (completions): as the kernel (OpenAI: 20 and 5)
@@ -35,9 +35,9 @@ class StreamOptions(BaseModel):
 
 
 class Sampling(BaseModel):
-    """What both endpoints take. top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
-    priority and return_token_ids are extensions (as in vLLM), and so is response_format in
-    completions."""
+    """What both endpoints take. top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
+    stop_token_ids, priority and return_token_ids are extensions (as in vLLM), and so is
+    response_format in completions."""
     model_config = STRICT
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -50,11 +50,13 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None     # token id (as a string) -> bias in [-100, 100]
     response_format: dict | None = None     # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     priority: int | None = None
     return_token_ids: bool = False          # as vLLM: each choice also carries its token ids
@@ -119,7 +121,7 @@ def _is_type_tag(part) -> bool:
 def sampling_params(req) -> dict:
     params = {}
     for key in ("temperature", "top_p", "seed", "top_k", "min_p", "ignore_eos", "stop_token_ids", "frequency_penalty",
-                "presence_penalty", "repetition_penalty"):
+                "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens"):
         if getattr(req, key) is not None:
             params[key] = getattr(req, key)
     logprobs = _logprobs(req)
