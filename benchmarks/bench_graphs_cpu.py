@@ -128,12 +128,12 @@ def page_rows_vs_rebuilt(rounds):
     spent = {"persistent rows": 0.0, "rebuilt": 0.0}
     flip = [False]
 
-    def both(works, wanted, mm, null_frame=None, page_rows=None):
+    def both(works, wanted, mm, null_frame=None, page_rows=None, *extra):
         out = None
         order = (("rebuilt", None), ("persistent rows", page_rows))
         for name, rows in (order[::-1] if flip[0] else order):
             t0 = time.thread_time()
-            got = real(works, wanted, mm, null_frame, rows)
+            got = real(works, wanted, mm, null_frame, rows, *extra)
             spent[name] += time.thread_time() - t0
             out = got if rows is not None else out
         flip[0] = not flip[0]

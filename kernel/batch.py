@@ -62,7 +62,7 @@ def build_batch(works, wanted, mm, device, null_frame=None):
     return to_device(host, device), padding
 
 
-def host_batch(works, wanted, mm, null_frame=None, page_rows=None):
+def host_batch(works, wanted, mm, null_frame=None, page_rows=None, extra_rows=()):
     """One program's share of a plan as checked host arrays; returns (HostBatch, padding tokens).
 
     `works` are kernel.sched.plan.Work items of processes running one program;
@@ -76,8 +76,11 @@ def host_batch(works, wanted, mm, null_frame=None, page_rows=None):
     KvosError(EINVAL) before anything is written.
     With `page_rows` (kernel/pagerows.py, the kernel's persistent table) and no padding, the page
     table is gathered from its rows, updated by what changed, instead of filled row by row.
+    `extra_rows` (rows of the packed tokens: prompt positions to score) follow the wanted rows in
+    sample_indices.
     """
     token_ids, positions, slots, query_start, context_lens, rows, sample_indices = pack(works, wanted, mm)
+    sample_indices += extra_rows
     padding = 0
     if null_frame is not None and works:
         padding = pad(works, null_frame, token_ids, positions, slots, query_start, context_lens, rows)

@@ -265,6 +265,8 @@ class Kernel:
                        turn_start=len(tokens), arrival=self._next("arrival"), shm=shm,
                        spawned_at=self.clock(), stops=stops, constraint=constraint,
                        shaped=shapes(params, constraint))
+        if params.prompt_logprobs is not None:
+            proc.prompt_logprobs = [None] * len(tokens)
         self.procs[proc.pid] = proc
         tenant.pids.add(proc.pid)
         tenant.num_live += 1
@@ -287,7 +289,9 @@ class Kernel:
                             last_reason=parent.last_reason, stops=parent.stops,
                             out_bytes=bytearray(parent.out_bytes), turn_byte_start=parent.turn_byte_start,
                             stop_state=parent.stop_state, spawned_at=self.clock(), shaped=parent.shaped,
-                            constraint=None if parent.constraint is None else parent.constraint.fork())
+                            constraint=None if parent.constraint is None else parent.constraint.fork(),
+                            prompt_logprobs=None if parent.prompt_logprobs is None else list(parent.prompt_logprobs),
+                            prompt_scored=parent.prompt_scored)
             self.procs[child.pid] = child
             parent.tenant.pids.add(child.pid)
             parent.tenant.num_live += 1

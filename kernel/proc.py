@@ -78,6 +78,10 @@ class Process:
     text_offset: int = 0             # bytes of out_bytes already returned as text by read()
     logprobs: list = field(default_factory=list)   # per drawn token: (token, logprob, [(token, logprob)] top-k)
     logprob_offset: int = 0          # logprobs entries already returned by read()
+    # spawned with prompt_logprobs: its spawn prompt scored by its own rows (kernel/step.py), read() once
+    prompt_logprobs: list | None = None  # per spawn-prompt position: (logprob, [(token, logprob)] top-k) or None
+    prompt_scored: int = 0           # prompt positions whose rows ran (a prefix): the page cache maps no further
+    prompt_logprobs_read: bool = False
     exit: ExitStatus | None = None
     reaped: bool = False             # wait() took it out of the process table
     # who waits for it: (events, callback), run once under the kernel lock (kernel/watch.py)

@@ -37,6 +37,7 @@ class ReadResult:
     turn_done: bool              # the current turn ended (the process sleeps or exited)
     finish_reason: str | None
     logprobs: list = field(default_factory=list)   # [TokenLogprob] per new token (spawned with logprobs=k)
+    prompt_logprobs: list | None = None   # [TokenLogprob] per prompt token, once (spawned with prompt_logprobs=k)
 
 
 @dataclass

@@ -39,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple = ()      # tokens that end the turn (besides the program's EOS)
     ignore_eos: bool = False
     logprobs: int | None = None     # None: none; k: each drawn token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first, scored by the prompt's rows
     min_p: float = 0.0              # drop tokens less likely than min_p x the most likely one, in [0, 1]
     repetition_penalty: float = 1.0  # > 0: logits of tokens in the prompt or output / by it (x it if negative)
     frequency_penalty: float = 0.0  # in [-2, 2]: minus this x how often the process generated the token
@@ -87,6 +88,8 @@ class SamplingParams:
             raise KvosError(EINVAL, f"min_tokens {self.min_tokens} exceeds max_tokens {self.max_tokens}")
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _integer("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
         _number("min_p", self.min_p, low=0.0, high=1.0)
         _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
@@ -127,8 +130,10 @@ class SamplingParams:
         for t, _ in self.logit_bias:
             if t >= vocab_size:
                 raise KvosError(EINVAL, f"logit_bias token id {t} is outside the vocabulary (0..{vocab_size - 1})")
-        if self.logprobs is not None and self.logprobs > vocab_size:
-            raise KvosError(EINVAL, f"logprobs {self.logprobs} exceeds the vocabulary of {vocab_size}")
+        for key in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, key)
+            if k is not None and k > vocab_size:
+                raise KvosError(EINVAL, f"{key} {k} exceeds the vocabulary of {vocab_size}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> SamplingParams:

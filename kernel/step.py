@@ -41,9 +41,10 @@ def forward(kernel, plan) -> dict:
     for works in groups.values():
         program = works[0].proc.tenant.program
         wanted = [w for w in works if w.logits]
+        scoring, extra_rows = prompt_rows(works)
         try:
             host, padding = host_batch(works, wanted, kernel.mm, kernel.null_frame if kernel.padded else None,
-                                       kernel.page_rows)
+                                       kernel.page_rows, extra_rows)
             kv, graphs = kernel.kv_view(program), kernel.graphs
             if graphs is not None and graphs.takes(program, host, kv):    # pure decode: static buffers, graphs
                 logits, graph_padding = graphs.forward(program, host, kv)
@@ -52,7 +53,12 @@ def forward(kernel, plan) -> dict:
                 logits = kernel.device.forward(program, to_device(host, kernel.device), kv)
             plan.padding_tokens += padding
             if wanted:
-                samples.update(sample_rows(wanted, logits))
+                samples.update(sample_rows(wanted, logits[:len(wanted)] if scoring else logits))
+            if scoring:
+                score_prompts(scoring, logits[len(wanted):])
+                for w in works:
+                    if w.proc.prompt_logprobs is not None:
+                        w.proc.prompt_scored = max(w.proc.prompt_scored, min(w.end, len(w.proc.prompt_logprobs)))
         except DeviceLost as exc:                 # the device is gone: its processes end, the kernel goes on
             kernel.stats.forward_errors += 1
             for work in works:
@@ -82,6 +88,44 @@ def simulate(kernel, plan) -> dict:
             plan.padding_tokens += max(w.count for w in works) * len(works) - sum(w.count for w in works)
     kernel.device.simulate_step(list(groups.values()), plan)
     return {w.proc.pid: (getattr(w.proc.tenant.program, "filler_token", 0), None) for w in plan.works if w.draws}
+
+
+def prompt_rows(works) -> tuple:
+    """The rows that score spawn prompts (processes spawned with prompt_logprobs): ([(process,
+    position)], [row in the packed batch]). The row at prompt position p scores token p + 1; rows
+    that already ran (before a reclaim) are not asked again."""
+    scoring, rows, offset = [], [], 0
+    for w in works:
+        proc = w.proc
+        if proc.prompt_logprobs is not None:
+            for p in range(max(w.start, proc.prompt_scored), min(w.end, len(proc.prompt_logprobs) - 1)):
+                scoring.append((proc, p))
+                rows.append(offset + p - w.start)
+        offset += w.count
+    return scoring, rows
+
+
+SCORE_BLOCK = 64             # rows normalised at once: logsumexp's temporary is a block, not the chunk
+
+
+def score_prompts(scoring, logits) -> None:
+    """Fill each scored prompt position's entry (logprob of the token there, the k most likely) from
+    the model's log-softmax at the position before it, a block of rows at a time: a 512-row chunk
+    of a 49k vocabulary is 100 MB of logits, and a whole-chunk log_softmax would add as much again."""
+    ks = [proc.params.prompt_logprobs for proc, _ in scoring]
+    k_max = max(ks)
+    for b in range(0, len(scoring), SCORE_BLOCK):
+        block = scoring[b:b + SCORE_BLOCK]
+        logp = torch.log_softmax(logits[b:b + SCORE_BLOCK].float(), dim=-1)
+        nxt = torch.tensor([proc.tokens[p + 1] for proc, p in block], device=logp.device)
+        own = logp.gather(1, nxt.unsqueeze(1))[:, 0].tolist()
+        top_values = top_ids = None
+        if k_max:
+            top = logp.topk(k_max, dim=-1)
+            top_values, top_ids = top.values.tolist(), top.indices.tolist()
+        for j, (proc, p) in enumerate(block):
+            k = ks[b + j]
+            proc.prompt_logprobs[p + 1] = (own[j], list(zip(top_ids[j][:k], top_values[j][:k])) if k else [])
 
 
 def sample_rows(works, logits) -> dict:

@@ -50,6 +50,11 @@ def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interact
                                f"of {tenant.max_new_tokens}")
     if shm is not None:
         check_int("shm", shm)
+    if params.prompt_logprobs is not None:
+        if shm is not None:       # a segment's pages were computed by its builder: no rows of this process score them
+            raise KvosError(EINVAL, "prompt_logprobs cannot be combined with shm")
+        if not getattr(kernel.device, "has_tensors", True):
+            raise KvosError(EINVAL, "prompt_logprobs needs a device that computes logits")
     ids = prompt_tokens(tenant.program, prompt, tenant=tenant, tools=tools)
     return dict(tenant=tenant, ids=ids, params=params, stops=StopSet(params.stop) if params.stop else None,
                 constraint=_constraint(kernel, tenant, params), priority=priority, shm=shm, interactive=interactive)
@@ -74,7 +79,10 @@ def sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, 
 
     Sampling keys: max_tokens, temperature, top_p, top_k, min_p (in [0, 1]), seed, stop (at most 32
     strings of at most 256 bytes), stop_token_ids, ignore_eos, repetition_penalty (> 0; 1 is none),
-    frequency_penalty and presence_penalty (in [-2, 2]), logit_bias ({token id: bias in [-100, 100]},
+    frequency_penalty and presence_penalty (in [-2, 2]), prompt_logprobs (None; or k in [0, 20]: each
+    prompt token's log-probability given the tokens before it and the k most likely there, in the
+    first read() that returns a token or the end; the prompt is computed by the process itself, not
+    mapped from the page cache; not with shm), logit_bias ({token id: bias in [-100, 100]},
     at most 1,024), min_tokens (no EOS, stop token or stop string ends a turn before this many new
     tokens; not with a grammar), logprobs (None; or k in [0, 20]: each
     token's log-probability and the k most likely at its position, in read()), json_schema (a JSON
@@ -195,10 +203,24 @@ def block(kernel, proc, until, timeout, events=("output", "turn", "exit")) -> bo
 
 def read_finish(raw):
     result, data = raw
-    logprobs = [TokenLogprob(t, lp, list(b), decode(b), [TopLogprob(u, ulp, list(ub), decode(ub))
-                                                         for u, ub, ulp in top])
-                for t, b, lp, top in result.logprobs]
-    return replace(result, text=decode(data), logprobs=logprobs)
+    return replace(result, text=decode(data), logprobs=_token_logprobs(result.logprobs),
+                   prompt_logprobs=None if result.prompt_logprobs is None else _token_logprobs(result.prompt_logprobs))
+
+
+def _token_logprobs(raw) -> list:
+    """[TokenLogprob] from read's raw (token, bytes, logprob, [(token, bytes, logprob)]) entries."""
+    return [TokenLogprob(t, lp, list(b), decode(b), [TopLogprob(u, ulp, list(ub), decode(ub)) for u, ub, ulp in top])
+            for t, b, lp, top in raw]
+
+
+def _raw_prompt_logprobs(proc, spell) -> list:
+    """The spawn prompt's entries as read's raw tuples: the first token (nothing scores it) and any
+    position whose row never ran (the process ended first) have logprob None."""
+    out = []
+    for token, entry in zip(proc.tokens, proc.prompt_logprobs):
+        lp, top = entry if entry is not None else (None, ())
+        out.append((token, spell(token), lp, [(u, spell(u), ulp) for u, ulp in top]))
+    return out
 
 
 @syscall("read", blocking=True, finish=read_finish)
@@ -228,8 +250,12 @@ def sys_read(kernel, caller, pid, timeout=0.0):
         logprobs = [(t, b"" if t is None else spell(t), lp, [(u, spell(u), ulp) for u, ulp in top])
                     for t, lp, top in proc.logprobs[proc.logprob_offset:]]
         proc.logprob_offset = len(proc.logprobs)
+        prompt = None
+        if proc.prompt_logprobs is not None and not proc.prompt_logprobs_read and (proc.output or done):
+            prompt = _raw_prompt_logprobs(proc, spell)    # the prompt is computed once a token is drawn
+            proc.prompt_logprobs_read = True
         reason = proc.exit.reason if proc.exit else proc.last_reason
-        return ReadResult(pid, new, "", proc.state.value, done, reason, logprobs), data
+        return ReadResult(pid, new, "", proc.state.value, done, reason, logprobs, prompt), data
 
 
 def wait_finish(raw):

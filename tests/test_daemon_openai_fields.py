@@ -251,9 +251,40 @@ def test_tool_calls_are_parsed_from_the_hermes_format():
     assert parse_calls("no calls here", TOOLS) == ("no calls here", [])
 
 
-def test_echo_with_logprobs_is_refused(client):
-    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
-        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, echo=True, logprobs=1)
+def test_echo_with_logprobs_scores_the_prompt_as_the_kernel_does(client):
+    """What lm-evaluation-harness sends for a log-likelihood: token ids, echo, logprobs 1, one token."""
+    k = kernel.boot(memory="8MiB", threads=1)
+    root = k.syscalls()
+    tid = root.spawn_tenant(MODEL)
+    ids = root.tokenize(tid, "The page table maps virtual pages to frames")
+    pid = root.spawn(tid, ids, max_tokens=1, temperature=0, logprobs=2, prompt_logprobs=2)
+    first = root.read(pid, timeout=30)
+    want = first.prompt_logprobs
+    assert len(want) == len(ids) and want[0].logprob is None and all(e.logprob < 0 for e in want[1:])
+    reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    echo = root.detokenize(tid, ids)
+    assert choice.text == echo + first.text
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([e.logprob for e in want[1:]], abs=1e-5)
+    assert lp.token_logprobs[-1] == pytest.approx(first.logprobs[0].logprob, abs=1e-5)
+    assert all(len(top) in (2, 3) for top in lp.top_logprobs[1:])          # the 2 most likely and the token
+    assert lp.text_offset[len(ids)] == len(echo) and lp.text_offset[:2] == [0, len(want[0].text)]
+    # Streamed: the first chunk carries the echo and the prompt's entries; the whole equals the reply.
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    offsets = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
+    # Text prompts echo as given, with or without logprobs.
+    plain = client.completions.create(model=MODEL, prompt="Hi there", max_tokens=2, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith("Hi there") and plain.choices[0].logprobs is None
+    streamed_text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Hi there", max_tokens=2, temperature=0, echo=True, stream=True))
+    assert streamed_text == plain.choices[0].text
 
 
 def fields_table() -> dict:

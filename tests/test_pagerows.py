@@ -52,10 +52,10 @@ def compared(monkeypatch):
     real = kstep.host_batch
     seen = []
 
-    def both(works, wanted, mm, null_frame=None, page_rows=None):
+    def both(works, wanted, mm, null_frame=None, page_rows=None, extra_rows=()):
         assert page_rows is not None and null_frame is None
-        host, padding = real(works, wanted, mm, null_frame, page_rows)
-        rebuilt, _ = real(works, wanted, mm, null_frame, None)
+        host, padding = real(works, wanted, mm, null_frame, page_rows, extra_rows)
+        rebuilt, _ = real(works, wanted, mm, null_frame, None, extra_rows)
         assert host.page_table.shape == rebuilt.page_table.shape
         assert np.array_equal(host.page_table, rebuilt.page_table)
         seen.append(len(works))

@@ -30,9 +30,9 @@ junk = st.one_of(
     st.lists(st.text(max_size=4), max_size=3),
 )
 sampling_keys = st.sampled_from(["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                                 "ignore_eos", "logprobs", "logit_bias", "min_tokens", "priority", "shm", "interactive",
-                                 "bogus_key", "n", "timeout", "name", "mem_limit", "weight", "prefix_sharing",
-                                 "max_procs"])
+                                 "ignore_eos", "logprobs", "prompt_logprobs", "logit_bias", "min_tokens", "priority",
+                                 "shm", "interactive", "bogus_key", "n", "timeout", "name", "mem_limit", "weight",
+                                 "prefix_sharing", "max_procs"])
 
 
 def clean_outputs():
@@ -92,8 +92,9 @@ class SyscallFuzzer(RuleBasedStateMachine):
         tid = data.draw(st.sampled_from(self.tids))
         if tid not in self.k.tenants:
             return
+        scoring = data.draw(st.sampled_from([None, 1]))      # its prompt scored by its own rows, or not
         pid = self._call(self.root, "spawn", [tid, prompt], dict(max_tokens=MAX_TOKENS, temperature=0,
-                                                                  ignore_eos=True))
+                                                                  ignore_eos=True, prompt_logprobs=scoring))
         if pid is not None:
             self.valid[pid] = tuple(prompt)
 

@@ -15,6 +15,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kernel.batch import ForwardBatch, HostBatch
@@ -155,7 +156,7 @@ class DecodeGraphs:
         else:
             logits = program.forward(static.batch(b), kv)
         rows = host.sample_indices
-        if rows.shape[0] == n and (n == 0 or (rows[0] == 0 and rows[-1] == n - 1)):
+        if rows.shape[0] == n and np.array_equal(rows, np.arange(n)):
             return logits[:n], b - n     # pure decode draws from every row, in order: no gather
         return logits.index_select(0, torch.from_numpy(rows).to(logits.device, non_blocking=True)), b - n
 

@@ -409,7 +409,10 @@ class Scheduler:
             seg = kernel.shm_segments[proc.shm]
             proc.num_computed = mm.attach(proc.asid, seg.mm_shmid)
             self.stats.cached_tokens += proc.num_computed
-        hit = mm.map_cached(proc.asid, proc.tokens[proc.num_computed:], max_tokens=proc.remaining - 1)
+        limit = proc.remaining - 1
+        if proc.prompt_logprobs is not None:            # its own rows must score the prompt once
+            limit = min(limit, max(0, proc.prompt_scored - proc.num_computed))
+        hit = mm.map_cached(proc.asid, proc.tokens[proc.num_computed:], max_tokens=limit)
         proc.num_computed += hit
         self.stats.cached_tokens += hit
         if proc.dropped:                                 # reclaimed: what the cache no longer holds is recomputed

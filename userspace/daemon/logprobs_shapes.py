@@ -14,8 +14,8 @@ import math
 FLOOR = -9999.0              # what OpenAI reports for a probability that underflows to zero
 
 
-def _value(logprob: float) -> float:
-    return logprob if math.isfinite(logprob) else FLOOR
+def _value(logprob: float | None) -> float | None:
+    return logprob if logprob is None or math.isfinite(logprob) else FLOOR
 
 
 def chat(entries: list) -> dict:
@@ -32,14 +32,18 @@ def _spelled(e) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in e.bytes)
 
 
-def completion(entries: list, offset: int = 0) -> dict:
-    """offset: where the first entry's text begins in the choice's text (after an echoed prompt,
-    or the chunks streamed before)."""
+def completion(entries: list, offset: int = 0, num_prompt: int = 0, generated_at: int | None = None) -> dict:
+    """offset: where the first entry's text begins in the choice's text (the chunks streamed before).
+    With echo, the first num_prompt entries are the prompt's (the first has no logprob: null, as
+    OpenAI's) and the generated ones begin at generated_at (after the echoed prompt's text)."""
     offsets = []
-    for e in entries:
+    for j, e in enumerate(entries):
+        if j == num_prompt and generated_at is not None:
+            offset = generated_at
         offsets.append(offset)
         offset += len(e.text)
     return {"tokens": [_spelled(e) for e in entries], "token_logprobs": [_value(e.logprob) for e in entries],
-            "top_logprobs": [{**{_spelled(t): _value(t.logprob) for t in e.top}, _spelled(e): _value(e.logprob)}
+            "top_logprobs": [None if e.logprob is None and not e.top else
+                             {**{_spelled(t): _value(t.logprob) for t in e.top}, _spelled(e): _value(e.logprob)}
                              for e in entries],
             "text_offset": offsets}

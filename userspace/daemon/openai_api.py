@@ -21,7 +21,6 @@ from kernel.errors import EINVAL, EIO, ERRNOS, ESRCH, KvosError
 from userspace.daemon import logprobs_shapes, openai_tools, waiting
 from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
-    UNSUPPORTED,
     ChatRequest,
     CompletionRequest,
     chat_messages,
@@ -186,15 +185,18 @@ class OpenAIAPI:
     async def completions(self, request: Request):
         who = self.daemon.authenticate(request)
         req = parse(CompletionRequest, await json_object(request, "completions"))
-        prompts = completion_prompts(req)
-        if req.echo and not all(isinstance(p, str) for p in prompts):
-            raise KvosError(EINVAL, f"echo with token-id prompts {UNSUPPORTED}")
-        return await self._serve(request, who, req, prompts, "completions")
+        return await self._serve(request, who, req, completion_prompts(req), "completions")
 
     async def _serve(self, request, who, req, prompts, endpoint):
         self.daemon.refuse_if_draining("spawn")
         handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
         params = sampling_params(req)
+        echoes = None             # completions with echo: each prompt's text (token-id prompts detokenized)
+        if endpoint == "completions" and req.echo:
+            echoes = await anyio.to_thread.run_sync(
+                lambda: [p if isinstance(p, str) else handle.detokenize(tid, p) for p in prompts])
+            if "logprobs" in params:                  # the prompt's tokens scored too, as OpenAI's echo does
+                params["prompt_logprobs"] = params["logprobs"]
         tools = None              # the tools whose calls this request's replies may hold
         if endpoint == "chat" and openai_tools.check(req.tools, req.tool_choice) is not None:
             tools = req.tools
@@ -207,12 +209,14 @@ class OpenAIAPI:
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             events = self._events(run, endpoint, meta, usage, req.return_token_ids, params.get("logprobs") is not None,
-                                  tools)
+                                  tools, echoes)
             return ProcessStream(self.daemon, run, events, endpoint)
         entries = [[] for _ in run.pids]             # each choice's TokenLogprobs, when asked for
+        prompt_entries = [[] for _ in run.pids]      # and its prompt's (echo with logprobs)
         try:
             async for i, r in follow(self.daemon, run, request):
                 entries[i] += r.logprobs
+                prompt_entries[i] += r.prompt_logprobs or []
         except Disconnected:
             run.outcome = "disconnected"
             self.daemon.request_done(run, endpoint)
@@ -240,10 +244,11 @@ class OpenAIAPI:
                 if wants_logprobs:
                     logprobs = logprobs_shapes.chat(entries[i])
             else:
-                echo = prompts[run.prompt_of[i]] if req.echo else ""
+                echo = echoes[run.prompt_of[i]] if echoes is not None else ""
                 choice = {"index": i, "text": echo + s.text}
                 if wants_logprobs:
-                    logprobs = logprobs_shapes.completion(entries[i], len(echo))
+                    logprobs = logprobs_shapes.completion(prompt_entries[i] + entries[i], 0, len(prompt_entries[i]),
+                                                          len(echo))
             choice.update(logprobs=logprobs, finish_reason=reason)
             if req.return_token_ids:
                 choice["token_ids"] = s.tokens
@@ -251,11 +256,14 @@ class OpenAIAPI:
         kind = "chat.completion" if endpoint == "chat" else "text_completion"
         return JSONResponse({**meta, "object": kind, "choices": choices, "usage": _usage(run)})
 
-    async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs, tools=None):
+    async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs, tools=None, echoes=None):
         """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]. A
-        reply that may hold tool calls is sent whole at its end, its calls parsed out."""
+        reply that may hold tool calls is sent whole at its end, its calls parsed out. With echo, a
+        completion's first chunk starts with its prompt (and the prompt's logprobs)."""
         head = {**meta, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion"}
         offsets = [0] * len(run.pids)            # completions' text_offset, carried from chunk to chunk
+        echo_due = [echoes is not None] * len(run.pids)
+        prompt_entries = [[] for _ in run.pids]
 
         def choice(i, text, reason, tokens, entries):
             logprobs = None
@@ -264,10 +272,14 @@ class OpenAIAPI:
                 if with_logprobs:
                     logprobs = logprobs_shapes.chat(entries)
             else:
-                out = {"index": i, "text": text}
+                echo, scored = "", []
+                if echo_due[i]:
+                    echo, scored, echo_due[i] = echoes[run.prompt_of[i]], prompt_entries[i], False
+                out = {"index": i, "text": echo + text}
                 if with_logprobs:
-                    logprobs = logprobs_shapes.completion(entries, offsets[i])
-                    offsets[i] += sum(len(e.text) for e in entries)
+                    logprobs = logprobs_shapes.completion(scored + entries, offsets[i], len(scored),
+                                                          offsets[i] + len(echo))
+                    offsets[i] += len(echo) + sum(len(e.text) for e in entries)
             out.update(logprobs=logprobs, finish_reason=reason)
             if with_ids:
                 out["token_ids"] = tokens
@@ -280,6 +292,7 @@ class OpenAIAPI:
         held = [[] for _ in run.pids]            # with tools: each choice's reads, sent at its end
         try:
             async for i, r in follow(self.daemon, run):
+                prompt_entries[i] += r.prompt_logprobs or []
                 reason = r.finish_reason if r.turn_done and r.finish_reason != "error" else None
                 if tools is not None:
                     held[i].append(r)
@@ -289,7 +302,9 @@ class OpenAIAPI:
                     if calls:
                         yield _sse({**head, "choices": [{"index": i, "delta": {"tool_calls": calls},
                                                          "logprobs": None, "finish_reason": None}]})
-                if r.text or reason or ((with_ids or with_logprobs) and r.tokens):
+                # the echo goes first, with the prompt's logprobs when asked (they come with the first token)
+                echo_ready = echo_due[i] and (not with_logprobs or prompt_entries[i] or r.turn_done)
+                if r.text or reason or ((with_ids or with_logprobs) and r.tokens) or echo_ready:
                     yield _sse({**head, "choices": [choice(i, r.text, reason, r.tokens, r.logprobs)]})
         except KvosError as err:            # a process reaped or its tenant killed by someone else
             run.outcome = "error"

@@ -104,8 +104,6 @@ def parse(model_cls, body: dict):
         openai_tools.check(req.tools, req.tool_choice)
         if req.top_logprobs is not None and not req.logprobs:
             raise KvosError(EINVAL, "top_logprobs needs logprobs: true")
-    elif req.echo and req.logprobs is not None:
-        raise KvosError(EINVAL, f"echo with logprobs (the prompt's log-probabilities) {UNSUPPORTED}")
     return req
 
 

@@ -32,7 +32,7 @@ NESTED = {
     r.MemInfo: {"cgroups": {str: r.CgroupInfo}, "replicas": {int: r.MemInfo}},
     r.SchedStat: {"tenants": [r.TenantSched], "recent_steps": [r.StepRecord], "replicas": {int: r.SchedStat}},
     r.StepRecord: {"works": [r.WorkRecord], "waiting_by_tenant": {int: int}},
-    r.ReadResult: {"logprobs": [r.TokenLogprob]},
+    r.ReadResult: {"logprobs": [r.TokenLogprob], "prompt_logprobs": [r.TokenLogprob]},
     r.TokenLogprob: {"top": [r.TopLogprob]},
 }
 
