@@ -112,20 +112,12 @@ def score_prompts(scoring, logits) -> None:
     """Fill each scored prompt position's entry (logprob of the token there, the k most likely) from
     the model's log-softmax at the position before it, a block of rows at a time: a 512-row chunk
     of a 49k vocabulary is 100 MB of logits, and a whole-chunk log_softmax would add as much again."""
-    ks = [proc.params.prompt_logprobs for proc, _ in scoring]
-    k_max = max(ks)
     for b in range(0, len(scoring), SCORE_BLOCK):
         block = scoring[b:b + SCORE_BLOCK]
-        logp = torch.log_softmax(logits[b:b + SCORE_BLOCK].float(), dim=-1)
-        nxt = torch.tensor([proc.tokens[p + 1] for proc, p in block], device=logp.device)
-        own = logp.gather(1, nxt.unsqueeze(1))[:, 0].tolist()
-        top_values = top_ids = None
-        if k_max:
-            top = logp.topk(k_max, dim=-1)
-            top_values, top_ids = top.values.tolist(), top.indices.tolist()
-        for j, (proc, p) in enumerate(block):
-            k = ks[b + j]
-            proc.prompt_logprobs[p + 1] = (own[j], list(zip(top_ids[j][:k], top_values[j][:k])) if k else [])
+        ranked = _ranked(logits[b:b + SCORE_BLOCK], [proc.tokens[p + 1] for proc, p in block],
+                         [proc.params.prompt_logprobs for proc, _ in block])
+        for (proc, p), entry in zip(block, ranked):
+            proc.prompt_logprobs[p + 1] = entry
 
 
 def sample_rows(works, logits) -> dict:
@@ -182,20 +174,21 @@ def _logprobs(x, procs, tokens) -> dict:
     want = [j for j, p in enumerate(procs) if p.params.logprobs is not None]
     if not want:
         return {}
-    logp = torch.log_softmax(x[want].float(), dim=-1)
-    ks = [procs[j].params.logprobs for j in want]
-    chosen = [tokens[j] for j in want]
-    own = logp.gather(1, torch.tensor([t or 0 for t in chosen], device=logp.device).unsqueeze(1))[:, 0].tolist()
+    ranked = _ranked(x[want], [tokens[j] for j in want], [procs[j].params.logprobs for j in want])
+    return {j: (tokens[j], own, pairs) for j, (own, pairs) in zip(want, ranked)}
+
+
+def _ranked(logits, tokens, ks) -> list:
+    """Per row of logits: (the log-probability of tokens[i], None where that is None; [(token,
+    logprob)] the ks[i] most likely, most likely first). One log-softmax and one top-k for all rows."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    own = logp.gather(1, torch.tensor([t or 0 for t in tokens], device=logp.device).unsqueeze(1))[:, 0].tolist()
     top_values = top_ids = None
-    if max(ks):                                   # one topk for all rows, each cut to its own k
+    if max(ks):
         top = logp.topk(max(ks), dim=-1)
         top_values, top_ids = top.values.tolist(), top.indices.tolist()
-    entries = {}
-    for row, j in enumerate(want):
-        k, token = ks[row], chosen[row]
-        pairs = list(zip(top_ids[row][:k], top_values[row][:k])) if k else []
-        entries[j] = (token, None if token is None else own[row], pairs)
-    return entries
+    return [(None if t is None else own[i], list(zip(top_ids[i][:k], top_values[i][:k])) if k else [])
+            for i, (t, k) in enumerate(zip(tokens, ks))]
 
 
 def commit(kernel, plan, samples: dict) -> None:

@@ -410,8 +410,8 @@ class Scheduler:
             proc.num_computed = mm.attach(proc.asid, seg.mm_shmid)
             self.stats.cached_tokens += proc.num_computed
         limit = proc.remaining - 1
-        if proc.prompt_logprobs is not None:            # its own rows must score the prompt once
-            limit = min(limit, max(0, proc.prompt_scored - proc.num_computed))
+        if proc.prompt_logprobs is not None and proc.prompt_scored < len(proc.prompt_logprobs) - 1:
+            limit = min(limit, max(0, proc.prompt_scored - proc.num_computed))    # its own rows score the prompt
         hit = mm.map_cached(proc.asid, proc.tokens[proc.num_computed:], max_tokens=limit)
         proc.num_computed += hit
         self.stats.cached_tokens += hit
