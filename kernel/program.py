@@ -107,6 +107,11 @@ class Program(ABC):
     # The template's way with tools: None (it takes none), "hermes" (it lists them and the model calls
     # one as <tool_call>{"name": ..., "arguments": ...}</tool_call>), or "other" (a format of its own).
     chat_tools: str | None = None
+    # What a client needs to tokenize or render as the model does (tenantinfo reports them): the text of
+    # its special tokens by role ({"bos_token": "<s>", "eos_token": "</s>", ...}) and its chat template's
+    # text (Jinja), when it has them.
+    special_tokens: dict = {}
+    chat_template: str | None = None
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         """Text of a chat (list of {"role", "content"}) in the model's own template, which is given

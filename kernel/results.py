@@ -112,6 +112,10 @@ class TenantInfo:
     # What one forward pass costs (the program's ProgramCost as a dict: num_params, weight_bytes read per
     # step, num_layers, hidden_size, num_heads, head_dim): a client's roofline of its own steps.
     cost: dict | None = None
+    # What a client needs to tokenize or render as the model does: its special tokens' text by role
+    # ({"bos_token": ..., "eos_token": ...}) and its chat template (Jinja text), when it has them.
+    special_tokens: dict = field(default_factory=dict)
+    chat_template: str | None = None
 
 
 @dataclass

@@ -96,7 +96,8 @@ def sys_tenantinfo(kernel, caller, tid):
                       t.mem_limit, t.max_procs, t.max_queued, t.max_blocked, t.max_prompt_tokens,
                       t.max_new_tokens, t.nice_min, t.prefix_sharing, _dtype(p.kv_shape.dtype),
                       _dtype(getattr(p, "matmul_dtype", None) or p.kv_shape.dtype), getattr(p, "chat_tools", None),
-                      t.namespace.hex(), _cost(p))
+                      t.namespace.hex(), _cost(p), dict(getattr(p, "special_tokens", None) or {}),
+                      getattr(p, "chat_template", None))
 
 
 def _cost(program) -> dict | None:

@@ -1,5 +1,5 @@
 """kvosd as `vllm serve` users expect it: an open API without a key (loopback only), --api-key and
-$KVOS_API_KEY, /health while loading, /tokenize and /detokenize, max_model_len, and its log:
+$KVOS_API_KEY, /health while loading, /tokenize, /detokenize and /tokenizer_info, max_model_len, and its log:
 startup, loading, one line per request, the kernel's warnings, as text or JSON lines."""
 import http.client
 import json
@@ -152,6 +152,27 @@ def test_tokenize_and_detokenize_as_vllm(keyed_server):
     assert call(url, "POST", "/tokenize", {"prompt": "x"})[0] == 401
     assert call(url, "POST", "/tokenize", {"prompt": "x"}, key=ROOT)[0] == 400       # root: which model?
     assert call(url, "POST", "/tokenize", {"model": "bob", "prompt": "x"}, key=ROOT)[0] == 200
+
+
+def test_tokenizer_info_as_vllm(keyed_server):
+    """What an evaluation harness's remote tokenizer reads: the special tokens' text, which /tokenize
+    turns back into the model's own ids, and the chat template."""
+    url, root = keyed_server.url, keyed_server.daemon.root
+    tid = next(t.tid for t in root.schedstat().tenants if t.name == "alice")
+    info = root.tenantinfo(tid)
+    status, _, body = call(url, "GET", "/tokenizer_info", key=ALICE)
+    assert status == 200, body
+    assert body["eos_token"] == "<|im_end|>" and body["bos_token"] == "<|im_start|>" and body["unk_token"] is None
+    assert body["chat_template"] == info.chat_template and "{%" in body["chat_template"]
+    assert body["model_max_length"] == info.max_context and body["model"] == "alice"
+    eos = call(url, "POST", "/tokenize", {"prompt": body["eos_token"]}, key=ALICE)[2]["tokens"]
+    assert eos == info.eos_token_ids[:1]
+    assert call(url, "GET", "/tokenizer_info?model=alice", key=ALICE)[2] == body
+    assert call(url, "GET", "/tokenizer_info?model=bob", key=ALICE)[0] == 404
+    assert call(url, "GET", "/tokenizer_info?colour=1", key=ALICE)[0] == 400
+    assert call(url, "GET", "/tokenizer_info")[0] == 401
+    assert call(url, "GET", "/tokenizer_info", key=ROOT)[0] == 400                 # root: which model?
+    assert call(url, "GET", "/tokenizer_info?model=bob", key=ROOT)[0] == 200
 
 
 def test_request_metrics_and_the_request_log_line(keyed_server, caplog):

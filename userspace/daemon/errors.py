@@ -30,7 +30,7 @@ class Unauthorized(Exception):
     """No bearer key, one nobody was given, or the key of a tenant that no longer exists: 401."""
 
 
-OPENAI_SHAPED = ("/tokenize", "/detokenize")     # vLLM's routes outside /v1, answered in its shape
+OPENAI_SHAPED = ("/tokenize", "/detokenize", "/tokenizer_info")     # vLLM's routes outside /v1, in its shape
 
 
 def is_openai(path: str) -> bool:

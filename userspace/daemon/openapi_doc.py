@@ -29,6 +29,7 @@ OPENAI_ERROR = {
 HEALTH_STOPPED = {"type": "object", "required": ["status"], "properties": {
     "status": {"enum": ["stopped", "loading", "failed", "draining"]}, "error": {"type": ["string", "null"]}}}
 UNKEYED = ("/health", "/healthz")
+NAMES_A_MODEL = ("/tokenizer_info",)          # GET routes whose query names a model (404 when none is served)
 
 # Why each error status can come back.
 WHY = {400: "EINVAL: a bad argument, or a body that is not a JSON object (malformed HTTP too)",
@@ -93,6 +94,8 @@ def _describe(path: str, method: str, op: dict) -> None:
         statuses |= set(KERNEL)
     if path == "/metrics":
         statuses.add(403)
+    if path in NAMES_A_MODEL:
+        statuses.add(404)
     error = "OpenAIError" if is_openai(path) else "Errno"
     responses = {"200": {"description": "Success", "content": _success(path)}}
     for status in sorted(statuses):
@@ -127,6 +130,13 @@ def _success(path: str) -> dict:
                 "tokens": {"type": "array", "items": {"type": "integer"}}, "token_strs": {"type": "null"}}}),
             "/detokenize": _json({"type": "object", "required": ["prompt"], "properties": {
                 "prompt": {"type": "string"}}}),
+            "/tokenizer_info": _json({"type": "object", "required": [
+                "tokenizer_class", "model", "model_max_length", "bos_token", "eos_token", "pad_token", "unk_token",
+                "chat_template"], "properties": {
+                "tokenizer_class": {"type": "string"}, "model": {"type": "string"},
+                "model_max_length": {"type": "integer"}, "chat_template": {"type": ["string", "null"]},
+                **{role: {"type": ["string", "null"]} for role in ("bos_token", "eos_token", "pad_token",
+                                                                   "unk_token")}}}),
             "/metrics": {"text/plain": {"schema": {"type": "string"}}},
             "/v1/models": _json({"type": "object", "required": ["object", "data"], "properties": {
                 "object": {"const": "list"}, "data": {"type": "array", "items": {

@@ -3,8 +3,11 @@
 POST /tokenize takes {"prompt": text} or {"messages": [...], "tools": [...]} (a chat, in the model's
 template, with the tools a chat completion would give it)
 and answers {"count", "max_model_len", "tokens", "token_strs": null}: the ids kvosd would run.
-POST /detokenize takes {"tokens": [...]} and answers {"prompt": text}. "model" may be left out
-when the key serves one model. Errors are in OpenAI's shape, as vLLM's are.
+POST /detokenize takes {"tokens": [...]} and answers {"prompt": text}. GET /tokenizer_info
+answers the tokenizer's facts a client needs to tokenize as kvosd does (its special tokens' text,
+chat template, context), as vLLM's: what evaluation harnesses' remote-tokenizer mode asks for.
+"model" (a query parameter for GET) may be left out when the key serves one model. Errors are in
+OpenAI's shape, as vLLM's are.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from userspace.daemon.openai_requests import ChatMessage, chat_messages
 from userspace.daemon.sysapi import json_object
 
 UNSUPPORTED = "is not supported by kvosd"
+SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")     # always present in tokenizer_info
 STRICT = ConfigDict(strict=True, extra="forbid")
 
 
@@ -104,6 +108,20 @@ class TokenizeAPI:
             return handle.detokenize(tid, req.tokens)
         return JSONResponse({"prompt": await anyio.to_thread.run_sync(run)})
 
+    async def tokenizer_info(self, request: Request):
+        who = self.daemon.authenticate(request)
+        unknown = sorted(set(request.query_params) - {"model"})
+        if unknown:
+            raise KvosError(EINVAL, f"unknown query parameter {unknown[0]!r} (tokenizer_info takes model)")
+
+        def run():
+            handle, tid = self._tenant(who, request.query_params.get("model"))
+            return handle.tenantinfo(tid)
+        info = await anyio.to_thread.run_sync(run)
+        tokens = {role: info.special_tokens.get(role) for role in SPECIAL_ROLES}
+        return JSONResponse({"tokenizer_class": "kvos", "model": info.name, "model_max_length": info.max_context,
+                             **tokens, **info.special_tokens, "chat_template": info.chat_template})
+
 
 def add_routes(app: FastAPI, daemon) -> list:
     """Mount /tokenize and /detokenize; returns the request models for the OpenAPI description."""
@@ -118,4 +136,8 @@ def add_routes(app: FastAPI, daemon) -> list:
                       openapi_extra=body(TokenizeCompletionRequest, TokenizeChatRequest))
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"], tags=["openai"],
                       summary="Text of token ids, as vLLM's /detokenize", openapi_extra=body(DetokenizeRequest))
+    app.add_api_route("/tokenizer_info", api.tokenizer_info, methods=["GET"], tags=["openai"],
+                      summary="The tokenizer's special tokens, chat template and context, as vLLM's /tokenizer_info",
+                      openapi_extra={"parameters": [{"name": "model", "in": "query", "required": False,
+                                                     "schema": {"type": "string"}}]})
     return [TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest]

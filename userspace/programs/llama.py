@@ -231,6 +231,14 @@ class LlamaProgram(Program):
     def chat_tools(self) -> str | None:
         return self.tokenizer.chat_tools
 
+    @property
+    def special_tokens(self) -> dict:
+        return dict(self.tokenizer.special_tokens)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.tokenizer.chat_template
+
     # -- the forward pass ---------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
