@@ -213,14 +213,16 @@ def _token_logprobs(raw) -> list:
             for t, b, lp, top in raw]
 
 
+def _raw_logprob(spell, token, logprob, top) -> tuple:
+    """One entry as read returns it: (token, its bytes, logprob, [(token, bytes, logprob)] top-k)."""
+    return token, b"" if token is None else spell(token), logprob, [(u, spell(u), ulp) for u, ulp in top]
+
+
 def _raw_prompt_logprobs(proc, spell) -> list:
     """The spawn prompt's entries as read's raw tuples: the first token (nothing scores it) and any
     position whose row never ran (the process ended first) have logprob None."""
-    out = []
-    for token, entry in zip(proc.tokens, proc.prompt_logprobs):
-        lp, top = entry if entry is not None else (None, ())
-        out.append((token, spell(token), lp, [(u, spell(u), ulp) for u, ulp in top]))
-    return out
+    return [_raw_logprob(spell, token, *(entry or (None, ())))
+            for token, entry in zip(proc.tokens, proc.prompt_logprobs)]
 
 
 @syscall("read", blocking=True, finish=read_finish)
@@ -247,8 +249,7 @@ def sys_read(kernel, caller, pid, timeout=0.0):
         new = generated[start:]
         proc.read_offset = len(generated)
         spell = proc.tenant.program.token_bytes       # raw here, text in the finish half
-        logprobs = [(t, b"" if t is None else spell(t), lp, [(u, spell(u), ulp) for u, ulp in top])
-                    for t, lp, top in proc.logprobs[proc.logprob_offset:]]
+        logprobs = [_raw_logprob(spell, *entry) for entry in proc.logprobs[proc.logprob_offset:]]
         proc.logprob_offset = len(proc.logprobs)
         prompt = None
         if proc.prompt_logprobs is not None and not proc.prompt_logprobs_read and (proc.output or done):

@@ -118,9 +118,9 @@ class TokenizeAPI:
             handle, tid = self._tenant(who, request.query_params.get("model"))
             return handle.tenantinfo(tid)
         info = await anyio.to_thread.run_sync(run)
-        tokens = {role: info.special_tokens.get(role) for role in SPECIAL_ROLES}
         return JSONResponse({"tokenizer_class": "kvos", "model": info.name, "model_max_length": info.max_context,
-                             **tokens, **info.special_tokens, "chat_template": info.chat_template})
+                             **dict.fromkeys(SPECIAL_ROLES), **info.special_tokens,
+                             "chat_template": info.chat_template})
 
 
 def add_routes(app: FastAPI, daemon) -> list:

@@ -232,7 +232,7 @@ def weight_bytes(w, read: bool = False) -> int:
 
 def read_bytes(layers, head, norm) -> int:
     """Bytes of weights a step reads, as held: every layer's tensors (projections, norms, biases), the
-    final norm and the LM head (a Q8_0 table's tied head is its Int8Linear). The embedding gives one
+    final norm and the LM head (a tied BlockTable's head is its blocks). The embedding gives one
     row per token and is not counted."""
     read = [getattr(layer, n) for layer in layers for n in layer.__slots__]
     read += [norm, head.head if isinstance(head, BlockTable) else head]
