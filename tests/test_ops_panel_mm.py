@@ -1,6 +1,6 @@
 """kernel.ops.panel_mm (csrc/cpu/panel_mm.c) against its plain-torch twin reference.panel_mm.
 
-Random shapes (hypothesis): M 1..64 (every register-tile remainder), odd K and N (a padded last
+Random shapes (hypothesis): M 1..64 (the AVX2 path's row blocks) (every register-tile remainder), odd K and N (a padded last
 panel), strided rows of x and out, bias, accumulate; results must not depend on the thread count
 (each output is one FMA chain over k, whoever computes it); bad arguments are refused before any
 write; packing round-trips exactly, and a tied embedding's rows come back bit for bit.
@@ -64,6 +64,20 @@ def test_thread_count_changes_nothing(m):
     finally:
         cpu.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("m", [2, 5, 8, 63, 64, 65, 130])
+def test_a_row_does_not_depend_on_the_other_rows(m):
+    """Each output is one FMA chain over k in order, whatever path the rows take (one row, the AVX2
+    row blocks up to 64 rows, the tiles beyond): a row computed with others equals it computed alone,
+    to the bit. So a process's logits do not depend on who shares its step."""
+    g = torch.Generator().manual_seed(m)
+    w, x = torch.randn(200, 333, generator=g), torch.randn(m, 333, generator=g)
+    b = torch.randn(200, generator=g)
+    packed = ops.panel_pack(w)
+    together = ops.panel_mm(x, packed, 200, b)
+    for i in range(m):
+        assert torch.equal(together[i:i + 1], ops.panel_mm(x[i:i + 1], packed, 200, b)), i
 
 
 def test_pack_round_trips_and_pads_with_zeros():

@@ -95,9 +95,15 @@ __attribute__((target("avx512f,fma"))) static void panel_avx512(
 #if defined(__x86_64__) && defined(__GNUC__)
 /* AVX2 + FMA (16 vector registers of 8 floats): the AVX-512 tile above, 6 rows x 64 columns, would
  * need 48 accumulators and spills on every k step (measured 4-11x slower than MKL on such a CPU). One
- * row takes the whole panel (8 accumulators: decode at batch 1 streams each panel once); more rows
- * go 6 at a time over quarters of the panel (6 x 2 accumulators, 2 weight vectors, 1 broadcast: MKL's
- * own AVX2 shape); the quarters after the first find the panel in L2. */
+ * row takes the whole panel (8 accumulators: decode at batch 1 streams each panel once). Up to SMALL_M
+ * rows do the same row after row over blocks of KB k steps (rows_avx2): the first row streams a block
+ * from memory, the others find it in L1, and each keeps its partial sums between blocks. More rows go
+ * 6 at a time over quarters of the panel (6 x 2 accumulators, 2 weight vectors, 1 broadcast: MKL's
+ * own AVX2 shape), which does more FMAs per load but reads the panel a quarter of a row at a time:
+ * at 2 to 16 rows that made every row cost about what the first does (M = 2 took 1.9x M = 1's time,
+ * M = 8 3x), at 128 and more it is 12% faster than the row blocks (docs/performance.md, section 17). */
+#define KB 64           /* k steps of a row block: 16 KB of panel, in L1 while every row runs over it */
+#define SMALL_M 64      /* rows up to which the row blocks run (their partial sums: 16 KB of stack) */
 
 ALWAYS_INLINE void tile8(const int R, const int C, float *y, int64_t y_stride, const float *x, int64_t x_stride,
                          const float *panel, int64_t k, int c0, int cols, const float *bias, int accumulate)
@@ -127,12 +133,47 @@ ALWAYS_INLINE void tile8(const int R, const int C, float *y, int64_t y_stride, c
     }
 }
 
+/* m rows (at most SMALL_M) against one panel: every row over a block of KB k steps, one after
+ * another, each with the whole panel width; partial sums in `sums` between blocks. Each output is
+ * the same FMA chain over k in order as tile8's, so the results are the same to the bit. */
+ALWAYS_INLINE void rows_avx2(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *panel,
+                             const float *bias, int64_t m, int64_t k, int cols, int accumulate)
+{
+    float sums[SMALL_M * PANEL] __attribute__((aligned(32)));
+    for (int64_t k0 = 0; k0 < k; k0 += KB) {
+        const int64_t kn = k - k0 < KB ? k - k0 : KB;
+        const float *w = panel + k0 * PANEL;
+        for (int64_t r = 0; r < m; r++) {
+            const float *xr = x + r * x_stride + k0;
+            float *s = sums + r * PANEL;
+            v8 acc[8];
+            for (int c = 0; c < 8; c++)
+                acc[c] = k0 == 0 ? (v8){0, 0, 0, 0, 0, 0, 0, 0} : (v8)*(const v8_u *)(s + 8 * c);
+            for (int64_t kk = 0; kk < kn; kk++) {
+                const float *wk = w + kk * PANEL;
+                const float xs = xr[kk];
+                const v8 xv = {xs, xs, xs, xs, xs, xs, xs, xs};
+                for (int c = 0; c < 8; c++)
+                    acc[c] += xv * *(const v8_u *)(wk + 8 * c);
+            }
+            for (int c = 0; c < 8; c++)
+                *(v8_u *)(s + 8 * c) = acc[c];
+        }
+    }
+    for (int64_t r = 0; r < m; r++)
+        store_cols(y + r * y_stride, sums + r * PANEL, cols, bias, accumulate);
+}
+
 __attribute__((target("avx2,fma"))) static void panel_avx2(
     float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *panel, const float *bias,
     int64_t m, int64_t k, int cols, int accumulate)
 {
     if (m == 1) {
         tile8(1, 8, y, y_stride, x, x_stride, panel, k, 0, cols, bias, accumulate);
+        return;
+    }
+    if (m <= SMALL_M) {
+        rows_avx2(y, y_stride, x, x_stride, panel, bias, m, k, cols, accumulate);
         return;
     }
     for (int64_t r0 = 0; r0 < m; r0 += 6) {
