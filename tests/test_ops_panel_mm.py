@@ -1,9 +1,10 @@
 """kernel.ops.panel_mm (csrc/cpu/panel_mm.c) against its plain-torch twin reference.panel_mm.
 
-Random shapes (hypothesis): M 1..64 (the AVX2 path's row blocks) (every register-tile remainder), odd K and N (a padded last
-panel), strided rows of x and out, bias, accumulate; results must not depend on the thread count
-(each output is one FMA chain over k, whoever computes it); bad arguments are refused before any
-write; packing round-trips exactly, and a tied embedding's rows come back bit for bit.
+Random shapes (hypothesis): M 1..64 (every register-tile remainder, the AVX2 path's row blocks),
+odd K and N (a padded last panel), strided rows of x and out, bias, accumulate; results must not
+depend on the thread count (each output is one FMA chain over k, whoever computes it), nor a row's
+on the other rows; bad arguments are refused before any write; packing round-trips exactly, and a
+tied embedding's rows come back bit for bit.
 """
 import pytest
 import torch
