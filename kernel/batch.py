@@ -134,7 +134,7 @@ def pack(works, wanted, mm) -> tuple:
     wanted_ids = {id(w) for w in wanted}
     for w in works:
         proc = w.proc
-        token_ids += proc.tokens[w.start:w.end]
+        token_ids += w.input_tokens
         positions += range(w.start, w.end)
         slots += w.slots
         query_start.append(query_start[-1] + w.count)

@@ -63,6 +63,10 @@ class Process:
     dropped: int = 0                 # computed tokens lost at the last reclaim
     cow_faults: int = 0
     turn_done: bool = False
+    # speculation (kernel/speculate.py): its file as bytes for the lookups; commit_draft records outcomes
+    ngram_hay: bytearray | None = None
+    draft_misses: int = 0            # drafts in a row of which nothing was taken
+    drafts_resume: int = 0           # the step from which it may draft again (backing off after misses)
     last_reason: str | None = None   # why the last turn ended ("stop", "length")
     # the output stream (kernel/output.py): bytes of the generated tokens, each turn cut at its stop string
     stops: object = None             # kernel.output.StopSet compiled from params.stop, or None

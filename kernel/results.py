@@ -227,6 +227,8 @@ class SchedStat:
     recent_steps: list           # the last StepRecord summaries (root only)
     clock: float = 0.0           # the kernel's clock now (seconds since boot; virtual on the simulator)
     replicas: dict | None = None  # behind a cluster gateway: replica -> its own SchedStat (the rest sums them)
+    draft_tokens: int = 0        # tokens computed on speculation (boot's speculate=k)
+    accepted_tokens: int = 0     # of those, the ones the draws matched
 
 
 @dataclass

@@ -5,10 +5,13 @@ forward() runs each program on its share of the plan (simulate() prices it on
 the simulated device instead), sample_rows() draws each process's next token,
 commit() appends tokens and their bytes, checks stops and ends turns, record()
 keeps schedstat and the step's trace record. Whether a work draws a token was
-decided once, by the scheduler (Work.draws).
+decided once, by the scheduler (Work.draws); a work with drafts (speculation,
+kernel/speculate.py) is drawn from row by row at commit (commit_draft), since
+whether a row counts depends on the draw before it.
 """
 from array import array
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +22,7 @@ from kernel.penalties import history_of
 from kernel.proc import Process, State
 from kernel.results import StepRecord, WorkRecord
 from kernel.sampling import sample
+from kernel.speculate import note_outcome
 from kernel.watch import wake
 
 _NO_SAMPLE = (None, None)
@@ -40,11 +44,12 @@ def forward(kernel, plan) -> dict:
     samples = {}
     for works in groups.values():
         program = works[0].proc.tenant.program
-        wanted = [w for w in works if w.logits]
-        scoring, extra_rows = prompt_rows(works)
+        wanted = [w for w in works if w.logits and not w.draft]
+        drafted = [w for w in works if w.draft]
+        scoring, score_rows = prompt_rows(works)
         try:
             host, padding = host_batch(works, wanted, kernel.mm, kernel.null_frame if kernel.padded else None,
-                                       kernel.page_rows, extra_rows)
+                                       kernel.page_rows, draft_rows(works) + score_rows)
             kv, graphs = kernel.kv_view(program), kernel.graphs
             if graphs is not None and graphs.takes(program, host, kv):    # pure decode: static buffers, graphs
                 logits, graph_padding = graphs.forward(program, host, kv)
@@ -53,9 +58,13 @@ def forward(kernel, plan) -> dict:
                 logits = kernel.device.forward(program, to_device(host, kernel.device), kv)
             plan.padding_tokens += padding
             if wanted:
-                samples.update(sample_rows(wanted, logits[:len(wanted)] if scoring else logits))
+                samples.update(sample_rows(wanted, logits[:len(wanted)] if scoring or drafted else logits))
+            at = len(wanted)
+            for w in drafted:                      # drawn from in commit, row by row (commit_draft)
+                samples[w.proc.pid] = Drafted(logits[at:at + w.count])
+                at += w.count
             if scoring:
-                score_prompts(scoring, logits[len(wanted):])
+                score_prompts(scoring, logits[at:])
                 for w in works:
                     if w.proc.prompt_logprobs is not None:
                         w.proc.prompt_scored = max(w.proc.prompt_scored, min(w.end, len(w.proc.prompt_logprobs)))
@@ -88,6 +97,22 @@ def simulate(kernel, plan) -> dict:
             plan.padding_tokens += max(w.count for w in works) * len(works) - sum(w.count for w in works)
     kernel.device.simulate_step(list(groups.values()), plan)
     return {w.proc.pid: (getattr(w.proc.tenant.program, "filler_token", 0), None) for w in plan.works if w.draws}
+
+
+class Drafted(NamedTuple):
+    """A speculating work's sample: the logits of all its rows (its last token's, then each draft's)."""
+    logits: torch.Tensor
+
+
+def draft_rows(works) -> list:
+    """The rows of the packed batch whose logits speculating works draw from, in works order: every
+    row of such a work (the distribution after its last token, then after each draft)."""
+    rows, offset = [], 0
+    for w in works:
+        if w.draft:
+            rows += range(offset, offset + w.count)
+        offset += w.count
+    return rows
 
 
 def prompt_rows(works) -> tuple:
@@ -198,6 +223,11 @@ def commit(kernel, plan, samples: dict) -> None:
         proc = work.proc
         if proc.state is State.ZOMBIE:             # its forward failed, or it ended in this plan
             continue
+        if work.draft:
+            token, taken = commit_draft(kernel, work, samples[proc.pid].logits, now)
+            samples[proc.pid] = (token, None)      # what record() traces: the step's last token
+            drawn += taken
+            continue
         proc.num_computed = work.start + work.count
         publish(proc.asid)
         if not work.last:
@@ -212,24 +242,64 @@ def commit(kernel, plan, samples: dict) -> None:
             kernel.end_turn(proc, "length")
             continue
         drawn += 1
-        reason = append_token(proc, token, now)
-        if proc.shaped:
-            if logprobs is not None:
-                proc.logprobs.append(logprobs)
-            if proc.history is not None:
-                proc.history.add(token)
-            if proc.constraint is not None:
-                ended = proc.constraint.advance(token)
-                if ended == "error":
-                    kernel.exit_process(proc, "error", error=f"EINVAL: json_schema: {proc.constraint.error}")
-                    continue
-                if ended == "stop":                # the value is complete: nothing more may follow
-                    reason = "stop"
-        if reason is not None:
-            kernel.end_turn(proc, reason)
-        if proc.watchers:
-            wake(proc, "output")
+        end_or_go_on(kernel, proc, take_token(proc, token, logprobs, now))
     kernel.stats.generated_tokens += drawn
+
+
+def take_token(proc: Process, token: int, logprobs, now: float) -> str | None:
+    """A drawn token joins the process: its file and bytes (append_token), its logprobs, penalty
+    history and grammar. -> why its turn ends ("stop", "length"), "error" (the grammar refused it),
+    or None."""
+    reason = append_token(proc, token, now)
+    if proc.shaped:
+        if logprobs is not None:
+            proc.logprobs.append(logprobs)
+        if proc.history is not None:
+            proc.history.add(token)
+        if proc.constraint is not None:
+            ended = proc.constraint.advance(token)
+            if ended == "error":
+                return "error"
+            if ended == "stop":                    # the value is complete: nothing more may follow
+                reason = "stop"
+    return reason
+
+
+def end_or_go_on(kernel, proc: Process, reason: str | None) -> None:
+    """After a process took its token(s) of the step: end its turn (or the process, on a grammar's
+    error) if the last one said so, and wake whoever reads its output."""
+    if reason == "error":
+        kernel.exit_process(proc, "error", error=f"EINVAL: json_schema: {proc.constraint.error}")
+        return
+    if reason is not None:
+        kernel.end_turn(proc, reason)
+    if proc.watchers:
+        wake(proc, "output")
+
+
+def commit_draft(kernel, work, logits, now: float) -> tuple:
+    """Commit a speculating work (kernel/speculate.py): draw from its rows in order, as decoding one
+    token a step would (sample_rows on one row: the same generator draws, penalties, grammar and
+    logprobs), taking each token, and go on to the next row only while the token equals the draft
+    that row's logits follow. The K/V of drafts not taken is forgotten before publish can name
+    their pages. -> (the last token taken, tokens taken)."""
+    proc, draft = work.proc, work.draft
+    taken, token, reason = 0, None, None
+    for j in range(work.count):
+        token, logprobs = sample_rows([work], logits[j:j + 1])[proc.pid]
+        taken += 1
+        reason = take_token(proc, token, logprobs, now)
+        if reason is not None or j == len(draft) or token != draft[j]:
+            break
+    proc.num_computed = work.start + taken       # the drafts taken before the last token have their K/V
+    kernel.mm.truncate(proc.asid, proc.num_computed)
+    kernel.mm.publish(proc.asid)
+    stats = kernel.stats
+    stats.draft_tokens += len(draft)
+    stats.accepted_tokens += taken - 1
+    note_outcome(proc, taken - 1, stats.steps)
+    end_or_go_on(kernel, proc, reason)
+    return token, taken
 
 
 def append_token(proc: Process, token: int, now: float) -> str | None:

@@ -124,7 +124,8 @@ def sys_schedstat(kernel, caller):
                      s.forward_errors, s.tokens_per_second, len(kernel.sched.running), len(kernel.sched.waiting),
                      [_tenant_sched(kernel, t) for t in kernel.tenants.values()],
                      [step_record(raw, detail=False) for raw in list(s.history)[-64:]],
-                     kernel.clock() - kernel.dmesg.boot_time)
+                     kernel.clock() - kernel.dmesg.boot_time, draft_tokens=s.draft_tokens,
+                     accepted_tokens=s.accepted_tokens)
 
 
 @syscall("dmesg")

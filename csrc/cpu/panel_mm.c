@@ -101,7 +101,7 @@ __attribute__((target("avx512f,fma"))) static void panel_avx512(
  * 6 at a time over quarters of the panel (6 x 2 accumulators, 2 weight vectors, 1 broadcast: MKL's
  * own AVX2 shape), which does more FMAs per load but reads the panel a quarter of a row at a time:
  * at 2 to 16 rows that made every row cost about what the first does (M = 2 took 1.9x M = 1's time,
- * M = 8 3x), at 128 and more it is 12% faster than the row blocks (docs/performance.md, section 17). */
+ * M = 8 3x), at 128 and more the row blocks take 12-13% longer (docs/performance.md, section 17). */
 #define KB 64           /* k steps of a row block: 16 KB of panel, in L1 while every row runs over it */
 #define SMALL_M 64      /* rows up to which the row blocks run (their partial sums: 16 KB of stack) */
 

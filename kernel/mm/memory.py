@@ -184,6 +184,25 @@ class MemoryManager:
         return [frames[i // ps] * ps + i % ps for i in range(start, start + n)]
         # LAB(pagetable): END
 
+    def truncate(self, asid: int, num_tokens: int) -> int:
+        """Forget the tokens past `num_tokens` (a speculation's rejected drafts): pages past the new end
+        are unmapped, their frames lose this reference. Only unnamed tokens may go (publish names a
+        page once its K/V is kept). Returns the frames unmapped."""
+        space = self.space(asid)
+        if space.is_swapped:
+            raise KernelPanic(f"MemoryManager.truncate: address space {asid} is swapped out")
+        if not len(space.names) * space.page_size <= num_tokens <= space.num_tokens:
+            raise KernelPanic(f"MemoryManager.truncate: {num_tokens} tokens of address space {asid}, which "
+                              f"holds {space.num_tokens} and names {len(space.names)} page(s)")
+        del space.tokens[num_tokens:]
+        dropped = space.frames[space.num_pages:]
+        if dropped:
+            del space.frames[space.num_pages:]
+            for frame in dropped:
+                self.frames.decref(frame)
+            self._remapped(asid)          # the batch builder's copy of the row must not keep them
+        return len(dropped)
+
     def reserve(self, asid: int, num_tokens: int) -> int:
         """Pre-allocate frames for `num_tokens` tokens in all (legacy alloc="prealloc").
 

@@ -17,10 +17,17 @@ class Work:
     last: bool               # the last token is the process's newest: its turn can go on after this step
     logits: bool             # its last row's logits are wanted (to draw a token, or to report logprobs)
     draws: bool              # a token is drawn from them (the turn has tokens left to generate)
+    draft: tuple = ()        # speculated tokens computed after its last one (kernel/speculate.py): count includes them
 
     @property
     def end(self) -> int:
         return self.start + self.count
+
+    @property
+    def input_tokens(self) -> list:
+        """The tokens its rows compute: its part of the file, then its drafts."""
+        tokens = self.proc.tokens[self.start:self.end]
+        return tokens + list(self.draft) if self.draft else tokens
 
 
 @dataclass

@@ -36,6 +36,7 @@ from kernel.proc import Residency, State
 from kernel.sched.plan import Plan, Work
 from kernel.sched.policies import Policy
 from kernel.sched.shares import Shares, claim, memory_victim
+from kernel.speculate import MAX_DECODES, may_draft, propose
 
 _SKIP, _STOP = 0, -1     # admission results besides "this many tokens planned"
 _ON_ITS_WAY = (State.NEW, State.READY, State.RUNNING, State.PREEMPTED)
@@ -43,8 +44,9 @@ _ON_ITS_WAY = (State.NEW, State.READY, State.RUNNING, State.PREEMPTED)
 
 class Scheduler:
     def __init__(self, kernel, policy: Policy, token_budget: int, chunk: int, max_running: int,
-                 prealloc: bool = False):
+                 prealloc: bool = False, speculate: int = 0):
         self.kernel = kernel
+        self.speculate = speculate   # drafts a decoding process may carry (kernel/speculate.py); 0: none
         self.policy = policy
         self.token_budget = token_budget
         self.chunk = chunk
@@ -116,6 +118,7 @@ class Scheduler:
         prefillers = [p for p in self.running.values() if p.remaining > 1]
         groups = (decoders, prefillers)      # decodes first: a long prompt never stalls a running stream
         # LAB(sched): END
+        drafting = self.speculate and sum(p.remaining == 1 for p in self.running.values()) <= MAX_DECODES
         for group in groups:
             # Tenants within their memory share first: one above it is then never served before
             # them, so it can always be what they preempt when they need a frame.
@@ -132,8 +135,9 @@ class Scheduler:
                     continue
                 count = self._make_room(proc, self.quantum(proc, budget), plan)
                 if count:
-                    self._plan_work(proc, count, plan)
-                    budget -= count
+                    draft = self._draft(proc, count, budget - count) if drafting else ()
+                    self._plan_work(proc, count, plan, draft)
+                    budget -= count + len(draft)
         admissible = self._admissible()        # now: a victim of the step so far may come straight back
         claimed = {p.pid for p in claims}
         for proc in chain(claims, (p for p in self.policy.order(admissible) if p.pid not in claimed)):
@@ -181,11 +185,26 @@ class Scheduler:
                 return False
         return True
 
-    def _plan_work(self, proc, count: int, plan: Plan) -> None:
+    def _draft(self, proc, count: int, budget: int) -> tuple:
+        """Tokens to compute after a decoding process's last one, on speculation (kernel/speculate.py):
+        no more than the budget, the turn's tokens after the next and the context allow, and only
+        when their frames are free now (a guess never preempts anyone)."""
+        if count != 1 or proc.remaining != 1 or proc.builds_segment is not None \
+                or not may_draft(proc, self.stats.steps):
+            return ()
+        room = min(self.speculate, budget, proc.params.max_tokens - proc.turn_generated - 1,
+                   proc.tenant.program.max_context - len(proc.tokens) - 1)
+        if room <= 0:
+            return ()
+        draft = propose(proc, room)
+        return draft if draft and self._fits(proc, 1 + len(draft)) else ()
+
+    def _plan_work(self, proc, count: int, plan: Plan, draft: tuple = ()) -> None:
         mm = self.kernel.mm
         start = proc.num_computed
         faults = mm.cow_faults
-        slots = mm.append(proc.asid, proc.tokens[start:start + count])
+        slots = mm.append(proc.asid, proc.tokens[start:start + count] + list(draft) if draft
+                          else proc.tokens[start:start + count])
         if mm.cow_faults != faults:
             proc.cow_faults += mm.cow_faults - faults
             plan.cow_faults.append(proc)
@@ -193,14 +212,15 @@ class Scheduler:
                             proc=proc)
         last = start + count == len(proc.tokens)
         logits = last and proc.builds_segment is None
-        plan.works.append(Work(proc, start, count, slots, last, logits,
-                               logits and proc.params.max_tokens > proc.turn_generated))
+        plan.works.append(Work(proc, start, count + len(draft), slots, last, logits,
+                               logits and proc.params.max_tokens > proc.turn_generated, draft))
+        computed = count + len(draft)
         if proc.is_decoding:
-            plan.decode_tokens += count
+            plan.decode_tokens += computed
         else:
-            plan.prefill_tokens += count
-        self.policy.charge(proc, count)
-        proc.tenant.served_tokens += count
+            plan.prefill_tokens += computed
+        self.policy.charge(proc, computed)
+        proc.tenant.served_tokens += computed
         self.served.add(proc.pid)
 
     # -- memory for a running process -----------------------------------------------------

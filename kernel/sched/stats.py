@@ -13,6 +13,8 @@ class SchedStats:
     decode_tokens: int = 0           # tokens computed to produce the next token
     cached_tokens: int = 0           # prompt tokens mapped from the page cache or shm instead of computed
     generated_tokens: int = 0        # tokens sampled
+    draft_tokens: int = 0            # tokens computed on speculation (kernel/speculate.py)
+    accepted_tokens: int = 0         # of those, the ones the draws then matched (their K/V kept)
     padding_tokens: int = 0          # token slots wasted by batch="padded"
     admissions: int = 0
     preemptions: int = 0

@@ -63,7 +63,8 @@ def meminfo(answers: dict) -> r.MemInfo:
 
 _SCHED_SUMS = ("steps", "busy_seconds", "prefill_tokens", "decode_tokens", "cached_tokens", "generated_tokens",
                "padding_tokens", "admissions", "preemptions", "swap_outs", "swap_ins", "reclaims",
-               "recomputed_tokens", "exits", "oom_kills", "forward_errors", "tokens_per_second", "running", "waiting")
+               "recomputed_tokens", "exits", "oom_kills", "forward_errors", "tokens_per_second", "running", "waiting",
+               "draft_tokens", "accepted_tokens")
 
 
 def step_record(replica: int, rec):

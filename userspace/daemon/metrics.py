@@ -27,6 +27,8 @@ _COUNTERS = (
     ("kvos_decode_tokens", "sched", "decode_tokens", "Tokens computed to produce the next token"),
     ("kvos_cached_tokens", "sched", "cached_tokens", "Prompt tokens mapped from the page cache or shm"),
     ("kvos_generated_tokens", "sched", "generated_tokens", "Tokens sampled"),
+    ("kvos_draft_tokens", "sched", "draft_tokens", "Tokens computed on speculation (drafts)"),
+    ("kvos_accepted_tokens", "sched", "accepted_tokens", "Drafts the draws matched (their K/V kept)"),
     ("kvos_admissions", "sched", "admissions", "Processes admitted to run"),
     ("kvos_preemptions", "sched", "preemptions", "Processes preempted"),
     ("kvos_swap_outs", "sched", "swap_outs", "Processes swapped out to host memory"),

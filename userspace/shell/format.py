@@ -89,7 +89,7 @@ def schedstat_table(stat) -> Table:
     table.add_column("value", justify="right")
     for key in ("steps", "prefill_tokens", "decode_tokens", "cached_tokens", "generated_tokens", "padding_tokens",
                 "admissions", "preemptions", "swap_outs", "swap_ins", "reclaims", "recomputed_tokens", "exits",
-                "oom_kills", "forward_errors", "running", "waiting"):
+                "oom_kills", "forward_errors", "running", "waiting", "draft_tokens", "accepted_tokens"):
         table.add_row(key.replace("_", " "), f"{s[key]:,}")
     table.add_row("tokens per second", f"{s['tokens_per_second']:.1f}")
     for t in s["tenants"]:

@@ -1,0 +1,67 @@
+"""Speculative decoding by prompt lookup: guess a process's next tokens from its own token file.
+
+A decoding process whose last few tokens (an n-gram, 4 down to 2 tokens) occurred earlier in its
+file is given, as drafts, the tokens that followed that earlier occurrence (the most recent one).
+The scheduler plans its last token and the drafts as one work (kernel/sched/scheduler.py), the
+forward returns the logits of every row, and the step draws from them in order exactly as plain
+decoding would (kernel/step.py, commit_draft): the draw at row j is kept, and the next row looked
+at, only while it equals draft j. A draw never depends on the draft, so the tokens (seeded
+sampling, penalties, grammars and logprobs included) are those of the same process run without
+speculation; the drafts only decide how many of them one step yields. The K/V of rejected drafts
+is forgotten (MemoryManager.truncate) before anything names their pages.
+
+It pays where the forward's cost barely grows with the rows it is given (a small batch on the CPU:
+docs/performance.md section 18) and the text repeats its context (editing, extraction, code, a
+quote); a process with no earlier occurrence of its n-gram costs a few searches and nothing else,
+and one whose drafts keep missing drafts less and less often (note_outcome).
+"""
+from array import array
+
+NGRAM_MAX, NGRAM_MIN = 4, 2          # the suffix lengths looked up, longest first
+MAX_DRAFT = 16                       # the most drafts one work may carry (boot's speculate=k is at most this)
+MAX_DECODES = 8                      # steps with more decoding processes than this speculate for none
+MAX_BACKOFF = 64                     # the most steps a process waits to draft again after drafts it missed
+
+
+def may_draft(proc, step: int) -> bool:
+    """Whether the process drafts in this step: not while it backs off after missed drafts."""
+    return step >= proc.drafts_resume
+
+
+def note_outcome(proc, taken: int, step: int) -> None:
+    """After a draft of which `taken` tokens were kept: a process whose drafts keep missing (text
+    that does not repeat its context) waits 2, 4, ... up to MAX_BACKOFF steps before the next one,
+    so that it stops paying for rows nobody keeps; one taken resets it."""
+    if taken:
+        proc.draft_misses = 0
+        return
+    proc.draft_misses += 1
+    proc.drafts_resume = step + min(2 ** proc.draft_misses, MAX_BACKOFF)
+
+
+def propose(proc, k: int) -> tuple:
+    """At most k tokens that followed the latest earlier occurrence of the process's last n tokens
+    (n from NGRAM_MAX down to NGRAM_MIN), or () when none occurred. The file is searched as bytes
+    (4 per token, kept on the process and extended as it grows), so one lookup is a C-speed scan."""
+    tokens = proc.tokens
+    hay = proc.ngram_hay
+    if hay is None:
+        hay = proc.ngram_hay = bytearray()
+    have = len(hay) // 4
+    if have < len(tokens):
+        hay += array("i", tokens[have:]).tobytes()
+    total = len(tokens)
+    for n in range(NGRAM_MAX, NGRAM_MIN - 1, -1):
+        if total <= n:
+            continue
+        pattern = bytes(hay[-4 * n:])
+        end = 4 * (total - 1)            # an occurrence must end before the last token: something follows it
+        while True:
+            at = hay.rfind(pattern, 0, end)
+            if at < 0:
+                break
+            if at % 4 == 0:              # on a token boundary (a match across two tokens' bytes is not one)
+                start = at // 4 + n
+                return tuple(tokens[start:start + k])
+            end = at + 4 * n - 1         # look before this one
+    return ()
