@@ -65,10 +65,11 @@ def test_dp_and_portable_give_the_same_bits(m, k, n):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("m, k", [(7, 129), (12, 300), (64, 300), (70, 1)])
+@pytest.mark.parametrize("m, k", [(2, 129), (7, 129), (12, 300), (64, 300), (65, 300), (70, 1)])
 def test_a_row_does_not_depend_on_the_others(path, m, k):
-    """From 7 to 12 rows the kernel runs k in blocks across row tiles and parks the sums between blocks;
-    each output is still one sum in k order, so every row equals the same row computed alone."""
+    """From 7 to 12 rows the kernel runs k in blocks across row tiles and parks the sums between blocks
+    (the AVX2 path: up to 64 rows, row after row over blocks); each output is still one sum in k
+    order, so every row equals the same row computed alone."""
     g = torch.Generator().manual_seed(m)
     w, x, b = torch.randn(150, k, generator=g), torch.randn(m, k, generator=g), torch.randn(150, generator=g)
     packed = ops.panel_pack(w, BF16)

@@ -129,9 +129,13 @@ __attribute__((target("avx512f,fma"))) static void panel_c512(
 
 /* AVX2 + FMA (16 registers of 8 floats): tile_c's 6 x 64 tile would spill. x's pairs come widened to
  * floats once per call (xf: row r's k-pair j at 2j, 2j + 1), so a row's two factors are two broadcasts
- * from memory. One row takes the whole panel (8 accumulators); more rows go 6 at a time over quarters
- * of the panel (12 accumulators), as panel_mm.c's AVX2 tile. The products and their order are tile_c's:
- * the same sums, bit for bit. */
+ * from memory. One row takes the whole panel (8 accumulators); up to SMALL_M rows do the same row after
+ * row over blocks of KB_AVX2 k-pairs (rows_avx2: the first streams a block, the others find it in L1);
+ * more rows go 6 at a time over quarters of the panel (12 accumulators), as panel_mm.c's AVX2 paths,
+ * whose section 17 of docs/performance.md says why. The products and their order are tile_c's: the
+ * same sums, bit for bit. */
+#define KB_AVX2 64      /* k-pairs of a row block: 16 KB of panel */
+#define SMALL_M 64      /* rows up to which the row blocks run (their partial sums: 16 KB of stack) */
 
 ALWAYS_INLINE void tile8(const int R, const int C, float *y, int64_t y_stride, const float *xf, int64_t kp,
                          const uint16_t *panel, int c0, int cols, const float *bias, int accumulate)
@@ -163,6 +167,40 @@ ALWAYS_INLINE void tile8(const int R, const int C, float *y, int64_t y_stride, c
     }
 }
 
+/* m rows (at most SMALL_M) against one panel: every row over a block of KB_AVX2 k-pairs, one after
+ * another, with the whole panel width; partial sums in `sums` between blocks. Per output the same
+ * products in the same order as tile8's. */
+ALWAYS_INLINE void rows_avx2(float *y, int64_t y_stride, const float *xf, int64_t kp, const uint16_t *panel,
+                             const float *bias, int64_t m, int cols, int accumulate)
+{
+    float sums[SMALL_M * PANEL] __attribute__((aligned(32)));
+    const v8i hi_mask = {-65536, -65536, -65536, -65536, -65536, -65536, -65536, -65536};
+    for (int64_t j0 = 0; j0 < kp; j0 += KB_AVX2) {
+        const int64_t j1 = kp - j0 < KB_AVX2 ? kp : j0 + KB_AVX2;
+        for (int64_t r = 0; r < m; r++) {
+            const float *xr = xf + r * 2 * kp;
+            float *s = sums + r * PANEL;
+            v8 acc[8];
+            for (int c = 0; c < 8; c++)
+                acc[c] = j0 == 0 ? (v8){0, 0, 0, 0, 0, 0, 0, 0} : (v8)*(const v8_u *)(s + 8 * c);
+            for (int64_t j = j0; j < j1; j++) {
+                const int32_t *w = (const int32_t *)(panel + j * 2 * PANEL);
+                const float e = xr[2 * j], o = xr[2 * j + 1];
+                const v8 ev = {e, e, e, e, e, e, e, e}, ov = {o, o, o, o, o, o, o, o};
+                for (int c = 0; c < 8; c++) {
+                    const v8i d = *(const v8i_u *)(w + 8 * c);
+                    acc[c] += ov * (v8)(d & hi_mask);
+                    acc[c] += ev * (v8)(d << 16);
+                }
+            }
+            for (int c = 0; c < 8; c++)
+                *(v8_u *)(s + 8 * c) = acc[c];
+        }
+    }
+    for (int64_t r = 0; r < m; r++)
+        store_row(y + r * y_stride, sums + r * PANEL, cols, bias, accumulate);
+}
+
 __attribute__((target("avx2,fma"))) static void panel_avx2(
     float *y, int64_t y_stride, const uint32_t *xs, const float *xf, int64_t kp, const uint16_t *panel,
     const float *bias, int64_t m, int cols, int accumulate)
@@ -170,6 +208,10 @@ __attribute__((target("avx2,fma"))) static void panel_avx2(
     (void)xs;
     if (m == 1) {
         tile8(1, 8, y, y_stride, xf, kp, panel, 0, cols, bias, accumulate);
+        return;
+    }
+    if (m <= SMALL_M) {
+        rows_avx2(y, y_stride, xf, kp, panel, bias, m, cols, accumulate);
         return;
     }
     for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
