@@ -3,8 +3,8 @@
 A tiny pool (6 frames of 2 tokens, 4 swap slots, one cgroup limited to 4
 frames) makes eviction, exhaustion and swap-full common. After every step:
 fsck(), and every resident address space reads back its own tokens from its
-own frames, so a wrong copy-on-write, swap or page-cache mapping shows up as
-wrong data. A refused operation must leave everything as it was.
+own frames, so a wrong copy-on-write, swap, page-cache mapping or truncate shows
+up as wrong data. A refused operation must leave everything as it was.
 """
 import hypothesis.strategies as st
 from hypothesis import settings
@@ -56,6 +56,19 @@ class MemoryMachine(RuleBasedStateMachine):
     @rule(data=st.data(), tokens=st.lists(st.integers(0, 9), min_size=1, max_size=5))
     def grow(self, data, tokens):
         self.append_tokens(data.draw(st.sampled_from(self.resident)), tokens)
+
+    def _unnamed(self):
+        return [a for a in self.resident if self.mm.space(a).num_tokens > len(self.mm.space(a).names) * PAGE]
+
+    @precondition(lambda self: self._unnamed())
+    @rule(data=st.data())
+    def truncate(self, data):
+        """A speculation's rejected drafts: tokens past the last named page go back."""
+        asid = data.draw(st.sampled_from(self._unnamed()))
+        space = self.mm.space(asid)
+        keep = data.draw(st.integers(len(space.names) * PAGE, space.num_tokens - 1))
+        self.mm.truncate(asid, keep)
+        del self.expected[asid][keep:]
 
     @precondition(lambda self: self.expected)
     @rule(data=st.data())

@@ -2,7 +2,8 @@
 
 Every call returns or raises KvosError; a refused call changes nothing the
 caller could see; fsck() holds after every step; and greedy processes that run
-to the end produce exactly what they produce in a clean run. KVOS_FUZZ_SCALE
+to the end produce exactly what they produce in a clean run (which does not
+speculate; the fuzzed kernel does). KVOS_FUZZ_SCALE
 multiplies the number of examples (docs/reliability.md).
 """
 import math
@@ -19,6 +20,9 @@ from tests.kernel_helpers import TINY, frames
 
 SCALE = float(os.environ.get("KVOS_FUZZ_SCALE", "1"))
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 40)), list(range(3, 20)) * 2, [100, 200, 300]]
+# Greedy jobs whose output survivors must reproduce: (prompt, logit_bias). The forced one repeats a
+# token, so the fuzzed kernel's drafts (speculate=3) are proposed and taken from its second token on.
+JOBS = [(tuple(p), None) for p in PROMPTS] + [((7, 7, 7, 7), ((7, 100.0),))]
 MAX_TOKENS = 6
 STATS = {"calls": 0, "refused": 0, "by_errno": {}, "per_syscall": {}}
 
@@ -36,12 +40,17 @@ sampling_keys = st.sampled_from(["max_tokens", "temperature", "top_p", "top_k", 
 
 
 def clean_outputs():
-    """Greedy outputs of each prompt run alone: what survivors must reproduce."""
+    """Greedy outputs of each job run alone: what survivors must reproduce."""
     k = kernel.boot(memory=frames(64))
     sys = k.syscalls()
     tid = sys.spawn_tenant(TINY)
-    return {tuple(p): sys.wait(sys.spawn(tid, p, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)).tokens
-            for p in PROMPTS}
+    return {job: sys.wait(sys.spawn(tid, list(job[0]), **greedy(job))).tokens for job in JOBS}
+
+
+def greedy(job) -> dict:
+    """The spawn keys of a job (its bias, if it has one)."""
+    keys = dict(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    return keys if job[1] is None else dict(keys, logit_bias=job[1])
 
 
 CLEAN = None
@@ -53,12 +62,14 @@ class SyscallFuzzer(RuleBasedStateMachine):
         global CLEAN
         if CLEAN is None:
             CLEAN = clean_outputs()
-        self.k = kernel.boot(memory=frames(12), swap=frames(6), token_budget=24)
+        # Speculation on (clean_outputs runs without it): its drafts, truncates and back-offs go
+        # through every sequence too, and survivors must still match the clean run.
+        self.k = kernel.boot(memory=frames(12), swap=frames(6), token_budget=24, speculate=3)
         self.root = self.k.syscalls()
         self.tids = [self.root.spawn_tenant(TINY, name="a", mem_limit=frames(8)),
                      self.root.spawn_tenant(TINY, name="b")]
         self.handles = [self.root] + [self.k.syscalls(as_tenant=t) for t in self.tids]
-        self.valid = {}          # pid -> prompt of greedy processes whose output must match CLEAN
+        self.valid = {}          # pid -> the job of greedy processes whose output must match CLEAN
 
     def _call(self, handle, name, args, kwargs):
         STATS["calls"] += 1
@@ -87,16 +98,15 @@ class SyscallFuzzer(RuleBasedStateMachine):
             return
         self._call(handle, name, args, kwargs)
 
-    @rule(data=st.data(), prompt=st.sampled_from(PROMPTS))
-    def spawn_valid(self, data, prompt):
+    @rule(data=st.data(), job=st.sampled_from(JOBS))
+    def spawn_valid(self, data, job):
         tid = data.draw(st.sampled_from(self.tids))
         if tid not in self.k.tenants:
             return
         scoring = data.draw(st.sampled_from([None, 1]))      # its prompt scored by its own rows, or not
-        pid = self._call(self.root, "spawn", [tid, prompt], dict(max_tokens=MAX_TOKENS, temperature=0,
-                                                                  ignore_eos=True, prompt_logprobs=scoring))
+        pid = self._call(self.root, "spawn", [tid, list(job[0])], dict(greedy(job), prompt_logprobs=scoring))
         if pid is not None:
-            self.valid[pid] = tuple(prompt)
+            self.valid[pid] = job
 
     @rule(data=st.data())
     def fork_or_kill(self, data):
@@ -121,10 +131,10 @@ class SyscallFuzzer(RuleBasedStateMachine):
     def teardown(self):
         self.k.run()
         self.k.fsck()
-        for pid, prompt in self.valid.items():
+        for pid, job in self.valid.items():
             proc = self.k.procs.get(pid)
             if proc is not None and proc.exit is not None and proc.exit.reason == "length":
-                assert proc.exit.tokens == CLEAN[prompt], f"pid {pid} produced other tokens than a clean run"
+                assert proc.exit.tokens == CLEAN[job], f"pid {pid} produced other tokens than a clean run"
         for tid in list(self.k.tenants):
             self.root.kill_tenant(tid)
         self.k.fsck()
