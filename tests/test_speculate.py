@@ -270,3 +270,14 @@ def test_every_cpu_program_gives_the_same_draws_to_the_bit(env, monkeypatch):
     plain, _ = run(0, jobs, boot={"memory": "64MiB"}, tenant="smollm2-135m")
     spec, k4 = run(4, jobs, boot={"memory": "64MiB"}, tenant="smollm2-135m")
     assert spec == plain and k4.stats.accepted_tokens > 0
+
+
+def test_top_shows_how_many_drafts_were_taken():
+    from rich.console import Console
+
+    from userspace.tui import views
+    _, k = run(3, [(LOOP, dict(max_tokens=60, ignore_eos=True, temperature=0))])
+    console = Console(width=120, record=True)
+    console.print(views.scheduler(k.syscalls().schedstat()))
+    stat = k.stats
+    assert f"speculation: {stat.accepted_tokens} of {stat.draft_tokens} drafts taken" in console.export_text()

@@ -138,6 +138,9 @@ def scheduler(stat) -> Group:
         lines.append(split)
     lines.append(Text(f"{stat.tokens_per_second:.1f} tok/s computed overall; {stat.generated_tokens} generated; "
                       f"{stat.preemptions} preemptions ({stat.swap_outs} swap-outs, {stat.reclaims} reclaims)"))
+    if stat.draft_tokens:                    # a kernel booted with speculate=k
+        lines.append(Text(f"speculation: {stat.accepted_tokens} of {stat.draft_tokens} drafts taken "
+                          f"({stat.accepted_tokens / stat.draft_tokens:.0%})"))
     for t in stat.tenants:
         lines.append(Text(f"  {t.name:<10} weight {t.weight:g}: {t.served_tokens} tokens served, "
                           f"{t.running} running, {t.waiting} waiting, {t.sleeping} sleeping"))
