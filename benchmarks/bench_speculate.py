@@ -4,11 +4,12 @@
 
 Three chat tasks on the instruct model, greedy: `repeat` (copy a paragraph of docs/lifecycle.md
 back), `edit` (the same paragraph with one word changed throughout: most of it is a copy), `free`
-(a short essay: little to copy), at batch 1, and `repeat` at batch 4. For each task and k (0 is
-plain decoding, the baseline), kernels are booted in interleaved rounds (k order rotated each
-round) and the run's wall time from spawn to the last exit is timed; prints medians, the ratio
-to k = 0 of the same rounds, tokens per step of the speculating processes, drafts computed per
-token generated, the share of drafts taken, and whether every k gave the same tokens as k = 0 (it must).
+(a short essay: little to copy), at batch 1, and `repeat` at batch 4 (and, with --tasks, at 8: the
+most decoding processes that still speculate). For each task and k (0 is plain decoding, the
+baseline), kernels are booted in interleaved rounds (k order rotated each round) and the run's
+wall time from spawn to the last exit is timed; prints medians, the ratio to k = 0 of the same
+rounds, tokens per step of the speculating processes, drafts computed per token generated, the
+share of drafts taken, and whether every k gave the same tokens as k = 0 (it must).
 """
 import argparse
 import statistics
@@ -34,7 +35,10 @@ TASKS = {
                           f"changing nothing else:\n\n{p}"),
     "free": (1, lambda p: "Write a short essay on why operating systems use virtual memory."),
     "repeat x4": (4, lambda p: f"Repeat the following text exactly, word for word:\n\n{p}"),
+    "repeat x8": (8, lambda p: f"Repeat the following text exactly, word for word:\n\n{p}"),
 }
+DEFAULT_TASKS = "repeat,edit,free,repeat x4"
+
 
 
 def run(model: str, k: int, prompt_text: str, batch: int, tokens: int, threads: int):
@@ -59,7 +63,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--tasks", default=DEFAULT_TASKS, help=f"of {', '.join(TASKS)}")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     if ks[0] != 0:
