@@ -10,6 +10,8 @@ baseline), kernels are booted in interleaved rounds (k order rotated each round)
 wall time from spawn to the last exit is timed; prints medians, the ratio to k = 0 of the same
 rounds, tokens per step of the speculating processes, drafts computed per token generated, the
 share of drafts taken, and whether every k gave the same tokens as k = 0 (it must).
+--step-times --ks 4 instead times each decode step of one `repeat` run by the rows it computed
+(1 for plain decoding, 1 + drafts when speculating) and the row-by-row draws at commit.
 """
 import argparse
 import statistics
@@ -56,6 +58,41 @@ def run(model: str, k: int, prompt_text: str, batch: int, tokens: int, threads: 
     return result
 
 
+def step_times(model: str, k: int, prompt_text: str, tokens: int, threads: int) -> None:
+    """One `repeat` run at k = 0 and at k, each decode step timed and grouped by the rows it computed,
+    and the time commit_draft (the row-by-row draws at commit) takes a step."""
+    from kernel import step as kstep
+    spent, commit_draft = [], kstep.commit_draft
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        out = commit_draft(*args, **kwargs)
+        spent.append(time.perf_counter() - started)
+        return out
+    kstep.commit_draft = timed
+    try:
+        for spec in (0, k):
+            kern = kernel.boot(memory="256MiB", threads=threads, speculate=spec)
+            sys_ = kern.syscalls()
+            tid = sys_.spawn_tenant(model)
+            pid = sys_.spawn(tid, sys_.tokenize(tid, [{"role": "user", "content": prompt_text}]),
+                             max_tokens=tokens, temperature=0)
+            kern.step()                                  # the prefill
+            by_rows = {}
+            while kern.procs[pid].alive:
+                before, started = kern.stats.decode_tokens, time.perf_counter()
+                kern.step()
+                by_rows.setdefault(kern.stats.decode_tokens - before, []).append(time.perf_counter() - started)
+            sys_.wait(pid)
+            kern.shutdown()
+            print(f"k={spec}: " + ", ".join(f"{rows}-row steps {1000 * statistics.median(ts):.1f} ms (x{len(ts)})"
+                                            for rows, ts in sorted(by_rows.items())))
+    finally:
+        kstep.commit_draft = commit_draft
+    if spent:
+        print(f"commit_draft: {1e6 * statistics.median(spent):.0f} us a step (median of {len(spent)})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -64,8 +101,13 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tasks", default=DEFAULT_TASKS, help=f"of {', '.join(TASKS)}")
+    ap.add_argument("--step-times", action="store_true",
+                    help="instead: `repeat` once at k = 0 and at the largest k, its decode steps timed by rows")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
+    if args.step_times:
+        step_times(args.model, max(ks), TASKS["repeat"][1](paragraph()), args.tokens, args.threads)
+        return
     if ks[0] != 0:
         ks = [0] + ks
     text = paragraph()
