@@ -49,7 +49,7 @@ def forward(kernel, plan) -> dict:
         scoring, score_rows = prompt_rows(works)
         try:
             host, padding = host_batch(works, wanted, kernel.mm, kernel.null_frame if kernel.padded else None,
-                                       kernel.page_rows, draft_rows(works) + score_rows)
+                                       kernel.page_rows, draft_rows(works) + score_rows if drafted else score_rows)
             kv, graphs = kernel.kv_view(program), kernel.graphs
             if graphs is not None and graphs.takes(program, host, kv):    # pure decode: static buffers, graphs
                 logits, graph_padding = graphs.forward(program, host, kv)

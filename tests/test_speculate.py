@@ -129,14 +129,15 @@ def test_greedy_repetition_takes_fewer_steps():
 
 
 def test_stop_strings_end_a_turn_inside_the_drafts():
-    # tiny-llama's text is its token ids' bytes; stop on what the greedy loop prints after a few tokens
-    plain, _ = run(0, [(LOOP, dict(max_tokens=50, temperature=0))])
-    text = plain[0][1]
-    stop = text[9:12] if len(text) > 12 else None
-    if not stop:
-        pytest.skip("the tiny model printed too little text to stop on")
-    jobs = [(LOOP, dict(max_tokens=50, temperature=0, stop=[stop]))]
-    assert run(4, jobs)[0] == run(0, jobs)[0]
+    # tiny-llama's text is its token ids' bytes; stop on 4 bytes first printed late in the greedy
+    # loop's text, after drafts were being computed
+    greedy = dict(max_tokens=60, temperature=0, ignore_eos=True)
+    text = run(0, [(LOOP, greedy)])[0][0][1]
+    at = next(i for i in range(2 * len(text) // 3, len(text) - 4) if text.find(text[i:i + 4]) == i)
+    jobs = [(LOOP, dict(greedy, stop=[text[at:at + 4]]))]
+    spec, k = run(4, jobs)
+    assert spec == run(0, jobs)[0]
+    assert spec[0][2] == "stop" and spec[0][1] == text[:at] and k.stats.draft_tokens > 0
 
 
 def test_a_grammar_sees_every_token_it_would_have_seen():

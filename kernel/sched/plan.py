@@ -26,8 +26,9 @@ class Work:
     @property
     def input_tokens(self) -> list:
         """The tokens its rows compute: its part of the file, then its drafts."""
-        tokens = self.proc.tokens[self.start:self.end]
-        return tokens + list(self.draft) if self.draft else tokens
+        if not self.draft:
+            return self.proc.tokens[self.start:self.end]
+        return self.proc.tokens[self.start:self.end - len(self.draft)] + list(self.draft)
 
 
 @dataclass
