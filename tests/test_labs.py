@@ -85,7 +85,8 @@ def test_start_writes_the_skeleton_the_handout_and_an_answers_file(tmp_path, cap
     assert "MemoryManager._cow_fault" in capsys.readouterr().out
     memory = (dst / "kernel/mm/memory.py").read_text()
     assert "LAB(cow): BEGIN" not in memory and 'raise NotImplementedError("lab cow: MemoryManager.fork")' in memory
-    assert "LAB(pagetable): BEGIN" in memory and "LAB(swap): BEGIN" in memory       # other labs stay whole
+    assert "LAB(pagetable): BEGIN" in memory and "LAB(pagecache): BEGIN" in memory  # other labs stay whole
+    assert "LAB(swap): BEGIN" in (dst / "kernel/mm/swap.py").read_text()
     assert (dst / "docs/labs/cow.md").is_file() and (dst / "tests/labs/grade_cow.py").is_file()
     assert not (dst / ".git").exists() and not (dst / ".venv").exists()
     answers = (dst / "answers-cow.txt").read_text()

@@ -4,7 +4,8 @@ Public names: MemoryManager and the errors it raises for lack of memory
 (MemoryPressure, SwapFull, both ENOMEM). Everything else is reached through
 MemoryManager's methods.
 """
-from kernel.mm.memory import MemoryManager, MemoryPressure, SwapFull
+from kernel.mm.memory import MemoryManager, MemoryPressure
 from kernel.mm.pagecache import namespace_name, page_name
+from kernel.mm.swap import SwapFull
 
 __all__ = ["MemoryManager", "MemoryPressure", "SwapFull", "namespace_name", "page_name"]

@@ -1,4 +1,5 @@
-"""The memory manager: address spaces, segments, the page cache and swap over one frame pool.
+"""The memory manager: address spaces, segments, the page cache and swap over one frame pool
+(swap_out and swap_in live in kernel/mm/swap.py, mixed into MemoryManager).
 
 Bookkeeping happens here in Python; the bytes move on the device. Every
 operation that moves bytes (copy-on-write copies, swap traffic) is queued and
@@ -13,7 +14,7 @@ from kernel.mm.cgroup import ROOT_CGID, MemCgroup
 from kernel.mm.frames import FrameTable
 from kernel.mm.pagecache import PageCache, page_name
 from kernel.mm.pagetable import AddressSpace, PageHolder, Segment
-from kernel.mm.swap import SwapArea
+from kernel.mm.swap import SwapArea, Swapping
 
 
 class MemoryPressure(KvosError):
@@ -26,12 +27,7 @@ class MemoryPressure(KvosError):
         self.cgroup = cgroup
 
 
-class SwapFull(KvosError):
-    def __init__(self, needed: int, free: int):
-        super().__init__(ENOMEM, f"swap out: {needed} slot(s) needed, {free} free")
-
-
-class MemoryManager:
+class MemoryManager(Swapping):
     def __init__(self, device: Device, num_frames: int, frame_bytes: int, swap_slots: int = 0,
                  watermark: int | None = None):
         if num_frames < 1:
@@ -324,82 +320,6 @@ class MemoryManager:
             self.swap.release(slot)
         # LAB(pagetable): END
         del self.spaces[asid]
-
-    # -- swap ---------------------------------------------------------------------
-    def swap_out(self, asid: int) -> int:
-        """Move every page to the swap area; device frames lose this reference. Returns pages moved.
-
-        Raises SwapFull (nothing changes) when the swap area lacks room.
-        """
-        space = self.space(asid)
-        if space.is_swapped or not space.frames:
-            return 0
-        self._remapped(asid)
-        # LAB(swap): BEGIN
-        pages = space.num_pages
-        if pages > self.swap.num_free:
-            raise SwapFull(pages, self.swap.num_free)
-        for frame in space.frames[pages:]:
-            self.frames.decref(frame)
-        for frame in space.frames[:pages]:
-            slot = self.swap.alloc()
-            self.pending.append(MemOp("swap_out", frame, slot))
-            space.swap_slots.append(slot)
-            self.frames.decref(frame)
-        space.frames = []
-        self.swapped_out_pages += len(space.swap_slots)
-        return len(space.swap_slots)
-        # LAB(swap): END
-
-    def swap_in_plan(self, asid: int):
-        """(frames to allocate, charges, cached frames reused) for swapping `asid` in."""
-        space = self.space(asid)
-        hits = self._swap_in_hits(space)
-        cached_hits = sum(1 for f in hits if f is not None and self.frames.refcount[f] == 0)
-        new = sum(1 for f in hits if f is None)
-        return new, new + cached_hits, cached_hits
-
-    def _swap_in_hits(self, space: AddressSpace) -> list:
-        """Per swapped page, a frame of the page cache that still holds it, or None."""
-        hits = []
-        for vpn in range(len(space.swap_slots)):
-            frame = None
-            if vpn < len(space.names):
-                frame = self.page_cache.lookup(space.names[vpn], space.parent_name(vpn), space.page_tokens(vpn))
-            hits.append(frame)
-        return hits
-
-    def swap_in(self, asid: int) -> int:
-        """Bring a swapped address space back, into any frames. Pages still in the page
-        cache are mapped from there (no copy). Returns pages copied from swap."""
-        space = self.space(asid)
-        if not space.is_swapped:
-            return 0
-        self._remapped(asid)
-        # LAB(swap): BEGIN
-        hits = self._swap_in_hits(space)
-        cached_hits = sum(1 for f in hits if f is not None and self.frames.refcount[f] == 0)
-        new = sum(1 for f in hits if f is None)
-        self._reserve(space.cgroup, new, new + cached_hits, f"swap in address space {asid}",
-                      pinned_cached=cached_hits)
-        for frame in hits:          # map the hits first so that allocation cannot evict them
-            if frame is not None:
-                self.frames.incref(frame, space.cgroup)
-        copied = 0
-        for vpn, slot in enumerate(space.swap_slots):
-            frame = hits[vpn]
-            if frame is None:
-                frame = self.frames.alloc(space.cgroup)
-                self.pending.append(MemOp("swap_in", slot, frame))
-                copied += 1
-            else:
-                self.page_cache.stats.hits += 1
-            space.frames.append(frame)
-            self.swap.release(slot)
-        space.swap_slots = []
-        self.swapped_in_pages += copied
-        return copied
-        # LAB(swap): END
 
     # -- shm segments -----------------------------------------------------------
     def make_segment(self, asid: int) -> int:

@@ -28,6 +28,7 @@ class Wrong:
 
 
 MEM, SCHED, POL = "kernel/mm/memory.py", "kernel/sched/scheduler.py", "kernel/sched/policies.py"
+SWAP, PREEMPT = "kernel/mm/swap.py", "kernel/sched/preempt.py"
 WRONG = (
     # pagetable
     Wrong("pagetable", "floor-pages", "pages counted with floor division: a partly filled page gets no frame", MEM,
@@ -61,10 +62,10 @@ WRONG = (
           "space.frames = list(seg.frames)"),
     # swap
     Wrong("swap", "reclaim-keeps-count", "a reclaim that keeps its computed count: readmission skips the dropped "
-          "tokens", SCHED, "proc.num_computed = 0", ""),
-    Wrong("swap", "swap-in-without-copy", "swap-in maps fresh frames but never copies the pages back", MEM,
+          "tokens", PREEMPT, "proc.num_computed = 0", ""),
+    Wrong("swap", "swap-in-without-copy", "swap-in maps fresh frames but never copies the pages back", SWAP,
           'self.pending.append(MemOp("swap_in", slot, frame))', ""),
-    Wrong("swap", "swap-out-keeps-frames", "swap-out copies the pages out but keeps the frames", MEM,
+    Wrong("swap", "swap-out-keeps-frames", "swap-out copies the pages out but keeps the frames", SWAP,
           "space.swap_slots.append(slot)\nself.frames.decref(frame)", "space.swap_slots.append(slot)"),
     # batch
     Wrong("batch", "positions-from-zero", "positions restart at 0 each step: RoPE sees every chunk at the start",

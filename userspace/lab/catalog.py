@@ -48,7 +48,7 @@ LABS = (
         (ALONE, "tests/test_fork_cow.py")),
     Lab("swap", "Swap and reclaim",
         "preemption that loses nothing: pages swapped to the host and back, or dropped and recomputed",
-        ("kernel/mm/memory.py", "kernel/sched/scheduler.py"), "3 h", (ALONE,)),
+        ("kernel/mm/swap.py", "kernel/sched/preempt.py"), "3 h", (ALONE,)),
     Lab("batch", "Ragged batches",
         "every process's new tokens packed back to back with positions, slots and page-table rows; padding",
         ("kernel/batch.py",), "2 h", ("tests/test_sim_kernel.py::test_every_policy_runs_every_process_to_its_length",)),
