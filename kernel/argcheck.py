@@ -65,6 +65,7 @@ def proc_of(kernel, caller, pid):
 
 
 MAX_TOOLS_BYTES = 64 * 1024   # the tools of one chat, as JSON
+MAX_SCHEMA_BYTES = 64 * 1024  # a json_schema's JSON text, or a grammar's (compiled in the caller's context)
 MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import TYPE_CHECKING
 
+from kernel.argcheck import MAX_SCHEMA_BYTES
 from kernel.errors import EINVAL, KvosError
 from kernel.output import check_stop_strings
 
@@ -22,7 +23,6 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 1024            # entries of logit_bias: bounded work per draw (OpenAI documents none)
 MAX_BIAS = 100.0                 # |bias|, as OpenAI: -100 bans a token, +100 all but forces it
 MAX_LOGPROBS = 20                # as OpenAI's top_logprobs
-MAX_SCHEMA_BYTES = 64 * 1024     # a json_schema's JSON text, or a grammar's (compiled in the caller's context)
 
 if TYPE_CHECKING:           # torch is imported where tokens are drawn: a daemon client needs SamplingParams only
     import torch

@@ -1,8 +1,10 @@
 """The OpenAI fields beyond plain sampling, through the unmodified openai client against kvosd on
 tiny-llama: logprobs in both shapes (streamed too), response_format (json_schema output valid on
-every sampled choice, json_object), penalties, tool calls (on tiny-tools, whose template takes
+every sampled choice, json_object), vLLM's structured_outputs (regex, choice, Lark and GBNF
+grammars), penalties, tool calls (on tiny-tools, whose template takes
 tools), and clear 400s for what stays unsupported."""
 import json
+import re
 
 import openai
 import pytest
@@ -106,6 +108,48 @@ def test_json_object_gives_an_object(client):
     assert all(c.message.content.startswith("{") for c in choices)
 
 
+CODE = r"[A-Z]{2}-[0-9]{3}"
+
+
+def test_structured_outputs_regex_matches_every_sampled_choice(client):
+    """vLLM's structured_outputs: the whole reply matches the regex, sampled, streamed, in completions."""
+    body = {"structured_outputs": {"regex": CODE}}
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=1.2, seed=3,
+                                           n=4, extra_body=body)
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop" and re.fullmatch(CODE, choice.message.content), choice
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=1.2, seed=3,
+                                            stream=True, extra_body=body)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
+    text = client.completions.create(model=MODEL, prompt="Code:", max_tokens=16, temperature=1.0, seed=4,
+                                     extra_body=body).choices[0].text
+    assert re.fullmatch(CODE, text), text
+
+
+def test_structured_outputs_choice_and_grammars(client):
+    choices = ["yes", "no", "maybe not"]
+    got = {c.message.content for seed in range(3) for c in client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=8, temperature=1.5, seed=seed, n=4,
+        extra_body={"structured_outputs": {"choice": choices}}).choices}
+    assert got and got <= set(choices)
+    lark = 'start: ANSWER " " NUM\nANSWER: "yes" | "no"\nNUM: /[0-9]{1,2}/'
+    gbnf = 'root ::= ("yes" | "no") " " [0-9] [0-9]?'           # vLLM's examples write GBNF
+    for grammar in (lark, gbnf):
+        for c in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, seed=2,
+                                                n=3, extra_body={"structured_outputs": {"grammar": grammar}}).choices:
+            assert c.finish_reason == "stop" and re.fullmatch(r"(yes|no) [0-9]{1,2}", c.message.content), c
+
+
+def test_structured_outputs_json_equals_response_format(client):
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=96, temperature=1.0, seed=11, n=2)
+    want = [c.message.content for c in client.chat.completions.create(**kw, response_format=PERSON_FORMAT).choices]
+    for schema in (PERSON, json.dumps(PERSON)):             # an object, or its JSON text
+        got = client.chat.completions.create(**kw, extra_body={"structured_outputs": {"json": schema,
+                                                                                      "disable_fallback": True}})
+        assert [c.message.content for c in got.choices] == want
+    assert all(isinstance(json.loads(w), dict) for w in want)
+
+
 def test_penalties_are_accepted_and_equal_the_kernel(client):
     k = kernel.boot(memory="8MiB", threads=1)
     root = k.syscalls()
@@ -167,6 +211,16 @@ def test_logit_bias_and_min_tokens_equal_the_kernel_over_both_doors(client, serv
     ({"logit_bias": {"99999": 1}}, "logit_bias token id 99999 is outside the vocabulary"),
     ({"min_tokens": 3}, "min_tokens 3 exceeds max_tokens 2"),
     ({"min_tokens": 1, "response_format": {"type": "json_object"}}, "min_tokens cannot be combined"),
+    ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex: "),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "give exactly one of structured_outputs.json,"),
+    ({"structured_outputs": {}}, "give exactly one of structured_outputs.json,"),
+    ({"structured_outputs": {"choice": ["a", 1]}}, "choice must be a list of non-empty strings"),
+    ({"structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs.grammar: "),
+    ({"structured_outputs": {"grammar": "root ::= ("}}, "structured_outputs.grammar: "),
+    ({"structured_outputs": {"json": "{"}}, "structured_outputs.json is not JSON"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag is not supported"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "are exclusive"),
+    ({"structured_outputs": {"choice": ["a"]}, "min_tokens": 1}, "min_tokens cannot be combined"),
     ({"suffix": "x"}, "suffix is not supported"),
     ({"audio": {"voice": "x"}}, "audio is not supported"),
 ])
@@ -223,6 +277,13 @@ def test_a_named_tool_call_streamed_or_not(tools_client):
     assert [(t.index, t.function.name, t.function.arguments) for t in calls] == \
         [(0, "get_weather", call.function.arguments)]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_forced_tool_call_takes_no_other_constraint(tools_client):
+    for body in ({"structured_outputs": {"regex": "a+"}}, {"response_format": {"type": "json_object"}}):
+        with pytest.raises(openai.BadRequestError, match="and a forced tool call"):
+            tools_client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, tool_choice="required",
+                                                 max_tokens=8, extra_body=body)
 
 
 def test_auto_lets_the_model_choose_and_a_tool_result_continues_the_chat(tools_client):

@@ -1,7 +1,8 @@
 """kvosd with the real default model (slow): the official openai client's chat answer equals the
 in-process libc.chat answer, streamed or not; json_schema output is valid on every sampled choice,
-with logprobs and penalties."""
+with logprobs and penalties; structured_outputs choice and regex hold on the real model."""
 import json
+import re
 
 import pytest
 import torch
@@ -62,3 +63,18 @@ def _structured_output(client):
             assert choice.finish_reason == "stop", choice
             assert_valid(PERSON, json.loads(choice.message.content))
             assert all(len(e.top_logprobs) == 2 for e in choice.logprobs.content)
+    # vLLM's structured_outputs: one of three choices where the model would answer with a sentence
+    # (greedy, it says Lyon: the mask allows any token that begins a choice, and the lone letter "L",
+    # log-probability -1.96 as a common opening, outscores "Paris", -4.10), a number under a regex
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    for temperature in (0, 1.0):
+        reply = client.chat.completions.create(model=MODEL, messages=ask, temperature=temperature, seed=2, n=2,
+                                               max_tokens=8, extra_body={
+                                                   "structured_outputs": {"choice": ["Paris", "Lyon", "Berlin"]}})
+        for choice in reply.choices:
+            assert choice.message.content in ("Paris", "Lyon", "Berlin") and choice.finish_reason == "stop", choice
+    ask = [{"role": "user", "content": "How many legs does a spider have?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=ask, temperature=1.0, seed=1, n=3, max_tokens=8,
+                                           extra_body={"structured_outputs": {"regex": "[0-9]{1,2} legs"}})
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop" and re.fullmatch("[0-9]{1,2} legs", choice.message.content), choice

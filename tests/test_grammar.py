@@ -9,9 +9,10 @@ import sys as _sys
 import pytest
 
 import kernel
+from kernel.argcheck import MAX_SCHEMA_BYTES
 from kernel.errors import EINVAL, KvosError
 from kernel.grammar import compile_grammar
-from kernel.sampling import MAX_SCHEMA_BYTES, SamplingParams
+from kernel.sampling import SamplingParams
 from tests.helpers.schemas import PERSON, assert_valid
 from tests.kernel_helpers import TINY, frames
 

@@ -7,6 +7,7 @@ The slow test runs the real demo with SmolLM2 end to end.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,28 @@ def test_run_text_output(capsys):
     assert "[pid 1] [not markup]" in out and "(length, 4 tokens" in out
 
 
+def test_run_structured_output_options(capsys, tmp_path):
+    """--choice, --regex, --grammar and --json-schema @FILE: every reply is valid under them (sampled)."""
+    pytest.importorskip("llguidance")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+                                  "additionalProperties": False}))
+    cases = [(["--choice", "yes", "--choice", "no way"], lambda t: t in ("yes", "no way")),
+             (["--regex", "[a-z]{2}[0-9]"], lambda t: re.fullmatch("[a-z]{2}[0-9]", t)),
+             (["--grammar", 'root ::= "x" [0-9] [0-9]?'], lambda t: re.fullmatch("x[0-9]{1,2}", t)),
+             (["--json-schema", f"@{schema}"], lambda t: isinstance(json.loads(t)["n"], int))]
+    for options, valid in cases:
+        argv = ["run", "--json", "--model", TINY, "--max-tokens", "24", "--temperature", "1.2", "--seed", "5"]
+        assert main(argv + options + ["a", "b", "c"]) == 0
+        for line in capsys.readouterr().out.strip().splitlines():
+            reply = json.loads(line)
+            assert reply["finish_reason"] == "stop" and valid(reply["text"]), (options, reply)
+
+
 @pytest.mark.parametrize("argv, errno, code", [
+    (["run", "--model", TINY, "--regex", "a", "--choice", "b", "hi"], "EINVAL", 22),
+    (["run", "--model", TINY, "--regex", "(", "hi"], "EINVAL", 22),
+    (["run", "--model", TINY, "--json-schema", "@/no/such/file.json", "hi"], "EINVAL", 22),
     (["run", "--model", "no-such-model", "hi"], "ENOENT", 2),
     (["run", "--model", TINY, "--max-tokens", "-1", "hi"], "EINVAL", 22),
     (["run", "--model", TINY, "--memory", "lots", "hi"], "EINVAL", 22),

@@ -332,9 +332,9 @@ def _tool_params(info, req, params) -> dict:
     mode = openai_tools.check(req.tools, req.tool_choice)
     out = {"tools": req.tools}
     if mode != "auto":
-        if "json_schema" in params:
-            raise KvosError(EINVAL, "response_format and a forced tool call (tool_choice 'required' or a function) "
-                                    "are exclusive")
+        if "json_schema" in params or "grammar" in params:
+            raise KvosError(EINVAL, "response_format or structured_outputs and a forced tool call (tool_choice "
+                                    "'required' or a function) are exclusive")
         out["grammar"] = openai_tools.forced_call_grammar(req.tools, None if mode == "required" else mode)
     return out
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kernel.errors import EINVAL, KvosError
 from userspace.daemon import openai_tools
+from userspace.libc import structured
 
 UNSUPPORTED = "is not supported by kvosd (docs/daemon.md lists what is)"
 # Fields a client may send that change nothing here (identifiers, storage and routing hints).
@@ -36,8 +37,8 @@ class StreamOptions(BaseModel):
 
 class Sampling(BaseModel):
     """What both endpoints take. top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-    stop_token_ids, priority and return_token_ids are extensions (as in vLLM), and so is
-    response_format in completions."""
+    stop_token_ids, priority, return_token_ids and structured_outputs are extensions (as in vLLM),
+    and so is response_format in completions."""
     model_config = STRICT
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -52,6 +53,7 @@ class Sampling(BaseModel):
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None     # token id (as a string) -> bias in [-100, 100]
     response_format: dict | None = None     # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
+    structured_outputs: dict | None = None  # as vLLM: one of json, regex, choice, grammar, json_object
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -128,6 +130,10 @@ def sampling_params(req) -> dict:
     schema = json_schema(req.response_format)
     if schema is not None:
         params["json_schema"] = schema
+    constraint = structured.spawn_keys(req.structured_outputs)
+    if constraint and schema is not None:
+        raise KvosError(EINVAL, "response_format and structured_outputs are exclusive: give one")
+    params.update(constraint)
     if req.stop is not None:
         params["stop"] = req.stop
     limit = getattr(req, "max_completion_tokens", None)

@@ -33,7 +33,30 @@ def _sampling(args) -> dict:
             params[key] = getattr(args, key)
     if args.stop:
         params["stop"] = args.stop
+    from userspace.libc.structured import spawn_keys
+    spec = {"json": _text_or_file(args.json_schema, "--json-schema"), "regex": args.regex, "choice": args.choice,
+            "grammar": _text_or_file(args.grammar, "--grammar")}
+    given = [_OPTION.get(kind, f"--{kind}") for kind, value in spec.items() if value is not None]
+    if len(given) > 1:
+        raise KvosError(EINVAL, f"give at most one of --json-schema, --regex, --choice, --grammar; "
+                                f"got {', '.join(given)}")
+    if given:
+        params.update(spawn_keys(spec, name=lambda kind: _OPTION.get(kind, f"--{kind}")))
     return params
+
+
+_OPTION = {"json": "--json-schema"}
+
+
+def _text_or_file(value, option: str):
+    """The option's text, or the contents of the file it names as @FILE."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as err:
+        raise KvosError(EINVAL, f"{option} {value}: {err.strerror}") from None
 
 
 def _prompt(text: str, args):
@@ -77,10 +100,10 @@ def read_prompts(args) -> list:
 
 def run_main(args) -> int:
     texts = read_prompts(args)
+    params = _sampling(args)                        # bad options are refused before anything boots
     k = boot_kernel(args)
     root = k.syscalls()
     tid = spawn_tenant(root, args.model)
-    params = _sampling(args)
     pids = [root.spawn(tid, _prompt(text, args), **params) for text in texts]
     _run_with_progress(root, len(pids) * args.max_tokens)
     console = Console(highlight=False, soft_wrap=True)
@@ -131,6 +154,7 @@ CHAT_COMMANDS = {"/reset": "forget the conversation and start over (the process 
 
 def chat_main(args) -> int:
     from userspace.libc import Chat
+    params = _sampling(args)
     k = boot_kernel(args)
     root = k.syscalls()
     tid = spawn_tenant(root, args.model)
@@ -138,7 +162,6 @@ def chat_main(args) -> int:
     if interactive:
         print(f"kvos chat with {args.model}: /reset starts over, /exit, an empty line or Ctrl-D ends it "
               f"(/help).", file=sys.stderr)
-    params = _sampling(args)
     chat = Chat(root, tid, system=args.system, **params)
     try:
         while True:

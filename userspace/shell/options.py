@@ -158,6 +158,13 @@ def add_sampling_options(parser, max_tokens: int) -> None:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     g.add_argument("--system", default=None, metavar="TEXT", help="a system prompt for the chat template")
     g.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
+    g = parser.add_argument_group("structured output (at most one; every reply is valid under it, docs/shell.md)")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA", help="a JSON Schema: its JSON text, or @FILE")
+    g.add_argument("--regex", default=None, metavar="REGEX", help="the whole reply matches this regular expression")
+    g.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                   help="the reply is one of these texts (repeatable)")
+    g.add_argument("--grammar", default=None, metavar="GRAMMAR",
+                   help="a Lark grammar (or a GBNF one, root ::= ...): its text, or @FILE")
 
 
 def add_inspect_options(parser) -> None:
