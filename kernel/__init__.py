@@ -46,7 +46,9 @@ def boot(device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=51
     docs/cluster-tp.md), graphs (False; True: pure-decode steps run padded in static buffers, replayed
     from CUDA graphs on a GPU; "eager": the same without capture; docs/kernels.md section 7), speculate
     (0; k: a decoding process whose last tokens occurred earlier in its file computes up to k of the
-    tokens that followed them in the same step, and keeps those its draws match: kernel/speculate.py).
+    tokens that followed them in the same step, and keeps those its draws match: kernel/speculate.py;
+    on the simulator, drafts are kept by the device's draft_acceptance), speculate_batch (8: steps with
+    more decoding processes than this draft for none).
 
     The booted Kernel is held by whoever booted it: userspace uses only its syscalls() handles
     (and the daemon its shutdown()); everything else of it is the kernel's own.

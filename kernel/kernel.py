@@ -43,7 +43,7 @@ from kernel.sched.policies import make_policy
 from kernel.sched.scheduler import Scheduler
 from kernel.sched.stats import SchedStats
 from kernel.shm import ShmSegment
-from kernel.speculate import MAX_DRAFT
+from kernel.speculate import MAX_DECODES, MAX_DRAFT
 from kernel.tenant import Tenant
 from kernel.units import parse_bytes
 from kernel.watch import BlockingCount
@@ -53,7 +53,8 @@ class Kernel(ProcessTable):
     def __init__(self, device="cpu", memory=None, page_size=16, policy="fcfs", token_budget=512,
                  swap="1GiB", chunk=None, max_running=256, frame_bytes=None, alloc="paged",
                  batch="ragged", watermark=None, threads=None, seed=0, pids="sequential", loop=False,
-                 frames=None, swap_frames=None, tp=1, graphs=False, speculate=0):
+                 frames=None, swap_frames=None, tp=1, graphs=False, speculate=0,
+                 speculate_batch=MAX_DECODES):
         _check_int("page_size", page_size, 1, 4096)
         _check_int("token_budget", token_budget, 1, 1 << 20)
         _check_int("max_running", max_running, 1, 1 << 20)
@@ -76,10 +77,9 @@ class Kernel(ProcessTable):
             raise KvosError(EINVAL, "graphs: decode graphs run on one cpu or cuda device (the simulator prices "
                                     "them with its graphs constant: sim:h200,graphs=1)")
         _check_int("speculate", speculate, 0, MAX_DRAFT)
-        if speculate and (alloc == "prealloc" or batch == "padded" or (isinstance(device, str)
-                                                                     and device.startswith("sim"))):
-            raise KvosError(EINVAL, "speculate: drafts run on the cpu or cuda device with paged memory and "
-                                    "ragged batches (the simulator does not price them)")
+        _check_int("speculate_batch", speculate_batch, 1, 1 << 20)
+        if speculate and (alloc == "prealloc" or batch == "padded"):
+            raise KvosError(EINVAL, "speculate: drafts run with paged memory and ragged batches")
         if pids not in ("sequential", "random"):
             raise KvosError(EINVAL, f"pids must be 'sequential' or 'random', got {pids!r}")
         self.memory_bytes = None if memory is None else parse_bytes(memory, "memory")   # None: the device's default
@@ -117,7 +117,7 @@ class Kernel(ProcessTable):
         self.mm = None                                             # sized by the first tenant (or frame_bytes)
         self.policy = make_policy(policy)                          # who runs first, who is preempted
         self.sched = Scheduler(self, self.policy, token_budget, chunk, max_running, alloc == "prealloc",
-                               speculate)                  # ... and how many tokens it may guess ahead
+                               speculate, speculate_batch)   # ... and how many tokens it may guess ahead
         self.procs: dict = {}                                      # pid -> Process (until reaped)
         self.tenants: dict = {}                                    # tid -> Tenant
         self.shm_segments: dict = {}                               # shmid -> ShmSegment

@@ -19,7 +19,8 @@ from array import array
 
 NGRAM_MAX, NGRAM_MIN = 4, 2          # the suffix lengths looked up, longest first
 MAX_DRAFT = 16                       # the most drafts one work may carry (boot's speculate=k is at most this)
-MAX_DECODES = 8                      # steps with more decoding processes than this speculate for none
+MAX_DECODES = 8                      # boot's speculate_batch by default: steps with more decoding processes
+                                     # than this speculate for none (this CPU's measure, docs/performance.md 18)
 MAX_BACKOFF = 64                     # the most steps a process waits to draft again after drafts it missed
 
 
@@ -37,6 +38,13 @@ def note_outcome(proc, taken: int, step: int) -> None:
         return
     proc.draft_misses += 1
     proc.drafts_resume = step + min(2 ** proc.draft_misses, MAX_BACKOFF)
+
+
+def propose_filler(proc, k: int) -> tuple:
+    """The simulated device's drafter: k tokens every time (the shape of a draft model's or EAGLE's
+    proposals; the n-gram lookup over a simulated file of filler tokens would model nothing). Which
+    of them are drawn is the device's draft_acceptance (kernel/step.py, simulated_draws)."""
+    return (getattr(proc.tenant.program, "filler_token", 0),) * k
 
 
 def propose(proc, k: int) -> tuple:

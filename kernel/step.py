@@ -96,12 +96,31 @@ def simulate(kernel, plan) -> dict:
         for _, works in groups.values():
             plan.padding_tokens += max(w.count for w in works) * len(works) - sum(w.count for w in works)
     kernel.device.simulate_step(list(groups.values()), plan)
-    return {w.proc.pid: (getattr(w.proc.tenant.program, "filler_token", 0), None) for w in plan.works if w.draws}
+    acceptance = kernel.device.gpu.draft_acceptance
+    return {w.proc.pid: Drafted(None, simulated_draws(w, acceptance)) if w.draft else
+            (getattr(w.proc.tenant.program, "filler_token", 0), None) for w in plan.works if w.draws}
+
+
+def simulated_draws(work, acceptance: float) -> tuple:
+    """What a speculating work's rows draw on the simulated device: each draft in turn is drawn with
+    probability `acceptance` (from the process's own generator: a seeded run repeats), the first one
+    that is not gets another token, and rows after it are never looked at (commit_draft)."""
+    program = work.proc.tenant.program
+    filler = getattr(program, "filler_token", 0)
+    draws = []
+    for draft, u in zip(work.draft, torch.rand(len(work.draft), generator=work.proc.generator).tolist()):
+        if u >= acceptance:
+            draws.append(next(t for t in range(filler, -1, -1) if t != draft and t not in program.eos_token_ids))
+            return tuple(draws)
+        draws.append(draft)
+    return tuple(draws) + (filler,)          # every draft drawn: the last row's token comes too
 
 
 class Drafted(NamedTuple):
-    """A speculating work's sample: the logits of all its rows (its last token's, then each draft's)."""
-    logits: torch.Tensor
+    """A speculating work's sample: the logits of all its rows (its last token's, then each draft's),
+    or on the simulated device the tokens its rows draw (simulated_draws)."""
+    logits: torch.Tensor | None
+    draws: tuple = ()
 
 
 def draft_rows(works) -> list:
@@ -224,7 +243,7 @@ def commit(kernel, plan, samples: dict) -> None:
         if proc.state is State.ZOMBIE:             # its forward failed, or it ended in this plan
             continue
         if work.draft:
-            token, taken = commit_draft(kernel, work, samples[proc.pid].logits, now)
+            token, taken = commit_draft(kernel, work, samples[proc.pid], now)
             samples[proc.pid] = (token, None)      # what record() traces: the step's last token
             drawn += taken
             continue
@@ -277,7 +296,7 @@ def end_or_go_on(kernel, proc: Process, reason: str | None) -> None:
         wake(proc, "output")
 
 
-def commit_draft(kernel, work, logits, now: float) -> tuple:
+def commit_draft(kernel, work, drafted: Drafted, now: float) -> tuple:
     """Commit a speculating work (kernel/speculate.py): draw from its rows in order, as decoding one
     token a step would (sample_rows on one row: the same generator draws, penalties, grammar and
     logprobs), taking each token, and go on to the next row only while the token equals the draft
@@ -285,8 +304,12 @@ def commit_draft(kernel, work, logits, now: float) -> tuple:
     their pages. -> (the last token taken, tokens taken)."""
     proc, draft = work.proc, work.draft
     taken, token, reason = 0, None, None
+    logits = drafted.logits
     for j in range(work.count):
-        token, logprobs = sample_rows([work], logits[j:j + 1])[proc.pid]
+        if logits is None:                         # the simulated device's draws
+            token, logprobs = drafted.draws[j], None
+        else:
+            token, logprobs = sample_rows([work], logits[j:j + 1])[proc.pid]
         taken += 1
         reason = take_token(proc, token, logprobs, now)
         if reason is not None or j == len(draft) or token != draft[j]:

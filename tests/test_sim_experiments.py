@@ -97,6 +97,16 @@ def test_run_reports_time_between_tokens_and_per_output_token(capsys):
     assert run["tbt_p50"] <= run["tpot"] <= run["tbt_max"]          # a request's mean gap lies among the gaps
 
 
+def test_speculate_pays_less_as_the_batch_grows(results):
+    r = quick(results, "speculate")
+    by = {(p["batch"], p["acceptance"]): p for p in r["points"]}
+    one, many = by[(1, 0.8)], by[(64, 0.8)]
+    assert one["speedup"] > 2.2 and 1.0 < many["speedup"] < one["speedup"]
+    assert one["tpot"] < by[(1, None)]["tpot"] / 2
+    assert all(0.45 < p["accepted_share"] < 0.8 for p in r["points"] if p["acceptance"])
+    assert all(p["preemptions"] == 0 for p in r["points"])
+
+
 def test_headlines_cover_every_experiment(results):
     assert list(EXPERIMENTS) == list(NAMES)            # the static list the parser offers is the real one
     for name, module in EXPERIMENTS.items():

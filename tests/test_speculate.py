@@ -178,6 +178,40 @@ def test_many_decoders_speculate_for_none():
     jobs = [([3 + i] + LOOP, dict(max_tokens=10, ignore_eos=True, temperature=0)) for i in range(MAX_DECODES + 1)]
     _, k = run(4, jobs, boot={"memory": frames(128)})
     assert k.stats.draft_tokens == 0
+    lifted, k = run(4, jobs, boot={"memory": frames(128), "speculate_batch": MAX_DECODES + 1})
+    assert k.stats.draft_tokens > 0 and lifted == run(0, jobs, boot={"memory": frames(128)})[0]
+    _, k = run(4, jobs[:3], boot={"memory": frames(128), "speculate_batch": 2})
+    assert k.stats.draft_tokens == 0
+
+
+def sim_run(speculate, acceptance, seed=0, n=4, out=200, **boot):
+    k = kernel.boot(device=f"sim:h100,draft_acceptance={acceptance}", speculate=speculate, seed=seed, **boot)
+    sys = k.syscalls()
+    tid = sys.spawn_tenant("llama-2-7b")
+    pids = [sys.spawn(tid, list(range(3 + i, 100 + i)), max_tokens=out, ignore_eos=True) for i in range(n)]
+    done = [sys.wait(p) for p in pids]
+    k.fsck()
+    mem = sys.meminfo()
+    assert mem.mapped == 0 and mem.free + mem.cached == mem.total and all(len(d.tokens) == out for d in done)
+    return k, max(d.elapsed for d in done)
+
+
+def test_the_simulator_keeps_drafts_by_its_acceptance():
+    """On sim:, drafts come every step and each is kept with draft_acceptance (kernel/step.py,
+    simulated_draws): 0 keeps none (and the back-off keeps the waste small), 1 keeps all (k + 1 tokens
+    a step), 0.8 about 59% of 4-draft runs; the priced time follows; a seed repeats its run."""
+    plain, t_plain = sim_run(0, 0.8)
+    none, t_none = sim_run(4, 0.0)
+    assert none.stats.accepted_tokens == 0 and none.stats.draft_tokens < 200 and t_none < 1.02 * t_plain
+    every, t_every = sim_run(4, 1.0)
+    assert every.stats.accepted_tokens == every.stats.draft_tokens > 0
+    assert every.stats.steps <= plain.stats.steps / 4 and t_every < t_plain / 4
+    some, t_some = sim_run(4, 0.8)
+    assert 0.5 < some.stats.accepted_tokens / some.stats.draft_tokens < 0.7 and t_plain / 3.4 < t_some < t_plain / 2
+    again, t_again = sim_run(4, 0.8)
+    other, _ = sim_run(4, 0.8, seed=1)
+    assert (again.stats.accepted_tokens, t_again) == (some.stats.accepted_tokens, t_some)
+    assert other.stats.accepted_tokens != some.stats.accepted_tokens
 
 
 @pytest.mark.parametrize("boot, match", [
@@ -186,7 +220,8 @@ def test_many_decoders_speculate_for_none():
     ({"speculate": 2.0}, "speculate must be an integer"),
     ({"speculate": 2, "alloc": "prealloc"}, "speculate: drafts run"),
     ({"speculate": 2, "batch": "padded"}, "speculate: drafts run"),
-    ({"speculate": 2, "device": "sim:h100"}, "speculate: drafts run"),
+    ({"speculate_batch": 0}, "speculate_batch must be an integer"),
+    ({"speculate": 2, "device": "sim:h100,draft_acceptance=1.5"}, "GPU constant draft_acceptance is a probability"),
 ])
 def test_boot_refuses(boot, match):
     with pytest.raises(KvosError, match=f"^EINVAL: {match}"):

@@ -50,6 +50,9 @@ class GPUSpec:
     graphs: float = 0.0              # 1: pure-decode passes replay a CUDA graph (prefill passes stay eager)
     graph_launch: float = 50e-6      # host seconds of a graph-replayed pass: staging the inputs and the replay
     memory_utilization: float = 0.9  # fraction of memory the engine may use (vLLM's default; the rest: CUDA context)
+    # Speculative decoding (boot's speculate=k): the chance that each draft is the token the model draws,
+    # independently of the others (the usual model, e.g. Leviathan et al. 2023), as no tokens are drawn here.
+    draft_acceptance: float = 0.7
     activation_reserve: int = 1 << 30  # bytes kept per GPU for one step's activations, besides weights and KV
 
     @property
@@ -104,7 +107,7 @@ GPU_ALIASES = {"a100": "a100-80g", "a100-80gb": "a100-80g", "a100-sxm4-80gb": "a
                "h100": "h100-80g", "h100-80gb": "h100-80g", "h100-sxm": "h100-80g",
                "h200-141g": "h200", "h200-141gb": "h200", "": "a100-80g"}
 _ZERO_OK = ("step_overhead", "seq_overhead", "layer_overhead", "link_latency", "activation_reserve", "launch_host",
-            "graphs", "graph_launch")
+            "graphs", "graph_launch", "draft_acceptance")
 # Host profiles (host=NAME in a sim device name): (launch_host, graphs). "engine" is the calibrated
 # default; "eager" and "graphs" are kvos's forward as measured on an H200 (docs/simulator.md, "The host").
 HOSTS = {"engine": (0.0, 0.0), "eager": (20e-6, 0.0), "graphs": (20e-6, 1.0)}
@@ -164,6 +167,8 @@ def _override(spec: GPUSpec, overrides: dict) -> GPUSpec:
             raise KvosError(EINVAL, f"GPU constant {field} must be positive")
         if field.endswith(("_efficiency", "_utilization")) and value > 1:
             raise KvosError(EINVAL, f"GPU constant {field} is a fraction in (0, 1], got {value}")
+        if field == "draft_acceptance" and value > 1:
+            raise KvosError(EINVAL, f"GPU constant draft_acceptance is a probability in [0, 1], got {value}")
         if field == "graphs" and value not in (0, 1):
             raise KvosError(EINVAL, f"GPU constant graphs is 0 or 1, got {value}")
         if field == "tp" and (value != int(value) or not 1 <= value <= 1024):

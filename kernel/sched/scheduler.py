@@ -31,14 +31,16 @@ from kernel.sched.plan import Plan, Work
 from kernel.sched.policies import Policy
 from kernel.sched.preempt import Preemption
 from kernel.sched.shares import Shares, claim
-from kernel.speculate import MAX_DECODES, may_draft, propose
+from kernel.speculate import MAX_DECODES, may_draft, propose, propose_filler
 
 
 class Scheduler(Admission, Preemption):
     def __init__(self, kernel, policy: Policy, token_budget: int, chunk: int, max_running: int,
-                 prealloc: bool = False, speculate: int = 0):
+                 prealloc: bool = False, speculate: int = 0, speculate_batch: int = MAX_DECODES):
         self.kernel = kernel
         self.speculate = speculate   # drafts a decoding process may carry (kernel/speculate.py); 0: none
+        self.speculate_batch = speculate_batch   # ... while at most this many processes decode in the step
+        self.propose = propose if kernel.device.has_tensors else propose_filler   # where drafts come from
         self.policy = policy
         self.token_budget = token_budget
         self.chunk = chunk
@@ -110,7 +112,7 @@ class Scheduler(Admission, Preemption):
         prefillers = [p for p in self.running.values() if p.remaining > 1]
         groups = (decoders, prefillers)      # decodes first: a long prompt never stalls a running stream
         # LAB(sched): END
-        drafting = self.speculate and sum(p.remaining == 1 for p in self.running.values()) <= MAX_DECODES
+        drafting = self.speculate and sum(p.remaining == 1 for p in self.running.values()) <= self.speculate_batch
         for group in groups:
             # Tenants within their memory share first: one above it is then never served before
             # them, so it can always be what they preempt when they need a frame.
@@ -166,7 +168,7 @@ class Scheduler(Admission, Preemption):
                    proc.tenant.program.max_context - len(proc.tokens) - 1)
         if room <= 0:
             return ()
-        draft = propose(proc, room)
+        draft = self.propose(proc, room)
         return draft if draft and self._fits(proc, 1 + len(draft)) else ()
 
     def _plan_work(self, proc, count: int, plan: Plan, draft: tuple = ()) -> None:

@@ -1,8 +1,8 @@
 """Options shared by the commands that boot a kernel, and the boot itself.
 
 add_boot_options() puts --model, --device, --memory, --page-size, --policy,
---token-budget, --chunk, --swap, --threads, --tp and --speculate on a subcommand; boot_kernel()
-turns them into a booted kernel. Models are loaded (and pulled on first use)
+--token-budget, --chunk, --swap, --threads, --tp, --speculate and --speculate-batch on
+a subcommand; boot_kernel() turns them into a booted kernel. Models are loaded (and pulled on first use)
 under a progress display on stderr, so stdout carries only the command's output.
 """
 from __future__ import annotations
@@ -52,7 +52,10 @@ def add_boot_options(parser: argparse.ArgumentParser, *, policy: str = "fcfs", m
                    help="speculative decoding by prompt lookup: a decoding process whose last tokens occurred "
                         "earlier in its prompt or output computes up to K of the tokens that followed them in the "
                         "same step and keeps those its draws match (the same tokens; fewer steps where text "
-                        "repeats its context), while at most 8 processes decode (default 0: off)")
+                        "repeats its context), while at most --speculate-batch processes decode (default 0: off)")
+    g.add_argument("--speculate-batch", type=int, default=None, metavar="N",
+                   help="with --speculate: steps where more than N processes decode draft for none (default 8, "
+                        "this project's CPU measure; a GPU's is larger, docs/simulator.md)")
     g.add_argument("--matmul", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the linear layers on the CPU: bfloat16 is 1.1 to 2x faster per step "
                         "where the CPU has AMX, float32 matches Hugging Face token for token "
@@ -91,7 +94,8 @@ def boot_options(args, **overrides) -> dict:
     left to boot()'s defaults."""
     options = dict(device=args.device, memory=args.memory, page_size=args.page_size, policy=args.policy,
                    token_budget=args.token_budget, swap=args.swap, chunk=args.chunk, threads=args.threads,
-                   tp=getattr(args, "tp", None), speculate=getattr(args, "speculate", None))
+                   tp=getattr(args, "tp", None), speculate=getattr(args, "speculate", None),
+                   speculate_batch=getattr(args, "speculate_batch", None))
     options.update(overrides)
     return {key: value for key, value in options.items() if value is not None}
 

@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="the imbalance margin: balance_frac of the running batch (default) or "
                               "balance_abs requests (SGLang's rule)")
     for option, kind in (("policy", str), ("alloc", str), ("batch", str), ("chunk", int), ("token-budget", int),
-                         ("max-running", int), ("memory", str), ("swap", str), ("page-size", int)):
+                         ("max-running", int), ("memory", str), ("swap", str), ("page-size", int),
+                         ("speculate", int), ("speculate-batch", int)):
         run.add_argument(f"--{option}", type=kind, default=None,
                          help="cluster: the router's policy, or a list (default all four); run: kernel.boot(policy=...)"
                          if option == "policy" else f"kernel.boot({option.replace('-', '_')}=...)")
@@ -173,7 +174,8 @@ def _run_workload(args) -> int:
                             arrival="poisson" if args.rate else "burst", n=args.n, beam_width=args.beam_width,
                             max_tokens=args.max_tokens)
     options = {name: getattr(args, name) for name in ("policy", "alloc", "batch", "chunk", "token_budget",
-                                                       "max_running", "memory", "swap", "page_size")
+                                                       "max_running", "memory", "swap", "page_size", "speculate",
+                                                       "speculate_batch")
                if getattr(args, name) is not None}
     gpu, model = args.gpu or "a100-80g", args.model or "llama-2-7b"
     if args.tp is not None:

@@ -123,7 +123,9 @@ class Driver:
         for copy in range(copies):
             tokens = prompt_tokens(req, index, self.vocab, self.seed, copy=copy)
             try:
-                pid = self.sys.spawn(self.tid, tokens, max_tokens=req.budget, ignore_eos=True, seed=index)
+                # seed: what a speculating process's kept drafts are drawn from (seed 0: the index alone)
+                pid = self.sys.spawn(self.tid, tokens, max_tokens=req.budget, ignore_eos=True,
+                                     seed=self.seed * 1_000_003 + index)
             except KvosError as err:            # ENOMEM: longer than the context or the pool
                 result.rejected = f"{err.errno}: {err.reason}"
                 return

@@ -1,4 +1,5 @@
-"""The experiments of `kvos sim`: each module reproduces one claim of the seed article.
+"""The experiments of `kvos sim`: each module reproduces one claim of the seed article (tp and speculate
+go beyond it).
 
 A module has NAME, CLAIM, QUICK (small sizes, for tests), run_experiment(gpu, model,
 seed, **sizes) -> a JSON-ready dict, tables(result) -> rich tables, plot(result, path)
@@ -8,7 +9,7 @@ import importlib
 
 # The names, in the order `kvos sim all` runs them. The modules import the kernel, and with it
 # torch: they load when EXPERIMENTS is first read, so building the kvos command line stays light.
-NAMES = ("memory", "batching", "paging", "sharing", "padding", "chunked", "tp")
+NAMES = ("memory", "batching", "paging", "sharing", "padding", "chunked", "tp", "speculate")
 
 
 def __getattr__(name: str):
