@@ -47,17 +47,24 @@ def propose_filler(proc, k: int) -> tuple:
     return (getattr(proc.tenant.program, "filler_token", 0),) * k
 
 
-def propose(proc, k: int) -> tuple:
-    """At most k tokens that followed the latest earlier occurrence of the process's last n tokens
-    (n from NGRAM_MAX down to NGRAM_MIN), or () when none occurred. The file is searched as bytes
-    (4 per token, kept on the process and extended as it grows), so one lookup is a C-speed scan."""
-    tokens = proc.tokens
+def file_bytes(proc) -> bytearray:
+    """The process's token file as bytes, 4 a token, kept on the process (ngram_hay) and extended with
+    what was appended since the last call: searching it with rfind finds an n-gram at C speed."""
     hay = proc.ngram_hay
     if hay is None:
         hay = proc.ngram_hay = bytearray()
     have = len(hay) // 4
-    if have < len(tokens):
-        hay += array("i", tokens[have:]).tobytes()
+    if have < len(proc.tokens):
+        hay += array("i", proc.tokens[have:]).tobytes()
+    return hay
+
+
+def propose(proc, k: int) -> tuple:
+    """At most k tokens that followed the latest earlier occurrence of the process's last n tokens
+    (n from NGRAM_MAX down to NGRAM_MIN), or () when none occurred. The file is searched as bytes
+    (4 per token, file_bytes), so one lookup is a C-speed scan."""
+    # LAB(speculate): BEGIN -> return ()
+    tokens, hay = proc.tokens, file_bytes(proc)
     total = len(tokens)
     for n in range(NGRAM_MAX, NGRAM_MIN - 1, -1):
         if total <= n:
@@ -73,3 +80,4 @@ def propose(proc, k: int) -> tuple:
                 return tuple(tokens[start:start + k])
             end = at + 4 * n - 1         # look before this one
     return ()
+    # LAB(speculate): END

@@ -304,6 +304,7 @@ def commit_draft(kernel, work, drafted: Drafted, now: float) -> tuple:
     their pages. -> (the last token taken, tokens taken)."""
     proc, draft = work.proc, work.draft
     taken, token, reason = 0, None, None
+    # LAB(speculate): BEGIN
     logits = drafted.logits
     for j in range(work.count):
         if logits is None:                         # the simulated device's draws
@@ -316,6 +317,7 @@ def commit_draft(kernel, work, drafted: Drafted, now: float) -> tuple:
             break
     proc.num_computed = work.start + taken       # the drafts taken before the last token have their K/V
     kernel.mm.truncate(proc.asid, proc.num_computed)
+    # LAB(speculate): END
     kernel.mm.publish(proc.asid)
     stats = kernel.stats
     stats.draft_tokens += len(draft)

@@ -190,14 +190,16 @@ class MemoryManager(Swapping):
         if not len(space.names) * space.page_size <= num_tokens <= space.num_tokens:
             raise KernelPanic(f"MemoryManager.truncate: {num_tokens} tokens of address space {asid}, which "
                               f"holds {space.num_tokens} and names {len(space.names)} page(s)")
+        if -(-num_tokens // space.page_size) < len(space.frames):
+            self._remapped(asid)          # the batch builder's copy of the row must not keep the frames that go
+        # LAB(speculate): BEGIN
         del space.tokens[num_tokens:]
         dropped = space.frames[space.num_pages:]
-        if dropped:
-            del space.frames[space.num_pages:]
-            for frame in dropped:
-                self.frames.decref(frame)
-            self._remapped(asid)          # the batch builder's copy of the row must not keep them
+        del space.frames[space.num_pages:]
+        for frame in dropped:
+            self.frames.decref(frame)
         return len(dropped)
+        # LAB(speculate): END
 
     def reserve(self, asid: int, num_tokens: int) -> int:
         """Pre-allocate frames for `num_tokens` tokens in all (legacy alloc="prealloc").

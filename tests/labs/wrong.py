@@ -28,7 +28,7 @@ class Wrong:
 
 
 MEM, SCHED, POL = "kernel/mm/memory.py", "kernel/sched/scheduler.py", "kernel/sched/policies.py"
-SWAP, PREEMPT = "kernel/mm/swap.py", "kernel/sched/preempt.py"
+SWAP, PREEMPT, STEP = "kernel/mm/swap.py", "kernel/sched/preempt.py", "kernel/step.py"
 WRONG = (
     # pagetable
     Wrong("pagetable", "floor-pages", "pages counted with floor division: a partly filled page gets no frame", MEM,
@@ -100,4 +100,17 @@ WRONG = (
           "self._owner, self._depth = waiter.thread, waiter.depth", "self._owner, self._depth = waiter.thread, 1"),
     Wrong("klock", "timeout-drops-hand-off", "a wait that times out as the lock is handed to it leaves the queue "
           "again", "kernel/klock.py", "got = self._owner == me", "got = False"),
+    # speculate
+    Wrong("speculate", "accept-every-draft", "every draft is kept, whatever was drawn from its row", STEP,
+          "if reason is not None or j == len(draft) or token != draft[j]:",
+          "if reason is not None or j == len(draft):"),
+    Wrong("speculate", "no-roll-back", "the rejected drafts' tokens stay in the address space", STEP,
+          "kernel.mm.truncate(proc.asid, proc.num_computed)", ""),
+    Wrong("speculate", "computed-past-the-kept", "the last token taken counted as computed: its K/V never is",
+          STEP, "proc.num_computed = work.start + taken",
+          "proc.num_computed = work.start + min(taken + 1, work.count)"),
+    Wrong("speculate", "truncate-keeps-frames", "truncate forgets the tokens but keeps the frames mapped", MEM,
+          "del space.frames[space.num_pages:]\nfor frame in dropped:\nself.frames.decref(frame)", ""),
+    Wrong("speculate", "occurrence-at-the-end", "the suffix itself counts as its earlier occurrence: nothing follows "
+          "it", "kernel/speculate.py", "end = 4 * (total - 1)", "end = 4 * total"),
 )

@@ -62,6 +62,11 @@ LABS = (
     Lab("klock", "The kernel lock",
         "a FIFO lock that hands itself to the oldest waiter, so a syscall never waits out the run queue",
         ("kernel/klock.py",), "2 h", (ALONE,)),
+    Lab("speculate", "Speculative decoding: guess, check, roll back",
+        "drafts looked up in a process's own file, computed in the same step, kept while the draws match "
+        "them; the pages of the rest unmapped before anyone names them",
+        ("kernel/speculate.py", "kernel/step.py", "kernel/mm/memory.py"), "3 h",
+        (ALONE, "tests/test_fork_cow.py")),
 )
 BY_NAME = {lab.name: lab for lab in LABS}
 
