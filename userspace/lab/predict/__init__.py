@@ -28,17 +28,18 @@ class Question:
 
 
 def _concepts() -> dict:
-    from userspace.lab.predict import batching, fairness, memory
+    from userspace.lab.predict import batching, fairness, memory, speculation
     return {"kvbudget": memory.kv_budget, "prealloc": memory.reservation, "cow": memory.copy_on_write,
             "padding": batching.padding, "chunk": batching.chunking, "convoy": batching.convoy,
-            "fair": fairness.fair_share}
+            "fair": fairness.fair_share, "speculate": speculation.drafting}
 
 
-CONCEPTS = ("kvbudget", "prealloc", "cow", "padding", "chunk", "convoy", "fair")
+CONCEPTS = ("kvbudget", "prealloc", "cow", "padding", "chunk", "convoy", "fair", "speculate")
 ABOUT = {"kvbudget": "how many tokens of K/V a memory holds", "prealloc": "the waste of reserving for max_tokens",
          "cow": "what fork shares and what the first write copies", "padding": "the waste of rectangular batches",
          "chunk": "chunked prefill: steps to a first token, the longest step", "convoy": "static batching's convoy",
-         "fair": "tokens served by weight under fair share"}
+         "fair": "tokens served by weight under fair share",
+         "speculate": "steps saved by drafts kept, drafts wasted under the back-off"}
 
 
 def ask(concept: str, seed: int = 0) -> Question:

@@ -6,9 +6,9 @@ import kernel
 GPU = "sim:a100-80g"
 
 
-def boot(model: str = "llama-2-7b", **options):
+def boot(model: str = "llama-2-7b", device: str = GPU, **options):
     """A simulated-device kernel in manual mode (steps run when asked) and one tenant. -> (root, tid)"""
-    k = kernel.boot(device=GPU, **options)
+    k = kernel.boot(device=device, **options)
     root = k.syscalls()
     return root, root.spawn_tenant(model, max_procs=1 << 16)
 
