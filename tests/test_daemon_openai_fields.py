@@ -222,12 +222,25 @@ def test_logit_bias_and_min_tokens_equal_the_kernel_over_both_doors(client, serv
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "are exclusive"),
     ({"structured_outputs": {"choice": ["a"]}, "min_tokens": 1}, "min_tokens cannot be combined"),
     ({"suffix": "x"}, "suffix is not supported"),
+    ({"include_stop_str_in_output": True}, "include_stop_str_in_output is not supported"),
+    ({"use_beam_search": True}, "use_beam_search is not supported"),
+    ({"length_penalty": 1.5}, "length_penalty is not supported"),
     ({"audio": {"voice": "x"}}, "audio is not supported"),
 ])
 def test_what_stays_unsupported_or_out_of_range_is_a_400_naming_the_field(client, body, reason):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body=body)
     assert reason in err.value.body["message"], err.value.body
+
+
+def test_vllm_extensions_at_their_defaults_are_accepted(client):
+    """Clients written for vLLM send its extensions at their defaults; they mean what kvosd does."""
+    defaults = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
+                "add_generation_prompt": True, "continue_final_message": False, "use_beam_search": False,
+                "length_penalty": 1.0}
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=6, temperature=0)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    assert client.chat.completions.create(**kw, extra_body=defaults).choices[0].message.content == plain
 
 
 def test_tools_with_tool_choice_none_are_accepted(client):

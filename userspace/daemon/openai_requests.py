@@ -21,7 +21,11 @@ IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identi
 # Fields accepted only at a value meaning "off".
 OFF_VALUES = {"functions": ([],), "function_call": ("none", "auto"), "modalities": (["text"],),
               "suffix": ("",), "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (),
-              "verbosity": ()}
+              "verbosity": (),
+              # vLLM's extensions that some clients send at vLLM's defaults, which are what kvosd does
+              "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+              "include_stop_str_in_output": (False,), "add_generation_prompt": (True,),
+              "continue_final_message": (False,), "use_beam_search": (False,), "length_penalty": (1.0, 1)}
 MAX_LOGPROBS = 20             # top_logprobs (chat) and logprobs (completions): as the kernel (OpenAI: 20 and 5)
 
 
