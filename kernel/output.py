@@ -59,20 +59,20 @@ class StopSet:
     def num_states(self) -> int:
         return len(self._goto)
 
-    def feed(self, state: int, data: bytes, offset: int) -> tuple[int, int | None]:
-        """Run `data` (which starts at `offset` in the output) from `state`. Returns (new state, the
-        output index where the earliest stop string that ends inside `data` begins, or None)."""
+    def feed(self, state: int, data: bytes, offset: int) -> tuple[int, tuple | None]:
+        """Run `data` (which starts at `offset` in the output) from `state`. Returns (new state, (start,
+        end) of the earliest-starting stop string that ends inside `data` in output indices, or None)."""
         goto, fail, match = self._goto, self._fail, self._match
-        cut = None
+        found = None
         for i, byte in enumerate(data):
             while state and byte not in goto[state]:
                 state = fail[state]
             state = goto[state].get(byte, 0)
             if match[state]:
                 start = offset + i + 1 - match[state]
-                if cut is None or start < cut:
-                    cut = start
-        return state, cut
+                if found is None or start < found[0]:
+                    found = (start, offset + i + 1)
+        return state, found
 
     def pending(self, state: int) -> int:
         """Bytes at the end of the output that may be the start of a stop string (read holds them)."""

@@ -36,6 +36,7 @@ class SamplingParams:
     seed: int | None = None         # None: the kernel draws one
     max_tokens: int = 256           # new tokens per turn (0 only for processes that wait for input)
     stop: tuple = ()                # strings that end the turn; the text is cut before them
+    include_stop_str_in_output: bool = False   # ... or after them (vLLM's name)
     stop_token_ids: tuple = ()      # tokens that end the turn (besides the program's EOS)
     ignore_eos: bool = False
     logprobs: int | None = None     # None: none; k: each drawn token's log-probability and the k most likely
@@ -112,8 +113,9 @@ class SamplingParams:
         for token, bias in self.logit_bias:
             _integer("logit_bias token id", token, low=0)
             _number(f"logit_bias[{token}]", bias, low=-MAX_BIAS, high=MAX_BIAS)
-        if not isinstance(self.ignore_eos, bool):
-            raise KvosError(EINVAL, f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        for flag in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, flag), bool):
+                raise KvosError(EINVAL, f"{flag} must be True or False, got {getattr(self, flag)!r}")
         check_stop_strings(self.stop)
         if not isinstance(self.stop_token_ids, tuple):
             raise KvosError(EINVAL, f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")

@@ -345,9 +345,10 @@ def append_token(proc: Process, token: int, now: float) -> str | None:
     if params.stop_token_ids and token in params.stop_token_ids:
         return "stop"
     if proc.stops is not None and piece:
-        proc.stop_state, cut = proc.stops.feed(proc.stop_state, piece, len(out) - len(piece))
-        if cut is not None and proc.turn_generated >= params.min_tokens:     # min_tokens: a match before is text
-            del out[max(cut, proc.turn_byte_start):]          # the stop string and what follows it
+        proc.stop_state, found = proc.stops.feed(proc.stop_state, piece, len(out) - len(piece))
+        if found is not None and proc.turn_generated >= params.min_tokens:   # min_tokens: a match before is text
+            cut = found[1] if params.include_stop_str_in_output else found[0]
+            del out[max(cut, proc.turn_byte_start):]          # (the stop string and) what follows it
             return "stop"
     if proc.turn_generated >= params.max_tokens or len(tokens) >= program.max_context:
         return "length"

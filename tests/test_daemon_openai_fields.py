@@ -222,7 +222,7 @@ def test_logit_bias_and_min_tokens_equal_the_kernel_over_both_doors(client, serv
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "are exclusive"),
     ({"structured_outputs": {"choice": ["a"]}, "min_tokens": 1}, "min_tokens cannot be combined"),
     ({"suffix": "x"}, "suffix is not supported"),
-    ({"include_stop_str_in_output": True}, "include_stop_str_in_output is not supported"),
+    ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
     ({"use_beam_search": True}, "use_beam_search is not supported"),
     ({"length_penalty": 1.5}, "length_penalty is not supported"),
     ({"audio": {"voice": "x"}}, "audio is not supported"),
@@ -233,11 +233,24 @@ def test_what_stays_unsupported_or_out_of_range_is_a_400_naming_the_field(client
     assert reason in err.value.body["message"], err.value.body
 
 
+def test_include_stop_str_in_output_streamed_or_not(client):
+    kw = dict(model=MODEL, prompt="Hello there", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].text
+    at = next(i for i in range(len(plain) // 2, len(plain) - 2) if plain[i:i + 2].isascii())
+    stop = plain[at:at + 2]
+    at = plain.find(stop)
+    kw["extra_body"] = {"ignore_eos": True, "include_stop_str_in_output": True}
+    kept = client.completions.create(**kw, stop=[stop]).choices[0]
+    assert kept.finish_reason == "stop" and kept.text == plain[:at + 2]
+    assert "".join(c.choices[0].text for c in client.completions.create(**kw, stop=[stop], stream=True)) == kept.text
+    kw["extra_body"] = {"ignore_eos": True}
+    assert client.completions.create(**kw, stop=[stop]).choices[0].text == plain[:at]
+
+
 def test_vllm_extensions_at_their_defaults_are_accepted(client):
     """Clients written for vLLM send its extensions at their defaults; they mean what kvosd does."""
-    defaults = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
-                "add_generation_prompt": True, "continue_final_message": False, "use_beam_search": False,
-                "length_penalty": 1.0}
+    defaults = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "add_generation_prompt": True,
+                "continue_final_message": False, "use_beam_search": False, "length_penalty": 1.0}
     kw = dict(model=MODEL, messages=CHAT, max_tokens=6, temperature=0)
     plain = client.chat.completions.create(**kw).choices[0].message.content
     assert client.chat.completions.create(**kw, extra_body=defaults).choices[0].message.content == plain

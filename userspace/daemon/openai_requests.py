@@ -24,7 +24,7 @@ OFF_VALUES = {"functions": ([],), "function_call": ("none", "auto"), "modalities
               "verbosity": (),
               # vLLM's extensions that some clients send at vLLM's defaults, which are what kvosd does
               "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
-              "include_stop_str_in_output": (False,), "add_generation_prompt": (True,),
+              "add_generation_prompt": (True,),
               "continue_final_message": (False,), "use_beam_search": (False,), "length_penalty": (1.0, 1)}
 MAX_LOGPROBS = 20             # top_logprobs (chat) and logprobs (completions): as the kernel (OpenAI: 20 and 5)
 
@@ -41,7 +41,8 @@ class StreamOptions(BaseModel):
 
 class Sampling(BaseModel):
     """What both endpoints take. top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-    stop_token_ids, priority, return_token_ids and structured_outputs are extensions (as in vLLM),
+    stop_token_ids, priority, return_token_ids, structured_outputs and include_stop_str_in_output are
+    extensions (as in vLLM),
     and so is response_format in completions."""
     model_config = STRICT
     model: str
@@ -58,6 +59,7 @@ class Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None     # token id (as a string) -> bias in [-100, 100]
     response_format: dict | None = None     # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
     structured_outputs: dict | None = None  # as vLLM: one of json, regex, choice, grammar, json_object
+    include_stop_str_in_output: bool | None = None   # as vLLM: the stop string stays in the text
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -125,7 +127,7 @@ def _is_type_tag(part) -> bool:
 def sampling_params(req) -> dict:
     params = {}
     for key in ("temperature", "top_p", "seed", "top_k", "min_p", "ignore_eos", "stop_token_ids", "frequency_penalty",
-                "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens"):
+                "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "include_stop_str_in_output"):
         if getattr(req, key) is not None:
             params[key] = getattr(req, key)
     logprobs = _logprobs(req)
