@@ -512,6 +512,19 @@ def test_a_non_streaming_client_that_disconnects_frees_its_frames(server, root):
     assert_idle(root)
 
 
+def test_a_beam_search_whose_client_disconnects_kills_its_beams(server, root):
+    assert_idle(root)
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": "alice", "prompt": "Hi", "max_tokens": 2000,
+                                                             "n": 3, "use_beam_search": True, "ignore_eos": True}),
+                 headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"})
+    assert wait_until(lambda: len([p for p in root.ps() if p.pages > 0]) >= 3)     # forked beams
+    conn.sock.close()
+    conn.close()
+    assert_idle(root)
+
+
 # -- metrics ---------------------------------------------------------------------------------------------------
 def test_metrics_parse_and_carry_the_families(server, root):
     list(oai(server).completions.create(model="alice", prompt="Metrics, please", max_tokens=12, stream=True))

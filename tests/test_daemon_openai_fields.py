@@ -223,8 +223,7 @@ def test_logit_bias_and_min_tokens_equal_the_kernel_over_both_doors(client, serv
     ({"structured_outputs": {"choice": ["a"]}, "min_tokens": 1}, "min_tokens cannot be combined"),
     ({"suffix": "x"}, "suffix is not supported"),
     ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
-    ({"use_beam_search": True}, "use_beam_search is not supported"),
-    ({"length_penalty": 1.5}, "length_penalty is not supported"),
+    ({"length_penalty": 1.5}, "length_penalty with use_beam_search only"),
     ({"audio": {"voice": "x"}}, "audio is not supported"),
 ])
 def test_what_stays_unsupported_or_out_of_range_is_a_400_naming_the_field(client, body, reason):
@@ -247,10 +246,48 @@ def test_include_stop_str_in_output_streamed_or_not(client):
     assert client.completions.create(**kw, stop=[stop]).choices[0].text == plain[:at]
 
 
+def test_beam_search_gives_libc_s_beams(client, server):
+    """use_beam_search: the n best beams of userspace/libc/beam.py's search (forks and kills), best
+    first, in both endpoints; every process ends (the module's server stops with fsck clean)."""
+    from userspace import libc
+    k = kernel.boot(memory="8MiB", threads=1)
+    root = k.syscalls()
+    tid = root.spawn_tenant(MODEL)
+    eos = root.tenantinfo(tid).eos_token_ids
+    for prompt, create, extra in (("Once upon a time", client.completions.create, {}),
+                                  (CHAT, client.chat.completions.create, {"ignore_eos": True})):
+        beams = libc.beam_search(root, tid, prompt, width=3, max_tokens=6, eos_token_ids=() if extra else eos)
+        kw = {"prompt": prompt} if isinstance(prompt, str) else {"messages": prompt}
+        reply = create(model=MODEL, n=3, max_tokens=6, temperature=0, **kw,
+                       extra_body={"use_beam_search": True, "return_token_ids": True, **extra})
+        assert [c.model_extra["token_ids"] for c in reply.choices] == [b.tokens for b in beams]
+        texts = [c.text if isinstance(prompt, str) else c.message.content for c in reply.choices]
+        assert texts == [root.detokenize(tid, b.tokens[:-1] if b.finished else b.tokens) for b in beams]
+        assert [c.finish_reason for c in reply.choices] == ["stop" if b.finished else "length" for b in beams]
+        assert reply.usage.completion_tokens == sum(len(b.tokens) for b in beams)
+        assert reply.usage.prompt_tokens == len(root.tokenize(tid, prompt))
+    assert server.daemon.root.meminfo().mapped == 0
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({"stream": True}, "stream with use_beam_search is not supported"),
+    ({"temperature": 0.7}, "temperature with use_beam_search must be 0 or 1"),
+    ({"top_p": 0.5}, "top_p with use_beam_search is not supported"),
+    ({"logprobs": 2}, "logprobs with use_beam_search is not supported"),
+    ({"stop": ["x"]}, "stop with use_beam_search is not supported"),
+    ({"max_tokens": 0}, "max_tokens with use_beam_search must be at least 1"),
+])
+def test_beam_search_refuses_what_it_cannot_honour(client, body, reason):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="Hi", n=2, **{"max_tokens": 4, **body},
+                                  extra_body={"use_beam_search": True})
+    assert reason in err.value.body["message"], err.value.body
+
+
 def test_vllm_extensions_at_their_defaults_are_accepted(client):
     """Clients written for vLLM send its extensions at their defaults; they mean what kvosd does."""
     defaults = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "add_generation_prompt": True,
-                "continue_final_message": False, "use_beam_search": False, "length_penalty": 1.0}
+                "continue_final_message": False, "use_beam_search": False, "length_penalty": 1.0}     # these two: off
     kw = dict(model=MODEL, messages=CHAT, max_tokens=6, temperature=0)
     plain = client.chat.completions.create(**kw).choices[0].message.content
     assert client.chat.completions.create(**kw, extra_body=defaults).choices[0].message.content == plain

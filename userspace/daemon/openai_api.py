@@ -10,6 +10,7 @@ reaped, so their frames go back.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kernel.errors import EINVAL, EIO, ERRNOS, ESRCH, KvosError
-from userspace.daemon import logprobs_shapes, openai_tools, waiting
+from userspace.daemon import logprobs_shapes, openai_beam, openai_tools, waiting
 from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
     ChatRequest,
@@ -190,6 +191,8 @@ class OpenAIAPI:
     async def _serve(self, request, who, req, prompts, endpoint):
         self.daemon.refuse_if_draining("spawn")
         handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
+        if req.use_beam_search:
+            return await self._beam_search(request, handle, tid, tenant, req, prompts, endpoint)
         params = sampling_params(req)
         echoes = None             # completions with echo: each prompt's text (token-id prompts detokenized)
         if endpoint == "completions" and req.echo:
@@ -255,6 +258,58 @@ class OpenAIAPI:
             choices.append(choice)
         kind = "chat.completion" if endpoint == "chat" else "text_completion"
         return JSONResponse({**meta, "object": kind, "choices": choices, "usage": _usage(run)})
+
+    async def _beam_search(self, request, handle, tid, tenant, req, prompts, endpoint):
+        """use_beam_search: the search runs in a worker thread (its syscalls block); a client that goes
+        away ends it at the next round, every beam killed (userspace/daemon/openai_beam.py)."""
+        openai_beam.check(req)
+        info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
+        gone = threading.Event()
+
+        def on_round(_pids):
+            if gone.is_set():
+                raise Disconnected()
+
+        async def watch():
+            while not gone.is_set():
+                await anyio.sleep(POLL_SECONDS)
+                if await request.is_disconnected():
+                    gone.set()
+
+        started = time.monotonic()
+        run = Launch(handle, tenant, [], [], started)
+        failed = None          # raised by the search: kept out of the task group, which would wrap it
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            try:
+                results = await anyio.to_thread.run_sync(openai_beam.search, handle, tid, prompts, req,
+                                                         info.eos_token_ids, on_round)
+            except Exception as err:
+                failed = err
+            finally:
+                group.cancel_scope.cancel()
+        if isinstance(failed, Disconnected):
+            run.outcome = "disconnected"
+            self.daemon.request_done(run, endpoint)
+            return JSONResponse({}, status_code=499)          # nobody reads it
+        if failed is not None:
+            raise failed
+        run.statuses, run.prompt_of = await anyio.to_thread.run_sync(
+            openai_beam.statuses, handle, tid, prompts, results, time.monotonic() - started)
+        run.pids, run.finished, run.outcome = [s.pid for s in run.statuses], True, "ok"
+        self.daemon.request_done(run, endpoint)
+        choices = []
+        for i, s in enumerate(run.statuses):
+            choice = {"index": i, "message": {"role": "assistant", "content": s.text}} if endpoint == "chat" \
+                else {"index": i, "text": s.text}
+            choice.update(logprobs=None, finish_reason=s.reason)
+            if req.return_token_ids:
+                choice["token_ids"] = s.tokens
+            choices.append(choice)
+        return JSONResponse({"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{self.daemon.nonce}-{run.pids[0]}",
+                             "object": "chat.completion" if endpoint == "chat" else "text_completion",
+                             "created": int(time.time()), "model": req.model, "system_fingerprint": "kvos",
+                             "choices": choices, "usage": _usage(run)})
 
     async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs, tools=None, echoes=None):
         """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]. A

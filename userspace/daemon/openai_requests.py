@@ -25,7 +25,7 @@ OFF_VALUES = {"functions": ([],), "function_call": ("none", "auto"), "modalities
               # vLLM's extensions that some clients send at vLLM's defaults, which are what kvosd does
               "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
               "add_generation_prompt": (True,),
-              "continue_final_message": (False,), "use_beam_search": (False,), "length_penalty": (1.0, 1)}
+              "continue_final_message": (False,)}
 MAX_LOGPROBS = 20             # top_logprobs (chat) and logprobs (completions): as the kernel (OpenAI: 20 and 5)
 
 
@@ -60,6 +60,8 @@ class Sampling(BaseModel):
     response_format: dict | None = None     # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
     structured_outputs: dict | None = None  # as vLLM: one of json, regex, choice, grammar, json_object
     include_stop_str_in_output: bool | None = None   # as vLLM: the stop string stays in the text
+    use_beam_search: bool = False           # as vLLM: the n best beams (userspace/daemon/openai_beam.py)
+    length_penalty: float = 1.0             # beams ranked by log-probability / length ** length_penalty
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -106,6 +108,8 @@ def parse(model_cls, body: dict):
         if key in IGNORED or value is None or _is_off(value, OFF_VALUES.get(key, ())):
             continue
         raise KvosError(EINVAL, f"{key} {UNSUPPORTED}" if key in OFF_VALUES else f"unknown field {key!r}")
+    if req.length_penalty != 1.0 and not req.use_beam_search:
+        raise KvosError(EINVAL, "length_penalty with use_beam_search only (it ranks beams)")
     if model_cls is CompletionRequest and req.best_of not in (None, req.n):
         raise KvosError(EINVAL, f"best_of other than n {UNSUPPORTED}")
     if model_cls is ChatRequest:
