@@ -512,16 +512,38 @@ def test_a_non_streaming_client_that_disconnects_frees_its_frames(server, root):
     assert_idle(root)
 
 
-def test_a_beam_search_whose_client_disconnects_kills_its_beams(server, root):
-    assert_idle(root)
+def _start_beam_search(server, n):
     host, port = server.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/v1/completions", body=json.dumps({"model": "alice", "prompt": "Hi", "max_tokens": 2000,
-                                                             "n": 3, "use_beam_search": True, "ignore_eos": True}),
+                                                             "n": n, "use_beam_search": True, "ignore_eos": True}),
                  headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"})
+    return conn
+
+
+def test_a_beam_search_whose_client_disconnects_kills_its_beams(server, root):
+    assert_idle(root)
+    conn = _start_beam_search(server, 3)
     assert wait_until(lambda: len([p for p in root.ps() if p.pages > 0]) >= 3)     # forked beams
     conn.sock.close()
     conn.close()
+    assert_idle(root)
+
+
+def test_a_tenant_runs_at_most_four_beam_searches_at_once(server, root):
+    """Each holds a worker thread: a fifth is EAGAIN (429), and others' calls are not kept waiting."""
+    assert_idle(root)
+    conns = [_start_beam_search(server, 1) for _ in range(4)]
+    assert wait_until(lambda: len(root.ps()) >= 4)
+    status, reply = http_call(server, "POST", "/v1/completions", {"model": "alice", "prompt": "Hi", "max_tokens": 4,
+                                                                  "use_beam_search": True}, key=ALICE)
+    assert status == 429 and "at most 4 beam searches at once" in reply["error"]["message"], reply
+    status, reply = http_call(server, "POST", "/v1/completions", {"model": "bob", "prompt": "Hi", "max_tokens": 4,
+                                                                  "use_beam_search": True}, key=BOB)
+    assert status == 200 and len(reply["choices"]) == 1, reply
+    for conn in conns:
+        conn.sock.close()
+        conn.close()
     assert_idle(root)
 
 

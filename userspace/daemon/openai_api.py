@@ -18,7 +18,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kernel.errors import EINVAL, EIO, ERRNOS, ESRCH, KvosError
+from kernel.errors import EAGAIN, EINVAL, EIO, ERRNOS, ESRCH, KvosError
 from userspace.daemon import logprobs_shapes, openai_beam, openai_tools, waiting
 from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
@@ -32,6 +32,11 @@ from userspace.daemon.openai_requests import (
 from userspace.daemon.sysapi import json_object
 
 POLL_SECONDS = 0.5           # longest a read waits; also how often a request checks its client
+# A beam search holds a worker thread while it runs: at most this many at once (more wait their turn),
+# and a tenant may run at most BEAM_SEARCHES_PER_TENANT (more are EAGAIN), so searches can neither take
+# the threads every other call needs nor keep another tenant's searches waiting for long.
+BEAM_SEARCHES = 16
+BEAM_SEARCHES_PER_TENANT = 4
 
 
 # -- processes of one request --------------------------------------------------------------------------
@@ -144,6 +149,8 @@ def _outcome(run: Launch) -> str:
 class OpenAIAPI:
     def __init__(self, daemon):
         self.daemon = daemon
+        self.beam_threads = None          # an anyio.CapacityLimiter, made on the event loop at first use
+        self.beams_of: dict = {}          # tenant -> beam searches running
 
     def resolve(self, who, model: str):
         """(handle, tid, tenant name) serving `model` for this key: a tenant key serves its own tenant
@@ -263,6 +270,10 @@ class OpenAIAPI:
         """use_beam_search: the search runs in a worker thread (its syscalls block); a client that goes
         away ends it at the next round, every beam killed (userspace/daemon/openai_beam.py)."""
         openai_beam.check(req)
+        if self.beams_of.get(tenant, 0) >= BEAM_SEARCHES_PER_TENANT:
+            raise KvosError(EAGAIN, f"at most {BEAM_SEARCHES_PER_TENANT} beam searches at once per tenant")
+        if self.beam_threads is None:
+            self.beam_threads = anyio.CapacityLimiter(BEAM_SEARCHES)
         info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
         gone = threading.Event()
 
@@ -279,15 +290,19 @@ class OpenAIAPI:
         started = time.monotonic()
         run = Launch(handle, tenant, [], [], started)
         failed = None          # raised by the search: kept out of the task group, which would wrap it
-        async with anyio.create_task_group() as group:
-            group.start_soon(watch)
-            try:
-                results = await anyio.to_thread.run_sync(openai_beam.search, handle, tid, prompts, req,
-                                                         info.eos_token_ids, on_round)
-            except Exception as err:
-                failed = err
-            finally:
-                group.cancel_scope.cancel()
+        self.beams_of[tenant] = self.beams_of.get(tenant, 0) + 1
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch)
+                try:
+                    results = await anyio.to_thread.run_sync(openai_beam.search, handle, tid, prompts, req,
+                                                             info.eos_token_ids, on_round, limiter=self.beam_threads)
+                except Exception as err:
+                    failed = err
+                finally:
+                    group.cancel_scope.cancel()
+        finally:
+            self.beams_of[tenant] -= 1
         if isinstance(failed, Disconnected):
             run.outcome = "disconnected"
             self.daemon.request_done(run, endpoint)

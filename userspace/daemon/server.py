@@ -43,7 +43,8 @@ from userspace.daemon.config import DaemonConfig
 from userspace.daemon.request_limits import RequestLimits
 
 log = logging.getLogger("kvosd")
-WORKER_THREADS = 128         # calls into the kernel run here; each holds one for at most a step (waits hold none)
+WORKER_THREADS = 128         # calls into the kernel run here; each holds one for at most a step (waits hold
+                             # none), but beam searches, at most openai_api.BEAM_SEARCHES of them at once
 
 
 class Daemon:
