@@ -21,6 +21,7 @@ from kernel.output import check_stop_strings
 
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 1024            # entries of logit_bias: bounded work per draw (OpenAI documents none)
+MAX_ALLOWED_TOKEN_IDS = 1 << 18  # entries of allowed_token_ids: at most a vocabulary
 MAX_BIAS = 100.0                 # |bias|, as OpenAI: -100 bans a token, +100 all but forces it
 MAX_LOGPROBS = 20                # as OpenAI's top_logprobs
 
@@ -46,6 +47,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]: minus this x how often the process generated the token
     presence_penalty: float = 0.0   # in [-2, 2]: minus this if the process generated the token at all
     logit_bias: tuple = ()          # (token id, bias in [-100, 100]) pairs added to its logits before each draw
+    allowed_token_ids: tuple = ()   # if any: the only tokens it may draw (vLLM's name), sorted
     min_tokens: int = 0             # no EOS, stop token or stop string ends a turn before this many new tokens
     json_schema: str | None = None  # the output is one JSON value valid under this JSON Schema (a dict, kept as text)
     grammar: str | None = None      # or: the output is a sentence of this grammar (Lark, as llguidance reads it)
@@ -61,6 +63,9 @@ class SamplingParams:
         if isinstance(self.stop_token_ids, (list, tuple)):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if isinstance(self.allowed_token_ids, (list, tuple)) and all(
+                isinstance(t, Integral) and not isinstance(t, bool) for t in self.allowed_token_ids):
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(int(t) for t in self.allowed_token_ids))))
         self.validate()
 
     @property
@@ -70,7 +75,7 @@ class SamplingParams:
     @property
     def biased(self) -> bool:
         """Whether its draws see more than the model's logits shaped by grammar and penalties."""
-        return bool(self.logit_bias) or self.min_tokens > 0
+        return bool(self.logit_bias) or self.min_tokens > 0 or bool(self.allowed_token_ids)
 
     @property
     def penalized(self) -> bool:
@@ -117,6 +122,14 @@ class SamplingParams:
             if not isinstance(getattr(self, flag), bool):
                 raise KvosError(EINVAL, f"{flag} must be True or False, got {getattr(self, flag)!r}")
         check_stop_strings(self.stop)
+        if not isinstance(self.allowed_token_ids, tuple) or not all(
+                isinstance(t, int) and t >= 0 for t in self.allowed_token_ids):
+            raise KvosError(EINVAL, f"allowed_token_ids must be a list of token ids, got {self.allowed_token_ids!r}")
+        if len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:
+            raise KvosError(EINVAL, f"allowed_token_ids may have at most {MAX_ALLOWED_TOKEN_IDS} entries")
+        if self.allowed_token_ids and (self.json_schema is not None or self.grammar is not None or self.min_tokens):
+            # either could leave a draw nothing to take: the grammar's tokens or the banned ends outside the set
+            raise KvosError(EINVAL, "allowed_token_ids cannot be combined with json_schema, grammar or min_tokens")
         if not isinstance(self.stop_token_ids, tuple):
             raise KvosError(EINVAL, f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
@@ -132,6 +145,9 @@ class SamplingParams:
         for t, _ in self.logit_bias:
             if t >= vocab_size:
                 raise KvosError(EINVAL, f"logit_bias token id {t} is outside the vocabulary (0..{vocab_size - 1})")
+        if self.allowed_token_ids and self.allowed_token_ids[-1] >= vocab_size:
+            raise KvosError(EINVAL, f"allowed_token_ids: token id {self.allowed_token_ids[-1]} is outside the "
+                                    f"vocabulary (0..{vocab_size - 1})")
         for key in ("logprobs", "prompt_logprobs"):
             k = getattr(self, key)
             if k is not None and k > vocab_size:
@@ -239,7 +255,8 @@ def sample(logits: torch.Tensor, params_list: list, generators: list, histories:
     """Next token of each row: int64 (rows,) on logits' device.
 
     Row i follows params_list[i] and draws only from generators[i]. Before temperature, in vLLM's
-    order: allowed[i] (a bool (vocab,) mask of the tokens a grammar allows), the row's logit_bias,
+    order: allowed[i] (a bool (vocab,) mask of the tokens a grammar allows) and the row's
+    allowed_token_ids, the row's logit_bias,
     banned[i] (token ids it may not draw yet: its stop tokens under min_tokens), then the penalties
     from histories[i] (a TokenHistory, for penalized rows). The arithmetic is row-wise, so a row's
     token does not depend on the other rows.
@@ -249,15 +266,22 @@ def sample(logits: torch.Tensor, params_list: list, generators: list, histories:
     if len(params_list) != num_rows or len(generators) != num_rows:
         raise KvosError(EINVAL, f"sample: {num_rows} rows, {len(params_list)} params, {len(generators)} generators")
     masked = allowed is not None and any(a is not None for a in allowed)
+    restricted = any(p.allowed_token_ids for p in params_list)
     penalized = histories is not None and any(h is not None for h in histories)
     biased = any(p.logit_bias for p in params_list)
     banning = banned is not None and any(banned)
-    if masked or penalized or biased or banning:
+    if masked or restricted or penalized or biased or banning:
         logits = logits.float().clone()          # the caller's rows stay as the model gave them (logprobs)
         if masked:
             for i, a in enumerate(allowed):
                 if a is not None:
                     logits[i].masked_fill_(~a.to(logits.device), -math.inf)
+        if restricted:
+            for i, p in enumerate(params_list):
+                if p.allowed_token_ids:
+                    keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+                    keep[torch.tensor(p.allowed_token_ids, device=logits.device)] = True
+                    logits[i].masked_fill_(~keep, -math.inf)
         if biased:
             _add_bias(logits, params_list)
         if banning:

@@ -165,6 +165,19 @@ def test_penalties_are_accepted_and_equal_the_kernel(client):
     assert reply.choices[0].model_extra["token_ids"] == want.tokens
 
 
+def test_allowed_token_ids_equal_the_kernel(client):
+    k = kernel.boot(memory="8MiB", threads=1)
+    root = k.syscalls()
+    tid = root.spawn_tenant(MODEL)
+    ids = [17, 42, 99, 300]
+    want = root.wait(root.spawn(tid, "Hello", max_tokens=10, temperature=0.9, seed=3, ignore_eos=True,
+                                allowed_token_ids=ids))
+    reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=10, temperature=0.9, seed=3,
+                                      extra_body={"allowed_token_ids": ids, "ignore_eos": True,
+                                                  "return_token_ids": True})
+    assert reply.choices[0].model_extra["token_ids"] == want.tokens and set(want.tokens) <= set(ids)
+
+
 def test_logit_bias_and_min_tokens_equal_the_kernel_over_both_doors(client, server):
     from userspace.daemon.client import Client
     k = kernel.boot(memory="8MiB", threads=1)
@@ -211,6 +224,8 @@ def test_logit_bias_and_min_tokens_equal_the_kernel_over_both_doors(client, serv
     ({"logit_bias": {"99999": 1}}, "logit_bias token id 99999 is outside the vocabulary"),
     ({"min_tokens": 3}, "min_tokens 3 exceeds max_tokens 2"),
     ({"min_tokens": 1, "response_format": {"type": "json_object"}}, "min_tokens cannot be combined"),
+    ({"allowed_token_ids": [99999]}, "allowed_token_ids: token id 99999 is outside the vocabulary"),
+    ({"allowed_token_ids": [5], "structured_outputs": {"regex": "a+"}}, "allowed_token_ids cannot be combined"),
     ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex: "),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "give exactly one of structured_outputs.json,"),
     ({"structured_outputs": {}}, "give exactly one of structured_outputs.json,"),

@@ -1,4 +1,4 @@
-"""logit_bias and min_tokens: validation, the arithmetic of one draw against a plain reference, and
+"""logit_bias, min_tokens and allowed_token_ids: validation, the arithmetic of one draw against a plain reference, and
 whole processes on tiny-llama (banned and forced tokens, turns that may not end early), in process
 and through kvosd's OpenAI API alike."""
 import math
@@ -143,3 +143,27 @@ def test_min_tokens_holds_back_stop_tokens_and_stop_strings(tiny):
         reasons.add(kept.reason)
     assert reasons == {"length", "stop"}
     k.fsck()
+
+
+def test_allowed_token_ids_are_the_only_tokens_drawn():
+    """vLLM's allowed_token_ids: greedy and sampled draws stay in the set, logprobs still report the
+    model's own distribution, and what would leave a draw with nothing is refused."""
+    from tests.kernel_helpers import assert_all_memory_back
+    k = kernel.boot(memory=frames(32))
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(TINY)
+    ids = [17, 42, 99, 300]
+    plain = sys.wait(sys.spawn(tid, [5, 6, 7], max_tokens=12, temperature=0, ignore_eos=True))
+    assert not set(plain.tokens) <= set(ids)
+    for params in ({"temperature": 0}, {"temperature": 1.3, "seed": 4}, {"temperature": 0.8, "top_k": 2, "seed": 1}):
+        pid = sys.spawn(tid, [5, 6, 7], max_tokens=24, ignore_eos=True, allowed_token_ids=ids, logprobs=2, **params)
+        entries = sys.read(pid, timeout=30).logprobs
+        st = sys.wait(pid)
+        assert len(st.tokens) == 24 and set(st.tokens) <= set(ids), (params, st.tokens)
+        assert any(e.top[0].token not in ids for e in entries)       # logprobs: the model's, unmasked
+    for bad, match in (({"allowed_token_ids": [600]}, "outside the vocabulary"),
+                       ({"allowed_token_ids": [1], "min_tokens": 1}, "cannot be combined"),
+                       ({"allowed_token_ids": "17"}, "must be a list of token ids")):
+        with pytest.raises(KvosError, match=match):
+            sys.spawn(tid, [5, 6, 7], max_tokens=4, **bad)
+    assert_all_memory_back(k)

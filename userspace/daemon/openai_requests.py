@@ -41,8 +41,8 @@ class StreamOptions(BaseModel):
 
 class Sampling(BaseModel):
     """What both endpoints take. top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-    stop_token_ids, priority, return_token_ids, structured_outputs and include_stop_str_in_output are
-    extensions (as in vLLM),
+    stop_token_ids, priority, return_token_ids, structured_outputs, include_stop_str_in_output,
+    allowed_token_ids, use_beam_search and length_penalty are extensions (as in vLLM),
     and so is response_format in completions."""
     model_config = STRICT
     model: str
@@ -60,6 +60,7 @@ class Sampling(BaseModel):
     response_format: dict | None = None     # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
     structured_outputs: dict | None = None  # as vLLM: one of json, regex, choice, grammar, json_object
     include_stop_str_in_output: bool | None = None   # as vLLM: the stop string stays in the text
+    allowed_token_ids: list[int] | None = None        # as vLLM: the only tokens a choice may draw
     use_beam_search: bool = False           # as vLLM: the n best beams (userspace/daemon/openai_beam.py)
     length_penalty: float = 1.0             # beams ranked by log-probability / length ** length_penalty
     top_k: int | None = None
@@ -131,7 +132,8 @@ def _is_type_tag(part) -> bool:
 def sampling_params(req) -> dict:
     params = {}
     for key in ("temperature", "top_p", "seed", "top_k", "min_p", "ignore_eos", "stop_token_ids", "frequency_penalty",
-                "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "include_stop_str_in_output"):
+                "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "include_stop_str_in_output",
+                "allowed_token_ids"):
         if getattr(req, key) is not None:
             params[key] = getattr(req, key)
     logprobs = _logprobs(req)
