@@ -291,10 +291,11 @@ def test_beam_search_gives_libc_s_beams(client, server):
     ({"logprobs": 2}, "logprobs with use_beam_search is not supported"),
     ({"stop": ["x"]}, "stop with use_beam_search is not supported"),
     ({"max_tokens": 0}, "max_tokens with use_beam_search must be at least 1"),
+    ({"n": 21}, "n with use_beam_search is at most 20"),
 ])
 def test_beam_search_refuses_what_it_cannot_honour(client, body, reason):
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="Hi", n=2, **{"max_tokens": 4, **body},
+        client.completions.create(model=MODEL, prompt="Hi", **{"n": 2, "max_tokens": 4, **body},
                                   extra_body={"use_beam_search": True})
     assert reason in err.value.body["message"], err.value.body
 

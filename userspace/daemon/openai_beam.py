@@ -13,6 +13,7 @@ from kernel.results import ExitStatus
 from userspace.libc.beam import beam_search
 
 DEFAULT_MAX_TOKENS = 256      # the kernel's default max_tokens
+MAX_WIDTH = 20                # a beam's candidates are its top logprobs, at most the kernel's 20
 # Fields a beam search takes besides the prompt: the rest must stay at their defaults.
 TAKES = frozenset({"model", "messages", "prompt", "n", "max_tokens", "max_completion_tokens", "ignore_eos",
                    "stop_token_ids", "length_penalty", "use_beam_search", "return_token_ids", "best_of",
@@ -23,6 +24,9 @@ def check(req) -> None:
     """EINVAL naming the first field a beam search cannot honour."""
     if req.stream:
         raise KvosError(EINVAL, "stream with use_beam_search is not supported: the beams are ranked at the end")
+    if req.n > MAX_WIDTH:
+        raise KvosError(EINVAL, f"n with use_beam_search is at most {MAX_WIDTH} (each beam's candidates are its "
+                                f"{MAX_WIDTH} most likely tokens at most), got {req.n}")
     if req.temperature not in (None, 0, 1):
         raise KvosError(EINVAL, "temperature with use_beam_search must be 0 or 1 (beams are scored by the "
                                 "model's own log-probabilities)")
