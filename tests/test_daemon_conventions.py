@@ -183,6 +183,10 @@ def test_request_metrics_and_the_request_log_line(keyed_server, caplog):
         list(client.chat.completions.create(model="alice", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=3, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True}))
+    # a streamed request is logged as its response closes, which may be just after the client read [DONE]
+    deadline = time.monotonic() + 10
+    while len([r for r in caplog.records if r.name == "kvosd.requests"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     (done, streamed) = [r for r in caplog.records if r.name == "kvosd.requests"]
     assert done.getMessage() == "/v1/completions" and done.tenant == "alice" and len(done.pids) == 2
     assert done.finish_reason == ["length", "length"] and done.completion_tokens == 10 and done.prompt_tokens > 0

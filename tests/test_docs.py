@@ -73,7 +73,7 @@ def test_daemon_md_routes_are_the_openapi_paths(tmp_path):
     served = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
     documented = set()
     for row in table("daemon.md", "route"):
-        for method, path in re.findall(r"`(GET|POST) (/[^`]*)`", row[0]):
+        for method, path in re.findall(r"`(GET|POST|DELETE) (/[^`]*)`", row[0]):
             if path == "/sys/{name}":
                 documented |= {("POST", p) for p in spec["paths"] if p.startswith("/sys/")}
             elif path not in ("/openapi.json", "/docs"):            # FastAPI's own pages, not in the schema

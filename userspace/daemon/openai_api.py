@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kernel.errors import EAGAIN, EINVAL, EIO, ERRNOS, ESRCH, KvosError
+from kernel.errors import EAGAIN, EINVAL, ESRCH, KvosError
 from userspace.daemon import logprobs_shapes, openai_beam, openai_tools, waiting
 from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
@@ -29,6 +28,8 @@ from userspace.daemon.openai_requests import (
     parse,
     sampling_params,
 )
+from userspace.daemon.openai_responses import ResponsesAPI, ResponsesRequest
+from userspace.daemon.runs import Launch, exit_error, launch
 from userspace.daemon.sysapi import json_object
 
 POLL_SECONDS = 0.5           # longest a read waits; also how often a request checks its client
@@ -37,56 +38,6 @@ POLL_SECONDS = 0.5           # longest a read waits; also how often a request ch
 # the threads every other call needs nor keep another tenant's searches waiting for long.
 BEAM_SEARCHES = 16
 BEAM_SEARCHES_PER_TENANT = 4
-
-
-# -- processes of one request --------------------------------------------------------------------------
-@dataclass
-class Launch:
-    """The processes serving one request: choice i is pids[i]."""
-    handle: object
-    tenant: str
-    pids: list
-    prompt_of: list                   # choice -> index of its prompt
-    started: float
-    statuses: list = field(default_factory=list)    # ExitStatus per choice once reaped
-    finished: bool = False            # reaped: nothing left to release
-    outcome: str = "disconnected"     # for kvos_requests: ok, killed, error, disconnected
-    first_token: float | None = None  # when the first token of any choice came (the request's TTFT)
-
-
-def launch(handle, tid, tenant, prompts, n, params) -> Launch:
-    """Spawn each prompt with n - 1 forked siblings (spawn_n: no step between spawn and fork, so no
-    fork inherits the parent's first token); on a refusal, end what was started and re-raise.
-    handle.atomic() puts every prompt of the request in the run queue before the next step."""
-    started = time.monotonic()
-    priority = params.pop("priority", 0)
-    pids, prompt_of = [], []
-    try:
-        with handle.atomic():
-            for i, prompt in enumerate(prompts):
-                pids.extend(handle.spawn_n(tid, prompt, n, priority=priority, **params))
-                prompt_of.extend([i] * n)
-    except KvosError:
-        release(handle, pids)
-        raise
-    return Launch(handle, tenant, pids, prompt_of, started)
-
-
-def release(handle, pids) -> None:
-    """Kill and reap: the frames go back (full pages may stay in the page cache)."""
-    for pid in pids:
-        for call in (handle.kill, handle.wait):
-            try:
-                call(pid)
-            except KvosError:          # already gone (reaped, or its tenant was killed)
-                break
-
-
-def exit_error(status) -> KvosError:
-    """The error a process that ended with reason "error" carries ("ENOMEM: ..." or a forward failure)."""
-    text = status.error or "the process failed"
-    errno, _, rest = text.partition(":")
-    return KvosError(errno, rest.strip()) if errno in ERRNOS else KvosError(EIO, text)
 
 
 class Disconnected(Exception):
@@ -437,4 +388,13 @@ def add_routes(app: FastAPI, daemon) -> list:
     app.add_api_route("/v1/completions", api.completions, methods=["POST"], tags=["openai"],
                       summary="Text completion (streamed with stream=true; n choices by fork)",
                       openapi_extra=doc(CompletionRequest))
-    return [ChatRequest, CompletionRequest]
+    responses = ResponsesAPI(daemon, api.resolve)
+    app.add_api_route("/v1/responses", responses.create, methods=["POST"], tags=["openai"],
+                      summary="A response (streamed with stream=true); stored ones sleep as processes, and "
+                              "previous_response_id continues one by fork",
+                      openapi_extra=doc(ResponsesRequest))
+    app.add_api_route("/v1/responses/{response_id}", responses.get, methods=["GET"], tags=["openai"],
+                      summary="A stored response")
+    app.add_api_route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"], tags=["openai"],
+                      summary="End a stored response's process")
+    return [ChatRequest, CompletionRequest, ResponsesRequest]

@@ -96,8 +96,10 @@ class CompletionRequest(Sampling):
     logprobs: int | None = None             # the chosen token's and this many most likely
 
 
-def parse(model_cls, body: dict):
-    """Validate a body; EINVAL naming the first bad field, or a field kvosd does not support."""
+def parse(model_cls, body: dict, ignored=IGNORED, off_values=None):
+    """Validate a body; EINVAL naming the first bad field, or a field kvosd does not support (ignored:
+    fields that change nothing; off_values: fields accepted at an "off" value, OFF_VALUES by default)."""
+    off_values = OFF_VALUES if off_values is None else off_values
     try:
         req = model_cls.model_validate(body)
     except ValidationError as err:
@@ -106,10 +108,10 @@ def parse(model_cls, body: dict):
         where = ".".join(str(x) for x in first["loc"] if not _is_type_tag(x)) or "body"
         raise KvosError(EINVAL, f"{where}: {first['msg']}") from None
     for key, value in (req.model_extra or {}).items():
-        if key in IGNORED or value is None or _is_off(value, OFF_VALUES.get(key, ())):
+        if key in ignored or value is None or _is_off(value, off_values.get(key, ())):
             continue
-        raise KvosError(EINVAL, f"{key} {UNSUPPORTED}" if key in OFF_VALUES else f"unknown field {key!r}")
-    if req.length_penalty != 1.0 and not req.use_beam_search:
+        raise KvosError(EINVAL, f"{key} {UNSUPPORTED}" if key in off_values else f"unknown field {key!r}")
+    if getattr(req, "length_penalty", 1.0) != 1.0 and not req.use_beam_search:
         raise KvosError(EINVAL, "length_penalty with use_beam_search only (it ranks beams)")
     if model_cls is CompletionRequest and req.best_of not in (None, req.n):
         raise KvosError(EINVAL, f"best_of other than n {UNSUPPORTED}")

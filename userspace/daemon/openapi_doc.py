@@ -81,6 +81,8 @@ def _examples(schema: dict, model: str, tid: int) -> None:
             media["example"] = {"model": model, "prompt": "Hello", "max_tokens": 8}
         elif path == "/v1/chat/completions":
             media["example"] = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
+        elif path == "/v1/responses":
+            media["example"] = {"model": model, "input": "Hello", "max_output_tokens": 8}
         elif path == "/tokenize":
             media["example"] = {"model": model, "prompt": "Hello"}
         elif path == "/detokenize":
@@ -94,10 +96,10 @@ def _describe(path: str, method: str, op: dict) -> None:
         statuses |= set(KERNEL)
     if path == "/metrics":
         statuses.add(403)
-    if path in NAMES_A_MODEL:
+    if path in NAMES_A_MODEL or path.startswith("/v1/responses/"):
         statuses.add(404)
     error = "OpenAIError" if is_openai(path) else "Errno"
-    responses = {"200": {"description": "Success", "content": _success(path)}}
+    responses = {"200": {"description": "Success", "content": _success(path, method)}}
     for status in sorted(statuses):
         body = {"$ref": f"#/components/schemas/{error}"}
         if path in UNKEYED and status == 503:
@@ -110,7 +112,11 @@ def _describe(path: str, method: str, op: dict) -> None:
         op["security"] = [{"bearer": []}]
 
 
-def _success(path: str) -> dict:
+def _success(path: str, method: str = "get") -> dict:
+    if path == "/v1/responses":
+        return {**_json(RESPONSE), "text/event-stream": {"schema": RESPONSE_EVENT}}
+    if path.startswith("/v1/responses/"):
+        return _json(RESPONSE if method == "get" else {"type": "object", "required": ["id", "object", "deleted"]})
     if path.startswith("/sys/"):
         result = result_schema(wire.RESULTS.get(path.removeprefix("/sys/"), ...))
         return _json({"type": "object", "required": ["result"], "properties": {"result": result},
@@ -163,6 +169,16 @@ STREAM_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
     {"const": "[DONE]"},
     {"type": "string", "contentMediaType": "application/json",
      "contentSchema": {"anyOf": [CHUNK, {"$ref": "#/components/schemas/OpenAIError"}]}}]}}}
+
+
+# A Responses API response, and one event of a streamed one.
+RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output", "usage"],
+            "properties": {"id": {"type": "string"}, "object": {"const": "response"},
+                           "status": {"enum": ["completed", "incomplete", "in_progress"]},
+                           "output": {"type": "array", "items": {"type": "object", "required": ["type", "content"]}}}}
+RESPONSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "contentMediaType": "application/json",
+    "contentSchema": {"type": "object", "required": ["type", "sequence_number"]}}}}
 
 
 def _json(schema: dict) -> dict:

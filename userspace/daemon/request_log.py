@@ -8,7 +8,7 @@ import logging
 import time
 
 log = logging.getLogger("kvosd.requests")
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}
 
 
 def finished(metrics, run, endpoint: str) -> None:

@@ -33,6 +33,7 @@ from userspace.daemon import (
     openai_api,
     openapi_doc,
     request_log,
+    runs,
     sysapi,
     tokenize_api,
     wire,
@@ -131,9 +132,9 @@ class Daemon:
         """Kill and reap a request's processes off the event loop (callers may be mid-cancellation)."""
         run.finished = True
         try:
-            self._reaper.submit(openai_api.release, run.handle, list(run.pids))
+            self._reaper.submit(runs.release, run.handle, list(run.pids))
         except RuntimeError:         # the reaper has stopped (close() began): release here
-            openai_api.release(run.handle, list(run.pids))
+            runs.release(run.handle, list(run.pids))
 
     # -- shutdown ------------------------------------------------------------------------------------
     def begin_drain(self, kill: bool | None = None) -> None:

@@ -1,0 +1,175 @@
+"""The Responses API (/v1/responses) through the unmodified openai client against kvosd on tiny-llama:
+the same text as the kernel's own interactive process, streamed or not; stored responses continued by
+fork (branches), read back, deleted and evicted; text.format; clear 400s; every frame back."""
+import json
+
+import openai
+import pytest
+
+import kernel
+from tests.helpers.schemas import PERSON, assert_valid
+from userspace.daemon.config import DaemonConfig, TenantSpec
+from userspace.daemon.listen import ServerThread
+from userspace.daemon.openai_responses import STORED_PER_TENANT
+
+KEY, ROOT = "responses-key-for-tests", "responses-root-for-tests"
+MODEL = "tiny-llama"
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
+GREEDY = dict(temperature=0, max_output_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def server(one_thread):
+    srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory="8MiB", threads=1), root_key=ROOT,
+                                    tenants=[TenantSpec(MODEL, MODEL, KEY)]))
+    yield srv
+    report = srv.stop()
+    assert report["fsck"] == "clean" and report["frames_mapped"] == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The same model in a kernel of this process: what each response must say."""
+    k = kernel.boot(memory="8MiB", threads=1)
+    root = k.syscalls()
+    return root, root.spawn_tenant(MODEL)
+
+
+def turns(local, *messages, **params):
+    """The texts of an interactive process given each message list in turn (spawn, then write)."""
+    root, tid = local
+    pid, out = None, []
+    for batch in messages:
+        if pid is None:
+            pid = root.spawn(tid, list(batch), interactive=True, **params)
+        else:
+            root.write(pid, list(batch))
+        text = []
+        while True:
+            r = root.read(pid, timeout=30)
+            text.append(r.text)
+            if r.turn_done:
+                break
+        out.append("".join(text))
+    root.wait(pid)
+    return out
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_a_response_says_what_the_kernel_says_streamed_or_not(client, local):
+    (want,) = turns(local, [{"role": "system", "content": "Be brief."}] + user("Hello"), max_tokens=10,
+                    temperature=0)
+    r = client.responses.create(model=MODEL, input="Hello", instructions="Be brief.", store=False, **GREEDY)
+    assert r.output_text == want and r.status in ("completed", "incomplete")
+    assert r.usage.output_tokens <= 10 and r.usage.input_tokens > 0
+    events = list(client.responses.create(model=MODEL, input="Hello", instructions="Be brief.", store=False,
+                                          stream=True, **GREEDY))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want
+    assert events[-1].response.output_text == want
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    parts = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}]
+    assert client.responses.create(model=MODEL, input=parts, instructions="Be brief.", store=False,
+                                   **GREEDY).output_text == want
+
+
+def test_previous_response_id_continues_by_fork_and_branches(client, local, server):
+    first, second = turns(local, user("Hi"), user("And then?"), max_tokens=10, temperature=0)
+    r1 = client.responses.create(model=MODEL, input="Hi", **GREEDY)
+    assert r1.output_text == first and r1.store
+    r2 = client.responses.create(model=MODEL, input="And then?", previous_response_id=r1.id, **GREEDY)
+    assert r2.output_text == second and r2.previous_response_id == r1.id
+    assert r2.usage.input_tokens_details.cached_tokens > 0             # the first turn was not computed again
+    again = client.responses.create(model=MODEL, input="And then?", previous_response_id=r1.id, **GREEDY)
+    assert again.output_text == second and again.id != r2.id           # a branch of the same response
+    assert client.responses.retrieve(r2.id).output_text == second
+    client.responses.delete(r1.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r1.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="More", previous_response_id=r1.id, **GREEDY)
+    for r in (r2, again):
+        client.responses.delete(r.id)
+    assert server.daemon.root.meminfo().mapped == 0 and not server.daemon.root.ps()
+
+
+def test_a_tenant_keeps_its_latest_responses(client, server):
+    ids = [client.responses.create(model=MODEL, input=f"Number {i}", **GREEDY).id
+           for i in range(STORED_PER_TENANT + 2)]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(ids[0])                  # the oldest went, and its process with it
+    assert client.responses.retrieve(ids[-1]).id == ids[-1]
+    assert len(server.daemon.root.ps()) == STORED_PER_TENANT
+    for rid in ids[2:]:
+        client.responses.delete(rid)
+    assert not server.daemon.root.ps()
+
+
+def test_text_format_json_schema(client):
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    r = client.responses.create(model=MODEL, input="A person", text=fmt, temperature=1.0, max_output_tokens=96,
+                                store=False)
+    assert r.status == "completed"
+    assert_valid(PERSON, json.loads(r.output_text))
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools is not supported"),
+    ({"reasoning": {"effort": "low"}}, "reasoning is not supported"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input.0.type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "only text parts"),
+    ({"text": {"format": {"type": "xml"}}}, "response_format.type must be"),
+    ({"previous_response_id": "resp_nope"}, "no stored response"),
+])
+def test_what_it_cannot_serve_is_a_400_or_404_naming_it(client, body, reason):
+    with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as err:
+        client.responses.create(model=MODEL, **{"input": "Hi", "max_output_tokens": 2, **body})
+    assert reason in err.value.body["message"], err.value.body
+
+
+def test_a_continuation_keeps_its_first_turn_s_parameters(client):
+    r1 = client.responses.create(model=MODEL, input="Hi", **GREEDY)
+    for change, reason in (({"temperature": 0.5}, "temperature differs"), ({"instructions": "x"}, "instructions")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model=MODEL, input="More", previous_response_id=r1.id, **{**GREEDY, **change})
+        assert reason in err.value.body["message"]
+    client.responses.delete(r1.id)
+
+
+def test_a_client_that_leaves_mid_stream_ends_its_process(server):
+    import http.client
+    import time
+    root = server.daemon.root
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/responses", body=json.dumps({"model": MODEL, "input": "Tell a long story",
+                                                           "max_output_tokens": 2000, "stream": True}),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    pid = int(resp.getheader("X-Kvos-Pids"))
+    deltas = 0
+    while deltas < 3:
+        line = resp.fp.readline()
+        assert line, "the stream ended before three deltas"
+        deltas += line.startswith(b"event: response.output_text.delta")
+    assert any(p.pid == pid for p in root.ps())
+    conn.sock.close()
+    conn.close()
+    deadline = time.monotonic() + 10
+    while any(p.pid == pid for p in root.ps()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(p.pid == pid for p in root.ps()) and root.meminfo().mapped == 0

@@ -1,0 +1,327 @@
+"""OpenAI's Responses API on the syscalls: POST /v1/responses, GET and DELETE /v1/responses/{id}.
+
+A response is one turn of an interactive process. Stored (`store`, the default), the process sleeps
+after its turn and keeps its pages (under pressure the kernel swaps or reclaims idle sleepers first),
+so `previous_response_id` continues the conversation without computing it again: the stored process
+is forked (its pages shared copy-on-write) and the fork is written the new input, which leaves the
+stored one as it was: a response can be continued more than once (branches). A tenant keeps at most
+STORED_PER_TENANT responses; the oldest is ended (its id then answers 404). Not stored, the process
+exits after its turn. Served: text input (a string, or messages with text parts), instructions,
+max_output_tokens, temperature, top_p, text.format (text, json_schema, json_object), stream (the
+events of a text reply), store, previous_response_id. Tools, reasoning and other kinds of input are
+a 400 naming them. A continuation keeps its conversation's sampling parameters (write() carries
+none): other values are a 400.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import anyio.to_thread
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from kernel.errors import EINVAL, ENOENT, KvosError
+from kernel.results import ExitStatus
+from userspace.daemon import waiting
+from userspace.daemon.openai_requests import STRICT, json_schema, parse
+from userspace.daemon.runs import Launch, exit_error
+from userspace.daemon.sysapi import json_object
+
+STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_id (each a sleeping process)
+POLL_SECONDS = 0.5
+IGNORED = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
+                     "parallel_tool_calls", "prompt_cache_retention"})
+OFF_VALUES = {"tools": ([],), "tool_choice": ("auto", "none"), "background": (False,), "truncation": ("disabled",),
+              "include": ([],), "top_logprobs": (0,), "reasoning": (), "conversation": (), "prompt": (),
+              "max_tool_calls": ()}
+PARAMS = ("max_output_tokens", "temperature", "top_p", "text")   # a conversation keeps these from its first turn
+
+
+class ResponsesRequest(BaseModel):
+    model_config = STRICT
+    model: str
+    input: str | list[dict]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    text: dict | None = None                 # {"format": {"type": "text" | "json_schema" | "json_object", ...}}
+
+
+@dataclass
+class Stored:
+    tenant: str
+    pid: int
+    params: dict                  # the request's PARAMS, which a continuation must repeat
+    response: dict                # what GET answers
+
+
+def messages_of(req: ResponsesRequest) -> list:
+    """The chat messages of the request's input (instructions first, as the system message)."""
+    out = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
+    if isinstance(req.input, str):
+        return out + [{"role": "user", "content": req.input}]
+    for i, item in enumerate(req.input):
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise KvosError(EINVAL, f"input.{i}.type {kind!r} is not supported by kvosd (text messages only)")
+        role, content = item.get("role"), item.get("content")
+        if role not in ("user", "system", "developer", "assistant"):
+            raise KvosError(EINVAL, f"input.{i}.role must be user, system, developer or assistant, got {role!r}")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") in ("input_text", "output_text", "text")
+                       and isinstance(p.get("text"), str) for p in content):
+                raise KvosError(EINVAL, f"input.{i}.content: only text parts (input_text, output_text) are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise KvosError(EINVAL, f"input.{i}.content must be a string or a list of text parts")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    if not out:
+        raise KvosError(EINVAL, "input holds no message")
+    return out
+
+
+def spawn_params(req: ResponsesRequest) -> dict:
+    params = {}
+    if req.max_output_tokens is not None:
+        params["max_tokens"] = req.max_output_tokens
+    for key in ("temperature", "top_p"):
+        if getattr(req, key) is not None:
+            params[key] = getattr(req, key)
+    fmt = (req.text or {}).get("format")
+    if req.text is not None and (set(req.text) - {"format", "verbosity"} or req.text.get("verbosity") not in
+                                 (None, "medium")):
+        raise KvosError(EINVAL, "text: only format is supported by kvosd")
+    if fmt is not None:
+        if not isinstance(fmt, dict):
+            raise KvosError(EINVAL, "text.format must be an object")
+        spec = {k: v for k, v in fmt.items() if k != "type"}
+        schema = json_schema({"type": fmt.get("type"), **({"json_schema": spec} if spec else {})})
+        if schema is not None:
+            params["json_schema"] = schema
+    return params
+
+
+class ResponsesAPI:
+    def __init__(self, daemon, resolve):
+        self.daemon = daemon
+        self.resolve = resolve
+        self.stored: OrderedDict = OrderedDict()      # response id -> Stored, oldest first
+
+    # -- the store -------------------------------------------------------------------------------
+    def _find(self, who, rid: str) -> Stored:
+        entry = self.stored.get(rid)
+        if entry is None or (who.tid is not None and entry.tenant != who.name):
+            raise KvosError(ENOENT, f"no stored response {rid!r} (it was not stored, was deleted, or was the "
+                                    f"oldest of more than {STORED_PER_TENANT})")
+        return entry
+
+    def _keep(self, handle, rid: str, entry: Stored) -> list:
+        """Store a response; -> the pids of the tenant's responses that no longer fit (to end)."""
+        self.stored[rid] = entry
+        mine = [r for r, e in self.stored.items() if e.tenant == entry.tenant]
+        return [self.stored.pop(r).pid for r in mine[:max(0, len(mine) - STORED_PER_TENANT)]]
+
+    # -- routes -------------------------------------------------------------------------------------
+    async def get(self, request: Request, response_id: str):
+        who = self.daemon.authenticate(request)
+        return JSONResponse(self._find(who, response_id).response)
+
+    async def delete(self, request: Request, response_id: str):
+        who = self.daemon.authenticate(request)
+        entry = self._find(who, response_id)
+        del self.stored[response_id]
+        handle = who.handle if who.tid is not None else self.daemon.root
+        await anyio.to_thread.run_sync(_end, handle, [entry.pid])
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    async def create(self, request: Request):
+        who = self.daemon.authenticate(request)
+        req = parse(ResponsesRequest, await json_object(request, "responses"), IGNORED, OFF_VALUES)
+        self.daemon.refuse_if_draining("spawn")
+        messages = messages_of(req)
+        params = spawn_params(req)
+        asked = {k: getattr(req, k) for k in PARAMS}
+        handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
+        cached = 0
+        if req.previous_response_id is None:
+            pid = await anyio.to_thread.run_sync(
+                lambda: handle.spawn(tid, messages, interactive=req.store, **params))
+        else:
+            entry = self._find(who, req.previous_response_id)
+            if entry.tenant != tenant:
+                raise KvosError(EINVAL, "previous_response_id belongs to another model")
+            if req.instructions is not None:
+                raise KvosError(EINVAL, "instructions with previous_response_id are not supported: the "
+                                        "conversation's first turn holds them")
+            changed = [k for k in PARAMS if asked[k] != entry.params[k]]
+            if changed:
+                raise KvosError(EINVAL, f"{changed[0]} differs from the conversation's ({entry.params[changed[0]]!r}): "
+                                        f"a continuation keeps its first turn's sampling parameters")
+            pid, cached = await anyio.to_thread.run_sync(_branch, handle, entry.pid, messages)
+        rid = f"resp_{self.daemon.nonce}{pid}"
+        run = Launch(handle, tenant, [pid], [0], time.monotonic())
+        head = _response(rid, req, "in_progress", "", None, None)
+        if req.stream:
+            return ResponseStream(self.daemon, run, self._events(run, req, head, cached, asked))
+        text, reason, tokens = [], None, []
+        try:
+            async for r in _turn(self.daemon, run, request):
+                text.append(r.text)
+                tokens += r.tokens
+                reason = r.finish_reason
+        except waiting.Disconnected:
+            await anyio.to_thread.run_sync(_end, handle, [pid])
+            run.outcome = "disconnected"
+            self.daemon.request_done(run, "responses")
+            return JSONResponse({}, status_code=499)
+        if reason in ("error", "killed"):
+            status = await anyio.to_thread.run_sync(handle.wait, pid)
+            run.statuses, run.outcome = [status], reason
+            self.daemon.request_done(run, "responses")
+            raise exit_error(status) if reason == "error" else KvosError(EINVAL, "the response's process was killed")
+        response = await self._finish(run, req, rid, "".join(text), tokens, reason, cached, asked)
+        return JSONResponse(response)
+
+    async def _finish(self, run, req, rid, text, tokens, reason, cached, asked) -> dict:
+        """The finished response: counted, logged, stored (or its process reaped)."""
+        handle, pid = run.handle, run.pids[0]
+        info = await anyio.to_thread.run_sync(lambda: next((p for p in handle.ps() if p.pid == pid), None))
+        prompt = info.prompt_tokens if info is not None else 0
+        response = _response(rid, req, "completed" if reason == "stop" else "incomplete", text,
+                             {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+                              "output_tokens": len(tokens), "output_tokens_details": {"reasoning_tokens": 0},
+                              "total_tokens": prompt + len(tokens)}, reason)
+        run.statuses = [ExitStatus(pid=pid, reason=reason, tokens=tokens, text=text, prompt_tokens=prompt,
+                                   elapsed=time.monotonic() - run.started)]
+        run.outcome, run.finished = "ok", True
+        self.daemon.request_done(run, "responses")
+        if req.store:
+            evicted = self._keep(handle, rid, Stored(run.tenant, pid, asked, response))
+            if evicted:
+                await anyio.to_thread.run_sync(_end, handle, evicted)
+        else:
+            await anyio.to_thread.run_sync(handle.wait, pid)
+        return response
+
+    async def _events(self, run, req, head, cached, asked):
+        """The Responses API's server-sent events for one text reply."""
+        seq = 0
+        rid, pid = head["id"], run.pids[0]
+        item_id = f"msg_{rid.removeprefix('resp_')}"
+
+        def event(kind, **fields):
+            nonlocal seq
+            seq += 1
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq - 1, **fields})}\n\n"
+
+        item = {"type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": []}
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        yield event("response.created", response=head)
+        yield event("response.in_progress", response=head)
+        yield event("response.output_item.added", output_index=0, item=item)
+        yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part)
+        text, tokens, reason = [], [], None
+        async for r in _turn(self.daemon, run, None):
+            if r.text:
+                text.append(r.text)
+                yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
+                            delta=r.text, logprobs=[])
+            tokens += r.tokens
+            reason = r.finish_reason
+        if reason in ("error", "killed"):
+            status = await anyio.to_thread.run_sync(run.handle.wait, pid)
+            run.statuses, run.outcome, run.finished = [status], reason, True
+            self.daemon.request_done(run, "responses")
+            yield event("error", code=reason, message=status.error or f"the process was {reason}", param=None)
+            return
+        whole = "".join(text)
+        response = await self._finish(run, req, rid, whole, tokens, reason, cached, asked)
+        yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=whole,
+                    logprobs=[])
+        yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
+                    part={**part, "text": whole})
+        yield event("response.output_item.done", output_index=0, item=response["output"][0])
+        yield event("response.completed" if reason == "stop" else "response.incomplete", response=response)
+
+
+class ResponseStream(StreamingResponse):
+    """A streamed response whose process is ended however the stream ends before its turn did (a
+    client that left, even before the first event), off the event loop (the daemon's reaper)."""
+
+    def __init__(self, daemon, run, events):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"X-Kvos-Pids": str(run.pids[0]), "Cache-Control": "no-cache"})
+        self.daemon, self.run = daemon, run
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.run.finished:
+                self.run.outcome = "disconnected"
+                self.daemon.release_later(self.run)
+                self.daemon.request_done(self.run, "responses")
+
+
+async def _turn(daemon, run, request):
+    """The process's output until its turn ends (ReadResults); with a request, Disconnected once its
+    client has gone."""
+    pid = run.pids[0]
+    last_token_at: dict = {}
+    while True:
+        (r,) = await waiting.next_output(run.handle, [pid], POLL_SECONDS)
+        if r.tokens:
+            daemon.observe_tokens(run, 0, len(r.tokens), time.monotonic(), last_token_at)
+        yield r
+        if r.turn_done:
+            return
+        if request is not None and await request.is_disconnected():
+            raise waiting.Disconnected()
+
+
+def _branch(handle, pid: int, messages: list) -> tuple:
+    """A fork of a stored (sleeping) process, written the new messages. -> (its pid, tokens shared)"""
+    info = next((p for p in handle.ps() if p.pid == pid), None)
+    (child,) = handle.fork(pid, 1)
+    try:
+        handle.read(child)              # a fork's reader starts at its beginning: the earlier turns are read
+        handle.write(child, messages)
+    except KvosError:
+        _end(handle, [child])
+        raise
+    return child, (info.prompt_tokens + info.generated_tokens) if info is not None else 0
+
+
+def _end(handle, pids) -> None:
+    """Kill and reap (a stored response deleted, evicted, or whose client left)."""
+    for pid in pids:
+        for call in (handle.kill, handle.wait):
+            try:
+                call(pid)
+            except KvosError:
+                break
+
+
+def _response(rid: str, req: ResponsesRequest, status: str, text: str, usage, reason) -> dict:
+    """The Response object, as OpenAI's reference describes it (one message of output text)."""
+    item = {"type": "message", "id": f"msg_{rid.removeprefix('resp_')}", "status":
+            "in_progress" if status == "in_progress" else "completed" if reason == "stop" else "incomplete",
+            "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": [],
+                                              "logprobs": []}]}
+    return {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
+            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": req.model,
+            "output": [] if status == "in_progress" else [item], "parallel_tool_calls": False,
+            "previous_response_id": req.previous_response_id, "store": req.store,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "text": req.text or {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
+            "truncation": "disabled", "usage": usage, "metadata": {}}
