@@ -12,7 +12,7 @@ from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.listen import ServerThread
 from userspace.daemon.openai_responses import STORED_PER_TENANT
 
-KEY, ROOT = "responses-key-for-tests", "responses-root-for-tests"
+KEY, ROOT, SMALL = "responses-key-for-tests", "responses-root-for-tests", "responses-small-for-tests"
 MODEL = "tiny-llama"
 pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 GREEDY = dict(temperature=0, max_output_tokens=10)
@@ -21,7 +21,8 @@ GREEDY = dict(temperature=0, max_output_tokens=10)
 @pytest.fixture(scope="module")
 def server(one_thread):
     srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory="8MiB", threads=1), root_key=ROOT,
-                                    tenants=[TenantSpec(MODEL, MODEL, KEY)]))
+                                    tenants=[TenantSpec(MODEL, MODEL, KEY),
+                                             TenantSpec("small", MODEL, SMALL, {"max_procs": 4})]))
     yield srv
     report = srv.stop()
     assert report["fsck"] == "clean" and report["frames_mapped"] == 0
@@ -115,6 +116,18 @@ def test_a_tenant_keeps_its_latest_responses(client, server):
     assert len(server.daemon.root.ps()) == STORED_PER_TENANT
     for rid in ids[2:]:
         client.responses.delete(rid)
+    assert not server.daemon.root.ps()
+
+
+def test_stored_responses_take_at_most_half_a_tenant_s_processes(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=SMALL, max_retries=0) as small:
+        ids = [small.responses.create(model="small", input=f"Hi {i}", **GREEDY).id for i in range(3)]
+        with pytest.raises(openai.NotFoundError):
+            small.responses.retrieve(ids[0])
+        assert [small.responses.retrieve(r).id for r in ids[1:]] == ids[1:]
+        assert small.responses.create(model="small", input="Not stored", store=False, **GREEDY).output_text
+        for rid in ids[1:]:
+            small.responses.delete(rid)
     assert not server.daemon.root.ps()
 
 

@@ -31,7 +31,8 @@ from userspace.daemon.openai_requests import STRICT, json_schema, parse
 from userspace.daemon.runs import Launch, exit_error
 from userspace.daemon.sysapi import json_object
 
-STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_id (each a sleeping process)
+STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_id (each a sleeping process),
+                              # and never more than half its max_procs
 POLL_SECONDS = 0.5
 IGNORED = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
                      "parallel_tool_calls", "prompt_cache_retention"})
@@ -123,11 +124,13 @@ class ResponsesAPI:
                                     f"oldest of more than {STORED_PER_TENANT})")
         return entry
 
-    def _keep(self, handle, rid: str, entry: Stored) -> list:
-        """Store a response; -> the pids of the tenant's responses that no longer fit (to end)."""
+    def _keep(self, rid: str, entry: Stored, max_procs: int) -> list:
+        """Store a response; -> the pids of the tenant's responses that no longer fit (to end): at most
+        STORED_PER_TENANT, and at most half the tenant's processes, so stored ones never take them all."""
         self.stored[rid] = entry
         mine = [r for r, e in self.stored.items() if e.tenant == entry.tenant]
-        return [self.stored.pop(r).pid for r in mine[:max(0, len(mine) - STORED_PER_TENANT)]]
+        keep = min(STORED_PER_TENANT, max(1, max_procs // 2))
+        return [self.stored.pop(r).pid for r in mine[:max(0, len(mine) - keep)]]
 
     # -- routes -------------------------------------------------------------------------------------
     async def get(self, request: Request, response_id: str):
@@ -203,8 +206,9 @@ class ResponsesAPI:
                                    elapsed=time.monotonic() - run.started)]
         run.outcome, run.finished = "ok", True
         self.daemon.request_done(run, "responses")
-        if req.store:
-            evicted = self._keep(handle, rid, Stored(run.tenant, pid, asked, response))
+        if req.store and info is not None:           # (None: killed since its turn ended; nothing to keep)
+            max_procs = (await anyio.to_thread.run_sync(handle.tenantinfo, info.tid)).max_procs
+            evicted = self._keep(rid, Stored(run.tenant, pid, asked, response), max_procs)
             if evicted:
                 await anyio.to_thread.run_sync(_end, handle, evicted)
         else:
