@@ -186,3 +186,29 @@ def test_a_client_that_leaves_mid_stream_ends_its_process(server):
     while any(p.pid == pid for p in root.ps()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not any(p.pid == pid for p in root.ps()) and root.meminfo().mapped == 0
+
+
+def test_a_killed_response_is_cancelled(client, server):
+    """Someone kills the process mid-turn (kvos kill): the response comes back cancelled, with what it had."""
+    import threading
+    import time
+    root = server.daemon.root
+    killed = []
+
+    def kill_it():
+        deadline = time.monotonic() + 10
+        while not killed and time.monotonic() < deadline:
+            for p in root.ps():
+                if p.generated_tokens > 0:
+                    root.kill(p.pid)
+                    killed.append(p.pid)
+            time.sleep(0.005)
+    killer = threading.Thread(target=kill_it)
+    killer.start()
+    r = client.responses.create(model=MODEL, input="Tell a long story", max_output_tokens=2000, store=True,
+                                extra_body={"temperature": 0})
+    killer.join()
+    assert killed and r.status == "cancelled"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)                      # nothing left to continue
+    assert not root.ps()

@@ -185,11 +185,13 @@ class ResponsesAPI:
             run.outcome = "disconnected"
             self.daemon.request_done(run, "responses")
             return JSONResponse({}, status_code=499)
-        if reason in ("error", "killed"):
+        if reason in ("error", "killed"):             # a failed forward, or someone killed the process
             status = await anyio.to_thread.run_sync(handle.wait, pid)
-            run.statuses, run.outcome = [status], reason
+            run.statuses, run.outcome, run.finished = [status], reason, True
             self.daemon.request_done(run, "responses")
-            raise exit_error(status) if reason == "error" else KvosError(EINVAL, "the response's process was killed")
+            if reason == "error":
+                raise exit_error(status)
+            return JSONResponse(_response(rid, req, "cancelled", "".join(text), None, reason))
         response = await self._finish(run, req, rid, "".join(text), tokens, reason, cached, asked)
         return JSONResponse(response)
 
@@ -317,7 +319,7 @@ def _end(handle, pids) -> None:
 def _response(rid: str, req: ResponsesRequest, status: str, text: str, usage, reason) -> dict:
     """The Response object, as OpenAI's reference describes it (one message of output text)."""
     item = {"type": "message", "id": f"msg_{rid.removeprefix('resp_')}", "status":
-            "in_progress" if status == "in_progress" else "completed" if reason == "stop" else "incomplete",
+            status if status == "in_progress" else "completed" if reason == "stop" else "incomplete",
             "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": [],
                                               "logprobs": []}]}
     return {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,

@@ -174,7 +174,7 @@ STREAM_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
 # A Responses API response, and one event of a streamed one.
 RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output", "usage"],
             "properties": {"id": {"type": "string"}, "object": {"const": "response"},
-                           "status": {"enum": ["completed", "incomplete", "in_progress"]},
+                           "status": {"enum": ["completed", "incomplete", "in_progress", "cancelled"]},
                            "output": {"type": "array", "items": {"type": "object", "required": ["type", "content"]}}}}
 RESPONSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
     "type": "string", "contentMediaType": "application/json",
