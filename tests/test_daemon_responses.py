@@ -133,7 +133,7 @@ def test_stored_responses_take_at_most_half_a_tenant_s_processes(server):
 
 def test_text_format_json_schema(client):
     fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
-    r = client.responses.create(model=MODEL, input="A person", text=fmt, temperature=1.0, max_output_tokens=96,
+    r = client.responses.create(model=MODEL, input="A person", text=fmt, temperature=0, max_output_tokens=96,
                                 store=False)
     assert r.status == "completed"
     assert_valid(PERSON, json.loads(r.output_text))
@@ -163,51 +163,63 @@ def test_a_continuation_keeps_its_first_turn_s_parameters(client):
 
 
 def test_a_client_that_leaves_mid_stream_ends_its_process(server):
+    """The loop is paused as the stream opens, so the turn cannot end before the client leaves."""
     import http.client
     import time
     root = server.daemon.root
     host, port = server.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("POST", "/v1/responses", body=json.dumps({"model": MODEL, "input": "Tell a long story",
-                                                           "max_output_tokens": 2000, "stream": True}),
-                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    pid = int(resp.getheader("X-Kvos-Pids"))
-    deltas = 0
-    while deltas < 3:
-        line = resp.fp.readline()
-        assert line, "the stream ended before three deltas"
-        deltas += line.startswith(b"event: response.output_text.delta")
-    assert any(p.pid == pid for p in root.ps())
-    conn.sock.close()
-    conn.close()
-    deadline = time.monotonic() + 10
-    while any(p.pid == pid for p in root.ps()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not any(p.pid == pid for p in root.ps()) and root.meminfo().mapped == 0
+    root.loopctl("pause")
+    try:
+        conn.request("POST", "/v1/responses", body=json.dumps({"model": MODEL, "input": "Tell a long story",
+                                                               "max_output_tokens": 200, "stream": True}),
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        line = b""
+        while not line.startswith(b"event: response."):          # past the chunk-size line
+            line = resp.fp.readline()
+            assert line, "the stream ended at once"
+        assert line == b"event: response.created\n"
+        pid = int(resp.getheader("X-Kvos-Pids"))
+        assert any(p.pid == pid for p in root.ps())
+        conn.sock.close()
+        conn.close()
+        deadline = time.monotonic() + 10
+        while any(p.pid == pid for p in root.ps()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(p.pid == pid for p in root.ps()) and root.meminfo().mapped == 0
+    finally:
+        root.loopctl("resume")
 
 
 def test_a_killed_response_is_cancelled(client, server):
-    """Someone kills the process mid-turn (kvos kill): the response comes back cancelled."""
+    """Someone kills the process before its turn ends (the loop paused meanwhile): the response comes
+    back cancelled, and nothing is stored."""
     import threading
     import time
     root = server.daemon.root
+    before = {p.pid for p in root.ps()}
+    root.loopctl("pause")
     killed = []
 
     def kill_it():
         deadline = time.monotonic() + 10
         while not killed and time.monotonic() < deadline:
-            for p in root.ps():               # the response's process, as soon as it exists
-                root.kill(p.pid)
-                killed.append(p.pid)
+            for p in root.ps():
+                if p.pid not in before:
+                    root.kill(p.pid)
+                    killed.append(p.pid)
             time.sleep(0.002)
+        root.loopctl("resume")
     killer = threading.Thread(target=kill_it)
     killer.start()
-    r = client.responses.create(model=MODEL, input="Tell a long story", max_output_tokens=2000, store=True,
-                                extra_body={"temperature": 0})
-    killer.join()
+    try:
+        r = client.responses.create(model=MODEL, input="Tell a long story", max_output_tokens=50, store=True,
+                                    temperature=0)
+    finally:
+        killer.join()
     assert killed and r.status == "cancelled"
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)                      # nothing left to continue
-    assert not root.ps()
+    assert {p.pid for p in root.ps()} == before

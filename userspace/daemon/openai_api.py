@@ -10,14 +10,13 @@ reaped, so their frames go back.
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kernel.errors import EAGAIN, EINVAL, ESRCH, KvosError
+from kernel.errors import EINVAL, ESRCH, KvosError
 from userspace.daemon import logprobs_shapes, openai_beam, openai_tools, waiting
 from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
@@ -29,15 +28,10 @@ from userspace.daemon.openai_requests import (
     sampling_params,
 )
 from userspace.daemon.openai_responses import ResponsesAPI, ResponsesRequest
-from userspace.daemon.runs import Launch, exit_error, launch
+from userspace.daemon.runs import Launch, exit_error, launch, usage_of
 from userspace.daemon.sysapi import json_object
 
 POLL_SECONDS = 0.5           # longest a read waits; also how often a request checks its client
-# A beam search holds a worker thread while it runs: at most this many at once (more wait their turn),
-# and a tenant may run at most BEAM_SEARCHES_PER_TENANT (more are EAGAIN), so searches can neither take
-# the threads every other call needs nor keep another tenant's searches waiting for long.
-BEAM_SEARCHES = 16
-BEAM_SEARCHES_PER_TENANT = 4
 
 
 class Disconnected(Exception):
@@ -85,12 +79,6 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _usage(run: Launch) -> dict:
-    prompt = sum(run.statuses[run.prompt_of.index(p)].prompt_tokens for p in sorted(set(run.prompt_of)))
-    completion = sum(len(s.tokens) for s in run.statuses)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 def _outcome(run: Launch) -> str:
     reasons = {s.reason for s in run.statuses}
     run.outcome = "error" if "error" in reasons else "killed" if "killed" in reasons else "ok"
@@ -100,8 +88,7 @@ def _outcome(run: Launch) -> str:
 class OpenAIAPI:
     def __init__(self, daemon):
         self.daemon = daemon
-        self.beam_threads = None          # an anyio.CapacityLimiter, made on the event loop at first use
-        self.beams_of: dict = {}          # tenant -> beam searches running
+        self.beams = openai_beam.BeamSearches(daemon)
 
     def resolve(self, who, model: str):
         """(handle, tid, tenant name) serving `model` for this key: a tenant key serves its own tenant
@@ -150,7 +137,7 @@ class OpenAIAPI:
         self.daemon.refuse_if_draining("spawn")
         handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
         if req.use_beam_search:
-            return await self._beam_search(request, handle, tid, tenant, req, prompts, endpoint)
+            return await self.beams.serve(request, handle, tid, tenant, req, prompts, endpoint)
         params = sampling_params(req)
         echoes = None             # completions with echo: each prompt's text (token-id prompts detokenized)
         if endpoint == "completions" and req.echo:
@@ -215,67 +202,7 @@ class OpenAIAPI:
                 choice["token_ids"] = s.tokens
             choices.append(choice)
         kind = "chat.completion" if endpoint == "chat" else "text_completion"
-        return JSONResponse({**meta, "object": kind, "choices": choices, "usage": _usage(run)})
-
-    async def _beam_search(self, request, handle, tid, tenant, req, prompts, endpoint):
-        """use_beam_search: the search runs in a worker thread (its syscalls block); a client that goes
-        away ends it at the next round, every beam killed (userspace/daemon/openai_beam.py)."""
-        openai_beam.check(req)
-        if self.beams_of.get(tenant, 0) >= BEAM_SEARCHES_PER_TENANT:
-            raise KvosError(EAGAIN, f"at most {BEAM_SEARCHES_PER_TENANT} beam searches at once per tenant")
-        if self.beam_threads is None:
-            self.beam_threads = anyio.CapacityLimiter(BEAM_SEARCHES)
-        info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
-        gone = threading.Event()
-
-        def on_round(_pids):
-            if gone.is_set():
-                raise Disconnected()
-
-        async def watch():
-            while not gone.is_set():
-                await anyio.sleep(POLL_SECONDS)
-                if await request.is_disconnected():
-                    gone.set()
-
-        started = time.monotonic()
-        run = Launch(handle, tenant, [], [], started)
-        failed = None          # raised by the search: kept out of the task group, which would wrap it
-        self.beams_of[tenant] = self.beams_of.get(tenant, 0) + 1
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(watch)
-                try:
-                    results = await anyio.to_thread.run_sync(openai_beam.search, handle, tid, prompts, req,
-                                                             info.eos_token_ids, on_round, limiter=self.beam_threads)
-                except Exception as err:
-                    failed = err
-                finally:
-                    group.cancel_scope.cancel()
-        finally:
-            self.beams_of[tenant] -= 1
-        if isinstance(failed, Disconnected):
-            run.outcome = "disconnected"
-            self.daemon.request_done(run, endpoint)
-            return JSONResponse({}, status_code=499)          # nobody reads it
-        if failed is not None:
-            raise failed
-        run.statuses, run.prompt_of = await anyio.to_thread.run_sync(
-            openai_beam.statuses, handle, tid, prompts, results, time.monotonic() - started)
-        run.pids, run.finished, run.outcome = [s.pid for s in run.statuses], True, "ok"
-        self.daemon.request_done(run, endpoint)
-        choices = []
-        for i, s in enumerate(run.statuses):
-            choice = {"index": i, "message": {"role": "assistant", "content": s.text}} if endpoint == "chat" \
-                else {"index": i, "text": s.text}
-            choice.update(logprobs=None, finish_reason=s.reason)
-            if req.return_token_ids:
-                choice["token_ids"] = s.tokens
-            choices.append(choice)
-        return JSONResponse({"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{self.daemon.nonce}-{run.pids[0]}",
-                             "object": "chat.completion" if endpoint == "chat" else "text_completion",
-                             "created": int(time.time()), "model": req.model, "system_fingerprint": "kvos",
-                             "choices": choices, "usage": _usage(run)})
+        return JSONResponse({**meta, "object": kind, "choices": choices, "usage": usage_of(run)})
 
     async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs, tools=None, echoes=None):
         """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]. A
@@ -338,7 +265,7 @@ class OpenAIAPI:
             yield _sse(openai_error(err, self.daemon.http_status(err)))
             return
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(run)})
+            yield _sse({**head, "choices": [], "usage": usage_of(run)})
         yield "data: [DONE]\n\n"
 
 

@@ -8,10 +8,25 @@ penalties, a temperature other than 0 or 1), constraints, stop strings, logprobs
 """
 from __future__ import annotations
 
-from kernel.errors import EINVAL, KvosError
+import threading
+import time
+
+import anyio
+import anyio.to_thread
+from fastapi.responses import JSONResponse
+
+from kernel.errors import EAGAIN, EINVAL, KvosError
 from kernel.results import ExitStatus
+from userspace.daemon.runs import Launch, usage_of
 from userspace.libc.beam import beam_search
 
+POLL_SECONDS = 0.5            # how often a running search checks its client
+
+# A beam search holds a worker thread while it runs: at most this many at once (more wait their turn),
+# and a tenant may run at most BEAM_SEARCHES_PER_TENANT (more are EAGAIN), so searches can neither take
+# the threads every other call needs nor keep another tenant's searches waiting for long.
+BEAM_SEARCHES = 16
+BEAM_SEARCHES_PER_TENANT = 4
 DEFAULT_MAX_TOKENS = 256      # the kernel's default max_tokens
 MAX_WIDTH = 20                # a beam's candidates are its top logprobs, at most the kernel's 20
 # Fields a beam search takes besides the prompt: the rest must stay at their defaults.
@@ -61,3 +76,76 @@ def statuses(handle, tid, prompts: list, results: list, elapsed: float) -> tuple
                                   text=text, prompt_tokens=prompt_tokens, elapsed=elapsed))
             prompt_of.append(i)
     return out, prompt_of
+
+
+class Disconnected(Exception):
+    """The client of a beam search went away: raised at the next round, it ends the search."""
+
+
+class BeamSearches:
+    """kvosd's beam searches: the worker threads they may hold and how many each tenant runs."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.beam_threads = None          # an anyio.CapacityLimiter, made on the event loop at first use
+        self.beams_of: dict = {}          # tenant -> beam searches running
+
+    async def serve(self, request, handle, tid, tenant, req, prompts, endpoint):
+        """use_beam_search: the search runs in a worker thread (its syscalls block); a client that goes
+        away ends it at the next round, every beam killed (userspace/daemon/openai_beam.py)."""
+        check(req)
+        if self.beams_of.get(tenant, 0) >= BEAM_SEARCHES_PER_TENANT:
+            raise KvosError(EAGAIN, f"at most {BEAM_SEARCHES_PER_TENANT} beam searches at once per tenant")
+        if self.beam_threads is None:
+            self.beam_threads = anyio.CapacityLimiter(BEAM_SEARCHES)
+        info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
+        gone = threading.Event()
+
+        def on_round(_pids):
+            if gone.is_set():
+                raise Disconnected()
+
+        async def watch():
+            while not gone.is_set():
+                await anyio.sleep(POLL_SECONDS)
+                if await request.is_disconnected():
+                    gone.set()
+
+        started = time.monotonic()
+        run = Launch(handle, tenant, [], [], started)
+        failed = None          # raised by the search: kept out of the task group, which would wrap it
+        self.beams_of[tenant] = self.beams_of.get(tenant, 0) + 1
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch)
+                try:
+                    results = await anyio.to_thread.run_sync(search, handle, tid, prompts, req,
+                                                             info.eos_token_ids, on_round, limiter=self.beam_threads)
+                except Exception as err:
+                    failed = err
+                finally:
+                    group.cancel_scope.cancel()
+        finally:
+            self.beams_of[tenant] -= 1
+        if isinstance(failed, Disconnected):
+            run.outcome = "disconnected"
+            self.daemon.request_done(run, endpoint)
+            return JSONResponse({}, status_code=499)          # nobody reads it
+        if failed is not None:
+            raise failed
+        run.statuses, run.prompt_of = await anyio.to_thread.run_sync(
+            statuses, handle, tid, prompts, results, time.monotonic() - started)
+        run.pids, run.finished, run.outcome = [s.pid for s in run.statuses], True, "ok"
+        self.daemon.request_done(run, endpoint)
+        choices = []
+        for i, s in enumerate(run.statuses):
+            choice = {"index": i, "message": {"role": "assistant", "content": s.text}} if endpoint == "chat" \
+                else {"index": i, "text": s.text}
+            choice.update(logprobs=None, finish_reason=s.reason)
+            if req.return_token_ids:
+                choice["token_ids"] = s.tokens
+            choices.append(choice)
+        return JSONResponse({"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{self.daemon.nonce}-{run.pids[0]}",
+                             "object": "chat.completion" if endpoint == "chat" else "text_completion",
+                             "created": int(time.time()), "model": req.model, "system_fingerprint": "kvos",
+                             "choices": choices, "usage": usage_of(run)})

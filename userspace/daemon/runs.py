@@ -56,3 +56,10 @@ def exit_error(status) -> KvosError:
     text = status.error or "the process failed"
     errno, _, rest = text.partition(":")
     return KvosError(errno, rest.strip()) if errno in ERRNOS else KvosError(EIO, text)
+
+
+def usage_of(run: Launch) -> dict:
+    """OpenAI's usage of a finished request (a prompt's tokens counted once, however many choices)."""
+    prompt = sum(run.statuses[run.prompt_of.index(p)].prompt_tokens for p in sorted(set(run.prompt_of)))
+    completion = sum(len(s.tokens) for s in run.statuses)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

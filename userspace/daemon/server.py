@@ -45,7 +45,7 @@ from userspace.daemon.request_limits import RequestLimits
 
 log = logging.getLogger("kvosd")
 WORKER_THREADS = 128         # calls into the kernel run here; each holds one for at most a step (waits hold
-                             # none), but beam searches, at most openai_api.BEAM_SEARCHES of them at once
+                             # none), but beam searches, at most openai_beam.BEAM_SEARCHES of them at once
 
 
 class Daemon:
