@@ -223,3 +223,79 @@ def test_a_killed_response_is_cancelled(client, server):
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)                      # nothing left to continue
     assert {p.pid for p in root.ps()} == before
+
+
+def test_any_sequence_of_stored_responses_keeps_one_process_each(server, client):
+    """hypothesis: creates (stored or not), continuations of any stored response, deletes and reads, in
+    any order, against a model of the store (newest 16 kept). After every request the tenant's
+    processes are exactly the stored responses' and each of those reads back; at the end, nothing."""
+    import hypothesis.strategies as st
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import (
+        RuleBasedStateMachine,
+        initialize,
+        invariant,
+        precondition,
+        rule,
+        run_state_machine_as_test,
+    )
+    root = server.daemon.root
+    SHORT = {**GREEDY, "max_output_tokens": 3}     # one conversation's parameters: continuations repeat them
+
+    class Store(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            self.kept = []                      # stored response ids, oldest first
+            self.gone = []                      # ids deleted or evicted
+
+        def _stored(self, rid):
+            self.kept.append(rid)
+            while len(self.kept) > STORED_PER_TENANT:
+                self.gone.append(self.kept.pop(0))
+
+        @initialize()
+        def fill_the_store(self):                  # one more than it keeps: every sequence evicts
+            for i in range(STORED_PER_TENANT + 1):
+                r = client.responses.create(model=MODEL, input=f"Hi {i}", **SHORT)
+                self._stored(r.id)
+
+        @rule(store=st.booleans(), word=st.sampled_from(["Hi", "Why?", "Go on"]))
+        def create(self, store, word):
+            r = client.responses.create(model=MODEL, input=word, store=store, **SHORT)
+            if store:
+                self._stored(r.id)
+
+        @precondition(lambda self: self.kept)
+        @rule(pick=st.integers(0, 100), store=st.booleans())
+        def continue_one(self, pick, store):
+            rid = self.kept[pick % len(self.kept)]
+            r = client.responses.create(model=MODEL, input="More", previous_response_id=rid, store=store, **SHORT)
+            assert r.previous_response_id == rid
+            if store:
+                self._stored(r.id)
+
+        @precondition(lambda self: self.kept)
+        @rule(pick=st.integers(0, 100))
+        def delete(self, pick):
+            rid = self.kept.pop(pick % len(self.kept))
+            client.responses.delete(rid)
+            self.gone.append(rid)
+
+        @precondition(lambda self: self.gone)
+        @rule(pick=st.integers(0, 100))
+        def a_gone_one_is_404(self, pick):
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(self.gone[pick % len(self.gone)])
+
+        @invariant()
+        def one_sleeping_process_per_stored_response(self):
+            assert len(root.ps()) == len(self.kept)
+            assert all(client.responses.retrieve(rid).id == rid for rid in self.kept[-2:])
+
+        def teardown(self):
+            for rid in self.kept:
+                client.responses.delete(rid)
+            assert not root.ps() and root.meminfo().mapped == 0
+
+    run_state_machine_as_test(Store, settings=settings(max_examples=8, stateful_step_count=40, deadline=None,
+                                                       suppress_health_check=list(HealthCheck)))
