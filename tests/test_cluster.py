@@ -80,6 +80,23 @@ def test_same_greedy_outputs_as_one_kernel(gateway, local):
         client.close()
 
 
+def test_the_responses_api_continues_on_the_owning_replica(gateway):
+    """A stored response's process lives on one replica; previous_response_id forks it there."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=ALICE, max_retries=0)
+    try:
+        kw = dict(model="alice", temperature=0, max_output_tokens=6)
+        first = client.responses.create(input="Hello", **kw)
+        second = client.responses.create(input="And then?", previous_response_id=first.id, **kw)
+        assert second.previous_response_id == first.id and second.usage.input_tokens_details.cached_tokens > 0
+        assert client.responses.retrieve(second.id).output_text == second.output_text
+        for r in (first, second):
+            client.responses.delete(r.id)
+    finally:
+        client.close()
+    root = gateway.cluster.syscalls()
+    assert not [p for p in root.ps() if p.tenant == "alice"]
+
+
 def test_calls_reach_the_owning_replica(gateway):
     root = gateway.cluster.syscalls()
     tid = tids(gateway)["alice"]
