@@ -28,14 +28,9 @@ from userspace.daemon.openai_requests import (
     sampling_params,
 )
 from userspace.daemon.openai_responses import ResponsesAPI, ResponsesRequest
-from userspace.daemon.runs import Launch, exit_error, launch, usage_of
+from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, launch, usage_of
 from userspace.daemon.sysapi import json_object
-
-POLL_SECONDS = 0.5           # longest a read waits; also how often a request checks its client
-
-
-class Disconnected(Exception):
-    """The client of a non-streaming request went away."""
+from userspace.daemon.waiting import Disconnected
 
 
 async def follow(daemon, run: Launch, request: Request | None = None):

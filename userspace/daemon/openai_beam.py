@@ -17,10 +17,9 @@ from fastapi.responses import JSONResponse
 
 from kernel.errors import EAGAIN, EINVAL, KvosError
 from kernel.results import ExitStatus
-from userspace.daemon.runs import Launch, usage_of
+from userspace.daemon.runs import POLL_SECONDS, Launch, usage_of
+from userspace.daemon.waiting import Disconnected
 from userspace.libc.beam import beam_search
-
-POLL_SECONDS = 0.5            # how often a running search checks its client
 
 # A beam search holds a worker thread while it runs: at most this many at once (more wait their turn),
 # and a tenant may run at most BEAM_SEARCHES_PER_TENANT (more are EAGAIN), so searches can neither take
@@ -76,10 +75,6 @@ def statuses(handle, tid, prompts: list, results: list, elapsed: float) -> tuple
                                   text=text, prompt_tokens=prompt_tokens, elapsed=elapsed))
             prompt_of.append(i)
     return out, prompt_of
-
-
-class Disconnected(Exception):
-    """The client of a beam search went away: raised at the next round, it ends the search."""
 
 
 class BeamSearches:

@@ -28,12 +28,11 @@ from kernel.errors import EINVAL, ENOENT, KvosError
 from kernel.results import ExitStatus
 from userspace.daemon import waiting
 from userspace.daemon.openai_requests import STRICT, json_schema, parse
-from userspace.daemon.runs import Launch, exit_error
+from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, release
 from userspace.daemon.sysapi import json_object
 
 STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_id (each a sleeping process),
                               # and never more than half its max_procs
-POLL_SECONDS = 0.5
 IGNORED = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
                      "parallel_tool_calls", "prompt_cache_retention"})
 OFF_VALUES = {"tools": ([],), "tool_choice": ("auto", "none"), "background": (False,), "truncation": ("disabled",),
@@ -142,7 +141,7 @@ class ResponsesAPI:
         entry = self._find(who, response_id)
         del self.stored[response_id]
         handle = who.handle if who.tid is not None else self.daemon.root
-        await anyio.to_thread.run_sync(_end, handle, [entry.pid])
+        await anyio.to_thread.run_sync(release, handle, [entry.pid])
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     async def create(self, request: Request):
@@ -181,7 +180,7 @@ class ResponsesAPI:
                 tokens += r.tokens
                 reason = r.finish_reason
         except waiting.Disconnected:
-            await anyio.to_thread.run_sync(_end, handle, [pid])
+            await anyio.to_thread.run_sync(release, handle, [pid])
             run.outcome = "disconnected"
             self.daemon.request_done(run, "responses")
             return JSONResponse({}, status_code=499)
@@ -212,7 +211,7 @@ class ResponsesAPI:
             max_procs = (await anyio.to_thread.run_sync(handle.tenantinfo, info.tid)).max_procs
             evicted = self._keep(rid, Stored(run.tenant, pid, asked, response), max_procs)
             if evicted:
-                await anyio.to_thread.run_sync(_end, handle, evicted)
+                await anyio.to_thread.run_sync(release, handle, evicted)
         else:
             await anyio.to_thread.run_sync(handle.wait, pid)
         return response
@@ -301,19 +300,9 @@ def _branch(handle, pid: int, messages: list) -> tuple:
         handle.read(child)              # a fork's reader starts at its beginning: the earlier turns are read
         handle.write(child, messages)
     except KvosError:
-        _end(handle, [child])
+        release(handle, [child])
         raise
     return child, (info.prompt_tokens + info.generated_tokens) if info is not None else 0
-
-
-def _end(handle, pids) -> None:
-    """Kill and reap (a stored response deleted, evicted, or whose client left)."""
-    for pid in pids:
-        for call in (handle.kill, handle.wait):
-            try:
-                call(pid)
-            except KvosError:
-                break
 
 
 def _response(rid: str, req: ResponsesRequest, status: str, text: str, usage, reason) -> dict:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from kernel.errors import EIO, ERRNOS, KvosError
 
+POLL_SECONDS = 0.5           # longest a request's read waits; also how often a request checks its client
+
 
 @dataclass
 class Launch:
