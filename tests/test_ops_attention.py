@@ -149,3 +149,21 @@ def test_thread_counts_agree(q_lens, ctx_lens):
     finally:
         ops.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]), "results depend on the thread count"
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 1, 128), (32, 8, 128), (16, 1, 64),
+                                                       (32, 1, 64), (12, 1, 96)])
+def test_a_short_chunk_s_rows_equal_decode_rows(cache_dtype, heads, kv_heads, head_dim):
+    """A speculative step verifies a decoded token and its drafts as one chunk of up to 17 queries:
+    each of its rows must have the bits of the same position decoded alone (kernel/speculate.py), on
+    every vector path; the paths differ in summation order, so the chunk takes decode's."""
+    for q_len, ctx in ((2, 40), (5, 5), (5, 70), (12, 33), (17, 100)):
+        b = make_batch([q_len], [ctx], heads, kv_heads, head_dim, 16, seed=q_len * ctx, cache_dtype=cache_dtype)
+        k_cache, v_cache = b.caches
+        whole = ops.paged_attention(b.q, k_cache, v_cache, b.page_table, b.query_start, b.context_lens, 0.125)
+        for j in range(q_len):
+            alone = ops.paged_attention(b.q[j:j + 1].contiguous(), k_cache, v_cache, b.page_table,
+                                        torch.tensor([0, 1], dtype=torch.int32),
+                                        torch.tensor([ctx - q_len + j + 1], dtype=torch.int32), 0.125)
+            assert torch.equal(alone[0], whole[j]), (q_len, ctx, j)

@@ -173,9 +173,15 @@ void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn)
 #define PARALLEL_MIN_WORK (1 << 15)
 #define PARALLEL_MIN_WORK_AVX2 (1 << 11)
 
+/* Sequences of at most this many queries take the path one query of their group takes: the
+ * two paths sum in different orders, and a speculative step's rows (a decoded token and up to
+ * kernel/speculate.py's MAX_DRAFT = 16 drafts) must give the bits plain decoding gives. */
+#define DECODE_LIKE_QUERIES 17
+
 static void run_task(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
 {
-    int64_t rows = task_rows(c, task);
+    const int64_t q_len = c->query_start[task->seq + 1] - c->query_start[task->seq];
+    const int64_t rows = q_len <= DECODE_LIKE_QUERIES ? c->group : task_rows(c, task);
     if (c->avx2 && attn_task_rows_avx2(c, task, h, w))
         return;
     if (rows >= LANES_MIN_ROWS && rows <= 2 * LANES && c->head_dim % LANES == 0)
