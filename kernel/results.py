@@ -50,6 +50,7 @@ class TokenLogprob:
     bytes: list                  # what the token adds to the output, as byte values
     text: str                    # those bytes decoded alone (half a character shows as U+FFFD)
     top: list = field(default_factory=list)        # [TopLogprob], most likely first
+    rank: int | None = None      # 1 + how many tokens were more likely at its position (None without a token)
 
 
 @dataclass

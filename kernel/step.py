@@ -18,6 +18,7 @@ import torch
 from kernel.batch import host_batch, to_device
 from kernel.devices.base import DeviceLost
 from kernel.errors import KernelPanic, KvosError
+from kernel.logprobs import drawn_logprobs, prompt_rows, score_prompts
 from kernel.penalties import history_of
 from kernel.proc import Process, State
 from kernel.results import StepRecord, WorkRecord
@@ -134,36 +135,6 @@ def draft_rows(works) -> list:
     return rows
 
 
-def prompt_rows(works) -> tuple:
-    """The rows that score spawn prompts (processes spawned with prompt_logprobs): ([(process,
-    position)], [row in the packed batch]). The row at prompt position p scores token p + 1; rows
-    that already ran (before a reclaim) are not asked again."""
-    scoring, rows, offset = [], [], 0
-    for w in works:
-        proc = w.proc
-        if proc.prompt_logprobs is not None:
-            for p in range(max(w.start, proc.prompt_scored), min(w.end, len(proc.prompt_logprobs) - 1)):
-                scoring.append((proc, p))
-                rows.append(offset + p - w.start)
-        offset += w.count
-    return scoring, rows
-
-
-SCORE_BLOCK = 64             # rows normalised at once: logsumexp's temporary is a block, not the chunk
-
-
-def score_prompts(scoring, logits) -> None:
-    """Fill each scored prompt position's entry (logprob of the token there, the k most likely) from
-    the model's log-softmax at the position before it, a block of rows at a time: a 512-row chunk
-    of a 49k vocabulary is 100 MB of logits, and a whole-chunk log_softmax would add as much again."""
-    for b in range(0, len(scoring), SCORE_BLOCK):
-        block = scoring[b:b + SCORE_BLOCK]
-        ranked = _ranked(logits[b:b + SCORE_BLOCK], [proc.tokens[p + 1] for proc, p in block],
-                         [proc.params.prompt_logprobs for proc, _ in block])
-        for (proc, p), entry in zip(block, ranked):
-            proc.prompt_logprobs[p + 1] = entry
-
-
 def sample_rows(works, logits) -> dict:
     """pid -> (token drawn or None, logprob entry or None) for works whose logits came back (in
     order). Processes with penalties, a grammar or logprobs (Process.shaped) take the longer path; a
@@ -181,7 +152,7 @@ def sample_rows(works, logits) -> dict:
                 peeking.append(i)
     if peeking:
         procs = [works[i].proc for i in peeking]
-        for j, entry in _logprobs(logits[peeking], procs, [None] * len(procs)).items():
+        for j, entry in drawn_logprobs(logits[peeking], procs, [None] * len(procs)).items():
             out[procs[j].pid] = (None, entry)
     if not rows:
         return out
@@ -195,7 +166,7 @@ def sample_rows(works, logits) -> dict:
     allowed = [None if p.constraint is None else p.constraint.allowed() for p in drawing]
     banned = [_stops_before_min(p) for p in drawing]
     tokens = sample(x, params, generators, histories, allowed, banned).tolist()
-    entries = _logprobs(x, drawing, tokens)
+    entries = drawn_logprobs(x, drawing, tokens)
     for j, (p, t) in enumerate(zip(drawing, tokens)):
         out[p.pid] = (t, entries.get(j))
     return out
@@ -209,30 +180,6 @@ def _stops_before_min(proc) -> tuple:
         return ()
     eos = () if params.ignore_eos else tuple(proc.tenant.program.eos_token_ids)
     return tuple(dict.fromkeys(params.stop_token_ids + eos))
-
-
-def _logprobs(x, procs, tokens) -> dict:
-    """row -> (token, its logprob, [(token, logprob)] the k most likely) for the processes that ask,
-    from the model's own distribution (the raw logits: before penalties, grammar and temperature).
-    A row that drew nothing (token None) reports the k most likely alone."""
-    want = [j for j, p in enumerate(procs) if p.params.logprobs is not None]
-    if not want:
-        return {}
-    ranked = _ranked(x[want], [tokens[j] for j in want], [procs[j].params.logprobs for j in want])
-    return {j: (tokens[j], own, pairs) for j, (own, pairs) in zip(want, ranked)}
-
-
-def _ranked(logits, tokens, ks) -> list:
-    """Per row of logits: (the log-probability of tokens[i], None where that is None; [(token,
-    logprob)] the ks[i] most likely, most likely first). One log-softmax and one top-k for all rows."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    own = logp.gather(1, torch.tensor([t or 0 for t in tokens], device=logp.device).unsqueeze(1))[:, 0].tolist()
-    top_values = top_ids = None
-    if max(ks):
-        top = logp.topk(max(ks), dim=-1)
-        top_values, top_ids = top.values.tolist(), top.indices.tolist()
-    return [(None if t is None else own[i], list(zip(top_ids[i][:k], top_values[i][:k])) if k else [])
-            for i, (t, k) in enumerate(zip(tokens, ks))]
 
 
 def commit(kernel, plan, samples: dict) -> None:

@@ -208,20 +208,20 @@ def read_finish(raw):
 
 
 def _token_logprobs(raw) -> list:
-    """[TokenLogprob] from read's raw (token, bytes, logprob, [(token, bytes, logprob)]) entries."""
-    return [TokenLogprob(t, lp, list(b), decode(b), [TopLogprob(u, ulp, list(ub), decode(ub)) for u, ub, ulp in top])
-            for t, b, lp, top in raw]
+    """[TokenLogprob] from read's raw (token, bytes, logprob, [(token, bytes, logprob)], rank) entries."""
+    return [TokenLogprob(t, lp, list(b), decode(b), [TopLogprob(u, ulp, list(ub), decode(ub)) for u, ub, ulp in top],
+                         rank) for t, b, lp, top, rank in raw]
 
 
-def _raw_logprob(spell, token, logprob, top) -> tuple:
-    """One entry as read returns it: (token, its bytes, logprob, [(token, bytes, logprob)] top-k)."""
-    return token, b"" if token is None else spell(token), logprob, [(u, spell(u), ulp) for u, ulp in top]
+def _raw_logprob(spell, token, logprob, top, rank) -> tuple:
+    """One entry as read returns it: (token, its bytes, logprob, [(token, bytes, logprob)] top-k, rank)."""
+    return token, b"" if token is None else spell(token), logprob, [(u, spell(u), ulp) for u, ulp in top], rank
 
 
 def _raw_prompt_logprobs(proc, spell) -> list:
     """The spawn prompt's entries as read's raw tuples: the first token (nothing scores it) and any
     position whose row never ran (the process ended first) have logprob None."""
-    return [_raw_logprob(spell, token, *(entry or (None, ())))
+    return [_raw_logprob(spell, token, *(entry or (None, (), None)))
             for token, entry in zip(proc.tokens, proc.prompt_logprobs)]
 
 

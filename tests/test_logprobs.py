@@ -42,13 +42,16 @@ def test_one_entry_per_token_with_the_chosen_and_the_top_k(tiny, k_top):
                 assert t.logprob == pytest.approx(e.logprob, abs=1e-6)
         if k_top:                              # nothing drawn is above the most likely
             assert e.logprob <= e.top[0].logprob + 1e-6
+        # its rank: 1 + the tokens more likely; among the top it is its place there, past them after
+        above = [t for t in e.top if t.logprob > e.logprob]
+        assert e.rank >= len(above) + 1 and (len(above) == len(e.top) or e.rank == len(above) + 1)
 
 
 def test_greedy_chooses_the_most_likely_and_sums_to_at_most_one(tiny):
     _, sys, tid = tiny
     _, entries = read_all(sys, sys.spawn(tid, "Once upon a time", max_tokens=8, temperature=0, logprobs=20))
     for e in entries:
-        assert e.token == e.top[0].token and e.logprob == pytest.approx(e.top[0].logprob)
+        assert e.token == e.top[0].token and e.logprob == pytest.approx(e.top[0].logprob) and e.rank == 1
         assert sum(math.exp(t.logprob) for t in e.top) <= 1 + 1e-5
 
 
@@ -90,3 +93,27 @@ def test_a_turn_that_draws_nothing_reports_its_next_position(tiny):
     (entry,) = r.logprobs
     assert entry.token is None and entry.logprob is None and entry.bytes == [] and len(entry.top) == 3
     assert sys.wait(pid).tokens == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ranked_equals_sorting_each_row(seed):
+    """kernel/logprobs.py's ranked against a plain sort: the token's log-probability, the k most
+    likely in order, and its rank (1 + the tokens strictly more likely), ties included."""
+    import torch
+
+    from kernel.logprobs import ranked
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, 50, generator=g).round(decimals=1)      # rounded: ties happen
+    tokens = [int(t) for t in torch.randint(0, 50, (6,), generator=g)]
+    tokens[2] = None
+    ks = [0, 1, 3, 5, 20, 2]
+    for row, token, k, (own, top, rank) in zip(logits, tokens, ks, ranked(logits, tokens, ks)):
+        logp = torch.log_softmax(row, dim=-1).tolist()
+        order = sorted(range(50), key=lambda t: -logp[t])
+        assert [v for _, v in top] == pytest.approx([logp[t] for t in order[:k]], abs=1e-6)
+        assert sorted(logp[t] for t, _ in top) == pytest.approx(sorted(logp[t] for t in order[:k]), abs=1e-6)
+        if token is None:
+            assert own is None and rank is None
+        else:
+            assert own == pytest.approx(logp[token], abs=1e-6)
+            assert rank == 1 + sum(v > logp[token] + 1e-7 for v in logp)
