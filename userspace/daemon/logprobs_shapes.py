@@ -6,6 +6,7 @@ token: the most likely tokens and, as vLLM does, the chosen one) and text_offset
 character offset in the choice's text). A token's text is its own bytes decoded alone; in the
 completions shape a token that is not whole UTF-8 (half a character) is spelled "bytes:\\xNN..",
 as OpenAI does, so that its top_logprobs keys stay distinct.
+vLLM's prompt_logprobs (either endpoint): a dict per prompt token keyed by token id.
 """
 from __future__ import annotations
 
@@ -47,3 +48,19 @@ def completion(entries: list, offset: int = 0, num_prompt: int = 0, generated_at
                              {**{_spelled(t): _value(t.logprob) for t in e.top}, _spelled(e): _value(e.logprob)}
                              for e in entries],
             "text_offset": offsets}
+
+
+def prompt(entries: list, k: int) -> list:
+    """vLLM's prompt_logprobs: per prompt token None (the first: nothing comes before it) or
+    {token id: {logprob, rank, decoded_token}} holding the token itself and the k most likely there
+    (ranked 1 to k; the prompt's token keeps its own rank when it is one of them)."""
+    out = []
+    for e in entries:
+        if e.logprob is None:
+            out.append(None)
+            continue
+        position = {str(e.token): {"logprob": _value(e.logprob), "rank": e.rank, "decoded_token": e.text}}
+        for rank, t in enumerate(e.top[:k], start=1):
+            position.setdefault(str(t.token), {"logprob": _value(t.logprob), "rank": rank, "decoded_token": t.text})
+        out.append(position)
+    return out

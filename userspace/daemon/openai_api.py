@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
@@ -131,6 +132,11 @@ class OpenAIAPI:
     async def _serve(self, request, who, req, prompts, endpoint):
         self.daemon.refuse_if_draining("spawn")
         handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
+        tools = None              # the tools whose calls this request's replies may hold
+        if endpoint == "chat" and openai_tools.check(req.tools, req.tool_choice) is not None:
+            tools = req.tools
+        if req.truncate_prompt_tokens is not None:
+            prompts = await anyio.to_thread.run_sync(truncated, handle, tid, prompts, req.truncate_prompt_tokens, tools)
         if req.use_beam_search:
             return await self.beams.serve(request, handle, tid, tenant, req, prompts, endpoint)
         params = sampling_params(req)
@@ -139,12 +145,12 @@ class OpenAIAPI:
             echoes = await anyio.to_thread.run_sync(
                 lambda: [p if isinstance(p, str) else handle.detokenize(tid, p) for p in prompts])
             if "logprobs" in params:                  # the prompt's tokens scored too, as OpenAI's echo does
-                params["prompt_logprobs"] = params["logprobs"]
-        tools = None              # the tools whose calls this request's replies may hold
-        if endpoint == "chat" and openai_tools.check(req.tools, req.tool_choice) is not None:
-            tools = req.tools
+                params["prompt_logprobs"] = max(params.get("prompt_logprobs", 0), params["logprobs"])
+        if tools is not None:
             info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
             params.update(_tool_params(info, req, params))
+            if req.truncate_prompt_tokens is not None:
+                del params["tools"]               # the truncated ids already hold the template's tools
         run = await anyio.to_thread.run_sync(launch, handle, tid, tenant, prompts, req.n,
                                              params)
         meta = {"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{self.daemon.nonce}-{run.pids[0]}",
@@ -174,6 +180,10 @@ class OpenAIAPI:
             raise exit_error(failed)
         choices = []
         wants_logprobs = params.get("logprobs") is not None
+        scored = prompt_entries                      # the prompt's entries in full, for prompt_logprobs
+        if req.prompt_logprobs is not None and endpoint == "completions" and wants_logprobs:
+            prompt_entries = [[replace(e, top=e.top[:params["logprobs"]]) for e in entries]   # echo's own k
+                              for entries in prompt_entries]
         for i, s in enumerate(run.statuses):
             logprobs = None
             reason = s.reason
@@ -193,11 +203,16 @@ class OpenAIAPI:
                     logprobs = logprobs_shapes.completion(prompt_entries[i] + entries[i], 0, len(prompt_entries[i]),
                                                           len(echo))
             choice.update(logprobs=logprobs, finish_reason=reason)
+            if req.prompt_logprobs is not None and endpoint == "completions":
+                choice["prompt_logprobs"] = logprobs_shapes.prompt(scored[i], req.prompt_logprobs)
             if req.return_token_ids:
                 choice["token_ids"] = s.tokens
             choices.append(choice)
         kind = "chat.completion" if endpoint == "chat" else "text_completion"
-        return JSONResponse({**meta, "object": kind, "choices": choices, "usage": usage_of(run)})
+        body = {**meta, "object": kind, "choices": choices, "usage": usage_of(run)}
+        if req.prompt_logprobs is not None and endpoint == "chat":     # one prompt: vLLM gives it once
+            body["prompt_logprobs"] = logprobs_shapes.prompt(scored[0], req.prompt_logprobs)
+        return JSONResponse(body)
 
     async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs, tools=None, echoes=None):
         """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]. A
@@ -262,6 +277,15 @@ class OpenAIAPI:
         if include_usage:
             yield _sse({**head, "choices": [], "usage": usage_of(run)})
         yield "data: [DONE]\n\n"
+
+
+def truncated(handle, tid, prompts: list, keep: int, tools) -> list:
+    """Each prompt as token ids (a chat in its template, with the tools it is given), only its last
+    `keep` (vLLM's truncate_prompt_tokens: -1 keeps the model's context). Tokenized here, in the
+    request's worker thread: tokenizing is the caller's work."""
+    if keep == -1:
+        keep = handle.tenantinfo(tid).max_context
+    return [handle.tokenize(tid, prompt, tools=tools)[-keep:] for prompt in prompts]
 
 
 def _tool_params(info, req, params) -> dict:

@@ -42,8 +42,8 @@ class StreamOptions(BaseModel):
 class Sampling(BaseModel):
     """What both endpoints take. top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
     stop_token_ids, priority, return_token_ids, structured_outputs, include_stop_str_in_output,
-    allowed_token_ids, use_beam_search and length_penalty are extensions (as in vLLM),
-    and so is response_format in completions."""
+    allowed_token_ids, use_beam_search, length_penalty, prompt_logprobs and truncate_prompt_tokens
+    are extensions (as in vLLM), and so is response_format in completions."""
     model_config = STRICT
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -71,6 +71,8 @@ class Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     priority: int | None = None
     return_token_ids: bool = False          # as vLLM: each choice also carries its token ids
+    prompt_logprobs: int | None = None      # as vLLM: each prompt token's logprob, rank and the k most likely
+    truncate_prompt_tokens: int | None = None   # as vLLM: only the prompt's last k tokens (-1: the model's context)
 
 
 class ChatMessage(BaseModel):
@@ -113,6 +115,12 @@ def parse(model_cls, body: dict, ignored=IGNORED, off_values=None):
         raise KvosError(EINVAL, f"{key} {UNSUPPORTED}" if key in off_values else f"unknown field {key!r}")
     if getattr(req, "length_penalty", 1.0) != 1.0 and not req.use_beam_search:
         raise KvosError(EINVAL, "length_penalty with use_beam_search only (it ranks beams)")
+    if getattr(req, "prompt_logprobs", None) is not None and req.stream:
+        raise KvosError(EINVAL, "prompt_logprobs with stream is not supported (as vLLM: they come whole, "
+                                "in the response)")
+    keep = getattr(req, "truncate_prompt_tokens", None)
+    if keep is not None and keep < 1 and keep != -1:
+        raise KvosError(EINVAL, f"truncate_prompt_tokens must be at least 1, or -1 for the model's context, got {keep}")
     if model_cls is CompletionRequest and req.best_of not in (None, req.n):
         raise KvosError(EINVAL, f"best_of other than n {UNSUPPORTED}")
     if model_cls is ChatRequest:
@@ -135,7 +143,7 @@ def sampling_params(req) -> dict:
     params = {}
     for key in ("temperature", "top_p", "seed", "top_k", "min_p", "ignore_eos", "stop_token_ids", "frequency_penalty",
                 "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "include_stop_str_in_output",
-                "allowed_token_ids"):
+                "allowed_token_ids", "prompt_logprobs"):
         if getattr(req, key) is not None:
             params[key] = getattr(req, key)
     logprobs = _logprobs(req)
