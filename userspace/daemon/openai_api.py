@@ -17,7 +17,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kernel.errors import EINVAL, ESRCH, KvosError
+from kernel.errors import ESRCH, KvosError
 from userspace.daemon import logprobs_shapes, openai_beam, openai_tools, waiting
 from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
@@ -148,7 +148,7 @@ class OpenAIAPI:
                 params["prompt_logprobs"] = max(params.get("prompt_logprobs", 0), params["logprobs"])
         if tools is not None:
             info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
-            params.update(_tool_params(info, req, params))
+            params.update(openai_tools.spawn_keys(info, req.tools, req.tool_choice, params))
             if req.truncate_prompt_tokens is not None:
                 del params["tools"]               # the truncated ids already hold the template's tools
         run = await anyio.to_thread.run_sync(launch, handle, tid, tenant, prompts, req.n,
@@ -286,24 +286,6 @@ def truncated(handle, tid, prompts: list, keep: int, tools) -> list:
     if keep == -1:
         keep = handle.tenantinfo(tid).max_context
     return [handle.tokenize(tid, prompt, tools=tools)[-keep:] for prompt in prompts]
-
-
-def _tool_params(info, req, params) -> dict:
-    """The spawn keys of a chat whose reply may call tools: the tools for the template and, when a call
-    is forced, its grammar. EINVAL when the model's template cannot take part."""
-    if info.chat_tools != "hermes":
-        why = ("takes no tools (it never reads 'tools')" if info.chat_tools is None else
-               "calls tools in a format of its own, which kvosd does not parse (it parses <tool_call> JSON)")
-        raise KvosError(EINVAL, f"tool_choice {req.tool_choice or 'auto'!r}: the chat template of {info.model} {why}; "
-                                "tool_choice 'none' is accepted")
-    mode = openai_tools.check(req.tools, req.tool_choice)
-    out = {"tools": req.tools}
-    if mode != "auto":
-        if "json_schema" in params or "grammar" in params:
-            raise KvosError(EINVAL, "response_format or structured_outputs and a forced tool call (tool_choice "
-                                    "'required' or a function) are exclusive")
-        out["grammar"] = openai_tools.forced_call_grammar(req.tools, None if mode == "required" else mode)
-    return out
 
 
 def _whole(reads, tools, reason):

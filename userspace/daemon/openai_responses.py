@@ -7,10 +7,12 @@ is forked (its pages shared copy-on-write) and the fork is written the new input
 stored one as it was: a response can be continued more than once (branches). A tenant keeps at most
 STORED_PER_TENANT responses; the oldest is ended (its id then answers 404). Not stored, the process
 exits after its turn. Served: text input (a string, or messages with text parts), instructions,
-max_output_tokens, temperature, top_p, text.format (text, json_schema, json_object), stream (the
-events of a text reply), store, previous_response_id. Tools, reasoning and other kinds of input are
-a 400 naming them. A continuation keeps its conversation's sampling parameters (write() carries
-none): other values are a 400.
+max_output_tokens, temperature, top_p, text.format (text, json_schema, json_object), stream, store,
+previous_response_id, and function tools (tools, tool_choice; calls come back as function_call
+items, results go in as function_call_output items: openai_response_tools.py). Other tools,
+reasoning and other kinds of input are a 400 naming them. A continuation keeps its conversation's
+sampling parameters and tools (write() carries none, and the template gave the tools once): other
+values are a 400.
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from pydantic import BaseModel
 
 from kernel.errors import EINVAL, ENOENT, KvosError
 from kernel.results import ExitStatus
-from userspace.daemon import waiting
+from userspace.daemon import openai_tools, waiting
 from userspace.daemon.openai_requests import STRICT, json_schema, parse
+from userspace.daemon.openai_response_tools import add_input_item, chat_shape, message_item, output_items
 from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, release
 from userspace.daemon.sysapi import json_object
 
@@ -35,10 +38,11 @@ STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_i
                               # and never more than half its max_procs
 IGNORED = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
                      "parallel_tool_calls", "prompt_cache_retention"})
-OFF_VALUES = {"tools": ([],), "tool_choice": ("auto", "none"), "background": (False,), "truncation": ("disabled",),
+OFF_VALUES = {"background": (False,), "truncation": ("disabled",),
               "include": ([],), "top_logprobs": (0,), "reasoning": (), "conversation": (), "prompt": (),
               "max_tool_calls": ()}
-PARAMS = ("max_output_tokens", "temperature", "top_p", "text")   # a conversation keeps these from its first turn
+# A conversation keeps these from its first turn (tool_choice as its mode: None, auto, required or a name).
+PARAMS = ("max_output_tokens", "temperature", "top_p", "text", "tools", "tool_choice")
 
 
 class ResponsesRequest(BaseModel):
@@ -53,6 +57,8 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     previous_response_id: str | None = None
     text: dict | None = None                 # {"format": {"type": "text" | "json_schema" | "json_object", ...}}
+    tools: list[dict] | None = None          # function tools: {"type": "function", "name", "parameters", ...}
+    tool_choice: str | dict | None = None    # "auto" (with tools), "none", "required", {"type": "function", "name"}
 
 
 @dataclass
@@ -70,8 +76,12 @@ def messages_of(req: ResponsesRequest) -> list:
         return out + [{"role": "user", "content": req.input}]
     for i, item in enumerate(req.input):
         kind = item.get("type", "message")
+        if kind in ("function_call", "function_call_output"):
+            add_input_item(out, item, i)
+            continue
         if kind != "message":
-            raise KvosError(EINVAL, f"input.{i}.type {kind!r} is not supported by kvosd (text messages only)")
+            raise KvosError(EINVAL, f"input.{i}.type {kind!r} is not supported by kvosd (text messages and "
+                                    "function calls and their outputs only)")
         role, content = item.get("role"), item.get("content")
         if role not in ("user", "system", "developer", "assistant"):
             raise KvosError(EINVAL, f"input.{i}.role must be user, system, developer or assistant, got {role!r}")
@@ -150,10 +160,16 @@ class ResponsesAPI:
         self.daemon.refuse_if_draining("spawn")
         messages = messages_of(req)
         params = spawn_params(req)
-        asked = {k: getattr(req, k) for k in PARAMS}
+        chat_tools, choice = chat_shape(req.tools, req.tool_choice)
+        mode = openai_tools.check(chat_tools, choice)
+        tools = chat_tools if mode is not None else None     # the tools whose calls the reply may hold
+        asked = {**{k: getattr(req, k) for k in PARAMS}, "tool_choice": mode}
         handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
         cached = 0
         if req.previous_response_id is None:
+            if tools is not None:
+                info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
+                params.update(openai_tools.spawn_keys(info, chat_tools, choice, params))
             pid = await anyio.to_thread.run_sync(
                 lambda: handle.spawn(tid, messages, interactive=req.store, **params))
         else:
@@ -170,9 +186,9 @@ class ResponsesAPI:
             pid, cached = await anyio.to_thread.run_sync(_branch, handle, entry.pid, messages)
         rid = f"resp_{self.daemon.nonce}{pid}"
         run = Launch(handle, tenant, [pid], [0], time.monotonic())
-        head = _response(rid, req, "in_progress", "", None, None)
+        head = _response(rid, req, "in_progress", None, None, [])
         if req.stream:
-            return ResponseStream(self.daemon, run, self._events(run, req, head, cached, asked))
+            return ResponseStream(self.daemon, run, self._events(run, req, head, cached, asked, tools))
         text, reason, tokens = [], None, []
         try:
             async for r in _turn(self.daemon, run, request):
@@ -190,19 +206,21 @@ class ResponsesAPI:
             self.daemon.request_done(run, "responses")
             if reason == "error":
                 raise exit_error(status)
-            return JSONResponse(_response(rid, req, "cancelled", "".join(text), None, reason))
-        response = await self._finish(run, req, rid, "".join(text), tokens, reason, cached, asked)
+            return JSONResponse(_response(rid, req, "cancelled", None, reason,
+                                          [message_item(rid, "".join(text), "incomplete")]))
+        response = await self._finish(run, req, rid, "".join(text), tokens, reason, cached, asked, tools)
         return JSONResponse(response)
 
-    async def _finish(self, run, req, rid, text, tokens, reason, cached, asked) -> dict:
+    async def _finish(self, run, req, rid, text, tokens, reason, cached, asked, tools) -> dict:
         """The finished response: counted, logged, stored (or its process reaped)."""
         handle, pid = run.handle, run.pids[0]
         info = await anyio.to_thread.run_sync(lambda: next((p for p in handle.ps() if p.pid == pid), None))
-        prompt = info.prompt_tokens if info is not None else 0
-        response = _response(rid, req, "completed" if reason == "stop" else "incomplete", text,
+        # what the turn read: every token before its reply (earlier turns' replies included)
+        prompt = info.prompt_tokens + info.generated_tokens - len(tokens) if info is not None else 0
+        response = _response(rid, req, "completed" if reason == "stop" else "incomplete",
                              {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                               "output_tokens": len(tokens), "output_tokens_details": {"reasoning_tokens": 0},
-                              "total_tokens": prompt + len(tokens)}, reason)
+                              "total_tokens": prompt + len(tokens)}, reason, _output(rid, text, tools, reason))
         run.statuses = [ExitStatus(pid=pid, reason=reason, tokens=tokens, text=text, prompt_tokens=prompt,
                                    elapsed=time.monotonic() - run.started)]
         run.outcome, run.finished = "ok", True
@@ -216,8 +234,9 @@ class ResponsesAPI:
             await anyio.to_thread.run_sync(handle.wait, pid)
         return response
 
-    async def _events(self, run, req, head, cached, asked):
-        """The Responses API's server-sent events for one text reply."""
+    async def _events(self, run, req, head, cached, asked, tools):
+        """The Responses API's server-sent events for one reply. Its text streams as it comes; a reply
+        that may hold tool calls is sent whole at its end, as items (its text, then each call)."""
         seq = 0
         rid, pid = head["id"], run.pids[0]
         item_id = f"msg_{rid.removeprefix('resp_')}"
@@ -227,18 +246,19 @@ class ResponsesAPI:
             seq += 1
             return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq - 1, **fields})}\n\n"
 
-        item = {"type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": []}
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         yield event("response.created", response=head)
         yield event("response.in_progress", response=head)
-        yield event("response.output_item.added", output_index=0, item=item)
-        yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part)
+        streaming = tools is None
+        if streaming:
+            for e in _message_opening(event, item_id):
+                yield e
         text, tokens, reason = [], [], None
         async for r in _turn(self.daemon, run, None):
             if r.text:
                 text.append(r.text)
-                yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                            delta=r.text, logprobs=[])
+                if streaming:
+                    yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
+                                delta=r.text, logprobs=[])
             tokens += r.tokens
             reason = r.finish_reason
         if reason in ("error", "killed"):
@@ -247,14 +267,43 @@ class ResponsesAPI:
             self.daemon.request_done(run, "responses")
             yield event("error", code=reason, message=status.error or f"the process was {reason}", param=None)
             return
-        whole = "".join(text)
-        response = await self._finish(run, req, rid, whole, tokens, reason, cached, asked)
-        yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=whole,
-                    logprobs=[])
-        yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
-                    part={**part, "text": whole})
-        yield event("response.output_item.done", output_index=0, item=response["output"][0])
+        response = await self._finish(run, req, rid, "".join(text), tokens, reason, cached, asked, tools)
+        for index, item in enumerate(response["output"]):
+            for e in _item_events(event, index, item, opened=streaming):
+                yield e
         yield event("response.completed" if reason == "stop" else "response.incomplete", response=response)
+
+
+def _message_opening(event, item_id: str, index: int = 0):
+    """The events that open a message item whose text is about to stream."""
+    yield event("response.output_item.added", output_index=index, item={
+        "type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": []})
+    yield event("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
+                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+
+
+def _item_events(event, index: int, item: dict, opened: bool):
+    """The events that finish an output item (opened: a message whose opening and deltas were sent;
+    otherwise the item is sent whole: opened, its text or arguments in one delta, done)."""
+    if item["type"] == "function_call":
+        yield event("response.output_item.added", output_index=index, item={**item, "arguments": "",
+                                                                          "status": "in_progress"})
+        yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                    delta=item["arguments"])
+        yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                    name=item["name"], arguments=item["arguments"])
+        yield event("response.output_item.done", output_index=index, item=item)
+        return
+    text = item["content"][0]["text"]
+    if not opened:
+        yield from _message_opening(event, item["id"], index)
+        yield event("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
+                    delta=text, logprobs=[])
+    yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0, text=text,
+                logprobs=[])
+    yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                part=item["content"][0])
+    yield event("response.output_item.done", output_index=index, item=item)
 
 
 class ResponseStream(StreamingResponse):
@@ -305,18 +354,25 @@ def _branch(handle, pid: int, messages: list) -> tuple:
     return child, (info.prompt_tokens + info.generated_tokens) if info is not None else 0
 
 
-def _response(rid: str, req: ResponsesRequest, status: str, text: str, usage, reason) -> dict:
-    """The Response object, as OpenAI's reference describes it (one message of output text)."""
-    item = {"type": "message", "id": f"msg_{rid.removeprefix('resp_')}", "status":
-            status if status == "in_progress" else "completed" if reason == "stop" else "incomplete",
-            "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": [],
-                                              "logprobs": []}]}
+def _output(rid: str, text: str, tools, reason) -> list:
+    """A finished reply's output items: its text as one message or, when it may call tools, what is
+    left of its text (if anything) and each call parsed out of it."""
+    status = "completed" if reason == "stop" else "incomplete"
+    if tools is None:
+        return [message_item(rid, text, status)]
+    content, calls = openai_tools.parse_calls(text, tools)
+    return output_items(rid, content, calls, status)
+
+
+def _response(rid: str, req: ResponsesRequest, status: str, usage, reason, output: list) -> dict:
+    """The Response object, as OpenAI's reference describes it."""
     return {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
             "error": None, "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": req.model,
-            "output": [] if status == "in_progress" else [item], "parallel_tool_calls": False,
+            "output": output, "parallel_tool_calls": True,
             "previous_response_id": req.previous_response_id, "store": req.store,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
-            "text": req.text or {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
+            "text": req.text or {"format": {"type": "text"}},
+            "tool_choice": "auto" if req.tool_choice is None else req.tool_choice, "tools": req.tools or [],
             "truncation": "disabled", "usage": usage, "metadata": {}}

@@ -51,6 +51,25 @@ def check(tools, tool_choice) -> str | None:
                             f"'function': {{'name': ...}}}}, got {tool_choice!r}")
 
 
+def spawn_keys(info, tools: list, tool_choice, params: dict) -> dict:
+    """The spawn keys of a chat whose reply may call tools: the tools for the template and, when a call
+    is forced, its grammar. info: the tenant's TenantInfo. EINVAL when its template cannot take part,
+    or a forced call meets another constraint in params."""
+    if info.chat_tools != "hermes":
+        why = ("takes no tools (it never reads 'tools')" if info.chat_tools is None else
+               "calls tools in a format of its own, which kvosd does not parse (it parses <tool_call> JSON)")
+        raise KvosError(EINVAL, f"tool_choice {tool_choice or 'auto'!r}: the chat template of {info.model} {why}; "
+                                "tool_choice 'none' is accepted")
+    mode = check(tools, tool_choice)
+    out = {"tools": tools}
+    if mode != "auto":
+        if "json_schema" in params or "grammar" in params:
+            raise KvosError(EINVAL, "response_format or structured_outputs and a forced tool call (tool_choice "
+                                    "'required' or a function) are exclusive")
+        out["grammar"] = forced_call_grammar(tools, None if mode == "required" else mode)
+    return out
+
+
 def forced_call_grammar(tools: list, name: str | None) -> str:
     """A Lark grammar (llguidance's) for exactly one call: of `name`, or of any of the tools."""
     calls = [_call_schema(t["function"]) for t in tools if name is None or t["function"]["name"] == name]
