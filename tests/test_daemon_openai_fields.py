@@ -518,7 +518,8 @@ def test_prompt_logprobs_in_vllm_s_shape_equal_the_kernel_s(client):
     assert all(len(top) in (1, 2) for top in choice.logprobs.top_logprobs[1:len(ids)])
     assert choice.logprobs.token_logprobs[1:len(ids)] == pytest.approx([w.logprob for w in want[1:]], abs=1e-5)
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, stream=True, extra_body={"prompt_logprobs": 1})
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, stream=True,
+                                  extra_body={"prompt_logprobs": 1})
     assert "prompt_logprobs with stream is not supported" in err.value.body["message"]
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, extra_body={"prompt_logprobs": 21})
@@ -534,7 +535,8 @@ def test_truncate_prompt_tokens_keeps_the_prompt_s_end(client, server):
     text = "A page table maps each virtual page of a process to a frame of the device's memory."
     ids = root.tokenize(tid, text)
     kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True})
-    cut = client.completions.create(prompt=text, **{**kw, "extra_body": {**kw["extra_body"], "truncate_prompt_tokens": 7}})
+    cut = client.completions.create(prompt=text, **{**kw, "extra_body": {**kw["extra_body"],
+                                                                         "truncate_prompt_tokens": 7}})
     sent = client.completions.create(prompt=ids[-7:], **kw)
     assert cut.usage.prompt_tokens == 7 and cut.choices[0].text == sent.choices[0].text
     whole = client.completions.create(prompt=text, **kw)
