@@ -5,11 +5,14 @@
 Three chat tasks on the instruct model, greedy: `repeat` (copy a paragraph of docs/lifecycle.md
 back), `edit` (the same paragraph with one word changed throughout: most of it is a copy), `free`
 (a short essay: little to copy), at batch 1, and `repeat` at batch 4 (and, with --tasks, at 8: the
-most decoding processes that still speculate). For each task and k (0 is plain decoding, the
-baseline), kernels are booted in interleaved rounds (k order rotated each round) and the run's
-wall time from spawn to the last exit is timed; prints medians, the ratio to k = 0 of the same
-rounds, tokens per step of the speculating processes, drafts computed per token generated, the
-share of drafts taken, and whether every k gave the same tokens as k = 0 (it must).
+most decoding processes that still speculate). `free predicted` is the essay again, spawned with
+the essay's own text (from a k = 0 run) as its prediction (OpenAI's predicted outputs: a client
+that holds a previous answer); every k of it gets the prediction, which k = 0 cannot use. For
+each task and k (0 is plain decoding, the baseline), kernels are booted in interleaved rounds (k
+order rotated each round) and the run's wall time from spawn to the last exit is timed; prints
+medians, the ratio to k = 0 of the same rounds, tokens per step of the speculating processes,
+drafts computed per token generated, the share of drafts taken, and whether every k gave the
+same tokens as k = 0 (it must).
 --step-times --ks 4 instead times each decode step of one `repeat` run by the rows it computed
 (1 for plain decoding, 1 + drafts when speculating) and the row-by-row draws at commit.
 """
@@ -38,22 +41,28 @@ TASKS = {
     "free": (1, lambda p: "Write a short essay on why operating systems use virtual memory."),
     "repeat x4": (4, lambda p: f"Repeat the following text exactly, word for word:\n\n{p}"),
     "repeat x8": (8, lambda p: f"Repeat the following text exactly, word for word:\n\n{p}"),
+    "free predicted": (1, lambda p: "Write a short essay on why operating systems use virtual memory."),
 }
+PREDICTED = {"free predicted"}          # tasks spawned with their k = 0 answer as the prediction
 DEFAULT_TASKS = "repeat,edit,free,repeat x4"
 
 
 
-def run(model: str, k: int, prompt_text: str, batch: int, tokens: int, threads: int):
+def run(model: str, k: int, prompt_text: str, batch: int, tokens: int, threads: int, prediction=None):
     kern = kernel.boot(memory="256MiB", threads=threads, speculate=k)
     sys_ = kern.syscalls()
     tid = sys_.spawn_tenant(model)
     prompt = sys_.tokenize(tid, [{"role": "user", "content": prompt_text}])
     started = time.perf_counter()
-    pids = [sys_.spawn(tid, prompt, max_tokens=tokens, temperature=0) for _ in range(batch)]
-    outs = [sys_.wait(pid).tokens for pid in pids]
+    extra = {} if prediction is None else {"prediction": prediction}
+    pids = [sys_.spawn(tid, prompt, max_tokens=tokens, temperature=0, **extra) for _ in range(batch)]
+    statuses = [sys_.wait(pid) for pid in pids]
+    outs = [s.tokens for s in statuses]
+    if prediction is None:
+        prediction = statuses[0].text
     seconds = time.perf_counter() - started
     s = kern.stats
-    result = (seconds, outs, s.steps, s.draft_tokens, s.accepted_tokens, s.generated_tokens)
+    result = (seconds, outs, s.steps, s.draft_tokens, s.accepted_tokens, s.generated_tokens, prediction)
     kern.shutdown()
     return result
 
@@ -117,13 +126,15 @@ def main():
         batch, make = TASKS[name]
         times = {k: [] for k in ks}
         last = {}
+        prediction = run(args.model, 0, make(text), batch, args.tokens, args.threads)[-1] if name in PREDICTED \
+            else None
         for r in range(args.rounds):
             for k in ks[r % len(ks):] + ks[:r % len(ks)]:
-                last[k] = run(args.model, k, make(text), batch, args.tokens, args.threads)
+                last[k] = run(args.model, k, make(text), batch, args.tokens, args.threads, prediction)
                 times[k].append(last[k][0])
         base = statistics.median(times[0])
         for k in ks:
-            seconds, outs, steps, drafts, accepted, generated = last[k]
+            seconds, outs, steps, drafts, accepted, generated, _ = last[k]
             med = statistics.median(times[k])
             per_step = generated / steps / batch if steps else 0
             taken = f"{accepted / drafts:.0%}" if drafts else "-"

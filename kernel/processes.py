@@ -20,7 +20,7 @@ class ProcessTable:
     """Kernel's process verbs (its procs table, scheduler, memory manager, clock and log)."""
 
     def create_process(self, tenant, tokens, params: SamplingParams, priority=0, interactive=False,
-                       shm=None, seed=None, stops=None, constraint=None) -> Process:
+                       shm=None, seed=None, stops=None, constraint=None, prediction=None) -> Process:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
         proc = Process(pid=self._next("pid"), tenant=tenant, params=params, seed=seed,
@@ -31,6 +31,8 @@ class ProcessTable:
                        shaped=shapes(params, constraint))
         if params.prompt_logprobs is not None:
             proc.prompt_logprobs = [None] * len(tokens)
+        if prediction:
+            proc.prediction = tuple(prediction)
         self.procs[proc.pid] = proc
         tenant.pids.add(proc.pid)
         tenant.num_live += 1
@@ -55,7 +57,8 @@ class ProcessTable:
                             stop_state=parent.stop_state, spawned_at=self.clock(), shaped=parent.shaped,
                             constraint=None if parent.constraint is None else parent.constraint.fork(),
                             prompt_logprobs=None if parent.prompt_logprobs is None else list(parent.prompt_logprobs),
-                            prompt_scored=parent.prompt_scored)
+                            prompt_scored=parent.prompt_scored, prediction=parent.prediction,
+                            prediction_at=parent.prediction_at)
             self.procs[child.pid] = child
             parent.tenant.pids.add(child.pid)
             parent.tenant.num_live += 1
@@ -89,7 +92,8 @@ class ProcessTable:
         proc.turn_done = True
         proc.exit = ExitStatus(         # its text is the caller's to decode (wait's finish half)
             pid=proc.pid, reason=reason, tokens=proc.generated_tokens, text="",
-            prompt_tokens=proc.prompt_len, error=error,
+            prompt_tokens=proc.prompt_len, error=error, accepted_prediction_tokens=proc.prediction_accepted,
+            rejected_prediction_tokens=proc.prediction_rejected,
             time_to_first_token=(proc.first_token_at - proc.spawned_at) if proc.first_token_at else None,
             elapsed=self.clock() - proc.spawned_at)
         self.stats.exits += 1

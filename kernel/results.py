@@ -26,6 +26,8 @@ class ExitStatus:
     error: str | None = None
     time_to_first_token: float | None = None
     elapsed: float = 0.0
+    accepted_prediction_tokens: int = 0   # spawned with a prediction: its drafts the draws kept
+    rejected_prediction_tokens: int = 0   # and those they did not (their rows were computed anyway)
 
 
 @dataclass

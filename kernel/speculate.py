@@ -10,6 +10,10 @@ sampling, penalties, grammars and logprobs included) are those of the same proce
 speculation; the drafts only decide how many of them one step yields. The K/V of rejected drafts
 is forgotten (MemoryManager.truncate) before anything names their pages.
 
+A caller that knows roughly what the output will be (an edit of a text it sends, a regenerated
+answer) may give it as the spawn's prediction: its tokens are drafted first, wherever the output
+follows them (propose_predicted), and the output is still the model's own.
+
 It pays where the forward's cost barely grows with the rows it is given (a small batch on the CPU:
 docs/performance.md section 18) and the text repeats its context (editing, extraction, code, a
 quote); a process with no earlier occurrence of its n-gram costs a few searches and nothing else,
@@ -38,6 +42,46 @@ def note_outcome(proc, taken: int, step: int) -> None:
         return
     proc.draft_misses += 1
     proc.drafts_resume = step + min(2 ** proc.draft_misses, MAX_BACKOFF)
+
+
+def propose_any(proc, k: int) -> tuple:
+    """A real device's drafter: from the caller's prediction when the output follows it, else by
+    prompt lookup in the process's own file. Notes which (commit_draft counts a prediction's drafts)."""
+    draft = propose_predicted(proc, k)
+    proc.predicted_draft = bool(draft)
+    return draft or propose(proc, k)
+
+
+def propose_predicted(proc, k: int) -> tuple:
+    """At most k tokens that follow, in the process's prediction (spawn's prediction=...: what the
+    caller expects it to write, OpenAI's predicted outputs), the last n tokens of its turn, n from
+    NGRAM_MAX down to 1 (never reaching back into the prompt, which the prediction does not hold).
+    The first occurrence from where the last such draft began is taken, then the first anywhere: a
+    prediction is read in order, and an edit that leaves it resumes it further on. () when none."""
+    prediction = proc.prediction
+    if not prediction:
+        return ()
+    if proc.prediction_hay is None:
+        proc.prediction_hay = array("i", prediction).tobytes()
+    hay, tokens = proc.prediction_hay, proc.tokens
+    for n in range(min(NGRAM_MAX, proc.turn_generated), 0, -1):
+        pattern = array("i", tokens[-n:]).tobytes()
+        for lo in (max(0, proc.prediction_at - n), 0):
+            at = _find_token(hay, pattern, 4 * lo)
+            if at >= 0 and at + n < len(prediction):
+                proc.prediction_at = at + n
+                return tuple(prediction[at + n:at + n + k])
+    return ()
+
+
+def _find_token(hay: bytes, pattern: bytes, start: int) -> int:
+    """The first token index at which pattern (token ids as 4-byte ints) occurs in hay from byte
+    `start`, on a token boundary; -1 when it does not."""
+    while True:
+        at = hay.find(pattern, start)
+        if at < 0 or at % 4 == 0:
+            return at // 4 if at >= 0 else -1
+        start = at + 1
 
 
 def propose_filler(proc, k: int) -> tuple:

@@ -269,6 +269,9 @@ def commit_draft(kernel, work, drafted: Drafted, now: float) -> tuple:
     stats = kernel.stats
     stats.draft_tokens += len(draft)
     stats.accepted_tokens += taken - 1
+    if proc.predicted_draft:
+        proc.prediction_accepted += taken - 1
+        proc.prediction_rejected += len(draft) - (taken - 1)
     note_outcome(proc, taken - 1, stats.steps)
     end_or_go_on(kernel, proc, reason)
     return token, taken

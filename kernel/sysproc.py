@@ -34,7 +34,8 @@ from kernel.watch import watch
 
 
 # -- spawn -------------------------------------------------------------------------------------------------
-def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interactive=False, tools=None, **sampling):
+def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interactive=False, tools=None,
+                  prediction=None, **sampling):
     tenant = tenant_of(kernel, caller, tid)
     if "max_tokens" not in sampling:         # the default never exceeds what the tenant may ask for
         sampling["max_tokens"] = min(SamplingParams.max_tokens, tenant.max_new_tokens)
@@ -56,8 +57,18 @@ def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interact
         if not getattr(kernel.device, "has_tensors", True):
             raise KvosError(EINVAL, "prompt_logprobs needs a device that computes logits")
     ids = prompt_tokens(tenant.program, prompt, tenant=tenant, tools=tools)
+    if prediction is not None:           # text or token ids, like a prompt (not a chat), tokenized here
+        if is_chat(prediction):
+            raise KvosError(EINVAL, "prediction is text or token ids, not a chat")
+        try:
+            prediction = prompt_tokens(tenant.program, prediction, "prediction", tenant=tenant)
+        except KvosError as err:         # token ids name no field: say which argument held them
+            raise KvosError(err.errno, err.reason if "prediction" in err.reason else
+                            f"prediction: {err.reason}") from None
+        check_fits(kernel, tenant, len(prediction), "prediction")
     return dict(tenant=tenant, ids=ids, params=params, stops=StopSet(params.stop) if params.stop else None,
-                constraint=_constraint(kernel, tenant, params), priority=priority, shm=shm, interactive=interactive)
+                constraint=_constraint(kernel, tenant, params), priority=priority, shm=shm, interactive=interactive,
+                prediction=prediction)
 
 
 def _constraint(kernel, tenant, params):
@@ -74,7 +85,7 @@ def _constraint(kernel, tenant, params):
 
 
 @syscall("spawn", new_work=True, prepare=spawn_prepare)
-def sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, shm, interactive):
+def sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, shm, interactive, prediction):
     """A new process running `prompt` (text, token ids or a chat). It waits in the run queue until admitted. -> pid
 
     Sampling keys: max_tokens, temperature, top_p, top_k, min_p (in [0, 1]), seed, stop (at most 32
@@ -91,7 +102,10 @@ def sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, 
     (instead: a Lark grammar as llguidance reads it, which may embed schemas as %json {...}).
     tools=[...] (with a chat prompt): function tools the model's chat template is given, as
     OpenAI's request spells them (EINVAL if the template takes none). interactive=True: the
-    process sleeps after each turn and write() starts the next.
+    process sleeps after each turn and write() starts the next. prediction (text or token ids):
+    what the caller expects the output to be (OpenAI's predicted outputs); on a kernel booted with
+    speculate=k its tokens are drafted where the output follows them (kernel/speculate.py); the
+    output is the same with or without it.
     """
     if not tenant.alive:
         raise KvosError(ESRCH, f"tenant {tenant.tid} no longer exists")
@@ -101,26 +115,27 @@ def sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, 
     ids = prefix + ids
     check_fits(kernel, tenant, len(ids), "prompt")
     check_room_for(kernel, tenant, 1)
-    proc = kernel.create_process(tenant, ids, params, priority, interactive, shm, params.seed, stops, constraint)
+    proc = kernel.create_process(tenant, ids, params, priority, interactive, shm, params.seed, stops, constraint,
+                                 prediction)
     kernel.log("spawn", f"pid {proc.pid}: {len(ids)} prompt tokens, max_tokens {params.max_tokens}", proc=proc)
     return proc.pid
 
 
 def spawn_n_prepare(kernel, caller, tid, prompt, n, *, priority=0, shm=None, interactive=False, tools=None,
-                    **sampling):
+                    prediction=None, **sampling):
     check_int("n", n, 1, 1024)
     args = spawn_prepare(kernel, caller, tid, prompt, priority=priority, shm=shm, interactive=interactive,
-                         tools=tools, **sampling)
+                         tools=tools, prediction=prediction, **sampling)
     return dict(args, n=n)
 
 
 @syscall("spawn_n", new_work=True, prepare=spawn_n_prepare)
-def sys_spawn_n(kernel, caller, tenant, ids, params, stops, constraint, priority, shm, interactive, n):
+def sys_spawn_n(kernel, caller, tenant, ids, params, stops, constraint, priority, shm, interactive, prediction, n):
     """spawn, then fork the new process n - 1 times, in one call: no step runs in between, so the
     n processes share the prompt's pages and nothing else (n samples of one prompt). The first pid
     is the parent. A refused call leaves no process behind. -> [pid]"""
     check_room_for(kernel, tenant, n)
-    pid = sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, shm, interactive)
+    pid = sys_spawn(kernel, caller, tenant, ids, params, stops, constraint, priority, shm, interactive, prediction)
     if n == 1:
         return [pid]
     try:

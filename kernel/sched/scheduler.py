@@ -31,7 +31,7 @@ from kernel.sched.plan import Plan, Work
 from kernel.sched.policies import Policy
 from kernel.sched.preempt import Preemption
 from kernel.sched.shares import Shares, claim
-from kernel.speculate import MAX_DECODES, may_draft, propose, propose_filler
+from kernel.speculate import MAX_DECODES, may_draft, propose_any, propose_filler
 
 
 class Scheduler(Admission, Preemption):
@@ -40,7 +40,7 @@ class Scheduler(Admission, Preemption):
         self.kernel = kernel
         self.speculate = speculate   # drafts a decoding process may carry (kernel/speculate.py); 0: none
         self.speculate_batch = speculate_batch   # ... while at most this many processes decode in the step
-        self.propose = propose if kernel.device.has_tensors else propose_filler   # where drafts come from
+        self.propose = propose_any if kernel.device.has_tensors else propose_filler   # where drafts come from
         self.policy = policy
         self.token_budget = token_budget
         self.chunk = chunk

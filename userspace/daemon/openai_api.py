@@ -158,7 +158,7 @@ class OpenAIAPI:
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             events = self._events(run, endpoint, meta, usage, req.return_token_ids, params.get("logprobs") is not None,
-                                  tools, echoes)
+                                  tools, echoes, "prediction" in params)
             return ProcessStream(self.daemon, run, events, endpoint)
         entries = [[] for _ in run.pids]             # each choice's TokenLogprobs, when asked for
         prompt_entries = [[] for _ in run.pids]      # and its prompt's (echo with logprobs)
@@ -209,12 +209,13 @@ class OpenAIAPI:
                 choice["token_ids"] = s.tokens
             choices.append(choice)
         kind = "chat.completion" if endpoint == "chat" else "text_completion"
-        body = {**meta, "object": kind, "choices": choices, "usage": usage_of(run)}
+        body = {**meta, "object": kind, "choices": choices, "usage": usage_of(run, "prediction" in params)}
         if req.prompt_logprobs is not None and endpoint == "chat":     # one prompt: vLLM gives it once
             body["prompt_logprobs"] = logprobs_shapes.prompt(scored[0], req.prompt_logprobs)
         return JSONResponse(body)
 
-    async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs, tools=None, echoes=None):
+    async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs, tools=None, echoes=None,
+                      predicted=False):
         """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]. A
         reply that may hold tool calls is sent whole at its end, its calls parsed out. With echo, a
         completion's first chunk starts with its prompt (and the prompt's logprobs)."""
@@ -275,7 +276,7 @@ class OpenAIAPI:
             yield _sse(openai_error(err, self.daemon.http_status(err)))
             return
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": usage_of(run)})
+            yield _sse({**head, "choices": [], "usage": usage_of(run, predicted)})
         yield "data: [DONE]\n\n"
 
 

@@ -20,7 +20,7 @@ IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identi
                      "parallel_tool_calls", "prompt_cache_retention", "prompt_cache_options"})
 # Fields accepted only at a value meaning "off".
 OFF_VALUES = {"functions": ([],), "function_call": ("none", "auto"), "modalities": (["text"],),
-              "suffix": ("",), "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (),
+              "suffix": ("",), "audio": (), "web_search_options": (), "reasoning_effort": (),
               "verbosity": (),
               # vLLM's extensions that some clients send at vLLM's defaults, which are what kvosd does
               "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
@@ -71,6 +71,7 @@ class Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     priority: int | None = None
     return_token_ids: bool = False          # as vLLM: each choice also carries its token ids
+    prediction: dict | None = None          # OpenAI's predicted output: {"type": "content", "content": ...}
     prompt_logprobs: int | None = None      # as vLLM: each prompt token's logprob, rank and the k most likely
     truncate_prompt_tokens: int | None = None   # as vLLM: only the prompt's last k tokens (-1: the model's context)
 
@@ -164,7 +165,24 @@ def sampling_params(req) -> dict:
         params["max_tokens"] = limit
     if req.priority is not None:
         params["priority"] = req.priority
+    if req.prediction is not None:
+        params["prediction"] = prediction_text(req.prediction)
     return params
+
+
+def prediction_text(prediction: dict) -> str:
+    """The text of a predicted output: {"type": "content", "content": text or [text parts]}."""
+    if prediction.get("type") != "content" or set(prediction) != {"type", "content"}:
+        raise KvosError(EINVAL, "prediction must be {'type': 'content', 'content': text or a list of text parts}")
+    content = prediction["content"]
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise KvosError(EINVAL, "prediction.content: only text parts are supported")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str) or not content:
+        raise KvosError(EINVAL, "prediction.content must be non-empty text or a list of text parts")
+    return content
 
 
 def _logprobs(req) -> int | None:

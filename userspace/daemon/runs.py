@@ -60,8 +60,15 @@ def exit_error(status) -> KvosError:
     return KvosError(errno, rest.strip()) if errno in ERRNOS else KvosError(EIO, text)
 
 
-def usage_of(run: Launch) -> dict:
-    """OpenAI's usage of a finished request (a prompt's tokens counted once, however many choices)."""
+def usage_of(run: Launch, predicted: bool = False) -> dict:
+    """OpenAI's usage of a finished request (a prompt's tokens counted once, however many choices);
+    predicted (the request had a prediction): with its drafts kept and not kept, all choices'."""
     prompt = sum(run.statuses[run.prompt_of.index(p)].prompt_tokens for p in sorted(set(run.prompt_of)))
     completion = sum(len(s.tokens) for s in run.statuses)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if predicted:
+        usage["completion_tokens_details"] = {
+            "reasoning_tokens": 0,
+            "accepted_prediction_tokens": sum(s.accepted_prediction_tokens for s in run.statuses),
+            "rejected_prediction_tokens": sum(s.rejected_prediction_tokens for s in run.statuses)}
+    return usage
