@@ -154,16 +154,19 @@ def test_thread_counts_agree(q_lens, ctx_lens):
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 1, 128), (32, 8, 128), (16, 1, 64),
                                                        (32, 1, 64), (12, 1, 96)])
-def test_a_short_chunk_s_rows_equal_decode_rows(cache_dtype, heads, kv_heads, head_dim):
-    """A speculative step verifies a decoded token and its drafts as one chunk of up to 17 queries:
-    each of its rows must have the bits of the same position decoded alone (kernel/speculate.py), on
-    every vector path; the paths differ in summation order, so the chunk takes decode's."""
-    for q_len, ctx in ((2, 40), (5, 5), (5, 70), (12, 33), (17, 100)):
+def test_a_row_s_bits_do_not_depend_on_how_its_sequence_was_chunked(cache_dtype, heads, kv_heads, head_dim):
+    """A query row must have the same bits computed in a long chunk, in the chunk's tail alone (its
+    prefix mapped from the page cache), or alone (decode; a speculative step's drafts, kernel/speculate.py),
+    on every vector path: the paths sum in different orders, so the path is the group's, not the task's."""
+    for q_len, ctx, tail in ((5, 5, 2), (5, 70, 4), (17, 100, 3), (40, 40, 14), (64, 200, 33)):
         b = make_batch([q_len], [ctx], heads, kv_heads, head_dim, 16, seed=q_len * ctx, cache_dtype=cache_dtype)
         k_cache, v_cache = b.caches
-        whole = ops.paged_attention(b.q, k_cache, v_cache, b.page_table, b.query_start, b.context_lens, 0.125)
-        for j in range(q_len):
-            alone = ops.paged_attention(b.q[j:j + 1].contiguous(), k_cache, v_cache, b.page_table,
-                                        torch.tensor([0, 1], dtype=torch.int32),
-                                        torch.tensor([ctx - q_len + j + 1], dtype=torch.int32), 0.125)
-            assert torch.equal(alone[0], whole[j]), (q_len, ctx, j)
+
+        def rows(first, count):            # queries first..first+count-1 of the chunk, run as a chunk of their own
+            return ops.paged_attention(b.q[first:first + count].contiguous(), k_cache, v_cache, b.page_table,
+                                       torch.tensor([0, count], dtype=torch.int32),
+                                       torch.tensor([ctx - q_len + first + count], dtype=torch.int32), 0.125)
+        whole = rows(0, q_len)
+        assert torch.equal(rows(q_len - tail, tail), whole[q_len - tail:]), (q_len, ctx, "tail")
+        for j in range(0, q_len, 3):
+            assert torch.equal(rows(j, 1)[0], whole[j]), (q_len, ctx, j)

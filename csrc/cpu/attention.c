@@ -164,27 +164,26 @@ void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn)
     }
 }
 
-/* Rows from which a task takes the lanes path: with fewer, too many lanes sit empty and
- * the rows path is faster (measured: 8 rows of d=128, 18 against 28 cycles per row-token). */
-#define LANES_MIN_ROWS 12
+/* Heads a group from which its tasks take the lanes path: with fewer, too many lanes sit empty
+ * at decode and the rows path is faster (measured: 8 rows of d=128, 18 against 28 cycles per
+ * row-token). */
+#define LANES_MIN_GROUP 12
 /* Row-tokens from which a call wakes the other threads: about 50 us of one thread on the
  * AVX-512 paths; the AVX2 path takes ~15 ns a row-token at decode (measured: one sequence,
  * 9 heads over 3, d = 64), so its calls pay off from ~2K (ctx 300: 41 -> 29 us on 2 threads). */
 #define PARALLEL_MIN_WORK (1 << 15)
 #define PARALLEL_MIN_WORK_AVX2 (1 << 11)
 
-/* Sequences of at most this many queries take the path one query of their group takes: the
- * two paths sum in different orders, and a speculative step's rows (a decoded token and up to
- * kernel/speculate.py's MAX_DRAFT = 16 drafts) must give the bits plain decoding gives. */
-#define DECODE_LIKE_QUERIES 17
-
+/* The path is chosen by the group alone (query heads per kv head, and the head size), never by
+ * how many of a sequence's queries a task holds: the two paths sum in different orders, and a
+ * row must have the same bits however its sequence was chunked (a prefix mapped from the page
+ * cache, a prefill chunk boundary) and whether it was decoded or verified as a speculative draft
+ * (kernel/speculate.py). With a group of 12 to 32 heads even a decode task fills the lanes. */
 static void run_task(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
 {
-    const int64_t q_len = c->query_start[task->seq + 1] - c->query_start[task->seq];
-    const int64_t rows = q_len <= DECODE_LIKE_QUERIES ? c->group : task_rows(c, task);
     if (c->avx2 && attn_task_rows_avx2(c, task, h, w))
         return;
-    if (rows >= LANES_MIN_ROWS && rows <= 2 * LANES && c->head_dim % LANES == 0)
+    if (c->group >= LANES_MIN_GROUP && c->group <= 2 * LANES && c->head_dim % LANES == 0)
         attn_task_lanes(c, task, h, w);
     else
         attn_task_rows(c, task, h, w);

@@ -2,8 +2,9 @@
  * attention.c splits a call into tasks (sequence, block of queries, kv head) and runs
  * them in parallel; a task runs on one of two paths, both walking the context in tiles
  * of TILE tokens with an online softmax:
- *   attention_rows.c   few rows (decode): per row-block dot products, 16 tokens summed at once;
- *   attention_lanes.c  12 to 32 rows (prefill chunks): one vector lane per row, GEMM-like;
+ *   attention_rows.c   groups of up to 11 heads: per row-block dot products, 16 tokens summed at once;
+ *   attention_lanes.c  groups of 12 to 32 heads: one vector lane per row, GEMM-like;
+ * (by the group, not the task: a row has the same bits however its sequence is chunked);
  *   attention_avx2.c   every task on AVX2 CPUs (no AVX-512): a rows path sized for 16 registers. */
 #ifndef KVOS_ATTENTION_H
 #define KVOS_ATTENTION_H

@@ -1,5 +1,5 @@
-/* The lanes path of CPU paged attention: for tasks of 12 to 32 rows (prefill chunks, and
- * decode of wide GQA groups). Row r lives in lane r % 16 of row vector r / 16, so a tile
+/* The lanes path of CPU paged attention: for groups of 12 to 32 query heads per kv head, whose
+ * decode tasks alone fill 12 or more lanes (prefill tasks hold up to 32 / group queries). Row r lives in lane r % 16 of row vector r / 16, so a tile
  * is two small GEMMs with no horizontal sums: scores S[t] = sum_d qT[d] * k[t][d] and
  * outputs oT[d] += P[t] * v[t][d], each FMA taking one broadcast K or V element for NV
  * row vectors; the causal mask and the online softmax run across lanes. q and the

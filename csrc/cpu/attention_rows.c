@@ -1,5 +1,5 @@
-/* The rows path of CPU paged attention: for tasks of few rows (decode with fewer than 12
- * query heads per kv head) and for groups wider than 32. Rows go in blocks of up to four;
+/* The rows path of CPU paged attention: for groups of fewer than 12 query heads per kv head
+ * (decode and prefill: a row's bits must not depend on its task) and for groups wider than 32. Rows go in blocks of up to four;
  * per context token the block's dot products are vector partial sums, and 16 tokens are
  * summed across lanes at once (vsum16). q and the output accumulators of a block stay in
  * registers for a tile. Head sizes not a multiple of 16 take a scalar-loop variant. */
