@@ -160,13 +160,16 @@ def test_a_row_s_bits_do_not_depend_on_how_its_sequence_was_chunked(cache_dtype,
     on every vector path: the paths sum in different orders, so the path is the group's, not the task's."""
     for q_len, ctx, tail in ((5, 5, 2), (5, 70, 4), (17, 100, 3), (40, 40, 14), (64, 200, 33)):
         b = make_batch([q_len], [ctx], heads, kv_heads, head_dim, 16, seed=q_len * ctx, cache_dtype=cache_dtype)
-        k_cache, v_cache = b.caches
-
-        def rows(first, count):            # queries first..first+count-1 of the chunk, run as a chunk of their own
-            return ops.paged_attention(b.q[first:first + count].contiguous(), k_cache, v_cache, b.page_table,
-                                       torch.tensor([0, count], dtype=torch.int32),
-                                       torch.tensor([ctx - q_len + first + count], dtype=torch.int32), 0.125)
-        whole = rows(0, q_len)
-        assert torch.equal(rows(q_len - tail, tail), whole[q_len - tail:]), (q_len, ctx, "tail")
+        whole = chunk_of(b, 0, q_len)
+        assert torch.equal(chunk_of(b, q_len - tail, tail), whole[q_len - tail:]), (q_len, ctx, "tail")
         for j in range(0, q_len, 3):
-            assert torch.equal(rows(j, 1)[0], whole[j]), (q_len, ctx, j)
+            assert torch.equal(chunk_of(b, j, 1)[0], whole[j]), (q_len, ctx, j)
+
+
+def chunk_of(batch, first, count):
+    """Queries first..first+count-1 of a one-sequence batch's chunk, run as a chunk of their own."""
+    k_cache, v_cache = batch.caches
+    q_len, ctx = batch.q.shape[0], int(batch.context_lens[0])
+    return ops.paged_attention(batch.q[first:first + count].contiguous(), k_cache, v_cache, batch.page_table,
+                               torch.tensor([0, count], dtype=torch.int32),
+                               torch.tensor([ctx - q_len + first + count], dtype=torch.int32), 0.125)
