@@ -69,7 +69,7 @@ class Process:
     drafts_resume: int = 0           # the step from which it may draft again (backing off after misses)
     prediction: tuple = ()           # the caller's guess of its output (spawn's prediction), token ids
     prediction_hay: bytes | None = None   # the prediction as bytes, 4 a token, for the lookups
-    prediction_at: int = 0           # where in it the last draft taken from it began
+    prediction_at: int = 0           # where in it the last draft proposed from it began
     predicted_draft: bool = False    # this step's draft came from the prediction (commit_draft counts it)
     prediction_accepted: int = 0     # drafts from the prediction that the draws kept
     prediction_rejected: int = 0     # and those they did not
