@@ -69,6 +69,20 @@ def test_run_json_one_object_per_process(capsys):
     assert len({o["pid"] for o in objs}) == 2
 
 
+def test_run_with_a_prediction_gives_the_same_reply(capsys, tmp_path):
+    argv = ["run", "--json", "--model", TINY, "--max-tokens", "24", "--speculate", "4", "hello there"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["prediction"] is None
+    guess = tmp_path / "guess.txt"
+    guess.write_text(plain["text"])
+    assert main(argv + ["--prediction", f"@{guess}"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["token_ids"] == plain["token_ids"] and again["prediction"]["accepted"] > 0
+    assert main(argv + ["--prediction", "@/nonexistent/guess"]) != 0
+    assert "--prediction @/nonexistent/guess" in capsys.readouterr().err
+
+
 def test_run_reads_prompts_from_a_file_and_stdin(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n\nsecond prompt\n")

@@ -101,6 +101,8 @@ def read_prompts(args) -> list:
 def run_main(args) -> int:
     texts = read_prompts(args)
     params = _sampling(args)                        # bad options are refused before anything boots
+    if args.prediction is not None:
+        params["prediction"] = _text_or_file(args.prediction, "--prediction")
     k = boot_kernel(args)
     root = k.syscalls()
     tid = spawn_tenant(root, args.model)
@@ -114,7 +116,10 @@ def run_main(args) -> int:
         if args.json:
             print(json.dumps({"pid": pid, "prompt": text, "text": st.text, "token_ids": list(st.tokens),
                               "prompt_tokens": st.prompt_tokens, "finish_reason": st.reason, "error": st.error,
-                              "timings": {"ttft": st.time_to_first_token, "elapsed": st.elapsed}}), flush=True)
+                              "timings": {"ttft": st.time_to_first_token, "elapsed": st.elapsed},
+                              "prediction": {"accepted": st.accepted_prediction_tokens,
+                                             "rejected": st.rejected_prediction_tokens}
+                              if args.prediction is not None else None}), flush=True)
         else:
             ttft = f"first token after {st.time_to_first_token:.2f} s, " if st.time_to_first_token else ""
             console.print(f"[bold]\\[pid {pid}][/bold] {escape(text)}", markup=True)

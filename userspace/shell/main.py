@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", help="read prompts from FILE, one per line ('-' for stdin)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per process: pid, prompt, text, token_ids, finish_reason, timings")
+    p.add_argument("--prediction", default=None, metavar="TEXT",
+                   help="the reply you expect (its text, or @FILE): with --speculate K its tokens are drafted "
+                        "where the reply follows them; the reply is the model's own either way")
     add_sampling_options(p, max_tokens=64)
     add_boot_options(p)
     p.set_defaults(func=_lazy("userspace.shell.commands", "run_main"))
