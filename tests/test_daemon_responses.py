@@ -152,6 +152,8 @@ def test_text_format_json_schema(client):
      "not among the tools"),
     ({"tool_choice": "required"}, "tool_choice needs tools"),
     ({"reasoning": {"effort": "low"}}, "reasoning is not supported"),
+    ({"include": ["file_search_call.results"]}, "include 'file_search_call.results' is not supported"),
+    ({"top_logprobs": 21}, "top_logprobs must be in [0, 20]"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input.0.type"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.0.call_id must be"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "only text parts"),
@@ -393,3 +395,37 @@ def test_auto_may_answer_in_text(tools_client):
                                           max_output_tokens=24, store=False)
         assert r.output and {i.type for i in r.output} <= {"message", "function_call"}
         assert r.tool_choice == "auto" and [t.name for t in r.tools] == ["get_weather", "get_time"]
+    with pytest.raises(openai.BadRequestError, match="with tools is not supported"):
+        tools_client.responses.create(model="tools", input=ASK, tools=TOOLS, include=["message.output_text.logprobs"])
+
+
+def test_logprobs_equal_the_kernel_s_streamed_or_not(client, local):
+    """include message.output_text.logprobs (and top_logprobs): the text's tokens with their logprobs
+    and the most likely beside each, as the kernel's own process reports them, whole or in deltas; a
+    continuation keeps them; with tools they are a 400."""
+    root, tid = local
+    pid = root.spawn(tid, user("Hello"), max_tokens=10, temperature=0, logprobs=2)
+    entries, done = [], False
+    while not done:
+        r = root.read(pid, timeout=30)
+        entries, done = entries + r.logprobs, r.turn_done
+    root.wait(pid)
+    want = [(e.text, round(e.logprob, 5), [t.text for t in e.top]) for e in entries]
+    kw = dict(model=MODEL, input="Hello", include=["message.output_text.logprobs"], top_logprobs=2, **GREEDY)
+    r1 = client.responses.create(**kw)
+    got = r1.output[0].content[0].logprobs
+    assert [(e.token, round(e.logprob, 5), [t.token for t in e.top_logprobs]) for e in got] == want
+    assert b"".join(bytes(e.bytes) for e in got).decode(errors="replace") == r1.output_text
+    events = list(client.responses.create(**{**kw, "store": False}, stream=True))
+    streamed = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(t, lp) for t, lp, _ in want]
+    done = next(ev for ev in events if ev.type == "response.output_text.done")
+    assert len(done.logprobs) == len(want)
+    r2 = client.responses.create(**{**kw, "input": "More"}, previous_response_id=r1.id)
+    assert len(r2.output[0].content[0].logprobs) == r2.usage.output_tokens
+    with pytest.raises(openai.BadRequestError, match="include differs"):
+        client.responses.create(model=MODEL, input="More", previous_response_id=r1.id, top_logprobs=2, **GREEDY)
+    plain = client.responses.create(model=MODEL, input="Hello", store=False, **GREEDY)
+    assert plain.output[0].content[0].logprobs == []
+    for rid in (r1.id, r2.id):
+        client.responses.delete(rid)

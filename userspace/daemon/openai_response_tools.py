@@ -84,6 +84,6 @@ def output_items(rid: str, content: str | None, calls: list, message_status: str
     return items
 
 
-def message_item(rid: str, text: str, status: str) -> dict:
+def message_item(rid: str, text: str, status: str, logprobs: list | None = None) -> dict:
     return {"type": "message", "id": f"msg_{rid.removeprefix('resp_')}", "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}

@@ -8,8 +8,9 @@ stored one as it was: a response can be continued more than once (branches). A t
 STORED_PER_TENANT responses; the oldest is ended (its id then answers 404). Not stored, the process
 exits after its turn. Served: text input (a string, or messages with text parts), instructions,
 max_output_tokens, temperature, top_p, text.format (text, json_schema, json_object), stream, store,
-previous_response_id, and function tools (tools, tool_choice; calls come back as function_call
-items, results go in as function_call_output items: openai_response_tools.py). Other tools,
+previous_response_id, logprobs (include "message.output_text.logprobs", top_logprobs), and
+function tools (tools, tool_choice; calls come back as function_call items, results go in as
+function_call_output items: openai_response_tools.py). Other tools,
 reasoning and other kinds of input are a 400 naming them. A continuation keeps its conversation's
 sampling parameters and tools (write() carries none, and the template gave the tools once): other
 values are a 400.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio.to_thread
 from fastapi import Request
@@ -28,8 +29,9 @@ from pydantic import BaseModel
 
 from kernel.errors import EINVAL, ENOENT, KvosError
 from kernel.results import ExitStatus
-from userspace.daemon import openai_tools, waiting
+from userspace.daemon import logprobs_shapes, openai_tools, waiting
 from userspace.daemon.openai_requests import STRICT, json_schema, parse
+from userspace.daemon.openai_response_events import item_events, message_opening
 from userspace.daemon.openai_response_tools import add_input_item, chat_shape, message_item, output_items
 from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, release
 from userspace.daemon.sysapi import json_object
@@ -39,10 +41,12 @@ STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_i
 IGNORED = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
                      "parallel_tool_calls", "prompt_cache_retention"})
 OFF_VALUES = {"background": (False,), "truncation": ("disabled",),
-              "include": ([],), "top_logprobs": (0,), "reasoning": (), "conversation": (), "prompt": (),
+              "reasoning": (), "conversation": (), "prompt": (),
               "max_tool_calls": ()}
 # A conversation keeps these from its first turn (tool_choice as its mode: None, auto, required or a name).
-PARAMS = ("max_output_tokens", "temperature", "top_p", "text", "tools", "tool_choice")
+PARAMS = ("max_output_tokens", "temperature", "top_p", "text", "tools", "tool_choice", "include", "top_logprobs")
+LOGPROBS = "message.output_text.logprobs"     # the one `include` kvosd serves
+MAX_TOP_LOGPROBS = 20
 
 
 class ResponsesRequest(BaseModel):
@@ -59,6 +63,23 @@ class ResponsesRequest(BaseModel):
     text: dict | None = None                 # {"format": {"type": "text" | "json_schema" | "json_object", ...}}
     tools: list[dict] | None = None          # function tools: {"type": "function", "name", "parameters", ...}
     tool_choice: str | dict | None = None    # "auto" (with tools), "none", "required", {"type": "function", "name"}
+    include: list[str] | None = None         # ["message.output_text.logprobs"]: the text's logprobs
+    top_logprobs: int | None = None          # with them, the most likely tokens at each position (0 to 20)
+
+
+@dataclass
+class Reply:
+    """What a turn's reads brought: its text, token ids, logprob entries and why it ended."""
+    text: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    reason: str | None = None
+
+    def add(self, r) -> None:
+        self.text.append(r.text)
+        self.tokens += r.tokens
+        self.logprobs += r.logprobs
+        self.reason = r.finish_reason
 
 
 @dataclass
@@ -116,7 +137,19 @@ def spawn_params(req: ResponsesRequest) -> dict:
         schema = json_schema({"type": fmt.get("type"), **({"json_schema": spec} if spec else {})})
         if schema is not None:
             params["json_schema"] = schema
+    unknown = sorted(set(req.include or ()) - {LOGPROBS})
+    if unknown:
+        raise KvosError(EINVAL, f"include {unknown[0]!r} is not supported by kvosd (only {LOGPROBS!r})")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise KvosError(EINVAL, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}")
+    if wants_logprobs(req):
+        params["logprobs"] = req.top_logprobs or 0
     return params
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """Whether the text's logprobs go in the response: asked by include, or by a top_logprobs above 0."""
+    return LOGPROBS in (req.include or ()) or bool(req.top_logprobs)
 
 
 class ResponsesAPI:
@@ -163,6 +196,9 @@ class ResponsesAPI:
         chat_tools, choice = chat_shape(req.tools, req.tool_choice)
         mode = openai_tools.check(chat_tools, choice)
         tools = chat_tools if mode is not None else None     # the tools whose calls the reply may hold
+        if tools is not None and "logprobs" in params:
+            raise KvosError(EINVAL, f"include {LOGPROBS!r} with tools is not supported (a call's tokens are no "
+                                    "message's)")
         asked = {**{k: getattr(req, k) for k in PARAMS}, "tool_choice": mode}
         handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
         cached = 0
@@ -189,38 +225,38 @@ class ResponsesAPI:
         head = _response(rid, req, "in_progress", None, None, [])
         if req.stream:
             return ResponseStream(self.daemon, run, self._events(run, req, head, cached, asked, tools))
-        text, reason, tokens = [], None, []
+        reply = Reply()
         try:
             async for r in _turn(self.daemon, run, request):
-                text.append(r.text)
-                tokens += r.tokens
-                reason = r.finish_reason
+                reply.add(r)
         except waiting.Disconnected:
             await anyio.to_thread.run_sync(release, handle, [pid])
             run.outcome = "disconnected"
             self.daemon.request_done(run, "responses")
             return JSONResponse({}, status_code=499)
-        if reason in ("error", "killed"):             # a failed forward, or someone killed the process
+        if reply.reason in ("error", "killed"):     # a failed forward, or someone killed the process
             status = await anyio.to_thread.run_sync(handle.wait, pid)
-            run.statuses, run.outcome, run.finished = [status], reason, True
+            run.statuses, run.outcome, run.finished = [status], reply.reason, True
             self.daemon.request_done(run, "responses")
-            if reason == "error":
+            if reply.reason == "error":
                 raise exit_error(status)
-            return JSONResponse(_response(rid, req, "cancelled", None, reason,
-                                          [message_item(rid, "".join(text), "incomplete")]))
-        response = await self._finish(run, req, rid, "".join(text), tokens, reason, cached, asked, tools)
+            return JSONResponse(_response(rid, req, "cancelled", None, reply.reason,
+                                          [message_item(rid, "".join(reply.text), "incomplete")]))
+        response = await self._finish(run, req, rid, reply, cached, asked, tools)
         return JSONResponse(response)
 
-    async def _finish(self, run, req, rid, text, tokens, reason, cached, asked, tools) -> dict:
+    async def _finish(self, run, req, rid, reply: Reply, cached, asked, tools) -> dict:
         """The finished response: counted, logged, stored (or its process reaped)."""
         handle, pid = run.handle, run.pids[0]
+        text, tokens, reason = "".join(reply.text), reply.tokens, reply.reason
         info = await anyio.to_thread.run_sync(lambda: next((p for p in handle.ps() if p.pid == pid), None))
         # what the turn read: every token before its reply (earlier turns' replies included)
         prompt = info.prompt_tokens + info.generated_tokens - len(tokens) if info is not None else 0
         response = _response(rid, req, "completed" if reason == "stop" else "incomplete",
                              {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                               "output_tokens": len(tokens), "output_tokens_details": {"reasoning_tokens": 0},
-                              "total_tokens": prompt + len(tokens)}, reason, _output(rid, text, tools, reason))
+                              "total_tokens": prompt + len(tokens)}, reason,
+                             _output(rid, text, tools, reason, reply.logprobs if wants_logprobs(req) else None))
         run.statuses = [ExitStatus(pid=pid, reason=reason, tokens=tokens, text=text, prompt_tokens=prompt,
                                    elapsed=time.monotonic() - run.started)]
         run.outcome, run.finished = "ok", True
@@ -250,60 +286,27 @@ class ResponsesAPI:
         yield event("response.in_progress", response=head)
         streaming = tools is None
         if streaming:
-            for e in _message_opening(event, item_id):
+            for e in message_opening(event, item_id):
                 yield e
-        text, tokens, reason = [], [], None
+        reply, with_logprobs = Reply(), wants_logprobs(req)
         async for r in _turn(self.daemon, run, None):
-            if r.text:
-                text.append(r.text)
-                if streaming:
-                    yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                                delta=r.text, logprobs=[])
-            tokens += r.tokens
-            reason = r.finish_reason
-        if reason in ("error", "killed"):
+            reply.add(r)
+            if streaming and (r.text or (with_logprobs and r.logprobs)):
+                yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
+                            delta=r.text, logprobs=logprobs_shapes.chat(r.logprobs)["content"] if with_logprobs
+                            else [])
+        if reply.reason in ("error", "killed"):
             status = await anyio.to_thread.run_sync(run.handle.wait, pid)
-            run.statuses, run.outcome, run.finished = [status], reason, True
+            run.statuses, run.outcome, run.finished = [status], reply.reason, True
             self.daemon.request_done(run, "responses")
-            yield event("error", code=reason, message=status.error or f"the process was {reason}", param=None)
+            yield event("error", code=reply.reason, message=status.error or f"the process was {reply.reason}",
+                        param=None)
             return
-        response = await self._finish(run, req, rid, "".join(text), tokens, reason, cached, asked, tools)
+        response = await self._finish(run, req, rid, reply, cached, asked, tools)
         for index, item in enumerate(response["output"]):
-            for e in _item_events(event, index, item, opened=streaming):
+            for e in item_events(event, index, item, opened=streaming):
                 yield e
-        yield event("response.completed" if reason == "stop" else "response.incomplete", response=response)
-
-
-def _message_opening(event, item_id: str, index: int = 0):
-    """The events that open a message item whose text is about to stream."""
-    yield event("response.output_item.added", output_index=index, item={
-        "type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": []})
-    yield event("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
-                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-
-
-def _item_events(event, index: int, item: dict, opened: bool):
-    """The events that finish an output item (opened: a message whose opening and deltas were sent;
-    otherwise the item is sent whole: opened, its text or arguments in one delta, done)."""
-    if item["type"] == "function_call":
-        yield event("response.output_item.added", output_index=index, item={**item, "arguments": "",
-                                                                          "status": "in_progress"})
-        yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                    delta=item["arguments"])
-        yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                    name=item["name"], arguments=item["arguments"])
-        yield event("response.output_item.done", output_index=index, item=item)
-        return
-    text = item["content"][0]["text"]
-    if not opened:
-        yield from _message_opening(event, item["id"], index)
-        yield event("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
-                    delta=text, logprobs=[])
-    yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0, text=text,
-                logprobs=[])
-    yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                part=item["content"][0])
-    yield event("response.output_item.done", output_index=index, item=item)
+        yield event("response.completed" if reply.reason == "stop" else "response.incomplete", response=response)
 
 
 class ResponseStream(StreamingResponse):
@@ -354,12 +357,13 @@ def _branch(handle, pid: int, messages: list) -> tuple:
     return child, (info.prompt_tokens + info.generated_tokens) if info is not None else 0
 
 
-def _output(rid: str, text: str, tools, reason) -> list:
-    """A finished reply's output items: its text as one message or, when it may call tools, what is
-    left of its text (if anything) and each call parsed out of it."""
+def _output(rid: str, text: str, tools, reason, logprobs: list | None = None) -> list:
+    """A finished reply's output items: its text as one message (with its tokens' logprobs when
+    asked) or, when it may call tools, what is left of its text (if anything) and each call parsed
+    out of it."""
     status = "completed" if reason == "stop" else "incomplete"
     if tools is None:
-        return [message_item(rid, text, status)]
+        return [message_item(rid, text, status, [] if logprobs is None else logprobs_shapes.chat(logprobs)["content"])]
     content, calls = openai_tools.parse_calls(text, tools)
     return output_items(rid, content, calls, status)
 
