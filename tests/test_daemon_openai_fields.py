@@ -1,8 +1,9 @@
 """The OpenAI fields beyond plain sampling, through the unmodified openai client against kvosd on
 tiny-llama: logprobs in both shapes (streamed too), response_format (json_schema output valid on
 every sampled choice, json_object), vLLM's structured_outputs (regex, choice, Lark and GBNF
-grammars), penalties, tool calls (on tiny-tools, whose template takes
-tools), and clear 400s for what stays unsupported."""
+grammars), penalties, beam search, and clear 400s for what stays unsupported. Tool calls are in
+test_daemon_openai_tools.py, the prompt's side (echo, prompt_logprobs, truncation) in
+test_daemon_openai_prompts.py."""
 import json
 import re
 
@@ -10,34 +11,24 @@ import openai
 import pytest
 
 import kernel
-from kernel.errors import KvosError
-from tests.helpers import tiny_tools
+from tests.helpers.openai_server import MODEL, client_of, serving
 from tests.helpers.schemas import PERSON, assert_valid
-from userspace.daemon.config import DaemonConfig, TenantSpec
-from userspace.daemon.listen import ServerThread
 
 KEY, ROOT, TOOLS_KEY = "fields-key-for-tests", "fields-root-for-tests", "tools-key-for-tests"
-MODEL = "tiny-llama"
 pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 pytest.importorskip("llguidance")
 
 
 @pytest.fixture(scope="module")
 def server(one_thread):
-    tiny_tools.register()
-    srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory="8MiB", threads=1), root_key=ROOT,
-                                    tenants=[TenantSpec(MODEL, MODEL, KEY),
-                                             TenantSpec("tools", tiny_tools.NAME, TOOLS_KEY)]))
-    yield srv
-    report = srv.stop()
-    assert report["fsck"] == "clean" and report["frames_mapped"] == 0
+    with serving(KEY, TOOLS_KEY, ROOT) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-    yield c
-    c.close()
+    with client_of(server, KEY) as c:
+        yield c
 
 
 CHAT = [{"role": "user", "content": "Tell me about a person."}]
@@ -315,118 +306,6 @@ def test_tools_with_tool_choice_none_are_accepted(client):
     assert reply.choices[0].message.tool_calls is None
 
 
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
-                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-           "required": ["city", "days"], "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast",
-                                           "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "get_time", "parameters": {
-             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
-             "additionalProperties": False}}}]
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def tools_client(server):
-    c = openai.OpenAI(base_url=server.url + "/v1", api_key=TOOLS_KEY, max_retries=0)
-    yield c
-    c.close()
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_a_required_tool_call_is_parsed_and_its_arguments_are_valid(tools_client, seed):
-    reply = tools_client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, tool_choice="required",
-                                                 temperature=1.0, seed=seed, n=2, max_tokens=80)
-    for choice in reply.choices:
-        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
-        (call,) = choice.message.tool_calls
-        assert call.type == "function" and call.id.startswith("call_")
-        schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
-        assert_valid(schema, json.loads(call.function.arguments))
-
-
-def test_a_named_tool_call_streamed_or_not(tools_client):
-    kw = dict(model="tools", messages=ASK, tools=TOOLS, temperature=0.8, seed=4, max_tokens=80,
-              tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    (call,) = tools_client.chat.completions.create(**kw).choices[0].message.tool_calls
-    assert call.function.name == "get_weather"
-    assert_valid(WEATHER, json.loads(call.function.arguments))
-    chunks = [c for c in tools_client.chat.completions.create(**kw, stream=True) if c.choices]
-    calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
-    assert [(t.index, t.function.name, t.function.arguments) for t in calls] == \
-        [(0, "get_weather", call.function.arguments)]
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-
-
-def test_a_forced_tool_call_takes_no_other_constraint(tools_client):
-    for body in ({"structured_outputs": {"regex": "a+"}}, {"response_format": {"type": "json_object"}}):
-        with pytest.raises(openai.BadRequestError, match="and a forced tool call"):
-            tools_client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, tool_choice="required",
-                                                 max_tokens=8, extra_body=body)
-
-
-def test_auto_lets_the_model_choose_and_a_tool_result_continues_the_chat(tools_client):
-    reply = tools_client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, max_tokens=8, seed=1)
-    assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
-    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                                                          "arguments": '{"city": "Paris", "days": 1}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
-    reply = tools_client.chat.completions.create(model="tools", messages=history, tools=TOOLS, max_tokens=4)
-    assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
-    with pytest.raises(openai.BadRequestError, match="tool_calls.0.function.arguments is not JSON"):
-        tools_client.chat.completions.create(model="tools", max_tokens=2, tools=TOOLS, messages=[
-            {"role": "assistant", "content": None,
-             "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}])
-
-
-def test_tool_calls_are_parsed_from_the_hermes_format():
-    from userspace.daemon.openai_tools import parse_calls
-    text = ('Let me look. <tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call> and '
-            '<tool_call>{"name": "nope", "arguments": {}}</tool_call><tool_call>not json</tool_call>')
-    content, calls = parse_calls(text, TOOLS)
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("get_time",
-                                                                                                {"zone": "UTC"})]
-    assert content.startswith("Let me look.") and "get_time" not in content and "nope" in content
-    assert parse_calls("no calls here", TOOLS) == ("no calls here", [])
-
-
-def test_echo_with_logprobs_scores_the_prompt_as_the_kernel_does(client):
-    """What lm-evaluation-harness sends for a log-likelihood: token ids, echo, logprobs 1, one token."""
-    k = kernel.boot(memory="8MiB", threads=1)
-    root = k.syscalls()
-    tid = root.spawn_tenant(MODEL)
-    ids = root.tokenize(tid, "The page table maps virtual pages to frames")
-    pid = root.spawn(tid, ids, max_tokens=1, temperature=0, logprobs=2, prompt_logprobs=2)
-    first = root.read(pid, timeout=30)
-    want = first.prompt_logprobs
-    assert len(want) == len(ids) and want[0].logprob is None and all(e.logprob < 0 for e in want[1:])
-    reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
-    choice = reply.choices[0]
-    lp = choice.logprobs
-    echo = root.detokenize(tid, ids)
-    assert choice.text == echo + first.text
-    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert lp.token_logprobs[1:len(ids)] == pytest.approx([e.logprob for e in want[1:]], abs=1e-5)
-    assert lp.token_logprobs[-1] == pytest.approx(first.logprobs[0].logprob, abs=1e-5)
-    assert all(len(top) in (2, 3) for top in lp.top_logprobs[1:])          # the 2 most likely and the token
-    assert lp.text_offset[len(ids)] == len(echo) and lp.text_offset[:2] == [0, len(want[0].text)]
-    # Streamed: the first chunk carries the echo and the prompt's entries; the whole equals the reply.
-    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True,
-                                            logprobs=2, stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == choice.text
-    streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
-    assert streamed == lp.token_logprobs
-    offsets = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.text_offset]
-    assert offsets == lp.text_offset
-    # Text prompts echo as given, with or without logprobs.
-    plain = client.completions.create(model=MODEL, prompt="Hi there", max_tokens=2, temperature=0, echo=True)
-    assert plain.choices[0].text.startswith("Hi there") and plain.choices[0].logprobs is None
-    streamed_text = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="Hi there", max_tokens=2, temperature=0, echo=True, stream=True))
-    assert streamed_text == plain.choices[0].text
-
-
 def fields_table() -> dict:
     """docs/daemon.md's table of request fields: field -> (endpoints, status)."""
     import pathlib
@@ -453,110 +332,3 @@ def test_the_docs_field_table_matches_the_request_models():
     assert {name for name, (_, status) in table.items() if status == "ignored"} == IGNORED
     assert {name for name, (_, status) in table.items() if status == "refused"} == set(OFF_VALUES)
     assert {status for _, status in table.values()} == {"supported", "extension", "ignored", "refused"}
-
-
-def test_tokenize_gives_the_tools_to_the_template_as_a_chat_completion_does(server):
-    from tests.test_daemon_conventions import call
-    tid = next(t.tid for t in server.daemon.root.schedstat().tenants if t.name == "tools")
-    root = server.daemon.root
-    for add in (True, False):
-        body = {"messages": ASK, "tools": TOOLS, "add_generation_prompt": add}
-        status, _, reply = call(server.url, "POST", "/tokenize", body, key=TOOLS_KEY)
-        assert status == 200, reply
-        with_tools = reply["tokens"]
-        assert with_tools == root.tokenize(tid, ASK, add_generation_prompt=add, tools=TOOLS)
-        assert root.detokenize(tid, with_tools).count("get_weather") == 1         # the template listed them
-        assert len(with_tools) > len(root.tokenize(tid, ASK, add_generation_prompt=add))
-    # A template that takes no tools refuses them, as spawn does; text prompts take none.
-    status, _, reply = call(server.url, "POST", "/tokenize", {"messages": ASK, "tools": TOOLS}, key=KEY)
-    assert status == 400, reply
-    with pytest.raises(KvosError):
-        root.tokenize(tid, "text", tools=TOOLS)
-
-
-def test_prompt_logprobs_in_vllm_s_shape_equal_the_kernel_s(client):
-    """vLLM's prompt_logprobs: per prompt token None first, then {token id: {logprob, rank,
-    decoded_token}} with the token and the k most likely; per choice in completions, once in chat.
-    Beside echo with logprobs, each keeps its own k. Not streamed (400, as vLLM)."""
-    k = kernel.boot(memory="8MiB", threads=1)
-    root = k.syscalls()
-    tid = root.spawn_tenant(MODEL)
-    ids = root.tokenize(tid, "The scheduler runs one forward step per time slice")
-    pid = root.spawn(tid, ids, max_tokens=1, temperature=0, prompt_logprobs=3)
-    want = root.read(pid, timeout=30).prompt_logprobs
-    root.wait(pid)
-
-    def check(got, k):
-        assert len(got) == len(ids) and got[0] is None
-        for entry, w in zip(got[1:], want[1:]):
-            mine = entry[str(w.token)]
-            assert mine["logprob"] == pytest.approx(w.logprob, abs=1e-5) and mine["rank"] == w.rank
-            assert mine["decoded_token"] == w.text
-            top = {str(t.token): (r, t) for r, t in enumerate(w.top[:k], start=1)}
-            assert set(entry) == set(top) | {str(w.token)}
-            for key, (r, t) in top.items():
-                if key != str(w.token):
-                    assert entry[key]["rank"] == r and entry[key]["logprob"] == pytest.approx(t.logprob, abs=1e-5)
-            assert (mine["rank"] <= k) == (str(w.token) in top)
-
-    reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, n=2,
-                                      extra_body={"prompt_logprobs": 3})
-    for choice in reply.choices:
-        check(choice.model_extra["prompt_logprobs"], 3)
-    chat = [{"role": "user", "content": "Hi"}]
-    chat_ids = root.tokenize(tid, chat)
-    pid = root.spawn(tid, chat_ids, max_tokens=1, temperature=0, prompt_logprobs=1)
-    ids, want = chat_ids, root.read(pid, timeout=30).prompt_logprobs
-    root.wait(pid)
-    reply = client.chat.completions.create(model=MODEL, messages=chat, max_tokens=1, extra_body={"prompt_logprobs": 1})
-    check(reply.model_extra["prompt_logprobs"], 1)
-    # beside echo: echo's entries show logprobs' 1 (and the token), prompt_logprobs its 0 (the token alone)
-    reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1,
-                                      extra_body={"prompt_logprobs": 0})
-    choice = reply.choices[0]
-    check(choice.model_extra["prompt_logprobs"], 0)
-    assert all(len(top) in (1, 2) for top in choice.logprobs.top_logprobs[1:len(ids)])
-    assert choice.logprobs.token_logprobs[1:len(ids)] == pytest.approx([w.logprob for w in want[1:]], abs=1e-5)
-    with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, stream=True,
-                                  extra_body={"prompt_logprobs": 1})
-    assert "prompt_logprobs with stream is not supported" in err.value.body["message"]
-    with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, extra_body={"prompt_logprobs": 21})
-    assert "prompt_logprobs" in err.value.body["message"]
-
-
-def test_truncate_prompt_tokens_keeps_the_prompt_s_end(client, server):
-    """truncate_prompt_tokens=k: the request runs on its prompt's last k tokens (a chat's, in its
-    template), as if sent as those ids; -1 keeps the model's context; beams and echo see the cut."""
-    k = kernel.boot(memory="8MiB", threads=1)
-    root = k.syscalls()
-    tid = root.spawn_tenant(MODEL)
-    text = "A page table maps each virtual page of a process to a frame of the device's memory."
-    ids = root.tokenize(tid, text)
-    kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True})
-    cut = client.completions.create(prompt=text, **{**kw, "extra_body": {**kw["extra_body"],
-                                                                         "truncate_prompt_tokens": 7}})
-    sent = client.completions.create(prompt=ids[-7:], **kw)
-    assert cut.usage.prompt_tokens == 7 and cut.choices[0].text == sent.choices[0].text
-    whole = client.completions.create(prompt=text, **kw)
-    keep_all = client.completions.create(prompt=text, **{**kw, "extra_body": {**kw["extra_body"],
-                                                                             "truncate_prompt_tokens": -1}})
-    assert keep_all.usage.prompt_tokens == len(ids) and keep_all.choices[0].text == whole.choices[0].text
-    echoed = client.completions.create(prompt=text, echo=True, **{**kw, "extra_body": {"truncate_prompt_tokens": 5}})
-    assert echoed.choices[0].text.startswith(root.detokenize(tid, ids[-5:]))
-    chat_ids = root.tokenize(tid, CHAT)
-    reply = client.chat.completions.create(messages=CHAT, **{**kw, "extra_body": {**kw["extra_body"],
-                                                                                  "truncate_prompt_tokens": 4}})
-    assert reply.usage.prompt_tokens == 4
-    assert reply.choices[0].message.content == client.completions.create(prompt=chat_ids[-4:], **kw).choices[0].text
-    beams = client.completions.create(prompt=text, n=2, max_tokens=4, model=MODEL, temperature=0, extra_body={
-        "use_beam_search": True, "return_token_ids": True, "truncate_prompt_tokens": 6})
-    plain = client.completions.create(prompt=ids[-6:], n=2, max_tokens=4, model=MODEL, temperature=0,
-                                      extra_body={"use_beam_search": True, "return_token_ids": True})
-    assert [c.model_extra["token_ids"] for c in beams.choices] == [c.model_extra["token_ids"] for c in plain.choices]
-    for bad in (0, -2):
-        with pytest.raises(openai.BadRequestError) as err:
-            client.completions.create(prompt=text, **{**kw, "extra_body": {"truncate_prompt_tokens": bad}})
-        assert "truncate_prompt_tokens must be at least 1" in err.value.body["message"]
-    assert server.daemon.root.meminfo().mapped == 0
