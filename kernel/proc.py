@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from kernel.results import ExitStatus  # noqa: F401  (a process's exit status; re-exported)
+from kernel.speculate import KEEPS_ENOUGH
 
 
 class State(str, Enum):
@@ -66,6 +67,7 @@ class Process:
     # speculation (kernel/speculate.py): its file as bytes for the lookups; commit_draft records outcomes
     ngram_hay: bytearray | None = None
     draft_misses: int = 0            # drafts in a row of which nothing was taken
+    drafts_kept: float = KEEPS_ENOUGH   # moving average of the share of its drafts kept (note_outcome)
     drafts_resume: int = 0           # the step from which it may draft again (backing off after misses)
     prediction: tuple = ()           # the caller's guess of its output (spawn's prediction), token ids
     prediction_hay: bytes | None = None   # the prediction as bytes, 4 a token, for the lookups

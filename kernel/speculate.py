@@ -17,7 +17,8 @@ follows them (propose_predicted), and the output is still the model's own.
 It pays where the forward's cost barely grows with the rows it is given (a small batch on the CPU:
 docs/performance.md section 18) and the text repeats its context (editing, extraction, code, a
 quote); a process with no earlier occurrence of its n-gram costs a few searches and nothing else,
-and one whose drafts keep missing drafts less and less often (note_outcome).
+and one whose drafts keep missing drafts less and less often (note_outcome), unless its drafts
+usually pay, when a miss is chance (a draft model's, the simulator's independent drafter).
 """
 from array import array
 
@@ -26,6 +27,9 @@ MAX_DRAFT = 16                       # the most drafts one work may carry (boot'
 MAX_DECODES = 8                      # boot's speculate_batch by default: steps with more decoding processes
                                      # than this speculate for none (this CPU's measure, docs/performance.md 18)
 MAX_BACKOFF = 64                     # the most steps a process waits to draft again after drafts it missed
+KEPT_WEIGHT = 0.25                   # the weight of the latest draft in a process's average share kept
+KEEPS_ENOUGH = 0.1                   # an average share kept from which a draft that kept nothing is chance
+                                     # (about where four drafts stop paying on the CPU: docs/simulator.md)
 
 
 def may_draft(proc, step: int) -> bool:
@@ -33,12 +37,18 @@ def may_draft(proc, step: int) -> bool:
     return step >= proc.drafts_resume
 
 
-def note_outcome(proc, taken: int, step: int) -> None:
-    """After a draft of which `taken` tokens were kept: a process whose drafts keep missing (text
-    that does not repeat its context) waits 2, 4, ... up to MAX_BACKOFF steps before the next one,
-    so that it stops paying for rows nobody keeps; one taken resets it."""
+def note_outcome(proc, taken: int, drafted: int, step: int) -> None:
+    """After a draft of `drafted` tokens of which `taken` were kept: a process whose drafts keep
+    missing (text that does not repeat its context) waits 2, 4, ... up to MAX_BACKOFF steps before
+    the next one, so that it stops paying for rows nobody keeps; one taken resets it. A process whose
+    average share kept (from 0, KEPT_WEIGHT on the latest) is KEEPS_ENOUGH or more does not wait:
+    its drafts pay, and this miss was chance. The average starts at KEEPS_ENOUGH (Process), so a
+    first draft that keeps nothing still backs off."""
+    proc.drafts_kept += KEPT_WEIGHT * (taken / drafted - proc.drafts_kept)
     if taken:
         proc.draft_misses = 0
+        return
+    if proc.drafts_kept >= KEEPS_ENOUGH:
         return
     proc.draft_misses += 1
     proc.drafts_resume = step + min(2 ** proc.draft_misses, MAX_BACKOFF)

@@ -272,7 +272,7 @@ def commit_draft(kernel, work, drafted: Drafted, now: float) -> tuple:
     if proc.predicted_draft:
         proc.prediction_accepted += taken - 1
         proc.prediction_rejected += len(draft) - (taken - 1)
-    note_outcome(proc, taken - 1, stats.steps)
+    note_outcome(proc, taken - 1, len(draft), stats.steps)
     end_or_go_on(kernel, proc, reason)
     return token, taken
 

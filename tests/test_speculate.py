@@ -41,16 +41,36 @@ def test_propose_grows_its_index_with_the_file_and_ignores_matches_across_tokens
 
 
 def test_a_process_whose_drafts_miss_backs_off():
-    p = SimpleNamespace(draft_misses=0, drafts_resume=0)
+    p = SimpleNamespace(draft_misses=0, drafts_resume=0, drafts_kept=0.0)
     assert may_draft(p, 0)
     waits = []
     for step in range(10, 100, 1):
         if may_draft(p, step):
-            note_outcome(p, 0, step)             # nothing taken
+            note_outcome(p, 0, 4, step)          # nothing taken
             waits.append(p.drafts_resume - step)
     assert waits[:6] == [2, 4, 8, 16, 32, 64]
-    note_outcome(p, 1, 200)                      # one taken: drafts again at once
+    note_outcome(p, 1, 4, 200)                   # one taken: drafts again at once
     assert p.draft_misses == 0 and may_draft(p, 201)
+
+
+def test_a_miss_among_drafts_that_pay_is_chance():
+    """A process whose drafts are mostly kept (average share kept >= KEEPS_ENOUGH) drafts on after
+    one that kept nothing; as misses pile up the average falls and the back-off returns."""
+    from kernel.speculate import KEEPS_ENOUGH
+    p = SimpleNamespace(draft_misses=0, drafts_resume=0, drafts_kept=0.0)
+    for step in range(5):
+        note_outcome(p, 3, 4, step)               # 3 of 4 kept, five times
+    assert p.drafts_kept > KEEPS_ENOUGH
+    note_outcome(p, 0, 4, 5)
+    assert may_draft(p, 6) and p.draft_misses == 0
+    step = 6
+    while True:                                   # misses in a row: the average decays by 3/4 each
+        note_outcome(p, 0, 4, step)
+        if p.drafts_kept < KEEPS_ENOUGH:
+            break
+        assert may_draft(p, step + 1)
+        step += 1
+    assert step > 6 and not may_draft(p, step + 1) and may_draft(p, step + 2)
 
 
 def test_truncate_unmaps_the_pages_past_the_end_and_never_a_named_one():
