@@ -41,9 +41,9 @@ def note_outcome(proc, taken: int, drafted: int, step: int) -> None:
     """After a draft of `drafted` tokens of which `taken` were kept: a process whose drafts keep
     missing (text that does not repeat its context) waits 2, 4, ... up to MAX_BACKOFF steps before
     the next one, so that it stops paying for rows nobody keeps; one taken resets it. A process whose
-    average share kept (from 0, KEPT_WEIGHT on the latest) is KEEPS_ENOUGH or more does not wait:
-    its drafts pay, and this miss was chance. The average starts at KEEPS_ENOUGH (Process), so a
-    first draft that keeps nothing still backs off."""
+    moving average of the share kept (KEPT_WEIGHT on the latest) is KEEPS_ENOUGH or more does not
+    wait: its drafts pay, and this miss was chance. The average starts at KEEPS_ENOUGH (Process), so
+    a first draft that keeps nothing still backs off."""
     proc.drafts_kept += KEPT_WEIGHT * (taken / drafted - proc.drafts_kept)
     if taken:
         proc.draft_misses = 0
