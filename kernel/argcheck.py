@@ -96,7 +96,7 @@ def prompt_tokens(program, prompt, what="prompt", tenant=None, tools=None):
         ids = program.encode(text)
     elif isinstance(prompt, (list, tuple)):
         ids = list(prompt)
-        program.check_tokens(ids)
+        program.check_tokens(ids, what)
     else:
         raise KvosError(EINVAL, f"{what} must be text, a list of token ids or a chat, got {type(prompt).__name__}")
     if not ids:

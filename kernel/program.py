@@ -78,30 +78,31 @@ class Program(ABC):
         piece = self._decoded_bytes[token_id] = self.decode([token_id]).encode()
         return piece
 
-    def check_tokens(self, token_ids) -> None:
+    def check_tokens(self, token_ids, what: str = "prompt") -> None:
         """Refuse a prompt this program cannot run, before it is admitted (the forward pass checks nothing).
 
         EINVAL: empty, not integers, or an id outside the vocabulary. ENOMEM: longer than the context.
+        `what` names the argument that held them in the reason (a prompt, a write's input, a prediction).
         """
         if isinstance(token_ids, torch.Tensor):
             if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool or token_ids.dim() != 1:
-                raise KvosError(EINVAL, f"token ids must be a 1-D integer tensor, got {token_ids.dtype} "
+                raise KvosError(EINVAL, f"{what}: token ids must be a 1-D integer tensor, got {token_ids.dtype} "
                                         f"of shape {tuple(token_ids.shape)}")
             token_ids = token_ids.tolist()
         if not isinstance(token_ids, (list, tuple)):
-            raise KvosError(EINVAL, f"token ids must be a list of integers, got {type(token_ids).__name__}")
+            raise KvosError(EINVAL, f"{what}: token ids must be a list of integers, got {type(token_ids).__name__}")
         if not token_ids:
-            raise KvosError(EINVAL, "empty prompt: a process needs at least one token")
+            raise KvosError(EINVAL, f"empty {what}: it needs at least one token")
         if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in token_ids):
             bad = next(t for t in token_ids if not isinstance(t, Integral) or isinstance(t, bool))
-            raise KvosError(EINVAL, f"token ids must be integers, got {bad!r}")
+            raise KvosError(EINVAL, f"{what}: token ids must be integers, got {bad!r}")
         low, high = min(token_ids), max(token_ids)
         if low < 0 or high >= self.vocab_size:
             bad = low if low < 0 else high
-            raise KvosError(EINVAL, f"token id {bad} is outside the vocabulary of {self.name} "
+            raise KvosError(EINVAL, f"{what}: token id {bad} is outside the vocabulary of {self.name} "
                                     f"(0..{self.vocab_size - 1})")
         if len(token_ids) > self.max_context:
-            raise KvosError(ENOMEM, f"prompt of {len(token_ids)} tokens is longer than the context of "
+            raise KvosError(ENOMEM, f"{what} of {len(token_ids)} tokens is longer than the context of "
                                     f"{self.name} ({self.max_context} tokens)")
 
     # The template's way with tools: None (it takes none), "hermes" (it lists them and the model calls

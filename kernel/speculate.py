@@ -76,7 +76,8 @@ def propose_predicted(proc, k: int) -> tuple:
     hay, tokens = proc.prediction_hay, proc.tokens
     for n in range(min(NGRAM_MAX, proc.turn_generated), 0, -1):
         pattern = array("i", tokens[-n:]).tobytes()
-        for lo in (max(0, proc.prediction_at - n), 0):
+        resume = max(0, proc.prediction_at - n)
+        for lo in (resume, 0) if resume else (0,):
             at = _find_token(hay, pattern, 4 * lo)
             if at >= 0 and at + n < len(prediction):
                 proc.prediction_at = at + n

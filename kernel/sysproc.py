@@ -60,11 +60,7 @@ def spawn_prepare(kernel, caller, tid, prompt, *, priority=0, shm=None, interact
     if prediction is not None:           # text or token ids, like a prompt (not a chat), tokenized here
         if is_chat(prediction):
             raise KvosError(EINVAL, "prediction is text or token ids, not a chat")
-        try:
-            prediction = prompt_tokens(tenant.program, prediction, "prediction", tenant=tenant)
-        except KvosError as err:         # token ids name no field: say which argument held them
-            raise KvosError(err.errno, err.reason if "prediction" in err.reason else
-                            f"prediction: {err.reason}") from None
+        prediction = prompt_tokens(tenant.program, prediction, "prediction", tenant=tenant)
         check_fits(kernel, tenant, len(prediction), "prediction")
     return dict(tenant=tenant, ids=ids, params=params, stops=StopSet(params.stop) if params.stop else None,
                 constraint=_constraint(kernel, tenant, params), priority=priority, shm=shm, interactive=interactive,

@@ -141,7 +141,7 @@ def sys_detokenize(kernel, caller, tid, token_ids):
     tenant = tenant_of(kernel, caller, tid)
     if isinstance(token_ids, (list, tuple)) and not token_ids:
         return ""
-    tenant.program.check_tokens(token_ids)
+    tenant.program.check_tokens(token_ids, "token_ids")
     return tenant.program.decode(list(token_ids))
 
 

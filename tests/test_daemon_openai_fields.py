@@ -11,7 +11,7 @@ import openai
 import pytest
 
 import kernel
-from tests.helpers.openai_server import MODEL, client_of, serving
+from tests.helpers.openai_server import MODEL, client_fixture, server_fixture
 from tests.helpers.schemas import PERSON, assert_valid
 
 KEY, ROOT, TOOLS_KEY = "fields-key-for-tests", "fields-root-for-tests", "tools-key-for-tests"
@@ -19,16 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 pytest.importorskip("llguidance")
 
 
-@pytest.fixture(scope="module")
-def server(one_thread):
-    with serving(KEY, TOOLS_KEY, ROOT) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with client_of(server, KEY) as c:
-        yield c
+server = server_fixture(KEY, TOOLS_KEY, ROOT)
+client = client_fixture(KEY)
 
 
 CHAT = [{"role": "user", "content": "Tell me about a person."}]

@@ -5,23 +5,15 @@ import openai
 import pytest
 
 import kernel
-from tests.helpers.openai_server import MODEL, client_of, serving
+from tests.helpers.openai_server import MODEL, client_fixture, server_fixture
 
 KEY, ROOT, TOOLS_KEY = "prompts-key-for-tests", "prompts-root-for-tests", "prompts-tools-key-for-tests"
 CHAT = [{"role": "user", "content": "Tell me about a person."}]
 pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def server(one_thread):
-    with serving(KEY, TOOLS_KEY, ROOT) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with client_of(server, KEY) as c:
-        yield c
+server = server_fixture(KEY, TOOLS_KEY, ROOT)
+client = client_fixture(KEY)
 
 
 def test_echo_with_logprobs_scores_the_prompt_as_the_kernel_does(client):

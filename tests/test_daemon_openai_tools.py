@@ -8,23 +8,15 @@ import openai
 import pytest
 
 from kernel.errors import KvosError
-from tests.helpers.openai_server import client_of, serving
-from tests.helpers.schemas import assert_valid
+from tests.helpers.openai_server import client_fixture, server_fixture
+from tests.helpers.schemas import WEATHER, assert_valid
 
 KEY, ROOT, TOOLS_KEY = "calls-key-for-tests", "calls-root-for-tests", "calls-tools-key-for-tests"
 pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 pytest.importorskip("llguidance")
 
+server = server_fixture(KEY, TOOLS_KEY, ROOT)
 
-@pytest.fixture(scope="module")
-def server(one_thread):
-    with serving(KEY, TOOLS_KEY, ROOT) as srv:
-        yield srv
-
-
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
-                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-           "required": ["city", "days"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast",
                                            "parameters": WEATHER}},
          {"type": "function", "function": {"name": "get_time", "parameters": {
@@ -33,10 +25,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def tools_client(server):
-    with client_of(server, TOOLS_KEY) as c:
-        yield c
+tools_client = client_fixture(TOOLS_KEY, "tools_client")
 
 
 @pytest.mark.parametrize("seed", range(3))

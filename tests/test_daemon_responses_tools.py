@@ -7,23 +7,15 @@ import json
 import openai
 import pytest
 
-from tests.helpers.openai_server import client_of, serving
-from tests.helpers.schemas import assert_valid
+from tests.helpers.openai_server import client_fixture, server_fixture
+from tests.helpers.schemas import WEATHER, assert_valid
 
 KEY, ROOT, TOOLS_KEY = "rtools-key-for-tests", "rtools-root-for-tests", "rtools-tools-key-for-tests"
 pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 pytest.importorskip("llguidance")
 
+server = server_fixture(KEY, TOOLS_KEY, ROOT)
 
-@pytest.fixture(scope="module")
-def server(one_thread):
-    with serving(KEY, TOOLS_KEY, ROOT) as srv:
-        yield srv
-
-
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
-                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-           "required": ["city", "days"], "additionalProperties": False}
 TOOLS = [{"type": "function", "name": "get_weather", "description": "The forecast", "parameters": WEATHER},
          {"type": "function", "name": "get_time", "parameters": {
              "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
@@ -32,10 +24,7 @@ CHAT_TOOLS = [{"type": "function", "function": {k: v for k, v in t.items() if k 
 ASK = "What is the weather in Paris?"
 
 
-@pytest.fixture(scope="module")
-def tools_client(server):
-    with client_of(server, TOOLS_KEY) as c:
-        yield c
+tools_client = client_fixture(TOOLS_KEY, "tools_client")
 
 
 def test_a_forced_call_is_a_function_call_item_streamed_or_not(tools_client, server):

@@ -4,6 +4,7 @@ when it stops."""
 from contextlib import contextmanager
 
 import openai
+import pytest
 
 from tests.helpers import tiny_tools
 from userspace.daemon.config import DaemonConfig, TenantSpec
@@ -33,3 +34,21 @@ def client_of(srv, key: str):
         yield c
     finally:
         c.close()
+
+
+def server_fixture(key: str, tools_key: str, root_key: str):
+    """A module-scoped `server` fixture serving(key, tools_key, root_key) for a test module."""
+    @pytest.fixture(scope="module")
+    def server(one_thread):
+        with serving(key, tools_key, root_key) as srv:
+            yield srv
+    return server
+
+
+def client_fixture(key: str, name: str = "client"):
+    """A module-scoped fixture (named `name`) of an openai client with `key` on the module's server."""
+    @pytest.fixture(scope="module", name=name)
+    def client(server):
+        with client_of(server, key) as c:
+            yield c
+    return client

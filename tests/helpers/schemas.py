@@ -20,3 +20,8 @@ def assert_valid(schema: dict, value) -> None:
     jsonschema_rs = pytest.importorskip("jsonschema_rs")
     errors = [e.message for e in jsonschema_rs.validator_for(schema).iter_errors(value)]
     assert not errors, (value, errors)
+
+# A tool's parameters (the tool-call tests): small bounds, so a call's JSON is short.
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}

@@ -176,10 +176,7 @@ def prediction_text(prediction: dict) -> str:
         raise KvosError(EINVAL, "prediction must be {'type': 'content', 'content': text or a list of text parts}")
     content = prediction["content"]
     if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise KvosError(EINVAL, "prediction.content: only text parts are supported")
-        content = "".join(p["text"] for p in content)
+        content = text_of_parts(content, "prediction.content")
     if not isinstance(content, str) or not content:
         raise KvosError(EINVAL, "prediction.content must be non-empty text or a list of text parts")
     return content
@@ -240,15 +237,21 @@ def chat_messages(req: ChatRequest) -> list:
                 raise KvosError(EINVAL, f"messages.{i}.{key} {UNSUPPORTED}")
         content = m.content
         if isinstance(content, list):
-            if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
-                raise KvosError(EINVAL, f"messages.{i}.content: only text parts are supported")
-            content = "".join(part["text"] for part in content)
+            content = text_of_parts(content, f"messages.{i}.content")
         message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.name is not None:
             message["name"] = m.name
         message.update(openai_tools.history(extra, i))
         out.append(message)
     return out
+
+
+def text_of_parts(parts: list, where: str, kinds=("text",)) -> str:
+    """The text of a content given as parts ({"type": one of kinds, "text": ...}); EINVAL naming
+    `where` if any part is something else (an image, audio)."""
+    if not all(isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str) for p in parts):
+        raise KvosError(EINVAL, f"{where}: only text parts ({', '.join(kinds)}) are supported")
+    return "".join(p["text"] for p in parts)
 
 
 def completion_prompts(req: CompletionRequest) -> list:

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from kernel.errors import EINVAL, ENOENT, KvosError
 from kernel.results import ExitStatus
 from userspace.daemon import logprobs_shapes, openai_tools, waiting
-from userspace.daemon.openai_requests import STRICT, json_schema, parse
+from userspace.daemon.openai_requests import STRICT, json_schema, parse, text_of_parts
 from userspace.daemon.openai_response_events import item_events, message_opening
 from userspace.daemon.openai_response_tools import add_input_item, chat_shape, message_item, output_items
 from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, release
@@ -107,10 +107,7 @@ def messages_of(req: ResponsesRequest) -> list:
         if role not in ("user", "system", "developer", "assistant"):
             raise KvosError(EINVAL, f"input.{i}.role must be user, system, developer or assistant, got {role!r}")
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") in ("input_text", "output_text", "text")
-                       and isinstance(p.get("text"), str) for p in content):
-                raise KvosError(EINVAL, f"input.{i}.content: only text parts (input_text, output_text) are supported")
-            content = "".join(p["text"] for p in content)
+            content = text_of_parts(content, f"input.{i}.content", ("input_text", "output_text", "text"))
         if not isinstance(content, str):
             raise KvosError(EINVAL, f"input.{i}.content must be a string or a list of text parts")
         out.append({"role": "system" if role == "developer" else role, "content": content})
@@ -218,7 +215,7 @@ class ResponsesAPI:
             changed = [k for k in PARAMS if asked[k] != entry.params[k]]
             if changed:
                 raise KvosError(EINVAL, f"{changed[0]} differs from the conversation's ({entry.params[changed[0]]!r}): "
-                                        f"a continuation keeps its first turn's sampling parameters")
+                                        f"a continuation keeps its first turn's parameters")
             pid, cached = await anyio.to_thread.run_sync(_branch, handle, entry.pid, messages)
         rid = f"resp_{self.daemon.nonce}{pid}"
         run = Launch(handle, tenant, [pid], [0], time.monotonic())
