@@ -27,3 +27,28 @@ def chat_continuation(program, messages: list) -> tuple[list, list]:
         raise KvosError(EINVAL, f"{program.name}'s chat template does not extend a conversation by appending")
     closing = program.encode(head[head.index(_REPLY) + len(_REPLY):])
     return closing, program.encode(full[len(head):])
+
+
+_OPEN = "kvos-anchor-open-final-message"
+
+
+def open_final_message_text(program, messages: list, tools=None) -> str:
+    """The chat in its template with its last message left open (vLLM's and transformers'
+    continue_final_message): the text ends with that message's content, as given, and the model
+    continues it (an assistant reply begun by the caller, "prefilling" it).
+
+    The template renders the chat with an anchor as the last content and no generation prompt; the
+    text before the anchor, then the content, is the prompt. An anchor rather than a search for the
+    content itself: an empty content, or one that also occurs earlier, still cuts in the right place."""
+    render = getattr(program, "render_chat", None)
+    if render is None:
+        raise KvosError(EINVAL, f"{program.name} has no chat template to continue a message with")
+    last = dict(messages[-1])
+    content, last["content"] = last["content"], _OPEN
+    anchored = list(messages[:-1]) + [last]
+    text = render(anchored, add_generation_prompt=False, tools=tools) if tools else \
+        render(anchored, add_generation_prompt=False)
+    if text.count(_OPEN) != 1:
+        raise KvosError(EINVAL, f"{program.name}'s chat template does not show the final message's content "
+                                f"as given, so it cannot be continued")
+    return text[:text.index(_OPEN)] + content

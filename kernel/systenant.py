@@ -21,6 +21,7 @@ from kernel.argcheck import (
     segment_of,
     tenant_of,
 )
+from kernel.chat import open_final_message_text
 from kernel.errors import EINVAL, ENOMEM, ESRCH, KvosError
 from kernel.results import TenantInfo
 from kernel.systable import syscall
@@ -119,15 +120,27 @@ def _has_template(program) -> bool:
 
 # -- text (no kernel lock: the caller's work) ------------------------------------------------------------------
 @syscall("tokenize", locked=False)
-def sys_tokenize(kernel, caller, tid, prompt, add_generation_prompt=True, tools=None):
+def sys_tokenize(kernel, caller, tid, prompt, add_generation_prompt=True, tools=None, continue_final_message=False):
     """Token ids of text, or of a chat (list of {role, content}) in the model's template, as spawn
     would run them (add_generation_prompt applies to chats; tools=[...] are given to the chat's
-    template, as spawn gives them). Runs without the kernel lock. -> [int]"""
+    template, as spawn gives them). continue_final_message=True (with add_generation_prompt=False)
+    leaves the chat's last message open, its content the end of the text, for the model to continue.
+    Runs without the kernel lock. -> [int]"""
     tenant = tenant_of(kernel, caller, tid)
-    if not isinstance(add_generation_prompt, bool):
-        raise KvosError(EINVAL, f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
+    for name, value in (("add_generation_prompt", add_generation_prompt),
+                        ("continue_final_message", continue_final_message)):
+        if not isinstance(value, bool):
+            raise KvosError(EINVAL, f"{name} must be True or False, got {value!r}")
+    if continue_final_message:
+        if not is_chat(prompt):
+            raise KvosError(EINVAL, "continue_final_message goes with a chat prompt (a list of messages)")
+        if add_generation_prompt:
+            raise KvosError(EINVAL, "continue_final_message and add_generation_prompt cannot both be true: "
+                                    "the final message is either continued or followed by the model's turn")
     if is_chat(prompt) and not add_generation_prompt:
         prompt_tokens(tenant.program, prompt, tools=tools)     # validates the messages and the tools
+        if continue_final_message:
+            return list(tenant.program.encode(open_final_message_text(tenant.program, list(prompt), tools)))
         return list(tenant.program.apply_chat_template(list(prompt), add_generation_prompt=False, tools=tools))
     if isinstance(prompt, str) and not prompt and tools is None:
         return []

@@ -1,6 +1,7 @@
 """The prompt's side of the OpenAI API, through the unmodified openai client against kvosd on
 tiny-llama: echo with logprobs (what evaluation harnesses send), vLLM's prompt_logprobs in its own
-shape and truncate_prompt_tokens, each against the kernel's own answer."""
+shape, truncate_prompt_tokens and the chat template's add_generation_prompt and
+continue_final_message, each against the kernel's own answer."""
 import openai
 import pytest
 
@@ -137,4 +138,35 @@ def test_truncate_prompt_tokens_keeps_the_prompt_s_end(client, server):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(prompt=text, **{**kw, "extra_body": {"truncate_prompt_tokens": bad}})
         assert "truncate_prompt_tokens must be at least 1" in err.value.body["message"]
+    assert server.daemon.root.meminfo().mapped == 0
+
+
+def test_a_chat_s_template_options_run_the_ids_tokenize_gives(client, server):
+    """add_generation_prompt=false and continue_final_message=true (vLLM's): the reply is the one the
+    tokenize syscall's ids give as a completion's prompt; a continued message's text ends the prompt."""
+    k = kernel.boot(memory="8MiB", threads=1)
+    root = k.syscalls()
+    tid = root.spawn_tenant(MODEL)
+    begun = CHAT + [{"role": "assistant", "content": "Her name is"}]
+    kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    for messages, options in ((CHAT, {"add_generation_prompt": False}),
+                              (begun, {"add_generation_prompt": False, "continue_final_message": True})):
+        ids = root.tokenize(tid, messages, **options)
+        reply = client.chat.completions.create(messages=messages, **{**kw, "extra_body": {**kw["extra_body"],
+                                                                                          **options}})
+        assert reply.usage.prompt_tokens == len(ids)
+        assert reply.choices[0].message.content == client.completions.create(prompt=ids, **kw).choices[0].text
+        tokenized = client.post("/../tokenize", cast_to=object, body={"messages": messages, **options})
+        assert tokenized["tokens"] == ids
+    assert root.detokenize(tid, root.tokenize(tid, begun, add_generation_prompt=False,
+                                              continue_final_message=True)).endswith("assistant\nHer name is")
+    beams = client.chat.completions.create(messages=begun, n=2, model=MODEL, max_tokens=3, temperature=0, extra_body={
+        "use_beam_search": True, "add_generation_prompt": False, "continue_final_message": True})
+    assert len(beams.choices) == 2
+    with pytest.raises(openai.BadRequestError) as err:          # the final message continued and closed: no
+        client.chat.completions.create(messages=begun, **{**kw, "extra_body": {"continue_final_message": True}})
+    assert "continue_final_message needs add_generation_prompt: false" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:          # chat's fields, not completions'
+        client.completions.create(prompt="Hi", **{**kw, "extra_body": {"add_generation_prompt": False}})
+    assert "add_generation_prompt is not supported" in err.value.body["message"]
     assert server.daemon.root.meminfo().mapped == 0

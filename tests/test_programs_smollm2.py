@@ -85,6 +85,16 @@ def test_tokenizer_matches_hf(program, hf):
     assert program.vocab_size == 49152 and program.eos_token_ids == frozenset({2})
 
 
+def test_a_continued_final_message_matches_hf(program, hf):
+    """continue_final_message (the tokenize syscall's, kvosd's): transformers' ids for the same chat."""
+    from kernel.chat import open_final_message_text
+    tok, _ = hf
+    for content in ("The best fruit is", "Sure: ", "", CHATS[0][0]["content"]):
+        chat = CHATS[0] + [{"role": "assistant", "content": content}]
+        want = list(tok.apply_chat_template(chat, continue_final_message=True, tokenize=True)["input_ids"])
+        assert program.encode(open_final_message_text(program, chat)) == want, content
+
+
 def test_model_facts(program):
     c = program.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 9, 3, 64)

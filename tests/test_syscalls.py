@@ -109,6 +109,17 @@ def test_tokenize_and_detokenize(door):
     with_prompt, without = alice.tokenize(alice.tid, chat), alice.tokenize(alice.tid, chat, add_generation_prompt=False)
     assert with_prompt[:len(without)] == without and len(with_prompt) > len(without)
     assert alice.tokenize(alice.tid, "") == [] and alice.detokenize(alice.tid, []) == ""
+    # continue_final_message: the chat's text ends with its last message's content, left open for the model.
+    for content in ("Sure, here", "", "Hi"):       # empty, and equal to an earlier message's content
+        begun = chat + [{"role": "assistant", "content": content}]
+        left_open = alice.tokenize(alice.tid, begun, add_generation_prompt=False, continue_final_message=True)
+        closed = alice.tokenize(alice.tid, begun, add_generation_prompt=False)
+        text, whole = alice.detokenize(alice.tid, left_open), alice.detokenize(alice.tid, closed)
+        assert whole.startswith(text) and len(text) < len(whole) and text.endswith(content)
+        assert text.count("Hi") == 1 + (content == "Hi")
+    refused("EINVAL", alice.tokenize, alice.tid, chat, continue_final_message=True)      # and a generation prompt
+    refused("EINVAL", alice.tokenize, alice.tid, "text", add_generation_prompt=False, continue_final_message=True)
+    refused("EINVAL", alice.tokenize, alice.tid, chat, add_generation_prompt=False, continue_final_message=1)
     refused("EINVAL", alice.detokenize, alice.tid, [10_000])
     refused("EPERM", alice.tokenize, alice.tid + 1, "x")          # bob's
     assert root.tokenize(alice.tid, "Hello, world!") == ids

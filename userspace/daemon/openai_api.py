@@ -135,8 +135,11 @@ class OpenAIAPI:
         tools = None              # the tools whose calls this request's replies may hold
         if endpoint == "chat" and openai_tools.check(req.tools, req.tool_choice) is not None:
             tools = req.tools
-        if req.truncate_prompt_tokens is not None:
-            prompts = await anyio.to_thread.run_sync(truncated, handle, tid, prompts, req.truncate_prompt_tokens, tools)
+        template = req.template_options() if endpoint == "chat" else {}
+        as_ids = req.truncate_prompt_tokens is not None or bool(template)    # tokenized here, then spawned as ids
+        if as_ids:
+            prompts = await anyio.to_thread.run_sync(tokenized, handle, tid, prompts, req.truncate_prompt_tokens,
+                                                     tools, template)
         if req.use_beam_search:
             return await self.beams.serve(request, handle, tid, tenant, req, prompts, endpoint)
         params = sampling_params(req)
@@ -149,8 +152,8 @@ class OpenAIAPI:
         if tools is not None:
             info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
             params.update(openai_tools.spawn_keys(info, req.tools, req.tool_choice, params))
-            if req.truncate_prompt_tokens is not None:
-                del params["tools"]               # the truncated ids already hold the template's tools
+            if as_ids:
+                del params["tools"]               # the ids already hold the template's tools
         run = await anyio.to_thread.run_sync(launch, handle, tid, tenant, prompts, req.n,
                                              params)
         meta = {"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{self.daemon.nonce}-{run.pids[0]}",
@@ -280,13 +283,15 @@ class OpenAIAPI:
         yield "data: [DONE]\n\n"
 
 
-def truncated(handle, tid, prompts: list, keep: int, tools) -> list:
-    """Each prompt as token ids (a chat in its template, with the tools it is given), only its last
-    `keep` (vLLM's truncate_prompt_tokens: -1 keeps the model's context). Tokenized here, in the
-    request's worker thread: tokenizing is the caller's work."""
+def tokenized(handle, tid, prompts: list, keep: int | None, tools, template: dict) -> list:
+    """Each prompt as token ids (a chat in its template, with the tools it is given and the template
+    options of `template`: add_generation_prompt, continue_final_message), only its last `keep` where
+    keep is given (vLLM's truncate_prompt_tokens: -1 keeps the model's context). Tokenized here, in
+    the request's worker thread: tokenizing is the caller's work."""
     if keep == -1:
         keep = handle.tenantinfo(tid).max_context
-    return [handle.tokenize(tid, prompt, tools=tools)[-keep:] for prompt in prompts]
+    ids = [handle.tokenize(tid, prompt, tools=tools, **template) for prompt in prompts]
+    return ids if keep is None else [p[-keep:] for p in ids]
 
 
 def _whole(reads, tools, reason):

@@ -31,7 +31,8 @@ MAX_WIDTH = 20                # a beam's candidates are its top logprobs, at mos
 # Fields a beam search takes besides the prompt: the rest must stay at their defaults.
 TAKES = frozenset({"model", "messages", "prompt", "n", "max_tokens", "max_completion_tokens", "ignore_eos",
                    "stop_token_ids", "length_penalty", "use_beam_search", "return_token_ids", "best_of",
-                   "temperature", "stream", "stream_options", "truncate_prompt_tokens"})
+                   "temperature", "stream", "stream_options", "truncate_prompt_tokens",
+                   "add_generation_prompt", "continue_final_message"})
 
 
 def check(req) -> None:

@@ -24,8 +24,8 @@ OFF_VALUES = {"functions": ([],), "function_call": ("none", "auto"), "modalities
               "verbosity": (),
               # vLLM's extensions that some clients send at vLLM's defaults, which are what kvosd does
               "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
-              "add_generation_prompt": (True,),
-              "continue_final_message": (False,)}
+              # chat's own fields (ChatRequest), which some clients also send to completions
+              "add_generation_prompt": (True,), "continue_final_message": (False,)}
 MAX_LOGPROBS = 20             # top_logprobs (chat) and logprobs (completions): as the kernel (OpenAI: 20 and 5)
 
 
@@ -90,6 +90,15 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+    add_generation_prompt: bool = True      # as vLLM: the template opens the assistant's turn
+    continue_final_message: bool = False    # as vLLM: the last message is left open, the model continues it
+
+    def template_options(self) -> dict:
+        """The tokenize syscall's chat options where they are not its defaults (then kvosd tokenizes)."""
+        if self.add_generation_prompt and not self.continue_final_message:
+            return {}
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
 
 
 class CompletionRequest(Sampling):
@@ -126,6 +135,9 @@ def parse(model_cls, body: dict, ignored=IGNORED, off_values=None):
         raise KvosError(EINVAL, f"best_of other than n {UNSUPPORTED}")
     if model_cls is ChatRequest:
         openai_tools.check(req.tools, req.tool_choice)
+        if req.continue_final_message and req.add_generation_prompt:
+            raise KvosError(EINVAL, "continue_final_message needs add_generation_prompt: false (as vLLM): "
+                                    "the final message is either continued or followed by the model's turn")
         if req.top_logprobs is not None and not req.logprobs:
             raise KvosError(EINVAL, "top_logprobs needs logprobs: true")
     return req

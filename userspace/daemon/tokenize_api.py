@@ -60,7 +60,7 @@ def _parse(model_cls, body: dict):
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "body"
         raise KvosError(EINVAL, f"{where}: {first['msg']}") from None
-    for field in ("add_special_tokens", "return_token_strs", "continue_final_message"):
+    for field in ("add_special_tokens", "return_token_strs"):
         if getattr(req, field, False):            # what kvos runs never has them: refused, not ignored
             raise KvosError(EINVAL, f"{field}=true {UNSUPPORTED} (text prompts run without added special "
                                     f"tokens, and token strings are not kept)")
@@ -92,7 +92,7 @@ class TokenizeAPI:
             handle, tid = self._tenant(who, req.model)
             if isinstance(req, TokenizeChatRequest):
                 ids = handle.tokenize(tid, chat_messages(req), add_generation_prompt=req.add_generation_prompt,
-                                      tools=req.tools)
+                                      continue_final_message=req.continue_final_message, tools=req.tools)
             else:
                 ids = handle.tokenize(tid, req.prompt)
             return ids, handle.tenantinfo(tid).max_context
