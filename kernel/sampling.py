@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import TYPE_CHECKING
 
+from kernel import bad_words
 from kernel.argcheck import MAX_SCHEMA_BYTES
 from kernel.errors import EINVAL, KvosError
 from kernel.output import check_stop_strings
@@ -48,6 +49,7 @@ class SamplingParams:
     presence_penalty: float = 0.0   # in [-2, 2]: minus this if the process generated the token at all
     logit_bias: tuple = ()          # (token id, bias in [-100, 100]) pairs added to its logits before each draw
     allowed_token_ids: tuple = ()   # if any: the only tokens it may draw (vLLM's name), sorted
+    bad_words_ids: tuple = ()       # token sequences the output never completes (kernel/bad_words.py)
     min_tokens: int = 0             # no EOS, stop token or stop string ends a turn before this many new tokens
     json_schema: str | None = None  # the output is one JSON value valid under this JSON Schema (a dict, kept as text)
     grammar: str | None = None      # or: the output is a sentence of this grammar (Lark, as llguidance reads it)
@@ -66,6 +68,7 @@ class SamplingParams:
         if isinstance(self.allowed_token_ids, (list, tuple)) and all(
                 isinstance(t, Integral) and not isinstance(t, bool) for t in self.allowed_token_ids):
             object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(int(t) for t in self.allowed_token_ids))))
+        object.__setattr__(self, "bad_words_ids", bad_words.normalise(self.bad_words_ids))
         self.validate()
 
     @property
@@ -75,7 +78,7 @@ class SamplingParams:
     @property
     def biased(self) -> bool:
         """Whether its draws see more than the model's logits shaped by grammar and penalties."""
-        return bool(self.logit_bias) or self.min_tokens > 0 or bool(self.allowed_token_ids)
+        return bool(self.logit_bias) or self.min_tokens > 0 or bool(self.allowed_token_ids) or bool(self.bad_words_ids)
 
     @property
     def penalized(self) -> bool:
@@ -130,6 +133,10 @@ class SamplingParams:
         if self.allowed_token_ids and (self.json_schema is not None or self.grammar is not None or self.min_tokens):
             # either could leave a draw nothing to take: the grammar's tokens or the banned ends outside the set
             raise KvosError(EINVAL, "allowed_token_ids cannot be combined with json_schema, grammar or min_tokens")
+        if self.bad_words_ids and (self.json_schema is not None or self.grammar is not None
+                                   or self.allowed_token_ids):
+            # a grammar or the set might allow only the banned token: the draw would have nothing
+            raise KvosError(EINVAL, "bad_words_ids cannot be combined with json_schema, grammar or allowed_token_ids")
         if not isinstance(self.stop_token_ids, tuple):
             raise KvosError(EINVAL, f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
@@ -148,6 +155,7 @@ class SamplingParams:
         if self.allowed_token_ids and self.allowed_token_ids[-1] >= vocab_size:
             raise KvosError(EINVAL, f"allowed_token_ids: token id {self.allowed_token_ids[-1]} is outside the "
                                     f"vocabulary (0..{vocab_size - 1})")
+        bad_words.check_vocab(self.bad_words_ids, vocab_size)
         for key in ("logprobs", "prompt_logprobs"):
             k = getattr(self, key)
             if k is not None and k > vocab_size:
@@ -257,7 +265,8 @@ def sample(logits: torch.Tensor, params_list: list, generators: list, histories:
     Row i follows params_list[i] and draws only from generators[i]. Before temperature, in vLLM's
     order: allowed[i] (a bool (vocab,) mask of the tokens a grammar allows) and the row's
     allowed_token_ids, the row's logit_bias,
-    banned[i] (token ids it may not draw yet: its stop tokens under min_tokens), then the penalties
+    banned[i] (token ids it may not draw now: its stop tokens under min_tokens, its bad words' ends),
+    then the penalties
     from histories[i] (a TokenHistory, for penalized rows). The arithmetic is row-wise, so a row's
     token does not depend on the other rows.
     """

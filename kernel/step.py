@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from kernel.bad_words import banned_next
 from kernel.batch import host_batch, to_device
 from kernel.devices.base import DeviceLost
 from kernel.errors import KernelPanic, KvosError
@@ -164,12 +165,20 @@ def sample_rows(works, logits) -> dict:
         return out
     histories = [history_of(p) if p.params.penalized else None for p in drawing]
     allowed = [None if p.constraint is None else p.constraint.allowed() for p in drawing]
-    banned = [_stops_before_min(p) for p in drawing]
+    banned = [_banned(p) for p in drawing]
     tokens = sample(x, params, generators, histories, allowed, banned).tolist()
     entries = drawn_logprobs(x, drawing, tokens)
     for j, (p, t) in enumerate(zip(drawing, tokens)):
         out[p.pid] = (t, entries.get(j))
     return out
+
+
+def _banned(proc) -> tuple:
+    """What the process's next draw may not be: its turn's ends under min_tokens, its bad words' ends."""
+    words = proc.params.bad_words_ids
+    if not words:
+        return _stops_before_min(proc)
+    return _stops_before_min(proc) + banned_next(words, proc.tokens, proc.turn_generated)
 
 
 def _stops_before_min(proc) -> tuple:

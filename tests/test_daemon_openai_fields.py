@@ -161,6 +161,24 @@ def test_allowed_token_ids_equal_the_kernel(client):
     assert reply.choices[0].model_extra["token_ids"] == want.tokens and set(want.tokens) <= set(ids)
 
 
+def test_bad_words_equal_the_kernel_s_bad_words_ids(client):
+    """vLLM's bad_words: kvosd spells each word alone and after a space (libc.bad_words) and the
+    kernel bans the sequences; the reply holds none of the words."""
+    from userspace.libc.bad_words import bad_words_ids
+    k = kernel.boot(memory="8MiB", threads=1)
+    root = k.syscalls()
+    tid = root.spawn_tenant(MODEL)
+    greedy = dict(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = root.wait(root.spawn(tid, "Hello", **greedy))
+    words = [w for w in plain.text.split() if w.isalpha()][:2]
+    assert words, plain.text
+    want = root.wait(root.spawn(tid, "Hello", bad_words_ids=bad_words_ids(root, tid, words), **greedy))
+    reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=16, temperature=0,
+                                      extra_body={"bad_words": words, "ignore_eos": True, "return_token_ids": True})
+    assert reply.choices[0].model_extra["token_ids"] == want.tokens != plain.tokens
+    assert not any(f" {w} " in f" {reply.choices[0].text} " for w in words)
+
+
 def test_logit_bias_and_min_tokens_equal_the_kernel_over_both_doors(client, server):
     from userspace.daemon.client import Client
     k = kernel.boot(memory="8MiB", threads=1)
@@ -209,6 +227,9 @@ def test_logit_bias_and_min_tokens_equal_the_kernel_over_both_doors(client, serv
     ({"min_tokens": 1, "response_format": {"type": "json_object"}}, "min_tokens cannot be combined"),
     ({"allowed_token_ids": [99999]}, "allowed_token_ids: token id 99999 is outside the vocabulary"),
     ({"allowed_token_ids": [5], "structured_outputs": {"regex": "a+"}}, "allowed_token_ids cannot be combined"),
+    ({"bad_words": ["ok", ""]}, "bad_words must be a list of non-empty words"),
+    ({"bad_words": ["ok"], "allowed_token_ids": [5]}, "bad_words_ids cannot be combined"),
+    ({"bad_words": ["ok"], "use_beam_search": True}, "bad_words with use_beam_search is not supported"),
     ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex: "),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "give exactly one of structured_outputs.json,"),
     ({"structured_outputs": {}}, "give exactly one of structured_outputs.json,"),

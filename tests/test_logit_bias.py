@@ -1,4 +1,5 @@
-"""logit_bias, min_tokens and allowed_token_ids: validation, the arithmetic of one draw against a plain reference, and
+"""logit_bias, min_tokens, allowed_token_ids and bad_words_ids: validation, the arithmetic of one draw against a
+plain reference, and
 whole processes on tiny-llama (banned and forced tokens, turns that may not end early), in process
 and through kvosd's OpenAI API alike."""
 import math
@@ -32,6 +33,15 @@ PROMPT = [5, 17, 99, 230, 41, 8]
     ({"min_tokens": 2.0}, "min_tokens must be an integer"),
     ({"min_tokens": 9, "max_tokens": 8}, "min_tokens 9 exceeds max_tokens 8"),
     ({"min_tokens": 1, "json_schema": {"type": "object"}}, "min_tokens cannot be combined"),
+    ({"bad_words_ids": [5]}, "bad_words_ids must be a list of token id lists"),
+    ({"bad_words_ids": "5"}, "bad_words_ids must be a list of token id lists"),
+    ({"bad_words_ids": [[]]}, "a bad_words_ids sequence has 1 to 32 token ids, got 0"),
+    ({"bad_words_ids": [list(range(33))]}, "a bad_words_ids sequence has 1 to 32 token ids, got 33"),
+    ({"bad_words_ids": [[1, -2]]}, r"bad_words_ids: \[1, -2\] is not a list of token ids"),
+    ({"bad_words_ids": [[1, True]]}, "is not a list of token ids"),
+    ({"bad_words_ids": [[i] for i in range(257)]}, "bad_words_ids may have at most 256 sequences"),
+    ({"bad_words_ids": [[1]], "grammar": "start: \"a\""}, "bad_words_ids cannot be combined"),
+    ({"bad_words_ids": [[1]], "allowed_token_ids": [1, 2]}, "bad_words_ids cannot be combined"),
 ])
 def test_validation(kwargs, match):
     with pytest.raises(KvosError, match=f"^EINVAL: .*{match}"):
@@ -167,3 +177,52 @@ def test_allowed_token_ids_are_the_only_tokens_drawn():
         with pytest.raises(KvosError, match=match):
             sys.spawn(tid, [5, 6, 7], max_tokens=4, **bad)
     assert_all_memory_back(k)
+
+
+def test_bad_words_ids_are_begun_but_never_finished(tiny):
+    """A sequence's last token is banned exactly where the turn's output ends with the rest of it
+    (checked draw by draw against the model's own ranking, which logprobs report unmasked); a
+    one-token sequence is never drawn; speculation (drafts holding the bad words) and a fork draw
+    the same tokens."""
+    from kernel.bad_words import banned_next
+    k, root, tid = tiny
+    greedy = dict(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = root.wait(root.spawn(tid, PROMPT, **greedy)).tokens
+    words = [plain[3:5], [plain[8]], [plain[0], 9, 9]]
+    pid = root.spawn(tid, PROMPT, bad_words_ids=words, logprobs=20, **greedy)
+    entries = root.read(pid, timeout=30).logprobs
+    got = root.wait(pid).tokens
+    assert got[:4] == plain[:4] and got[4] != plain[4]                # begun, then turned away from
+    for n, (token, entry) in enumerate(zip(got, entries)):
+        ban = set(banned_next(tuple(map(tuple, words)), got[:n], n))
+        assert token == next(t.token for t in entry.top if t.token not in ban), n      # the best allowed
+    assert plain[8] not in got
+    assert not any(got[i:i + len(w)] == w for w in words for i in range(len(got)))
+    # Sampled, then the same with speculation (drafts drawn row by row) and in a fork.
+    sampled = dict(max_tokens=24, temperature=1.2, seed=5, ignore_eos=True, bad_words_ids=words)
+    want = root.wait(root.spawn(tid, PROMPT, **sampled)).tokens
+    assert not any(want[i:i + len(w)] == w for w in words for i in range(len(want)))
+    spec = kernel.boot(memory=frames(64), threads=1, speculate=4)
+    sys2 = spec.syscalls()
+    tid2 = sys2.spawn_tenant(TINY)
+    assert sys2.wait(sys2.spawn(tid2, PROMPT, prediction=want, **sampled)).tokens == want
+    # The unbanned output as the guess: its drafts hold the bad words, whose rows must turn them down.
+    drafted = sys2.wait(sys2.spawn(tid2, PROMPT, prediction=plain, bad_words_ids=words, **greedy))
+    assert drafted.tokens == got and drafted.accepted_prediction_tokens >= 3
+    parent = root.spawn(tid, PROMPT, bad_words_ids=words, **greedy)
+    child = root.fork(parent)[0]                      # before its first step: it keeps the parent's bans
+    assert root.wait(child).tokens == root.wait(parent).tokens == got
+    with pytest.raises(KvosError, match="bad_words_ids: token id 600 is outside"):
+        root.spawn(tid, PROMPT, bad_words_ids=[[600]], max_tokens=2)
+    k.fsck()
+
+
+def test_libc_spells_a_word_alone_and_after_a_space(tiny):
+    from userspace.libc.bad_words import bad_words_ids
+    _, root, tid = tiny
+    ids = bad_words_ids(root, tid, ["page", " table"])
+    assert ids == [root.tokenize(tid, "page"), root.tokenize(tid, " page"), root.tokenize(tid, "table"),
+                   root.tokenize(tid, " table")]
+    for bad in ([""], ["  "], "page", [3], ["w"] * 129):
+        with pytest.raises(KvosError, match="^EINVAL: bad_words"):
+            bad_words_ids(root, tid, bad)

@@ -32,6 +32,7 @@ from userspace.daemon.openai_responses import ResponsesAPI, ResponsesRequest
 from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, launch, usage_of
 from userspace.daemon.sysapi import json_object
 from userspace.daemon.waiting import Disconnected
+from userspace.libc.bad_words import bad_words_ids
 
 
 async def follow(daemon, run: Launch, request: Request | None = None):
@@ -143,6 +144,8 @@ class OpenAIAPI:
         if req.use_beam_search:
             return await self.beams.serve(request, handle, tid, tenant, req, prompts, endpoint)
         params = sampling_params(req)
+        if req.bad_words:             # spelled in the model's tokens here, in the request's thread
+            params["bad_words_ids"] = await anyio.to_thread.run_sync(bad_words_ids, handle, tid, req.bad_words)
         echoes = None             # completions with echo: each prompt's text (token-id prompts detokenized)
         if endpoint == "completions" and req.echo:
             echoes = await anyio.to_thread.run_sync(

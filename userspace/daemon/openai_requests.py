@@ -42,7 +42,7 @@ class StreamOptions(BaseModel):
 class Sampling(BaseModel):
     """What both endpoints take. top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
     stop_token_ids, priority, return_token_ids, structured_outputs, include_stop_str_in_output,
-    allowed_token_ids, use_beam_search, length_penalty, prompt_logprobs and truncate_prompt_tokens
+    allowed_token_ids, bad_words, use_beam_search, length_penalty, prompt_logprobs and truncate_prompt_tokens
     are extensions (as in vLLM), and so is response_format in completions."""
     model_config = STRICT
     model: str
@@ -61,6 +61,7 @@ class Sampling(BaseModel):
     structured_outputs: dict | None = None  # as vLLM: one of json, regex, choice, grammar, json_object
     include_stop_str_in_output: bool | None = None   # as vLLM: the stop string stays in the text
     allowed_token_ids: list[int] | None = None        # as vLLM: the only tokens a choice may draw
+    bad_words: list[str] | None = None                # as vLLM: words a choice never writes (libc/bad_words.py)
     use_beam_search: bool = False           # as vLLM: the n best beams (userspace/daemon/openai_beam.py)
     length_penalty: float = 1.0             # beams ranked by log-probability / length ** length_penalty
     top_k: int | None = None

@@ -48,6 +48,14 @@ def _sampling(args) -> dict:
 _OPTION = {"json": "--json-schema"}
 
 
+def _spelled(args, sys, tid) -> dict:
+    """The options that need the tenant's tokenizer, as spawn keys (after the kernel boots)."""
+    if not args.bad_word:
+        return {}
+    from userspace.libc.bad_words import bad_words_ids
+    return {"bad_words_ids": bad_words_ids(sys, tid, args.bad_word, "--bad-word")}
+
+
 def _text_or_file(value, option: str):
     """The option's text, or the contents of the file it names as @FILE."""
     if value is None or not value.startswith("@"):
@@ -106,6 +114,7 @@ def run_main(args) -> int:
     k = boot_kernel(args)
     root = k.syscalls()
     tid = spawn_tenant(root, args.model)
+    params.update(_spelled(args, root, tid))
     pids = [root.spawn(tid, _prompt(text, args), **params) for text in texts]
     _run_with_progress(root, len(pids) * args.max_tokens)
     console = Console(highlight=False, soft_wrap=True)
@@ -163,6 +172,7 @@ def chat_main(args) -> int:
     k = boot_kernel(args)
     root = k.syscalls()
     tid = spawn_tenant(root, args.model)
+    params.update(_spelled(args, root, tid))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"kvos chat with {args.model}: /reset starts over, /exit, an empty line or Ctrl-D ends it "

@@ -160,6 +160,8 @@ def add_sampling_options(parser, max_tokens: int) -> None:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    g.add_argument("--bad-word", action="append", default=[], metavar="WORD",
+                   help="never write this word (repeatable; as the model spells it alone and after a space)")
     g.add_argument("--system", default=None, metavar="TEXT", help="a system prompt for the chat template")
     g.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
     g = parser.add_argument_group("structured output (at most one; every reply is valid under it, docs/shell.md)")
