@@ -37,7 +37,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "accelerate>=1.0",
-                 "openai>=1.40", "schemathesis>=4.32", "import-linter>=2.1", "ray[serve]>=2.40"],
+                 "openai>=1.40", "schemathesis>=4.32", "import-linter>=2.1", "ray[serve]>=2.40",
+                 "peft>=0.13"],     # LoRA adapters are checked against PEFT's (tests/test_lora.py)
         # `kvos serve --replicas N`: kernels as Ray actors behind one gateway (userspace/cluster)
         "cluster": ["ray[serve]>=2.40"],
         "cuda": ["cupy-cuda12x"],

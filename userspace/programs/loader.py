@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kernel.errors import EINVAL, ENODEV, ENOENT, KvosError
-from userspace.programs import converted, fetch, gguf_blocks, gguf_file, hf_folder, hub, qcache, sim, tiny
+from userspace.programs import converted, fetch, gguf_blocks, gguf_file, hf_folder, hub, lora, qcache, sim, tiny
 from userspace.programs.cachedir import file_digest
 from userspace.programs.llama import LlamaProgram, fuse_hf_weights, layer_loop
 
@@ -46,6 +46,9 @@ def load(spec, device):
 
 
 def claims(spec: str) -> bool:
+    parts = lora.split(spec)
+    if parts is not None:
+        return claims(parts[0])
     if spec == TINY_NAME or spec in fetch.MODELS:
         return True
     path = Path(spec).expanduser()
@@ -63,6 +66,13 @@ def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None, weig
     each key and value row as int8 codes and a float32 scale, 0.27x float32's bytes. weights (default
     $KVOS_WEIGHTS, else "float32"): "gguf" runs a GGUF file's own quantized blocks (cpu only;
     qlinear.py): a quarter of the memory and of the bytes a decode step reads, bf16 GEMMs."""
+    parts = lora.split(spec)
+    if parts is not None:         # BASE+lora:ADAPTER: the base (shared), then the adapter on it
+        base = load_program(parts[0], device, dtype, matmul, kv, weights)
+        folder, digest = lora.locate(parts[1])
+        with _lock:
+            return _cached((base.identity, "lora", digest), _torch_device(device), (),
+                           lambda: lora.adapted(base, folder, digest))
     torch_device = _torch_device(device)
     dtype = _dtype(dtype, torch_device)
     kind = (dtype, _matmul_dtype(matmul, torch_device, dtype), _kv_dtype(kv, torch_device, dtype))

@@ -1,0 +1,178 @@
+"""LoRA adapters (`BASE+lora:ADAPTER`, userspace/programs/lora.py) against Hugging Face PEFT on the
+same weights: the logits and the greedy tokens of tiny-llama with an adapter that PEFT made and
+saved; the base shared, never copied; base and adapter tenants side by side without mixing their
+pages; what an adapter holds that kvos does not compute refused."""
+import json
+
+import pytest
+import torch
+
+import kernel
+from kernel.errors import KvosError
+from tests.helpers.hf_reference import hf_model, rel_error
+from tests.helpers.paged_runner import PagedRunner
+from tests.kernel_helpers import assert_all_memory_back, frames
+from userspace.programs import tiny
+from userspace.programs.loader import load_program
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOL = 1e-4
+
+
+def peft_adapter(folder, seed=0, **options):
+    """PEFT's LoRA over transformers' tiny-llama, B not zero (PEFT's default init would add nothing),
+    saved to folder. -> the PEFT model (eval)."""
+    from peft import LoraConfig, get_peft_model
+    model = hf_model(tiny.TINY_CONFIG, tiny.tiny_weights(tiny.TINY_CONFIG, seed=0))
+    torch.manual_seed(seed)
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ALL, "init_lora_weights": False, **options})
+    peft_model = get_peft_model(model, config).eval()
+    peft_model.save_pretrained(str(folder))
+    return peft_model
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lora")
+    return folder, peft_adapter(folder)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("options", [{}, {"target_modules": ["q_proj", "v_proj"], "use_rslora": True},
+                                     {"target_modules": ["k_proj", "down_proj", "up_proj"], "r": 8,
+                                      "rank_pattern": {"down_proj": 2}, "layers_to_transform": [1]}])
+def test_an_adapter_computes_what_peft_computes(tmp_path, options):
+    reference = peft_adapter(tmp_path, seed=3, **options)
+    program = load_program(f"tiny-llama+lora:{tmp_path}")
+    base = load_program("tiny-llama")
+    ids = base.encode("kvos is an operating system for LLM inference. The page table maps virtual pages")
+    runner = PagedRunner(program)
+    seq = runner.new_seq()
+    ours = runner.prefill(seq, ids[:-4], chunk=7)
+    decoded = torch.stack([runner.step([(seq, [t])])[0] for t in ids[-4:]])
+    want = logits(reference, ids)
+    assert rel_error(ours, want[:-4]) < TOL and rel_error(decoded, want[-4:]) < TOL
+    with reference.disable_adapter():
+        assert rel_error(want, logits(reference, ids)) > 0.01        # the adapter changes the model
+
+
+def test_the_base_is_shared_and_its_pages_are_not(adapter):
+    """Two adapters' tenants and the base's run side by side: each draws PEFT's greedy tokens (or
+    the base's), the adapters hold only their A and B, and with global prefix sharing no tenant maps
+    another's prompt pages (their identities differ)."""
+    folder, reference = adapter
+    other = folder.parent / "other"
+    other_reference = peft_adapter(other, seed=9)
+    k = kernel.boot(memory=frames(96), threads=1)
+    sys = k.syscalls()
+    spec = f"tiny-llama+lora:{folder}"
+    tids = [sys.spawn_tenant(s, prefix_sharing="global") for s in ("tiny-llama", spec, f"tiny-llama+lora:{other}")]
+    base, mine, theirs = (k.tenants[t].program for t in tids)
+    assert mine.layers[0].qkv_t.base is base.layers[0].qkv_t and mine.embed is base.embed
+    assert mine.identity not in (base.identity, theirs.identity)
+    assert 0 < mine.adapter_bytes < base.cost.weight_bytes / 10
+    assert load_program(spec) is mine                                  # one copy of the adapter too
+    prompt = base.encode("The page table maps virtual pages to frames of the device")
+    greedy = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    got = [sys.wait(sys.spawn(tids[0], prompt, **greedy)).tokens]       # the base's pages published first
+    pids = [sys.spawn(tid, prompt, **greedy) for tid in tids[1:]]       # the two adapters in one batch
+    got += [sys.wait(pid).tokens for pid in pids]
+    assert sys.schedstat().cached_tokens == 0                           # nobody mapped another's prompt
+    with torch.no_grad():
+        want = [list(m.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):]) for m in (reference, other_reference)]
+        with reference.disable_adapter():
+            want.insert(0, list(reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):]))
+    assert got == [[int(t) for t in w] for w in want]
+    assert len({tuple(g) for g in got}) == 3
+    again = sys.wait(sys.spawn(tids[1], prompt, **greedy))
+    assert again.tokens == got[1] and sys.schedstat().cached_tokens > 0    # its own pages, mapped from the cache
+    k.fsck()
+    for tid in tids:
+        sys.kill_tenant(tid)
+    assert_all_memory_back(k)
+
+
+def test_what_kvos_does_not_compute_is_refused(adapter, tmp_path):
+    folder, _ = adapter
+    config = json.loads((folder / "adapter_config.json").read_text())
+
+    def variant(name, **changes):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        (out / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
+        return f"tiny-llama+lora:{out}"
+
+    cases = [(variant("dora", use_dora=True), "EINVAL", "use_dora is not supported"),
+             (variant("bias", bias="all"), "EINVAL", "bias is not supported"),
+             (variant("saved", modules_to_save=["lm_head"]), "EINVAL", "modules_to_save is not supported"),
+             (variant("alpha", lora_alpha=0), "EINVAL", "lora_alpha must be a positive number"),
+             (variant("prefix", peft_type="PREFIX_TUNING"), "EINVAL", "not a LoRA adapter"),
+             (f"tiny-llama+lora:{tmp_path / 'nowhere'}", "ENOENT", "no LoRA adapter here"),
+             ("tiny-llama+lora:", "EINVAL", "a LoRA spec is BASE\\+lora:ADAPTER")]
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / "adapter_model.safetensors")
+    for name, change, reason in (
+            ("wide", lambda t: {k: torch.cat([v, v], 1) if "lora_A" in k else v for k, v in t.items()},
+             "do not fit the base model"),
+            ("embed", lambda t: {**t, "base_model.model.model.embed_tokens.lora_A.weight": torch.zeros(4, 64)},
+             "is not a LoRA A or B of a LLaMA layer's projection"),
+            ("half", lambda t: {k: v for k, v in t.items() if "layers.0.mlp.up_proj.lora_B" not in k},
+             "layer 0 up_proj needs lora_A and lora_B")):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "adapter_config.json").write_text(json.dumps(config))
+        save_file(change(dict(tensors)), out / "adapter_model.safetensors")
+        cases.append((f"tiny-llama+lora:{out}", "EINVAL", reason))
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "adapter_config.json").write_text(json.dumps(config))
+    (torn / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    cases.append((f"tiny-llama+lora:{torn}", "EIO", "corrupt safetensors"))
+    k = kernel.boot(memory=frames(16), threads=1)
+    sys = k.syscalls()
+    for spec, errno, reason in cases:
+        with pytest.raises(KvosError, match=f"^{errno}: .*{reason}"):
+            sys.spawn_tenant(spec)
+    assert not k.tenants
+
+
+@pytest.mark.slow
+def test_smollm2_with_an_adapter_draws_peft_s_greedy_tokens(tmp_path):
+    """SmolLM2-135M-Instruct with a PEFT adapter over all seven projections: 32 greedy tokens equal
+    PEFT's; on the GGUF's own blocks (--weights gguf) the adapter runs too (no exact agreement)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from userspace.programs import fetch
+    path = fetch.model_file("smollm2-135m")[0]
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=ALL, init_lora_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    with torch.no_grad():                     # PEFT's random B is large: a small adapter keeps the text sane
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    peft_model.save_pretrained(str(tmp_path))
+    program = load_program(f"smollm2-135m+lora:{tmp_path}")
+    ids = program.apply_chat_template([{"role": "user", "content": "Explain how virtual memory works."}])
+    with torch.no_grad():
+        want = peft_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        with peft_model.disable_adapter():
+            plain = peft_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    assert want != plain
+    k = kernel.boot(memory="64MiB", threads=2)
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(f"smollm2-135m+lora:{tmp_path}")
+    assert sys.wait(sys.spawn(tid, ids, max_tokens=32, temperature=0, ignore_eos=True)).tokens == want
+    quantized = load_program(f"smollm2-135m+lora:{tmp_path}", weights="gguf")
+    runner = PagedRunner(quantized)
+    first = runner.prefill(runner.new_seq(), ids)
+    assert int(first[-1].argmax()) == want[0]

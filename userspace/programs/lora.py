@@ -1,0 +1,190 @@
+"""LoRA adapters: a program that is its base model's text plus a small private delta.
+
+A model spec `BASE+lora:ADAPTER` names the base program (any spec the loader takes) and a PEFT
+LoRA adapter (a folder with adapter_config.json and adapter_model.safetensors, or a hub id of one).
+The adapted program shares every tensor of the base program, which stays loaded while any of its
+adapters runs (the way processes share a library's text pages): only the adapter's A and B
+matrices are new, a few MB where the base is hundreds. Its linear layers compute
+y = x W + s (x A) B, unmerged, for the projections the adapter targets (LoraLinear below), so
+several adapters of one base cost one copy of the base; the scale s is lora_alpha / r (over
+sqrt(r) with use_rslora) and is folded into B at load.
+
+The adapted program's K/V differ from the base's, so its identity (the page cache's name for
+what computed a page) is the base's and the adapter's digest together: base and adapter tenants
+never map each other's prefixes. Its step runs the Python layer loop (the C layer loop takes
+plain GEMMs only), each adapter's processes in their own forward (kernel/step.py groups a plan's
+works by program): mixing adapters in one batch (gathered per-row deltas) is not done.
+
+What PEFT can express and this does not compute is refused when the adapter loads (EINVAL naming
+it): DoRA, trained biases, modules_to_save, alpha_pattern, targets outside the seven projections
+of a LLaMA layer, tensor parallelism.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from kernel.errors import EINVAL, EIO, ENOENT, KvosError
+from userspace.programs import qlinear
+from userspace.programs.cachedir import file_digest
+
+MARK = "+lora:"
+# PEFT's module names -> (the kvos projection that holds it, which of its parts: index, parts)
+TARGETS = {"q_proj": ("qkv_t", 0), "k_proj": ("qkv_t", 1), "v_proj": ("qkv_t", 2), "o_proj": ("o_t", 0),
+           "gate_proj": ("gate_up_t", 0), "up_proj": ("gate_up_t", 1), "down_proj": ("down_t", 0)}
+KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+
+
+def split(spec: str) -> tuple[str, str] | None:
+    """(base spec, adapter) of a `BASE+lora:ADAPTER` spec, or None for any other spec."""
+    if not isinstance(spec, str) or MARK not in spec:
+        return None
+    base, adapter = spec.rsplit(MARK, 1)
+    if not base or not adapter:
+        raise KvosError(EINVAL, f"{spec!r}: a LoRA spec is BASE+lora:ADAPTER (a folder or a hub id)")
+    return base, adapter
+
+
+class LoraLinear:
+    """A base projection (any weight qlinear.mm runs: a tensor, panels, GGUF blocks) and the low-rank
+    deltas of some of its column ranges: (start, end, A (in, r), B (r, end - start)), B scaled."""
+
+    def __init__(self, base, pieces: list):
+        self.base = base
+        self.pieces = pieces
+        # One GEMM x [A_1 | A_2 | ...] for every piece, then each piece's slice of it times its B.
+        self.a = torch.cat([a for _, _, a, _ in pieces], dim=1).contiguous()
+        self.ranks = [a.shape[1] for _, _, a, _ in pieces]
+
+    def mm(self, a: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = qlinear.mm(a, self.base, bias)
+        low = torch.mm(a.float(), self.a)
+        at = 0
+        for (start, end, _, b), r in zip(self.pieces, self.ranks):
+            y[:, start:end] += torch.mm(low[:, at:at + r], b).to(y.dtype)
+            at += r
+        return y
+
+    def tensors(self) -> dict:       # what the adapter adds (qlinear.weight_bytes)
+        out = {"a": self.a}
+        out.update({f"b{i}": b for i, (_, _, _, b) in enumerate(self.pieces)})
+        return out
+
+
+def locate(adapter: str) -> tuple[Path, bytes]:
+    """The adapter's folder (a hub id downloaded, or found in the hub cache) and the digest of its
+    two files: what names it in the program cache and in the page cache."""
+    folder = _folder(adapter)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise KvosError(ENOENT, f"{folder}: no adapter_model.safetensors")
+    digest = hashlib.sha256(b"lora\0" + file_digest(folder / "adapter_config.json").encode() + b"\0"
+                            + file_digest(weights).encode()).digest()
+    return folder, digest
+
+
+def adapted(base, folder: Path, digest: bytes):
+    """The program `base` with the LoRA adapter in `folder` (located by locate()) on its layers."""
+    if getattr(base, "tp", None) is not None:
+        raise KvosError(EINVAL, "a LoRA adapter does not run tensor parallel yet")
+    adapter = str(folder)
+    config = _read_config(folder)
+    tensors = _read_tensors(folder)
+    pieces = _pieces(base, config, tensors, adapter)
+    program = copy.copy(base)                   # every tensor shared; the layers below are new objects
+    program.base = base                         # keeps the base loaded (and cached) while this runs
+    program.name = f"{base.name}{MARK}{folder.name}"
+    program.identity = hashlib.sha256(base.identity + digest).digest()
+    program.layer_weights, program.layer_rows = None, None       # the C layer loop runs plain GEMMs only
+    layers = []
+    for i, layer in enumerate(base.layers):
+        mine = copy.copy(layer)
+        for slot, slot_pieces in pieces.get(i, {}).items():
+            setattr(mine, slot, LoraLinear(getattr(layer, slot), slot_pieces))
+        layers.append(mine)
+    program.layers = layers
+    program.adapter_bytes = sum(qlinear.weight_bytes(getattr(layer, s)) for layer in layers
+                                for s in ("qkv_t", "o_t", "gate_up_t", "down_t")
+                                if isinstance(getattr(layer, s), LoraLinear))
+    program.cost = dataclasses.replace(base.cost, weight_bytes=base.cost.weight_bytes + program.adapter_bytes)
+    return program
+
+
+def _folder(adapter: str) -> Path:
+    from userspace.programs import hub
+    path = Path(adapter).expanduser()
+    if not path.exists() and hub.parse(adapter) is not None:
+        path = hub.resolve(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise KvosError(ENOENT, f"{adapter}: no LoRA adapter here (a folder with adapter_config.json and "
+                                f"adapter_model.safetensors, or a hub id of one)")
+    return path
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise KvosError(EIO, f"{folder}/adapter_config.json: {err}") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise KvosError(EINVAL, f"{folder}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    refused = {"use_dora": bool(config.get("use_dora")), "bias": config.get("bias", "none") != "none",
+               "modules_to_save": bool(config.get("modules_to_save")),
+               "alpha_pattern": bool(config.get("alpha_pattern")), "fan_in_fan_out": bool(config.get("fan_in_fan_out"))}
+    for name, given in refused.items():
+        if given:
+            raise KvosError(EINVAL, f"{folder}: a LoRA adapter with {name} is not supported")
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise KvosError(EINVAL, f"{folder}: lora_alpha must be a positive number, got {alpha!r}")
+    return config
+
+
+def _read_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    path = folder / "adapter_model.safetensors"
+    try:
+        return load_file(path)
+    except Exception as exc:    # safetensors raises its own error type on a damaged file
+        raise KvosError(EIO, f"{path}: corrupt safetensors file ({exc})") from None
+
+
+def _pieces(base, config: dict, tensors: dict, adapter: str) -> dict:
+    """layer -> slot -> [(start, end, A (in, r), B (r, out) x scale)] from PEFT's tensors."""
+    c = base.config
+    parts = {"qkv_t": [c.q_size, c.kv_size, c.kv_size], "o_t": [c.hidden_size],
+             "gate_up_t": [c.intermediate_size, c.intermediate_size], "down_t": [c.hidden_size]}
+    inputs = {"qkv_t": c.hidden_size, "o_t": c.q_size, "gate_up_t": c.hidden_size, "down_t": c.intermediate_size}
+    found = {}
+    for key, t in tensors.items():
+        m = KEY.fullmatch(key)
+        if m is None or m[2] not in TARGETS:
+            raise KvosError(EINVAL, f"{adapter}: tensor {key!r} is not a LoRA A or B of a LLaMA layer's projection")
+        found.setdefault((int(m[1]), m[2]), {})[m[3]] = t
+    if not found:
+        raise KvosError(EINVAL, f"{adapter}: the adapter holds no LoRA weights")
+    out = {}
+    for (layer, module), ab in sorted(found.items()):
+        if layer >= c.num_hidden_layers or set(ab) != {"A", "B"}:
+            raise KvosError(EINVAL, f"{adapter}: layer {layer} {module} needs lora_A and lora_B of a layer "
+                                    f"below {c.num_hidden_layers}")
+        slot, index = TARGETS[module]
+        start = sum(parts[slot][:index])
+        width = parts[slot][index]
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        if a.shape != (r, inputs[slot]) or b.shape != (width, r):
+            raise KvosError(EINVAL, f"{adapter}: layer {layer} {module}'s A {tuple(a.shape)} and B {tuple(b.shape)} "
+                                    f"do not fit the base model ({inputs[slot]} in, {width} out)")
+        scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+        a_t = a.float().t().to(base.device).contiguous()        # float32 whatever the base holds: a few MB
+        b_t = (b.float().t() * scale).to(base.device).contiguous()
+        out.setdefault(layer, {}).setdefault(slot, []).append((start, start + width, a_t, b_t))
+    return out
