@@ -14,7 +14,7 @@ from numbers import Integral
 import torch
 
 from kernel.batch import ForwardBatch
-from kernel.errors import EINVAL, ENOENT, ENOMEM, KvosError
+from kernel.errors import EINVAL, ENOENT, ENOMEM, KernelPanic, KvosError
 from kernel.kvcache import KVShape, KVView
 
 
@@ -53,9 +53,21 @@ class Program(ABC):
     eos_token_ids: frozenset
     cost: ProgramCost
 
+    # A program that runs on another's text (a LoRA adapter on its base model) names that program:
+    # the step forwards its processes in one batch with the base's and the base's other adapters',
+    # through base.mixed(). None: its processes have a forward of their own.
+    base_program: Program | None = None
+
     @abstractmethod
     def forward(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
         """float32 logits (num_samples, vocab_size) for batch.sample_indices, in that order."""
+
+    def mixed(self, segments: list) -> Program:
+        """A program whose forward runs this step's batch of this program's processes and of programs
+        whose base_program this is: segments are (first row, end row, program) for the rows of the
+        latter (the batch's token rows, one process's contiguous). Only a program that others name
+        as their base implements it."""
+        raise KernelPanic(f"{self.name} runs no other program's rows")
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:

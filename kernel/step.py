@@ -41,11 +41,14 @@ class StepEvents:
 def forward(kernel, plan) -> dict:
     """Forward every program's share of the plan; returns pid -> (token or None, logprobs)."""
     groups: dict = {}
-    for work in plan.works:
-        groups.setdefault(id(work.proc.tenant.program), []).append(work)
+    for work in plan.works:                      # an adapter's processes run in its base's batch
+        program = work.proc.tenant.program
+        groups.setdefault(id(getattr(program, "base_program", None) or program), []).append(work)
     samples = {}
     for works in groups.values():
         program = works[0].proc.tenant.program
+        if any(w.proc.tenant.program is not program for w in works):     # a base and its adapters
+            program = program.base_program or program
         wanted = [w for w in works if w.logits and not w.draft]
         drafted = [w for w in works if w.draft]
         scoring, score_rows = prompt_rows(works)
@@ -53,7 +56,11 @@ def forward(kernel, plan) -> dict:
             host, padding = host_batch(works, wanted, kernel.mm, kernel.null_frame if kernel.padded else None,
                                        kernel.page_rows, draft_rows(works) + score_rows if drafted else score_rows)
             kv, graphs = kernel.kv_view(program), kernel.graphs
-            if graphs is not None and graphs.takes(program, host, kv):    # pure decode: static buffers, graphs
+            others = [(int(host.query_start[i]), int(host.query_start[i + 1]), w.proc.tenant.program)
+                      for i, w in enumerate(works) if w.proc.tenant.program is not program]
+            if others:                             # adapters' rows beside the base's: this step's own program
+                logits = kernel.device.forward(program.mixed(others), to_device(host, kernel.device), kv)
+            elif graphs is not None and graphs.takes(program, host, kv):    # pure decode: static buffers, graphs
                 logits, graph_padding = graphs.forward(program, host, kv)
                 padding += graph_padding
             else:

@@ -20,7 +20,7 @@ from kernel.errors import EINVAL, KvosError
 from kernel.kvcache import KVShape, KVView
 from kernel.ops.step_ops import CpuStep, LayerWeights, NormWeights
 from kernel.program import Program
-from userspace.programs import qlinear, tp_shard
+from userspace.programs import lora, qlinear, tp_shard
 from userspace.programs.config import LlamaConfig
 from userspace.programs.rope import RopeTables
 
@@ -238,6 +238,10 @@ class LlamaProgram(Program):
     @property
     def chat_template(self) -> str | None:
         return self.tokenizer.chat_template
+
+    def mixed(self, segments: list):
+        """This step's program for a batch shared with this model's LoRA adapters (lora.py)."""
+        return lora.mixed(self, segments)
 
     # -- the forward pass ---------------------------------------------------
     @torch.inference_mode()

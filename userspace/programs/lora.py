@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from kernel.errors import EINVAL, EIO, ENOENT, KvosError
+from kernel.errors import EINVAL, EIO, ENOENT, KernelPanic, KvosError
 from userspace.programs import qlinear
 from userspace.programs.cachedir import file_digest
 
@@ -52,30 +52,85 @@ def split(spec: str) -> tuple[str, str] | None:
     return base, adapter
 
 
-class LoraLinear:
-    """A base projection (any weight qlinear.mm runs: a tensor, panels, GGUF blocks) and the low-rank
-    deltas of some of its column ranges: (start, end, A (in, r), B (r, end - start)), B scaled."""
+class LoraWeights:
+    """One adapter's delta on one layer slot of `width` output columns: pieces (start, end, A (r, in),
+    B (end - start, r)), B scaled. delta(x) is x [A_1; A_2; ...]^T (one GEMM for every piece) times
+    the pieces' B laid block-diagonally in one (width, r_1 + r_2 + ...) matrix (one more GEMM): two
+    GEMMs a slot however many of its projections the adapter targets (q, k and v are three).
 
-    def __init__(self, base, pieces: list):
+    On the CPU both GEMMs are ops.panel_mm (float32 panels): a row's bits then do not depend on the
+    rows beside it, as the base's panels' do not, so a row computes the same in a speculative step's
+    rows of 5, in plain decoding's 1, and beside other adapters' rows. Elsewhere they are torch.mm."""
+
+    def __init__(self, pieces: list, width: int, panels: bool):
+        a = torch.cat([a for _, _, a, _ in pieces]).float().contiguous()
+        b = torch.zeros(width, a.shape[0], device=a.device)
+        at = 0
+        for start, end, piece_a, piece_b in pieces:
+            r = piece_a.shape[0]
+            b[start:end, at:at + r] = piece_b
+            at += r
+        self.panels = panels
+        if panels:
+            self.a, self.b = qlinear.PanelLinear.from_float(a), qlinear.PanelLinear.from_float(b)
+        else:
+            self.a, self.b = a.t().contiguous(), b.t().contiguous()
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return qlinear.mm(qlinear.mm(x, self.a), self.b)
+
+    def tensors(self) -> dict:       # what the adapter holds (qlinear.weight_bytes)
+        return {"a": self.a.packed, "b": self.b.packed} if self.panels else {"a": self.a, "b": self.b}
+
+
+class LoraLinear:
+    """A base projection (any weight qlinear.mm runs: a tensor, panels, GGUF blocks) and the deltas
+    of the adapters whose rows share its GEMM: (rows, LoraWeights), rows a LongTensor of the batch
+    rows the delta applies to, or None for every row (an adapter's own program)."""
+
+    def __init__(self, base, deltas: list):
         self.base = base
-        self.pieces = pieces
-        # One GEMM x [A_1 | A_2 | ...] for every piece, then each piece's slice of it times its B.
-        self.a = torch.cat([a for _, _, a, _ in pieces], dim=1).contiguous()
-        self.ranks = [a.shape[1] for _, _, a, _ in pieces]
+        self.deltas = deltas
 
     def mm(self, a: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = qlinear.mm(a, self.base, bias)
-        low = torch.mm(a.float(), self.a)
-        at = 0
-        for (start, end, _, b), r in zip(self.pieces, self.ranks):
-            y[:, start:end] += torch.mm(low[:, at:at + r], b).to(y.dtype)
-            at += r
+        x = a if a.dtype == torch.float32 else a.float()
+        for rows, weights in self.deltas:
+            if rows is None:
+                y += weights.delta(x).to(y.dtype)
+            else:                          # the same sums as over every row, on these rows' own
+                y.index_add_(0, rows, weights.delta(x.index_select(0, rows)).to(y.dtype))
         return y
 
-    def tensors(self) -> dict:       # what the adapter adds (qlinear.weight_bytes)
-        out = {"a": self.a}
-        out.update({f"b{i}": b for i, (_, _, _, b) in enumerate(self.pieces)})
-        return out
+    def tensors(self) -> dict:
+        return {f"{i}.{k}": t for i, (_, w) in enumerate(self.deltas) for k, t in w.tensors().items()}
+
+
+SLOTS = ("qkv_t", "o_t", "gate_up_t", "down_t")
+
+
+def mixed(base, segments: list):
+    """The program that forwards one step's batch of `base`'s processes and its adapters': segments
+    are (first row, end row, adapted program) of the rows that are not base's. The base's layers,
+    each slot with the deltas of the adapters that have one there, on their rows only."""
+    rows: dict = {}
+    for start, end, program in segments:
+        if getattr(program, "base_program", None) is not base:
+            raise KernelPanic(f"{program.name} is not an adapter of {base.name}")
+        rows.setdefault(id(program), (program, []))[1].append(torch.arange(start, end))
+    adapters = [(program, torch.cat(spans).to(base.device)) for program, spans in rows.values()]
+    view = copy.copy(base)
+    view.layer_weights, view.layer_rows = None, None
+    layers = []
+    for i, layer in enumerate(base.layers):
+        mine = copy.copy(layer)
+        for slot in SLOTS:
+            deltas = [(index, p.lora_weights[i][slot]) for p, index in adapters if slot in p.lora_weights.get(i, {})]
+            if deltas:
+                setattr(mine, slot, LoraLinear(getattr(layer, slot), deltas))
+        layers.append(mine)
+    view.layers = layers
+    return view
 
 
 def locate(adapter: str) -> tuple[Path, bytes]:
@@ -99,20 +154,26 @@ def adapted(base, folder: Path, digest: bytes):
     tensors = _read_tensors(folder)
     pieces = _pieces(base, config, tensors, adapter)
     program = copy.copy(base)                   # every tensor shared; the layers below are new objects
-    program.base = base                         # keeps the base loaded (and cached) while this runs
+    program.base_program = base                 # keeps the base loaded (and cached); shares its batches
     program.name = f"{base.name}{MARK}{folder.name}"
     program.identity = hashlib.sha256(base.identity + digest).digest()
     program.layer_weights, program.layer_rows = None, None       # the C layer loop runs plain GEMMs only
+    # ops.panel_mm where the CPU forward runs float32 activations (its GEMMs' own panels or blocks)
+    panels = torch.device(base.device).type == "cpu" and base.dtype == torch.float32
+    c = base.config
+    widths = {"qkv_t": c.q_size + 2 * c.kv_size, "o_t": c.hidden_size, "gate_up_t": 2 * c.intermediate_size,
+              "down_t": c.hidden_size}
+    program.lora_weights = {i: {slot: LoraWeights(slot_pieces, widths[slot], panels)
+                                for slot, slot_pieces in slots.items()} for i, slots in pieces.items()}
     layers = []
     for i, layer in enumerate(base.layers):
         mine = copy.copy(layer)
-        for slot, slot_pieces in pieces.get(i, {}).items():
-            setattr(mine, slot, LoraLinear(getattr(layer, slot), slot_pieces))
+        for slot, weights in program.lora_weights.get(i, {}).items():
+            setattr(mine, slot, LoraLinear(getattr(layer, slot), [(None, weights)]))
         layers.append(mine)
     program.layers = layers
-    program.adapter_bytes = sum(qlinear.weight_bytes(getattr(layer, s)) for layer in layers
-                                for s in ("qkv_t", "o_t", "gate_up_t", "down_t")
-                                if isinstance(getattr(layer, s), LoraLinear))
+    program.adapter_bytes = sum(qlinear.weight_bytes(w) for slots in program.lora_weights.values()
+                                for w in slots.values())
     program.cost = dataclasses.replace(base.cost, weight_bytes=base.cost.weight_bytes + program.adapter_bytes)
     return program
 
@@ -184,7 +245,7 @@ def _pieces(base, config: dict, tensors: dict, adapter: str) -> dict:
             raise KvosError(EINVAL, f"{adapter}: layer {layer} {module}'s A {tuple(a.shape)} and B {tuple(b.shape)} "
                                     f"do not fit the base model ({inputs[slot]} in, {width} out)")
         scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
-        a_t = a.float().t().to(base.device).contiguous()        # float32 whatever the base holds: a few MB
-        b_t = (b.float().t() * scale).to(base.device).contiguous()
-        out.setdefault(layer, {}).setdefault(slot, []).append((start, start + width, a_t, b_t))
+        # float32 whatever the base holds: a few MB
+        out.setdefault(layer, {}).setdefault(slot, []).append(
+            (start, start + width, a.float().to(base.device), (b.float() * scale).to(base.device)))
     return out
