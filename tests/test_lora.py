@@ -227,3 +227,30 @@ def test_adapters_and_their_base_share_a_batch(adapter, monkeypatch):
             alone = run([(spec, j)])
             assert alone[0] == together[j * 3 + s], (spec, j)
     assert not mixes
+
+
+def test_kvosd_serves_an_adapter_as_a_tenant(adapter):
+    """What works in process works over HTTP: an adapter named in kvosd's tenants answers the OpenAI
+    API with the kernel's tokens, beside its base."""
+    import openai
+
+    from userspace.daemon.config import DaemonConfig, TenantSpec
+    from userspace.daemon.listen import ServerThread
+    folder, _ = adapter
+    spec = f"tiny-llama+lora:{folder}"
+    k = kernel.boot(memory=frames(32), threads=1)
+    sys = k.syscalls()
+    want = sys.wait(sys.spawn(sys.spawn_tenant(spec), "Hello", max_tokens=8, temperature=0, ignore_eos=True))
+    srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory="8MiB", threads=1), root_key="lora-root",
+                                    tenants=[TenantSpec("base", "tiny-llama", "lora-base-key"),
+                                             TenantSpec("tuned", spec, "lora-tuned-key")]))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="lora-tuned-key", max_retries=0)
+        reply = client.completions.create(model="tuned", prompt="Hello", max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert reply.choices[0].model_extra["token_ids"] == want.tokens
+        assert [m.id for m in client.models.list().data] == ["tuned"]
+        client.close()
+    finally:
+        report = srv.stop()
+    assert report["fsck"] == "clean" and report["frames_mapped"] == 0
