@@ -20,10 +20,10 @@ MAX_BAD_WORD_TOKENS = 32      # tokens in one sequence
 
 
 def normalise(sequences) -> tuple:
-    """bad_words_ids as a sorted tuple of distinct tuples of ints (EINVAL on any other shape); the
-    values are checked by check()."""
+    """bad_words_ids as a sorted tuple of distinct tuples of token ids (EINVAL on any other shape, an
+    empty or overlong sequence, too many); check_vocab() checks the ids against a vocabulary."""
     if not isinstance(sequences, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in sequences):
-        raise KvosError(EINVAL, f"bad_words_ids must be a list of token id lists, got {sequences!r}")
+        raise KvosError(EINVAL, f"bad_words_ids must be a list of token id lists, got {str(sequences)[:80]}")
     if len(sequences) > MAX_BAD_WORDS:
         raise KvosError(EINVAL, f"bad_words_ids may have at most {MAX_BAD_WORDS} sequences, got {len(sequences)}")
     out = set()
@@ -32,7 +32,7 @@ def normalise(sequences) -> tuple:
             raise KvosError(EINVAL, f"a bad_words_ids sequence has 1 to {MAX_BAD_WORD_TOKENS} token ids, "
                                     f"got {len(s)}")
         if not all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 for t in s):
-            raise KvosError(EINVAL, f"bad_words_ids: {list(s)!r} is not a list of token ids")
+            raise KvosError(EINVAL, f"bad_words_ids: {str(list(s))[:80]} is not a list of token ids")
         out.add(tuple(int(t) for t in s))
     return tuple(sorted(out))
 

@@ -4,20 +4,21 @@ A model spec `BASE+lora:ADAPTER` names the base program (any spec the loader tak
 LoRA adapter (a folder with adapter_config.json and adapter_model.safetensors, or a hub id of one).
 The adapted program shares every tensor of the base program, which stays loaded while any of its
 adapters runs (the way processes share a library's text pages): only the adapter's A and B
-matrices are new, a few MB where the base is hundreds. Its linear layers compute
-y = x W + s (x A) B, unmerged, for the projections the adapter targets (LoraLinear below), so
-several adapters of one base cost one copy of the base; the scale s is lora_alpha / r (over
-sqrt(r) with use_rslora) and is folded into B at load.
+matrices are new, tens of MB where the base is hundreds. The projections the adapter targets
+compute y = x W + s (x A) B, unmerged (LoraWeights, LoraLinear), so several adapters of one base
+cost one copy of the base; the scale s is lora_alpha / r (over sqrt(r) with use_rslora) and is
+folded into B at load.
 
 The adapted program's K/V differ from the base's, so its identity (the page cache's name for
 what computed a page) is the base's and the adapter's digest together: base and adapter tenants
-never map each other's prefixes. Its step runs the Python layer loop (the C layer loop takes
-plain GEMMs only), each adapter's processes in their own forward (kernel/step.py groups a plan's
-works by program): mixing adapters in one batch (gathered per-row deltas) is not done.
+never map each other's prefixes. It names its base as its base_program, so a step forwards the
+base's processes and every adapter's in one batch (kernel/step.py), through mixed(): the base's
+layers with each adapter's delta on its own processes' rows. An adapted step runs the Python
+layer loop (the C layer loop takes plain GEMMs only).
 
 What PEFT can express and this does not compute is refused when the adapter loads (EINVAL naming
-it): DoRA, trained biases, modules_to_save, alpha_pattern, targets outside the seven projections
-of a LLaMA layer, tensor parallelism.
+it): DoRA, trained biases, modules_to_save, alpha_pattern, fan_in_fan_out, targets outside the
+seven projections of a LLaMA layer, tensor parallelism.
 """
 from __future__ import annotations
 
@@ -102,9 +103,6 @@ class LoraLinear:
                 y.index_add_(0, rows, weights.delta(x.index_select(0, rows)).to(y.dtype))
         return y
 
-    def tensors(self) -> dict:
-        return {f"{i}.{k}": t for i, (_, w) in enumerate(self.deltas) for k, t in w.tensors().items()}
-
 
 SLOTS = ("qkv_t", "o_t", "gate_up_t", "down_t")
 
@@ -160,10 +158,8 @@ def adapted(base, folder: Path, digest: bytes):
     program.layer_weights, program.layer_rows = None, None       # the C layer loop runs plain GEMMs only
     # ops.panel_mm where the CPU forward runs float32 activations (its GEMMs' own panels or blocks)
     panels = torch.device(base.device).type == "cpu" and base.dtype == torch.float32
-    c = base.config
-    widths = {"qkv_t": c.q_size + 2 * c.kv_size, "o_t": c.hidden_size, "gate_up_t": 2 * c.intermediate_size,
-              "down_t": c.hidden_size}
-    program.lora_weights = {i: {slot: LoraWeights(slot_pieces, widths[slot], panels)
+    parts, _ = _slot_shapes(base.config)
+    program.lora_weights = {i: {slot: LoraWeights(slot_pieces, sum(parts[slot]), panels)
                                 for slot, slot_pieces in slots.items()} for i, slots in pieces.items()}
     layers = []
     for i, layer in enumerate(base.layers):
@@ -217,12 +213,19 @@ def _read_tensors(folder: Path) -> dict:
         raise KvosError(EIO, f"{path}: corrupt safetensors file ({exc})") from None
 
 
-def _pieces(base, config: dict, tensors: dict, adapter: str) -> dict:
-    """layer -> slot -> [(start, end, A (in, r), B (r, out) x scale)] from PEFT's tensors."""
-    c = base.config
+def _slot_shapes(c) -> tuple[dict, dict]:
+    """Per layer slot: the output widths of the projections fused in it (in TARGETS' order), its input width."""
     parts = {"qkv_t": [c.q_size, c.kv_size, c.kv_size], "o_t": [c.hidden_size],
              "gate_up_t": [c.intermediate_size, c.intermediate_size], "down_t": [c.hidden_size]}
     inputs = {"qkv_t": c.hidden_size, "o_t": c.q_size, "gate_up_t": c.hidden_size, "down_t": c.intermediate_size}
+    return parts, inputs
+
+
+def _pieces(base, config: dict, tensors: dict, adapter: str) -> dict:
+    """layer -> slot -> [(start, end, A (r, in), B (end - start, r) x scale)] from PEFT's tensors,
+    float32 on the base's device whatever the base holds (a few MB)."""
+    c = base.config
+    parts, inputs = _slot_shapes(c)
     found = {}
     for key, t in tensors.items():
         m = KEY.fullmatch(key)
@@ -245,7 +248,6 @@ def _pieces(base, config: dict, tensors: dict, adapter: str) -> dict:
             raise KvosError(EINVAL, f"{adapter}: layer {layer} {module}'s A {tuple(a.shape)} and B {tuple(b.shape)} "
                                     f"do not fit the base model ({inputs[slot]} in, {width} out)")
         scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
-        # float32 whatever the base holds: a few MB
         out.setdefault(layer, {}).setdefault(slot, []).append(
             (start, start + width, a.float().to(base.device), (b.float() * scale).to(base.device)))
     return out
