@@ -43,7 +43,9 @@ def forward(kernel, plan) -> dict:
     groups: dict = {}
     for work in plan.works:                      # an adapter's processes run in its base's batch
         program = work.proc.tenant.program
+        # LAB(lora): BEGIN -> groups.setdefault(id(program), []).append(work)
         groups.setdefault(id(getattr(program, "base_program", None) or program), []).append(work)
+        # LAB(lora): END
     samples = {}
     for works in groups.values():
         program = works[0].proc.tenant.program
@@ -56,8 +58,10 @@ def forward(kernel, plan) -> dict:
             host, padding = host_batch(works, wanted, kernel.mm, kernel.null_frame if kernel.padded else None,
                                        kernel.page_rows, draft_rows(works) + score_rows if drafted else score_rows)
             kv, graphs = kernel.kv_view(program), kernel.graphs
+            # LAB(lora): BEGIN -> others = []
             others = [(int(host.query_start[i]), int(host.query_start[i + 1]), w.proc.tenant.program)
                       for i, w in enumerate(works) if w.proc.tenant.program is not program]
+            # LAB(lora): END
             if others:                             # adapters' rows beside the base's: this step's own program
                 logits = kernel.device.forward(program.mixed(others), to_device(host, kernel.device), kv)
             elif graphs is not None and graphs.takes(program, host, kv):    # pure decode: static buffers, graphs

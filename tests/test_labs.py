@@ -21,7 +21,8 @@ LABS = [lab.name for lab in catalog.LABS]
 
 
 def sources() -> dict:
-    return {str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / "kernel").rglob("*.py"))}
+    files = [p for top in ("kernel", "userspace") for p in sorted((ROOT / top).rglob("*.py"))]
+    return {str(p.relative_to(ROOT)): p.read_text() for p in files}
 
 
 def test_every_lab_has_regions_in_its_files_and_only_there():

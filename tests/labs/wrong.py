@@ -113,4 +113,22 @@ WRONG = (
           "del space.frames[space.num_pages:]\nfor frame in dropped:\nself.frames.decref(frame)", ""),
     Wrong("speculate", "occurrence-at-the-end", "the suffix itself counts as its earlier occurrence: nothing follows "
           "it", "kernel/speculate.py", "end = 4 * (total - 1)", "end = 4 * total"),
+    # lora
+    Wrong("lora", "delta-on-every-row", "each adapter's delta added to every row of the batch, the base's and "
+          "the other adapters' too", "userspace/programs/lora.py",
+          "y.index_add_(0, rows, weights.delta(x.index_select(0, rows)).to(y.dtype))",
+          "y += weights.delta(x).to(y.dtype)"),
+    Wrong("lora", "shared-identity", "the adapter's pages named as the base's: the page cache maps one into "
+          "the other", "userspace/programs/lora.py",
+          "program.identity = hashlib.sha256(base.identity + digest).digest()", "program.identity = base.identity"),
+    Wrong("lora", "a-row-a-process", "a process's rows taken as one row (right at decode, wrong for a prompt "
+          "chunk)", STEP,
+          "others = [(int(host.query_start[i]), int(host.query_start[i + 1]), w.proc.tenant.program)\n"
+          "for i, w in enumerate(works) if w.proc.tenant.program is not program]",
+          "others = [(i, i + 1, w.proc.tenant.program)\n"
+          "for i, w in enumerate(works) if w.proc.tenant.program is not program]"),
+    Wrong("lora", "a-forward-per-program", "adapters grouped by program: every adapter reads the base's weights "
+          "in a forward of its own", STEP,
+          'groups.setdefault(id(getattr(program, "base_program", None) or program), []).append(work)',
+          "groups.setdefault(id(program), []).append(work)"),
 )

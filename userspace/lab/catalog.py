@@ -67,6 +67,10 @@ LABS = (
         "them; the pages of the rest unmapped before anyone names them",
         ("kernel/speculate.py", "kernel/step.py", "kernel/mm/memory.py"), "3 h",
         (ALONE, "tests/test_fork_cow.py")),
+    Lab("lora", "Shared text: LoRA adapters over one base model",
+        "adapters as programs that share their base's weights, each adapter's delta on its own rows of a "
+        "batch the base and its adapters share, pages named by the program that computed them",
+        ("userspace/programs/lora.py", "kernel/step.py"), "3 h", (ALONE,)),
 )
 BY_NAME = {lab.name: lab for lab in LABS}
 

@@ -95,12 +95,14 @@ class LoraLinear:
 
     def mm(self, a: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = qlinear.mm(a, self.base, bias)
+        # LAB(lora): BEGIN -> pass
         x = a if a.dtype == torch.float32 else a.float()
         for rows, weights in self.deltas:
             if rows is None:
                 y += weights.delta(x).to(y.dtype)
             else:                          # the same sums as over every row, on these rows' own
                 y.index_add_(0, rows, weights.delta(x.index_select(0, rows)).to(y.dtype))
+        # LAB(lora): END
         return y
 
 
@@ -111,10 +113,12 @@ def mixed(base, segments: list):
     """The program that forwards one step's batch of `base`'s processes and its adapters': segments
     are (first row, end row, adapted program) of the rows that are not base's. The base's layers,
     each slot with the deltas of the adapters that have one there, on their rows only."""
-    rows: dict = {}
-    for start, end, program in segments:
+    for _, _, program in segments:
         if getattr(program, "base_program", None) is not base:
             raise KernelPanic(f"{program.name} is not an adapter of {base.name}")
+    # LAB(lora): BEGIN -> raise NotImplementedError
+    rows: dict = {}
+    for start, end, program in segments:
         rows.setdefault(id(program), (program, []))[1].append(torch.arange(start, end))
     adapters = [(program, torch.cat(spans).to(base.device)) for program, spans in rows.values()]
     view = copy.copy(base)
@@ -129,6 +133,7 @@ def mixed(base, segments: list):
         layers.append(mine)
     view.layers = layers
     return view
+    # LAB(lora): END
 
 
 def locate(adapter: str) -> tuple[Path, bytes]:
@@ -154,7 +159,9 @@ def adapted(base, folder: Path, digest: bytes):
     program = copy.copy(base)                   # every tensor shared; the layers below are new objects
     program.base_program = base                 # keeps the base loaded (and cached); shares its batches
     program.name = f"{base.name}{MARK}{folder.name}"
+    # LAB(lora): BEGIN -> program.identity = base.identity
     program.identity = hashlib.sha256(base.identity + digest).digest()
+    # LAB(lora): END
     program.layer_weights, program.layer_rows = None, None       # the C layer loop runs plain GEMMs only
     # ops.panel_mm where the CPU forward runs float32 activations (its GEMMs' own panels or blocks)
     panels = torch.device(base.device).type == "cpu" and base.dtype == torch.float32
