@@ -249,7 +249,8 @@ def test_kvosd_serves_an_adapter_as_a_tenant(adapter):
         reply = client.completions.create(model="tuned", prompt="Hello", max_tokens=8, temperature=0,
                                           extra_body={"ignore_eos": True, "return_token_ids": True})
         assert reply.choices[0].model_extra["token_ids"] == want.tokens
-        assert [m.id for m in client.models.list().data] == ["tuned"]
+        cards = client.models.list().data
+        assert [m.id for m in cards] == ["tuned"] and cards[0].model_extra["parent"] == "tiny-llama"
         client.close()
     finally:
         report = srv.stop()

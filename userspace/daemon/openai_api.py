@@ -117,7 +117,8 @@ class OpenAIAPI:
             return infos
         return JSONResponse({"object": "list", "data": [
             {"id": t.name, "object": "model", "created": int(self.daemon.booted_at), "owned_by": "kvos",
-             "root": self.daemon.models.get(t.name, t.model), "parent": None, "max_model_len": t.max_context}
+             "root": self.daemon.models.get(t.name, t.model), "parent": _parent(t.model),
+             "max_model_len": t.max_context}
             for t in await anyio.to_thread.run_sync(tenants)]})
 
     async def chat(self, request: Request):
@@ -284,6 +285,12 @@ class OpenAIAPI:
         if include_usage:
             yield _sse({**head, "choices": [], "usage": usage_of(run, predicted)})
         yield "data: [DONE]\n\n"
+
+
+def _parent(model: str) -> str | None:
+    """The base model of a LoRA adapter's program (`BASE+lora:ADAPTER`), as vLLM's model cards give it."""
+    base, mark, _ = model.rpartition("+lora:")
+    return base if mark else None
 
 
 def tokenized(handle, tid, prompts: list, keep: int | None, tools, template: dict) -> list:
