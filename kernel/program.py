@@ -183,4 +183,4 @@ def exec_program(spec, device) -> Program:
     hint = ("give a model as a name (smollm2-135m, tiny-llama), a path (a .gguf file or a Hugging Face folder) "
             "or a hub id (ORG/NAME[@REVISION], ORG/NAME:FILE.gguf)" if getattr(device, "has_tensors", True)
             else "try a simulated model such as 'llama-2-7b', or a config.json path")
-    raise KvosError(ENOENT, f"no program named {spec!r}; {hint}")
+    raise KvosError(ENOENT, f"no program named {spec[:200]!r}; {hint}")

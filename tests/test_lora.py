@@ -255,3 +255,47 @@ def test_kvosd_serves_an_adapter_as_a_tenant(adapter):
     finally:
         report = srv.stop()
     assert report["fsck"] == "clean" and report["frames_mapped"] == 0
+
+
+def test_kvosd_loads_and_unloads_adapters_at_run_time(adapter):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: root's key makes an adapter a tenant
+    that requests name as their model, and unloading kills it; the errors are vLLM's statuses."""
+    from tests.test_daemon_conventions import call
+    from userspace.daemon.config import DaemonConfig, TenantSpec
+    from userspace.daemon.listen import ServerThread
+    folder, _ = adapter
+    k = kernel.boot(memory=frames(32), threads=1)
+    sys = k.syscalls()
+    want = sys.wait(sys.spawn(sys.spawn_tenant(f"tiny-llama+lora:{folder}"), "Hello", max_tokens=8, temperature=0,
+                              ignore_eos=True))
+    srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory="8MiB", threads=1), root_key="lora-root-key",
+                                    tenants=[TenantSpec("base", "tiny-llama", "lora-base-key")]))
+    root = "lora-root-key"
+    try:
+        load = {"lora_name": "tuned", "lora_path": str(folder)}
+        status, _, text = call(srv.url, "POST", "/v1/load_lora_adapter", load, root)
+        assert status == 200 and text == "Success: LoRA adapter 'tuned' added successfully."
+        body = {"model": "tuned", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        reply = call(srv.url, "POST", "/v1/completions", body, root)[2]
+        assert reply["choices"][0]["token_ids"] == want.tokens
+        cards = {m["id"]: m["parent"] for m in call(srv.url, "GET", "/v1/models", key=root)[2]["data"]}
+        assert cards == {"base": None, "tuned": "tiny-llama"}
+        for bad, want_status, reason in (
+                (load, 400, "a tenant named 'tuned' exists"),
+                ({**load, "lora_name": "x", "lora_path": "/nowhere"}, 404, "no LoRA adapter here"),
+                ({**load, "lora_name": "x", "base_model": "nobody"}, 404, "no tenant serves a base model"),
+                ({**load, "lora_name": "x", "load_inplace": True}, 400, "load_inplace is not supported")):
+            status, _, error = call(srv.url, "POST", "/v1/load_lora_adapter", bad, root)
+            assert status == want_status and reason in error["error"]["message"], error
+        assert call(srv.url, "POST", "/v1/load_lora_adapter", {**load, "lora_name": "y"}, "lora-base-key")[0] == 403
+        status, _, error = call(srv.url, "POST", "/v1/unload_lora_adapter", {"lora_name": "base"}, root)
+        assert status == 400 and "not a LoRA adapter" in error["error"]["message"]
+        status, _, text = call(srv.url, "POST", "/v1/unload_lora_adapter", {"lora_name": "tuned", "lora_int_id": 1},
+                               root)
+        assert status == 200 and text == "Success: LoRA adapter 'tuned' removed successfully."
+        assert call(srv.url, "POST", "/v1/completions", body, root)[0] == 404
+        assert call(srv.url, "POST", "/v1/unload_lora_adapter", {"lora_name": "tuned"}, root)[0] == 404
+    finally:
+        report = srv.stop()
+    assert report["fsck"] == "clean" and report["frames_mapped"] == 0

@@ -156,3 +156,15 @@ def test_bad_chat(program):
         program.apply_chat_template([{"content": "no role"}])
     with raises("EINVAL", "text to encode must be a string"):
         program.encode(42)
+
+
+def test_a_name_too_long_for_a_file_is_enoent_not_an_oserror():
+    """Found by fuzzing kvosd: asking the file system about a 5,000-character name raised OSError
+    (a 500 over HTTP); such a name is no model, no adapter."""
+    import kernel
+    k = kernel.boot(memory="1MiB")
+    sys = k.syscalls()
+    for spec in ("0" * 5000, "0" * 5000 + ".gguf", "org/" + "b" * 300, "tiny-llama+lora:" + "x" * 5000):
+        with pytest.raises(KvosError, match="^ENOENT"):
+            sys.spawn_tenant(spec)
+    assert not k.tenants

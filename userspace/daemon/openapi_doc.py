@@ -131,6 +131,8 @@ def _success(path: str, method: str = "get") -> dict:
             "/healthz": _json({"type": "object", "required": ["status", "pid"], "properties": {
                 "status": {"enum": ["ok", "loading", "draining"]}, "pid": {"type": "integer"}}}),
             "/health": {"text/plain": {"schema": {"type": "string", "maxLength": 0}}},
+            "/v1/load_lora_adapter": {"text/plain": {"schema": {"type": "string"}}},
+            "/v1/unload_lora_adapter": {"text/plain": {"schema": {"type": "string"}}},
             "/tokenize": _json({"type": "object", "required": ["count", "max_model_len", "tokens"], "properties": {
                 "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
                 "tokens": {"type": "array", "items": {"type": "integer"}}, "token_strs": {"type": "null"}}}),

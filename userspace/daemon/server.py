@@ -30,6 +30,7 @@ from kernel.errors import EAGAIN, KvosError
 from userspace.daemon import (
     dmesg_log,
     errors,
+    lora_api,
     openai_api,
     openapi_doc,
     request_log,
@@ -185,6 +186,7 @@ def build_app(daemon: Daemon) -> FastAPI:
     sysapi.add_routes(app, daemon)
     request_models = openai_api.add_routes(app, daemon)
     request_models += tokenize_api.add_routes(app, daemon)
+    request_models += lora_api.add_routes(app, daemon)
 
     async def metrics(request: Request):
         who = daemon.authenticate(request)

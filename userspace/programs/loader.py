@@ -51,8 +51,16 @@ def claims(spec: str) -> bool:
         return claims(parts[0])
     if spec == TINY_NAME or spec in fetch.MODELS:
         return True
+    if _too_long(spec):
+        return False
     path = Path(spec).expanduser()
     return spec.endswith(".gguf") or hf_folder.is_hf_folder(path) or hub.parse(spec) is not None
+
+
+def _too_long(spec: str) -> bool:
+    """Whether spec cannot name a file (a part over 255 bytes, or 4,096 in all): asking the file
+    system about it would be an OSError, not an answer."""
+    return len(spec.encode()) > 4096 or any(len(part.encode()) > 255 for part in spec.split("/"))
 
 
 def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None, weights=None) -> LlamaProgram:
@@ -73,6 +81,8 @@ def load_program(spec: str, device="cpu", dtype=None, matmul=None, kv=None, weig
         with _lock:
             return _cached((base.identity, "lora", digest), _torch_device(device), (),
                            lambda: lora.adapted(base, folder, digest))
+    if _too_long(spec):
+        raise KvosError(ENOENT, f"no program named {spec[:200]!r}: too long for a file name")
     torch_device = _torch_device(device)
     dtype = _dtype(dtype, torch_device)
     kind = (dtype, _matmul_dtype(matmul, torch_device, dtype), _kv_dtype(kv, torch_device, dtype))

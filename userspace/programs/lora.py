@@ -183,11 +183,15 @@ def adapted(base, folder: Path, digest: bytes):
 
 def _folder(adapter: str) -> Path:
     from userspace.programs import hub
-    path = Path(adapter).expanduser()
-    if not path.exists() and hub.parse(adapter) is not None:
-        path = hub.resolve(adapter)
-    if not (path / "adapter_config.json").is_file():
-        raise KvosError(ENOENT, f"{adapter}: no LoRA adapter here (a folder with adapter_config.json and "
+    try:
+        path = Path(adapter).expanduser()
+        if not path.exists() and hub.parse(adapter) is not None:
+            path = hub.resolve(adapter)
+        found = (path / "adapter_config.json").is_file()
+    except OSError as err:             # a name too long for the file system, a folder it may not read
+        raise KvosError(ENOENT, f"{adapter[:200]}: no LoRA adapter here ({err.strerror})") from None
+    if not found:
+        raise KvosError(ENOENT, f"{adapter[:200]}: no LoRA adapter here (a folder with adapter_config.json and "
                                 f"adapter_model.safetensors, or a hub id of one)")
     return path
 
