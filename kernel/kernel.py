@@ -242,6 +242,8 @@ class Kernel(ProcessTable):
         self.mm.remove_cgroup(tenant.cgid)
         tenant.alive = False
         del self.tenants[tenant.tid]
+        if not any(t.program is tenant.program for t in self.tenants.values()):
+            self.kv_views.pop(id(tenant.program), None)     # nothing holds the program here: it may go
         self.log("tenant", f"tenant {tenant.tid} {tenant.name!r} killed", tenant=tenant)
 
     # -- memory shares ----------------------------------------------------------------------------

@@ -299,3 +299,23 @@ def test_kvosd_loads_and_unloads_adapters_at_run_time(adapter):
     finally:
         report = srv.stop()
     assert report["fsck"] == "clean" and report["frames_mapped"] == 0
+
+
+def test_an_unloaded_adapter_is_freed(adapter):
+    """Killing an adapter's last tenant lets its program go (its A and B matrices) once the kernel has
+    stepped on (the last step's shares name the tenants it saw), while the base runs on."""
+    import gc
+    import weakref
+    folder, _ = adapter
+    k = kernel.boot(memory=frames(32), threads=1)
+    sys = k.syscalls()
+    base = sys.spawn_tenant("tiny-llama")
+    tid = sys.spawn_tenant(f"tiny-llama+lora:{folder}", name="short-lived")
+    for t in (base, tid):
+        sys.wait(sys.spawn(t, "Hello", max_tokens=3, ignore_eos=True))
+    program = weakref.ref(k.tenants[tid].program)
+    sys.kill_tenant(tid)
+    assert sys.wait(sys.spawn(base, "Hello", max_tokens=3, ignore_eos=True)).reason == "length"   # a step on
+    gc.collect()
+    assert program() is None
+    assert_all_memory_back(k)
