@@ -301,12 +301,13 @@ def test_kvosd_loads_and_unloads_adapters_at_run_time(adapter):
     assert report["fsck"] == "clean" and report["frames_mapped"] == 0
 
 
-def test_an_unloaded_adapter_is_freed(adapter):
+def test_an_unloaded_adapter_is_freed(tmp_path):
     """Killing an adapter's last tenant lets its program go (its A and B matrices) once the kernel has
     stepped on (the last step's shares name the tenants it saw), while the base runs on."""
     import gc
     import weakref
-    folder, _ = adapter
+    folder = tmp_path / "own"                # its own adapter: no other test's tenant shares the program
+    peft_adapter(folder, seed=11)
     k = kernel.boot(memory=frames(32), threads=1)
     sys = k.syscalls()
     base = sys.spawn_tenant("tiny-llama")

@@ -16,6 +16,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kernel.errors import EINVAL, EPERM, ESRCH, KvosError
+from userspace.daemon.openapi_doc import request_body
 from userspace.daemon.sysapi import json_object
 
 MARK = "+lora:"            # userspace/programs/lora.py's spec: BASE+lora:ADAPTER
@@ -103,13 +104,10 @@ def add_routes(app: FastAPI, daemon) -> list:
     """Mount the two routes; returns their request models for the OpenAPI description."""
     api = LoraAPI(daemon)
 
-    def doc(model):
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "$ref": f"#/components/schemas/{model.__name__}"}}}}}
     app.add_api_route("/v1/load_lora_adapter", api.load, methods=["POST"], tags=["openai"],
                       summary="Load a LoRA adapter on a served base model as a tenant, as vLLM's (root's key)",
-                      openapi_extra=doc(LoadLoraRequest))
+                      openapi_extra=request_body(LoadLoraRequest))
     app.add_api_route("/v1/unload_lora_adapter", api.unload, methods=["POST"], tags=["openai"],
                       summary="Unload a LoRA adapter: its tenant is killed, as vLLM's (root's key)",
-                      openapi_extra=doc(UnloadLoraRequest))
+                      openapi_extra=request_body(UnloadLoraRequest))
     return [LoadLoraRequest, UnloadLoraRequest]

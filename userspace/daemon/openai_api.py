@@ -29,6 +29,7 @@ from userspace.daemon.openai_requests import (
     sampling_params,
 )
 from userspace.daemon.openai_responses import ResponsesAPI, ResponsesRequest
+from userspace.daemon.openapi_doc import request_body
 from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, launch, usage_of
 from userspace.daemon.sysapi import json_object
 from userspace.daemon.waiting import Disconnected
@@ -321,22 +322,19 @@ def add_routes(app: FastAPI, daemon) -> list:
     """Mount /v1; returns the request models for the OpenAPI description."""
     api = OpenAIAPI(daemon)
 
-    def doc(model):              # the schema itself goes into components (see server.openapi)
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "$ref": f"#/components/schemas/{model.__name__}"}}}}}
     app.add_api_route("/v1/models", api.models, methods=["GET"], tags=["openai"],
                       summary="The models (tenants) this key may use")
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"], tags=["openai"],
                       summary="Chat completion (streamed with stream=true; n choices by fork)",
-                      openapi_extra=doc(ChatRequest))
+                      openapi_extra=request_body(ChatRequest))
     app.add_api_route("/v1/completions", api.completions, methods=["POST"], tags=["openai"],
                       summary="Text completion (streamed with stream=true; n choices by fork)",
-                      openapi_extra=doc(CompletionRequest))
+                      openapi_extra=request_body(CompletionRequest))
     responses = ResponsesAPI(daemon, api.resolve)
     app.add_api_route("/v1/responses", responses.create, methods=["POST"], tags=["openai"],
                       summary="A response (streamed with stream=true); stored ones sleep as processes, and "
                               "previous_response_id continues one by fork",
-                      openapi_extra=doc(ResponsesRequest))
+                      openapi_extra=request_body(ResponsesRequest))
     app.add_api_route("/v1/responses/{response_id}", responses.get, methods=["GET"], tags=["openai"],
                       summary="A stored response")
     app.add_api_route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"], tags=["openai"],

@@ -54,6 +54,14 @@ ARGUMENT_EXAMPLES = {"pid": 1, "prompt": "Hello", "n": 2, "inc": 1, "timeout": 0
                      "max_tokens": 8, "temperature": 0, "text": True, "frames": False}
 
 
+def request_body(*models) -> dict:
+    """A route's openapi_extra naming its JSON body's model (or any of several): the schemas themselves
+    go into components when the description is built (server.openapi)."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}}}}
+
+
 def describe(schema: dict, tenant: tuple | None = None) -> dict:
     """Complete a get_openapi() schema in place (and return it). tenant: (name, tid) of a tenant the
     examples may name."""

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kernel.errors import EINVAL, KvosError
 from userspace.daemon.openai_api import OpenAIAPI
 from userspace.daemon.openai_requests import ChatMessage, chat_messages
+from userspace.daemon.openapi_doc import request_body
 from userspace.daemon.sysapi import json_object
 
 UNSUPPORTED = "is not supported by kvosd"
@@ -127,15 +128,11 @@ def add_routes(app: FastAPI, daemon) -> list:
     """Mount /tokenize and /detokenize; returns the request models for the OpenAPI description."""
     api = TokenizeAPI(daemon, OpenAIAPI(daemon).resolve)
 
-    def body(*models):
-        refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
-        return {"requestBody": {"required": True, "content": {"application/json": {
-            "schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}}}}
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"], tags=["openai"],
                       summary="Token ids of a prompt or a chat, as vLLM's /tokenize: what kvosd would run",
-                      openapi_extra=body(TokenizeCompletionRequest, TokenizeChatRequest))
+                      openapi_extra=request_body(TokenizeCompletionRequest, TokenizeChatRequest))
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"], tags=["openai"],
-                      summary="Text of token ids, as vLLM's /detokenize", openapi_extra=body(DetokenizeRequest))
+                      summary="Text of token ids, as vLLM's /detokenize", openapi_extra=request_body(DetokenizeRequest))
     app.add_api_route("/tokenizer_info", api.tokenizer_info, methods=["GET"], tags=["openai"],
                       summary="The tokenizer's special tokens, chat template and context, as vLLM's /tokenizer_info",
                       openapi_extra={"parameters": [{"name": "model", "in": "query", "required": False,
