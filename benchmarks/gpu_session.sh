@@ -9,7 +9,7 @@
 #   2. benchmarks/gpu_attention.py  decode attention v2 against the twin, then GB/s of v1, v2, SDPA on
 #                                a contiguous cache and FlexAttention's paged path, beside a copy (140 s)
 #   3. pytest -m cuda            the CUDA tests of the suite (ops, custom ops, programs against HF,
-#                                decode graphs against eager) (80 s)
+#                                decode graphs against eager, LoRA adapters against the CPU) (80 s)
 #   (benchmarks/gpu_attention_variants.py when .variants/ is carried: kernel variants timed)
 #   4. benchmarks/gpu_kernel.py  the whole kernel on the GPU against the CPU, eager and with decode
 #                                graphs (32/32 greedy outputs, fsck), then decode step time eager vs

@@ -320,3 +320,66 @@ def test_an_unloaded_adapter_is_freed(tmp_path):
     gc.collect()
     assert program() is None
     assert_all_memory_back(k)
+
+
+def raw_adapter(folder, seed: int, r: int = 4, targets=("q_proj", "v_proj", "down_proj")) -> str:
+    """A LoRA adapter in PEFT's files, written without PEFT (the GPU machine has none): random A and B
+    for tiny-llama. -> its spec."""
+    from safetensors.torch import save_file
+    c = tiny.TINY_CONFIG
+    shapes = {"q_proj": (c.hidden_size, c.q_size), "k_proj": (c.hidden_size, c.kv_size),
+              "v_proj": (c.hidden_size, c.kv_size), "o_proj": (c.q_size, c.hidden_size),
+              "gate_proj": (c.hidden_size, c.intermediate_size), "up_proj": (c.hidden_size, c.intermediate_size),
+              "down_proj": (c.intermediate_size, c.hidden_size)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(c.num_hidden_layers):
+        for target in targets:
+            block = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{block}.{target}"
+            fan_in, fan_out = shapes[target]
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) / fan_in ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=g) / r ** 0.5
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+                                                            "target_modules": list(targets), "bias": "none"}))
+    return f"tiny-llama+lora:{folder}"
+
+
+def greedy_tokens(device: str, specs: list, prompt: list) -> list:
+    """Each spec's greedy 10 tokens, all its processes in one kernel on device (a mixed batch)."""
+    k = kernel.boot(device=device, memory="8MiB", **({"threads": 1} if device == "cpu" else {}))
+    sys = k.syscalls()
+    pids = [sys.spawn(sys.spawn_tenant(spec), prompt, max_tokens=10, temperature=0, ignore_eos=True) for spec in specs]
+    out = [sys.wait(pid).tokens for pid in pids]
+    k.fsck()
+    return out
+
+
+def test_a_hand_written_adapter_runs_as_peft_s_do(tmp_path):
+    """The files raw_adapter writes are what PEFT saves (the CUDA check below depends on them)."""
+    spec = raw_adapter(tmp_path / "raw", seed=5)
+    program = load_program(spec)
+    assert sorted(program.lora_weights[0]) == ["down_t", "qkv_t"]
+    specs = ["tiny-llama", spec]
+    together = greedy_tokens("cpu", specs, [5, 6, 7, 8])
+    assert together[0] != together[1] and together == [greedy_tokens("cpu", [s], [5, 6, 7, 8])[0] for s in specs]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_adapter_on_cuda_computes_what_the_cpu_does(tmp_path, monkeypatch):
+    """The deltas on CUDA are torch GEMMs (the CPU's are panels): float32 logits within 1e-4 of the
+    CPU's, and greedy tokens of the base and two adapters in one batch equal the CPU kernel's."""
+    monkeypatch.setenv("KVOS_DTYPE", "float32")          # CUDA programs are bf16 by default
+    specs = ["tiny-llama", raw_adapter(tmp_path / "a", seed=1), raw_adapter(tmp_path / "b", seed=2, r=2,
+                                                                             targets=("k_proj", "gate_proj"))]
+    prompt = load_program("tiny-llama").encode("The page table maps virtual pages to frames of the device")
+    for spec in specs[1:]:
+        outs = []
+        for device in ("cpu", "cuda"):
+            runner = PagedRunner(load_program(spec, device, dtype=torch.float32), device=device)
+            outs.append(runner.prefill(runner.new_seq(), prompt, chunk=7).float().cpu())
+        assert rel_error(outs[1], outs[0]) < 1e-4, spec
+    assert greedy_tokens("cuda", specs, prompt) == greedy_tokens("cpu", specs, prompt)
