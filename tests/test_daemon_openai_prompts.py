@@ -160,6 +160,17 @@ def test_a_chat_s_template_options_run_the_ids_tokenize_gives(client, server):
         assert tokenized["tokens"] == ids
     assert root.detokenize(tid, root.tokenize(tid, begun, add_generation_prompt=False,
                                               continue_final_message=True)).endswith("assistant\nHer name is")
+    # echo (vLLM's): each choice's content starts with the assistant message it continues, streamed or not
+    continued = dict(add_generation_prompt=False, continue_final_message=True)
+    plain = client.chat.completions.create(messages=begun, **{**kw, "extra_body": {**kw["extra_body"], **continued}})
+    echoed = client.chat.completions.create(messages=begun, n=2, **{**kw, "extra_body": {
+        **kw["extra_body"], **continued, "echo": True}})
+    assert [c.message.content for c in echoed.choices] == ["Her name is" + plain.choices[0].message.content] * 2
+    chunks = list(client.chat.completions.create(messages=begun, stream=True, **{**kw, "extra_body": {
+        **kw["extra_body"], **continued, "echo": True}}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == echoed.choices[0].message.content
+    assert client.chat.completions.create(messages=CHAT, **{**kw, "extra_body": {**kw["extra_body"], "echo": True}}) \
+        .choices[0].message.content == client.chat.completions.create(messages=CHAT, **kw).choices[0].message.content
     beams = client.chat.completions.create(messages=begun, n=2, model=MODEL, max_tokens=3, temperature=0, extra_body={
         "use_beam_search": True, "add_generation_prompt": False, "continue_final_message": True})
     assert len(beams.choices) == 2

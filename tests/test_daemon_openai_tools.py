@@ -103,3 +103,15 @@ def test_tokenize_gives_the_tools_to_the_template_as_a_chat_completion_does(serv
     assert status == 400, reply
     with pytest.raises(KvosError):
         root.tokenize(tid, "text", tools=TOOLS)
+
+
+def test_a_begun_reply_that_calls_a_tool_keeps_its_beginning_with_echo(tools_client):
+    """continue_final_message with echo (vLLM's) and a forced call: the call is parsed from what the
+    model added, and the content is the message it continued."""
+    begun = ASK + [{"role": "assistant", "content": "Let me look that up."}]
+    reply = tools_client.chat.completions.create(
+        model="tools", messages=begun, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True, "echo": True})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    assert choice.message.content == "Let me look that up."

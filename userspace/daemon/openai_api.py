@@ -138,6 +138,9 @@ class OpenAIAPI:
         tools = None              # the tools whose calls this request's replies may hold
         if endpoint == "chat" and openai_tools.check(req.tools, req.tool_choice) is not None:
             tools = req.tools
+        reply_head = ""           # chat with echo: the assistant message the reply continues, as vLLM's
+        if endpoint == "chat" and req.echo and prompts[0][-1]["role"] == "assistant":
+            reply_head = prompts[0][-1]["content"]
         template = req.template_options() if endpoint == "chat" else {}
         as_ids = req.truncate_prompt_tokens is not None or bool(template)    # tokenized here, then spawned as ids
         if as_ids:
@@ -166,7 +169,7 @@ class OpenAIAPI:
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             events = self._events(run, endpoint, meta, usage, req.return_token_ids, params.get("logprobs") is not None,
-                                  tools, echoes, "prediction" in params)
+                                  tools, echoes, "prediction" in params, reply_head)
             return ProcessStream(self.daemon, run, events, endpoint)
         entries = [[] for _ in run.pids]             # each choice's TokenLogprobs, when asked for
         prompt_entries = [[] for _ in run.pids]      # and its prompt's (echo with logprobs)
@@ -196,10 +199,11 @@ class OpenAIAPI:
             logprobs = None
             reason = s.reason
             if endpoint == "chat":
-                choice = {"index": i, "message": {"role": "assistant", "content": s.text}}
+                choice = {"index": i, "message": {"role": "assistant", "content": reply_head + s.text}}
                 if tools is not None:
                     content, calls = openai_tools.parse_calls(s.text, tools)
                     if calls:
+                        content = reply_head + (content or "") if reply_head else content
                         choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
                         reason = "tool_calls" if reason == "stop" else reason
                 if wants_logprobs:
@@ -223,10 +227,11 @@ class OpenAIAPI:
         return JSONResponse(body)
 
     async def _events(self, run, endpoint, meta, include_usage, with_ids, with_logprobs, tools=None, echoes=None,
-                      predicted=False):
+                      predicted=False, reply_head=""):
         """The server-sent events of a streamed request, ending with usage (if asked) and [DONE]. A
         reply that may hold tool calls is sent whole at its end, its calls parsed out. With echo, a
-        completion's first chunk starts with its prompt (and the prompt's logprobs)."""
+        completion's first chunk starts with its prompt (and the prompt's logprobs), and a chat
+        choice's opening chunk holds the assistant message it continues (reply_head)."""
         head = {**meta, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion"}
         offsets = [0] * len(run.pids)            # completions' text_offset, carried from chunk to chunk
         echo_due = [echoes is not None] * len(run.pids)
@@ -254,7 +259,7 @@ class OpenAIAPI:
 
         if endpoint == "chat":               # OpenAI opens each choice with the role
             for i in range(len(run.pids)):
-                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": reply_head},
                                                  "logprobs": None, "finish_reason": None}]})
         held = [[] for _ in run.pids]            # with tools: each choice's reads, sent at its end
         try:

@@ -93,6 +93,7 @@ class ChatRequest(Sampling):
     tool_choice: str | dict | None = None
     add_generation_prompt: bool = True      # as vLLM: the template opens the assistant's turn
     continue_final_message: bool = False    # as vLLM: the last message is left open, the model continues it
+    echo: bool = False                      # as vLLM: the reply starts with the assistant message it continues
 
     def template_options(self) -> dict:
         """The tokenize syscall's chat options where they are not its defaults (then kvosd tokenizes)."""
