@@ -66,6 +66,8 @@ def proc_of(kernel, caller, pid):
 
 MAX_TOOLS_BYTES = 64 * 1024   # the tools of one chat, as JSON
 MAX_SCHEMA_BYTES = 64 * 1024  # a json_schema's JSON text, or a grammar's (compiled in the caller's context)
+MAX_BAD_WORDS = 256           # bad_words_ids sequences a process may ban: bounded work per draw
+MAX_BAD_WORD_TOKENS = 32      # tokens in one of them
 MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from numbers import Integral
 
+from kernel.argcheck import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS
 from kernel.errors import EINVAL, KvosError
-
-MAX_BAD_WORDS = 256           # sequences a process may ban: bounded work per draw
-MAX_BAD_WORD_TOKENS = 32      # tokens in one sequence
 
 
 def normalise(sequences) -> tuple:

@@ -42,6 +42,23 @@ def run_workload(jobs, *, policy="fcfs", check=True, **boot):
     return outputs, k
 
 
+def run_exits(jobs, tenant=TINY, **boot):
+    """Spawn each job (prompt, spawn kwargs) on one tenant, run to the end (fsck every step); per job
+    (its exit status, its logprob entries); every frame must be back. -> (list, kernel)"""
+    boot.setdefault("memory", frames(64))
+    k = kernel.boot(**boot)
+    sys = k.syscalls()
+    tid = sys.spawn_tenant(tenant)
+    pids = [sys.spawn(tid, prompt, **kw) for prompt, kw in jobs]
+    run_to_end(k)
+    out = []
+    for pid in pids:
+        entries = sys.read(pid).logprobs
+        out.append((sys.wait(pid), entries))
+    assert_all_memory_back(k)
+    return out, k
+
+
 def assert_all_memory_back(k):
     k.fsck()
     info = k.syscalls().meminfo()

@@ -9,7 +9,7 @@ import pytest
 import kernel
 from kernel.errors import KvosError
 from kernel.speculate import propose_predicted
-from tests.kernel_helpers import TINY, assert_all_memory_back, frames, run_to_end
+from tests.kernel_helpers import TINY, assert_all_memory_back, frames, run_exits, run_to_end
 
 
 def guessing(tokens, prediction, generated):
@@ -36,18 +36,8 @@ def test_the_prediction_is_read_in_order_and_resumed_after_an_edit():
 
 def run(speculate, jobs, **boot):
     """Spawn each (prompt, kwargs), run to the end; per job (tokens, logprobs, exit status); the kernel."""
-    k = kernel.boot(speculate=speculate, memory=frames(64), **boot)
-    sys = k.syscalls()
-    tid = sys.spawn_tenant(TINY)
-    pids = [sys.spawn(tid, prompt, **kw) for prompt, kw in jobs]
-    run_to_end(k)
-    out = []
-    for pid in pids:
-        logprobs = [(e.token, e.logprob) for e in sys.read(pid).logprobs]
-        status = sys.wait(pid)
-        out.append((status.tokens, logprobs, status))
-    assert_all_memory_back(k)
-    return out, k
+    exits, k = run_exits(jobs, speculate=speculate, **boot)
+    return [(st.tokens, [(e.token, e.logprob) for e in entries], st) for st, entries in exits], k
 
 
 GREEDY = dict(max_tokens=40, temperature=0, ignore_eos=True, logprobs=1)

@@ -9,7 +9,7 @@ import pytest
 import kernel
 from kernel.errors import KernelPanic, KvosError
 from kernel.speculate import MAX_DECODES, may_draft, note_outcome, propose
-from tests.kernel_helpers import TINY, assert_all_memory_back, frames, run_to_end
+from tests.kernel_helpers import TINY, assert_all_memory_back, frames, run_exits, run_to_end
 
 # A prompt that repeats itself: the lookup finds its n-grams from the first decode step on.
 LOOP = [7, 8, 9, 10, 11] * 6 + [7, 8]
@@ -100,18 +100,9 @@ def test_truncate_unmaps_the_pages_past_the_end_and_never_a_named_one():
 def run(speculate, jobs, boot=None, tenant=TINY):
     """Spawn each job (prompt, spawn kwargs), run to the end (fsck every step); per job: its exit
     status's tokens, text, reason and its logprob entries, in order; and the kernel."""
-    k = kernel.boot(speculate=speculate, **(boot or {"memory": frames(64)}))
-    sys = k.syscalls()
-    tid = sys.spawn_tenant(tenant)
-    pids = [sys.spawn(tid, prompt, **kw) for prompt, kw in jobs]
-    run_to_end(k)
-    out = []
-    for pid in pids:
-        logprobs = sys.read(pid).logprobs
-        st = sys.wait(pid)
-        out.append((st.tokens, st.text, st.reason, [(e.token, e.logprob, e.top) for e in logprobs]))
-    assert_all_memory_back(k)
-    return out, k
+    exits, k = run_exits(jobs, tenant, speculate=speculate, **(boot or {}))
+    return [(st.tokens, st.text, st.reason, [(e.token, e.logprob, e.top) for e in entries])
+            for st, entries in exits], k
 
 
 SAMPLING = [

@@ -23,6 +23,12 @@ MARK = "+lora:"            # userspace/programs/lora.py's spec: BASE+lora:ADAPTE
 STRICT = ConfigDict(strict=True, extra="forbid")
 
 
+def base_of(model: str) -> str | None:
+    """The base model of an adapter's program (BASE+lora:ADAPTER), None for any other program."""
+    base, mark, _ = model.rpartition(MARK)
+    return base if mark else None
+
+
 class LoadLoraRequest(BaseModel):
     model_config = STRICT
     lora_name: str = Field(min_length=1, max_length=64)
@@ -61,7 +67,7 @@ class LoraAPI:
 
     def _base(self, sys, named: str | None) -> str:
         """The model spec of the base: the named tenant's, or the one model kvosd serves."""
-        bases = [t for t in self._infos(sys) if MARK not in t.model]
+        bases = [t for t in self._infos(sys) if base_of(t.model) is None]
         spec = {t.name: self.daemon.models.get(t.name, t.model) for t in bases}
         if named is not None:
             found = [t.name for t in bases if named in (t.name, t.model, spec[t.name])]
@@ -92,7 +98,7 @@ class LoraAPI:
             found = [t for t in self._infos(sys) if t.name == req.lora_name]
             if not found:
                 raise KvosError(ESRCH, f"no LoRA adapter named {req.lora_name!r} is loaded")
-            if MARK not in found[0].model:
+            if base_of(found[0].model) is None:
                 raise KvosError(EINVAL, f"{req.lora_name!r} is a tenant of its own model, not a LoRA adapter: "
                                         f"kill_tenant removes it")
             sys.kill_tenant(found[0].tid)

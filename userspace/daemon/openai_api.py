@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kernel.errors import ESRCH, KvosError
-from userspace.daemon import logprobs_shapes, openai_beam, openai_tools, waiting
+from userspace.daemon import logprobs_shapes, lora_api, openai_beam, openai_tools, waiting
 from userspace.daemon.errors import openai_error
 from userspace.daemon.openai_requests import (
     ChatRequest,
@@ -118,7 +118,7 @@ class OpenAIAPI:
             return infos
         return JSONResponse({"object": "list", "data": [
             {"id": t.name, "object": "model", "created": int(self.daemon.booted_at), "owned_by": "kvos",
-             "root": self.daemon.models.get(t.name, t.model), "parent": _parent(t.model),
+             "root": self.daemon.models.get(t.name, t.model), "parent": lora_api.base_of(t.model),
              "max_model_len": t.max_context}
             for t in await anyio.to_thread.run_sync(tenants)]})
 
@@ -291,12 +291,6 @@ class OpenAIAPI:
         if include_usage:
             yield _sse({**head, "choices": [], "usage": usage_of(run, predicted)})
         yield "data: [DONE]\n\n"
-
-
-def _parent(model: str) -> str | None:
-    """The base model of a LoRA adapter's program (`BASE+lora:ADAPTER`), as vLLM's model cards give it."""
-    base, mark, _ = model.rpartition("+lora:")
-    return base if mark else None
 
 
 def tokenized(handle, tid, prompts: list, keep: int | None, tools, template: dict) -> list:

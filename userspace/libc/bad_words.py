@@ -9,7 +9,7 @@ as in vLLM, whose `bad_words` kvosd serves with this.
 """
 from __future__ import annotations
 
-from kernel.bad_words import MAX_BAD_WORDS
+from kernel.argcheck import MAX_BAD_WORDS
 from kernel.errors import EINVAL, KvosError
 
 MAX_WORDS = MAX_BAD_WORDS // 2       # two spellings each
