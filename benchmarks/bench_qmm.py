@@ -9,8 +9,10 @@ min and median of the rounds: "qmm raw" calls the C entry point through cffi wit
 its built kernel/ops/_kvos_cpu.abi3.so, raw), on the same codes. --panel adds "panel f32": ops'
 float32 panel_mm C entry point on float32 weights of the same shapes (538 MB).
 --split times qmm raw (and qmm old) on the 4-bit projections and on the 8-bit head apart, each in
-G int8 multiply-adds a second.
+G int8 multiply-adds a second. --paths vnni,avx2 adds "qmm <path>": qmm raw on that vector path
+(on an AVX-512 VNNI CPU, the two paths side by side on the same codes; with --split, apart too).
 Run: PYTHONPATH=$PWD python benchmarks/bench_qmm.py [--rounds 7] [--batches 1,8,64] [--baseline DIR] [--panel] [--split]
+     [--paths vnni,avx2]
 """
 import argparse
 import importlib.util
@@ -23,6 +25,7 @@ import torch
 
 from kernel import ops
 from kernel.ops import cpu
+from kernel.ops.qblocks import PATHS
 from userspace.programs.qlinear import Int4Linear, Int8Linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -68,9 +71,14 @@ def main():
     ap.add_argument("--baseline", help="a kvos checkout whose qmm runs as 'qmm old'")
     ap.add_argument("--panel", action="store_true", help="also time float32 panel_mm on the same shapes")
     ap.add_argument("--split", action="store_true", help="4-bit projections and the 8-bit head timed apart")
+    ap.add_argument("--paths", default="", help="vector paths to time apart, of: portable, vnni, avx2")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cpu.set_num_threads(1)
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        ap.error(f"--paths: unknown {sorted(unknown)}; choose from {sorted(PATHS)}")
     old_pack, old_lib, old_ffi = load_baseline(args.baseline) if args.baseline else (None, None, None)
     if old_lib is not None:
         old_lib.kvos_set_num_threads(1)
@@ -96,6 +104,9 @@ def main():
                 return old_ffi.cast("void *", t.data_ptr())
             fns["qmm old"] = lambda xs=xs, outs=outs, m=m: [
                 old_lib.kvos_qmm(ptr(outs[n]), n, ptr(xs[k]), k, m, k, ptr(o), n, b, 0) for n, k, b, p, w, o in ws]
+        for path in paths:
+            fns[f"qmm {path}"] = lambda xs=xs, outs=outs, code=PATHS[path]: [
+                cpu.qmm(xs[k], p, n, b, code, outs[n]) for n, k, b, p, *_ in ws]
         macs = {}
         if args.split:
             for bits, part in ((4, "4-bit"), (8, "head")):
@@ -105,6 +116,9 @@ def main():
                 fns[f"qmm raw {part}"] = lambda xs=xs, outs=outs, m=m, group=group: [
                     new_lib.kvos_qmm(new_ptr(outs[n]), n, new_ptr(xs[k]), k, m, k, new_ptr(p), n, b, 0)
                     for n, k, b, p, *_ in group]
+                for path in paths:
+                    fns[f"qmm {path} {part}"] = lambda xs=xs, outs=outs, group=group, code=PATHS[path]: [
+                        cpu.qmm(xs[k], p, n, b, code, outs[n]) for n, k, b, p, *_ in group]
                 if old_lib is not None:
                     fns[f"qmm old {part}"] = lambda xs=xs, outs=outs, m=m, group=group: [
                         old_lib.kvos_qmm(ptr(outs[n]), n, ptr(xs[k]), k, m, k, ptr(o), n, b, 0)

@@ -120,6 +120,28 @@ int attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t 
     return tn;
 }
 
+/* A token's rows of all heads are contiguous within a page ([token][kv_head], 68 bytes a row at
+ * d = 64), so a run of tokens on one page is one span of token_stride bytes a token: one prefetch a
+ * line (into L2: locality 2, _MM_HINT_T1) for every head. Called by head 0's pass a tile ahead:
+ * head 0 finds its rows on their way, and the task's other heads, run next on this thread (or at
+ * the same time on another), find theirs nearer. Measured in place on the AVX2 path (kv8 `mixed`,
+ * attention over GEMM time, three pairs): 0-15% less at 2-7 decode rows, 6-13% from 8 up; on the
+ * AVX-512 rows path docs/performance.md section 20. float32 rows (24 lines a token of K and V)
+ * measured 3-12% slower with it: they go without. */
+void attn_prefetch_heads_q8(const call_t *c, const scratch_t *w, int slot, int tn)
+{
+    const int64_t tok = c->token_stride;        /* int8 elements are bytes */
+    const int8_t *const *kr = w->kp8[slot], *const *vr = w->vp8[slot];
+    for (int t = 0, t1; t < tn; t = t1) {
+        for (t1 = t + 1; t1 < tn && kr[t1] == kr[t1 - 1] + tok; t1++)
+            ;
+        for (int64_t b = 0; b < (t1 - t) * tok; b += 64) {
+            __builtin_prefetch(kr[t] + b, 0, 2);
+            __builtin_prefetch(vr[t] + b, 0, 2);
+        }
+    }
+}
+
 /* Load the task's scaled query rows and clear their softmax state. */
 void attn_start_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
 {
@@ -168,11 +190,12 @@ void attn_tile_ready(const call_t *c, scratch_t *w, int slot, int tn)
  * at decode and the rows path is faster (measured: 8 rows of d=128, 18 against 28 cycles per
  * row-token). */
 #define LANES_MIN_GROUP 12
-/* Row-tokens from which a call wakes the other threads: about 50 us of one thread on the
- * AVX-512 paths; the AVX2 path takes ~15 ns a row-token at decode (measured: one sequence,
- * 9 heads over 3, d = 64), so its calls pay off from ~2K (ctx 300: 41 -> 29 us on 2 threads). */
-#define PARALLEL_MIN_WORK (1 << 15)
-#define PARALLEL_MIN_WORK_AVX2 (1 << 11)
+/* Row-tokens from which a call wakes the other threads: both paths take ~10-25 ns a row-token at
+ * decode (measured: one sequence, 9 heads over 3, d = 64), so calls pay off from ~2K (ctx 300: 41 ->
+ * 29 us on 2 threads, AVX2). The AVX-512 paths had 32K, set when they were thought a few times
+ * faster: 2 to 4 sequences of 200-600 tokens then ran on one thread, 1.5-1.9x slower a step
+ * (benchmarks/bench_attention_decode.py, docs/performance.md section 20). */
+#define PARALLEL_MIN_WORK (1 << 11)
 
 /* The path is chosen by the group alone (query heads per kv head, and the head size), never by
  * how many of a sequence's queries a task holds: the two paths sum in different orders, and a
@@ -253,7 +276,7 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
     /* Waking the other threads costs tens of microseconds (far more on a busy machine):
      * calls with less work than that run on the calling thread alone. */
     #pragma omp parallel num_threads(threads) \
-        if (work > (call.avx2 ? PARALLEL_MIN_WORK_AVX2 : PARALLEL_MIN_WORK))
+        if (work > PARALLEL_MIN_WORK)
     {
         scratch_t w;
         const int64_t tile_floats = f32 ? 0 : 2 * TILE * D;   /* the widened tile */

@@ -193,27 +193,6 @@ tile(scratch_t *w, int cur, int64_t rows, int64_t t0, int tn, const int64_t D, c
     }
 }
 
-/* An int8 cache: ask for tile `slot`'s K and V lines of every KV head into L2, a cache line a
- * prefetch. Within a page a token's rows of all heads are contiguous ([token][kv_head], 68 bytes a
- * row), so a run of tokens on one page is one span of token_stride bytes a token. Head 0's pass
- * does it a tile ahead: head 0 finds its rows on their way, and the task's other heads, run next
- * on this thread (or at the same time on another), find theirs nearer. Measured in place (kv8
- * `mixed`, attention over GEMM time, three pairs): 0-15% less at 2-7 decode rows, 6-13% from 8
- * up. float32 rows (24 lines a token of K and V) measured 3-12% slower with it: they go without. */
-static void prefetch_tile_heads_q8(const call_t *c, scratch_t *w, int slot, int tn)
-{
-    const int64_t tok = c->token_stride;        /* int8 elements are bytes */
-    const int8_t *const *kr = w->kp8[slot], *const *vr = w->vp8[slot];
-    for (int t = 0, t1; t < tn; t = t1) {
-        for (t1 = t + 1; t1 < tn && kr[t1] == kr[t1 - 1] + tok; t1++)
-            ;
-        for (int64_t b = 0; b < (t1 - t) * tok; b += 64) {
-            _mm_prefetch((const char *)kr[t] + b, _MM_HINT_T1);
-            _mm_prefetch((const char *)vr[t] + b, _MM_HINT_T1);
-        }
-    }
-}
-
 static inline __attribute__((always_inline)) AVX2_TARGET void
 run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int64_t D, const int Q8)
 {
@@ -230,7 +209,7 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int64_t 
          * different). An int8 cache's head 0 prefetches whole page spans instead, for every head. */
         const int next = attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
         if (Q8 && h == 0)
-            prefetch_tile_heads_q8(c, w, cur ^ 1, next);
+            attn_prefetch_heads_q8(c, w, cur ^ 1, next);
         /* bf16 caches: the tile widened to float32; int8 ones: its V only (scores widen K in registers) */
         if (Q8)
             widen_v(w, cur, tn, D);

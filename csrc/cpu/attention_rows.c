@@ -2,19 +2,37 @@
  * (decode and prefill: a row's bits must not depend on its task) and for groups wider than 32. Rows go in blocks of up to four;
  * per context token the block's dot products are vector partial sums, and 16 tokens are
  * summed across lanes at once (vsum16). q and the output accumulators of a block stay in
- * registers for a tile. Head sizes not a multiple of 16 take a scalar-loop variant. */
+ * registers for a tile. bf16 and int8 cache rows are widened in registers as a block loads
+ * them (int8: code * scale, one rounding, attn_tile_ready's values). Head sizes not a
+ * multiple of 16 take a scalar-loop variant over tiles widened first. */
 #include "kvos_cpu.h"
 #include "attention.h"
 #include "simd.h"
+#include "q8.h"
+
+enum { F32 = 0, BF16 = 1, Q8 = 2 };     /* what a cache row holds: tile_block's KIND */
+
+/* Chunk ch (16 dims) of row t of a tile, as float32, for a cache of KIND; scale: the row's, int8 only. */
+static inline __attribute__((always_inline)) vf
+row_chunk(const float *const *p, const uint16_t *const *p16, const int8_t *const *p8, int t, int ch, float scale,
+          const int KIND)
+{
+    if (KIND == BF16)
+        return vload_bf16(p16[t] + ch * LANES);
+    if (KIND == Q8)
+        return vload_i8(p8[t] + ch * LANES) * vsplat(scale);
+    return vload(p[t] + ch * LANES);
+}
 
 /* RB rows (r0..r0+RB-1) against one tile, D and RB compile-time constants (D a multiple
  * of 16, RB * D <= 256 so that q or the accumulators fit the 32 vector registers).
- * BF: the cache is bfloat16 and rows are widened as they are loaded (kp16/vp16). */
+ * KIND: F32 rows through kp/vp; BF16 (kp16/vp16) and Q8 (kp8/vp8) rows widened as they are loaded. */
 static inline __attribute__((always_inline)) void
-tile_block(scratch_t *w, const float *const *kp, const float *const *vp,
-           const uint16_t *const *kp16, const uint16_t *const *vp16, int64_t r0, int64_t t0, int tn,
-           const int D, const int RB, const int BF)
+tile_block(scratch_t *w, int slot, int64_t r0, int64_t t0, int tn, const int D, const int RB, const int KIND)
 {
+    const float *const *kp = w->kp[slot], *const *vp = w->vp[slot];
+    const uint16_t *const *kp16 = w->kp16[slot], *const *vp16 = w->vp16[slot];
+    const int8_t *const *kp8 = w->kp8[slot], *const *vp8 = w->vp8[slot];
     const int NC = D / LANES;
     int n[4];
     const int nmax = attn_tile_counts(w, r0, RB, t0, tn, n);
@@ -30,8 +48,9 @@ tile_block(scratch_t *w, const float *const *kp, const float *const *vp,
         const int gn = nmax - g0 < LANES ? nmax - g0 : LANES;
         for (int j = 0; j < gn; j++) {
             vf kc[16];
+            const float ks = KIND == Q8 ? kvos_q8_scale(kp8[g0 + j], D) : 0.0f;
             for (int ch = 0; ch < NC; ch++)
-                kc[ch] = BF ? vload_bf16(kp16[g0 + j] + ch * LANES) : vload(kp[g0 + j] + ch * LANES);
+                kc[ch] = row_chunk(kp, kp16, kp8, g0 + j, ch, ks, KIND);
             for (int r = 0; r < RB; r++) {
                 vf d = q[r][0] * kc[0];
                 for (int ch = 1; ch < NC; ch++)
@@ -59,8 +78,9 @@ tile_block(scratch_t *w, const float *const *kp, const float *const *vp,
     /* Weighted values: acc[r] += p[r][t] * v[t] over the tile, in registers. */
     for (int t = 0; t < nmax; t++) {
         vf vc[16];
+        const float vs = KIND == Q8 ? kvos_q8_scale(vp8[t], D) : 0.0f;
         for (int ch = 0; ch < NC; ch++)
-            vc[ch] = BF ? vload_bf16(vp16[t] + ch * LANES) : vload(vp[t] + ch * LANES);
+            vc[ch] = row_chunk(vp, vp16, vp8, t, ch, vs, KIND);
         for (int r = 0; r < RB; r++) {
             const vf p = vsplat(w->s[(r0 + r) * TILE + t]);
             for (int ch = 0; ch < NC; ch++)
@@ -99,10 +119,10 @@ static void tile_scalar(scratch_t *w, const float *const *kp, const float *const
 }
 
 /* The task loop for one head size: D is a constant in the specialised copies, and 0
- * selects the scalar loops (any head size, over tiles widened to float32 first). BF: the
- * cache is bfloat16, widened in registers as the blocks load it. */
+ * selects the scalar loops (any head size, over tiles widened to float32 first). KIND: the
+ * cache's rows (tile_block). */
 static inline __attribute__((always_inline)) void
-run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D, const int BF)
+run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D, const int KIND)
 {
     const int RB_MAX = D == 0 ? 1 : (256 / D < 4 ? 256 / D : 4);
     const int64_t rows = task_rows(c, task);
@@ -112,27 +132,30 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D, c
     int cur = 0;
     for (int64_t t0 = 0; t0 < n_ctx; t0 += TILE, cur ^= 1) {
         const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
-        attn_translate_ahead(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1);
-        if (D == 0 || c->k8)        /* int8 tiles: widened, then the float32 blocks */
+        if (KIND == Q8 && D) {      /* int8 rows: head 0 asks for the next tile of every head, page spans */
+            const int next = attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
+            if (h == 0)
+                attn_prefetch_heads_q8(c, w, cur ^ 1, next);
+        } else {
+            attn_translate_ahead(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1);
+        }
+        if (D == 0) {               /* bf16 and int8 tiles widened first, then the scalar loops */
             attn_tile_ready(c, w, cur, tn);
-        if (D == 0) {
             tile_scalar(w, w->kp[cur], w->vp[cur], rows, t0, tn, c->head_dim);
             continue;
         }
-        const float *const *kp = w->kp[cur], *const *vp = w->vp[cur];
-        const uint16_t *const *kp16 = w->kp16[cur], *const *vp16 = w->vp16[cur];
         for (int64_t r0 = 0; r0 < rows; r0 += RB_MAX) {
             const int64_t rb = rows - r0 < RB_MAX ? rows - r0 : RB_MAX;
-            if (rb >= 4) tile_block(w, kp, vp, kp16, vp16, r0, t0, tn, D, 4, BF);
-            else if (rb == 3) tile_block(w, kp, vp, kp16, vp16, r0, t0, tn, D, 3, BF);
-            else if (rb == 2) tile_block(w, kp, vp, kp16, vp16, r0, t0, tn, D, 2, BF);
-            else tile_block(w, kp, vp, kp16, vp16, r0, t0, tn, D, 1, BF);
+            if (rb >= 4) tile_block(w, cur, r0, t0, tn, D, 4, KIND);
+            else if (rb == 3) tile_block(w, cur, r0, t0, tn, D, 3, KIND);
+            else if (rb == 2) tile_block(w, cur, r0, t0, tn, D, 2, KIND);
+            else tile_block(w, cur, r0, t0, tn, D, 1, KIND);
         }
     }
     attn_finish_rows(c, task, h, w);
 }
 
-#define RUN(D) (c->k16 ? run(c, task, h, w, D, 1) : run(c, task, h, w, D, 0))
+#define RUN(D) (c->k16 ? run(c, task, h, w, D, BF16) : c->k8 ? run(c, task, h, w, D, Q8) : run(c, task, h, w, D, F32))
 
 void attn_task_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w)
 {
@@ -142,6 +165,6 @@ void attn_task_rows(const call_t *c, const task_t *task, int64_t h, scratch_t *w
     case 32: RUN(32); break;
     case 96: RUN(96); break;
     case 256: RUN(256); break;
-    default: run(c, task, h, w, 0, 0);   /* 0: the scalar loops, for any head size */
+    default: run(c, task, h, w, 0, F32);   /* 0: the scalar loops, for any head size */
     }
 }

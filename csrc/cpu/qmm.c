@@ -12,7 +12,7 @@
 #include "kvos_cpu.h"
 
 #define QMM_NR 16         /* columns per weight tile: one vector of int32 / float lanes */
-#define QMM_MR 8          /* activation rows per register tile of the VNNI path */
+#define QMM_MR 8          /* activation rows per register tile of the VNNI path (12 measured slower at M = 512) */
 #define BLOCK 32
 #define QUANTIZE_SPLIT_ROWS 16   /* rows from which the threads share the activations' quantization */
 
@@ -112,6 +112,16 @@ static void qmm_portable_tile(float *y, int64_t y_stride, const qrows *a, int64_
  * it into vpdpbusd's memory operand ({1to16}) instead of issuing a separate broadcast. */
 typedef int32_t __attribute__((may_alias, aligned(1))) alias_i32;
 
+#define QMM_AHEAD 8       /* records prefetched ahead (past a tile's end: the next tile's, contiguous) */
+
+/* The first pass over a tile streams it from memory: ask for the records QMM_AHEAD ahead. Both
+ * vector paths (a plain SSE prefetch: any x86-64). */
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *tile, int64_t b, int64_t rb)
+{
+    for (int64_t l = 0; l < rb; l += 64)
+        _mm_prefetch((const char *)(tile + (b + QMM_AHEAD) * rb + l), _MM_HINT_T0);
+}
+
 static inline __attribute__((always_inline)) QMM_TARGET __m512i bcast4(const int8_t *p)
 {
     return _mm512_set1_epi32(*(const alias_i32 *)p);
@@ -130,6 +140,8 @@ qmm_vnni_rows(float *y, int64_t y_stride, const qrows *a, int64_t r0, const uint
     const __m512i low = _mm512_set1_epi8(15);
     for (int64_t b = 0; b < kb; b++) {
         const uint8_t *rec = tile + b * rb;
+        if (R >= (BITS == 4 ? 4 : 6) && r0 == 0)
+            prefetch_ahead(tile, b, rb);
         __m512i w[8];
         if (BITS == 4) {
             for (int v = 0; v < 4; v++) {
@@ -238,7 +250,6 @@ static QMM_TARGET void qmm_vnni_tile8(float *y, int64_t y_stride, const qrows *a
  * integers, so every path gives the portable path's outputs. */
 #define QMM_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define QMM_AVX2_MR 4     /* rows per register tile, both kernels (5 or 6 measured no faster) */
-#define QMM_AVX2_AHEAD 8  /* records prefetched ahead (past a tile's end: the next tile's, contiguous) */
 #define HAVE_AVX2_PATH 1
 
 static inline __attribute__((always_inline)) QMM_AVX2_TARGET __m256i bcast4_256(const int8_t *p)
@@ -246,13 +257,6 @@ static inline __attribute__((always_inline)) QMM_AVX2_TARGET __m256i bcast4_256(
     return _mm256_set1_epi32(*(const alias_i32 *)p);
 }
 
-/* The first pass over a tile streams it from memory: ask for the records QMM_AVX2_AHEAD ahead. */
-static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
-prefetch_ahead(const uint8_t *tile, int64_t b, int64_t rb)
-{
-    for (int64_t l = 0; l < rb; l += 64)
-        _mm_prefetch((const char *)(tile + (b + QMM_AVX2_AHEAD) * rb + l), _MM_HINT_T0);
-}
 
 /* Stores R rows of (up to) 16 columns held as two 8-lane halves. */
 static inline __attribute__((always_inline)) QMM_AVX2_TARGET void

@@ -26,6 +26,19 @@ static inline vi vload_i(const int32_t *p) { return *(const vi_u *)p; }
 typedef uint16_t vh __attribute__((vector_size(32)));
 typedef uint16_t vh_u __attribute__((vector_size(32), aligned(2), may_alias));
 static inline vf vload_bf16(const uint16_t *p) { return (vf)(__builtin_convertvector(*(const vh_u *)p, vi) << 16); }
+/* 16 int8 codes widened to floats (exact), for an int8 cache's rows (q8.h) widened in registers.
+ * gcc 12 turns __builtin_convertvector from int8 lanes into 16 scalar moves and inserts (seen in
+ * the disassembly, 2x slower attention than widening the tile first), so AVX-512 builds say it. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vf vload_i8(const int8_t *p)
+{
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#else
+typedef int8_t vb_u __attribute__((vector_size(16), aligned(1), may_alias));
+static inline vf vload_i8(const int8_t *p) { return __builtin_convertvector(*(const vb_u *)p, vf); }
+#endif
 static inline vf vsplat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline vi visplat(int32_t x) { return (vi){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 /* Lane-wise mask ? a : b, for a mask of all-ones / all-zeros lanes from a vector comparison. */
