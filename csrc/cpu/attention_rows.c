@@ -12,15 +12,15 @@
 
 enum { F32 = 0, BF16 = 1, Q8 = 2 };     /* what a cache row holds: tile_block's KIND */
 
-/* Chunk ch (16 dims) of row t of a tile, as float32, for a cache of KIND; scale: the row's, int8 only. */
+/* Chunk ch (16 dims) of row t of a tile, as float32, for a cache of KIND; int8: the codes, unscaled
+ * (tile_block applies K's scale to the summed scores and V's to the weights). */
 static inline __attribute__((always_inline)) vf
-row_chunk(const float *const *p, const uint16_t *const *p16, const int8_t *const *p8, int t, int ch, float scale,
-          const int KIND)
+row_chunk(const float *const *p, const uint16_t *const *p16, const int8_t *const *p8, int t, int ch, const int KIND)
 {
     if (KIND == BF16)
         return vload_bf16(p16[t] + ch * LANES);
     if (KIND == Q8)
-        return vload_i8(p8[t] + ch * LANES) * vsplat(scale);
+        return vload_i8(p8[t] + ch * LANES);
     return vload(p[t] + ch * LANES);
 }
 
@@ -46,11 +46,13 @@ tile_block(scratch_t *w, int slot, int64_t r0, int64_t t0, int tn, const int D, 
     for (int g0 = 0; g0 < nmax; g0 += LANES) {
         vf part[4][LANES];
         const int gn = nmax - g0 < LANES ? nmax - g0 : LANES;
+        float kscale[LANES];        /* int8: the tokens' K scales, applied to the summed scores */
         for (int j = 0; j < gn; j++) {
             vf kc[16];
-            const float ks = KIND == Q8 ? kvos_q8_scale(kp8[g0 + j], D) : 0.0f;
+            if (KIND == Q8)
+                kscale[j] = kvos_q8_scale(kp8[g0 + j], D);
             for (int ch = 0; ch < NC; ch++)
-                kc[ch] = row_chunk(kp, kp16, kp8, g0 + j, ch, ks, KIND);
+                kc[ch] = row_chunk(kp, kp16, kp8, g0 + j, ch, KIND);
             for (int r = 0; r < RB; r++) {
                 vf d = q[r][0] * kc[0];
                 for (int ch = 1; ch < NC; ch++)
@@ -58,11 +60,13 @@ tile_block(scratch_t *w, int slot, int64_t r0, int64_t t0, int tn, const int D, 
                 part[r][j] = d;
             }
         }
-        for (int j = gn; j < LANES; j++)
+        for (int j = gn; j < LANES; j++) {
+            kscale[j] = 0.0f;
             for (int r = 0; r < RB; r++)
                 part[r][j] = vsplat(0.0f);
+        }
         for (int r = 0; r < RB; r++)
-            vstore(w->s + (r0 + r) * TILE + g0, vsum16(part[r]));
+            vstore(w->s + (r0 + r) * TILE + g0, KIND == Q8 ? vsum16(part[r]) * vload(kscale) : vsum16(part[r]));
     }
     for (int r = 0; r < RB; r++) {
         float *s = w->s + (r0 + r) * TILE;
@@ -78,11 +82,11 @@ tile_block(scratch_t *w, int slot, int64_t r0, int64_t t0, int tn, const int D, 
     /* Weighted values: acc[r] += p[r][t] * v[t] over the tile, in registers. */
     for (int t = 0; t < nmax; t++) {
         vf vc[16];
-        const float vs = KIND == Q8 ? kvos_q8_scale(vp8[t], D) : 0.0f;
+        const float vs = KIND == Q8 ? kvos_q8_scale(vp8[t], D) : 1.0f;   /* int8: folded into p */
         for (int ch = 0; ch < NC; ch++)
-            vc[ch] = row_chunk(vp, vp16, vp8, t, ch, vs, KIND);
+            vc[ch] = row_chunk(vp, vp16, vp8, t, ch, KIND);
         for (int r = 0; r < RB; r++) {
-            const vf p = vsplat(w->s[(r0 + r) * TILE + t]);
+            const vf p = vsplat(KIND == Q8 ? w->s[(r0 + r) * TILE + t] * vs : w->s[(r0 + r) * TILE + t]);
             for (int ch = 0; ch < NC; ch++)
                 acc[r][ch] += p * vc[ch];
         }
