@@ -120,18 +120,21 @@ int attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t 
     return tn;
 }
 
-/* A token's rows of all heads are contiguous within a page ([token][kv_head], 68 bytes a row at
- * d = 64), so a run of tokens on one page is one span of token_stride bytes a token: one prefetch a
- * line (into L2: locality 2, _MM_HINT_T1) for every head. Called by head 0's pass a tile ahead:
- * head 0 finds its rows on their way, and the task's other heads, run next on this thread (or at
- * the same time on another), find theirs nearer. Measured in place on the AVX2 path (kv8 `mixed`,
- * attention over GEMM time, three pairs): 0-15% less at 2-7 decode rows, 6-13% from 8 up; on the
- * AVX-512 rows path docs/performance.md section 20. float32 rows (24 lines a token of K and V)
- * measured 3-12% slower with it: they go without. */
-void attn_prefetch_heads_q8(const call_t *c, const scratch_t *w, int slot, int tn)
+/* A token's rows of all heads are contiguous within a page ([token][kv_head]; an int8 row is 68
+ * bytes at d = 64), so a run of tokens on one page is one span of token_stride elements a token:
+ * one prefetch a line (into L2: locality 2, _MM_HINT_T1) for every head. Called by head 0's pass a
+ * tile ahead: head 0 finds its rows on their way, and the task's other heads, run next on this
+ * thread (or at the same time on another), find theirs nearer. Measured (docs/performance.md
+ * sections 14 and 20): on the AVX2 path, int8 caches 6-13% less attention time from 8 decode rows
+ * in a kv8 `mixed` run, float32 ones 3-12% slower (they prefetch row by row there); on the AVX-512
+ * rows path 5-10% faster for float32 and bf16 caches too, so that path uses it for every cache. */
+void attn_prefetch_heads(const call_t *c, const scratch_t *w, int slot, int tn)
 {
-    const int64_t tok = c->token_stride;        /* int8 elements are bytes */
-    const int8_t *const *kr = w->kp8[slot], *const *vr = w->vp8[slot];
+    const int64_t tok = c->token_stride * c->elem_bytes;
+    const char *const *kr = c->k8 ? (const char *const *)w->kp8[slot]
+                          : c->k16 ? (const char *const *)w->kp16[slot] : (const char *const *)w->kp[slot];
+    const char *const *vr = c->k8 ? (const char *const *)w->vp8[slot]
+                          : c->k16 ? (const char *const *)w->vp16[slot] : (const char *const *)w->vp[slot];
     for (int t = 0, t1; t < tn; t = t1) {
         for (t1 = t + 1; t1 < tn && kr[t1] == kr[t1 - 1] + tok; t1++)
             ;

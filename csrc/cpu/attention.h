@@ -65,9 +65,9 @@ void attn_translate_ahead(const call_t *c, const task_t *task, int64_t h, int64_
  * returns the tile's token count (0 past the end of the context). */
 int attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t t0, int64_t n_ctx,
                         scratch_t *w, int slot, int prefetch);
-/* An int8 cache: tile `slot`'s K and V lines of every KV head asked for into L2, a page span at a
- * time (its tn rows translated); head 0's pass calls it a tile ahead. */
-void attn_prefetch_heads_q8(const call_t *c, const scratch_t *w, int slot, int tn);
+/* Tile `slot`'s K and V lines of every KV head asked for into L2, a page span at a time (its tn
+ * rows translated); head 0's pass calls it a tile ahead (the rows path: every cache; AVX2: int8). */
+void attn_prefetch_heads(const call_t *c, const scratch_t *w, int slot, int tn);
 /* Make tile `slot` (tn rows) readable as float32 through w->kp/vp[slot]: a no-op for float32
  * caches; bf16 and int8 rows are widened into w->tk/tv, so the loads from memory are a half or
  * about a quarter of the bytes. */

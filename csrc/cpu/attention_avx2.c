@@ -209,7 +209,7 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int64_t 
          * different). An int8 cache's head 0 prefetches whole page spans instead, for every head. */
         const int next = attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
         if (Q8 && h == 0)
-            attn_prefetch_heads_q8(c, w, cur ^ 1, next);
+            attn_prefetch_heads(c, w, cur ^ 1, next);
         /* bf16 caches: the tile widened to float32; int8 ones: its V only (scores widen K in registers) */
         if (Q8)
             widen_v(w, cur, tn, D);

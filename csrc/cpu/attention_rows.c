@@ -136,10 +136,10 @@ run(const call_t *c, const task_t *task, int64_t h, scratch_t *w, const int D, c
     int cur = 0;
     for (int64_t t0 = 0; t0 < n_ctx; t0 += TILE, cur ^= 1) {
         const int tn = (int)(n_ctx - t0 < TILE ? n_ctx - t0 : TILE);
-        if (KIND == Q8 && D) {      /* int8 rows: head 0 asks for the next tile of every head, page spans */
+        if (D) {    /* head 0 asks for the next tile of every head, page spans at a time */
             const int next = attn_translate_tile(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1, 0);
             if (h == 0)
-                attn_prefetch_heads_q8(c, w, cur ^ 1, next);
+                attn_prefetch_heads(c, w, cur ^ 1, next);
         } else {
             attn_translate_ahead(c, task, h, t0 + TILE, n_ctx, w, cur ^ 1);
         }
