@@ -3,8 +3,9 @@
  * per context token the block's dot products are vector partial sums, and 16 tokens are
  * summed across lanes at once (vsum16). q and the output accumulators of a block stay in
  * registers for a tile. bf16 and int8 cache rows are widened in registers as a block loads
- * them (int8: code * scale, one rounding, attn_tile_ready's values). Head sizes not a
- * multiple of 16 take a scalar-loop variant over tiles widened first. */
+ * them; an int8 row's scale multiplies its summed score (K) or its weight (V), once, not each
+ * widened chunk. Head sizes not a multiple of 16 take a scalar-loop variant over tiles
+ * widened first (attn_tile_ready: code * scale). */
 #include "kvos_cpu.h"
 #include "attention.h"
 #include "simd.h"
