@@ -128,19 +128,26 @@ int attn_translate_tile(const call_t *c, const task_t *task, int64_t h, int64_t 
  * sections 14 and 20): on the AVX2 path, int8 caches 6-13% less attention time from 8 decode rows
  * in a kv8 `mixed` run, float32 ones 3-12% slower (they prefetch row by row there); on the AVX-512
  * rows path 5-10% faster for float32 and bf16 caches too, so that path uses it for every cache. */
+/* Where row t of tile `slot` starts, as bytes: K (v = 0) or V (v = 1), whichever the cache holds. */
+static inline const char *tile_row_bytes(const call_t *c, const scratch_t *w, int slot, int t, int v)
+{
+    if (c->k8)
+        return (const char *)(v ? w->vp8[slot][t] : w->kp8[slot][t]);
+    if (c->k16)
+        return (const char *)(v ? w->vp16[slot][t] : w->kp16[slot][t]);
+    return (const char *)(v ? w->vp[slot][t] : w->kp[slot][t]);
+}
+
 void attn_prefetch_heads(const call_t *c, const scratch_t *w, int slot, int tn)
 {
     const int64_t tok = c->token_stride * c->elem_bytes;
-    const char *const *kr = c->k8 ? (const char *const *)w->kp8[slot]
-                          : c->k16 ? (const char *const *)w->kp16[slot] : (const char *const *)w->kp[slot];
-    const char *const *vr = c->k8 ? (const char *const *)w->vp8[slot]
-                          : c->k16 ? (const char *const *)w->vp16[slot] : (const char *const *)w->vp[slot];
     for (int t = 0, t1; t < tn; t = t1) {
-        for (t1 = t + 1; t1 < tn && kr[t1] == kr[t1 - 1] + tok; t1++)
+        const char *k = tile_row_bytes(c, w, slot, t, 0), *v = tile_row_bytes(c, w, slot, t, 1);
+        for (t1 = t + 1; t1 < tn && tile_row_bytes(c, w, slot, t1, 0) == k + (t1 - t) * tok; t1++)
             ;
         for (int64_t b = 0; b < (t1 - t) * tok; b += 64) {
-            __builtin_prefetch(kr[t] + b, 0, 2);
-            __builtin_prefetch(vr[t] + b, 0, 2);
+            __builtin_prefetch(k + b, 0, 2);
+            __builtin_prefetch(v + b, 0, 2);
         }
     }
 }

@@ -257,7 +257,6 @@ static inline __attribute__((always_inline)) QMM_AVX2_TARGET __m256i bcast4_256(
     return _mm256_set1_epi32(*(const alias_i32 *)p);
 }
 
-
 /* Stores R rows of (up to) 16 columns held as two 8-lane halves. */
 static inline __attribute__((always_inline)) QMM_AVX2_TARGET void
 store_rows16(float *y, int64_t y_stride, int64_t r0, const __m256 *acc0, const __m256 *acc1, int cols, const int R)
