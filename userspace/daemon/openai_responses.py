@@ -8,10 +8,10 @@ stored one as it was: a response can be continued more than once (branches). A t
 STORED_PER_TENANT responses; the oldest is ended (its id then answers 404). Not stored, the process
 exits after its turn. Served: text input (a string, or messages with text parts), instructions,
 max_output_tokens, temperature, top_p, text.format (text, json_schema, json_object), stream, store,
-previous_response_id, logprobs (include "message.output_text.logprobs", top_logprobs), and
-function tools (tools, tool_choice; calls come back as function_call items, results go in as
-function_call_output items: openai_response_tools.py). Other tools,
-reasoning and other kinds of input are a 400 naming them. A continuation keeps its conversation's
+previous_response_id, truncation ("auto": openai_response_truncation.py), logprobs (include
+"message.output_text.logprobs", top_logprobs), and function tools (tools, tool_choice; calls come
+back as function_call items, results go in as function_call_output items: openai_response_tools.py).
+Other tools, reasoning and other kinds of input are a 400 naming them. A continuation keeps its conversation's
 sampling parameters and tools (write() carries none, and the template gave the tools once): other
 values are a 400.
 """
@@ -27,9 +27,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from kernel.errors import EINVAL, ENOENT, KvosError
+from kernel.errors import E2BIG, EINVAL, ENOENT, ENOMEM, KvosError
 from kernel.results import ExitStatus
-from userspace.daemon import logprobs_shapes, openai_tools, waiting
+from userspace.daemon import logprobs_shapes, openai_response_truncation, openai_tools, waiting
 from userspace.daemon.openai_requests import STRICT, json_schema, parse, text_of_parts
 from userspace.daemon.openai_response_events import item_events, message_opening
 from userspace.daemon.openai_response_tools import add_input_item, chat_shape, message_item, output_items
@@ -40,7 +40,7 @@ STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_i
                               # and never more than half its max_procs
 IGNORED = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
                      "parallel_tool_calls", "prompt_cache_retention"})
-OFF_VALUES = {"background": (False,), "truncation": ("disabled",),
+OFF_VALUES = {"background": (False,),
               "reasoning": (), "conversation": (), "prompt": (),
               "max_tool_calls": ()}
 # A conversation keeps these from its first turn (tool_choice as its mode: None, auto, required or a name).
@@ -65,6 +65,7 @@ class ResponsesRequest(BaseModel):
     tool_choice: str | dict | None = None    # "auto" (with tools), "none", "required", {"type": "function", "name"}
     include: list[str] | None = None         # ["message.output_text.logprobs"]: the text's logprobs
     top_logprobs: int | None = None          # with them, the most likely tokens at each position (0 to 20)
+    truncation: str = "disabled"             # "auto": drop the conversation's oldest items to fit
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Stored:
     pid: int
     params: dict                  # the request's PARAMS, which a continuation must repeat
     response: dict                # what GET answers
+    messages: list                # the conversation as chat messages, its reply included (truncation)
 
 
 def messages_of(req: ResponsesRequest) -> list:
@@ -187,6 +189,7 @@ class ResponsesAPI:
     async def create(self, request: Request):
         who = self.daemon.authenticate(request)
         req = parse(ResponsesRequest, await json_object(request, "responses"), IGNORED, OFF_VALUES)
+        openai_response_truncation.check(req.truncation)
         self.daemon.refuse_if_draining("spawn")
         messages = messages_of(req)
         params = spawn_params(req)
@@ -199,12 +202,15 @@ class ResponsesAPI:
         asked = {**{k: getattr(req, k) for k in PARAMS}, "tool_choice": mode}
         handle, tid, tenant = await anyio.to_thread.run_sync(self.resolve, who, req.model)
         cached = 0
-        if req.previous_response_id is None:
+
+        def spawn(history):      # a new process for the conversation `history` (fitted, when asked)
             if tools is not None:
-                info = await anyio.to_thread.run_sync(handle.tenantinfo, tid)
-                params.update(openai_tools.spawn_keys(info, chat_tools, choice, params))
-            pid = await anyio.to_thread.run_sync(
-                lambda: handle.spawn(tid, messages, interactive=req.store, **params))
+                params.update(openai_tools.spawn_keys(handle.tenantinfo(tid), chat_tools, choice, params))
+            if req.truncation == "auto":
+                history = openai_response_truncation.fit(handle, tid, history, params.get("tools"))
+            return handle.spawn(tid, history, interactive=req.store, **params), history
+        if req.previous_response_id is None:
+            pid, history = await anyio.to_thread.run_sync(spawn, messages)
         else:
             entry = self._find(who, req.previous_response_id)
             if entry.tenant != tenant:
@@ -216,12 +222,18 @@ class ResponsesAPI:
             if changed:
                 raise KvosError(EINVAL, f"{changed[0]} differs from the conversation's ({entry.params[changed[0]]!r}): "
                                         f"a continuation keeps its first turn's parameters")
-            pid, cached = await anyio.to_thread.run_sync(_branch, handle, entry.pid, messages)
+            history = entry.messages + messages
+            try:
+                pid, cached = await anyio.to_thread.run_sync(_branch, handle, entry.pid, messages)
+            except KvosError as err:     # too long for the context: with truncation, rebuilt and fitted
+                if req.truncation != "auto" or err.errno not in (E2BIG, ENOMEM):
+                    raise
+                pid, history = await anyio.to_thread.run_sync(spawn, history)
         rid = f"resp_{self.daemon.nonce}{pid}"
         run = Launch(handle, tenant, [pid], [0], time.monotonic())
         head = _response(rid, req, "in_progress", None, None, [])
         if req.stream:
-            return ResponseStream(self.daemon, run, self._events(run, req, head, cached, asked, tools))
+            return ResponseStream(self.daemon, run, self._events(run, req, head, cached, asked, tools, history))
         reply = Reply()
         try:
             async for r in _turn(self.daemon, run, request):
@@ -239,11 +251,12 @@ class ResponsesAPI:
                 raise exit_error(status)
             return JSONResponse(_response(rid, req, "cancelled", None, reply.reason,
                                           [message_item(rid, "".join(reply.text), "incomplete")]))
-        response = await self._finish(run, req, rid, reply, cached, asked, tools)
+        response = await self._finish(run, req, rid, reply, cached, asked, tools, history)
         return JSONResponse(response)
 
-    async def _finish(self, run, req, rid, reply: Reply, cached, asked, tools) -> dict:
-        """The finished response: counted, logged, stored (or its process reaped)."""
+    async def _finish(self, run, req, rid, reply: Reply, cached, asked, tools, history) -> dict:
+        """The finished response: counted, logged, stored (or its process reaped). history: the
+        conversation's messages before the reply."""
         handle, pid = run.handle, run.pids[0]
         text, tokens, reason = "".join(reply.text), reply.tokens, reply.reason
         info = await anyio.to_thread.run_sync(lambda: next((p for p in handle.ps() if p.pid == pid), None))
@@ -260,14 +273,15 @@ class ResponsesAPI:
         self.daemon.request_done(run, "responses")
         if req.store and info is not None:           # (None: killed since its turn ended; nothing to keep)
             max_procs = (await anyio.to_thread.run_sync(handle.tenantinfo, info.tid)).max_procs
-            evicted = self._keep(rid, Stored(run.tenant, pid, asked, response), max_procs)
+            messages = history + openai_response_truncation.reply_messages(response["output"])
+            evicted = self._keep(rid, Stored(run.tenant, pid, asked, response, messages), max_procs)
             if evicted:
                 await anyio.to_thread.run_sync(release, handle, evicted)
         else:
             await anyio.to_thread.run_sync(handle.wait, pid)
         return response
 
-    async def _events(self, run, req, head, cached, asked, tools):
+    async def _events(self, run, req, head, cached, asked, tools, history):
         """The Responses API's server-sent events for one reply. Its text streams as it comes; a reply
         that may hold tool calls is sent whole at its end, as items (its text, then each call)."""
         seq = 0
@@ -299,7 +313,7 @@ class ResponsesAPI:
             yield event("error", code=reply.reason, message=status.error or f"the process was {reply.reason}",
                         param=None)
             return
-        response = await self._finish(run, req, rid, reply, cached, asked, tools)
+        response = await self._finish(run, req, rid, reply, cached, asked, tools, history)
         for index, item in enumerate(response["output"]):
             for e in item_events(event, index, item, opened=streaming):
                 yield e
@@ -376,4 +390,4 @@ def _response(rid: str, req: ResponsesRequest, status: str, usage, reason, outpu
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "text": req.text or {"format": {"type": "text"}},
             "tool_choice": "auto" if req.tool_choice is None else req.tool_choice, "tools": req.tools or [],
-            "truncation": "disabled", "usage": usage, "metadata": {}}
+            "truncation": req.truncation, "usage": usage, "metadata": {}}
