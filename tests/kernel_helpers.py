@@ -64,3 +64,13 @@ def assert_all_memory_back(k):
     info = k.syscalls().meminfo()
     assert info.free + info.cached == info.total - (1 if k.null_frame is not None else 0), info
     assert info.swap_used == 0
+
+
+def turn_text(handle, pid: int, timeout: float = 30) -> str:
+    """The text of an interactive process's current turn, read until the turn is done."""
+    text = []
+    while True:
+        r = handle.read(pid, timeout=timeout)
+        text.append(r.text)
+        if r.turn_done:
+            return "".join(text)

@@ -9,6 +9,7 @@ import pytest
 
 import kernel
 from tests.helpers.schemas import PERSON, assert_valid
+from tests.kernel_helpers import turn_text
 from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.listen import ServerThread
 from userspace.daemon.openai_responses import STORED_PER_TENANT
@@ -53,13 +54,7 @@ def turns(local, *messages, **params):
             pid = root.spawn(tid, list(batch), interactive=True, **params)
         else:
             root.write(pid, list(batch))
-        text = []
-        while True:
-            r = root.read(pid, timeout=30)
-            text.append(r.text)
-            if r.turn_done:
-                break
-        out.append("".join(text))
+        out.append(turn_text(root, pid))
     root.wait(pid)
     return out
 

@@ -7,6 +7,7 @@ import openai
 import pytest
 
 import kernel
+from tests.kernel_helpers import turn_text
 from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.listen import ServerThread
 
@@ -43,15 +44,10 @@ def reply(local, messages) -> str:
     """The greedy reply of a process spawned with messages (one interactive turn, as kvosd spawns)."""
     root, tid = local
     pid = root.spawn(tid, messages, interactive=True, max_tokens=8, temperature=0)
-    text = []
-    while True:
-        r = root.read(pid, timeout=30)
-        text.append(r.text)
-        if r.turn_done:
-            break
+    text = turn_text(root, pid)
     root.kill(pid)
     root.wait(pid)
-    return "".join(text)
+    return text
 
 
 def fitted(local, messages) -> list:
