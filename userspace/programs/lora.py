@@ -109,6 +109,21 @@ class LoraLinear:
 SLOTS = ("qkv_t", "o_t", "gate_up_t", "down_t")
 
 
+def layers_with(base, deltas_at) -> list:
+    """Copies of base's layers where each slot with deltas (deltas_at(layer index, slot): a list of
+    LoraLinear's (rows, LoraWeights), empty for none) is a LoraLinear over the base's weight; every
+    other object is the base's."""
+    layers = []
+    for i, layer in enumerate(base.layers):
+        mine = copy.copy(layer)
+        for slot in SLOTS:
+            deltas = deltas_at(i, slot)
+            if deltas:
+                setattr(mine, slot, LoraLinear(getattr(layer, slot), deltas))
+        layers.append(mine)
+    return layers
+
+
 def mixed(base, segments: list):
     """The program that forwards one step's batch of `base`'s processes and its adapters': segments
     are (first row, end row, adapted program) of the rows that are not base's. The base's layers,
@@ -123,15 +138,8 @@ def mixed(base, segments: list):
     adapters = [(program, torch.cat(spans).to(base.device)) for program, spans in rows.values()]
     view = copy.copy(base)
     view.layer_weights, view.layer_rows = None, None
-    layers = []
-    for i, layer in enumerate(base.layers):
-        mine = copy.copy(layer)
-        for slot in SLOTS:
-            deltas = [(index, p.lora_weights[i][slot]) for p, index in adapters if slot in p.lora_weights.get(i, {})]
-            if deltas:
-                setattr(mine, slot, LoraLinear(getattr(layer, slot), deltas))
-        layers.append(mine)
-    view.layers = layers
+    view.layers = layers_with(base, lambda i, slot: [(index, p.lora_weights[i][slot]) for p, index in adapters
+                                                     if slot in p.lora_weights.get(i, {})])
     return view
     # LAB(lora): END
 
@@ -168,13 +176,8 @@ def adapted(base, folder: Path, digest: bytes):
     parts, _ = _slot_shapes(base.config)
     program.lora_weights = {i: {slot: LoraWeights(slot_pieces, sum(parts[slot]), panels)
                                 for slot, slot_pieces in slots.items()} for i, slots in pieces.items()}
-    layers = []
-    for i, layer in enumerate(base.layers):
-        mine = copy.copy(layer)
-        for slot, weights in program.lora_weights.get(i, {}).items():
-            setattr(mine, slot, LoraLinear(getattr(layer, slot), [(None, weights)]))
-        layers.append(mine)
-    program.layers = layers
+    program.layers = layers_with(base, lambda i, slot: [(None, program.lora_weights[i][slot])]
+                                 if slot in program.lora_weights.get(i, {}) else [])
     program.adapter_bytes = sum(qlinear.weight_bytes(w) for slots in program.lora_weights.values()
                                 for w in slots.values())
     program.cost = dataclasses.replace(base.cost, weight_bytes=base.cost.weight_bytes + program.adapter_bytes)
