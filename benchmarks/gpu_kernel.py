@@ -10,8 +10,9 @@ device, then times the default model's shape:
    on the device: eagerly, and with decode graphs (boot(graphs=True): captured on CUDA).
    The same on the device in bfloat16 reports how many outputs still agree (not required).
 2. speed: a program with SmolLM2-135M's shape and random weights (no download), bf16,
-   decode steps at batch 1, 8, 64, 256 over ~512 tokens of context, eager against graphs in
-   interleaved rounds (min over rounds); launch API calls and GPU kernels per step and GPU busy
+   decode steps at batch 1, 8, 64, 256 over ~512 tokens of context, eager on torch's ops
+   (KVOS_CUDA_FUSED=0's forward), eager on the fused kernels and with graphs in interleaved
+   rounds (min over rounds); launch API calls and GPU kernels per step and GPU busy
    (kernel time over wall) from torch.profiler; each graph's capture time and pool growth;
    one 2048-token prefill step (eager).
 Exit status 1 if a correctness check failed.
@@ -182,7 +183,8 @@ def speed(device, batches, ctx, rounds=3, steps=10, profile_batch=64, small=Fals
     print(f"\n== speed: {'tiny-llama' if small else 'SmolLM2-135M'} shape, random weights, {str(dtype)[6:]} on "
           f"{device}, context ~{ctx}; decode graphs {'captured' if runner.capture else 'off (static buffers, eager)'}",
           flush=True)
-    print(f"   {'batch':>5} {'eager ms':>9} {'graphs ms':>9} {'speedup':>7} {'tok/s graphs':>12} "
+    fused = program.device_fused          # the eager forward on the fused kernels (the torch ops: a column)
+    print(f"   {'batch':>5} {'torch-ops ms':>12} {'eager ms':>9} {'graphs ms':>9} {'speedup':>7} {'tok/s graphs':>12} "
           f"{'launches e/g':>12} {'copies e/g':>10} {'kernels e/g':>11} {'GPU busy e/g':>13} {'capture s':>9} "
           f"{'capture MiB':>11}")
     tables = []
@@ -194,11 +196,13 @@ def speed(device, batches, ctx, rounds=3, steps=10, profile_batch=64, small=Fals
             k.step()
         for _ in range(3):               # warm: the graph of this size is captured here
             k.step()
-        times = {"eager": [], "graphs": []}
+        times = {"torch": [], "eager": [], "graphs": []}
         for _ in range(rounds):
-            for mode in ("eager", "graphs"):
+            for mode in ("torch", "eager", "graphs"):
                 k.graphs = runner if mode == "graphs" else None
+                program.device_fused = fused and mode != "torch"
                 times[mode].append(timed_steps(k, device, steps))
+        program.device_fused = fused
         prof = {}
         for mode in ("eager", "graphs"):
             k.graphs = runner if mode == "graphs" else None
@@ -209,7 +213,8 @@ def speed(device, batches, ctx, rounds=3, steps=10, profile_batch=64, small=Fals
         capture = runner.stats.captures.get(size)
         cap_s, cap_mib = (f"{capture[0]:.2f}", f"{capture[1] / 2**20:.0f}") if capture else ("-", "-")
         busy = "/".join("n/a" if prof[m][3] is None else f"{prof[m][3]:.0%}" for m in ("eager", "graphs"))
-        print(f"   {batch:>5} {eager:>9.2f} {graphs:>9.2f} {eager / graphs:>6.2f}x {batch / graphs * 1e3:>12.0f} "
+        print(f"   {batch:>5} {min(times['torch']):>12.2f} {eager:>9.2f} {graphs:>9.2f} {eager / graphs:>6.2f}x "
+              f"{batch / graphs * 1e3:>12.0f} "
               f"{prof['eager'][0]:>5.0f}/{prof['graphs'][0]:<6.0f} {prof['eager'][1]:>4.0f}/{prof['graphs'][1]:<5.0f} "
               f"{prof['eager'][2]:>5.0f}/{prof['graphs'][2]:<5.0f} "
               f"{busy:>13} {cap_s:>9} {cap_mib:>11}", flush=True)

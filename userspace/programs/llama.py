@@ -18,6 +18,7 @@ from kernel import ops
 from kernel.batch import ForwardBatch
 from kernel.errors import EINVAL, KvosError
 from kernel.kvcache import KVShape, KVView
+from kernel.ops import fused
 from kernel.ops.step_ops import CpuStep, LayerWeights, NormWeights
 from kernel.program import Program
 from userspace.programs import lora, qlinear, tp_shard
@@ -100,6 +101,15 @@ def layer_loop() -> str:
     if loop not in ("c", "python"):
         raise KvosError(EINVAL, f"KVOS_LAYER_LOOP must be c or python, not {loop!r}")
     return loop
+
+
+def cuda_fused() -> bool:
+    """$KVOS_CUDA_FUSED, checked: "1" (the default: a one-rank CUDA forward on kernel/ops/fused.py's
+    kernels, forward_device) or "0" (torch's ops, forward_torch: what the device script compares)."""
+    value = os.environ.get("KVOS_CUDA_FUSED", "1")
+    if value not in ("0", "1"):
+        raise KvosError(EINVAL, f"KVOS_CUDA_FUSED must be 0 or 1, not {value!r}")
+    return value == "1"
 
 
 class _Layer:
@@ -189,6 +199,9 @@ class LlamaProgram(Program):
         if torch.device(device).type == "cpu" and dtype == torch.float32 and tp is None:
             self.norms = NormWeights([t for layer in self.layers for t in (layer.attn_norm, layer.mlp_norm)]
                                      + [self.norm], config.hidden_size)
+        # CUDA, one rank: the fused kernels (add + RMSNorm, RoPE + write_kv, SiLU x up) per layer,
+        # about half of forward_torch's launches (forward_device).
+        self.device_fused = torch.device(device).type == "cuda" and tp is None and cuda_fused()
         self.scale = config.head_dim ** -0.5
         # Where every GEMM is one the C layer loop runs (panels, qmm blocks), the layers of a step are one
         # C call (csrc/cpu/layers.c) up to layer_rows rows (None: any), not ~9 Python calls each.
@@ -248,6 +261,8 @@ class LlamaProgram(Program):
     def forward(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
         if self.norms is not None:
             return self.forward_fused(batch, kv)
+        if self.device_fused:
+            return self.forward_device(batch, kv)
         return self.forward_torch(batch, kv)
 
     def forward_fused(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
@@ -279,6 +294,42 @@ class LlamaProgram(Program):
             h = step.add_rms_norm(o, 2 * index + 1)                    # x += o; h = norm(x)
             down = mm(step.silu_mul(mm(h, layer.gate_up_t)), layer.down_t)
             h = step.add_rms_norm(down, 2 * index + 2)                 # x += down; the next norm, or the final
+        # Only the rows that will be sampled go through the LM head (the final norm ran on every row).
+        return qlinear.head(h.index_select(0, batch.sample_indices), self.lm_head, md)
+
+    def forward_device(self, batch: ForwardBatch, kv: KVView) -> torch.Tensor:
+        """The one-rank CUDA forward on kernel/ops/fused.py's kernels: a layer is its four GEMMs, RoPE +
+        write_kv, attention, SiLU x up and two residual-add + RMSNorms (each add inside the next norm):
+        9 launches (10 with split-K attention) where forward_torch made 15 on an H200. The ops check their
+        arguments on the host; index ranges once a step, or never when the batch builder checked its host
+        arrays (a captured graph cannot sync). Runs on any device the ops run on (the CPU tests use it)."""
+        c = self.config
+        num_tokens = batch.token_ids.shape[0]
+        eps, dtype, md = c.rms_norm_eps, self.dtype, self.matmul_dtype
+        nq, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q_end, k_end = c.q_size, c.q_size + c.kv_size
+
+        def mm(a, w, bias=None):     # a GEMM in the matmul dtype, its output in the activations' dtype
+            return qlinear.mm(a.to(md), w, bias).to(dtype)
+
+        x = qlinear.embedding(batch.token_ids, self.embed).to(dtype).contiguous()   # the residual stream
+        h = F.rms_norm(x, (c.hidden_size,), self.layers[0].attn_norm, eps)         # every later norm is fused
+        following = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
+        for index, layer in enumerate(self.layers):
+            qkv = mm(h, layer.qkv_t, layer.qkv_bias)                      # (tokens, q | k | v), dense rows
+            q = qkv[:, :q_end].view(num_tokens, nq, d)
+            k = qkv[:, q_end:k_end].view(num_tokens, nkv, d)
+            v = qkv[:, k_end:].view(num_tokens, nkv, d)
+            k_cache, v_cache = kv.layer(index)
+            check = index == 0 and not batch.checked
+            fused.rope_write_kv(q, k, v, self.rope.cos, self.rope.sin, batch.positions, k_cache, v_cache,
+                                batch.slot_mapping, check=check)          # q rotated in place, k and v cached
+            attn = ops.paged_attention(q, k_cache, v_cache, batch.page_table, batch.query_start,
+                                       batch.context_lens, self.scale, check=check)
+            fused.add_rms_norm(x, mm(attn.view(num_tokens, q_end), layer.o_t, layer.o_bias), layer.mlp_norm,
+                               eps, out=h)                                # x += o; h = norm(x)
+            act = fused.silu_mul(mm(h, layer.gate_up_t))
+            fused.add_rms_norm(x, mm(act, layer.down_t), following[index], eps, out=h)   # x += down; next norm
         # Only the rows that will be sampled go through the LM head (the final norm ran on every row).
         return qlinear.head(h.index_select(0, batch.sample_indices), self.lm_head, md)
 
