@@ -28,7 +28,8 @@ from userspace.daemon.openai_requests import (
     parse,
     sampling_params,
 )
-from userspace.daemon.openai_responses import ResponsesAPI, ResponsesRequest
+from userspace.daemon.openai_response_request import ResponsesRequest
+from userspace.daemon.openai_responses import ResponsesAPI
 from userspace.daemon.openapi_doc import request_body
 from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, launch, usage_of
 from userspace.daemon.sysapi import json_object
@@ -338,4 +339,6 @@ def add_routes(app: FastAPI, daemon) -> list:
                       summary="A stored response")
     app.add_api_route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"], tags=["openai"],
                       summary="End a stored response's process")
+    app.add_api_route("/v1/responses/{response_id}/cancel", responses.cancel, methods=["POST"], tags=["openai"],
+                      summary="End a background response's turn (a kill); it stays stored, cancelled")
     return [ChatRequest, CompletionRequest, ResponsesRequest]

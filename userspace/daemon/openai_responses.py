@@ -1,4 +1,5 @@
-"""OpenAI's Responses API on the syscalls: POST /v1/responses, GET and DELETE /v1/responses/{id}.
+"""OpenAI's Responses API on the syscalls: POST /v1/responses, GET and DELETE /v1/responses/{id}, POST
+/v1/responses/{id}/cancel.
 
 A response is one turn of an interactive process. Stored (`store`, the default), the process sleeps
 after its turn and keeps its pages (under pressure the kernel swaps or reclaims idle sleepers first),
@@ -9,14 +10,17 @@ STORED_PER_TENANT responses; the oldest is ended (its id then answers 404). Not 
 exits after its turn. Served: text input (a string, or messages with text parts), instructions,
 max_output_tokens, temperature, top_p, text.format (text, json_schema, json_object), stream, store,
 previous_response_id, truncation ("auto": openai_response_truncation.py), logprobs (include
-"message.output_text.logprobs", top_logprobs), and function tools (tools, tool_choice; calls come
-back as function_call items, results go in as function_call_output items: openai_response_tools.py).
+"message.output_text.logprobs", top_logprobs), function tools (tools, tool_choice; calls come
+back as function_call items, results go in as function_call_output items: openai_response_tools.py)
+and background (the turn runs as a task of kvosd's event loop, read back with GET, ended early with
+POST /v1/responses/{id}/cancel: a kill).
 Other tools, reasoning and other kinds of input are a 400 naming them. A continuation keeps its conversation's
 sampling parameters and tools (write() carries none, and the template gave the tools once): other
 values are a 400.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict
@@ -25,47 +29,29 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
 
-from kernel.errors import E2BIG, EINVAL, ENOENT, ENOMEM, KvosError
+from kernel.errors import E2BIG, EBUSY, EINVAL, ENOENT, ENOMEM, KvosError
 from kernel.results import ExitStatus
 from userspace.daemon import logprobs_shapes, openai_response_truncation, openai_tools, waiting
-from userspace.daemon.openai_requests import STRICT, json_schema, parse, text_of_parts
+from userspace.daemon.openai_requests import parse
 from userspace.daemon.openai_response_events import item_events, message_opening
-from userspace.daemon.openai_response_tools import add_input_item, chat_shape, message_item, output_items
+from userspace.daemon.openai_response_request import (
+    IGNORED,
+    LOGPROBS,
+    OFF_VALUES,
+    PARAMS,
+    ResponsesRequest,
+    messages_of,
+    response_object,
+    spawn_params,
+    wants_logprobs,
+)
+from userspace.daemon.openai_response_tools import chat_shape, message_item, output_items
 from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, release
 from userspace.daemon.sysapi import json_object
 
 STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_id (each a sleeping process),
                               # and never more than half its max_procs
-IGNORED = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
-                     "parallel_tool_calls", "prompt_cache_retention"})
-OFF_VALUES = {"background": (False,),
-              "reasoning": (), "conversation": (), "prompt": (),
-              "max_tool_calls": ()}
-# A conversation keeps these from its first turn (tool_choice as its mode: None, auto, required or a name).
-PARAMS = ("max_output_tokens", "temperature", "top_p", "text", "tools", "tool_choice", "include", "top_logprobs")
-LOGPROBS = "message.output_text.logprobs"     # the one `include` kvosd serves
-MAX_TOP_LOGPROBS = 20
-
-
-class ResponsesRequest(BaseModel):
-    model_config = STRICT
-    model: str
-    input: str | list[dict]
-    instructions: str | None = None
-    max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stream: bool = False
-    store: bool = True
-    previous_response_id: str | None = None
-    text: dict | None = None                 # {"format": {"type": "text" | "json_schema" | "json_object", ...}}
-    tools: list[dict] | None = None          # function tools: {"type": "function", "name", "parameters", ...}
-    tool_choice: str | dict | None = None    # "auto" (with tools), "none", "required", {"type": "function", "name"}
-    include: list[str] | None = None         # ["message.output_text.logprobs"]: the text's logprobs
-    top_logprobs: int | None = None          # with them, the most likely tokens at each position (0 to 20)
-    truncation: str = "disabled"             # "auto": drop the conversation's oldest items to fit
 
 
 @dataclass
@@ -86,69 +72,13 @@ class Reply:
 @dataclass
 class Stored:
     tenant: str
-    pid: int
+    pid: int | None               # its sleeping process; None once that ended (cancelled, failed): no continuation
     params: dict                  # the request's PARAMS, which a continuation must repeat
     response: dict                # what GET answers
     messages: list                # the conversation as chat messages, its reply included (truncation)
+    task: asyncio.Task | None = None     # a background turn still running
+    turn_over: bool = False       # its last read has come: a cancel no longer kills it
 
-
-def messages_of(req: ResponsesRequest) -> list:
-    """The chat messages of the request's input (instructions first, as the system message)."""
-    out = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
-    if isinstance(req.input, str):
-        return out + [{"role": "user", "content": req.input}]
-    for i, item in enumerate(req.input):
-        kind = item.get("type", "message")
-        if kind in ("function_call", "function_call_output"):
-            add_input_item(out, item, i)
-            continue
-        if kind != "message":
-            raise KvosError(EINVAL, f"input.{i}.type {kind!r} is not supported by kvosd (text messages and "
-                                    "function calls and their outputs only)")
-        role, content = item.get("role"), item.get("content")
-        if role not in ("user", "system", "developer", "assistant"):
-            raise KvosError(EINVAL, f"input.{i}.role must be user, system, developer or assistant, got {role!r}")
-        if isinstance(content, list):
-            content = text_of_parts(content, f"input.{i}.content", ("input_text", "output_text", "text"))
-        if not isinstance(content, str):
-            raise KvosError(EINVAL, f"input.{i}.content must be a string or a list of text parts")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    if not out:
-        raise KvosError(EINVAL, "input holds no message")
-    return out
-
-
-def spawn_params(req: ResponsesRequest) -> dict:
-    params = {}
-    if req.max_output_tokens is not None:
-        params["max_tokens"] = req.max_output_tokens
-    for key in ("temperature", "top_p"):
-        if getattr(req, key) is not None:
-            params[key] = getattr(req, key)
-    fmt = (req.text or {}).get("format")
-    if req.text is not None and (set(req.text) - {"format", "verbosity"} or req.text.get("verbosity") not in
-                                 (None, "medium")):
-        raise KvosError(EINVAL, "text: only format is supported by kvosd")
-    if fmt is not None:
-        if not isinstance(fmt, dict):
-            raise KvosError(EINVAL, "text.format must be an object")
-        spec = {k: v for k, v in fmt.items() if k != "type"}
-        schema = json_schema({"type": fmt.get("type"), **({"json_schema": spec} if spec else {})})
-        if schema is not None:
-            params["json_schema"] = schema
-    unknown = sorted(set(req.include or ()) - {LOGPROBS})
-    if unknown:
-        raise KvosError(EINVAL, f"include {unknown[0]!r} is not supported by kvosd (only {LOGPROBS!r})")
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise KvosError(EINVAL, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}")
-    if wants_logprobs(req):
-        params["logprobs"] = req.top_logprobs or 0
-    return params
-
-
-def wants_logprobs(req: ResponsesRequest) -> bool:
-    """Whether the text's logprobs go in the response: asked by include, or by a top_logprobs above 0."""
-    return LOGPROBS in (req.include or ()) or bool(req.top_logprobs)
 
 
 class ResponsesAPI:
@@ -171,7 +101,8 @@ class ResponsesAPI:
         self.stored[rid] = entry
         mine = [r for r, e in self.stored.items() if e.tenant == entry.tenant]
         keep = min(STORED_PER_TENANT, max(1, max_procs // 2))
-        return [self.stored.pop(r).pid for r in mine[:max(0, len(mine) - keep)]]
+        ended = [self.stored.pop(r).pid for r in mine[:max(0, len(mine) - keep)]]
+        return [pid for pid in ended if pid is not None]
 
     # -- routes -------------------------------------------------------------------------------------
     async def get(self, request: Request, response_id: str):
@@ -182,14 +113,43 @@ class ResponsesAPI:
         who = self.daemon.authenticate(request)
         entry = self._find(who, response_id)
         del self.stored[response_id]
-        handle = who.handle if who.tid is not None else self.daemon.root
-        await anyio.to_thread.run_sync(release, handle, [entry.pid])
+        if entry.pid is not None:         # a background turn still running sees its process killed
+            await anyio.to_thread.run_sync(release, self._handle(who), [entry.pid])
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    async def cancel(self, request: Request, response_id: str):
+        """End a background response's turn (a kill): it stays stored, as cancelled, with the text it had.
+        A finished one is answered as it is (so is a second cancel); its process keeps sleeping."""
+        who = self.daemon.authenticate(request)
+        entry = self._find(who, response_id)
+        if not entry.response.get("background"):
+            raise KvosError(EINVAL, f"response {response_id!r} was not created with background: only those "
+                                    "can be cancelled")
+        task, killed = entry.task, False
+        if task is not None and not entry.turn_over:
+            killed = True
+            await anyio.to_thread.run_sync(_kill, self._handle(who), entry.pid)
+        if task is not None:
+            await asyncio.shield(task)       # the turn's own task records how it ended
+        current = self.stored.get(response_id, entry)
+        if killed and current.response["status"] != "cancelled" and current.pid is not None:
+            # It finished as the kill came, and the kill ended its sleeping process: reaped here.
+            await anyio.to_thread.run_sync(release, self._handle(who), [current.pid])
+            current.pid = None
+        return JSONResponse(current.response)
+
+    def _handle(self, who):
+        return who.handle if who.tid is not None else self.daemon.root
 
     async def create(self, request: Request):
         who = self.daemon.authenticate(request)
         req = parse(ResponsesRequest, await json_object(request, "responses"), IGNORED, OFF_VALUES)
         openai_response_truncation.check(req.truncation)
+        if req.background and not req.store:
+            raise KvosError(EINVAL, "background needs store: a background response is read back with GET")
+        if req.background and req.stream:
+            raise KvosError(EINVAL, "background with stream is not supported by kvosd: poll GET "
+                                    "/v1/responses/{id} instead")
         self.daemon.refuse_if_draining("spawn")
         messages = messages_of(req)
         params = spawn_params(req)
@@ -215,6 +175,12 @@ class ResponsesAPI:
             entry = self._find(who, req.previous_response_id)
             if entry.tenant != tenant:
                 raise KvosError(EINVAL, "previous_response_id belongs to another model")
+            if entry.task is not None:
+                raise KvosError(EBUSY, f"response {req.previous_response_id!r} is still in progress (background): "
+                                       "wait for it to complete, or cancel it")
+            if entry.pid is None:
+                raise KvosError(EINVAL, f"response {req.previous_response_id!r} was {entry.response['status']}: "
+                                        "its process has ended, so it cannot be continued")
             if req.instructions is not None:
                 raise KvosError(EINVAL, "instructions with previous_response_id are not supported: the "
                                         "conversation's first turn holds them")
@@ -231,7 +197,9 @@ class ResponsesAPI:
                 pid, history = await anyio.to_thread.run_sync(spawn, history)
         rid = f"resp_{self.daemon.nonce}{pid}"
         run = Launch(handle, tenant, [pid], [0], time.monotonic())
-        head = _response(rid, req, "in_progress", None, None, [])
+        if req.background:
+            return JSONResponse(await self._start_background(run, tid, req, rid, cached, asked, tools, history))
+        head = response_object(rid, req, "in_progress", None, None, [])
         if req.stream:
             return ResponseStream(self.daemon, run, self._events(run, req, head, cached, asked, tools, history))
         reply = Reply()
@@ -249,7 +217,7 @@ class ResponsesAPI:
             self.daemon.request_done(run, "responses")
             if reply.reason == "error":
                 raise exit_error(status)
-            return JSONResponse(_response(rid, req, "cancelled", None, reply.reason,
+            return JSONResponse(response_object(rid, req, "cancelled", None, reply.reason,
                                           [message_item(rid, "".join(reply.text), "incomplete")]))
         response = await self._finish(run, req, rid, reply, cached, asked, tools, history)
         return JSONResponse(response)
@@ -262,7 +230,7 @@ class ResponsesAPI:
         info = await anyio.to_thread.run_sync(lambda: next((p for p in handle.ps() if p.pid == pid), None))
         # what the turn read: every token before its reply (earlier turns' replies included)
         prompt = info.prompt_tokens + info.generated_tokens - len(tokens) if info is not None else 0
-        response = _response(rid, req, "completed" if reason == "stop" else "incomplete",
+        response = response_object(rid, req, "completed" if reason == "stop" else "incomplete",
                              {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                               "output_tokens": len(tokens), "output_tokens_details": {"reasoning_tokens": 0},
                               "total_tokens": prompt + len(tokens)}, reason,
@@ -271,15 +239,56 @@ class ResponsesAPI:
                                    elapsed=time.monotonic() - run.started)]
         run.outcome, run.finished = "ok", True
         self.daemon.request_done(run, "responses")
-        if req.store and info is not None:           # (None: killed since its turn ended; nothing to keep)
+        messages = history + openai_response_truncation.reply_messages(response["output"]) if req.store else None
+        if req.background:                 # stored (and counted) since it began: replaced, unless deleted since
+            if rid in self.stored:
+                self.stored[rid] = Stored(run.tenant, pid, asked, response, messages)
+        elif req.store and info is not None:         # (None: killed since its turn ended; nothing to keep)
             max_procs = (await anyio.to_thread.run_sync(handle.tenantinfo, info.tid)).max_procs
-            messages = history + openai_response_truncation.reply_messages(response["output"])
             evicted = self._keep(rid, Stored(run.tenant, pid, asked, response, messages), max_procs)
             if evicted:
                 await anyio.to_thread.run_sync(release, handle, evicted)
         else:
             await anyio.to_thread.run_sync(handle.wait, pid)
         return response
+
+    async def _start_background(self, run, tid, req, rid, cached, asked, tools, history) -> dict:
+        """Store a background response as queued and start its turn as a task: -> what POST answers."""
+        head = response_object(rid, req, "queued", None, None, [])
+        entry = Stored(run.tenant, run.pids[0], asked, head, history)
+        max_procs = (await anyio.to_thread.run_sync(run.handle.tenantinfo, tid)).max_procs
+        evicted = self._keep(rid, entry, max_procs)
+        if evicted:
+            await anyio.to_thread.run_sync(release, run.handle, evicted)
+        entry.task = asyncio.get_running_loop().create_task(
+            self._background(entry, run, req, rid, cached, asked, tools, history))
+        return dict(head)
+
+    async def _background(self, entry: Stored, run, req, rid, cached, asked, tools, history) -> None:
+        """A background turn, read to its end: the stored response becomes in_progress at its first
+        token, then completed or incomplete (_finish), cancelled (killed: with the text it had) or failed."""
+        pid, reply = run.pids[0], Reply()
+        try:
+            async for r in _turn(self.daemon, run, None):
+                reply.add(r)
+                entry.turn_over = r.turn_done
+                if r.tokens and entry.response["status"] == "queued":
+                    entry.response["status"] = "in_progress"
+            if reply.reason not in ("error", "killed"):
+                await self._finish(run, req, rid, reply, cached, asked, tools, history)
+                return
+            status = await anyio.to_thread.run_sync(run.handle.wait, pid)
+            run.statuses, run.outcome, run.finished = [status], reply.reason, True
+            self.daemon.request_done(run, "responses")
+            entry.pid = None
+            if reply.reason == "killed":
+                entry.response = response_object(rid, req, "cancelled", None, reply.reason,
+                                           [message_item(rid, "".join(reply.text), "incomplete")])
+            else:
+                entry.response = {**response_object(rid, req, "failed", None, None, []),
+                                  "error": {"code": "server_error", "message": str(exit_error(status))}}
+        finally:
+            entry.task = None
 
     async def _events(self, run, req, head, cached, asked, tools, history):
         """The Responses API's server-sent events for one reply. Its text streams as it comes; a reply
@@ -355,6 +364,14 @@ async def _turn(daemon, run, request):
             raise waiting.Disconnected()
 
 
+def _kill(handle, pid: int) -> None:
+    """Kill a background turn's process (its task reaps it); one already gone is no error."""
+    try:
+        handle.kill(pid)
+    except KvosError:
+        pass
+
+
 def _branch(handle, pid: int, messages: list) -> tuple:
     """A fork of a stored (sleeping) process, written the new messages. -> (its pid, tokens shared)"""
     info = next((p for p in handle.ps() if p.pid == pid), None)
@@ -377,17 +394,3 @@ def _output(rid: str, text: str, tools, reason, logprobs: list | None = None) ->
         return [message_item(rid, text, status, [] if logprobs is None else logprobs_shapes.chat(logprobs)["content"])]
     content, calls = openai_tools.parse_calls(text, tools)
     return output_items(rid, content, calls, status)
-
-
-def _response(rid: str, req: ResponsesRequest, status: str, usage, reason, output: list) -> dict:
-    """The Response object, as OpenAI's reference describes it."""
-    return {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
-            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
-            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": req.model,
-            "output": output, "parallel_tool_calls": True,
-            "previous_response_id": req.previous_response_id, "store": req.store,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "top_p": 1.0 if req.top_p is None else req.top_p,
-            "text": req.text or {"format": {"type": "text"}},
-            "tool_choice": "auto" if req.tool_choice is None else req.tool_choice, "tools": req.tools or [],
-            "truncation": req.truncation, "usage": usage, "metadata": {}}

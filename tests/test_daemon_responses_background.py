@@ -1,0 +1,115 @@
+"""Background responses (/v1/responses with background: true) through the unmodified openai client
+against kvosd on tiny-llama: answered at once, read back with retrieve until done, the same text as the
+kernel's own interactive process, continued by fork; cancelled mid-turn (a kill) with the text it had;
+the 400s and the 409 that say why not; every frame back."""
+import time
+
+import openai
+import pytest
+
+import kernel
+from tests.test_daemon_responses import GREEDY, MODEL, turns, user
+from userspace.daemon.config import DaemonConfig, TenantSpec
+from userspace.daemon.listen import ServerThread
+
+KEY, ROOT = "background-key-for-tests", "background-root-for-tests"
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
+LONG = dict(temperature=0, max_output_tokens=1500)     # tiny-llama's random weights rarely stop: ~1,500 steps
+
+
+@pytest.fixture(scope="module")
+def server(one_thread):
+    srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory="8MiB", threads=1), root_key=ROOT,
+                                    tenants=[TenantSpec(MODEL, MODEL, KEY)]))
+    yield srv
+    report = srv.stop()
+    assert report["fsck"] == "clean" and report["frames_mapped"] == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The same model in a kernel of this process: what each response must say."""
+    k = kernel.boot(memory="8MiB", threads=1)
+    root = k.syscalls()
+    return root, root.spawn_tenant(MODEL)
+
+
+def settled(client, rid, timeout=60.0):
+    """The response once it is no longer queued or in progress."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.responses.retrieve(rid)
+        if r.status not in ("queued", "in_progress"):
+            return r
+        assert time.monotonic() < deadline, f"{rid} still {r.status}"
+        time.sleep(0.02)
+
+
+def test_a_background_response_is_read_back_and_continued(client, local):
+    want = turns(local, user("Hello"), user("And then?"), max_tokens=10, temperature=0)
+    r = client.responses.create(model=MODEL, input="Hello", background=True, **GREEDY)
+    assert r.background is True and r.status in ("queued", "in_progress") and r.output == []
+    done = settled(client, r.id)
+    assert done.status in ("completed", "incomplete") and done.output_text == want[0]
+    assert done.background is True and done.usage.output_tokens <= 10
+    nxt = client.responses.create(model=MODEL, input="And then?", previous_response_id=r.id, **GREEDY)
+    assert nxt.output_text == want[1]
+    assert client.responses.cancel(r.id).status == done.status     # a finished one is answered as it is
+    assert client.responses.create(model=MODEL, input="And then?", previous_response_id=r.id,
+                                   **GREEDY).output_text == want[1]   # and still continues
+    for rid in (r.id, nxt.id):
+        client.responses.delete(rid)
+
+
+def test_a_cancelled_response_keeps_its_text_and_ends_its_process(client, local):
+    r = client.responses.create(model=MODEL, input="Tell me everything.", background=True, **LONG)
+    cancelled = client.responses.cancel(r.id)
+    assert cancelled.status == "cancelled" and cancelled.background is True
+    (long_want,) = turns(local, user("Tell me everything."), max_tokens=1500, temperature=0)
+    text = cancelled.output_text
+    assert len(text) < len(long_want) and long_want.startswith(text)   # cut where the kill came
+    assert client.responses.retrieve(r.id).status == "cancelled"
+    assert client.responses.cancel(r.id).status == "cancelled"        # a second cancel: the same answer
+    with pytest.raises(openai.BadRequestError, match="cancelled: its process has ended"):
+        client.responses.create(model=MODEL, input="more", previous_response_id=r.id, **GREEDY)
+    client.responses.delete(r.id)
+
+
+def test_what_background_refuses(client):
+    with pytest.raises(openai.BadRequestError, match="background needs store"):
+        client.responses.create(model=MODEL, input="Hi", background=True, store=False, **GREEDY)
+    with pytest.raises(openai.BadRequestError, match="background with stream"):
+        client.responses.create(model=MODEL, input="Hi", background=True, stream=True, **GREEDY)
+    plain = client.responses.create(model=MODEL, input="Hi", **GREEDY)
+    with pytest.raises(openai.BadRequestError, match="not created with background"):
+        client.responses.cancel(plain.id)
+    running = client.responses.create(model=MODEL, input="Tell me everything.", background=True, **LONG)
+    with pytest.raises(openai.ConflictError, match="still in progress"):
+        client.responses.create(model=MODEL, input="more", previous_response_id=running.id, **GREEDY)
+    client.responses.delete(running.id)            # a running turn deleted: its process killed, its id gone
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(running.id)
+    client.responses.delete(plain.id)
+
+
+def test_a_turn_whose_process_fails_is_failed_with_the_error(one_thread):
+    """A pool of 6 frames (96 tokens), no swap: a turn that grows past it is ended by the kernel (ENOMEM)."""
+    srv = ServerThread(DaemonConfig(boot=dict(device="cpu", memory=6 * 24576, swap=0, threads=1), root_key=ROOT,
+                                    tenants=[TenantSpec(MODEL, MODEL, KEY)]))
+    try:
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0) as c:
+            r = c.responses.create(model=MODEL, input="Hi", background=True, **LONG)
+            failed = settled(c, r.id)
+            assert failed.status == "failed" and "ENOMEM" in failed.error.message and failed.output == []
+            with pytest.raises(openai.BadRequestError, match="failed: its process has ended"):
+                c.responses.create(model=MODEL, input="more", previous_response_id=r.id, **GREEDY)
+    finally:
+        report = srv.stop()
+    assert report["fsck"] == "clean" and report["frames_mapped"] == 0
