@@ -5,12 +5,15 @@ run here on the CPU: once on the C kernels and once on the CUDA sources themselv
 import pytest
 import torch
 
+import kernel
 from kernel.devices.torchdev import TorchDevice
 from kernel.errors import KvosError
-from kernel.ops import cpu, cuda_fused, fused
+from kernel.ops import cpu, cuda_decode, cuda_fused, fused
 from kernel.program import exec_program
 from tests import test_ops_cuda as base
 from tests.helpers.hf_reference import rel_error
+from tests.kernel_helpers import TINY, assert_all_memory_back, frames, run_workload, workload
+from tests.test_graphs import poison_null_frame, spy
 from tests.test_step_ops import _prefill_then_decode
 from userspace.programs import llama
 
@@ -31,11 +34,10 @@ def test_the_device_forward_matches_the_torch_forward_on_the_c_kernels(program):
     assert rel_error(got, _prefill_then_decode(program, _torch_forward(program))) < 1e-5
 
 
-def test_the_device_forward_on_the_cuda_kernels_in_emulation(program, emulated, monkeypatch):
-    """Every kernel of the step but the GEMMs and the first norm is a CUDA source run by the emulator:
-    the fused ops through fused.py's checks, write_kv and attention through the custom ops (v2 for the
-    decode steps, v1 for the prefill). What the forward hands the launchers (views, strides, the RoPE
-    tables, the residual written in place) is what a GPU would get."""
+@pytest.fixture
+def cuda_kernels(emulated, monkeypatch):
+    """The CUDA sources in the emulator behind fused.py and the custom ops, for CPU tensors: -> the
+    list of the launches made (by op)."""
     calls = []
 
     def counted(name, launch):
@@ -53,11 +55,21 @@ def test_the_device_forward_on_the_cuda_kernels_in_emulation(program, emulated, 
     monkeypatch.setattr(cpu, "rope_write_kv", kernels.rope_write_kv)
     monkeypatch.setattr(cpu, "write_kv", counted("write_kv", emulated.write_kv))
     monkeypatch.setattr(cpu, "paged_attention", counted("paged_attention", emulated.paged_attention))
+    monkeypatch.setattr(cuda_decode, "paged_attention", counted("v2", cuda_decode.paged_attention))
+    return calls
+
+
+def test_the_device_forward_on_the_cuda_kernels_in_emulation(program, cuda_kernels, monkeypatch):
+    """Every kernel of the step but the GEMMs and the first norm is a CUDA source run by the emulator:
+    the fused ops through fused.py's checks, write_kv and attention through the custom ops (v2 for the
+    decode steps, v1 for the prefill). What the forward hands the launchers (views, strides, the RoPE
+    tables, the residual written in place) is what a GPU would get."""
+    calls = cuda_kernels
     got = _prefill_then_decode(program, torch.inference_mode()(program.forward_device))
     layers = program.config.num_hidden_layers
     assert {name: calls.count(name) for name in set(calls)} == {
         "add_rms_norm": 2 * layers * 4, "silu_mul": layers * 4, "rope_write_kv": layers * 4,
-        "paged_attention": layers * 4}      # four steps; write_kv only inside rope_write_kv
+        "paged_attention": layers * 4, "v2": layers * 3}   # 4 steps, 3 of decode; write_kv inside rope_write_kv
     monkeypatch.undo()
     assert rel_error(got, _prefill_then_decode(program, _torch_forward(program))) < 1e-5
 
@@ -77,3 +89,31 @@ def test_which_forward_a_program_takes(program, monkeypatch):
     plain.norms, plain.device_fused = None, True
     monkeypatch.setattr(type(plain), "forward_device", lambda self, b, kv: "device")
     assert plain.forward(None, None) == "device"
+
+
+def test_decode_graphs_static_batches_on_the_cuda_kernels_in_emulation(cuda_kernels, monkeypatch):
+    """What a captured decode graph runs, without the capture: padded static batches (padding rows in the
+    null frame, a page table as wide as the model's context) through forward_device on the emulated CUDA
+    kernels (attention v2 over mostly dead chunks), each against the unpadded eager step on the same
+    kernels; the null frame poisoned with NaN before every step; greedy outputs as the CPU kernel's."""
+    jobs = workload(n=7, seed=5, output=(4, 12))
+    want, _ = run_workload(jobs)
+    k = kernel.boot(memory=frames(64), graphs=True)
+    s = k.syscalls()
+    tid = s.spawn_tenant(TINY)
+    program = k.tenants[tid].program
+    monkeypatch.setattr(program, "forward", torch.inference_mode()(program.forward_device))
+    pids = [s.spawn(tid, prompt, max_tokens=n, ignore_eos=True, temperature=0) for prompt, n in jobs]
+    seen = spy(k)
+    while True:
+        poison_null_frame(k)
+        if not k.step():
+            break
+        k.fsck()
+    assert k.graphs.stats.static_steps == len(seen) > 3 and any(padding for *_, padding in seen)
+    for static, eager, *_ in seen:
+        assert torch.isfinite(static).all(), "a real row read the null frame"
+        torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-4)
+    assert [s.wait(pid).tokens for pid in pids] == want
+    assert cuda_kernels.count("v2") >= len(seen) * k.tenants[tid].program.config.num_hidden_layers
+    assert_all_memory_back(k)

@@ -86,6 +86,7 @@ class ResponsesAPI:
         self.daemon = daemon
         self.resolve = resolve
         self.stored: OrderedDict = OrderedDict()      # response id -> Stored, oldest first
+        self.turns: set = set()       # background turns' tasks (the event loop holds tasks only weakly)
 
     # -- the store -------------------------------------------------------------------------------
     def _find(self, who, rid: str) -> Stored:
@@ -262,6 +263,8 @@ class ResponsesAPI:
             await anyio.to_thread.run_sync(release, run.handle, evicted)
         entry.task = asyncio.get_running_loop().create_task(
             self._background(entry, run, req, rid, cached, asked, tools, history))
+        self.turns.add(entry.task)
+        entry.task.add_done_callback(self.turns.discard)
         return dict(head)
 
     async def _background(self, entry: Stored, run, req, rid, cached, asked, tools, history) -> None:
