@@ -12,7 +12,7 @@ from tests.helpers.schemas import PERSON, assert_valid
 from tests.kernel_helpers import turn_text
 from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.listen import ServerThread
-from userspace.daemon.openai_responses import STORED_PER_TENANT
+from userspace.daemon.openai_response_store import STORED_PER_TENANT
 
 KEY, ROOT, SMALL = "responses-key-for-tests", "responses-root-for-tests", "responses-small-for-tests"
 MODEL = "tiny-llama"

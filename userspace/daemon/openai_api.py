@@ -335,10 +335,12 @@ def add_routes(app: FastAPI, daemon) -> list:
                       summary="A response (streamed with stream=true); stored ones sleep as processes, and "
                               "previous_response_id continues one by fork",
                       openapi_extra=request_body(ResponsesRequest))
-    app.add_api_route("/v1/responses/{response_id}", responses.get, methods=["GET"], tags=["openai"],
+    app.add_api_route("/v1/responses/{response_id}", responses.store.get, methods=["GET"], tags=["openai"],
                       summary="A stored response")
-    app.add_api_route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"], tags=["openai"],
+    app.add_api_route("/v1/responses/{response_id}", responses.store.delete, methods=["DELETE"], tags=["openai"],
                       summary="End a stored response's process")
-    app.add_api_route("/v1/responses/{response_id}/cancel", responses.cancel, methods=["POST"], tags=["openai"],
+    app.add_api_route("/v1/responses/{response_id}/cancel", responses.store.cancel, methods=["POST"], tags=["openai"],
                       summary="End a background response's turn (a kill); it stays stored, cancelled")
+    app.add_api_route("/v1/responses/{response_id}/input_items", responses.store.input_items, methods=["GET"],
+                      tags=["openai"], summary="A stored response's input items (its conversation before the reply)")
     return [ChatRequest, CompletionRequest, ResponsesRequest]

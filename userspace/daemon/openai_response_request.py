@@ -67,6 +67,26 @@ def messages_of(req: ResponsesRequest) -> list:
     return out
 
 
+def input_items(req: ResponsesRequest, rid: str) -> list:
+    """The request's input as the Response items GET .../input_items lists (after messages_of checked
+    it): a message keeps its parts (a string is one input_text part, output_text for the assistant),
+    function calls and their outputs stay as given; an item without an id gets one from the response's."""
+    base = rid.removeprefix("resp_")
+    given = [{"type": "message", "role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
+    items = []
+    for i, item in enumerate(given):
+        kind = item.get("type", "message")
+        if kind != "message":
+            items.append({"id": f"{'fc' if kind == 'function_call' else 'fco'}_{base}_in{i}", **item})
+            continue
+        content = item["content"]
+        part = "output_text" if item["role"] == "assistant" else "input_text"
+        parts = [{"type": part, "text": content}] if isinstance(content, str) else [dict(p) for p in content]
+        items.append({"id": item.get("id") or f"msg_{base}_in{i}", "type": "message", "role": item["role"],
+                      "status": "completed", "content": parts})
+    return items
+
+
 def spawn_params(req: ResponsesRequest) -> dict:
     params = {}
     if req.max_output_tokens is not None:

@@ -1,5 +1,5 @@
-"""OpenAI's Responses API on the syscalls: POST /v1/responses, GET and DELETE /v1/responses/{id}, POST
-/v1/responses/{id}/cancel.
+"""OpenAI's Responses API on the syscalls: POST /v1/responses runs a response's turn (GET, DELETE,
+cancel and input_items of a stored one are openai_response_store.py's).
 
 A response is one turn of an interactive process. Stored (`store`, the default), the process sleeps
 after its turn and keeps its pages (under pressure the kernel swaps or reclaims idle sleepers first),
@@ -23,14 +23,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import anyio.to_thread
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kernel.errors import E2BIG, EBUSY, EINVAL, ENOENT, ENOMEM, KvosError
+from kernel.errors import E2BIG, EBUSY, EINVAL, ENOMEM, KvosError
 from kernel.results import ExitStatus
 from userspace.daemon import logprobs_shapes, openai_response_truncation, openai_tools, waiting
 from userspace.daemon.openai_requests import parse
@@ -41,17 +40,16 @@ from userspace.daemon.openai_response_request import (
     OFF_VALUES,
     PARAMS,
     ResponsesRequest,
+    input_items,
     messages_of,
     response_object,
     spawn_params,
     wants_logprobs,
 )
+from userspace.daemon.openai_response_store import ResponseStore, Stored
 from userspace.daemon.openai_response_tools import chat_shape, message_item, output_items
 from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, release
 from userspace.daemon.sysapi import json_object
-
-STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_id (each a sleeping process),
-                              # and never more than half its max_procs
 
 
 @dataclass
@@ -70,77 +68,24 @@ class Reply:
 
 
 @dataclass
-class Stored:
-    tenant: str
-    pid: int | None               # its sleeping process; None once that ended (cancelled, failed): no continuation
-    params: dict                  # the request's PARAMS, which a continuation must repeat
-    response: dict                # what GET answers
-    messages: list                # the conversation as chat messages, its reply included (truncation)
-    task: asyncio.Task | None = None     # a background turn still running
-    turn_over: bool = False       # its last read has come: a cancel no longer kills it
-
+class Turn:
+    """What a response's turn carries from its request to its end."""
+    req: ResponsesRequest
+    rid: str
+    cached: int                   # tokens of the conversation not computed again (shared with its fork)
+    asked: dict                   # the request's PARAMS, which a continuation must repeat
+    tools: list | None            # the tools whose calls the reply may hold
+    history: list                 # the conversation as chat messages before the reply
+    items: list                   # the conversation as input items before the reply (input_items)
 
 
 class ResponsesAPI:
     def __init__(self, daemon, resolve):
         self.daemon = daemon
         self.resolve = resolve
-        self.stored: OrderedDict = OrderedDict()      # response id -> Stored, oldest first
+        self.store = ResponseStore(daemon)
         self.turns: set = set()       # background turns' tasks (the event loop holds tasks only weakly)
 
-    # -- the store -------------------------------------------------------------------------------
-    def _find(self, who, rid: str) -> Stored:
-        entry = self.stored.get(rid)
-        if entry is None or (who.tid is not None and entry.tenant != who.name):
-            raise KvosError(ENOENT, f"no stored response {rid!r} (it was not stored, was deleted, or was the "
-                                    f"oldest of more than {STORED_PER_TENANT})")
-        return entry
-
-    def _keep(self, rid: str, entry: Stored, max_procs: int) -> list:
-        """Store a response; -> the pids of the tenant's responses that no longer fit (to end): at most
-        STORED_PER_TENANT, and at most half the tenant's processes, so stored ones never take them all."""
-        self.stored[rid] = entry
-        mine = [r for r, e in self.stored.items() if e.tenant == entry.tenant]
-        keep = min(STORED_PER_TENANT, max(1, max_procs // 2))
-        ended = [self.stored.pop(r).pid for r in mine[:max(0, len(mine) - keep)]]
-        return [pid for pid in ended if pid is not None]
-
-    # -- routes -------------------------------------------------------------------------------------
-    async def get(self, request: Request, response_id: str):
-        who = self.daemon.authenticate(request)
-        return JSONResponse(self._find(who, response_id).response)
-
-    async def delete(self, request: Request, response_id: str):
-        who = self.daemon.authenticate(request)
-        entry = self._find(who, response_id)
-        del self.stored[response_id]
-        if entry.pid is not None:         # a background turn still running sees its process killed
-            await anyio.to_thread.run_sync(release, self._handle(who), [entry.pid])
-        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
-
-    async def cancel(self, request: Request, response_id: str):
-        """End a background response's turn (a kill): it stays stored, as cancelled, with the text it had.
-        A finished one is answered as it is (so is a second cancel); its process keeps sleeping."""
-        who = self.daemon.authenticate(request)
-        entry = self._find(who, response_id)
-        if not entry.response.get("background"):
-            raise KvosError(EINVAL, f"response {response_id!r} was not created with background: only those "
-                                    "can be cancelled")
-        task, killed = entry.task, False
-        if task is not None and not entry.turn_over:
-            killed = True
-            await anyio.to_thread.run_sync(_kill, self._handle(who), entry.pid)
-        if task is not None:
-            await asyncio.shield(task)       # the turn's own task records how it ended
-        current = self.stored.get(response_id, entry)
-        if killed and current.response["status"] != "cancelled" and current.pid is not None:
-            # It finished as the kill came, and the kill ended its sleeping process: reaped here.
-            await anyio.to_thread.run_sync(release, self._handle(who), [current.pid])
-            current.pid = None
-        return JSONResponse(current.response)
-
-    def _handle(self, who):
-        return who.handle if who.tid is not None else self.daemon.root
 
     async def create(self, request: Request):
         who = self.daemon.authenticate(request)
@@ -173,7 +118,7 @@ class ResponsesAPI:
         if req.previous_response_id is None:
             pid, history = await anyio.to_thread.run_sync(spawn, messages)
         else:
-            entry = self._find(who, req.previous_response_id)
+            entry = self.store.find(who, req.previous_response_id)
             if entry.tenant != tenant:
                 raise KvosError(EINVAL, "previous_response_id belongs to another model")
             if entry.task is not None:
@@ -197,12 +142,14 @@ class ResponsesAPI:
                     raise
                 pid, history = await anyio.to_thread.run_sync(spawn, history)
         rid = f"resp_{self.daemon.nonce}{pid}"
+        before = [] if req.previous_response_id is None else entry.items + entry.response["output"]
+        turn = Turn(req, rid, cached, asked, tools, history, before + input_items(req, rid))
         run = Launch(handle, tenant, [pid], [0], time.monotonic())
         if req.background:
-            return JSONResponse(await self._start_background(run, tid, req, rid, cached, asked, tools, history))
+            return JSONResponse(await self._start_background(run, tid, turn))
         head = response_object(rid, req, "in_progress", None, None, [])
         if req.stream:
-            return ResponseStream(self.daemon, run, self._events(run, req, head, cached, asked, tools, history))
+            return ResponseStream(self.daemon, run, self._events(run, turn, head))
         reply = Reply()
         try:
             async for r in _turn(self.daemon, run, request):
@@ -213,64 +160,67 @@ class ResponsesAPI:
             self.daemon.request_done(run, "responses")
             return JSONResponse({}, status_code=499)
         if reply.reason in ("error", "killed"):     # a failed forward, or someone killed the process
-            status = await anyio.to_thread.run_sync(handle.wait, pid)
-            run.statuses, run.outcome, run.finished = [status], reply.reason, True
-            self.daemon.request_done(run, "responses")
+            status = await self._ended(run, reply)
             if reply.reason == "error":
                 raise exit_error(status)
-            return JSONResponse(response_object(rid, req, "cancelled", None, reply.reason,
-                                          [message_item(rid, "".join(reply.text), "incomplete")]))
-        response = await self._finish(run, req, rid, reply, cached, asked, tools, history)
-        return JSONResponse(response)
+            return JSONResponse(_cancelled(turn, reply))
+        return JSONResponse(await self._finish(run, turn, reply))
 
-    async def _finish(self, run, req, rid, reply: Reply, cached, asked, tools, history) -> dict:
-        """The finished response: counted, logged, stored (or its process reaped). history: the
-        conversation's messages before the reply."""
-        handle, pid = run.handle, run.pids[0]
+    async def _ended(self, run, reply: Reply):
+        """A turn that ended in error or killed: its process reaped and the request counted. -> its status"""
+        status = await anyio.to_thread.run_sync(run.handle.wait, run.pids[0])
+        run.statuses, run.outcome, run.finished = [status], reply.reason, True
+        self.daemon.request_done(run, "responses")
+        return status
+
+    async def _finish(self, run, turn: Turn, reply: Reply) -> dict:
+        """The finished response: counted, logged, stored (or its process reaped)."""
+        handle, pid, req, rid = run.handle, run.pids[0], turn.req, turn.rid
         text, tokens, reason = "".join(reply.text), reply.tokens, reply.reason
         info = await anyio.to_thread.run_sync(lambda: next((p for p in handle.ps() if p.pid == pid), None))
         # what the turn read: every token before its reply (earlier turns' replies included)
         prompt = info.prompt_tokens + info.generated_tokens - len(tokens) if info is not None else 0
-        response = response_object(rid, req, "completed" if reason == "stop" else "incomplete",
-                             {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-                              "output_tokens": len(tokens), "output_tokens_details": {"reasoning_tokens": 0},
-                              "total_tokens": prompt + len(tokens)}, reason,
-                             _output(rid, text, tools, reason, reply.logprobs if wants_logprobs(req) else None))
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": turn.cached},
+                 "output_tokens": len(tokens), "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": prompt + len(tokens)}
+        output = _output(rid, text, turn.tools, reason, reply.logprobs if wants_logprobs(req) else None)
+        response = response_object(rid, req, "completed" if reason == "stop" else "incomplete", usage, reason, output)
         run.statuses = [ExitStatus(pid=pid, reason=reason, tokens=tokens, text=text, prompt_tokens=prompt,
                                    elapsed=time.monotonic() - run.started)]
         run.outcome, run.finished = "ok", True
         self.daemon.request_done(run, "responses")
-        messages = history + openai_response_truncation.reply_messages(response["output"]) if req.store else None
+        if req.store:
+            stored = Stored(run.tenant, pid, turn.asked, response,
+                            turn.history + openai_response_truncation.reply_messages(output), turn.items)
         if req.background:                 # stored (and counted) since it began: replaced, unless deleted since
-            if rid in self.stored:
-                self.stored[rid] = Stored(run.tenant, pid, asked, response, messages)
+            if rid in self.store.stored:
+                self.store.stored[rid] = stored
         elif req.store and info is not None:         # (None: killed since its turn ended; nothing to keep)
             max_procs = (await anyio.to_thread.run_sync(handle.tenantinfo, info.tid)).max_procs
-            evicted = self._keep(rid, Stored(run.tenant, pid, asked, response, messages), max_procs)
+            evicted = self.store.keep(rid, stored, max_procs)
             if evicted:
                 await anyio.to_thread.run_sync(release, handle, evicted)
         else:
             await anyio.to_thread.run_sync(handle.wait, pid)
         return response
 
-    async def _start_background(self, run, tid, req, rid, cached, asked, tools, history) -> dict:
+    async def _start_background(self, run, tid, turn: Turn) -> dict:
         """Store a background response as queued and start its turn as a task: -> what POST answers."""
-        head = response_object(rid, req, "queued", None, None, [])
-        entry = Stored(run.tenant, run.pids[0], asked, head, history)
+        head = response_object(turn.rid, turn.req, "queued", None, None, [])
+        entry = Stored(run.tenant, run.pids[0], turn.asked, head, turn.history, turn.items)
         max_procs = (await anyio.to_thread.run_sync(run.handle.tenantinfo, tid)).max_procs
-        evicted = self._keep(rid, entry, max_procs)
+        evicted = self.store.keep(turn.rid, entry, max_procs)
         if evicted:
             await anyio.to_thread.run_sync(release, run.handle, evicted)
-        entry.task = asyncio.get_running_loop().create_task(
-            self._background(entry, run, req, rid, cached, asked, tools, history))
+        entry.task = asyncio.get_running_loop().create_task(self._background(entry, run, turn))
         self.turns.add(entry.task)
         entry.task.add_done_callback(self.turns.discard)
         return dict(head)
 
-    async def _background(self, entry: Stored, run, req, rid, cached, asked, tools, history) -> None:
+    async def _background(self, entry: Stored, run, turn: Turn) -> None:
         """A background turn, read to its end: the stored response becomes in_progress at its first
         token, then completed or incomplete (_finish), cancelled (killed: with the text it had) or failed."""
-        pid, reply = run.pids[0], Reply()
+        reply = Reply()
         try:
             async for r in _turn(self.daemon, run, None):
                 reply.add(r)
@@ -278,27 +228,23 @@ class ResponsesAPI:
                 if r.tokens and entry.response["status"] == "queued":
                     entry.response["status"] = "in_progress"
             if reply.reason not in ("error", "killed"):
-                await self._finish(run, req, rid, reply, cached, asked, tools, history)
+                await self._finish(run, turn, reply)
                 return
-            status = await anyio.to_thread.run_sync(run.handle.wait, pid)
-            run.statuses, run.outcome, run.finished = [status], reply.reason, True
-            self.daemon.request_done(run, "responses")
+            status = await self._ended(run, reply)
             entry.pid = None
             if reply.reason == "killed":
-                entry.response = response_object(rid, req, "cancelled", None, reply.reason,
-                                           [message_item(rid, "".join(reply.text), "incomplete")])
+                entry.response = _cancelled(turn, reply)
             else:
-                entry.response = {**response_object(rid, req, "failed", None, None, []),
+                entry.response = {**response_object(turn.rid, turn.req, "failed", None, None, []),
                                   "error": {"code": "server_error", "message": str(exit_error(status))}}
         finally:
             entry.task = None
 
-    async def _events(self, run, req, head, cached, asked, tools, history):
+    async def _events(self, run, turn: Turn, head: dict):
         """The Responses API's server-sent events for one reply. Its text streams as it comes; a reply
         that may hold tool calls is sent whole at its end, as items (its text, then each call)."""
         seq = 0
-        rid, pid = head["id"], run.pids[0]
-        item_id = f"msg_{rid.removeprefix('resp_')}"
+        item_id = f"msg_{turn.rid.removeprefix('resp_')}"
 
         def event(kind, **fields):
             nonlocal seq
@@ -307,11 +253,11 @@ class ResponsesAPI:
 
         yield event("response.created", response=head)
         yield event("response.in_progress", response=head)
-        streaming = tools is None
+        streaming = turn.tools is None
         if streaming:
             for e in message_opening(event, item_id):
                 yield e
-        reply, with_logprobs = Reply(), wants_logprobs(req)
+        reply, with_logprobs = Reply(), wants_logprobs(turn.req)
         async for r in _turn(self.daemon, run, None):
             reply.add(r)
             if streaming and (r.text or (with_logprobs and r.logprobs)):
@@ -319,13 +265,11 @@ class ResponsesAPI:
                             delta=r.text, logprobs=logprobs_shapes.chat(r.logprobs)["content"] if with_logprobs
                             else [])
         if reply.reason in ("error", "killed"):
-            status = await anyio.to_thread.run_sync(run.handle.wait, pid)
-            run.statuses, run.outcome, run.finished = [status], reply.reason, True
-            self.daemon.request_done(run, "responses")
+            status = await self._ended(run, reply)
             yield event("error", code=reply.reason, message=status.error or f"the process was {reply.reason}",
                         param=None)
             return
-        response = await self._finish(run, req, rid, reply, cached, asked, tools, history)
+        response = await self._finish(run, turn, reply)
         for index, item in enumerate(response["output"]):
             for e in item_events(event, index, item, opened=streaming):
                 yield e
@@ -367,12 +311,10 @@ async def _turn(daemon, run, request):
             raise waiting.Disconnected()
 
 
-def _kill(handle, pid: int) -> None:
-    """Kill a background turn's process (its task reaps it); one already gone is no error."""
-    try:
-        handle.kill(pid)
-    except KvosError:
-        pass
+def _cancelled(turn: Turn, reply: Reply) -> dict:
+    """The response of a turn whose process was killed: cancelled, with the text it had."""
+    return response_object(turn.rid, turn.req, "cancelled", None, reply.reason,
+                           [message_item(turn.rid, "".join(reply.text), "incomplete")])
 
 
 def _branch(handle, pid: int, messages: list) -> tuple:

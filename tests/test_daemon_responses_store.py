@@ -1,7 +1,8 @@
-"""Background responses (/v1/responses with background: true) through the unmodified openai client
-against kvosd on tiny-llama: answered at once, read back with retrieve until done, the same text as the
-kernel's own interactive process, continued by fork; cancelled mid-turn (a kill) with the text it had;
-the 400s and the 409 that say why not; every frame back."""
+"""Stored responses read back, through the unmodified openai client against kvosd on tiny-llama:
+background responses (answered at once, retrieved until done, the same text as the kernel's own
+interactive process, continued by fork; cancelled mid-turn, a kill, with the text they had; failed
+with the kernel's error), a stored response's input items a page at a time; the 400s and the 409 that
+say why not; every frame back."""
 import time
 
 import openai
@@ -113,3 +114,33 @@ def test_a_turn_whose_process_fails_is_failed_with_the_error(one_thread):
     finally:
         report = srv.stop()
     assert report["fsck"] == "clean" and report["frames_mapped"] == 0
+
+
+def test_input_items_list_the_conversation_before_each_reply(client, server):
+    first = client.responses.create(model=MODEL, input="Hello", instructions="Be brief.", **GREEDY)
+    (item,) = client.responses.input_items.list(first.id).data        # the instructions are no item
+    assert (item.type, item.role, item.content[0].type, item.content[0].text) == ("message", "user", "input_text",
+                                                                                "Hello")
+    said = [{"role": "assistant", "content": "Earlier."}, {"role": "user", "content": [
+        {"type": "input_text", "text": "And then?"}]}]
+    nxt = client.responses.create(model=MODEL, input=said, previous_response_id=first.id, **GREEDY)
+    asc = client.responses.input_items.list(nxt.id, order="asc").data
+    assert [i.id for i in asc] == [item.id, first.output[0].id] + [i.id for i in asc[2:]] and len(asc) == 4
+    assert [(i.role, i.content[0].type, i.content[0].text) for i in asc] == [
+        ("user", "input_text", "Hello"), ("assistant", "output_text", first.output_text),
+        ("assistant", "output_text", "Earlier."), ("user", "input_text", "And then?")]
+    desc = client.responses.input_items.list(nxt.id).data                 # newest first, by default
+    assert [i.id for i in desc] == [i.id for i in asc][::-1]
+    page = client.responses.input_items.list(nxt.id, order="asc", limit=1, after=asc[0].id)
+    assert [i.id for i in page.data] == [asc[1].id] and page.has_more
+    assert not client.responses.input_items.list(nxt.id, order="asc", limit=2, after=asc[1].id).has_more
+    assert len(client.responses.input_items.list(nxt.id, include=["message.output_text.logprobs"]).data) == 4
+    for query, reason in (({"limit": 0}, "limit"), ({"after": "msg_nope"}, "no item 'msg_nope'"),
+                          ({"include": ["reasoning.encrypted_content"]}, "not supported"),
+                          ({"before": asc[0].id}, "unknown query parameter 'before'")):
+        with pytest.raises(openai.BadRequestError, match=reason):
+            client.responses.input_items.list(nxt.id, extra_query=query)
+    for rid in (first.id, nxt.id):
+        client.responses.delete(rid)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(first.id)
