@@ -7,8 +7,9 @@
 # device read bandwidth measured in the same run for the ceiling and rooflines (160 s); then the
 # kvos rows again with decode graphs (--graphs, 90 s). The machine has no network: like
 # gpu_session.sh it installs cffi and gguf from .whl/, and it needs the model file, at
-# $KVOS_MODEL_PATH or .models/SmolLM2-135M-Instruct.Q4_1.gguf; without it both parts run
-# tiny-llama instead (kvos rows only: the baselines need a GGUF) and say so.
+# $KVOS_MODEL_PATH or .models/SmolLM2-135M-Instruct.Q4_1.gguf (98 MB: more than one call carries,
+# so it comes in two parts over two calls, joined here: benchmarks/gpu_model_parts.sh says how);
+# without it both parts run tiny-llama instead (kvos rows only: the baselines need a GGUF) and say so.
 # Output: $OUT (or out/) bench.json, bench-graphs.json and the systems' stderr logs.
 # Exit status: the number of parts that failed.
 set -o pipefail
@@ -27,6 +28,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT
   || python3 csrc/cpu/build_ffi.py >> "$OUT/build.log" 2>&1 \
   || { echo "C kernels: build failed"; tail -20 "$OUT/build.log"; }
 
+source benchmarks/gpu_model_join.sh
 MODEL=(--model smollm2-135m --systems kvos,kvos-bf16,hf-static,hf-cb)
 [ -z "$KVOS_MODEL_PATH" ] && [ -f .models/SmolLM2-135M-Instruct.Q4_1.gguf ] \
   && export KVOS_MODEL_PATH="$PWD/.models/SmolLM2-135M-Instruct.Q4_1.gguf"
