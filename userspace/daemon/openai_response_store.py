@@ -22,6 +22,7 @@ STORED_PER_TENANT = 16        # responses a tenant keeps for previous_response_i
 
 @dataclass
 class Stored:
+    """A stored response: what GET answers and the sleeping process that continues it."""
     tenant: str
     pid: int | None               # its sleeping process; None once that ended (cancelled, failed): no continuation
     params: dict                  # the request's PARAMS, which a continuation must repeat
@@ -32,9 +33,9 @@ class Stored:
     turn_over: bool = False       # its last read has come: a cancel no longer kills it
 
 
-
-
 class ResponseStore:
+    """kvosd's memory of the stored responses (a restart forgets it; their processes end with kvosd)."""
+
     def __init__(self, daemon):
         self.daemon = daemon
         self.stored: OrderedDict = OrderedDict()      # response id -> Stored, oldest first
@@ -55,7 +56,13 @@ class ResponseStore:
         ended = [self.stored.pop(r).pid for r in mine[:max(0, len(mine) - keep)]]
         return [pid for pid in ended if pid is not None]
 
+    def replace(self, rid: str, entry: Stored) -> None:
+        """A background response's entry, finished: in its place, unless it was deleted or evicted since."""
+        if rid in self.stored:
+            self.stored[rid] = entry
+
     # -- routes -------------------------------------------------------------------------------------
+
     async def get(self, request: Request, response_id: str):
         who = self.daemon.authenticate(request)
         return JSONResponse(self.find(who, response_id).response)

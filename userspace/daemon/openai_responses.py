@@ -189,12 +189,11 @@ class ResponsesAPI:
                                    elapsed=time.monotonic() - run.started)]
         run.outcome, run.finished = "ok", True
         self.daemon.request_done(run, "responses")
-        if req.store:
-            stored = Stored(run.tenant, pid, turn.asked, response,
+        if req.store:     # (info None: its process was killed and reaped since its turn ended)
+            stored = Stored(run.tenant, pid if info is not None else None, turn.asked, response,
                             turn.history + openai_response_truncation.reply_messages(output), turn.items)
-        if req.background:                 # stored (and counted) since it began: replaced, unless deleted since
-            if rid in self.store.stored:
-                self.store.stored[rid] = stored
+        if req.background:                 # stored (and counted) since it began
+            self.store.replace(rid, stored)
         elif req.store and info is not None:         # (None: killed since its turn ended; nothing to keep)
             max_procs = (await anyio.to_thread.run_sync(handle.tenantinfo, info.tid)).max_procs
             evicted = self.store.keep(rid, stored, max_procs)
