@@ -8,14 +8,15 @@ import time
 import openai
 import pytest
 
-import kernel
+from tests import test_daemon_responses as base
 from tests.test_daemon_responses import GREEDY, MODEL, turns, user
 from userspace.daemon.config import DaemonConfig, TenantSpec
 from userspace.daemon.listen import ServerThread
 
-KEY, ROOT = "background-key-for-tests", "background-root-for-tests"
+KEY, ROOT = base.KEY, base.ROOT     # the client fixture is base's: its key
 pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 LONG = dict(temperature=0, max_output_tokens=1500)     # tiny-llama's random weights rarely stop: ~1,500 steps
+client, local = base.client, base.local   # the fixtures: the openai client (of this module's server); the model here
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +26,6 @@ def server(one_thread):
     yield srv
     report = srv.stop()
     assert report["fsck"] == "clean" and report["frames_mapped"] == 0
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def local():
-    """The same model in a kernel of this process: what each response must say."""
-    k = kernel.boot(memory="8MiB", threads=1)
-    root = k.syscalls()
-    return root, root.spawn_tenant(MODEL)
 
 
 def settled(client, rid, timeout=60.0):

@@ -13,7 +13,7 @@ from kernel.program import exec_program
 from tests import test_ops_cuda as base
 from tests.helpers.hf_reference import rel_error
 from tests.kernel_helpers import TINY, assert_all_memory_back, frames, run_workload, workload
-from tests.test_graphs import poison_null_frame, spy
+from tests.test_graphs import run_poisoned, spy
 from tests.test_step_ops import _prefill_then_decode
 from userspace.programs import llama
 
@@ -105,11 +105,7 @@ def test_decode_graphs_static_batches_on_the_cuda_kernels_in_emulation(cuda_kern
     monkeypatch.setattr(program, "forward", torch.inference_mode()(program.forward_device))
     pids = [s.spawn(tid, prompt, max_tokens=n, ignore_eos=True, temperature=0) for prompt, n in jobs]
     seen = spy(k)
-    while True:
-        poison_null_frame(k)
-        if not k.step():
-            break
-        k.fsck()
+    run_poisoned(k)
     assert k.graphs.stats.static_steps == len(seen) > 3 and any(padding for *_, padding in seen)
     for static, eager, *_ in seen:
         assert torch.isfinite(static).all(), "a real row read the null frame"

@@ -59,6 +59,15 @@ def poison_null_frame(k):
     k.device.pool[k.null_frame].fill_(0xFF)
 
 
+def run_poisoned(k):
+    """Step to the end, the null frame poisoned before every step and fsck after it."""
+    while True:
+        poison_null_frame(k)
+        if not k.step():
+            return
+        k.fsck()
+
+
 def test_padded_static_decode_equals_unpadded_eager_decode():
     k = kernel.boot(memory=frames(128), graphs=True)
     s = k.syscalls()
@@ -66,11 +75,7 @@ def test_padded_static_decode_equals_unpadded_eager_decode():
     jobs = workload(n=11, seed=3, output=(6, 20))
     pids = [s.spawn(tid, prompt, max_tokens=n, ignore_eos=True, temperature=0) for prompt, n in jobs]
     seen = spy(k)
-    while True:
-        poison_null_frame(k)
-        if not k.step():
-            break
-        k.fsck()
+    run_poisoned(k)
     assert k.graphs.stats.static_steps == len(seen) > 5
     assert k.graphs.stats.eager_steps >= 1                      # the prefill steps
     sizes = {n + padding for _, _, n, padding in seen}
@@ -229,10 +234,7 @@ def test_cuda_graph_replay_reads_no_null_frame():
     for p, n in workload(n=5, seed=9, output=(6, 12)):          # 5 rows: graphs of 8, 3 padding rows
         s.spawn(tid, p, max_tokens=n, ignore_eos=True, temperature=0)
     seen = spy(k)
-    while True:
-        poison_null_frame(k)
-        if not k.step():
-            break
+    run_poisoned(k)           # (fsck after every step here too)
     for static, eager, _, _ in seen:
         assert torch.isfinite(static).all()
         torch.testing.assert_close(static, eager, rtol=1e-3, atol=1e-3)
@@ -247,11 +249,7 @@ def test_padded_static_decode_equals_eager_on_smollm2():
     questions = ["What is the capital of France?", "Name three primary colors.", "Count to five."]
     pids = [s.spawn(tid, [{"role": "user", "content": q}], max_tokens=6, temperature=0) for q in questions]
     seen = spy(k)
-    while True:
-        poison_null_frame(k)
-        if not k.step():
-            break
-        k.fsck()
+    run_poisoned(k)
     assert seen and any(padding for *_, padding in seen)
     for static, eager, _, _ in seen:
         assert torch.isfinite(static).all()
