@@ -5,9 +5,10 @@
 Makes a PEFT adapter over all seven projections of the model (random, rank --rank; or takes
 --adapter FOLDER) and, for each batch size, boots kernels in interleaved rounds for three systems:
 `base` (the model alone: its step is one C call), `adapter` (every process on one adapter
-tenant: the Python layer loop plus the low-rank GEMMs), `2 adapters` (half the processes on each
-of two adapters of the same base: two forwards a step, since a batch is not mixed across
-programs). Greedy, ignore_eos, the same chat prompt; the wall time from spawn to the last exit.
+tenant: the same C call with the low-rank deltas after its GEMMs), `2 adapters` (half the
+processes on each of two adapters of the same base: one batch, base.mixed, each adapter's deltas on
+its own rows). KVOS_LAYER_LOOP=python runs every system's layers in the Python loop instead.
+Greedy, ignore_eos, the same chat prompt; the wall time from spawn to the last exit.
 Prints medians of tokens a second and the ratio to `base` of the same rounds.
 """
 import argparse

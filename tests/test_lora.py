@@ -146,7 +146,8 @@ def test_what_kvos_does_not_compute_is_refused(adapter, tmp_path):
 @pytest.mark.slow
 def test_smollm2_with_an_adapter_draws_peft_s_greedy_tokens(tmp_path):
     """SmolLM2-135M-Instruct with a PEFT adapter over all seven projections: 32 greedy tokens equal
-    PEFT's; on the GGUF's own blocks (--weights gguf) the adapter runs too (no exact agreement)."""
+    PEFT's; on the GGUF's own blocks (--weights gguf) the adapter runs too (no exact agreement), its
+    deltas in the C layer loop as in the Python loop."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -176,6 +177,11 @@ def test_smollm2_with_an_adapter_draws_peft_s_greedy_tokens(tmp_path):
     runner = PagedRunner(quantized)
     first = runner.prefill(runner.new_seq(), ids)
     assert int(first[-1].argmax()) == want[0]
+    # its deltas in the C layer loop after qmm's GEMMs: the Python loop's logits to the bit
+    from tests.test_step_ops import _prefill_then_decode
+    assert quantized.layer_weights is not None and quantized.layer_weights.lora is not None
+    assert torch.equal(_prefill_then_decode(quantized, quantized.forward),
+                       _prefill_then_decode(quantized, _python_loop(quantized).forward))
 
 
 def test_an_adapter_s_rows_do_not_depend_on_their_batch(adapter):
@@ -383,3 +389,42 @@ def test_an_adapter_on_cuda_computes_what_the_cpu_does(tmp_path, monkeypatch):
             outs.append(runner.prefill(runner.new_seq(), prompt, chunk=7).float().cpu())
         assert rel_error(outs[1], outs[0]) < 1e-4, spec
     assert greedy_tokens("cuda", specs, prompt) == greedy_tokens("cpu", specs, prompt)
+
+
+def _python_loop(program):
+    import copy
+    plain = copy.copy(program)
+    plain.layer_weights = None
+    return plain
+
+
+def test_the_c_layer_loop_adds_the_deltas_the_python_loop_adds(adapter, tmp_path):
+    """An adapted step runs csrc/cpu/layers.c with the adapters' deltas (LayerWeights.with_deltas): an
+    adapter's own program, and a batch of the base's rows and two adapters' (base.mixed), give the
+    Python loop's logits (LoraLinear.mm) to the bit, prompts in chunks beside decodes."""
+    from tests.test_step_ops import _prefill_then_decode
+    from userspace.programs import lora
+    folder, _ = adapter
+    other = tmp_path / "other"
+    peft_adapter(other, seed=5, target_modules=["q_proj", "v_proj", "down_proj"], r=2)
+    base = load_program("tiny-llama")
+    one, two = load_program(f"tiny-llama+lora:{folder}"), load_program(f"tiny-llama+lora:{other}")
+    assert one.layer_weights is not None and one.layer_weights.lora is not None   # the C loop, with deltas
+    assert torch.equal(_prefill_then_decode(one, one.forward), _prefill_then_decode(one, _python_loop(one).forward))
+
+    def batch_of_four(make):
+        """Rows of four sequences (base, one, base, two): a prefill chunk each, then two decode steps."""
+        def forward(batch, kv):
+            starts = batch.query_start.tolist()
+            return make([(starts[1], starts[2], one), (starts[3], starts[4], two)]).forward(batch, kv)
+        runner = PagedRunner(base, num_frames=64, page_size=16, seed=4)
+        runner.program = type("P", (), {"forward": lambda self, b, kv: forward(b, kv)})()
+        seqs = [runner.new_seq() for _ in range(4)]
+        out = [runner.step([(s, list(range(10 + 7 * i, 19 + 12 * i))) for i, s in enumerate(seqs)], sample_all=True)]
+        for t in range(2):
+            out.append(runner.step([(s, [100 + 10 * i + t]) for i, s in enumerate(seqs)]))
+        return torch.cat(out)
+    c_loop = batch_of_four(base.mixed)
+    assert base.mixed([(0, 1, one)]).layer_weights.lora is not None
+    assert torch.equal(c_loop, batch_of_four(lambda segments: lora.mixed(base, segments)))
+    assert not torch.equal(c_loop, batch_of_four(lambda segments: base))          # the deltas are there

@@ -115,18 +115,32 @@ void kvos_silu_mul(const float *gate_up, int64_t gu_stride, float *out, int64_t 
 /* layers.c: the decoder layers of one forward step in one call (kernel/ops/step_ops.py checks
  * everything but the indices, which layer 0 checks when check). A GEMM's weights: */
 enum { KVOS_LINEAR_PANEL = 1, KVOS_LINEAR_PANEL_BF16 = 2, KVOS_LINEAR_QMM = 3 };
+/* The rows of a step a LoRA adapter's deltas apply to: num_ranges (start, end) pairs in ranges,
+ * or num_ranges -1 for every row of the step. */
+typedef struct { int64_t num_ranges; const int64_t *ranges; } kvos_row_set;
+/* One adapter's delta on a GEMM: y[rows] += (x[rows] @ A^T) @ B^T, A (r, k) and B (n, r) float32
+ * panels (ops.panel_pack; the scale folded into B), as userspace/programs/lora.py's LoraWeights;
+ * its rows are the step's lora_rows[adapter] (the weights are made once, the rows every step). */
+typedef struct { const float *a, *b; int64_t r, adapter; } kvos_lora_delta;
 typedef struct {
     int kind;                  /* KVOS_LINEAR_*: float32 panels, bf16 panels, qmm blocks */
     const void *w;             /* the packed weights */
     const float *bias;         /* (n,) or NULL */
     int64_t n, k;              /* y (m, n) = x (m, k) @ W^T */
     int bits;                  /* qmm: 4 or 8 */
+    const kvos_lora_delta *deltas;   /* LoRA adapters' deltas on this GEMM (float32 x only), or NULL */
+    int64_t num_deltas;
 } kvos_linear;
 typedef struct { kvos_linear qkv, o, gate_up, down; } kvos_layer;
 /* The step's buffers, dense rows of num_tokens: x the residual stream (in: the embeddings; out:
  * the stream after the last layer), h (in: RMSNorm(x) by norm 0; out: the last norm's output),
- * qkv, attn, gate_up, act, and delta (the O and down GEMMs' outputs). */
-typedef struct { float *x, *h, *qkv, *attn, *gate_up, *act, *delta; } kvos_step_buffers;
+ * qkv, attn, gate_up, act, and delta (the O and down GEMMs' outputs); with LoRA deltas, lora_xa
+ * (num_tokens x the largest r), lora_y (num_tokens x the widest GEMM) and each adapter's rows,
+ * else NULL. */
+typedef struct {
+    float *x, *h, *qkv, *attn, *gate_up, *act, *delta, *lora_xa, *lora_y;
+    const kvos_row_set *lora_rows;
+} kvos_step_buffers;
 typedef struct {
     int64_t num_tokens, hidden, inter, num_heads, kv_heads, head_dim;
     float scale;

@@ -10,6 +10,7 @@ checked by the C pre-passes on layer 0, whose indices every later layer reuses. 
 KvosError(EINVAL) before any write. The buffers are reused by every layer: a caller consumes each
 result (h, attention's out, the SiLU output) before the next call that writes it.
 """
+import copy
 import math
 
 import torch
@@ -83,6 +84,66 @@ class LayerWeights:
                 entry.bias = ffi.NULL if bias is None else cpu._ptr(bias)
                 self.tensors += [packed, bias]
         self.num_layers = len(layers)
+        self.lora = None           # with_deltas: (largest r, widest GEMM, adapters) of its deltas
+
+    def takes_deltas(self, layer: int, name: str) -> bool:
+        """Whether layer's GEMM `name` can take LoRA deltas in C (float32 panels or qmm blocks)."""
+        return getattr(self.table[layer], name).kind != self.KINDS["panel_bf16"]
+
+    def with_deltas(self, adapters) -> "LayerWeights":
+        """These weights with LoRA adapters' deltas on their GEMMs (an adapter's own program, or a batch
+        of a base's and its adapters' rows): adapters is [{(layer, name): (a, b, r)}], a and b float32
+        panels (ops.panel_pack) of A (r, k) and B (n, r) on the GEMM `name` of NAMES (lora.py's
+        LoraWeights.c_delta, checked when it was made); which rows each adapter's deltas take is the
+        step's (CpuStep.layers' lora_rows). Only float32-panel and qmm GEMMs take deltas (takes_deltas:
+        a bf16-panel GEMM rounds x first, which its deltas do not): EINVAL otherwise. The new object
+        shares every tensor of this one."""
+        ffi = cpu._ext.ffi
+        out = copy.copy(self)
+        out.table = ffi.new("kvos_layer[]", self.num_layers)
+        ffi.memmove(out.table, self.table, ffi.sizeof("kvos_layer") * self.num_layers)
+        per_gemm, r_max, n_max = {}, 0, 0
+        for adapter, deltas in enumerate(adapters):
+            for (layer, name), (a, b, r) in deltas.items():
+                per_gemm.setdefault((layer, name), []).append((a, b, r, adapter))
+                r_max = max(r_max, r)
+        out.keep, out.tensors = [], list(self.tensors)
+        for (layer, name), found in per_gemm.items():
+            if not 0 <= layer < self.num_layers or name not in self.NAMES:
+                val.fail(f"a LoRA delta on layer {layer}'s {name!r}: the weights have {self.num_layers} layers "
+                         f"of {self.NAMES}")
+            if not self.takes_deltas(layer, name):
+                val.fail(f"layer {layer}'s {name} runs bf16 panels: its LoRA deltas stay in the Python loop")
+            entry = getattr(out.table[layer], name)
+            array = ffi.new("kvos_lora_delta[]", len(found))
+            for d, (a, b, r, adapter) in zip(array, found):
+                d.a, d.b, d.r, d.adapter = cpu._ptr(a), cpu._ptr(b), r, adapter
+                out.tensors += [a, b]
+            entry.deltas, entry.num_deltas = array, len(found)
+            out.keep.append(array)
+            n_max = max(n_max, entry.n)
+        out.lora = (r_max, n_max, len(adapters)) if per_gemm else None
+        return out
+
+
+def _row_sets(lora_rows, adapters: int, n: int):
+    """(what to keep alive, kvos_row_set[adapters]) of lora_rows, checked: ascending (start, end) ranges
+    inside the step's n rows, or None (every row)."""
+    if not isinstance(lora_rows, (list, tuple)) or len(lora_rows) != adapters:
+        val.fail(f"the weights' LoRA deltas need the rows of {adapters} adapters, not {lora_rows!r}")
+    ffi = cpu._ext.ffi
+    sets, keep = ffi.new("kvos_row_set[]", adapters), []
+    for row_set, rows in zip(sets, lora_rows):
+        if rows is None:
+            row_set.num_ranges = -1
+            continue
+        flat = [int(v) for pair in rows for v in pair]
+        if len(flat) != 2 * len(rows) or any(not 0 <= s < e <= n for s, e in zip(flat[::2], flat[1::2])):
+            val.fail(f"LoRA rows {rows} are not (start, end) ranges inside the step's {n} rows")
+        row_set.ranges = pairs = ffi.new("int64_t[]", flat)
+        row_set.num_ranges = len(rows)
+        keep.append(pairs)
+    return (sets, keep), sets
 
 
 def _fresh(name, t, shape):
@@ -207,10 +268,12 @@ class CpuStep:
                                self.act.shape[1])
         return self.act
 
-    def layers(self, weights: LayerWeights, x):
+    def layers(self, weights: LayerWeights, x, lora_rows: list | None = None):
         """Every decoder layer in one C call (csrc/cpu/layers.c): the kernels rope_write_kv, attention,
         add_rms_norm and silu_mul run, in their order, with the GEMMs between them. x is the residual
-        stream rms_norm(x, 0) was given; returns h, the final norm of the stream (norm weight 2L)."""
+        stream rms_norm(x, 0) was given; returns h, the final norm of the stream (norm weight 2L).
+        Weights with LoRA deltas take lora_rows: per adapter, its (start, end) row ranges, or None for
+        every row."""
         if self.x is None or x is not self.x:
             val.fail("layers needs rms_norm(x, 0) first, on the same x")
         if weights.shape != (self.hidden, self.act.shape[1], self.nq, self.nkv, self.d):
@@ -224,6 +287,13 @@ class CpuStep:
                                torch.empty(n, self.hidden))
         buf = ffi.new("kvos_step_buffers *", {"x": self.p_x, "h": self.p_h, "qkv": ptr(qkv), "attn": self.p_attn,
                                               "gate_up": ptr(gate_up), "act": self.p_act, "delta": ptr(delta)})
+        if weights.lora is not None:         # the deltas' scratch (x A^T, its product with B^T), their rows
+            r_max, n_max, adapters = weights.lora
+            lora_xa, lora_y = torch.empty(n, r_max), torch.empty(n, n_max)
+            buf.lora_xa, buf.lora_y = ptr(lora_xa), ptr(lora_y)
+            rows_keep, buf.lora_rows = _row_sets(lora_rows, adapters, n)
+        elif lora_rows is not None:
+            val.fail("lora_rows for weights without LoRA deltas")
         k0, v0 = self.kv.layer(0)
         shape = ffi.new("kvos_step_shape *")
         (shape.num_tokens, shape.hidden, shape.inter, shape.num_heads, shape.kv_heads,

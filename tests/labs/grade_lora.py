@@ -7,6 +7,8 @@ base's processes and two adapters' run together, prompts prefilled in chunks bes
 fsck after every step and every frame back; a step must run them in one forward; and with global
 prefix sharing no program may map another's pages.
 """
+import os
+
 import pytest
 import torch
 
@@ -18,6 +20,9 @@ from tests.labs.grading import all_memory_back, jobs, points, rng, run_checked
 from userspace.programs import tiny
 from userspace.programs.loader import load_program
 
+# The lab's code (LoraLinear.mm, mixed) is the Python layer loop's: with the C loop a step adds the deltas
+# in csrc/cpu/layers.c (lora.with_c_loop) and never calls it. Read when a program loads: set before any does.
+os.environ["KVOS_LAYER_LOOP"] = "python"
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

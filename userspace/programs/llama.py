@@ -207,6 +207,7 @@ class LlamaProgram(Program):
         # C call (csrc/cpu/layers.c) up to layer_rows rows (None: any), not ~9 Python calls each.
         # KVOS_LAYER_LOOP=python keeps the loop in Python (its twin; what a per-op profile can see).
         self.layer_weights, self.layer_rows = None, None
+        self.lora_rows = None          # with LoRA deltas in layer_weights: each adapter's rows (lora.with_c_loop)
         if self.norms is not None and layer_loop() == "c":
             gemms = [[qlinear.c_gemm(layer.qkv_t, layer.qkv_bias), qlinear.c_gemm(layer.o_t, layer.o_bias),
                       qlinear.c_gemm(layer.gate_up_t), qlinear.c_gemm(layer.down_t)] for layer in self.layers]
@@ -253,8 +254,9 @@ class LlamaProgram(Program):
         return self.tokenizer.chat_template
 
     def mixed(self, segments: list):
-        """This step's program for a batch shared with this model's LoRA adapters (lora.py)."""
-        return lora.mixed(self, segments)
+        """This step's program for a batch shared with this model's LoRA adapters (lora.py): on the
+        C layer loop, with the adapters' deltas, where this program runs it."""
+        return lora.with_c_loop(lora.mixed(self, segments), self, segments)
 
     # -- the forward pass ---------------------------------------------------
     @torch.inference_mode()
@@ -286,7 +288,7 @@ class LlamaProgram(Program):
             x = x.float().contiguous()
         h = step.rms_norm(x, 0)
         if self.layer_weights is not None and (self.layer_rows is None or step.n <= self.layer_rows):
-            h = step.layers(self.layer_weights, x)       # the loop below, in one C call
+            h = step.layers(self.layer_weights, x, self.lora_rows)   # the loop below, in one C call
             return qlinear.head(h.index_select(0, batch.sample_indices), self.lm_head, md)
         for index, layer in enumerate(self.layers):
             step.rope_write_kv(index, mm(h, layer.qkv_t, layer.qkv_bias))   # q rotated in place, k and v cached

@@ -13,8 +13,10 @@ The adapted program's K/V differ from the base's, so its identity (the page cach
 what computed a page) is the base's and the adapter's digest together: base and adapter tenants
 never map each other's prefixes. It names its base as its base_program, so a step forwards the
 base's processes and every adapter's in one batch (kernel/step.py), through mixed(): the base's
-layers with each adapter's delta on its own processes' rows. An adapted step runs the Python
-layer loop (the C layer loop takes plain GEMMs only).
+layers with each adapter's delta on its own processes' rows. Where the base runs the C layer loop
+(float32 activations on the CPU), so does an adapted step: with_c_loop hands it the adapters'
+deltas (LayerWeights.with_deltas), which it adds after each GEMM as LoraLinear.mm does, to the
+bit; LoraLinear and mixed()'s layers are its Python twin (KVOS_LAYER_LOOP=python, and the lab's).
 
 What PEFT can express and this does not compute is refused when the adapter loads (EINVAL naming
 it): DoRA, trained biases, modules_to_save, alpha_pattern, fan_in_fan_out, targets outside the
@@ -28,6 +30,7 @@ import hashlib
 import json
 import math
 import re
+import weakref
 from pathlib import Path
 
 import torch
@@ -72,8 +75,10 @@ class LoraWeights:
             b[start:end, at:at + r] = piece_b
             at += r
         self.panels = panels
+        self.c_delta = None          # (A's panels, B's panels, r): the C layer loop's form of it (panels only)
         if panels:
             self.a, self.b = qlinear.PanelLinear.from_float(a), qlinear.PanelLinear.from_float(b)
+            self.c_delta = (self.a.packed, self.b.packed, a.shape[0])
         else:
             self.a, self.b = a.t().contiguous(), b.t().contiguous()
 
@@ -144,6 +149,48 @@ def mixed(base, segments: list):
     # LAB(lora): END
 
 
+C_NAMES = dict(zip(SLOTS, ("qkv", "o", "gate_up", "down")))    # kernel/ops/step_ops.LayerWeights.NAMES
+
+
+def with_c_loop(view, base, segments: list | None):
+    """view (an adapter's program, or mixed()'s for a step: the Python layer loop's) running base's C layer
+    loop with the adapters' deltas (csrc/cpu/layers.c adds them after each GEMM, as LoraLinear.mm does,
+    to the bit), where base has that loop and each targeted GEMM takes deltas there (not bf16 panels);
+    else view as it was. segments: mixed()'s, or None for an adapter's own program (every row its).
+    The weights of a set of adapters are made once (c_weights), their rows every step (lora_rows)."""
+    programs = [view] if segments is None else list({id(p): p for _, _, p in segments}.values())
+    weights = c_weights(base, programs)
+    if weights is None:
+        return view
+    view.layer_weights, view.layer_rows = weights, base.layer_rows
+    view.lora_rows = [None] if segments is None else [[(start, end) for start, end, p in segments if p is program]
+                                                      for program in programs]
+    return view
+
+
+def c_weights(base, programs: list):
+    """base's LayerWeights with the deltas of these adapter programs (in this order), or None where the
+    C loop cannot run them. Kept on base per set of adapters while every one of them lives (a weak
+    reference each: an adapter unloaded takes its entries with it)."""
+    if base.layer_weights is None:
+        return None
+    key = tuple(id(p) for p in programs)
+    cache = base.__dict__.setdefault("_lora_c_weights", {})
+    hit = cache.get(key)
+    if hit is not None and all(ref() is p for ref, p in zip(hit[0], programs)):
+        return hit[1]
+    if any(w.c_delta is None for p in programs for slots in p.lora_weights.values() for w in slots.values()):
+        return None
+    adapters = [{(i, C_NAMES[slot]): w.c_delta for i, slots in p.lora_weights.items() for slot, w in slots.items()}
+                for p in programs]
+    if not all(base.layer_weights.takes_deltas(i, name) for deltas in adapters for i, name in deltas):
+        return None
+    weights = base.layer_weights.with_deltas(adapters)
+    refs = tuple(weakref.ref(p, lambda _, key=key: cache.pop(key, None)) for p in programs)
+    cache[key] = (refs, weights)
+    return weights
+
+
 def locate(adapter: str) -> tuple[Path, bytes]:
     """The adapter's folder (a hub id downloaded, or found in the hub cache) and the digest of its
     two files: what names it in the program cache and in the page cache."""
@@ -170,7 +217,7 @@ def adapted(base, folder: Path, digest: bytes):
     # LAB(lora): BEGIN -> program.identity = base.identity
     program.identity = hashlib.sha256(base.identity + digest).digest()
     # LAB(lora): END
-    program.layer_weights, program.layer_rows = None, None       # the C layer loop runs plain GEMMs only
+    program.layer_weights, program.layer_rows = None, None       # the Python loop's; with_c_loop, below
     # ops.panel_mm where the CPU forward runs float32 activations (its GEMMs' own panels or blocks)
     panels = torch.device(base.device).type == "cpu" and base.dtype == torch.float32
     parts, _ = _slot_shapes(base.config)
@@ -181,7 +228,7 @@ def adapted(base, folder: Path, digest: bytes):
     program.adapter_bytes = sum(qlinear.weight_bytes(w) for slots in program.lora_weights.values()
                                 for w in slots.values())
     program.cost = dataclasses.replace(base.cost, weight_bytes=base.cost.weight_bytes + program.adapter_bytes)
-    return program
+    return with_c_loop(program, base, None)
 
 
 def _folder(adapter: str) -> Path:
