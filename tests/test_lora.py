@@ -428,3 +428,33 @@ def test_the_c_layer_loop_adds_the_deltas_the_python_loop_adds(adapter, tmp_path
     assert base.mixed([(0, 1, one)]).layer_weights.lora is not None
     assert torch.equal(c_loop, batch_of_four(lambda segments: lora.mixed(base, segments)))
     assert not torch.equal(c_loop, batch_of_four(lambda segments: base))          # the deltas are there
+
+
+def test_the_c_loop_refuses_deltas_and_rows_that_do_not_fit(adapter):
+    """What the C loop would read past: a delta's panels of another shape, rows outside the step,
+    overlapping or for another number of adapters; each EINVAL before anything runs."""
+    from tests.test_step_ops import _step
+    folder, _ = adapter
+    one = load_program(f"tiny-llama+lora:{folder}")
+    base = one.base_program
+    a, b, r = one.lora_weights[0]["qkv_t"].c_delta
+    for bad, match in (({(0, "qkv"): (b, a, r)}, "does not fit"), ({(0, "o"): (a, b, r)}, "does not fit"),
+                       ({(9, "qkv"): (a, b, r)}, "layers"), ({(0, "qkv"): (a, b, r + 1)}, "needs float32 panels"),
+                       ({(0, "qkv"): (a.double(), b, r)}, "float32")):
+        with pytest.raises(KvosError, match=match):
+            base.layer_weights.with_deltas([bad])
+    runner = PagedRunner(one, num_frames=4)
+    pool = runner.device.pool.clone()
+    for rows, match in (([[(0, 3)]], "inside the step's 2 rows"), ([[(0, 2), (1, 2)]], "ascending"),
+                        ([None, None], "rows of 1 adapters"), (None, "rows of 1 adapters")):
+        step = _step(one, runner)
+        x = torch.randn(2, one.config.hidden_size)
+        step.rms_norm(x, 0)
+        with pytest.raises(KvosError, match=match):
+            step.layers(one.layer_weights, x, rows)
+    assert torch.equal(runner.device.pool, pool)
+    step = _step(base, runner)
+    x = torch.randn(2, base.config.hidden_size)
+    step.rms_norm(x, 0)
+    with pytest.raises(KvosError, match="without LoRA deltas"):
+        step.layers(base.layer_weights, x, [None])

@@ -102,6 +102,7 @@ class LayerWeights:
         out = copy.copy(self)
         out.table = ffi.new("kvos_layer[]", self.num_layers)
         ffi.memmove(out.table, self.table, ffi.sizeof("kvos_layer") * self.num_layers)
+        from kernel.ops import panel
         per_gemm, r_max, n_max = {}, 0, 0
         for adapter, deltas in enumerate(adapters):
             for (layer, name), (a, b, r) in deltas.items():
@@ -115,6 +116,13 @@ class LayerWeights:
             if not self.takes_deltas(layer, name):
                 val.fail(f"layer {layer}'s {name} runs bf16 panels: its LoRA deltas stay in the Python loop")
             entry = getattr(out.table[layer], name)
+            for a, b, r, _ in found:             # what the C loop reads: A (r, k) and B (n, r) float32 panels
+                panel._packed(a, r)
+                panel._packed(b, entry.n)
+                if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[1] != entry.k or b.shape[1] != r:
+                    val.fail(f"layer {layer}'s {name} ({entry.n}, {entry.k}): a LoRA delta of rank {r} needs "
+                             f"float32 panels of ({r}, {entry.k}) and ({entry.n}, {r}), has {a.dtype} "
+                             f"{tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
             array = ffi.new("kvos_lora_delta[]", len(found))
             for d, (a, b, r, adapter) in zip(array, found):
                 d.a, d.b, d.r, d.adapter = cpu._ptr(a), cpu._ptr(b), r, adapter
@@ -138,8 +146,9 @@ def _row_sets(lora_rows, adapters: int, n: int):
             row_set.num_ranges = -1
             continue
         flat = [int(v) for pair in rows for v in pair]
-        if len(flat) != 2 * len(rows) or any(not 0 <= s < e <= n for s, e in zip(flat[::2], flat[1::2])):
-            val.fail(f"LoRA rows {rows} are not (start, end) ranges inside the step's {n} rows")
+        if (len(flat) != 2 * len(rows) or any(not 0 <= s < e <= n for s, e in zip(flat[::2], flat[1::2]))
+                or any(e > s for e, s in zip(flat[1:-1:2], flat[2::2]))):      # each range after the last
+            val.fail(f"LoRA rows {rows} are not ascending (start, end) ranges inside the step's {n} rows")
         row_set.ranges = pairs = ffi.new("int64_t[]", flat)
         row_set.num_ranges = len(rows)
         keep.append(pairs)
@@ -291,7 +300,7 @@ class CpuStep:
             r_max, n_max, adapters = weights.lora
             lora_xa, lora_y = torch.empty(n, r_max), torch.empty(n, n_max)
             buf.lora_xa, buf.lora_y = ptr(lora_xa), ptr(lora_y)
-            rows_keep, buf.lora_rows = _row_sets(lora_rows, adapters, n)
+            rows_alive, buf.lora_rows = _row_sets(lora_rows, adapters, n)     # (alive through the call)
         elif lora_rows is not None:
             val.fail("lora_rows for weights without LoRA deltas")
         k0, v0 = self.kv.layer(0)
