@@ -178,7 +178,7 @@ def test_smollm2_with_an_adapter_draws_peft_s_greedy_tokens(tmp_path):
     first = runner.prefill(runner.new_seq(), ids)
     assert int(first[-1].argmax()) == want[0]
     # its deltas in the C layer loop after qmm's GEMMs: the Python loop's logits to the bit
-    from tests.test_step_ops import _prefill_then_decode
+    from tests.test_step_ops import _prefill_then_decode, _python_loop
     assert quantized.layer_weights is not None and quantized.layer_weights.lora is not None
     assert torch.equal(_prefill_then_decode(quantized, quantized.forward),
                        _prefill_then_decode(quantized, _python_loop(quantized).forward))
@@ -391,18 +391,11 @@ def test_an_adapter_on_cuda_computes_what_the_cpu_does(tmp_path, monkeypatch):
     assert greedy_tokens("cuda", specs, prompt) == greedy_tokens("cpu", specs, prompt)
 
 
-def _python_loop(program):
-    import copy
-    plain = copy.copy(program)
-    plain.layer_weights = None
-    return plain
-
-
 def test_the_c_layer_loop_adds_the_deltas_the_python_loop_adds(adapter, tmp_path):
     """An adapted step runs csrc/cpu/layers.c with the adapters' deltas (LayerWeights.with_deltas): an
     adapter's own program, and a batch of the base's rows and two adapters' (base.mixed), give the
     Python loop's logits (LoraLinear.mm) to the bit, prompts in chunks beside decodes."""
-    from tests.test_step_ops import _prefill_then_decode
+    from tests.test_step_ops import _prefill_then_decode, _python_loop
     from userspace.programs import lora
     folder, _ = adapter
     other = tmp_path / "other"
