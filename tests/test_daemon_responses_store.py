@@ -69,14 +69,48 @@ def test_a_cancelled_response_keeps_its_text_and_ends_its_process(client, local)
     client.responses.delete(r.id)
 
 
+def test_a_background_response_streams_and_keeps_its_events(client, local):
+    """background with stream: the events of a stream, kept, so GET with stream=true replays them from
+    any sequence number (and follows the live ones); a client that leaves ends its stream, not the turn;
+    a cancel ends the stream with the kill."""
+    (want,) = turns(local, user("Hello"), max_tokens=10, temperature=0)
+    events = list(client.responses.create(model=MODEL, input="Hello", background=True, stream=True, **GREEDY))
+    assert events[0].type == "response.created" and events[0].response.status == "queued"
+    assert events[1].type == "response.in_progress"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    rid = events[0].response.id
+    replay = list(client.responses.retrieve(rid, stream=True))
+    assert [e.model_dump() for e in replay] == [e.model_dump() for e in events]
+    tail = list(client.responses.retrieve(rid, stream=True, starting_after=3))
+    assert [e.model_dump() for e in tail] == [e.model_dump() for e in events[4:]]
+    assert client.responses.retrieve(rid).output_text == want
+    left = client.responses.create(model=MODEL, input="Tell me everything.", background=True, stream=True,
+                                   **LONG)
+    first = next(iter(left))
+    left.close()                                  # the client goes; the turn goes on
+    assert settled(client, first.response.id).status in ("completed", "incomplete")
+    live = iter(client.responses.create(model=MODEL, input="Tell me everything.", background=True, stream=True,
+                                        **LONG))
+    opened = next(live)
+    assert client.responses.cancel(opened.response.id).status == "cancelled"
+    rest = list(live)
+    assert rest[-1].type == "error" and rest[-1].code == "killed"
+    for gone in (rid, first.response.id, opened.response.id):
+        client.responses.delete(gone)
+
+
 def test_what_background_refuses(client):
     with pytest.raises(openai.BadRequestError, match="background needs store"):
         client.responses.create(model=MODEL, input="Hi", background=True, store=False, **GREEDY)
-    with pytest.raises(openai.BadRequestError, match="background with stream"):
-        client.responses.create(model=MODEL, input="Hi", background=True, stream=True, **GREEDY)
     plain = client.responses.create(model=MODEL, input="Hi", **GREEDY)
     with pytest.raises(openai.BadRequestError, match="not created with background"):
         client.responses.cancel(plain.id)
+    with pytest.raises(openai.BadRequestError, match="only a background response's events are kept"):
+        list(client.responses.retrieve(plain.id, stream=True))
+    with pytest.raises(openai.BadRequestError, match="starting_after needs stream=true"):
+        client.responses.retrieve(plain.id, starting_after=2)
     running = client.responses.create(model=MODEL, input="Tell me everything.", background=True, **LONG)
     with pytest.raises(openai.ConflictError, match="still in progress"):
         client.responses.create(model=MODEL, input="more", previous_response_id=running.id, **GREEDY)

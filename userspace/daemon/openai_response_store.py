@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 import anyio.to_thread
 from fastapi import Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from kernel.errors import EINVAL, ENOENT, KvosError
 from userspace.daemon.openai_response_request import LOGPROBS
@@ -31,6 +31,36 @@ class Stored:
     items: list = field(default_factory=list)   # the conversation's input items before the reply (input_items)
     task: asyncio.Task | None = None     # a background turn still running
     turn_over: bool = False       # its last read has come: a cancel no longer kills it
+    events: list = field(default_factory=list)   # a background turn's server-sent events, kept for its streams
+    ended: bool = False           # its last event is kept
+    news: asyncio.Event = field(default_factory=asyncio.Event)   # set (and replaced) at each event kept
+
+    def publish(self, event: str | None) -> None:
+        """Keep a background turn's next event (None: the last one has been kept) and wake its readers."""
+        if event is None:
+            self.ended = True
+        else:
+            self.events.append(event)
+        news, self.news = self.news, asyncio.Event()
+        news.set()
+
+    async def follow(self, after: int):
+        """The kept events after sequence number `after`, then each one as it comes, to the last."""
+        at = after + 1
+        while True:
+            while at < len(self.events):
+                yield self.events[at]
+                at += 1
+            if self.ended:
+                return
+            await self.news.wait()
+
+
+def entry_stream(entry: Stored, after: int) -> StreamingResponse:
+    """A background response's events after sequence number `after` as server-sent events: a client
+    that leaves ends its stream, not the turn."""
+    return StreamingResponse(entry.follow(after), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
 
 class ResponseStore:
@@ -56,16 +86,32 @@ class ResponseStore:
         ended = [self.stored.pop(r).pid for r in mine[:max(0, len(mine) - keep)]]
         return [pid for pid in ended if pid is not None]
 
-    def replace(self, rid: str, entry: Stored) -> None:
-        """A background response's entry, finished: in its place, unless it was deleted or evicted since."""
-        if rid in self.stored:
-            self.stored[rid] = entry
+    def finish(self, rid: str, done: Stored) -> None:
+        """A background response finished (done: what _finish would store): its entry takes done's
+        process, response and conversation, unless it was deleted or evicted since (its readers and
+        its task hold the entry itself)."""
+        entry = self.stored.get(rid)
+        if entry is not None:
+            entry.pid, entry.params, entry.response, entry.messages, entry.items = (
+                done.pid, done.params, done.response, done.messages, done.items)
 
     # -- routes -------------------------------------------------------------------------------------
 
-    async def get(self, request: Request, response_id: str):
+    async def get(self, request: Request, response_id: str, stream: bool = False,
+                  starting_after: Annotated[int | None, Query(ge=-1)] = None):
+        """A stored response; with stream=true a background one's events (after starting_after), kept
+        and then live, to its last."""
         who = self.daemon.authenticate(request)
-        return JSONResponse(self.find(who, response_id).response)
+        _known_query(request, {"stream", "starting_after", "include", "include[]", "include_obfuscation"}, "GET")
+        entry = self.find(who, response_id)
+        if not stream:
+            if starting_after is not None:
+                raise KvosError(EINVAL, "starting_after needs stream=true")
+            return JSONResponse(entry.response)
+        if not entry.response.get("background"):
+            raise KvosError(EINVAL, f"stream: response {response_id!r} was not created with background: only a "
+                                    "background response's events are kept")
+        return entry_stream(entry, -1 if starting_after is None else starting_after)
 
     async def delete(self, request: Request, response_id: str):
         who = self.daemon.authenticate(request)
@@ -101,14 +147,7 @@ class ResponseStore:
         """The items of a stored response's conversation before its reply (earlier turns' inputs and
         outputs included), a page at a time as OpenAI lists them: newest first unless order=asc."""
         who = self.daemon.authenticate(request)
-        query = request.query_params
-        unknown = sorted(set(query) - {"after", "limit", "order", "include", "include[]"})   # the openai client: []
-        if unknown:
-            raise KvosError(EINVAL, f"unknown query parameter {unknown[0]!r} (input_items takes after, limit, "
-                                    "order and include)")
-        unsupported = sorted(set(query.getlist("include") + query.getlist("include[]")) - {LOGPROBS})
-        if unsupported:
-            raise KvosError(EINVAL, f"include {unsupported[0]!r} is not supported by kvosd")
+        _known_query(request, {"after", "limit", "order", "include", "include[]"}, "input_items")
         items = self.find(who, response_id).items
         items = items[::-1] if order == "desc" else list(items)
         if after is not None:
@@ -131,3 +170,14 @@ def _kill(handle, pid: int) -> None:
     except KvosError:
         pass
 
+
+def _known_query(request: Request, known: set, route: str) -> None:
+    """EINVAL for a query parameter the route does not take, or an include other than the text's logprobs
+    (the openai client sends lists as include[])."""
+    query = request.query_params
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise KvosError(EINVAL, f"unknown query parameter {unknown[0]!r} ({route} takes {', '.join(sorted(known))})")
+    unsupported = sorted(set(query.getlist("include") + query.getlist("include[]")) - {LOGPROBS})
+    if unsupported:
+        raise KvosError(EINVAL, f"include {unsupported[0]!r} is not supported by kvosd")

@@ -12,8 +12,8 @@ max_output_tokens, temperature, top_p, text.format (text, json_schema, json_obje
 previous_response_id, truncation ("auto": openai_response_truncation.py), logprobs (include
 "message.output_text.logprobs", top_logprobs), function tools (tools, tool_choice; calls come
 back as function_call items, results go in as function_call_output items: openai_response_tools.py)
-and background (the turn runs as a task of kvosd's event loop, read back with GET, ended early with
-POST /v1/responses/{id}/cancel: a kill).
+and background (the turn runs as a task of kvosd's event loop, its events kept for its streams, read
+back with GET, ended early with POST /v1/responses/{id}/cancel: a kill).
 Other tools, reasoning and other kinds of input are a 400 naming them. A continuation keeps its conversation's
 sampling parameters and tools (write() carries none, and the template gave the tools once): other
 values are a 400.
@@ -46,7 +46,7 @@ from userspace.daemon.openai_response_request import (
     spawn_params,
     wants_logprobs,
 )
-from userspace.daemon.openai_response_store import ResponseStore, Stored
+from userspace.daemon.openai_response_store import ResponseStore, Stored, entry_stream
 from userspace.daemon.openai_response_tools import chat_shape, message_item, output_items
 from userspace.daemon.runs import POLL_SECONDS, Launch, exit_error, release
 from userspace.daemon.sysapi import json_object
@@ -93,9 +93,6 @@ class ResponsesAPI:
         openai_response_truncation.check(req.truncation)
         if req.background and not req.store:
             raise KvosError(EINVAL, "background needs store: a background response is read back with GET")
-        if req.background and req.stream:
-            raise KvosError(EINVAL, "background with stream is not supported by kvosd: poll GET "
-                                    "/v1/responses/{id} instead")
         self.daemon.refuse_if_draining("spawn")
         messages = messages_of(req)
         params = spawn_params(req)
@@ -146,7 +143,8 @@ class ResponsesAPI:
         turn = Turn(req, rid, cached, asked, tools, history, before + input_items(req, rid))
         run = Launch(handle, tenant, [pid], [0], time.monotonic())
         if req.background:
-            return JSONResponse(await self._start_background(run, tid, turn))
+            entry = await self._start_background(run, tid, turn)
+            return entry_stream(entry, -1) if req.stream else JSONResponse(dict(entry.response))
         head = response_object(rid, req, "in_progress", None, None, [])
         if req.stream:
             return ResponseStream(self.daemon, run, self._events(run, turn, head))
@@ -193,7 +191,7 @@ class ResponsesAPI:
             stored = Stored(run.tenant, pid if info is not None else None, turn.asked, response,
                             turn.history + openai_response_truncation.reply_messages(output), turn.items)
         if req.background:                 # stored (and counted) since it began
-            self.store.replace(rid, stored)
+            self.store.finish(rid, stored)
         elif req.store and info is not None:         # (None: killed since its turn ended; nothing to keep)
             max_procs = (await anyio.to_thread.run_sync(handle.tenantinfo, info.tid)).max_procs
             evicted = self.store.keep(rid, stored, max_procs)
@@ -203,45 +201,34 @@ class ResponsesAPI:
             await anyio.to_thread.run_sync(handle.wait, pid)
         return response
 
-    async def _start_background(self, run, tid, turn: Turn) -> dict:
-        """Store a background response as queued and start its turn as a task: -> what POST answers."""
+    async def _start_background(self, run, tid, turn: Turn) -> Stored:
+        """Store a background response as queued and start its turn as a task: -> its entry."""
         head = response_object(turn.rid, turn.req, "queued", None, None, [])
         entry = Stored(run.tenant, run.pids[0], turn.asked, head, turn.history, turn.items)
         max_procs = (await anyio.to_thread.run_sync(run.handle.tenantinfo, tid)).max_procs
         evicted = self.store.keep(turn.rid, entry, max_procs)
         if evicted:
             await anyio.to_thread.run_sync(release, run.handle, evicted)
-        entry.task = asyncio.get_running_loop().create_task(self._background(entry, run, turn))
+        entry.task = asyncio.get_running_loop().create_task(self._background(entry, run, turn, dict(head)))
         self.turns.add(entry.task)
         entry.task.add_done_callback(self.turns.discard)
-        return dict(head)
+        return entry
 
-    async def _background(self, entry: Stored, run, turn: Turn) -> None:
-        """A background turn, read to its end: the stored response becomes in_progress at its first
-        token, then completed or incomplete (_finish), cancelled (killed: with the text it had) or failed."""
-        reply = Reply()
+    async def _background(self, entry: Stored, run, turn: Turn, head: dict) -> None:
+        """A background turn, read to its end with every event kept on its entry (for its streams: POST with
+        stream, GET with stream=true). The stored response becomes in_progress at its first token, then
+        completed or incomplete (_finish), cancelled (killed: with the text it had) or failed."""
         try:
-            async for r in _turn(self.daemon, run, None):
-                reply.add(r)
-                entry.turn_over = r.turn_done
-                if r.tokens and entry.response["status"] == "queued":
-                    entry.response["status"] = "in_progress"
-            if reply.reason not in ("error", "killed"):
-                await self._finish(run, turn, reply)
-                return
-            status = await self._ended(run, reply)
-            entry.pid = None
-            if reply.reason == "killed":
-                entry.response = _cancelled(turn, reply)
-            else:
-                entry.response = {**response_object(turn.rid, turn.req, "failed", None, None, []),
-                                  "error": {"code": "server_error", "message": str(exit_error(status))}}
+            async for event in self._events(run, turn, head, entry):
+                entry.publish(event)
         finally:
             entry.task = None
+            entry.publish(None)
 
-    async def _events(self, run, turn: Turn, head: dict):
+    async def _events(self, run, turn: Turn, head: dict, entry: Stored | None = None):
         """The Responses API's server-sent events for one reply. Its text streams as it comes; a reply
-        that may hold tool calls is sent whole at its end, as items (its text, then each call)."""
+        that may hold tool calls is sent whole at its end, as items (its text, then each call). entry:
+        the stored response of a background turn, kept up to date as the turn goes."""
         seq = 0
         item_id = f"msg_{turn.rid.removeprefix('resp_')}"
 
@@ -251,7 +238,7 @@ class ResponsesAPI:
             return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq - 1, **fields})}\n\n"
 
         yield event("response.created", response=head)
-        yield event("response.in_progress", response=head)
+        yield event("response.in_progress", response={**head, "status": "in_progress"})
         streaming = turn.tools is None
         if streaming:
             for e in message_opening(event, item_id):
@@ -259,12 +246,21 @@ class ResponsesAPI:
         reply, with_logprobs = Reply(), wants_logprobs(turn.req)
         async for r in _turn(self.daemon, run, None):
             reply.add(r)
+            if entry is not None:
+                entry.turn_over = r.turn_done
+                if r.tokens and entry.response["status"] == "queued":
+                    entry.response["status"] = "in_progress"
             if streaming and (r.text or (with_logprobs and r.logprobs)):
                 yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
                             delta=r.text, logprobs=logprobs_shapes.chat(r.logprobs)["content"] if with_logprobs
                             else [])
         if reply.reason in ("error", "killed"):
             status = await self._ended(run, reply)
+            if entry is not None:
+                entry.pid = None
+                entry.response = _cancelled(turn, reply) if reply.reason == "killed" else {
+                    **response_object(turn.rid, turn.req, "failed", None, None, []),
+                    "error": {"code": "server_error", "message": str(exit_error(status))}}
             yield event("error", code=reply.reason, message=status.error or f"the process was {reply.reason}",
                         param=None)
             return
