@@ -1,6 +1,7 @@
 """The store of the Responses API: which process holds which response, and the routes that read a
-stored response back (GET, input_items), end it (DELETE) or cancel its background turn (a kill).
-openai_responses.py creates the responses and runs their turns."""
+stored response back (GET, with stream=true a background one's kept events; input_items), end it
+(DELETE) or cancel its background turn (a kill). openai_responses.py creates the responses and runs
+their turns."""
 from __future__ import annotations
 
 import asyncio
