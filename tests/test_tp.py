@@ -288,3 +288,29 @@ def test_quantized_weights_are_refused_under_tensor_parallel(tp2, tmp_path, monk
     assert err.value.errno == "EINVAL" and "tensor parallel" in err.value.reason
     assert len(s.schedstat().tenants) == before
     tp2.fsck()
+
+
+def test_lora_adapters_at_tp2_match_one_rank(tp2, tmp_path):
+    """A base's processes and two adapters' in one batch at TP 2: each rank holds its share of A and B
+    (column-parallel slots the rows of B for its columns, row-parallel ones the columns of A for its
+    inputs, partial sums the all-reduce adds): the same greedy tokens and logprobs as one rank."""
+    from tests.test_lora import peft_adapter
+    peft_adapter(tmp_path / "a", seed=1)
+    peft_adapter(tmp_path / "b", seed=2, target_modules=["q_proj", "v_proj", "down_proj", "o_proj"], r=2)
+    specs = [TINY, f"{TINY}+lora:{tmp_path / 'a'}", f"{TINY}+lora:{tmp_path / 'b'}"]
+    prompts = [[5, 6, 7, 8, 9] * 7, list(range(10, 60))]
+    one = kernel.boot(**BOOT)
+    runs = []
+    for k in (one, tp2):
+        s = k.syscalls()
+        tids = [s.spawn_tenant(spec) for spec in specs]
+        pids = [s.spawn(tid, p, max_tokens=10, logprobs=2, **GREEDY) for p in prompts for tid in tids]
+        while k.step():
+            k.fsck()
+        logprobs = [[e.logprob for e in s.read(pid, timeout=30).logprobs] for pid in pids]
+        runs.append([(s.wait(pid).tokens, lp) for pid, lp in zip(pids, logprobs)])
+    assert [tokens for tokens, _ in runs[0]] == [tokens for tokens, _ in runs[1]]
+    worst = max(abs(a - b) for (_, la), (_, lb) in zip(*runs) for a, b in zip(la, lb))
+    assert worst <= 1e-4, worst
+    assert len({tuple(tokens) for tokens, _ in runs[0][:3]}) == 3       # each adapter changes the base's text
+    one.shutdown()

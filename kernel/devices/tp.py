@@ -231,12 +231,17 @@ class TPDevice(TorchDevice):
     def forward(self, program, batch, kv):
         with self._lock:
             self.check_alive()
-            entry = self._handles.get(id(program))
-            if entry is None:
+            # A step's mixed program (a base and its LoRA adapters' rows: base.mixed) is made anew each
+            # step: the workers make theirs from the same base and adapters, by handle.
+            base, segments = getattr(program, "mixed_from", (program, None))
+            entry = self._handles.get(id(base))
+            mixed = None if segments is None else [(start, end, self._handles.get(id(p))) for start, end, p in segments]
+            if entry is None or (mixed is not None and any(h is None for *_, h in mixed)):
                 raise DeviceLost(f"{program.name} was never loaded on the tensor-parallel workers")
             fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
             self._send(("forward", entry[0], {k: v.numpy() if isinstance(v, torch.Tensor) else v
-                                              for k, v in fields.items()}))
+                                              for k, v in fields.items()},
+                        None if mixed is None else [(start, end, h[0]) for start, end, h in mixed]))
             try:
                 return program.forward(batch, kv)
             except Exception as exc:       # half a collective done: the ranks no longer agree on the step

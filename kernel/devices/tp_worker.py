@@ -74,11 +74,13 @@ def worker_main(rank: int, size: int, port: int, key: str, conn, threads: int, t
                 programs[handle] = (program, None)
                 conn.send(("ok", program.identity, program.kv_shape))
             elif what == "forward":
-                _, handle, fields = message
+                _, handle, fields, mixed = message
                 program, view = programs[handle]
                 if view is None:
                     view = device.kv_view(program.kv_shape)
                     programs[handle] = (program, view)
+                if mixed is not None:        # rank 0's base.mixed(...), made here from the same programs
+                    program = program.mixed([(start, end, programs[h][0]) for start, end, h in mixed])
                 program.forward(_batch(fields), view)
             else:
                 raise RuntimeError(f"unknown command {what!r}")

@@ -256,7 +256,9 @@ class LlamaProgram(Program):
     def mixed(self, segments: list):
         """This step's program for a batch shared with this model's LoRA adapters (lora.py): on the
         C layer loop, with the adapters' deltas, where this program runs it."""
-        return lora.with_c_loop(lora.mixed(self, segments), self, segments)
+        view = lora.with_c_loop(lora.mixed(self, segments), self, segments)
+        view.mixed_from = (self, segments)     # what a tensor-parallel device tells its workers to make
+        return view
 
     # -- the forward pass ---------------------------------------------------
     @torch.inference_mode()

@@ -20,7 +20,8 @@ bit; LoraLinear and mixed()'s layers are its Python twin (KVOS_LAYER_LOOP=python
 
 What PEFT can express and this does not compute is refused when the adapter loads (EINVAL naming
 it): DoRA, trained biases, modules_to_save, alpha_pattern, fan_in_fan_out, targets outside the
-seven projections of a LLaMA layer, tensor parallelism.
+seven projections of a LLaMA layer. Under tensor parallelism each rank holds its share of A and B
+(tp_shard.lora_piece).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from kernel.errors import EINVAL, EIO, ENOENT, KernelPanic, KvosError
-from userspace.programs import qlinear
+from userspace.programs import qlinear, tp_shard
 from userspace.programs.cachedir import file_digest
 
 MARK = "+lora:"
@@ -205,8 +206,6 @@ def locate(adapter: str) -> tuple[Path, bytes]:
 
 def adapted(base, folder: Path, digest: bytes):
     """The program `base` with the LoRA adapter in `folder` (located by locate()) on its layers."""
-    if getattr(base, "tp", None) is not None:
-        raise KvosError(EINVAL, "a LoRA adapter does not run tensor parallel yet")
     adapter = str(folder)
     config = _read_config(folder)
     tensors = _read_tensors(folder)
@@ -220,7 +219,7 @@ def adapted(base, folder: Path, digest: bytes):
     program.layer_weights, program.layer_rows = None, None       # the Python loop's; with_c_loop, below
     # ops.panel_mm where the CPU forward runs float32 activations (its GEMMs' own panels or blocks)
     panels = torch.device(base.device).type == "cpu" and base.dtype == torch.float32
-    parts, _ = _slot_shapes(base.config)
+    parts, _ = _slot_shapes(base.local)               # a tensor-parallel rank's widths: its share
     program.lora_weights = {i: {slot: LoraWeights(slot_pieces, sum(parts[slot]), panels)
                                 for slot, slot_pieces in slots.items()} for i, slots in pieces.items()}
     program.layers = layers_with(base, lambda i, slot: [(None, program.lora_weights[i][slot])]
@@ -309,6 +308,11 @@ def _pieces(base, config: dict, tensors: dict, adapter: str) -> dict:
             raise KvosError(EINVAL, f"{adapter}: layer {layer} {module}'s A {tuple(a.shape)} and B {tuple(b.shape)} "
                                     f"do not fit the base model ({inputs[slot]} in, {width} out)")
         scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+        b = b.float() * scale
+        a = a.float()
+        if base.tp is not None:        # this rank's share: its columns of the slot, or its inputs
+            start, a, b = tp_shard.lora_piece(c, slot, index, a, b, base.tp.rank, base.tp.size)
+            width = b.shape[0]
         out.setdefault(layer, {}).setdefault(slot, []).append(
-            (start, start + width, a.float().to(base.device), (b.float() * scale).to(base.device)))
+            (start, start + width, a.contiguous().to(base.device), b.contiguous().to(base.device)))
     return out

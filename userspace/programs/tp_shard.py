@@ -79,6 +79,25 @@ def shard_weights(config, weights: dict, rank: int, size: int) -> dict:
     return out                                 # a tied head is the embedding's slice, as on one rank
 
 
+def lora_piece(config, slot: str, index: int, a: torch.Tensor, b: torch.Tensor, rank: int, size: int) -> tuple:
+    """Rank `rank`'s share of a LoRA delta on part `index` of the fused projection `slot` (lora.py's
+    TARGETS): (start of its columns in the rank's slot, A (r, rank's inputs), B (rank's columns, r)).
+    Column-parallel slots keep A whole and the rows of B for the rank's columns; row-parallel ones
+    (o, down) the columns of A for the rank's inputs and B whole, so each rank's delta is a partial
+    sum that the projection's all-reduce adds up with the rank's partial product."""
+    d = config.head_dim
+    nq, nkv, inter = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    q_rows = slice(rank * nq // size * d, (rank + 1) * nq // size * d)
+    kv_rows = slice(rank * nkv // size * d, (rank + 1) * nkv // size * d)
+    i_rows = slice(rank * inter // size, (rank + 1) * inter // size)
+    if slot == "qkv_t":
+        q_local, kv_local = nq // size * d, nkv // size * d
+        return [0, q_local, q_local + kv_local][index], a, b[(q_rows, kv_rows, kv_rows)[index]]
+    if slot == "gate_up_t":
+        return index * (inter // size), a, b[i_rows]
+    return 0, a[:, q_rows if slot == "o_t" else i_rows], b      # o_t, down_t
+
+
 def _vocab_slice(w: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     rows = vocab_rows(w.shape[0], size)
     part = w[rank * rows:(rank + 1) * rows]
@@ -96,10 +115,11 @@ def embed(tp, token_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return tp.all_reduce(x)
 
 
-def row_add(tp, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
-    """x += (a @ w) summed over ranks (a row-parallel projection into the residual stream)."""
-    partial = torch.mm(a.to(w.dtype), w).to(x.dtype)
-    x.add_(tp.all_reduce(partial))
+def row_add(tp, x: torch.Tensor, a: torch.Tensor, w) -> None:
+    """x += (a @ w) summed over ranks (a row-parallel projection into the residual stream); w a tensor, or
+    a LoraLinear whose deltas are partial sums too (lora_piece)."""
+    partial = torch.mm(a.to(w.dtype), w) if isinstance(w, torch.Tensor) else w.mm(a)
+    x.add_(tp.all_reduce(partial.to(x.dtype)))
 
 
 def lm_head(tp, x: torch.Tensor, head: torch.Tensor, vocab_size: int) -> torch.Tensor:
