@@ -310,7 +310,7 @@ def _pieces(base, config: dict, tensors: dict, adapter: str) -> dict:
         scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
         b = b.float() * scale
         a = a.float()
-        if base.tp is not None:        # this rank's share: its columns of the slot, or its inputs
+        if getattr(base, "tp", None) is not None:        # this rank's share: its columns, or its inputs
             start, a, b = tp_shard.lora_piece(c, slot, index, a, b, base.tp.rank, base.tp.size)
             width = b.shape[0]
         out.setdefault(layer, {}).setdefault(slot, []).append(
