@@ -91,7 +91,7 @@ def test_which_forward_a_program_takes(program, monkeypatch):
     assert plain.forward(None, None) == "device"
 
 
-def test_decode_graphs_static_batches_on_the_cuda_kernels_in_emulation(cuda_kernels, monkeypatch):
+def test_decode_graphs_static_batches_on_the_cuda_kernels_in_emulation(cuda_kernels):
     """What a captured decode graph runs, without the capture: padded static batches (padding rows in the
     null frame, a page table as wide as the model's context) through forward_device on the emulated CUDA
     kernels (attention v2 over mostly dead chunks), each against the unpadded eager step on the same
@@ -102,10 +102,15 @@ def test_decode_graphs_static_batches_on_the_cuda_kernels_in_emulation(cuda_kern
     s = k.syscalls()
     tid = s.spawn_tenant(TINY)
     program = k.tenants[tid].program
-    monkeypatch.setattr(program, "forward", torch.inference_mode()(program.forward_device))
-    pids = [s.spawn(tid, prompt, max_tokens=n, ignore_eos=True, temperature=0) for prompt, n in jobs]
-    seen = spy(k)
-    run_poisoned(k)
+    # An instance attribute, deleted after (monkeypatch would leave the bound method on the cached program,
+    # and every program copied from it, an adapter's or a mixed step's, would run it).
+    program.forward = torch.inference_mode()(program.forward_device)
+    try:
+        pids = [s.spawn(tid, prompt, max_tokens=n, ignore_eos=True, temperature=0) for prompt, n in jobs]
+        seen = spy(k)
+        run_poisoned(k)
+    finally:
+        del program.forward
     assert k.graphs.stats.static_steps == len(seen) > 3 and any(padding for *_, padding in seen)
     for static, eager, *_ in seen:
         assert torch.isfinite(static).all(), "a real row read the null frame"
