@@ -95,21 +95,23 @@ def check_weight_shapes(config: LlamaConfig, w: dict) -> None:
 add_matmul = qlinear.add_mm     # x += a @ w for a tensor (in, out) or a quantized layer
 
 
+def _setting(name: str, default: str, allowed: tuple) -> str:
+    """$name, checked against its allowed values (EINVAL naming them), or its default."""
+    value = os.environ.get(name, default)
+    if value not in allowed:
+        raise KvosError(EINVAL, f"{name} must be {' or '.join(allowed)}, not {value!r}")
+    return value
+
+
 def layer_loop() -> str:
-    """$KVOS_LAYER_LOOP, checked: "c" (the default: a CPU step's layers in one C call) or "python"."""
-    loop = os.environ.get("KVOS_LAYER_LOOP", "c")
-    if loop not in ("c", "python"):
-        raise KvosError(EINVAL, f"KVOS_LAYER_LOOP must be c or python, not {loop!r}")
-    return loop
+    """$KVOS_LAYER_LOOP: "c" (the default: a CPU step's layers in one C call) or "python"."""
+    return _setting("KVOS_LAYER_LOOP", "c", ("c", "python"))
 
 
 def cuda_fused() -> bool:
-    """$KVOS_CUDA_FUSED, checked: "1" (the default: a one-rank CUDA forward on kernel/ops/fused.py's
-    kernels, forward_device) or "0" (torch's ops, forward_torch: what the device script compares)."""
-    value = os.environ.get("KVOS_CUDA_FUSED", "1")
-    if value not in ("0", "1"):
-        raise KvosError(EINVAL, f"KVOS_CUDA_FUSED must be 0 or 1, not {value!r}")
-    return value == "1"
+    """$KVOS_CUDA_FUSED: "1" (the default: a one-rank CUDA forward on kernel/ops/fused.py's kernels,
+    forward_device) or "0" (torch's ops, forward_torch: what the device script compares)."""
+    return _setting("KVOS_CUDA_FUSED", "1", ("0", "1")) == "1"
 
 
 class _Layer:

@@ -52,14 +52,20 @@ def vocab_rows(vocab_size: int, size: int) -> int:
     return -(-vocab_size // size)
 
 
-def shard_weights(config, weights: dict, rank: int, size: int) -> dict:
-    """Rank `rank`'s slice of the canonical (fused) weights (userspace/programs/llama.py's names)."""
+def _rank_rows(config, rank: int, size: int) -> tuple:
+    """Rank `rank`'s rows of the q heads, of the KV heads and of the intermediate size (slices)."""
     d = config.head_dim
     nq, nkv, inter = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
-    q_rows = slice(rank * nq // size * d, (rank + 1) * nq // size * d)
-    kv_rows = slice(rank * nkv // size * d, (rank + 1) * nkv // size * d)
-    i_rows = slice(rank * inter // size, (rank + 1) * inter // size)
-    q_size, kv_size = nq * d, nkv * d
+    return (slice(rank * nq // size * d, (rank + 1) * nq // size * d),
+            slice(rank * nkv // size * d, (rank + 1) * nkv // size * d),
+            slice(rank * inter // size, (rank + 1) * inter // size))
+
+
+def shard_weights(config, weights: dict, rank: int, size: int) -> dict:
+    """Rank `rank`'s slice of the canonical (fused) weights (userspace/programs/llama.py's names)."""
+    q_rows, kv_rows, i_rows = _rank_rows(config, rank, size)
+    inter = config.intermediate_size
+    q_size, kv_size = config.q_size, config.kv_size
     out = {}
     for name, w in weights.items():
         part = name.rsplit(".", 1)[-1]
@@ -85,16 +91,12 @@ def lora_piece(config, slot: str, index: int, a: torch.Tensor, b: torch.Tensor, 
     Column-parallel slots keep A whole and the rows of B for the rank's columns; row-parallel ones
     (o, down) the columns of A for the rank's inputs and B whole, so each rank's delta is a partial
     sum that the projection's all-reduce adds up with the rank's partial product."""
-    d = config.head_dim
-    nq, nkv, inter = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
-    q_rows = slice(rank * nq // size * d, (rank + 1) * nq // size * d)
-    kv_rows = slice(rank * nkv // size * d, (rank + 1) * nkv // size * d)
-    i_rows = slice(rank * inter // size, (rank + 1) * inter // size)
+    q_rows, kv_rows, i_rows = _rank_rows(config, rank, size)
     if slot == "qkv_t":
-        q_local, kv_local = nq // size * d, nkv // size * d
+        q_local, kv_local = q_rows.stop - q_rows.start, kv_rows.stop - kv_rows.start
         return [0, q_local, q_local + kv_local][index], a, b[(q_rows, kv_rows, kv_rows)[index]]
     if slot == "gate_up_t":
-        return index * (inter // size), a, b[i_rows]
+        return index * (i_rows.stop - i_rows.start), a, b[i_rows]
     return 0, a[:, q_rows if slot == "o_t" else i_rows], b      # o_t, down_t
 
 
