@@ -9,7 +9,7 @@ min and median of the rounds: "qmm raw" calls the C entry point through cffi wit
 its built kernel/ops/_kvos_cpu.abi3.so, raw), on the same codes. --panel adds "panel f32": ops'
 float32 panel_mm C entry point on float32 weights of the same shapes (538 MB).
 --split times qmm raw (and qmm old) on the 4-bit projections and on the 8-bit head apart, each in
-G int8 multiply-adds a second. --paths vnni,avx2 adds "qmm <path>": qmm raw on that vector path
+G int8 multiply-adds a second. --paths vnni,avx2,amx adds "qmm <path>": qmm raw on that vector path
 (on an AVX-512 VNNI CPU, the two paths side by side on the same codes; with --split, apart too).
 Run: PYTHONPATH=$PWD python benchmarks/bench_qmm.py [--rounds 7] [--batches 1,8,64] [--baseline DIR] [--panel] [--split]
      [--paths vnni,avx2]
@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--baseline", help="a kvos checkout whose qmm runs as 'qmm old'")
     ap.add_argument("--panel", action="store_true", help="also time float32 panel_mm on the same shapes")
     ap.add_argument("--split", action="store_true", help="4-bit projections and the 8-bit head timed apart")
-    ap.add_argument("--paths", default="", help="vector paths to time apart, of: portable, vnni, avx2")
+    ap.add_argument("--paths", default="", help="vector paths to time apart, of: portable, vnni, avx2, amx")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cpu.set_num_threads(1)

@@ -19,7 +19,8 @@ from kernel.errors import KvosError
 from kernel.ops import cpu, reference
 from kernel.ops import qblocks as Q
 
-PATHS = ["portable"] + (["vnni"] if cpu.qmm_has_vnni() else []) + (["avx2"] if cpu.qmm_has_avx2() else [])
+PATHS = (["portable"] + (["vnni"] if cpu.qmm_has_vnni() else []) + (["avx2"] if cpu.qmm_has_avx2() else [])
+         + (["amx"] if cpu.qmm_has_amx() else []))
 
 
 def weights(n, k, bits, g):
@@ -95,10 +96,11 @@ def test_rows_read_from_the_records_are_the_unpacked_values(bits):
 
 @pytest.mark.skipif(len(PATHS) < 2, reason="this CPU has neither AVX-512 VNNI nor AVX2")
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 2, 5, 9, 64])
+@pytest.mark.parametrize("rows", [1, 2, 5, 9, 16, 37, 64])
 def test_the_vector_paths_give_the_portable_paths_bits(bits, rows):
-    """The same integer dots (vpdpbusd, or vpmaddubsw + vpmaddwd with 8-bit codes recentred) and the
-    same float operations in the same order: every path's outputs are the portable path's, bit for bit."""
+    """The same integer dots (vpdpbusd, vpmaddubsw + vpmaddwd with 8-bit codes recentred, or AMX's
+    tdpbsud on 16-row groups with the rest on VNNI) and the same float operations in the same order:
+    every path's outputs are the portable path's, bit for bit."""
     g = torch.Generator().manual_seed(7)
     codes, d, m = weights(37, 576, bits, g)
     codes[:, :32] = (1 << bits) - 1                     # the largest codes against the largest activations:
@@ -111,7 +113,7 @@ def test_the_vector_paths_give_the_portable_paths_bits(bits, rows):
         assert torch.equal(got, want), f"{path}: {int((got != want).sum())} outputs differ"
 
 
-@pytest.mark.parametrize("bits,rows", [(4, 6), (4, 45), (8, 64)])
+@pytest.mark.parametrize("bits,rows", [(4, 6), (4, 45), (8, 64), (8, 19)])
 def test_thread_counts_agree(bits, rows):
     g = torch.Generator().manual_seed(3)
     codes, d, m = weights(301, 1536, bits, g)

@@ -82,11 +82,13 @@ int kvos_panel_mm_bf16(float *y, int64_t y_stride, const void *x, int x_bf16, in
 int kvos_panel_bf16_has_dp(void);
 /* qmm (qmm.c): y (m, n) float32 = x (m, k) float32 @ W^T, W packed by kernel/ops/qblocks.py in 4- or
  * 8-bit blocks of 32 (w = d*u + m); x is quantized to int8 per 32-block inside. path: 0 the
- * best this CPU has, 1 portable C, 2 AVX-512 VNNI, 3 AVX2 (callers check kvos_qmm_has_vnni / _avx2 first). */
+ * best this CPU has (AMX from 16 rows where the CPU has it, else VNNI), 1 portable C, 2 AVX-512 VNNI,
+ * 3 AVX2, 4 AMX (callers check kvos_qmm_has_vnni / _avx2 / _amx first). */
 int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t m, int64_t k,
              const uint8_t *w, int64_t n, int bits, int path);
 int kvos_qmm_has_vnni(void);
 int kvos_qmm_has_avx2(void);
+int kvos_qmm_has_amx(void);
 int64_t kvos_qmm_record_bytes(int bits);
 /* Rows ids[0..nids) of W (n, k) as float32 d * u + m into out (nids, k), read from qmm's packed records
  * (a tied embedding's lookup on its head's blocks). ids checked by the caller (0 <= id < n). */

@@ -1,12 +1,14 @@
 /* qmm: y = x @ W^T with W in 32-wide blocks (codes u, fp16 d and m: w = d*u + m), any M.
  * The float32 activations are quantized here, per row and 32-block, to int8 (d = amax/127,
  * round to nearest even) with each block's code sum, so the dot products run on integers:
- * AVX-512 VNNI (vpdpbusd: u8 weights x s8 activations) when the CPU has it, else AVX2
- * (vpmaddubsw + vpmaddwd, the same integers), else portable C. The packed layout is kernel/ops/qblocks.py's (qmm_pack): tiles of QMM_NR = 16
- * columns; per tile and 32-block one record of eight 64-byte vectors, vector j = k 4j..4j+3 of
+ * AVX-512 VNNI (vpdpbusd: u8 weights x s8 activations) when the CPU has it (AMX's tdpbsud from
+ * 16 rows where it has that too: the same bits), else AVX2 (vpmaddubsw + vpmaddwd, the same
+ * integers), else portable C. The packed layout is kernel/ops/qblocks.py's (qmm_pack): tiles of
+ * QMM_NR = 16 columns; per tile and 32-block one record of eight 64-byte vectors, vector j = k 4j..4j+3 of
  * all 16 columns (vpdpbusd's operand; 4-bit: vectors j and j + 4 share bytes, low and high
  * nibble), then 16 fp16 d and 16 fp16 m. A tile streams from memory as one sequential run. */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 #include "kvos_cpu.h"
@@ -105,6 +107,7 @@ static void qmm_portable_tile(float *y, int64_t y_stride, const qrows *a, int64_
 
 #include "qmm_vnni.h"   /* the AVX-512 VNNI path */
 #include "qmm_avx2.h"   /* the AVX2 path */
+#include "qmm_amx.h"    /* the AMX path (16 rows and more) */
 
 int kvos_qmm_has_vnni(void)
 {
@@ -113,6 +116,15 @@ int kvos_qmm_has_vnni(void)
     return kvos_cpu_avx512() && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")
         && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+int kvos_qmm_has_amx(void)
+{
+#if HAVE_AMX_PATH
+    return qmm_amx_available();
 #else
     return 0;
 #endif
@@ -151,7 +163,8 @@ int kvos_qmm_has_avx2(void)
 #endif
 }
 
-enum { PATH_AUTO = 0, PATH_PORTABLE = 1, PATH_VNNI = 2, PATH_AVX2 = 3 };
+enum { PATH_AUTO = 0, PATH_PORTABLE = 1, PATH_VNNI = 2, PATH_AVX2 = 3, PATH_AMX = 4 };
+#define AMX_MIN_ROWS 16   /* auto takes the AMX path from one full activation tile */
 
 /* What a path runs: its row quantizer and its tile kernel for 4- and 8-bit codes. */
 typedef void (*quantize_fn)(const qrows *a, int64_t r, const float *x);
@@ -187,22 +200,50 @@ static void qmm_path(int path, int bits, quantize_fn *quantize, tile_fn *tile)
 #endif
 }
 
+#if HAVE_AMX_PATH
+static AMX_TARGET void qmm_amx_tile4(float *y, int64_t y_stride, const qrows *a, int64_t m, const uint8_t *tile,
+                                     int cols, uint8_t *codes, int32_t *dots, float *scales)
+{
+    qmm_amx_tile(y, y_stride, a, m, tile, cols, codes, dots, scales, 4);
+}
+
+static AMX_TARGET void qmm_amx_tile8(float *y, int64_t y_stride, const qrows *a, int64_t m, const uint8_t *tile,
+                                     int cols, uint8_t *codes, int32_t *dots, float *scales)
+{
+    qmm_amx_tile(y, y_stride, a, m, tile, cols, codes, dots, scales, 8);
+}
+#endif
+
 int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t m, int64_t k,
              const uint8_t *w, int64_t n, int bits, int path)
 {
     const int64_t kb = k / BLOCK, ntiles = (n + QMM_NR - 1) / QMM_NR;
     const int64_t tile_bytes = kb * record_bytes(bits);
     if (path == PATH_AUTO)
-        path = kvos_qmm_has_vnni() ? PATH_VNNI : kvos_qmm_has_avx2() ? PATH_AVX2 : PATH_PORTABLE;
+        path = kvos_qmm_has_vnni() ? (m >= AMX_MIN_ROWS && kvos_qmm_has_amx() ? PATH_AMX : PATH_VNNI)
+             : kvos_qmm_has_avx2() ? PATH_AVX2 : PATH_PORTABLE;
+    if (path == PATH_AMX && !kvos_qmm_has_amx())
+        path = PATH_PORTABLE;
     quantize_fn quantize;
     tile_fn run_tile;
-    qmm_path(path, bits, &quantize, &run_tile);
-    /* one allocation: the codes (a multiple of 32 bytes a row) first, then d, d * sum and sum */
-    char *scratch = malloc((size_t)(m * kb) * (BLOCK + 2 * sizeof(float) + sizeof(int32_t)) + 1);
+    qmm_path(path == PATH_AMX ? PATH_VNNI : path, bits, &quantize, &run_tile);
+    const int nthreads = kvos_num_threads();
+    /* the AMX path's buffers (64-byte aligned): the row groups' scales (m / 16 x kb x 128 bytes), then
+     * each thread's own: a row group's dots (kb x 1 KB) and, for 4-bit tiles, the unpacked codes
+     * (kb x 512 bytes) */
+    const int64_t groups = path == PATH_AMX ? m / 16 : 0;
+    const int64_t unpacked = path == PATH_AMX ? kb * (1024 + (bits == 4 ? 512 : 0)) : 0;
+    /* one allocation, 64-byte aligned (a tile row of 32 codes then never straddles two cache lines):
+     * the codes (a multiple of 32 bytes a row) first, then d, d * sum and sum, then the AMX buffers */
+    const size_t rows_bytes = (size_t)(m * kb) * (BLOCK + 2 * sizeof(float) + sizeof(int32_t));
+    char *scratch = malloc(64 + rows_bytes + (size_t)(unpacked ? groups * kb * 128 + nthreads * unpacked + 64 : 0));
     if (!scratch)
         return KVOS_E_NOMEM;
-    float *floats = (float *)(scratch + m * kb * BLOCK);
-    qrows a = {(int8_t *)scratch, floats, floats + m * kb, kb,
+    char *base = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *amx_scales_base = (float *)(((uintptr_t)(base + rows_bytes) + 63) & ~(uintptr_t)63);
+    uint8_t *unpack_base = (uint8_t *)(amx_scales_base + groups * kb * 32);
+    float *floats = (float *)(base + m * kb * BLOCK);
+    qrows a = {(int8_t *)base, floats, floats + m * kb, kb,
                path == PATH_AVX2 ? (int32_t *)(floats + 2 * m * kb) : NULL};
     /* From QUANTIZE_SPLIT_ROWS rows the rows are quantized inside the parallel region, split among
      * the threads (the loop's barrier: every row before any tile): 2-3% of a 64- or 512-row call on 2
@@ -213,17 +254,39 @@ int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64
             quantize(&a, r, x + r * x_stride);
     /* One tile of 16 columns is the unit of work: at M = 1 a tile of K = 576 is ~5.6 KB,
      * so threads pay off only past a few dozen tiles' worth of bytes. */
-    #pragma omp parallel num_threads(kvos_num_threads()) if (ntiles * tile_bytes * (m + 3) > (1 << 18))
+    #pragma omp parallel num_threads(nthreads) if (ntiles * tile_bytes * (m + 3) > (1 << 18))
     {
         if (split) {        /* the same m in every thread: all of them meet this loop, or none */
             #pragma omp for schedule(static)
             for (int64_t r = 0; r < m; r++)
                 quantize(&a, r, x + r * x_stride);
         }
-        #pragma omp for schedule(static) nowait     /* the region's end is the one barrier after the tiles */
-        for (int64_t t = 0; t < ntiles; t++) {
-            int cols = n - t * QMM_NR < QMM_NR ? (int)(n - t * QMM_NR) : QMM_NR;
-            run_tile(y + t * QMM_NR, y_stride, &a, m, w + t * tile_bytes, cols);
+#if HAVE_AMX_PATH
+        if (path == PATH_AMX) {     /* tile configuration, dots and unpacked codes are each thread's */
+            #pragma omp for schedule(static)
+            for (int64_t g = 0; g < groups; g++)
+                amx_scales(amx_scales_base, &a, g);
+            int32_t *dots = (int32_t *)(unpack_base + (int64_t)omp_get_thread_num() * unpacked);
+            float *scales = amx_scales_base;
+            uint8_t *codes = (uint8_t *)(dots + kb * 256);
+            qmm_amx_begin();
+            #pragma omp for schedule(static) nowait
+            for (int64_t t = 0; t < ntiles; t++) {
+                int cols = n - t * QMM_NR < QMM_NR ? (int)(n - t * QMM_NR) : QMM_NR;
+                if (bits == 4)
+                    qmm_amx_tile4(y + t * QMM_NR, y_stride, &a, m, w + t * tile_bytes, cols, codes, dots, scales);
+                else
+                    qmm_amx_tile8(y + t * QMM_NR, y_stride, &a, m, w + t * tile_bytes, cols, codes, dots, scales);
+            }
+            qmm_amx_end();
+        } else
+#endif
+        {
+            #pragma omp for schedule(static) nowait     /* the region's end is the one barrier after the tiles */
+            for (int64_t t = 0; t < ntiles; t++) {
+                int cols = n - t * QMM_NR < QMM_NR ? (int)(n - t * QMM_NR) : QMM_NR;
+                run_tile(y + t * QMM_NR, y_stride, &a, m, w + t * tile_bytes, cols);
+            }
         }
     }
     free(scratch);

@@ -174,6 +174,10 @@ def qmm_has_avx2() -> bool:
     return bool(_load().lib.kvos_qmm_has_avx2())
 
 
+def qmm_has_amx() -> bool:
+    return bool(_load().lib.kvos_qmm_has_amx())
+
+
 _qmm_layout_checked = False
 
 

@@ -7,7 +7,8 @@ the layout the C kernel streams (csrc/cpu/qmm.c: tiles of 16 columns, a record p
 64-byte vectors hold 16 columns x 4 consecutive k) once, at load; qmm_unpack reads it back.
 x is float32; the kernel quantizes it per row and block to int8 (d = amax / 127, round to nearest
 even) and returns float32: reference.qmm is the twin and says exactly what is computed.
-`path` picks the CPU code: "auto" (VNNI where the CPU has it, else AVX2), "vnni", "avx2" or "portable".
+`path` picks the CPU code: "auto" (AMX from 16 rows where the CPU has it, else VNNI, else AVX2), "amx",
+"vnni", "avx2" or "portable". AMX and VNNI give the same bits.
 """
 import torch
 
@@ -17,7 +18,7 @@ from kernel.ops import validate as val
 NR = 16         # columns per tile (csrc/cpu/qmm.c QMM_NR): one vector of 16 int32 / float lanes
 BLOCK = 32      # elements per block along k: one record per tile and block
 BITS = (4, 8)
-PATHS = {"auto": 0, "portable": 1, "vnni": 2, "avx2": 3}
+PATHS = {"auto": 0, "portable": 1, "vnni": 2, "avx2": 3, "amx": 4}
 
 
 def code_bytes(bits: int) -> int:
@@ -153,6 +154,8 @@ def qmm(x: torch.Tensor, packed: torch.Tensor, n: int, bits: int, *, path: str =
         from kernel.ops import cpu
         if path == "vnni" and not cpu.qmm_has_vnni():
             val.fail("this CPU has no AVX-512 VNNI: path='vnni' cannot run here")
+        if path == "amx" and not cpu.qmm_has_amx():
+            val.fail("this CPU (or its OS) gives no AMX-INT8 tiles: path='amx' cannot run here")
         if path == "avx2" and not cpu.qmm_has_avx2():
             val.fail("this CPU has no AVX2 with FMA and F16C: path='avx2' cannot run here")
         return cpu.qmm(x, packed, n, bits, PATHS[path], out)
