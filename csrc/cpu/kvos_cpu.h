@@ -82,7 +82,7 @@ int kvos_panel_mm_bf16(float *y, int64_t y_stride, const void *x, int x_bf16, in
 int kvos_panel_bf16_has_dp(void);
 /* qmm (qmm.c): y (m, n) float32 = x (m, k) float32 @ W^T, W packed by kernel/ops/qblocks.py in 4- or
  * 8-bit blocks of 32 (w = d*u + m); x is quantized to int8 per 32-block inside. path: 0 the
- * best this CPU has (AMX from 16 rows where the CPU has it, else VNNI), 1 portable C, 2 AVX-512 VNNI,
+ * best this CPU has (AMX from 32 rows, 16 at 8 bits, where the CPU has it, else VNNI), 1 portable C, 2 VNNI,
  * 3 AVX2, 4 AMX (callers check kvos_qmm_has_vnni / _avx2 / _amx first). */
 int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t m, int64_t k,
              const uint8_t *w, int64_t n, int bits, int path);

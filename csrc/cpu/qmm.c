@@ -2,7 +2,7 @@
  * The float32 activations are quantized here, per row and 32-block, to int8 (d = amax/127,
  * round to nearest even) with each block's code sum, so the dot products run on integers:
  * AVX-512 VNNI (vpdpbusd: u8 weights x s8 activations) when the CPU has it (AMX's tdpbsud from
- * 16 rows where it has that too: the same bits), else AVX2 (vpmaddubsw + vpmaddwd, the same
+ * 16 or 32 rows where it has that too: the same bits), else AVX2 (vpmaddubsw + vpmaddwd, the same
  * integers), else portable C. The packed layout is kernel/ops/qblocks.py's (qmm_pack): tiles of
  * QMM_NR = 16 columns; per tile and 32-block one record of eight 64-byte vectors, vector j = k 4j..4j+3 of
  * all 16 columns (vpdpbusd's operand; 4-bit: vectors j and j + 4 share bytes, low and high
@@ -164,7 +164,9 @@ int kvos_qmm_has_avx2(void)
 }
 
 enum { PATH_AUTO = 0, PATH_PORTABLE = 1, PATH_VNNI = 2, PATH_AVX2 = 3, PATH_AMX = 4 };
-#define AMX_MIN_ROWS 16   /* auto takes the AMX path from one full activation tile */
+/* auto takes the AMX path from these rows: at 16-28 rows the 4-bit tiles' unpacking (once a tile)
+ * and the VNNI remainder cost more than the tiles save (docs/performance.md, section 21) */
+#define AMX_MIN_ROWS(bits) ((bits) == 4 ? 32 : 16)
 
 /* What a path runs: its row quantizer and its tile kernel for 4- and 8-bit codes. */
 typedef void (*quantize_fn)(const qrows *a, int64_t r, const float *x);
@@ -220,7 +222,7 @@ int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64
     const int64_t kb = k / BLOCK, ntiles = (n + QMM_NR - 1) / QMM_NR;
     const int64_t tile_bytes = kb * record_bytes(bits);
     if (path == PATH_AUTO)
-        path = kvos_qmm_has_vnni() ? (m >= AMX_MIN_ROWS && kvos_qmm_has_amx() ? PATH_AMX : PATH_VNNI)
+        path = kvos_qmm_has_vnni() ? (m >= AMX_MIN_ROWS(bits) && kvos_qmm_has_amx() ? PATH_AMX : PATH_VNNI)
              : kvos_qmm_has_avx2() ? PATH_AVX2 : PATH_PORTABLE;
     if (path == PATH_AMX && !kvos_qmm_has_amx())
         path = PATH_PORTABLE;

@@ -7,7 +7,7 @@ the layout the C kernel streams (csrc/cpu/qmm.c: tiles of 16 columns, a record p
 64-byte vectors hold 16 columns x 4 consecutive k) once, at load; qmm_unpack reads it back.
 x is float32; the kernel quantizes it per row and block to int8 (d = amax / 127, round to nearest
 even) and returns float32: reference.qmm is the twin and says exactly what is computed.
-`path` picks the CPU code: "auto" (AMX from 16 rows where the CPU has it, else VNNI, else AVX2), "amx",
+`path` picks the CPU code: "auto" (AMX from 32 rows, 16 at 8 bits, where the CPU has it, else VNNI, else AVX2), "amx",
 "vnni", "avx2" or "portable". AMX and VNNI give the same bits.
 """
 import torch
