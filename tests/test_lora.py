@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernel
+from kernel import ops
 from kernel.errors import KvosError
 from tests.helpers.hf_reference import hf_model, rel_error
 from tests.helpers.paged_runner import PagedRunner
@@ -433,7 +434,8 @@ def test_the_c_loop_refuses_deltas_and_rows_that_do_not_fit(adapter):
     a, b, r = one.lora_weights[0]["qkv_t"].c_delta
     for bad, match in (({(0, "qkv"): (b, a, r)}, "does not fit"), ({(0, "o"): (a, b, r)}, "does not fit"),
                        ({(9, "qkv"): (a, b, r)}, "layers"), ({(0, "qkv"): (a, b, r + 1)}, "needs float32 panels"),
-                       ({(0, "qkv"): (a.double(), b, r)}, "float32")):
+                       ({(0, "qkv"): (a.double(), b, r)}, "float32"),
+                       ({(0, "qkv"): (ops.panel_pack(ops.panel_unpack(a, r)), b, r)}, "16 wide")):
         with pytest.raises(KvosError, match=match):
             base.layer_weights.with_deltas([bad])
     runner = PagedRunner(one, num_frames=4)

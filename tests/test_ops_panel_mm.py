@@ -4,7 +4,8 @@ Random shapes (hypothesis): M 1..64 (every register-tile remainder, the AVX2 pat
 odd K and N (a padded last panel), strided rows of x and out, bias, accumulate; results must not
 depend on the thread count (each output is one FMA chain over k, whoever computes it), nor a row's
 on the other rows; bad arguments are refused before any write; packing round-trips exactly, and a
-tied embedding's rows come back bit for bit.
+tied embedding's rows come back bit for bit. Narrow panels (16 columns, a LoRA adapter's A) give the
+wide panels' bits.
 """
 import pytest
 import torch
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from kernel import ops
 from kernel.errors import EINVAL, KvosError
 from kernel.ops import reference
-from kernel.ops.panel import PANEL
+from kernel.ops.panel import NARROW, PANEL
 from userspace.programs import qlinear
 
 pytestmark = pytest.mark.usefixtures("each_isa_cap")   # every vector path this CPU has (conftest.py)
@@ -28,17 +29,19 @@ def close(ours, want, k):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(1, 64), k=st.integers(1, 300), n=st.integers(1, 200), seed=st.integers(0, 2**31 - 1),
-       bias=st.booleans(), accumulate=st.booleans(), x_pad=st.integers(0, 5), out_pad=st.integers(0, 5))
-def test_matches_the_twin(m, k, n, seed, bias, accumulate, x_pad, out_pad):
+       bias=st.booleans(), accumulate=st.booleans(), x_pad=st.integers(0, 5), out_pad=st.integers(0, 5),
+       width=st.sampled_from([PANEL, NARROW]))
+def test_matches_the_twin(m, k, n, seed, bias, accumulate, x_pad, out_pad, width):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     x = torch.randn(m, k + x_pad, generator=g)[:, :k]                   # rows at a stride > k
     b = torch.randn(n, generator=g) if bias else None
     base = torch.randn(m, n + out_pad, generator=g)
     out = base[:, :n]
-    want = reference.panel_mm(x, ops.panel_pack(w), n, b, out.clone(), accumulate)
+    packed = ops.panel_pack(w, width=width)
+    want = reference.panel_mm(x, packed, n, b, out.clone(), accumulate)
     beside = base[:, n:].clone()
-    got = ops.panel_mm(x, ops.panel_pack(w), n, b, out, accumulate)
+    got = ops.panel_mm(x, packed, n, b, out, accumulate)
     assert got is out
     close(out, want, k)
     assert torch.equal(base[:, n:], beside)                  # the columns past n are never written
@@ -102,6 +105,18 @@ def test_panel_linear_rows_are_the_embedding():
     close(y, x + h @ w.t(), 24)
 
 
+@pytest.mark.parametrize("n", [1, 8, 17, 24, 40])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 20])
+def test_narrow_panels_give_the_wide_panels_bits(m, n):
+    """The same FMA chain over k in order for every output, 16 columns a panel instead of 64."""
+    g = torch.Generator().manual_seed(10 * m + n)
+    w, x, b = torch.randn(n, 1536, generator=g), torch.randn(m, 1536, generator=g), torch.randn(n, generator=g)
+    narrow = ops.panel_pack(w, width=NARROW)
+    assert tuple(narrow.shape) == (-(-n // NARROW), 1536, NARROW)
+    assert torch.equal(ops.panel_unpack(narrow, n), w)
+    assert torch.equal(ops.panel_mm(x, narrow, n, b), ops.panel_mm(x, ops.panel_pack(w), n, b))
+
+
 def bad_calls():
     w = torch.randn(100, 16)
     p = ops.panel_pack(w)
@@ -121,6 +136,11 @@ def bad_calls():
     yield "packed", lambda: ops.panel_mm(x, p[..., :32], 100, out=out)
     yield "2 dimensions", lambda: ops.panel_mm(x[0], p, 100, out=out)
     yield "cpu", lambda: ops.panel_mm(x.to("meta"), p, 100, out=out)
+    narrow = ops.panel_pack(w, width=NARROW)         # 7 panels of 16: n in 97..112
+    yield "panels of 16 columns", lambda: ops.panel_mm(x, narrow, 113, out=torch.zeros(3, 113))
+    yield "panels of 16 columns", lambda: ops.panel_mm(x, narrow, 96, out=torch.zeros(3, 96))
+    yield "wide", lambda: ops.panel_pack(w, width=32)
+    yield "wide", lambda: ops.panel_pack(w, torch.bfloat16, width=NARROW)
 
 
 @pytest.mark.parametrize("i", range(len(list(bad_calls()))), ids=[r for r, _ in bad_calls()])

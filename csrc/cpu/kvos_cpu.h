@@ -72,6 +72,11 @@ int kvos_paged_attention(float *out, int64_t out_tok_stride, int64_t out_head_st
 void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
                    const float *bias, int64_t m, int64_t k, int64_t n, int accumulate);
 int kvos_panel_width(void);
+/* The same on narrow panels of kvos_panel_narrow_width() columns (panel_pack(w, width=16): a W of few
+ * rows, a LoRA adapter's A), each output the same bits as on the wide panels. */
+void kvos_panel_mm_narrow(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
+                          const float *bias, int64_t m, int64_t k, int64_t n, int accumulate);
+int kvos_panel_narrow_width(void);
 /* panel_mm_bf16 (panel_bf16.c): y = (accumulate ? y : 0) + bf16(x) @ W^T + (bias or 0), float32 sums,
  * W packed in bf16 panels of k-pairs by kernel/ops/panel.py; x float32 (rounded inside, nearest even)
  * or bfloat16 when x_bf16. path: 0 the best this CPU has, 1 plain C, 2 vdpbf16ps (callers check
@@ -120,8 +125,8 @@ enum { KVOS_LINEAR_PANEL = 1, KVOS_LINEAR_PANEL_BF16 = 2, KVOS_LINEAR_QMM = 3 };
 /* The rows of a step a LoRA adapter's deltas apply to: num_ranges (start, end) pairs in ranges,
  * or num_ranges -1 for every row of the step. */
 typedef struct { int64_t num_ranges; const int64_t *ranges; } kvos_row_set;
-/* One adapter's delta on a GEMM: y[rows] += (x[rows] @ A^T) @ B^T, A (r, k) and B (n, r) float32
- * panels (ops.panel_pack; the scale folded into B), as userspace/programs/lora.py's LoraWeights;
+/* One adapter's delta on a GEMM: y[rows] += (x[rows] @ A^T) @ B^T, A (r, k) in narrow and B (n, r) in
+ * wide float32 panels (ops.panel_pack; the scale folded into B), as userspace/programs/lora.py's LoraWeights;
  * its rows are the step's lora_rows[adapter] (the weights are made once, the rows every step). */
 typedef struct { const float *a, *b; int64_t r, adapter; } kvos_lora_delta;
 typedef struct {

@@ -217,3 +217,88 @@ void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride,
 }
 
 int kvos_panel_width(void) { return PANEL; }
+
+/* Narrow panels: W (n, k) packed as (panels, k, NARROW) for a W of few rows (a LoRA adapter's A, 8
+ * to 24 rows): 64-column panels would read 3 to 8 times its bytes. Tiles of up to NARROW_ROWS rows x
+ * one vector; each output is the same FMA chain over k in order as the wide panels' (the same bits). */
+#define NARROW 16       /* columns per narrow panel: one vector */
+#define NARROW_ROWS 8   /* rows per narrow tile */
+
+ALWAYS_INLINE void tile_narrow(const int R, float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                               const float *panel, int64_t k, int cols, const float *bias, int accumulate)
+{
+    vf acc[NARROW_ROWS];
+    for (int r = 0; r < R; r++)
+        acc[r] = vsplat(0.0f);
+    for (int64_t kk = 0; kk < k; kk++) {
+        const vf w = vload(panel + kk * NARROW);
+        for (int r = 0; r < R; r++)
+            acc[r] += vsplat(x[r * x_stride + kk]) * w;
+    }
+    for (int r = 0; r < R; r++) {
+        float tmp[NARROW];
+        vstore(tmp, acc[r]);
+        store_cols(y + r * y_stride, tmp, cols, bias, accumulate);
+    }
+}
+
+ALWAYS_INLINE void one_narrow_panel(float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                                    const float *panel, const float *bias, int64_t m, int64_t k, int cols,
+                                    int accumulate)
+{
+    for (int64_t r0 = 0; r0 < m; r0 += NARROW_ROWS) {
+        const float *xr = x + r0 * x_stride;
+        float *yr = y + r0 * y_stride;
+        switch (m - r0 < NARROW_ROWS ? (int)(m - r0) : NARROW_ROWS) {
+        case 1: tile_narrow(1, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate); break;
+        case 2: tile_narrow(2, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate); break;
+        case 3: tile_narrow(3, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate); break;
+        case 4: tile_narrow(4, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate); break;
+        case 5: tile_narrow(5, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate); break;
+        case 6: tile_narrow(6, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate); break;
+        case 7: tile_narrow(7, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate); break;
+        default: tile_narrow(8, yr, y_stride, xr, x_stride, panel, k, cols, bias, accumulate); break;
+        }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f,fma"))) static void narrow_avx512(
+    float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *panel, const float *bias,
+    int64_t m, int64_t k, int cols, int accumulate)
+{
+    one_narrow_panel(y, y_stride, x, x_stride, panel, bias, m, k, cols, accumulate);
+}
+
+__attribute__((target("avx2,fma"))) static void narrow_avx2(
+    float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *panel, const float *bias,
+    int64_t m, int64_t k, int cols, int accumulate)
+{
+    one_narrow_panel(y, y_stride, x, x_stride, panel, bias, m, k, cols, accumulate);
+}
+#endif
+
+static void narrow_portable(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *panel,
+                            const float *bias, int64_t m, int64_t k, int cols, int accumulate)
+{
+    one_narrow_panel(y, y_stride, x, x_stride, panel, bias, m, k, cols, accumulate);
+}
+
+void kvos_panel_mm_narrow(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
+                          const float *bias, int64_t m, int64_t k, int64_t n, int accumulate)
+{
+    panel_fn *fn = narrow_portable;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (kvos_cpu_avx512())
+        fn = narrow_avx512;
+    else if (kvos_cpu_avx2())
+        fn = narrow_avx2;
+#endif
+    const int64_t panels = (n + NARROW - 1) / NARROW;
+    #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) if (panels > 1 && m * k * n > 65536)
+    for (int64_t p = 0; p < panels; p++)
+        fn(y + p * NARROW, y_stride, x, x_stride, packed + p * k * NARROW, bias ? bias + p * NARROW : NULL, m, k,
+           (int)(n - p * NARROW < NARROW ? n - p * NARROW : NARROW), accumulate);
+}
+
+int kvos_panel_narrow_width(void) { return NARROW; }

@@ -7,7 +7,7 @@ GPU. Both load lazily, so importing kernel/ops needs neither the C extension nor
 CuPy. kernel/ops/reference.py holds the plain-torch twin of each op.
 """
 from kernel.ops.dispatch import copy_frames, paged_attention, swap_in, swap_out, write_kv
-from kernel.ops.panel import panel_mm, panel_pack, panel_unpack
+from kernel.ops.panel import NARROW, PANEL, panel_mm, panel_pack, panel_unpack
 from kernel.ops.qblocks import QmmWeights, qmm, qmm_pack, qmm_rows, qmm_unpack
 from kernel.ops.quant import int4_mm, int4_pack
 
@@ -21,4 +21,4 @@ def set_num_threads(n: int) -> None:
 __all__ = ["write_kv", "paged_attention", "copy_frames", "swap_out", "swap_in", "set_num_threads",
            "int4_pack", "int4_mm", "panel_pack", "panel_unpack", "panel_mm", "qmm_pack", "qmm_unpack", "qmm_rows",
            "qmm",
-           "QmmWeights"]
+           "QmmWeights", "PANEL", "NARROW"]

@@ -140,16 +140,19 @@ _panel_width_checked = False
 
 
 def panel_mm(out, x, packed, bias, m, k, n, accumulate):
-    """out = (accumulate ? out : 0) + x @ W^T + bias, W packed by kernel/ops/panel.py (checked there)."""
+    """out = (accumulate ? out : 0) + x @ W^T + bias, W packed by kernel/ops/panel.py in wide or narrow
+    panels (checked there)."""
     global _panel_width_checked
     lib = _load().lib
     if not _panel_width_checked:      # a stale build would misread the packing: once per process
-        from kernel.ops.panel import PANEL
-        if lib.kvos_panel_width() != PANEL:
-            raise AssertionError(f"panel_mm.c packs {lib.kvos_panel_width()} columns, panel.py {PANEL}")
+        from kernel.ops.panel import NARROW, PANEL
+        if (lib.kvos_panel_width(), lib.kvos_panel_narrow_width()) != (PANEL, NARROW):
+            raise AssertionError(f"panel_mm.c packs {lib.kvos_panel_width()} and {lib.kvos_panel_narrow_width()} "
+                                 f"columns, panel.py {PANEL} and {NARROW}")
         _panel_width_checked = True
-    lib.kvos_panel_mm(_ptr(out), out.stride(0), _ptr(x), x.stride(0), _ptr(packed),
-                      _ptr(bias) if bias is not None else _ext.ffi.NULL, m, k, n, int(accumulate))
+    fn = lib.kvos_panel_mm if packed.shape[2] == lib.kvos_panel_width() else lib.kvos_panel_mm_narrow
+    fn(_ptr(out), out.stride(0), _ptr(x), x.stride(0), _ptr(packed),
+       _ptr(bias) if bias is not None else _ext.ffi.NULL, m, k, n, int(accumulate))
 
 
 def panel_bf16_has_dp() -> bool:

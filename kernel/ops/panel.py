@@ -8,6 +8,9 @@ is the only copy the program needs: panel_unpack gives W back exactly.
 panel_pack(w, torch.bfloat16) rounds W to bf16 and packs (ceil(n / PANEL), ceil(k / 2), 2 * PANEL):
 k in pairs, (W[c, 2j], W[c, 2j + 1]) side by side for each column c (k padded with a zero column when
 odd), the operand layout of vdpbf16ps; panel_mm on it rounds x to bf16 and sums in float32 (7c).
+panel_pack(w, width=NARROW) packs float32 W in panels of 16 columns instead, for a W of few rows (a
+LoRA adapter's A: 8 to 24): panel_mm on them gives the same bits, reading 16 columns where 64-column
+panels would pad them to 64.
 CPU only; the twin is reference.panel_mm. Every bad argument is KvosError(EINVAL), nothing written.
 """
 import torch
@@ -15,18 +18,22 @@ import torch
 from kernel.ops import validate as val
 
 PANEL = 64      # columns per panel; csrc/cpu/panel_mm.c's PANEL (cpu.panel_mm checks they agree)
+NARROW = 16     # columns per narrow panel (panel_mm.c's NARROW): float32 only
 _CPU = torch.device("cpu")
 
 
 PATHS = {"auto": 0, "portable": 1, "dp": 2}      # the bf16 kernel's code: best here, plain C, vdpbf16ps
 
 
-def panel_pack(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W (n, k) -> the packed form in dtype (a new tensor): float32 (ceil(n / PANEL), k, PANEL), or
-    bfloat16 (ceil(n / PANEL), ceil(k / 2), 2 * PANEL) with W rounded to nearest even."""
+def panel_pack(w: torch.Tensor, dtype: torch.dtype = torch.float32, width: int = PANEL) -> torch.Tensor:
+    """W (n, k) -> the packed form in dtype (a new tensor): float32 (ceil(n / width), k, width), or
+    bfloat16 (ceil(n / PANEL), ceil(k / 2), 2 * PANEL) with W rounded to nearest even. width is PANEL,
+    or NARROW for float32."""
     val.tensor("w", w, ndim=2, dtypes=(torch.float32, torch.bfloat16), device=_CPU)
+    if width not in (PANEL, NARROW) or (width == NARROW and dtype != torch.float32):
+        val.fail(f"panels are {PANEL} columns wide, or {NARROW} in float32; not {width!r} in {dtype}")
     n, k = w.shape
-    panels = -(-n // PANEL)
+    panels = -(-n // width)
     if dtype == torch.bfloat16:
         kp = -(-k // 2)
         padded = torch.zeros(panels * PANEL, 2 * kp, dtype=torch.bfloat16)
@@ -35,11 +42,11 @@ def panel_pack(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Ten
     if dtype != torch.float32:
         val.fail(f"panels are float32 or bfloat16, not {dtype}")
     w = w.float()
-    if n % PANEL:   # pad the last panel with zeros (otherwise no temporary: one copy, the result)
-        padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
+    if n % width:   # pad the last panel with zeros (otherwise no temporary: one copy, the result)
+        padded = torch.zeros(panels * width, k, dtype=torch.float32)
         padded[:n] = w
         w = padded
-    return w.reshape(panels, PANEL, k).transpose(1, 2).contiguous()
+    return w.reshape(panels, width, k).transpose(1, 2).contiguous()
 
 
 def panel_unpack(packed: torch.Tensor, n: int, k: int | None = None) -> torch.Tensor:
@@ -57,13 +64,14 @@ def panel_unpack(packed: torch.Tensor, n: int, k: int | None = None) -> torch.Te
 
 def _packed(packed, n):
     val.tensor("packed", packed, ndim=3, dtypes=(torch.float32, torch.bfloat16), device=_CPU)
-    width = PANEL if packed.dtype == torch.float32 else 2 * PANEL
-    if packed.shape[2] != width or not packed.is_contiguous():
-        what = f"k, {PANEL}" if packed.dtype == torch.float32 else f"k / 2, {2 * PANEL}"
+    widths = (PANEL, NARROW) if packed.dtype == torch.float32 else (2 * PANEL,)
+    if packed.shape[2] not in widths or not packed.is_contiguous():
+        what = f"k, {PANEL} or {NARROW}" if packed.dtype == torch.float32 else f"k / 2, {2 * PANEL}"
         val.fail(f"packed must be contiguous (panels, {what}), is {tuple(packed.shape)} "
                  f"with strides {packed.stride()}")
-    if not isinstance(n, int) or not (packed.shape[0] - 1) * PANEL < n <= packed.shape[0] * PANEL:
-        val.fail(f"n = {n!r} does not fit {packed.shape[0]} panels of {PANEL} columns")
+    width = packed.shape[2] if packed.dtype == torch.float32 else PANEL      # output columns a panel
+    if not isinstance(n, int) or not (packed.shape[0] - 1) * width < n <= packed.shape[0] * width:
+        val.fail(f"n = {n!r} does not fit {packed.shape[0]} panels of {width} columns")
 
 
 def _span(t):

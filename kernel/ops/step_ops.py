@@ -93,7 +93,7 @@ class LayerWeights:
     def with_deltas(self, adapters) -> "LayerWeights":
         """These weights with LoRA adapters' deltas on their GEMMs (an adapter's own program, or a batch
         of a base's and its adapters' rows): adapters is [{(layer, name): (a, b, r)}], a and b float32
-        panels (ops.panel_pack) of A (r, k) and B (n, r) on the GEMM `name` of NAMES (lora.py's
+        panels (ops.panel_pack; A's narrow) of A (r, k) and B (n, r) on the GEMM `name` of NAMES (lora.py's
         LoraWeights.c_delta, checked when it was made); which rows each adapter's deltas take is the
         step's (CpuStep.layers' lora_rows). Only float32-panel and qmm GEMMs take deltas (takes_deltas:
         a bf16-panel GEMM rounds x first, which its deltas do not): EINVAL otherwise. The new object
@@ -116,13 +116,14 @@ class LayerWeights:
             if not self.takes_deltas(layer, name):
                 val.fail(f"layer {layer}'s {name} runs bf16 panels: its LoRA deltas stay in the Python loop")
             entry = getattr(out.table[layer], name)
-            for a, b, r, _ in found:             # what the C loop reads: A (r, k) and B (n, r) float32 panels
+            for a, b, r, _ in found:     # what the C loop reads: A (r, k) in narrow and B (n, r) in wide panels
                 panel._packed(a, r)
                 panel._packed(b, entry.n)
-                if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[1] != entry.k or b.shape[1] != r:
+                if (a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[1] != entry.k or b.shape[1] != r
+                        or a.shape[2] != panel.NARROW or b.shape[2] != panel.PANEL):
                     val.fail(f"layer {layer}'s {name} ({entry.n}, {entry.k}): a LoRA delta of rank {r} needs "
-                             f"float32 panels of ({r}, {entry.k}) and ({entry.n}, {r}), has {a.dtype} "
-                             f"{tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+                             f"float32 panels of ({r}, {entry.k}), {panel.NARROW} wide, and ({entry.n}, {r}), "
+                             f"{panel.PANEL} wide; has {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
             array = ffi.new("kvos_lora_delta[]", len(found))
             for d, (a, b, r, adapter) in zip(array, found):
                 d.a, d.b, d.r, d.adapter = cpu._ptr(a), cpu._ptr(b), r, adapter

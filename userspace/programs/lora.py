@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from kernel import ops
 from kernel.errors import EINVAL, EIO, ENOENT, KernelPanic, KvosError
 from userspace.programs import qlinear, tp_shard
 from userspace.programs.cachedir import file_digest
@@ -76,9 +77,11 @@ class LoraWeights:
             b[start:end, at:at + r] = piece_b
             at += r
         self.panels = panels
-        self.c_delta = None          # (A's panels, B's panels, r): the C layer loop's form of it (panels only)
+        self.c_delta = None          # (A's narrow panels, B's panels, r): the C loop's form of it (panels only)
         if panels:
-            self.a, self.b = qlinear.PanelLinear.from_float(a), qlinear.PanelLinear.from_float(b)
+            # A has r_1 + r_2 + ... rows (8 to 24): narrow panels read them, where 64-column ones pad them
+            self.a = qlinear.PanelLinear.from_float(a, width=ops.NARROW)
+            self.b = qlinear.PanelLinear.from_float(b)
             self.c_delta = (self.a.packed, self.b.packed, a.shape[0])
         else:
             self.a, self.b = a.t().contiguous(), b.t().contiguous()

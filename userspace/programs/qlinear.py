@@ -145,8 +145,9 @@ class PanelLinear:
         self.shape = (n, packed.shape[1] if k is None else k)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> PanelLinear:
-        return cls(ops.panel_pack(w if w.dtype == dtype else w.float(), dtype), w.shape[0], w.shape[1])
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype = torch.float32, width: int = ops.PANEL) -> PanelLinear:
+        """width: ops.PANEL, or ops.NARROW for a float32 W of few rows (a LoRA adapter's A)."""
+        return cls(ops.panel_pack(w if w.dtype == dtype else w.float(), dtype, width), w.shape[0], w.shape[1])
 
     @property
     def dtype(self) -> torch.dtype:
