@@ -210,7 +210,10 @@ void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride,
         fn = panel_avx2;
 #endif
     int64_t panels = (n + PANEL - 1) / PANEL;
-    #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) if (panels > 1 && m * k * n > 65536)
+    /* threads from 64K multiply-adds, or from 64 KB of weights at fewer rows (a LoRA delta's B at one
+     * row: k = r, thousands of columns, its bytes the cost) */
+    #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) \
+        if (panels > 1 && (m * k * n > 65536 || k * n > 16384))
     for (int64_t p = 0; p < panels; p++)
         fn(y + p * PANEL, y_stride, x, x_stride, packed + p * k * PANEL, bias ? bias + p * PANEL : NULL, m, k,
            (int)(n - p * PANEL < PANEL ? n - p * PANEL : PANEL), accumulate);
