@@ -220,6 +220,9 @@ def _check_report(report, workload_name, samples):
     assert {"command", "workload", "machine", "table", "ratios", "ceiling_fraction", "settings"} <= set(report)
     assert report["workload"]["name"] == workload_name and report["workload"]["samples"] == samples
     assert report["machine"]["ceiling"]["ok"] and report["machine"]["ceiling"]["flops"] > 0
+    if report["machine"]["ceiling"].get("device", "cpu") == "cpu":      # what the CPU ran: the record's
+        from kernel.ops import cpu
+        assert report["machine"]["ceiling"]["vector_paths"] == cpu.vector_paths()
     rows = {r["system"]: r for r in report["table"]}
     kvos = rows["kvos"]
     assert kvos["ok"] and ROW_KEYS <= set(kvos)

@@ -252,3 +252,18 @@ def test_activation_codes_are_the_twins_bit_for_bit(path):
     y = ops.qmm(x, packed, 32, 8, path=path)
     want = reference.qmm(x, codes, d, m)
     assert torch.equal(y, want), f"{int((y != want).sum())} outputs differ"
+
+
+def test_vector_paths_say_what_the_cap_allows():
+    """The benchmark's record of the code that ran (cpu.vector_paths) follows the ISA cap."""
+    before = cpu.set_isa_cap("portable")
+    try:
+        assert set(cpu.vector_paths().values()) == {"portable"}
+        if cpu.cpu_has_avx2():
+            cpu.set_isa_cap("avx2")
+            assert cpu.vector_paths() == {"qmm": "avx2", "panel_mm": "avx2", "panel_bf16": "portable",
+                                          "attention": "avx2"}
+        cpu.set_isa_cap("best")
+        assert cpu.vector_paths()["qmm"].startswith("amx") == cpu.qmm_has_amx()
+    finally:
+        cpu.set_isa_cap(before)

@@ -66,6 +66,16 @@ def cpu_has_avx2() -> bool:
         set_isa_cap(before)
 
 
+def vector_paths() -> dict:
+    """Which code the C kernels run on this CPU under the current cap (for a benchmark's record)."""
+    lib = _load().lib
+    vector = "avx512" if lib.kvos_cpu_avx512() else "avx2" if lib.kvos_cpu_avx2() else "portable"
+    qmm = ("amx from 32 rows (16 at 8 bits), vnni below" if lib.kvos_qmm_has_amx()
+           else "vnni" if lib.kvos_qmm_has_vnni() else "avx2" if lib.kvos_qmm_has_avx2() else "portable")
+    return {"qmm": qmm, "panel_mm": vector, "panel_bf16": "vdpbf16ps" if lib.kvos_panel_bf16_has_dp() else "portable",
+            "attention": vector}
+
+
 _CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}    # kvos_cpu.h's KVOS_CACHE_*
 
 

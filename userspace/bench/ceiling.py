@@ -50,7 +50,9 @@ def measure(threads: int, repeats: int = 5, device: str = "cpu") -> dict:
     bf16 = max(onednn, bf16_panels)
     buf = torch.ones(READ_BYTES // 4)
     read = _best_rate(lambda: buf.sum(), READ_BYTES, repeats)
-    return {"threads": threads, "matmul_flops": square, "model_gemm_flops": shaped, "read_bytes_per_s": read,
+    from kernel.ops import cpu
+    return {"threads": threads, "cpu": _cpu_name(), "vector_paths": cpu.vector_paths(),
+            "matmul_flops": square, "model_gemm_flops": shaped, "read_bytes_per_s": read,
             "bf16_gemm_flops": bf16,
             "matmul": f"{MM_SIZE}x{MM_SIZE} fp32 torch.mm, best of {repeats}",
             "mkl_gemm_flops": mkl, "panel_gemm_flops": panels,
@@ -58,6 +60,15 @@ def measure(threads: int, repeats: int = 5, device: str = "cpu") -> dict:
             "model_gemm": f"the faster of F.linear and kernel.ops.panel_mm, ({m}x{k}) @ ({k}x{n})^T fp32, "
                           f"best of {repeats * 4}",
             "read": f"torch.sum over {READ_BYTES >> 20} MiB fp32, best of {repeats}"}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ("?" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
 
 
 def measure_gpu(device: str, repeats: int = 5) -> dict:

@@ -100,6 +100,9 @@ def render(report: dict, console) -> None:
                       f"{(ceiling.get('bf16_gemm_flops') or 0) / 1e9:.0f}), read "
                       f"{ceiling['read_bytes_per_s'] / 1e9:.1f} GB/s on {ceiling['threads']} threads; ceiling "
                       f"{m['ceiling_tok_s']:.0f} processed tok/s at {m['num_params'] / 1e6:.1f} M parameters")
+        if ceiling.get("vector_paths"):
+            console.print(f"cpu: {ceiling.get('cpu', '?')}; kvos's C kernels: " +
+                          ", ".join(f"{k} {v}" for k, v in ceiling["vector_paths"].items()))
     if report["ratios"]:
         console.print("kvos / baseline (useful tok/s): " +
                       ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
