@@ -2,7 +2,8 @@
  * W (n, k) is packed once at load (kernel/ops/panel.py) as (panels, k, PANEL) floats: PANEL
  * output columns, k contiguous inside a panel, the last panel padded with zeros. One pass
  * streams every panel linearly and each weight vector, once loaded, serves all M rows of x
- * (register tiles of ROWS rows x PANEL columns); rows beyond ROWS re-read the panel from L2.
+ * (register tiles of ROWS rows x PANEL columns); rows beyond ROWS re-read the panel from L2. A W of
+ * few rows (a LoRA adapter's A) comes in narrow panels of 16 columns instead (kvos_panel_mm_narrow).
  * Unchecked: kernel/ops/dispatch.py checks shapes, strides and overlap before the call. */
 #include <omp.h>
 #include "kvos_cpu.h"
@@ -199,6 +200,19 @@ static void panel_portable(float *y, int64_t y_stride, const float *x, int64_t x
     one_panel(y, y_stride, x, x_stride, panel, bias, m, k, cols, accumulate);
 }
 
+/* Every panel of `width` columns through fn. Threads from 64K multiply-adds, or from 64 KB of weights
+ * at fewer rows (a LoRA delta's B at one row: k = r, thousands of columns, its bytes the cost). */
+static void run_panels(panel_fn *fn, int64_t width, float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                       const float *packed, const float *bias, int64_t m, int64_t k, int64_t n, int accumulate)
+{
+    const int64_t panels = (n + width - 1) / width;
+    #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) \
+        if (panels > 1 && (m * k * n > 65536 || k * n > 16384))
+    for (int64_t p = 0; p < panels; p++)
+        fn(y + p * width, y_stride, x, x_stride, packed + p * k * width, bias ? bias + p * width : NULL, m, k,
+           (int)(n - p * width < width ? n - p * width : width), accumulate);
+}
+
 void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
                    const float *bias, int64_t m, int64_t k, int64_t n, int accumulate)
 {
@@ -209,14 +223,7 @@ void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride,
     else if (kvos_cpu_avx2())
         fn = panel_avx2;
 #endif
-    int64_t panels = (n + PANEL - 1) / PANEL;
-    /* threads from 64K multiply-adds, or from 64 KB of weights at fewer rows (a LoRA delta's B at one
-     * row: k = r, thousands of columns, its bytes the cost) */
-    #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) \
-        if (panels > 1 && (m * k * n > 65536 || k * n > 16384))
-    for (int64_t p = 0; p < panels; p++)
-        fn(y + p * PANEL, y_stride, x, x_stride, packed + p * k * PANEL, bias ? bias + p * PANEL : NULL, m, k,
-           (int)(n - p * PANEL < PANEL ? n - p * PANEL : PANEL), accumulate);
+    run_panels(fn, PANEL, y, y_stride, x, x_stride, packed, bias, m, k, n, accumulate);
 }
 
 int kvos_panel_width(void) { return PANEL; }
@@ -297,11 +304,7 @@ void kvos_panel_mm_narrow(float *y, int64_t y_stride, const float *x, int64_t x_
     else if (kvos_cpu_avx2())
         fn = narrow_avx2;
 #endif
-    const int64_t panels = (n + NARROW - 1) / NARROW;
-    #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) if (panels > 1 && m * k * n > 65536)
-    for (int64_t p = 0; p < panels; p++)
-        fn(y + p * NARROW, y_stride, x, x_stride, packed + p * k * NARROW, bias ? bias + p * NARROW : NULL, m, k,
-           (int)(n - p * NARROW < NARROW ? n - p * NARROW : NARROW), accumulate);
+    run_panels(fn, NARROW, y, y_stride, x, x_stride, packed, bias, m, k, n, accumulate);
 }
 
 int kvos_panel_narrow_width(void) { return NARROW; }
