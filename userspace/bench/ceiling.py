@@ -50,8 +50,7 @@ def measure(threads: int, repeats: int = 5, device: str = "cpu") -> dict:
     bf16 = max(onednn, bf16_panels)
     buf = torch.ones(READ_BYTES // 4)
     read = _best_rate(lambda: buf.sum(), READ_BYTES, repeats)
-    from kernel.ops import cpu
-    return {"threads": threads, "cpu": _cpu_name(), "vector_paths": cpu.vector_paths(),
+    return {"threads": threads, "cpu": _cpu_name(), "vector_paths": qlinear.vector_paths(),
             "matmul_flops": square, "model_gemm_flops": shaped, "read_bytes_per_s": read,
             "bf16_gemm_flops": bf16,
             "matmul": f"{MM_SIZE}x{MM_SIZE} fp32 torch.mm, best of {repeats}",

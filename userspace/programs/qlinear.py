@@ -287,3 +287,10 @@ def head(x: torch.Tensor, w, matmul_dtype: torch.dtype) -> torch.Tensor:
         return F.linear(x.to(matmul_dtype), w).float()
     layer = w.head if isinstance(w, BlockTable) else w
     return layer.mm(x).float()
+
+
+def vector_paths() -> dict:
+    """Which code the C kernels behind these layers run on this CPU (qmm, panel_mm, panel_bf16, the
+    step's attention): a benchmark's record of what it timed."""
+    from kernel.ops import cpu
+    return cpu.vector_paths()
