@@ -14,8 +14,9 @@
 #include "kvrow.h"
 
 /* The LoRA deltas on one GEMM's output y (m, L->n), after its bias: per adapter and range of its
- * rows, (x A^T) B^T (A in narrow panels, B in wide ones) into the scratch rows, then added to y, as LoraLinear.mm adds each delta (panel_mm
- * computes a row alone, so a range gives the bits the rows' gathered GEMM gives). */
+ * rows, (x A^T) B^T (A in narrow panels, B in wide ones) into the scratch rows, then added to y, as
+ * LoraLinear.mm adds each delta (panel_mm computes a row alone, so a range gives the bits the rows'
+ * gathered GEMM gives). */
 static void lora_deltas(const kvos_linear *L, const float *x, float *y, int64_t m, const kvos_step_buffers *buf)
 {
     for (int64_t i = 0; i < L->num_deltas; i++) {

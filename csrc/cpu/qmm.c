@@ -221,10 +221,11 @@ int kvos_qmm(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64
 {
     const int64_t kb = k / BLOCK, ntiles = (n + QMM_NR - 1) / QMM_NR;
     const int64_t tile_bytes = kb * record_bytes(bits);
+    const int amx = kvos_qmm_has_amx();      /* implies VNNI (the rows past the last 16 run there) */
     if (path == PATH_AUTO)
-        path = kvos_qmm_has_vnni() ? (m >= AMX_MIN_ROWS(bits) && kvos_qmm_has_amx() ? PATH_AMX : PATH_VNNI)
+        path = amx && m >= AMX_MIN_ROWS(bits) ? PATH_AMX : kvos_qmm_has_vnni() ? PATH_VNNI
              : kvos_qmm_has_avx2() ? PATH_AVX2 : PATH_PORTABLE;
-    if (path == PATH_AMX && !kvos_qmm_has_amx())
+    else if (path == PATH_AMX && !amx)
         path = PATH_PORTABLE;
     quantize_fn quantize;
     tile_fn run_tile;

@@ -70,7 +70,7 @@ def vector_paths() -> dict:
     """Which code the C kernels run on this CPU under the current cap (for a benchmark's record)."""
     lib = _load().lib
     vector = "avx512" if lib.kvos_cpu_avx512() else "avx2" if lib.kvos_cpu_avx2() else "portable"
-    qmm = ("amx from 32 rows (16 at 8 bits), vnni below" if lib.kvos_qmm_has_amx()
+    qmm = ("amx on batched calls, vnni below" if lib.kvos_qmm_has_amx()     # (the rows: qmm.c's AMX_MIN_ROWS)
            else "vnni" if lib.kvos_qmm_has_vnni() else "avx2" if lib.kvos_qmm_has_avx2() else "portable")
     return {"qmm": qmm, "panel_mm": vector, "panel_bf16": "vdpbf16ps" if lib.kvos_panel_bf16_has_dp() else "portable",
             "attention": vector}
