@@ -25,6 +25,7 @@ setup(
         "gguf>=0.10",
         "tokenizers>=0.19",
         "transformers>=4.45",
+        "safetensors>=0.8",             # the program caches; its pread backend fills the huge-page arena
         "huggingface_hub>=0.34",        # models by hub id (userspace/programs/hub.py); transformers needs it too
         "jinja2>=3.1",
         "rich>=13",

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from kernel.ops import hugepages
 from userspace.programs.cachedir import cache_dir, publish_dir
 from userspace.programs.config import LlamaConfig
 from userspace.programs.tokenizer import TextTokenizer
@@ -35,19 +36,34 @@ def save_converted(digest: str, config: LlamaConfig, weights: dict, tokenizer: T
 
 
 # -- one cached program folder (this cache's and qcache.py's) ---------------------------------------------------
-def read_program(folder: Path, digest: str, fmt: int):
-    """(config, tensors, tokenizer, meta) of a program folder, or None when absent, stale or damaged."""
-    from safetensors.torch import load_file
+def read_program(folder: Path, digest: str, fmt: int, huge_pages: bool = False):
+    """(config, tensors, tokenizer, meta) of a program folder, or None when absent, stale or damaged.
+    huge_pages: the tensors in 2 MiB pages where the system has them (read_tensors)."""
     try:
         meta = json.loads((folder / "program.json").read_text())
         if meta.get("format") != fmt or meta.get("sha256") != digest:
             return None
         config = LlamaConfig.from_dict(meta["config"])
-        tensors = load_file(folder / "weights.safetensors")
+        tensors = read_tensors(folder / "weights.safetensors", huge_pages)
         tokenizer = TextTokenizer.load(folder / "tokenizer.json", meta.get("chat_template"), meta.get("special_tokens"))
     except Exception:       # any damage to the cache (safetensors, json, a KvosError) means: convert again
         return None
     return config, tensors, tokenizer, meta
+
+
+def read_tensors(path: Path, huge_pages: bool) -> dict:
+    """A safetensors file's tensors: mapped from the file, or with huge_pages read one at a time into a
+    huge-page arena (kernel/ops/hugepages.py) where the system grants one, so the load never holds
+    more than one copy of the weights and a tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, framework="pt") as f:
+        count = len(f.keys())
+    arena = hugepages.arena(path.stat().st_size + hugepages.ALIGN * count) if huge_pages else None
+    if arena is None:
+        return load_file(path)
+    with safe_open(path, framework="pt", backend="pread") as f:
+        return {key: arena.take(f.get_tensor(key)) for key in f.keys()}
 
 
 def write_program(final: Path, digest: str, fmt: int, config: LlamaConfig, tensors: dict, tokenizer: TextTokenizer,

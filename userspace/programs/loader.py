@@ -182,8 +182,9 @@ def _gguf_quantized(name: str, path: Path, digest: str, device, kind) -> LlamaPr
             model = gguf_file.read_gguf(path, dequantize=False)
             weights = gguf_blocks.canonical(model.config, model.tensors, model.permuted)
             del model.tensors
-            qcache.save_quantized(digest, model.config, weights, model.tokenizer)
-            cached = model.config, weights, model.tokenizer
+            saved = qcache.save_quantized(digest, model.config, weights, model.tokenizer)
+            # read back from the cache when it was written: its blocks then sit in huge pages (qcache)
+            cached = (saved and qcache.load_quantized(digest)) or (model.config, weights, model.tokenizer)
         config, weights, tokenizer = cached
         return _program(name, config, weights, tokenizer, digest, device, kind)
 

@@ -92,7 +92,9 @@ def _unflatten(tensors: dict, kinds: dict) -> dict:
 
 def load_quantized(digest: str):
     """(config, weights, tokenizer) from the cache, or None when absent or unreadable."""
-    found = read_program(quantized_dir(digest), digest, FORMAT)
+    # the blocks in 2 MiB pages: a step streams them all from the last-level cache, where 4 KiB pages'
+    # TLB misses cost a tenth of a one-row step (docs/performance.md section 22)
+    found = read_program(quantized_dir(digest), digest, FORMAT, huge_pages=True)
     if found is None:
         return None
     config, tensors, tokenizer, meta = found
