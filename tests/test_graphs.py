@@ -222,6 +222,11 @@ def test_cuda_graphs_equal_eager(dtype):
         if graphs:
             st = k.graphs.stats
             assert st.replays == st.static_steps > 0 and st.captures
+            # every size's logits are rows of the program's one static buffer, not a tensor each
+            (static,) = k.graphs._static.values()
+            shared = static.logits.untyped_storage().data_ptr()
+            assert len(static.graphs) > 1
+            assert all(out.untyped_storage().data_ptr() == shared for _, out in static.graphs.values())
     assert outputs[True] == outputs[False]
 
 

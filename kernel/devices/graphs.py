@@ -9,7 +9,8 @@ page table is as wide as the model's context over the page size) and the program
 views of them: replayed from its captured graph when capture is on (CUDA), called eagerly otherwise
 (the CPU, or graphs="eager"). Steps with prefill, larger batches and wider page tables run eagerly
 through the device. Sampling, stop checks and commit stay outside: one device-to-host copy a step.
-The logits returned are valid until the next step (a graph writes the same output tensor each time).
+The logits returned are valid until the next step (every graph of a program copies its logits into
+the first rows of one static buffer).
 """
 import time
 import weakref
@@ -74,7 +75,13 @@ class _Static:
         self.staged = {name: torch.empty(getattr(self, name).shape, dtype=getattr(self, name).dtype,
                                          pin_memory=pin)
                        for name in ("token_ids", "positions", "slot_mapping", "context_lens", "page_table")}
-        self.graphs: dict = {}           # size -> (torch.cuda.CUDAGraph, its logits tensor)
+        self.graphs: dict = {}           # size -> (torch.cuda.CUDAGraph, its logits: a view of self.logits)
+        # Every graph of the program copies its logits into the first b rows of this one buffer (made at
+        # the first capture, when their width and dtype are known), so the logits held between steps
+        # are max_batch rows, not a tensor per size (the sum over sizes to 256 is 2,191 rows: ~430 MiB
+        # for SmolLM2's vocabulary); the forward's own output is freed inside the capture, back to the
+        # shared pool, where the next capture reuses it.
+        self.logits = None
 
     def fill(self, host: HostBatch, b: int) -> None:
         """Stage the n real rows and b - n padding rows, then copy them to the static buffers."""
@@ -127,8 +134,9 @@ class DecodeGraphs:
         self.stats = GraphStats()
         self._static: dict = {}          # id(program) -> _Static
         # One memory pool shared by every graph: a later capture may reuse blocks an earlier graph frees
-        # at its end, so a replay may overwrite another graph's output; harmless here, because a step
-        # reads only the output of the graph it has just replayed, and graphs never run at once.
+        # at its end (its scratch, the forward's own logits among them), so a replay may overwrite
+        # another graph's scratch; harmless, because graphs never run at once and their outputs are
+        # copied into the program's static logits, outside the pool.
         self._pool = None
         self._stream = None              # the warm-up and capture stream, one for every capture
 
@@ -185,12 +193,16 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(WARMUP):
-                program.forward(batch, kv)
+                warm = program.forward(batch, kv)
         torch.cuda.current_stream(device).wait_stream(stream)
+        if static.logits is None:               # outside the graphs' pool: no capture's scratch reuses it
+            static.logits = torch.empty((self.max_batch, warm.shape[1]), dtype=warm.dtype, device=device)
+        del warm
+        logits = static.logits[:b]
         graph = torch.cuda.CUDAGraph()
         # The capture stream is the warm-up stream: CuPy's launcher has already wrapped it.
         with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-            logits = program.forward(batch, kv)
+            logits.copy_(program.forward(batch, kv))
         torch.cuda.synchronize(device)
         static.graphs[b] = (graph, logits)
         self.stats.captures[b] = (time.perf_counter() - started, torch.cuda.memory_reserved(device) - reserved)
