@@ -117,6 +117,35 @@ def test_narrow_panels_give_the_wide_panels_bits(m, n):
     assert torch.equal(ops.panel_mm(x, narrow, n, b), ops.panel_mm(x, ops.panel_pack(w), n, b))
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 8, 20, 70])
+def test_k_ranges_skip_zero_rows_with_the_whole_panels_bits(m, accumulate):
+    """kvos_panel_mm_kranges (a LoRA delta's B in the C layer loop): a block-diagonal B of three pieces
+    (q, k, v of 8 rank rows each over 576, 192 and 192 columns, as SmolLM2's qkv slot, plus a piece
+    straddling two panels and columns no piece writes) reads only each panel's nonzero k rows
+    (kernel/ops/step_ops._nonzero_k) and gives kvos_panel_mm's bits over the whole panels."""
+    from kernel.ops import cpu
+    from kernel.ops.step_ops import _nonzero_k
+    lib, ffi = cpu._load().lib, cpu._ext.ffi
+    g = torch.Generator().manual_seed(m)
+    pieces = [(0, 576), (576, 768), (768, 960), (1000, 1100)]     # then 1100..1300: no piece
+    r, n = 8 * len(pieces), 1300
+    w = torch.zeros(n, r)
+    for i, (start, end) in enumerate(pieces):
+        w[start:end, 8 * i:8 * i + 8] = torch.randn(end - start, 8, generator=g)
+    packed = ops.panel_pack(w)
+    kr = _nonzero_k(packed)
+    assert kr[0].tolist() == [0, 8] and kr[9].tolist() == [8, 16] and kr[15].tolist() == [24, 32]
+    assert kr[-1].tolist() == [0, 0]                             # columns 1280..1299: all zero
+    x = torch.randn(m, r, generator=g)
+    start = torch.randn(m, n, generator=g)
+    want, got = start.clone(), start.clone()
+    lib.kvos_panel_mm(cpu._ptr(want), n, cpu._ptr(x), r, cpu._ptr(packed), ffi.NULL, m, r, n, int(accumulate))
+    lib.kvos_panel_mm_kranges(cpu._ptr(got), n, cpu._ptr(x), r, cpu._ptr(packed),
+                              ffi.cast("int32_t *", kr.data_ptr()), m, r, n, int(accumulate))
+    assert torch.equal(got, want)
+
+
 def bad_calls():
     w = torch.randn(100, 16)
     p = ops.panel_pack(w)

@@ -77,6 +77,11 @@ int kvos_panel_width(void);
 void kvos_panel_mm_narrow(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
                           const float *bias, int64_t m, int64_t k, int64_t n, int accumulate);
 int kvos_panel_narrow_width(void);
+/* kvos_panel_mm (no bias) on wide panels where panel p's rows of W^T are zero outside k in
+ * [kranges[2p], kranges[2p + 1]): only those rows are read (a LoRA delta's B, block-diagonal over
+ * the slot's pieces). Skipped zeros add nothing to a finite sum: kvos_panel_mm's bits. */
+void kvos_panel_mm_kranges(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
+                           const int32_t *kranges, int64_t m, int64_t k, int64_t n, int accumulate);
 /* panel_mm_bf16 (panel_bf16.c): y = (accumulate ? y : 0) + bf16(x) @ W^T + (bias or 0), float32 sums,
  * W packed in bf16 panels of k-pairs by kernel/ops/panel.py; x float32 (rounded inside, nearest even)
  * or bfloat16 when x_bf16. path: 0 the best this CPU has, 1 plain C, 2 vdpbf16ps (callers check
@@ -127,8 +132,9 @@ enum { KVOS_LINEAR_PANEL = 1, KVOS_LINEAR_PANEL_BF16 = 2, KVOS_LINEAR_QMM = 3 };
 typedef struct { int64_t num_ranges; const int64_t *ranges; } kvos_row_set;
 /* One adapter's delta on a GEMM: y[rows] += (x[rows] @ A^T) @ B^T, A (r, k) in narrow and B (n, r) in
  * wide float32 panels (ops.panel_pack; the scale folded into B), as userspace/programs/lora.py's LoraWeights;
- * its rows are the step's lora_rows[adapter] (the weights are made once, the rows every step). */
-typedef struct { const float *a, *b; int64_t r, adapter; } kvos_lora_delta;
+ * b_k: each B panel's nonzero k range (kvos_panel_mm_kranges). Its rows are the step's
+ * lora_rows[adapter] (the weights are made once, the rows every step). */
+typedef struct { const float *a, *b; const int32_t *b_k; int64_t r, adapter; } kvos_lora_delta;
 typedef struct {
     int kind;                  /* KVOS_LINEAR_*: float32 panels, bf16 panels, qmm blocks */
     const void *w;             /* the packed weights */
@@ -142,10 +148,10 @@ typedef struct { kvos_linear qkv, o, gate_up, down; } kvos_layer;
 /* The step's buffers, dense rows of num_tokens: x the residual stream (in: the embeddings; out:
  * the stream after the last layer), h (in: RMSNorm(x) by norm 0; out: the last norm's output),
  * qkv, attn, gate_up, act, and delta (the O and down GEMMs' outputs); with LoRA deltas, lora_xa
- * (num_tokens x the largest r), lora_y (num_tokens x the widest GEMM) and each adapter's rows,
+ * (num_tokens x the largest r) and each adapter's rows,
  * else NULL. */
 typedef struct {
-    float *x, *h, *qkv, *attn, *gate_up, *act, *delta, *lora_xa, *lora_y;
+    float *x, *h, *qkv, *attn, *gate_up, *act, *delta, *lora_xa;
     const kvos_row_set *lora_rows;
 } kvos_step_buffers;
 typedef struct {

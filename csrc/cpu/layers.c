@@ -14,9 +14,10 @@
 #include "kvrow.h"
 
 /* The LoRA deltas on one GEMM's output y (m, L->n), after its bias: per adapter and range of its
- * rows, (x A^T) B^T (A in narrow panels, B in wide ones) into the scratch rows, then added to y, as
- * LoraLinear.mm adds each delta (panel_mm computes a row alone, so a range gives the bits the rows'
- * gathered GEMM gives). */
+ * rows, x A^T (A in narrow panels) into the scratch rows, then its product with B^T (wide panels, only
+ * each panel's nonzero k rows) added to y in the panels' store, as LoraLinear.mm adds each delta:
+ * y + (the delta's sum), element by element (panel_mm computes a row alone, so a range gives the bits
+ * the rows' gathered GEMM gives). */
 static void lora_deltas(const kvos_linear *L, const float *x, float *y, int64_t m, const kvos_step_buffers *buf)
 {
     for (int64_t i = 0; i < L->num_deltas; i++) {
@@ -28,10 +29,7 @@ static void lora_deltas(const kvos_linear *L, const float *x, float *y, int64_t 
         for (int64_t g = 0; g < num; g++) {
             const int64_t start = ranges[2 * g], rows = ranges[2 * g + 1] - start;
             kvos_panel_mm_narrow(buf->lora_xa, D->r, x + start * L->k, L->k, D->a, NULL, rows, L->k, D->r, 0);
-            kvos_panel_mm(buf->lora_y, L->n, buf->lora_xa, D->r, D->b, NULL, rows, D->r, L->n, 0);
-            float *out = y + start * L->n;
-            for (int64_t e = 0; e < rows * L->n; e++)
-                out[e] += buf->lora_y[e];
+            kvos_panel_mm_kranges(y + start * L->n, L->n, buf->lora_xa, D->r, D->b, D->b_k, rows, D->r, L->n, 1);
         }
     }
 }

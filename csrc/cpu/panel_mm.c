@@ -200,30 +200,58 @@ static void panel_portable(float *y, int64_t y_stride, const float *x, int64_t x
     one_panel(y, y_stride, x, x_stride, panel, bias, m, k, cols, accumulate);
 }
 
-/* Every panel of `width` columns through fn. Threads from 64K multiply-adds, or from 64 KB of weights
- * at fewer rows (a LoRA delta's B at one row: k = r, thousands of columns, its bytes the cost). */
+/* Every panel of `width` columns through fn, each over its k rows [kranges[2p], kranges[2p + 1]) (all k
+ * without kranges). Threads from 64K multiply-adds, or from 64 KB of weights at fewer rows (a LoRA
+ * delta's B at one row: k = r, thousands of columns, its bytes the cost). */
 static void run_panels(panel_fn *fn, int64_t width, float *y, int64_t y_stride, const float *x, int64_t x_stride,
-                       const float *packed, const float *bias, int64_t m, int64_t k, int64_t n, int accumulate)
+                       const float *packed, const int32_t *kranges, const float *bias, int64_t m, int64_t k,
+                       int64_t n, int accumulate)
 {
     const int64_t panels = (n + width - 1) / width;
     #pragma omp parallel for schedule(static) num_threads(kvos_num_threads()) \
         if (panels > 1 && (m * k * n > 65536 || k * n > 16384))
-    for (int64_t p = 0; p < panels; p++)
-        fn(y + p * width, y_stride, x, x_stride, packed + p * k * width, bias ? bias + p * width : NULL, m, k,
-           (int)(n - p * width < width ? n - p * width : width), accumulate);
+    for (int64_t p = 0; p < panels; p++) {
+        const int64_t k0 = kranges ? kranges[2 * p] : 0, k1 = kranges ? kranges[2 * p + 1] : k;
+        const int cols = (int)(n - p * width < width ? n - p * width : width);
+        if (k1 == k0) {            /* an all-zero panel: its sums are 0 (the tiles need one k step) */
+            if (!accumulate || bias)
+                for (int64_t r = 0; r < m; r++)
+                    for (int c = 0; c < cols; c++) {
+                        const float s = bias ? 0.0f + bias[p * width + c] : 0.0f;
+                        float *out = y + r * y_stride + p * width + c;
+                        *out = accumulate ? *out + s : s;
+                    }
+            continue;              /* y + 0 is y: a sum of products is never -0 */
+        }
+        fn(y + p * width, y_stride, x + k0, x_stride, packed + (p * k + k0) * width,
+           bias ? bias + p * width : NULL, m, k1 - k0, cols, accumulate);
+    }
+}
+
+static panel_fn *wide_panel_fn(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (kvos_cpu_avx512())
+        return panel_avx512;
+    if (kvos_cpu_avx2())
+        return panel_avx2;
+#endif
+    return panel_portable;
 }
 
 void kvos_panel_mm(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
                    const float *bias, int64_t m, int64_t k, int64_t n, int accumulate)
 {
-    panel_fn *fn = panel_portable;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (kvos_cpu_avx512())
-        fn = panel_avx512;
-    else if (kvos_cpu_avx2())
-        fn = panel_avx2;
-#endif
-    run_panels(fn, PANEL, y, y_stride, x, x_stride, packed, bias, m, k, n, accumulate);
+    run_panels(wide_panel_fn(), PANEL, y, y_stride, x, x_stride, packed, NULL, bias, m, k, n, accumulate);
+}
+
+/* Leading and trailing zero rows of a panel skipped: the chain starts at +0 either way (+0 plus a
+ * product with a zero weight is +0) and ends the same (a sum of products is never -0, and s + 0 is s);
+ * x's values are finite (an inf times a skipped zero would have made a NaN). */
+void kvos_panel_mm_kranges(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *packed,
+                           const int32_t *kranges, int64_t m, int64_t k, int64_t n, int accumulate)
+{
+    run_panels(wide_panel_fn(), PANEL, y, y_stride, x, x_stride, packed, kranges, NULL, m, k, n, accumulate);
 }
 
 int kvos_panel_width(void) { return PANEL; }
@@ -304,7 +332,7 @@ void kvos_panel_mm_narrow(float *y, int64_t y_stride, const float *x, int64_t x_
     else if (kvos_cpu_avx2())
         fn = narrow_avx2;
 #endif
-    run_panels(fn, NARROW, y, y_stride, x, x_stride, packed, bias, m, k, n, accumulate);
+    run_panels(fn, NARROW, y, y_stride, x, x_stride, packed, NULL, bias, m, k, n, accumulate);
 }
 
 int kvos_panel_narrow_width(void) { return NARROW; }

@@ -84,7 +84,7 @@ class LayerWeights:
                 entry.bias = ffi.NULL if bias is None else cpu._ptr(bias)
                 self.tensors += [packed, bias]
         self.num_layers = len(layers)
-        self.lora = None           # with_deltas: (largest r, widest GEMM, adapters) of its deltas
+        self.lora = None           # with_deltas: (largest r, adapters) of its deltas
 
     def takes_deltas(self, layer: int, name: str) -> bool:
         """Whether layer's GEMM `name` can take LoRA deltas in C (float32 panels or qmm blocks)."""
@@ -103,7 +103,7 @@ class LayerWeights:
         out.table = ffi.new("kvos_layer[]", self.num_layers)
         ffi.memmove(out.table, self.table, ffi.sizeof("kvos_layer") * self.num_layers)
         from kernel.ops import panel
-        per_gemm, r_max, n_max = {}, 0, 0
+        per_gemm, r_max = {}, 0
         for adapter, deltas in enumerate(adapters):
             for (layer, name), (a, b, r) in deltas.items():
                 per_gemm.setdefault((layer, name), []).append((a, b, r, adapter))
@@ -126,13 +126,26 @@ class LayerWeights:
                              f"{panel.PANEL} wide; has {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
             array = ffi.new("kvos_lora_delta[]", len(found))
             for d, (a, b, r, adapter) in zip(array, found):
-                d.a, d.b, d.r, d.adapter = cpu._ptr(a), cpu._ptr(b), r, adapter
-                out.tensors += [a, b]
+                b_k = _nonzero_k(b)
+                d.a, d.b, d.b_k, d.r, d.adapter = cpu._ptr(a), cpu._ptr(b), ffi.cast("int32_t *", b_k.data_ptr()), r, \
+                    adapter
+                out.tensors += [a, b, b_k]
             entry.deltas, entry.num_deltas = array, len(found)
             out.keep.append(array)
-            n_max = max(n_max, entry.n)
-        out.lora = (r_max, n_max, len(adapters)) if per_gemm else None
+        out.lora = (r_max, len(adapters)) if per_gemm else None
         return out
+
+
+def _nonzero_k(b: torch.Tensor) -> torch.Tensor:
+    """Per wide panel of a delta's B (panels, r, PANEL), the k rows [first, last + 1) holding a nonzero
+    weight, (0, 0) for none: what csrc's panel_mm_kranges reads. A slot's B is block-diagonal over its
+    pieces (q, k and v: each panel's columns take one piece's rank rows), so about a third to a half
+    of it is skipped, with the bits of the whole panels (csrc/cpu/panel_mm.c says why)."""
+    rows = (b != 0).any(dim=2)                                  # (panels, r)
+    r = rows.shape[1]
+    first = torch.where(rows.any(dim=1), rows.int().argmax(dim=1), 0)
+    last = torch.where(rows.any(dim=1), r - rows.flip(1).int().argmax(dim=1), 0)
+    return torch.stack([first, last], dim=1).to(torch.int32).contiguous()
 
 
 def _row_sets(lora_rows, adapters: int, n: int):
@@ -297,10 +310,10 @@ class CpuStep:
                                torch.empty(n, self.hidden))
         buf = ffi.new("kvos_step_buffers *", {"x": self.p_x, "h": self.p_h, "qkv": ptr(qkv), "attn": self.p_attn,
                                               "gate_up": ptr(gate_up), "act": self.p_act, "delta": ptr(delta)})
-        if weights.lora is not None:         # the deltas' scratch (x A^T, its product with B^T), their rows
-            r_max, n_max, adapters = weights.lora
-            lora_xa, lora_y = torch.empty(n, r_max), torch.empty(n, n_max)
-            buf.lora_xa, buf.lora_y = ptr(lora_xa), ptr(lora_y)
+        if weights.lora is not None:         # the deltas' scratch (x A^T) and their rows
+            r_max, adapters = weights.lora
+            lora_xa = torch.empty(n, r_max)
+            buf.lora_xa = ptr(lora_xa)
             rows_alive, buf.lora_rows = _row_sets(lora_rows, adapters, n)     # (alive through the call)
         elif lora_rows is not None:
             val.fail("lora_rows for weights without LoRA deltas")

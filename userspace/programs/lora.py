@@ -38,6 +38,7 @@ import torch
 
 from kernel import ops
 from kernel.errors import EINVAL, EIO, ENOENT, KernelPanic, KvosError
+from kernel.ops import hugepages
 from userspace.programs import qlinear, tp_shard
 from userspace.programs.cachedir import file_digest
 
@@ -85,6 +86,12 @@ class LoraWeights:
             self.c_delta = (self.a.packed, self.b.packed, a.shape[0])
         else:
             self.a, self.b = a.t().contiguous(), b.t().contiguous()
+
+    def move_to(self, arena) -> None:
+        """Its panels copied into a huge-page arena (kernel/ops/hugepages.py), before C takes their addresses."""
+        self.a = qlinear.PanelLinear(arena.take(self.a.packed), *self.a.shape)
+        self.b = qlinear.PanelLinear(arena.take(self.b.packed), *self.b.shape)
+        self.c_delta = (self.a.packed, self.b.packed, self.c_delta[2])
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return qlinear.mm(qlinear.mm(x, self.a), self.b)
@@ -225,6 +232,12 @@ def adapted(base, folder: Path, digest: bytes):
     parts, _ = _slot_shapes(base.local)               # a tensor-parallel rank's widths: its share
     program.lora_weights = {i: {slot: LoraWeights(slot_pieces, sum(parts[slot]), panels)
                                 for slot, slot_pieces in slots.items()} for i, slots in pieces.items()}
+    if panels:      # the deltas in 2 MiB pages, as the GGUF base's blocks (docs/performance.md section 22)
+        every = [w for slots in program.lora_weights.values() for w in slots.values()]
+        arena = hugepages.arena(sum(qlinear.weight_bytes(w.a) + qlinear.weight_bytes(w.b) + 2 * hugepages.ALIGN
+                                    for w in every))
+        for w in every if arena is not None else []:
+            w.move_to(arena)
     program.layers = layers_with(base, lambda i, slot: [(None, program.lora_weights[i][slot])]
                                  if slot in program.lora_weights.get(i, {}) else [])
     program.adapter_bytes = sum(qlinear.weight_bytes(w) for slots in program.lora_weights.values()
