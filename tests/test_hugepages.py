@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kernel.errors import KernelPanic
 from kernel.ops import hugepages
 from tests.helpers.paged_runner import PagedRunner
 from tests.test_quant import MIXES, PROMPT, _model
@@ -60,7 +61,7 @@ def test_an_arena_hands_out_exact_aligned_copies_that_do_not_overlap():
 def test_an_arena_refuses_what_does_not_fit():
     arena = hugepages.arena(100)
     arena.take(torch.zeros(hugepages.HUGE_PAGE // 4 - 16))
-    with pytest.raises(MemoryError):
+    with pytest.raises(KernelPanic):
         arena.take(torch.zeros(32))
 
 

@@ -10,6 +10,7 @@ import torch
 import kernel
 from kernel import ops
 from kernel.errors import KvosError
+from kernel.ops import hugepages
 from tests.helpers.hf_reference import hf_model, rel_error
 from tests.helpers.paged_runner import PagedRunner
 from tests.kernel_helpers import assert_all_memory_back, frames, run_to_end
@@ -59,6 +60,10 @@ def test_an_adapter_computes_what_peft_computes(tmp_path, options):
     assert rel_error(ours, want[:-4]) < TOL and rel_error(decoded, want[-4:]) < TOL
     with reference.disable_adapter():
         assert rel_error(want, logits(reference, ids)) > 0.01        # the adapter changes the model
+    if hugepages.available():            # its panels in one huge-page arena (kernel/ops/hugepages.py)
+        from tests.test_hugepages import thp_eligible
+        held = [t for slots in program.lora_weights.values() for w in slots.values() for t in w.tensors().values()]
+        assert held and all(thp_eligible(t.data_ptr()) for t in held)
 
 
 def test_the_base_is_shared_and_its_pages_are_not(adapter):

@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from kernel.errors import KernelPanic
+
 HUGE_PAGE = 2 << 20
 ALIGN = 64              # every tensor starts on a cache line (the C kernels' vector loads)
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -40,7 +42,8 @@ def available() -> bool:
 
 
 class Arena:
-    """nbytes of huge-page memory, taken front to back (see the header)."""
+    """nbytes of huge-page memory, taken front to back (see the header); its user sizes it, so taking
+    more than that is a broken invariant."""
 
     def __init__(self, nbytes: int):
         self.size = max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
@@ -55,7 +58,7 @@ class Arena:
         """A contiguous copy of t in the next slot."""
         nbytes = t.numel() * t.element_size()
         if self.used + nbytes > self.size:
-            raise MemoryError(f"huge-page arena of {self.size} bytes: {nbytes} more do not fit after {self.used}")
+            raise KernelPanic(f"huge-page arena of {self.size} bytes: {nbytes} more do not fit after {self.used}")
         out = self.memory[self.used:self.used + nbytes].view(t.dtype).view(t.shape)
         out.copy_(t)
         self.used += -(-nbytes // ALIGN) * ALIGN

@@ -127,8 +127,8 @@ class LayerWeights:
             array = ffi.new("kvos_lora_delta[]", len(found))
             for d, (a, b, r, adapter) in zip(array, found):
                 b_k = _nonzero_k(b)
-                d.a, d.b, d.b_k, d.r, d.adapter = cpu._ptr(a), cpu._ptr(b), ffi.cast("int32_t *", b_k.data_ptr()), r, \
-                    adapter
+                d.a, d.b, d.r, d.adapter = cpu._ptr(a), cpu._ptr(b), r, adapter
+                d.b_k = ffi.cast("int32_t *", b_k.data_ptr())
                 out.tensors += [a, b, b_k]
             entry.deltas, entry.num_deltas = array, len(found)
             out.keep.append(array)
@@ -138,7 +138,7 @@ class LayerWeights:
 
 def _nonzero_k(b: torch.Tensor) -> torch.Tensor:
     """Per wide panel of a delta's B (panels, r, PANEL), the k rows [first, last + 1) holding a nonzero
-    weight, (0, 0) for none: what csrc's panel_mm_kranges reads. A slot's B is block-diagonal over its
+    weight, (0, 0) for none: what kvos_panel_mm_kranges reads. A slot's B is block-diagonal over its
     pieces (q, k and v: each panel's columns take one piece's rank rows), so about a third to a half
     of it is skipped, with the bits of the whole panels (csrc/cpu/panel_mm.c says why)."""
     rows = (b != 0).any(dim=2)                                  # (panels, r)
