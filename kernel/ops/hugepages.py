@@ -48,21 +48,25 @@ class Arena:
     def __init__(self, nbytes: int):
         self.size = max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
         self.mapping = mmap.mmap(-1, self.size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.used = 0
+        # LAB(hugepages): BEGIN
         whole = torch.frombuffer(self.mapping, dtype=torch.uint8)    # its storage keeps the mapping alive
         start = -whole.data_ptr() % HUGE_PAGE
         self.mapping.madvise(mmap.MADV_HUGEPAGE, start, self.size)
         self.memory = whole[start:start + self.size]
-        self.used = 0
+        # LAB(hugepages): END
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of t in the next slot."""
         nbytes = t.numel() * t.element_size()
         if self.used + nbytes > self.size:
             raise KernelPanic(f"huge-page arena of {self.size} bytes: {nbytes} more do not fit after {self.used}")
+        # LAB(hugepages): BEGIN
         out = self.memory[self.used:self.used + nbytes].view(t.dtype).view(t.shape)
         out.copy_(t)
         self.used += -(-nbytes // ALIGN) * ALIGN
         return out
+        # LAB(hugepages): END
 
 
 def arena(nbytes: int) -> Arena | None:

@@ -131,4 +131,18 @@ WRONG = (
           "in a forward of its own", STEP,
           'groups.setdefault(id(getattr(program, "base_program", None) or program), []).append(work)',
           "groups.setdefault(id(program), []).append(work)"),
+    # hugepages
+    Wrong("hugepages", "no-madvise", "the arena is aligned but never advised: Linux's madvise mode backs it with "
+          "4 KiB pages", "kernel/ops/hugepages.py", "self.mapping.madvise(mmap.MADV_HUGEPAGE, start, self.size)", ""),
+    Wrong("hugepages", "advise-one-page", "only the arena's first 2 MiB advised: the rest of it is another "
+          "mapping, in 4 KiB pages", "kernel/ops/hugepages.py",
+          "self.mapping.madvise(mmap.MADV_HUGEPAGE, start, self.size)",
+          "self.mapping.madvise(mmap.MADV_HUGEPAGE, start, HUGE_PAGE)"),
+    Wrong("hugepages", "used-not-advanced", "every copy in the first slot: each take overwrites the one before",
+          "kernel/ops/hugepages.py", "self.used += -(-nbytes // ALIGN) * ALIGN", ""),
+    Wrong("hugepages", "slots-not-rounded", "slots packed back to back: a tensor after one of an odd size is "
+          "off its cache line", "kernel/ops/hugepages.py", "self.used += -(-nbytes // ALIGN) * ALIGN",
+          "self.used += nbytes"),
+    Wrong("hugepages", "a-view-not-a-copy", "take hands back its argument: the weights never leave the file's "
+          "4 KiB pages", "kernel/ops/hugepages.py", "return out", "return t"),
 )

@@ -71,6 +71,10 @@ LABS = (
         "adapters as programs that share their base's weights, each adapter's delta on its own rows of a "
         "batch the base and its adapters share, pages named by the program that computed them",
         ("userspace/programs/lora.py", "kernel/step.py"), "3 h", (ALONE,)),
+    Lab("hugepages", "TLB reach: the weights in huge pages",
+        "an arena of 2 MiB pages (aligned, madvised, handed out in cache-line slots) that the GGUF weights "
+        "are read into, so a step that streams them all misses the TLB once per 2 MiB, not per 4 KiB",
+        ("kernel/ops/hugepages.py",), "2 h", (ALONE,)),
 )
 BY_NAME = {lab.name: lab for lab in LABS}
 
