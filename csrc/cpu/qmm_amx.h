@@ -60,24 +60,6 @@ static AMX_TARGET void qmm_amx_begin(void)
 
 static AMX_TARGET void qmm_amx_end(void) { _tile_release(); }
 
-/* The VNNI path's epilogue for one block of 16 rows: dots (16 x 16 int32, as tilestored) to
- * float, times the rows' d, then the weights' d and m terms into the accumulators. */
-static inline __attribute__((always_inline)) AMX_TARGET void
-amx_epilogue(__m512 acc[AMX_ROWS], const int32_t *dots, const qrows *a, int64_t r0, int64_t b, const uint8_t *rec,
-             int64_t cb)
-{
-    const int64_t kb = a->kb;
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + cb)));
-    const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + cb + 32)));
-    #pragma GCC unroll 16
-    for (int r = 0; r < AMX_ROWS; r++) {
-        const __m512i s = _mm512_load_si512((const void *)(dots + 16 * r));
-        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a->dx[(r0 + r) * kb + b]));
-        acc[r] = _mm512_fmadd_ps(f, dw, acc[r]);
-        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a->xs[(r0 + r) * kb + b]), acc[r]);
-    }
-}
-
 /* One block's dots on tiles C (results), A (activations), B (weights), stored to dots. The tile
  * numbers are literals: the intrinsics paste them into register names. */
 #define AMX_BLOCK_DOTS(C, A, B, q, q_stride, codes, dots)       \

@@ -57,13 +57,13 @@ def read_tensors(path: Path, huge_pages: bool) -> dict:
     more than one copy of the weights and a tensor."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-    with safe_open(path, framework="pt") as f:
-        count = len(f.keys())
-    arena = hugepages.arena(path.stat().st_size + hugepages.ALIGN * count) if huge_pages else None
-    if arena is None:
-        return load_file(path)
-    with safe_open(path, framework="pt", backend="pread") as f:
-        return {key: arena.take(f.get_tensor(key)) for key in f.keys()}
+    if huge_pages:
+        with safe_open(path, framework="pt", backend="pread") as f:
+            keys = f.keys()
+            arena = hugepages.arena(path.stat().st_size + hugepages.ALIGN * len(keys))
+            if arena is not None:
+                return {key: arena.take(f.get_tensor(key)) for key in keys}
+    return load_file(path)
 
 
 def write_program(final: Path, digest: str, fmt: int, config: LlamaConfig, tensors: dict, tokenizer: TextTokenizer,

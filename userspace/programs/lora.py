@@ -236,8 +236,9 @@ def adapted(base, folder: Path, digest: bytes):
         every = [w for slots in program.lora_weights.values() for w in slots.values()]
         arena = hugepages.arena(sum(qlinear.weight_bytes(w.a) + qlinear.weight_bytes(w.b) + 2 * hugepages.ALIGN
                                     for w in every))
-        for w in every if arena is not None else []:
-            w.move_to(arena)
+        if arena is not None:
+            for w in every:
+                w.move_to(arena)
     program.layers = layers_with(base, lambda i, slot: [(None, program.lora_weights[i][slot])]
                                  if slot in program.lora_weights.get(i, {}) else [])
     program.adapter_bytes = sum(qlinear.weight_bytes(w) for slots in program.lora_weights.values()
