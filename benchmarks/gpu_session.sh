@@ -9,7 +9,8 @@
 #   2. benchmarks/gpu_attention.py  decode attention v2 against the twin, then GB/s of v1, v2, SDPA on
 #                                a contiguous cache and FlexAttention's paged path, beside a copy (140 s)
 #   3. pytest -m cuda            the CUDA tests of the suite (ops, custom ops, programs against HF,
-#                                decode graphs against eager, LoRA adapters against the CPU) (80 s)
+#                                decode graphs against eager, LoRA adapters against the CPU, the
+#                                draw on CUDA rows against the C one) (80 s)
 #   (benchmarks/gpu_attention_variants.py when .variants/ is carried: kernel variants timed)
 #   4. benchmarks/gpu_kernel.py  the whole kernel on the GPU against the CPU, eager and with decode
 #                                graphs (32/32 greedy outputs, fsck), then decode step time eager vs
@@ -48,7 +49,7 @@ part() {   # part NAME SECONDS COMMAND...
 part gpu_check 100 python3 benchmarks/gpu_check.py
 part gpu_attention 140 python3 benchmarks/gpu_attention.py --variant stages3=stages:3 --variant warps2=warps:2 --variant chunk512=chunk:512
 part pytest_cuda 80 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_ops_cuda.py tests/test_programs_tiny.py \
-  tests/test_graphs.py tests/test_ops_library.py
+  tests/test_graphs.py tests/test_ops_library.py tests/test_ops_draw.py
 if [ -f .variants/attention_v1.cu ]; then     # tuning runs carry older kernels in .variants/
   part variants 200 python3 benchmarks/gpu_attention_variants.py v1=.variants/attention_v1.cu \
     unroll1=-DUNROLL=1 unroll2=-DUNROLL=2 shipped= unroll8=-DUNROLL=8 minblocks6=-DMIN_BLOCKS=6

@@ -3,9 +3,9 @@
 SamplingParams is what spawn() accepts, validated once (EINVAL, nothing
 changed). sample() turns a batch of logits rows into tokens: a row's grammar mask
 and penalties first (kernel/grammar.py, kernel/penalties.py), then greedy rows by
-argmax, the rest through temperature, min-p, top-k and top-p, each drawing only
-from its own process's torch.Generator, so a process's output is reproducible
-whatever else runs beside it. (Stop strings are matched on output bytes: kernel/output.py.)
+argmax, the rest through temperature, min-p, top-k and top-p at one uniform each
+(kernel/ops/draw.py), drawn from its own process's torch.Generator, so a process's
+output is reproducible whatever else runs beside it. (Stop strings are matched on output bytes: kernel/output.py.)
 """
 from __future__ import annotations
 
@@ -252,10 +252,11 @@ def shapes(params: SamplingParams, constraint) -> bool:
     return params.penalized or params.biased or params.logprobs is not None or constraint is not None
 
 
-def make_generator(seed: int, device="cpu") -> torch.Generator:
-    """A process's own generator (on the logits' device: CUDA rows draw on the GPU)."""
+def make_generator(seed: int) -> torch.Generator:
+    """A process's own generator: a host one, whatever device its logits are on (a draw takes one
+    uniform from it, kernel/ops/draw.py)."""
     import torch
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def sample(logits: torch.Tensor, params_list: list, generators: list, histories: list | None = None,
@@ -304,30 +305,17 @@ def sample(logits: torch.Tensor, params_list: list, generators: list, histories:
     rows = [i for i, p in enumerate(params_list) if p.temperature != 0]
     if not rows:
         return tokens
+    from kernel.ops.draw import draw_tokens
     chosen = [params_list[i] for i in rows]
-    device = logits.device
-    index = torch.tensor(rows, device=device)
-    x = logits.index_select(0, index).float()
-    x.div_(torch.tensor([p.temperature for p in chosen], device=device).unsqueeze(1))
-    min_ps = [p.min_p for p in chosen]
-    if max(min_ps) > 0:
-        x = _min_p(x, torch.tensor(min_ps, device=device))
-    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in chosen]
-    if min(ks) < vocab:
-        # The k-th largest value of each row is its threshold; rows without top-k keep everything.
-        kth = x.topk(max(ks), dim=-1).values.gather(1, torch.tensor(ks, device=device).unsqueeze(1) - 1)
-        kth[torch.tensor([k == vocab for k in ks], device=device)] = -math.inf
-        x.masked_fill_(x < kth, -math.inf)
-    probs = torch.softmax(x, dim=-1)
-    top_ps = [p.top_p for p in chosen]
-    if min(top_ps) < 1.0:
-        probs = _top_p(probs, torch.tensor(top_ps, device=device, dtype=probs.dtype))
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i / sum(p);
-    # every row draws exactly `vocab` numbers from its own generator.
-    for j, i in enumerate(rows):
-        g = generators[i]
-        noise = torch.empty(vocab, device=g.device).exponential_(generator=g).to(device, non_blocking=True)
-        tokens[i] = (probs[j] / noise).argmax()
+    # One uniform a draw, from the row's own generator (on the host, whatever the logits' device):
+    # the inverse CDF needs no more, and a row's token depends on nothing else in the batch.
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[i]) for i in rows])
+    x = logits if len(rows) == num_rows else logits[torch.tensor(rows, device=logits.device)]
+    drawn = draw_tokens(x, [p.temperature for p in chosen], [p.top_k for p in chosen],
+                        [p.top_p for p in chosen], [p.min_p for p in chosen], u)
+    if len(rows) == num_rows:
+        return drawn
+    tokens[torch.tensor(rows, device=tokens.device)] = drawn.to(tokens.device)
     return tokens
 
 
@@ -345,35 +333,16 @@ def _add_bias(x: torch.Tensor, params_list: list) -> None:
     x[at] += torch.tensor(values, dtype=x.dtype, device=x.device)
 
 
-def _min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop (-inf) each row's tokens less likely than its min_p times its most likely token's
-    probability (after temperature, as vLLM; min_p 0 keeps every token)."""
-    import torch
-    probs = torch.softmax(x, dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
-    return x.masked_fill(probs < threshold, -math.inf)
-
-
-def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Zero all but the smallest set of most likely tokens whose mass reaches top_p (the top one always stays)."""
-    import torch
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs     # mass of the tokens ranked above each one
-    sorted_probs.masked_fill_(before >= top_p.unsqueeze(1), 0.0)
-    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
-
-
 def top_k_top_p_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """bool (vocab,): the tokens one row may draw from under params (tests and introspection)."""
+    """bool (vocab,): the tokens one row may draw from under params' temperature, min-p, top-k and
+    top-p (tests and introspection; the twin's weights, kernel/ops/reference.py draw_weights)."""
     import torch
-    probs = torch.softmax(logits.float() / (params.temperature or 1.0), dim=-1)
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    if 0 < params.top_k < probs.shape[-1]:
-        keep &= probs >= probs.topk(params.top_k).values[-1]
-    if params.top_p < 1.0:
-        masked = torch.where(keep, probs, 0.0)
-        keep &= _top_p(masked.unsqueeze(0) / masked.sum(), torch.tensor([params.top_p]))[0] > 0
-    return keep
+
+    from kernel.ops.reference import draw_weights
+    w = draw_weights(logits.float()[None], torch.tensor([params.temperature or 1.0]),
+                     torch.tensor([params.top_k], dtype=torch.int32), torch.tensor([params.top_p], dtype=torch.float64),
+                     torch.log(torch.tensor([params.min_p])))
+    return w[0] > 0
 
 
 def _argmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,9 @@ def test_run_structured_output_options(capsys, tmp_path):
     """--choice, --regex, --grammar and --json-schema @FILE: every reply is valid under them (sampled)."""
     pytest.importorskip("llguidance")
     schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+    # n bounded: random weights would write an unbounded integer's digits past max_tokens
+    schema.write_text(json.dumps({"type": "object", "required": ["n"],
+                                  "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
                                   "additionalProperties": False}))
     cases = [(["--choice", "yes", "--choice", "no way"], lambda t: t in ("yes", "no way")),
              (["--regex", "[a-z]{2}[0-9]"], lambda t: re.fullmatch("[a-z]{2}[0-9]", t)),

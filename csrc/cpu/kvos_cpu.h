@@ -172,6 +172,14 @@ typedef struct {
 int kvos_layers(const kvos_layer *layers, int64_t num_layers, const float *const *norms, float eps,
                 const kvos_step_buffers *buf, const kvos_step_shape *s, int check, int64_t *bad);
 
+/* draw.c: one token a row drawn from rows x vocab float32 logits (row stride ld), each row with its
+ * temperature (> 0), top_k (0 or >= vocab: every token), top_p in (0, 1], log of min_p (-inf: none)
+ * and a uniform u in [0, 1) (kernel/ops/reference.py's draw_tokens is the contract). Returns
+ * KVOS_E_NOMEM or 0; otherwise unchecked (kernel/ops/draw.py checks). */
+int kvos_draw_tokens(const float *logits, int64_t ld, int64_t rows, int64_t vocab, const float *temperature,
+                     const int32_t *top_k, const double *top_p, const float *log_min_p, const double *u,
+                     int64_t *out);
+
 int kvos_num_threads(void);
 void kvos_set_num_threads(int n);
 /* isa.c: the most a kernel's path may ask of the CPU (0 the best it has, 1 AVX2, 2 portable C), and

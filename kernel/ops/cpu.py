@@ -263,3 +263,19 @@ def silu_mul(gate_up, out):
     lib = _load().lib
     lib.kvos_silu_mul(_ptr(gate_up), gate_up.stride(0), _ptr(out), out.stride(0), gate_up.shape[0], out.shape[1])
     return out
+
+
+def draw_tokens(logits, temperature, top_k, top_p, log_min_p, u):
+    """csrc/cpu/draw.c on float32 rows with a dense last dimension; the per-row arguments are
+    contiguous CPU tensors of the dtypes reference.draw_tokens names (draw.py checked them)."""
+    lib = _load().lib
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64)
+    f = _ext.ffi.cast
+    rc = lib.kvos_draw_tokens(f("float *", logits.data_ptr()), logits.stride(0), rows, vocab,
+                              f("float *", temperature.data_ptr()), f("int32_t *", top_k.data_ptr()),
+                              f("double *", top_p.data_ptr()), f("float *", log_min_p.data_ptr()),
+                              f("double *", u.data_ptr()), f("int64_t *", out.data_ptr()))
+    if rc == lib.KVOS_E_NOMEM:
+        raise KvosError(ENOMEM, f"draw_tokens: no scratch for {vocab} tokens a thread")
+    return out

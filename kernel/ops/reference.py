@@ -206,3 +206,53 @@ def qmm_rows(packed: torch.Tensor, ids: torch.Tensor, n: int, k: int, bits: int)
     d_at = (record * rb + cb) // 2 + col.view(-1, 1)                                   # NR d, then NR m
     d, m = halves[d_at].float().unsqueeze(-1), halves[d_at + NR].float().unsqueeze(-1)
     return (u.float() * d + m).reshape(ids.shape[0], k)
+
+
+def draw_weights(logits, temperature, top_k, top_p, log_min_p):
+    """The weights draw_tokens draws from: float32 (rows, vocab), 0 where a token may not be drawn.
+
+    Per row (temperature float32 > 0, top_k int32 (0 or >= vocab: no limit), top_p float64 in
+    (0, 1], log_min_p float32 (-inf: no min-p)): the scaled logits s = x / T and their max m; a
+    threshold t on s, the largest of m + log_min_p and (with top-k) the k-th largest s; the weights
+    w = exp(s - m) where s >= t (and s is not -inf), else 0; with top-p, the weights ranked heaviest
+    first, the last one kept the first whose mass ranked above it reaches top_p x sum(w), and only
+    weights at least that one stay. Every filter keeps the ties at its threshold.
+    """
+    vocab = logits.shape[1]
+    s = logits.float() / temperature.unsqueeze(1)
+    m = s.amax(dim=-1, keepdim=True)
+    threshold = m + log_min_p.unsqueeze(1)
+    limited = (top_k > 0) & (top_k < vocab)
+    if bool(limited.any()):
+        k = torch.where(limited, top_k, 1).long()
+        kth = s.topk(int(k.max()), dim=-1).values.gather(1, k.unsqueeze(1) - 1)
+        threshold = torch.maximum(threshold, torch.where(limited.unsqueeze(1), kth, -torch.inf))
+    w = torch.where((s >= threshold) & (s > -torch.inf), torch.exp(s - m), 0.0)
+    if bool((top_p < 1.0).any()):
+        ranked = w.sort(dim=-1, descending=True).values
+        above = ranked.double().cumsum(dim=-1) - ranked.double()
+        needed = top_p.unsqueeze(1) * w.double().sum(dim=-1, keepdim=True)
+        kept = (above < needed).sum(dim=-1, keepdim=True).clamp(min=1)
+        floor = torch.where(top_p.unsqueeze(1) < 1.0, ranked.gather(1, kept - 1), 0.0)
+        w = torch.where(w >= floor, w, 0.0)
+    return w
+
+
+def draw_tokens(logits, temperature, top_k, top_p, log_min_p, u):
+    """One token per row of float logits (rows, vocab), drawn by inverse CDF on the row's uniform
+    u (float64 in [0, 1)) over draw_weights: the first token whose running sum of weights, in
+    vocabulary order and in float64, passes u x sum(w) (the last token with weight, if rounding
+    leaves it unreached). A row with a NaN, an infinite max or nothing finite gets its argmax (the
+    first NaN, else the first max), as a greedy row would.
+    """
+    vocab = logits.shape[1]
+    w = draw_weights(logits, temperature, top_k, top_p, log_min_p)
+    cdf = w.double().cumsum(dim=-1)
+    token = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
+    last = vocab - 1 - (w > 0).flip(-1).int().argmax(dim=-1)
+    token = torch.where(token < vocab, token, last)
+    s = logits.float() / temperature.unsqueeze(1)
+    bad = torch.isnan(s).any(dim=-1) | ~torch.isfinite(s.amax(dim=-1))
+    if bool(bad.any()):
+        token = torch.where(bad, logits.float().argmax(dim=-1), token)
+    return token
