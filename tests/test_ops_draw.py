@@ -124,6 +124,11 @@ def test_other_dtypes_and_strided_rows_take_the_same_contract():
     (dict(min_p=[-0.1]), r"min_p must be in \[0, 1\]"),
     (dict(u=[1.0]), r"u must be in \[0, 1\)"),
     (dict(u=[0.5, 0.5]), "u needs one value per row"),
+    (dict(temperature=[True]), "temperature must be a finite number > 0"),
+    (dict(temperature=["1"]), "temperature must be a finite number > 0"),
+    (dict(top_k=[2**70]), "top_k must be an integer >= 0"),
+    (dict(top_k=torch.tensor([1.0])), "top_k must be a 1-D integer tensor"),
+    (dict(u=torch.tensor([[0.5]])), "u must be a 1-D real tensor"),
 ])
 def test_bad_arguments_are_einval(bad, match):
     args = dict(temperature=[1.0], top_k=[0], top_p=[1.0], min_p=[0.0], u=[0.5])

@@ -8,7 +8,6 @@ bfloat16) the twin, reference.draw_tokens, which is the contract: batched torch,
 batch where a row asks for top-p. The per-row arguments are checked here (EINVAL) before anything
 runs; they are host tensors whatever the logits' device.
 """
-import math
 from numbers import Integral, Real
 
 import torch
@@ -17,18 +16,34 @@ from kernel.ops import reference
 from kernel.ops import validate as val
 
 
-def _per_row(name, values, rows, ok, what) -> list:
-    """values (a sequence or a 1-D tensor) as a list of one number per row, each passing ok (EINVAL
-    otherwise). Plain Python: at a decode step's few rows a torch op per check would cost more than
-    the draw (and isinstance against numbers.Real alone costs a microsecond a value)."""
-    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
-    if len(values) != rows:
-        val.fail(f"draw_tokens: {name} needs one value per row ({rows}), got {len(values)}")
-    for v in values:
-        number = type(v) in (float, int) or (isinstance(v, Real) and not isinstance(v, bool))  # fast path first
-        if not number or not ok(v):
-            val.fail(f"draw_tokens: every {name} must be {what}, got {v!r}")
-    return values
+def _per_row(name, values, rows, dtype, ok, what) -> torch.Tensor:
+    """values (a sequence of Python numbers, or a 1-D tensor) as a CPU tensor of dtype with one
+    value per row, each passing ok (EINVAL otherwise). A batch's worth is checked by one torch
+    expression, not a Python test per value."""
+    integral = not dtype.is_floating_point
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or values.dtype == torch.bool or values.is_complex() or \
+                (integral and values.dtype.is_floating_point):
+            val.fail(f"draw_tokens: {name} must be a 1-D {'integer' if integral else 'real'} tensor, "
+                     f"got {values.dtype} of shape {tuple(values.shape)}")
+        t = values.detach().to("cpu", dtype)
+    else:
+        values = list(values)
+        kinds = set(map(type, values))
+        if not kinds <= ({int} if integral else {int, float}):      # the slow check, for other number types
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, Integral if integral else Real):
+                    val.fail(f"draw_tokens: every {name} must be {what}, got {v!r}")
+        try:
+            t = torch.tensor(values, dtype=dtype)
+        except (OverflowError, RuntimeError, ValueError):
+            val.fail(f"draw_tokens: every {name} must be {what}")
+    if t.shape[0] != rows:
+        val.fail(f"draw_tokens: {name} needs one value per row ({rows}), got {t.shape[0]}")
+    bad = ~ok(t)
+    if bool(bad.any()):
+        val.fail(f"draw_tokens: every {name} must be {what}, got {t[bad][0].item()!r}")
+    return t
 
 
 def draw_tokens(logits: torch.Tensor, temperature, top_k, top_p, min_p, u) -> torch.Tensor:
@@ -39,20 +54,16 @@ def draw_tokens(logits: torch.Tensor, temperature, top_k, top_p, min_p, u) -> to
     rows, vocab = logits.shape
     if vocab == 0:
         val.fail("draw_tokens: logits rows are empty")
-    temperature = _per_row("temperature", temperature, rows, lambda v: math.isfinite(v) and v > 0,
+    temperature = _per_row("temperature", temperature, rows, torch.float32, lambda t: torch.isfinite(t) & (t > 0),
                            "a finite number > 0")
-    top_k = _per_row("top_k", top_k, rows, lambda v: (type(v) is int or isinstance(v, Integral)) and v >= 0,
-                     "an integer >= 0")
-    top_p = _per_row("top_p", top_p, rows, lambda v: 0 < v <= 1, "in (0, 1]")
-    min_p = _per_row("min_p", min_p, rows, lambda v: 0 <= v <= 1, "in [0, 1]")
-    u = _per_row("u", u, rows, lambda v: 0 <= v < 1, "in [0, 1)")
+    top_k = _per_row("top_k", top_k, rows, torch.int64, lambda t: t >= 0, "an integer >= 0")
+    top_p = _per_row("top_p", top_p, rows, torch.float64, lambda t: (t > 0) & (t <= 1), "in (0, 1]")
+    min_p = _per_row("min_p", min_p, rows, torch.float32, lambda t: (t >= 0) & (t <= 1), "in [0, 1]")
+    u = _per_row("u", u, rows, torch.float64, lambda t: (t >= 0) & (t < 1), "in [0, 1)")
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
-    per_row = (torch.tensor(temperature, dtype=torch.float32),
-               torch.tensor([min(k, vocab) for k in top_k], dtype=torch.int32),   # k >= vocab keeps all, as 0
-               torch.tensor(top_p, dtype=torch.float64),
-               torch.log(torch.tensor(min_p, dtype=torch.float32)),               # min_p 0: -inf, none
-               torch.tensor(u, dtype=torch.float64))
+    per_row = (temperature, top_k.clamp(max=vocab).to(torch.int32),    # k >= vocab keeps every token, as 0
+               top_p, torch.log(min_p), u)                              # min_p 0: log -inf, no threshold
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         from kernel.ops import cpu
         return cpu.draw_tokens(logits if logits.stride(-1) == 1 else logits.contiguous(), *per_row)
