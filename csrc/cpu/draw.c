@@ -115,6 +115,21 @@ static inline float float_of(int64_t key)
     return f;
 }
 
+/* The largest float v in [float_of(lo), float_of(hi)) such that the n values reach `needed` in
+ * count (mass 0) or in mass (mass 1) counting only those >= v, given that lo reaches it and hi not. */
+static float bisect(const float *v, int64_t n, int64_t lo, int64_t hi, double needed, int mass)
+{
+    while (hi - lo > 1) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        const double got = mass ? mass_at_least(v, n, float_of(mid)) : (double)count_at_least(v, n, float_of(mid));
+        if (got >= needed)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return float_of(lo);
+}
+
 /* The k-th largest of the row's scaled logits (1 <= k < n): the values within a widening distance
  * of the max are counted (one vector pass each) until there are k; then, over those alone, a
  * bisection on the float between that bound and the max finds the largest v that k of them reach.
@@ -128,15 +143,7 @@ static float kth_largest(const float *s, int64_t n, float max, int64_t k, float 
             break;
         }
     const int64_t c = collect_at_least(s, n, bound, scratch);
-    int64_t lo = key_of(bound), hi = (int64_t)key_of(max) + 1;   /* count(>= lo) >= k > count(>= hi) */
-    while (hi - lo > 1) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        if (count_at_least(scratch, c, float_of(mid)) >= k)
-            lo = mid;
-        else
-            hi = mid;
-    }
-    return float_of(lo);
+    return bisect(scratch, c, key_of(bound), (int64_t)key_of(max) + 1, (double)k, 0);
 }
 
 /* w[j] = exp(s[j] - max) where s[j] >= threshold and s[j] is not -inf, else 0, in place over s;
@@ -171,15 +178,7 @@ static float nucleus_floor(const float *w, int64_t n, double total, double top_p
     if (bound == 0.0f)                  /* every weight may be needed: the smallest is a float above 0 */
         bound = float_of(1);
     const int64_t c = collect_at_least(w, n, bound, scratch);
-    int64_t lo = key_of(bound), hi = key_of(above);   /* mass(>= lo) >= needed > mass(>= hi) */
-    while (hi - lo > 1) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        if (mass_at_least(scratch, c, float_of(mid)) >= needed)
-            lo = mid;
-        else
-            hi = mid;
-    }
-    return float_of(lo);
+    return bisect(scratch, c, key_of(bound), key_of(above), needed, 1);
 }
 
 /* The first token whose running mass (in vocabulary order) passes target: block sums first, then
