@@ -5,7 +5,8 @@ changed). sample() turns a batch of logits rows into tokens: a row's grammar mas
 and penalties first (kernel/grammar.py, kernel/penalties.py), then greedy rows by
 argmax, the rest through temperature, min-p, top-k and top-p at one uniform each
 (kernel/ops/draw.py), drawn from its own process's torch.Generator, so a process's
-output is reproducible whatever else runs beside it. (Stop strings are matched on output bytes: kernel/output.py.)
+output is reproducible whatever else runs beside it. (Stop strings are matched on
+output bytes: kernel/output.py.)
 """
 from __future__ import annotations
 
@@ -268,8 +269,10 @@ def sample(logits: torch.Tensor, params_list: list, generators: list, histories:
     allowed_token_ids, the row's logit_bias,
     banned[i] (token ids it may not draw now: its stop tokens under min_tokens, its bad words' ends),
     then the penalties
-    from histories[i] (a TokenHistory, for penalized rows). The arithmetic is row-wise, so a row's
-    token does not depend on the other rows.
+    from histories[i] (a TokenHistory, for penalized rows). Then greedy rows (temperature 0) take
+    their argmax and draw nothing; the others take one uniform from generators[i] and
+    kernel/ops/draw.py's draw_tokens picks their token at it. The arithmetic is row-wise, so a
+    row's token does not depend on the other rows.
     """
     import torch
     num_rows, vocab = logits.shape
@@ -340,8 +343,8 @@ def top_k_top_p_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
 
     from kernel.ops.reference import draw_weights
     w = draw_weights(logits.float()[None], torch.tensor([params.temperature or 1.0]),
-                     torch.tensor([params.top_k], dtype=torch.int32), torch.tensor([params.top_p], dtype=torch.float64),
-                     torch.log(torch.tensor([params.min_p])))
+                     torch.tensor([params.top_k], dtype=torch.int32),
+                     torch.tensor([params.top_p], dtype=torch.float64), torch.log(torch.tensor([params.min_p])))
     return w[0] > 0
 
 
