@@ -6,7 +6,7 @@
     batch  = host_batch(works)      per program: packed tokens, positions, slots, page tables (kept across
                                     steps in kernel/pagerows.py), checked
     logits = program.forward(...)   on the device (pure decode: through the decode graphs, if on)
-    tokens = sample(logits, ...)    per-process parameters and seeded generators
+    tokens = sample(logits, ...)    per-process parameters and seeded uniforms
     commit(plan, tokens)            append token bytes, stop checks, turn ends, exits free pages (a process
                                     with drafts draws here, row by row, and keeps the drafts drawn)
     record(plan)                    schedstat counters and the step's trace record

@@ -2,7 +2,7 @@
 
 A process owns a token "file" (prompt, generated tokens and later input),
 the count of those whose K/V is computed, an address space while it has
-pages, its sampling parameters and its own seeded generator. States and their
+pages, its sampling parameters and its own seeded stream of uniforms. States and their
 transitions are in docs/processes.md:
 
   NEW -> READY -> RUNNING -> ZOMBIE (exit, awaiting wait())
@@ -39,7 +39,7 @@ class Process:
     pid: int
     tenant: object                   # kernel.tenant.Tenant
     params: object                   # kernel.sampling.SamplingParams
-    generator: object                # torch.Generator, seeded per process
+    uniforms: object                 # kernel.sampling.Uniforms: its own seeded stream of draws
     seed: int = 0                    # what seeded it (forks derive their children's from it)
     priority: int = 0                # nice value: lower runs first under the priority policy
     interactive: bool = False        # sleeps after a turn instead of exiting

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernel.proc import ExitStatus, Process, Residency, State
-from kernel.sampling import SamplingParams, shapes
+from kernel.sampling import SamplingParams, Uniforms, shapes
 from kernel.watch import wake
 
 
@@ -24,7 +24,7 @@ class ProcessTable:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
         proc = Process(pid=self._next("pid"), tenant=tenant, params=params, seed=seed,
-                       generator=torch.Generator().manual_seed(seed), priority=priority,
+                       uniforms=Uniforms(seed), priority=priority,
                        interactive=interactive, tokens=list(tokens), prompt_len=len(tokens),
                        turn_start=len(tokens), arrival=self._next("arrival"), shm=shm,
                        spawned_at=self.clock(), stops=stops, constraint=constraint,
@@ -47,7 +47,7 @@ class ProcessTable:
             parent.forks += 1
             seed = (parent.seed * 1_000_003 + parent.forks) % 2**62
             child = Process(pid=self._next("pid"), tenant=parent.tenant, params=parent.params, seed=seed,
-                            generator=torch.Generator().manual_seed(seed), priority=parent.priority,
+                            uniforms=Uniforms(seed), priority=parent.priority,
                             interactive=parent.interactive, tokens=list(parent.tokens),
                             prompt_len=parent.prompt_len, turn_start=parent.turn_start,
                             turn_generated=parent.turn_generated, output=list(parent.output),

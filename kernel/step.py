@@ -116,12 +116,13 @@ def simulate(kernel, plan) -> dict:
 
 def simulated_draws(work, acceptance: float) -> tuple:
     """What a speculating work's rows draw on the simulated device: each draft in turn is drawn with
-    probability `acceptance` (from the process's own generator: a seeded run repeats), the first one
+    probability `acceptance` (from the process's own uniforms: a seeded run repeats), the first one
     that is not gets another token, and rows after it are never looked at (commit_draft)."""
     program = work.proc.tenant.program
     filler = getattr(program, "filler_token", 0)
     draws = []
-    for draft, u in zip(work.draft, torch.rand(len(work.draft), generator=work.proc.generator).tolist()):
+    for draft in work.draft:
+        u = work.proc.uniforms.next()
         if u >= acceptance:
             draws.append(next(t for t in range(filler, -1, -1) if t != draft and t not in program.eos_token_ids))
             return tuple(draws)
@@ -169,7 +170,7 @@ def sample_rows(works, logits) -> dict:
     if not rows:
         return out
     x = logits if len(rows) == len(works) else logits[rows]
-    params, generators = [p.params for p in drawing], [p.generator for p in drawing]
+    params, generators = [p.params for p in drawing], [p.uniforms for p in drawing]
     if not shaped:
         for p, t in zip(drawing, sample(x, params, generators).tolist()):
             out[p.pid] = (t, None)

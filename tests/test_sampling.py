@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernel.errors import KvosError
-from kernel.sampling import SamplingParams, make_generator, sample, top_k_top_p_mask
+from kernel.sampling import SamplingParams, Uniforms, make_generator, sample, top_k_top_p_mask
 
 
 def logits_rows(n, vocab=1000, seed=0):
@@ -63,14 +63,16 @@ def test_greedy_rows_are_argmax():
     assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, states))   # greedy draws nothing
 
 
-def test_reproducible_whatever_the_batch():
-    """A row's tokens depend only on its logits, its params and its own generator."""
+@pytest.mark.parametrize("source", [make_generator, Uniforms])
+def test_reproducible_whatever_the_batch(source):
+    """A row's tokens depend only on its logits, its params and its own generator (a bare one, or a
+    process's Uniforms, which draws its generator's numbers 64 at a time)."""
     vocab = 1000
     mine = SamplingParams(temperature=0.8, top_k=50, top_p=0.9)
     target = logits_rows(1, vocab, seed=42)[0]
 
     def run(build_batch):
-        gen = make_generator(1234)
+        gen = source(1234)
         out = []
         for step in range(30):
             rows, params, gens, where = build_batch(step)
@@ -87,7 +89,7 @@ def test_reproducible_whatever_the_batch():
     def crowd(step):
         n = 1 + step % 5
         rows = list(logits_rows(n, vocab, seed=step))
-        return rows, others[:n], [make_generator(step * 10 + i) for i in range(n)], step % (n + 1)
+        return rows, others[:n], [source(step * 10 + i) for i in range(n)], step % (n + 1)
 
     assert run(crowd) == alone
     assert len(set(alone)) > 1                                          # it did sample
@@ -154,3 +156,11 @@ def test_greedy_rows_pick_torchs_argmax():
     rows[4, 999] = math.inf
     for x in (rows, rows[:, ::2], rows.double(), rows.bfloat16()):
         assert torch.equal(_argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_uniforms_are_the_generators_draws_in_order():
+    stream, g = Uniforms(77), make_generator(77)
+    first = [stream.next() for _ in range(Uniforms.BATCH + 5)]
+    expected = torch.rand(Uniforms.BATCH, dtype=torch.float64, generator=g).tolist()
+    assert first[:Uniforms.BATCH] == expected
+    assert first[Uniforms.BATCH:] == torch.rand(Uniforms.BATCH, dtype=torch.float64, generator=g).tolist()[:5]
