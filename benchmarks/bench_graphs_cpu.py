@@ -88,6 +88,20 @@ def decode_steps(model, batches, rounds):
         show(f"batch {batch}", rounds_of({"eager": steps(False), "static": steps(True)}, rounds, 10), "ms", 1e3)
 
 
+def decoding_256(temperature=0.0):
+    """A kernel whose 256 tiny-llama sequences decode, 30 steps after their 300-token prompts."""
+    k = kernel.boot(memory="256MiB", threads=1, max_running=256, token_budget=4096)
+    s = k.syscalls()
+    tid = s.spawn_tenant("tiny-llama")
+    rng = random.Random(0)
+    for _ in range(256):
+        s.spawn(tid, [rng.randrange(3, 500) for _ in range(300)], max_tokens=200, temperature=temperature,
+                ignore_eos=True)
+    for _ in range(30):
+        k.step()
+    return k
+
+
 def batch_building(rounds):
     from kernel import step as kstep
     spent = [0.0]
@@ -101,14 +115,7 @@ def batch_building(rounds):
                 spent[0] += time.thread_time() - t0
                 return out
             setattr(kstep, name, timed)
-    k = kernel.boot(memory="256MiB", threads=1, max_running=256, token_budget=4096)
-    s = k.syscalls()
-    tid = s.spawn_tenant("tiny-llama")
-    rng = random.Random(0)
-    for _ in range(256):
-        s.spawn(tid, [rng.randrange(3, 500) for _ in range(300)], max_tokens=200, temperature=0, ignore_eos=True)
-    for _ in range(30):
-        k.step()
+    k = decoding_256()
     per = []
     for _ in range(rounds):
         spent[0] = 0.0
@@ -141,14 +148,7 @@ def page_rows_vs_rebuilt(rounds):
         flip[0] = not flip[0]
         return out
     kstep.host_batch = both
-    k = kernel.boot(memory="256MiB", threads=1, max_running=256, token_budget=4096)
-    s = k.syscalls()
-    tid = s.spawn_tenant("tiny-llama")
-    rng = random.Random(0)
-    for _ in range(256):
-        s.spawn(tid, [rng.randrange(3, 500) for _ in range(300)], max_tokens=200, temperature=0, ignore_eos=True)
-    for _ in range(30):
-        k.step()
+    k = decoding_256()
     per = {name: [] for name in spent}
     for _ in range(rounds):
         for name in spent:
@@ -184,15 +184,8 @@ def host_parts(rounds):
     for name in ("host_batch", "sample_rows", "commit"):
         wrap(kstep, name, name)
     wrap(ksched.Scheduler, "schedule", "schedule")
-    k = kernel.boot(memory="256MiB", threads=1, max_running=256, token_budget=4096)
+    k = decoding_256(temperature=0.7)
     wrap(k.device, "forward", "forward")
-    s = k.syscalls()
-    tid = s.spawn_tenant("tiny-llama")
-    rng = random.Random(0)
-    for _ in range(256):
-        s.spawn(tid, [rng.randrange(3, 500) for _ in range(300)], max_tokens=400, temperature=0.7, ignore_eos=True)
-    for _ in range(30):
-        k.step()
     best = None
     for _ in range(rounds):
         spent.clear()
