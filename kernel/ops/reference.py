@@ -218,6 +218,11 @@ def draw_weights(logits, temperature, top_k, top_p, log_min_p):
     first, the last one kept the first whose mass ranked above it reaches top_p x sum(w), and only
     weights at least that one stay. Every filter keeps the ties at its threshold.
     """
+    return _weights(logits, temperature, top_k, top_p, log_min_p)[0]
+
+
+def _weights(logits, temperature, top_k, top_p, log_min_p):
+    """(draw_weights, a bool per row: it has a NaN or no finite max, so it draws its argmax)."""
     vocab = logits.shape[1]
     s = logits.float() / temperature.unsqueeze(1)
     m = s.amax(dim=-1, keepdim=True)
@@ -235,7 +240,7 @@ def draw_weights(logits, temperature, top_k, top_p, log_min_p):
         kept = (above < needed).sum(dim=-1, keepdim=True).clamp(min=1)
         floor = torch.where(top_p.unsqueeze(1) < 1.0, ranked.gather(1, kept - 1), 0.0)
         w = torch.where(w >= floor, w, 0.0)
-    return w
+    return w, torch.isnan(s).any(dim=-1) | ~torch.isfinite(m.squeeze(1))
 
 
 def draw_tokens(logits, temperature, top_k, top_p, log_min_p, u):
@@ -246,13 +251,11 @@ def draw_tokens(logits, temperature, top_k, top_p, log_min_p, u):
     first NaN, else the first max), as a greedy row would.
     """
     vocab = logits.shape[1]
-    w = draw_weights(logits, temperature, top_k, top_p, log_min_p)
+    w, bad = _weights(logits, temperature, top_k, top_p, log_min_p)
     cdf = w.double().cumsum(dim=-1)
     token = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
     last = vocab - 1 - (w > 0).flip(-1).int().argmax(dim=-1)
     token = torch.where(token < vocab, token, last)
-    s = logits.float() / temperature.unsqueeze(1)
-    bad = torch.isnan(s).any(dim=-1) | ~torch.isfinite(s.amax(dim=-1))
     if bool(bad.any()):
         token = torch.where(bad, logits.float().argmax(dim=-1), token)
     return token

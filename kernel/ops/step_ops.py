@@ -142,9 +142,9 @@ def _nonzero_k(b: torch.Tensor) -> torch.Tensor:
     pieces (q, k and v: each panel's columns take one piece's rank rows), so about a third to a half
     of it is skipped, with the bits of the whole panels (csrc/cpu/panel_mm.c says why)."""
     rows = (b != 0).any(dim=2)                                  # (panels, r)
-    r = rows.shape[1]
-    first = torch.where(rows.any(dim=1), rows.int().argmax(dim=1), 0)
-    last = torch.where(rows.any(dim=1), r - rows.flip(1).int().argmax(dim=1), 0)
+    r, some = rows.shape[1], rows.any(dim=1)
+    first = torch.where(some, rows.int().argmax(dim=1), 0)
+    last = torch.where(some, r - rows.flip(1).int().argmax(dim=1), 0)
     return torch.stack([first, last], dim=1).to(torch.int32).contiguous()
 
 
